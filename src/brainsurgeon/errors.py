@@ -35,3 +35,15 @@ class BudgetInfeasibleError(BrainsurgeonError):
 
 class MissingDataError(BrainsurgeonError, ModuleNotFoundError):
     """A data set's package is not installed (the message says what to ``pip install``)."""
+
+
+class UnsupportedOpError(BrainsurgeonError, TypeError):
+    """An operator without a dependency rule blocks structural pruning through its dims."""
+
+
+class SurgeryError(BrainsurgeonError, RuntimeError):
+    """Physical removal failed verification; the model was restored (names the op/module/attribute)."""
+
+
+class FormatError(BrainsurgeonError, ValueError):
+    """A saved model/manifest/shard is corrupt, truncated, pickled, or does not match the model."""
