@@ -1,0 +1,18 @@
+"""Low-rank factorization: plain and activation-aware truncated SVD, Tucker-2 for convs.
+
+    >>> from brainsurgeon.lowrank import LowRank, factorize_
+    >>> rep = factorize_(model, LowRank(param_ratio=0.5, activation_aware=True), calib=loader)
+    >>> print(rep.to_table())
+"""
+
+from .api import RankEntry, factorize_, factorize_module, plan_factorization, rank_entries
+from .config import LowRank
+from .modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d
+from .svd import Spectrum, choose_rank, decompose, truncate
+from .tucker import choose_tucker_ranks, reconstruct, tucker2
+
+__all__ = [
+    "LowRank", "LowRankConv2d", "LowRankLinear", "RankEntry", "Spectrum", "Tucker2Conv2d", "choose_rank",
+    "choose_tucker_ranks", "decompose", "factorize_", "factorize_module", "plan_factorization",
+    "rank_entries", "reconstruct", "truncate", "tucker2",
+]
