@@ -1,0 +1,215 @@
+"""all-MiniLM-L6-v2 (BERT, 6 layers): pruning and 4-bit quantization of the encoder's Linear layers.
+
+    python bench/minilm.py                       # full table (~25 min on 2 cores)
+    python bench/minilm.py --quick               # reduced, < 2 min; exit 1 if a solver loses to magnitude
+    python bench/minilm.py --exact-ffn2 on --only ExactOBS --json out.json
+
+Compressed: the 36 Linear layers inside ``encoder.layer`` (q, k, v, attention output, FFN1 =
+intermediate.dense, FFN2 = output.dense); embeddings (no Linear) and ``pooler.dense`` stay dense.
+Calibration: sentences from the start of CPython's ``pydoc_data.topics``, batches of 16, max_length
+128, block by block (``CalibOptions(blocks="encoder.layer")``). Evaluation on held-out sentences
+from the end of the text: mean cosine between compressed and dense sentence embeddings (mean
+pooling + L2 normalize); the same cosine over the 1,341 words of the two word-pair sets (word cos:
+single words are far from the calibration sentences); SimLex-999 / WordSim-353 Spearman rho (each
+word embedded as a sentence; files from the gensim wheel). solve s = sum of per-layer solver seconds (report);
+wall s = the whole verb call, calibration forwards included. Magnitude and RTN ignore the data,
+so they run on one calibration batch.
+
+ExactOBS/OBQ trace every row of FFN2 (384 x 1536) to the end; with ``--exact-ffn2 off`` (default)
+the FFN2 layers get SparseGPT(+re-solve) (GPTQ for OBQ) through ``overrides`` and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads
+# stall 10-20x when another process holds a core (measured: ExactOBS 384x384, 70 s -> 3.8 s)
+
+import torch  # noqa: E402
+
+import brainsurgeon as bs  # noqa: E402
+from _text import (  # noqa: E402
+    embed,
+    load_minilm,
+    pair_words,
+    sentence_batches,
+    similarity_rho,
+    topic_sentences,
+    word_pairs,
+)
+from brainsurgeon.calib import capture_hessians  # noqa: E402
+from brainsurgeon.obs import compress_weight  # noqa: E402
+
+BLOCKS = "encoder.layer"
+IGNORE = (r"pooler\..*",)  # the only Linear outside the encoder
+FFN2 = r"encoder\.layer\.\d+\.output\.dense"  # not '.*output.dense': that also matches attention.output.dense
+QUICK_IGNORE = (r"encoder\.layer\.\d+\.attention\.self\.(query|key)",
+                r"encoder\.layer\.\d+\.(intermediate|output)\.dense")
+
+
+def methods(quick: bool, exact_ffn2: bool) -> list[tuple[str, bs.config.Config, dict]]:
+    """(task, config, overrides) in table order."""
+    ffn2 = {} if exact_ffn2 else {
+        "50%": {FFN2: bs.SparseGPT(sparsity=0.5, resolve=True)},
+        "2:4": {FFN2: bs.SparseGPT(pattern="2:4", resolve=True)},
+        "4-bit": {FFN2: bs.GPTQ(bits=4, act_order=True)}}
+    s50 = [("50%", bs.Magnitude(sparsity=0.5), {}), ("50%", bs.SparseGPT(sparsity=0.5), {})]
+    if quick:
+        return s50 + [("50%", bs.ExactOBS(sparsity=0.5), {})]
+    return s50 + [
+        ("50%", bs.SparseGPT(sparsity=0.5, resolve=True), {}),
+        ("50%", bs.ExactOBS(sparsity=0.5), ffn2.get("50%", {})),
+        ("2:4", bs.Magnitude(pattern="2:4"), {}), ("2:4", bs.SparseGPT(pattern="2:4"), {}),
+        ("2:4", bs.ExactOBS(pattern="2:4"), ffn2.get("2:4", {})),
+        ("4-bit", bs.RTN(bits=4), {}), ("4-bit", bs.GPTQ(bits=4), {}),
+        ("4-bit", bs.OBQ(bits=4), ffn2.get("4-bit", {}))]
+
+
+@torch.inference_mode()
+def embed_batches(model, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings of pre-tokenized batches."""
+    out = []
+    for b in batches:
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def evaluate(model, tok, held, dense: dict, pairs: dict) -> dict:
+    """Cosine to the dense embeddings (held-out sentences; the word-pair vocabulary) and Spearman rhos."""
+    e = embed_batches(model, held)
+    out = {"cosine": float((e * dense["held"]).sum(1).mean())}
+    if pairs:
+        words = pair_words(*pairs.values())
+        w = embed(model, tok, words)
+        out["word_cos"] = float((w * dense["words"]).sum(1).mean()) if "words" in dense else 1.0
+        dense.setdefault("words", w)  # the first call (the dense model) sets the reference
+        emb = dict(zip(words, w, strict=True))
+        out.update({key: similarity_rho(emb, p) for key, p in pairs.items()})
+    return out
+
+
+def estimate_ffn2(model, calib, rows: int = 64) -> tuple[float, float]:
+    """(seconds timed, extrapolated seconds for all six FFN2 layers) of ExactOBS 50% on block 0's FFN2."""
+    name = "encoder.layer.0.output.dense"
+    with torch.no_grad(), capture_hessians(model, [name]) as hs:
+        for b in calib:
+            model(**b)
+    W = model.get_submodule(name).weight.detach()
+    t0 = time.perf_counter()
+    compress_weight(W[:rows].clone(), hs[name].H, bs.ExactOBS(sparsity=0.5), name)
+    dt = time.perf_counter() - t0
+    return dt, dt * W.shape[0] / rows * 6
+
+
+def layer_summary(model, ignore) -> str:
+    plan = bs.plan_layers(model, bs.Step(bs.Magnitude(sparsity=0.5), tuple(ignore)))
+    kinds = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in plan})
+    return f"{len(plan)} Linear layers: " + ", ".join(kinds)
+
+
+def run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs) -> dict:
+    m = copy.deepcopy(model)
+    verb = bs.sparsify_ if cfg.verb == "sparsify" else bs.quantize_
+    data_free = isinstance(cfg, (bs.Magnitude, bs.RTN))
+    opts = bs.CalibOptions(blocks=BLOCKS, max_batches=1 if data_free else 0)
+    t0 = time.perf_counter()
+    rep = verb(m, cfg, calib, ignore=ignore, overrides=over, options=opts)
+    wall = time.perf_counter() - t0
+    t = rep.totals()
+    label = cfg.describe().replace(" unstructured", "")
+    if over:
+        label += " (FFN2: " + ", ".join(c.describe().split(" ")[0] + ("+re-solve" if getattr(c, "resolve", 0)
+                                                                      else "") for c in over.values()) + ")"
+    levels = max(r.levels for r in rep.rows)
+    return {"task": task, "method": label, "solver": type(cfg).__name__, "resolve": getattr(cfg, "resolve", False),
+            **evaluate(m, tok, held, dense, pairs), "solve_s": t["seconds"],
+            "wall_s": wall, "sparsity": t["sparsity"], "bits": t["avg_bits"] if levels else 32.0,
+            "levels": levels, "damp_retries": t["damp_retries"]}
+
+
+def fmt(r: dict, keys) -> str:
+    rho = "  ".join(f"{r[k]:>8.3f}" if k in r else f"{'-':>8}" for k in keys)
+    if r["task"] == "dense":
+        comp = "dense fp32"
+    elif r["levels"]:
+        comp = f"{r['bits']:.0f}-bit/{r['levels']}lv"
+    else:
+        comp = f"{r['sparsity']:.1%} sparse"
+    sec = f"{r['solve_s']:>8.1f} {r['wall_s']:>8.1f}" if "solve_s" in r else f"{'-':>8} {'-':>8}"
+    return f"{r['task']:<6} {r['method']:<52} {r['cosine']:>7.4f}  {rho} {sec} {comp:>12}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced run (< 2 min); see the printed header")
+    ap.add_argument("--exact-ffn2", choices=("off", "on"), default="off",
+                    help="ExactOBS/OBQ on the FFN2 layers too (on), or SparseGPT+re-solve/GPTQ there (off)")
+    ap.add_argument("--only", metavar="REGEX", help="run only the rows whose 'task method' matches, e.g. ExactOBS")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    n_calib, n_held = (32, 128) if args.quick else (128, 256)
+    ignore = IGNORE + (QUICK_IGNORE if args.quick else ())
+    tok, model = load_minilm()
+    calib_s, held_s = topic_sentences(n_calib, n_held)
+    calib = sentence_batches(tok, calib_s, 16, 128)
+    held = sentence_batches(tok, held_s, 16, 128)
+    pairs = {} if args.quick else {"simlex": word_pairs("simlex999.txt"), "ws353": word_pairs("wordsim353.tsv")}
+
+    print(f"all-MiniLM-L6-v2, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    print(f"compressed: {layer_summary(model, ignore)}; dense: embeddings, pooler.dense")
+    print(f"calibration: {n_calib} sentences (batches of 16, max_length 128); held-out: {n_held} sentences")
+    if args.quick:
+        print("QUICK: 32 calib / 128 held-out sentences; only the attention value and output projections "
+              "(12 layers; query/key/FFN dense) for every method; 50% unstructured only; no SimLex/WS-353")
+    else:
+        dt, est = estimate_ffn2(model, calib)
+        there = "ExactOBS/OBQ there" if args.exact_ffn2 == "on" else "SparseGPT+re-solve / GPTQ there instead"
+        print(f"ExactOBS on FFN2 (384x1536): 64 of 384 rows of encoder.layer.0.output.dense took {dt:.1f} s "
+              f"-> ~{est / 60:.1f} min for the six FFN2 layers, per ExactOBS/OBQ row "
+              f"(--exact-ffn2 {args.exact_ffn2}: {there})")
+    sys.stdout.flush()
+
+    dense = {"held": embed_batches(model, held)}
+    rows = [{"task": "dense", "method": "dense (fp32)", **evaluate(model, tok, held, dense, pairs)}]
+    for task, cfg, over in methods(args.quick, args.exact_ffn2 == "on"):
+        if args.only and not re.search(args.only, f"{task} {cfg.describe()}"):
+            continue
+        rows.append(run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs))
+        print(f"  done {rows[-1]['method']}: cosine {rows[-1]['cosine']:.4f}, wall {rows[-1]['wall_s']:.0f} s",
+              file=sys.stderr, flush=True)
+
+    keys = ("word_cos", "simlex", "ws353")
+    head = (f"{'task':<6} {'method':<52} {'cos-dns':>7}  {'word cos':>8}  {'SimLex ρ':>8}  {'WS353 ρ':>8} "
+            f"{'solve s':>8} {'wall s':>8} {'achieved':>12}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        print(fmt(r, keys))
+    print(f"total run time {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"quick": args.quick, "exact_ffn2": args.exact_ffn2, "rows": rows}, f, indent=2)
+
+    cos = {r["solver"]: r["cosine"] for r in rows if r["task"] == "50%" and not r["resolve"]}
+    bad = [m for m in ("SparseGPT", "ExactOBS") if m in cos and "Magnitude" in cos and cos[m] <= cos["Magnitude"]]
+    if bad:
+        print(f"CHECK FAILED: {bad} not better than Magnitude on cosine-to-dense at 50%", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
