@@ -1,0 +1,147 @@
+"""Hugging Face round trip: `save_pretrained` / `from_pretrained` for pruned or quantized transformers.
+
+HF's own ``save_pretrained`` writes ``config.json`` + ``model.safetensors``; we add our
+``manifest.json`` (the override file): per-module specs for widths the HF config cannot express
+(one MLP narrowed more than another, pruned heads), registered compressed formats, scalar
+attributes such as ``head_dim``, and tied-weight aliases. A model whose shapes still match its
+config (sparsified, fake-quantized) also reloads with plain ``AutoModel.from_pretrained``::
+
+    >>> save_pretrained(model, "out/tiny-llama")
+    >>> model = from_pretrained("out/tiny-llama")       # applies the overrides, identical outputs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .._log import get_logger
+from ..errors import FormatError
+from .checkpoint import build_manifest, commit_folder, find_aliases, load, temp_folder, write_manifest
+from .manifest import MANIFEST, WEIGHTS
+
+log = get_logger(__name__)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise FormatError("loading an HF model needs transformers; pip install 'brainsurgeon[hf]'") from e
+    return transformers
+
+
+def _hf_class(transformers: Any, qualname: str | None, config: Any) -> Any:
+    """The model class by name, looked up in the transformers package only (never imported from a path)."""
+    names = []
+    if isinstance(qualname, str) and qualname.startswith("transformers."):
+        names.append(qualname.rsplit(".", 1)[1])
+    names += list(getattr(config, "architectures", None) or [])
+    for n in names:
+        cls = getattr(transformers, n, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    return transformers.AutoModel
+
+
+def build_hf_model(id_or_path: str, hf_config: dict[str, Any] | None = None,
+                   model_class: str | None = None) -> nn.Module:
+    """An HF model with random weights from a saved config dict (preferred) or an id/path's config.
+
+    >>> build_hf_model("out/tiny-llama")       # reads out/tiny-llama/config.json, no weights
+    """
+    transformers = _transformers()
+    if hf_config is not None:
+        d = dict(hf_config)
+        model_type = d.pop("model_type", None)
+        if not model_type:
+            raise FormatError("the manifest's hf_config has no 'model_type'; save the model again")
+        config = transformers.AutoConfig.for_model(model_type, **d)
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(id_or_path)
+        except OSError as e:
+            raise FormatError(f"cannot read an HF config from {id_or_path!r} ({e}); pass a local HF folder "
+                              f"or an id available offline") from e
+    cls = _hf_class(transformers, model_class, config)
+    if cls is transformers.AutoModel:
+        model = cls.from_config(config)
+    else:
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any = None,
+                    history: Any = None) -> str:
+    """HF ``model.save_pretrained`` plus brainsurgeon's ``manifest.json`` overrides, written atomically.
+
+    >>> save_pretrained(pruned_bert, "out/bert-pruned")
+    'out/bert-pruned'
+    """
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise FormatError(f"{type(model).__name__} has no save_pretrained (not an HF PreTrainedModel); "
+                          f"use brainsurgeon.export.save instead")
+    from .checkpoint import _check_target
+
+    _check_target(folder)
+    aliases = find_aliases(model)
+    manifest = build_manifest(model, aliases, recipe, plan, history)
+    tmp = temp_folder(folder)
+    try:
+        with _no_hf_progress():
+            model.save_pretrained(tmp, max_shard_size="10000GB")
+        if not os.path.isfile(os.path.join(tmp, WEIGHTS)):
+            raise FormatError(f"save_pretrained did not write a single {WEIGHTS} in {folder} "
+                              f"(wrote {sorted(os.listdir(tmp))}); sharded checkpoints are not supported yet")
+        _check_keys(model, os.path.join(tmp, WEIGHTS), manifest)
+        write_manifest(tmp, manifest)
+        commit_folder(tmp, os.path.abspath(folder))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+@contextlib.contextmanager
+def _no_hf_progress() -> Iterator[None]:
+    """Silence transformers' own progress bars (the library never prints); restored afterwards."""
+    hf_logging = _transformers().utils.logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _check_keys(model: nn.Module, path: str, manifest: dict[str, Any]) -> None:
+    """Every state_dict tensor is in the file or is a tie to one that is (HF drops tied copies)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    aliases = manifest["aliases"]
+    for k in model.state_dict():
+        if k in keys:
+            aliases.pop(k, None)  # HF kept both copies: nothing to re-tie from the file's point of view
+        elif k not in aliases or aliases[k] not in keys:
+            raise FormatError(f"save_pretrained wrote {path} without tensor {k!r} and it is not tied to a saved "
+                              f"one (this transformers version renames keys on save); use brainsurgeon.export.save")
+
+
+def from_pretrained(folder: str, *, verify: bool = True) -> nn.Module:
+    """Rebuild a model written by :func:`save_pretrained` (or by :func:`brainsurgeon.export.save` on an
+    HF model): config from the manifest, structure overrides, then the weights; identical outputs.
+
+    >>> model = from_pretrained("out/bert-pruned")
+    """
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        raise FormatError(f"{folder} has no {MANIFEST}; for a plain HF folder use "
+                          f"transformers.AutoModel.from_pretrained({folder!r})")
+    return load(folder, folder, verify=verify)
