@@ -1,0 +1,166 @@
+"""The search space (which variants each layer may take) and the budget (what must shrink).
+
+    >>> space = SearchSpace(levels=10, bits=(8, 4), nm_bits=(4,))
+    >>> Budget.parse("flops=0.25")          # at most 25 % of the dense FLOPs: a 4x reduction
+    Budget(metric='flops', fraction=0.25)
+    >>> space = load_space("recipes/search-digits.yaml")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from ..config import Config, Pattern, config_from_dict, register_config
+from ..errors import ConfigError
+
+METRICS = ("params", "bytes", "flops", "bops", "latency")
+PRUNE_METHODS = ("ExactOBS", "SparseGPT", "Magnitude")
+QUANT_METHODS = ("OBQ", "GPTQ", "RTN")
+
+
+def _fail(field: str, msg: str) -> None:
+    raise ConfigError(f"SearchSpace.{field}: {msg}")
+
+
+@register_config
+@dataclass(frozen=True)
+class SearchSpace(Config):
+    """The variants of every searched layer, and how the database measures them.
+
+    Unstructured levels are geometric in density, from dense down to ``1 - max_sparsity``
+    (OBC's database grid): density_k = (1 - max_sparsity)^(k / levels), k = 0..levels.
+    Each layer also gets the N:M patterns in `nm`, block-`block` sparsity at `block_sparsities`,
+    the weight bit widths in `bits` (dense), and every N:M pattern combined with `nm_bits`.
+
+    act_bits: activation bits for BOPs (brainsurgeon quantizes weights only, so 32 by default).
+    model_loss: also measure, per entry, the model-output distortion with only that layer
+    compressed (OBC's per-layer database score); otherwise the solvers use the OBS rel. loss.
+
+    >>> SearchSpace(levels=4, nm=(), block_sparsities=(), bits=(4,), nm_bits=())
+    """
+
+    verb: ClassVar[str] = "search"
+
+    prune_method: str = "ExactOBS"
+    quant_method: str = "OBQ"
+    levels: int = 10
+    max_sparsity: float = 0.95
+    nm: tuple[str, ...] = ("2:4",)
+    block: int = 4
+    block_sparsities: tuple[float, ...] = (0.5, 0.75)
+    bits: tuple[int, ...] = (8, 6, 4, 3, 2)
+    nm_bits: tuple[int, ...] = (8, 4)
+    act_bits: int = 32
+    ignore: tuple[str, ...] = ()
+    model_loss: bool = True
+    model_loss_batches: int = 4
+    latency: bool = False
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # YAML gives lists: store tuples so the space stays hashable
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        if self.prune_method not in PRUNE_METHODS:
+            _fail("prune_method", f"{self.prune_method!r} is not one of {list(PRUNE_METHODS)}")
+        if self.quant_method not in QUANT_METHODS:
+            _fail("quant_method", f"{self.quant_method!r} is not one of {list(QUANT_METHODS)}")
+        if not (isinstance(self.levels, int) and 0 <= self.levels <= 64):
+            _fail("levels", f"must be an integer in [0, 64] (0 = no unstructured levels), got {self.levels!r}")
+        if not 0.0 < self.max_sparsity < 1.0:
+            _fail("max_sparsity", f"must be in (0, 1), e.g. 0.95, got {self.max_sparsity!r}")
+        for p in self.nm:
+            if Pattern.parse(p).kind != "nm":
+                _fail("nm", f"{p!r} is not an N:M pattern; use e.g. '2:4'")
+        if not (isinstance(self.block, int) and self.block >= 2):
+            _fail("block", f"block size must be an integer >= 2, got {self.block!r}")
+        for s in self.block_sparsities:
+            if not 0.0 < s < 1.0:
+                _fail("block_sparsities", f"each level must be in (0, 1), got {s!r}")
+        for name in ("bits", "nm_bits"):
+            for b in getattr(self, name):
+                if not (isinstance(b, int) and 2 <= b <= 8):
+                    _fail(name, f"each bit width must be an integer in [2, 8], got {b!r}")
+        if not (isinstance(self.act_bits, int) and 1 <= self.act_bits <= 32):
+            _fail("act_bits", f"must be an integer in [1, 32] (32 = float activations), got {self.act_bits!r}")
+        if self.model_loss_batches < 1:
+            _fail("model_loss_batches", f"must be >= 1, got {self.model_loss_batches!r}")
+        if not 0.0 <= self.damp < 1.0:
+            _fail("damp", f"relative dampening must be in [0, 1), got {self.damp!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def describe(self) -> str:
+        return (f"SearchSpace {self.prune_method}/{self.quant_method}: {self.levels} levels to "
+                f"{self.max_sparsity:.0%}, N:M {list(self.nm)}, block{self.block} {list(self.block_sparsities)}, "
+                f"bits {list(self.bits)}, N:M+bits {list(self.nm_bits)}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most `fraction` of the dense model's `metric` (params, bytes, flops, bops, latency).
+
+    ``fraction=0.25`` is a 4x reduction. Layers outside the search space count at their
+    dense cost.
+
+    >>> Budget.parse("bops=0.125")
+    Budget(metric='bops', fraction=0.125)
+    """
+
+    metric: str
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"Budget.metric: {self.metric!r} is not one of {list(METRICS)}; "
+                              f"e.g. Budget('flops', 0.25)")
+        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"Budget.fraction: must be in (0, 1] (0.25 = 4x cheaper than dense), "
+                              f"got {self.fraction!r}")
+
+    @staticmethod
+    def parse(text: str) -> Budget:
+        """Parse ``metric=fraction`` (``flops=0.25``) or ``metric=Nx`` (``bops=8x``)."""
+        metric, sep, value = str(text).partition("=")
+        if not sep:
+            raise ConfigError(f"budget {text!r}: expected METRIC=FRACTION or METRIC=Nx, e.g. 'flops=0.25' "
+                              f"or 'bops=8x'; metrics: {list(METRICS)}")
+        try:
+            frac = 1.0 / float(value[:-1]) if value.endswith("x") else float(value)
+        except (ValueError, ZeroDivisionError) as e:
+            raise ConfigError(f"budget {text!r}: {value!r} is not a number or Nx factor") from e
+        return Budget(metric.strip(), frac)
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.fraction:g}"
+
+
+def load_space(path_or_text: str) -> SearchSpace:
+    """Read a search space from a YAML file or text (a mapping of SearchSpace fields).
+
+    >>> load_space("levels: 4\\nbits: [8, 4]").levels
+    4
+    """
+    import yaml
+
+    text = path_or_text
+    if os.path.exists(path_or_text):
+        with open(path_or_text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"search space is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"search space must be a YAML mapping of SearchSpace fields, got {type(data).__name__}; "
+                          f"e.g. 'levels: 10\\nbits: [8, 4]'")
+    data = dict(data.get("space", data))
+    data.setdefault("type", "SearchSpace")
+    space = config_from_dict(data)
+    if not isinstance(space, SearchSpace):
+        raise ConfigError(f"search space: type must be SearchSpace, got {type(space).__name__}")
+    return space

@@ -1,0 +1,312 @@
+"""The per-layer database of compressed variants: safetensors shards + a JSON manifest, resumable.
+
+Every entry is one (model hash, layer, method, level, calibration hash): the compressed weight
+(a shard ``shards/<key>.safetensors``), its OBS layer loss tr(dW H dW^T) from
+:func:`brainsurgeon.obs.compress_weight`, optionally the measured model-output distortion with
+only that layer compressed (OBC, Frantar & Alistarh 2022, sec. 5), and its costs. Each finished
+entry is written atomically (shard first, then the manifest), so a killed build restarts where
+it stopped; one folder serves many budgets, models and calibration sets.
+
+    >>> table = build_database(model, SearchSpace(), calib, "db/")     # resumes if db/ exists
+    >>> table.entries["fc1"][3].variant, table.entries["fc1"][3].score
+    ('sp@0.5929', 0.0021)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .._io import atomic_open
+from .._log import get_logger, progress
+from ..api import _layer_weight, _set_layer_weight
+from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
+from ..calib.data import model_device
+from ..calib.driver import _forward
+from ..errors import CalibrationError, ConfigError, FormatError
+from .config import SearchSpace
+from .costs import LayerProfile, profile_layers, variant_costs
+from .executors import InlineExecutor, make_executor
+from .latency import LatencyTable
+from .solve import solve_variant
+from .variants import Variant, layer_variants
+
+log = get_logger(__name__)
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One database row: a layer variant, its losses and its costs (all measured)."""
+
+    key: str
+    model_hash: str
+    calib_hash: str
+    layer: str
+    variant: str
+    configs: tuple[dict[str, Any], ...]
+    sparsity: float
+    bits: int
+    loss: float  # tr(dW H dW^T)
+    rel_loss: float  # loss / tr(W H W^T)
+    model_loss: float | None  # output distortion with only this layer compressed
+    costs: dict[str, float] = field(default_factory=dict)
+    shard: str = ""  # "" for the dense variant (the model's own weight)
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """What the solvers minimise: the model loss if measured, else the relative OBS loss."""
+        return self.rel_loss if self.model_loss is None else self.model_loss
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Entry:
+        return Entry(**{**d, "configs": tuple(d["configs"])})
+
+
+def tensor_hash(tensors: list[torch.Tensor], extra: str = "") -> str:
+    """sha256 over shapes, dtypes and bytes of `tensors` (first 16 hex digits)."""
+    h = hashlib.sha256(extra.encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def model_hash(model: nn.Module) -> str:
+    """Hash of the model's type, state_dict names, shapes and values."""
+    sd = model.state_dict()
+    return tensor_hash(list(sd.values()), type(model).__name__ + "|" + ",".join(sd))
+
+
+def calib_hash(batches: list[Any]) -> str:
+    """Hash of every tensor of the (args, kwargs) calibration batches."""
+    ts = [t for args, kw in batches for t in [*args, *kw.values()] if isinstance(t, torch.Tensor)]
+    return tensor_hash(ts, "calib")
+
+
+def entry_key(mhash: str, layer: str, variant: Variant, chash: str) -> str:
+    """The manifest key of (model hash, layer, method configs, level, calibration hash)."""
+    text = json.dumps([mhash, layer, [c.to_dict() for c in variant.configs], variant.name, chash], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class Database:
+    """A folder with ``manifest.json`` and ``shards/``; entries of any model and calibration set.
+
+    >>> db = Database("db/")
+    >>> len(db.entries), db.weight(db.entries[key]).shape
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.path = self.root / "manifest.json"
+        self.entries: dict[str, Entry] = {}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if data.get("version") != MANIFEST_VERSION:
+                    raise ValueError(f"manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+                self.entries = {k: Entry.from_dict(v) for k, v in data["entries"].items()}
+            except (ValueError, KeyError, TypeError) as e:
+                raise FormatError(f"search database {self.path} is corrupt ({e}); delete the folder "
+                                  f"{self.root} (or pass another db path) to rebuild it") from e
+        lost = [k for k, e in self.entries.items() if e.shard and not (self.root / e.shard).is_file()]
+        for k in lost:  # a shard removed by hand: recompute that entry
+            log.warning("search database %s: shard %s is missing; entry will be recomputed", self.root, k)
+            del self.entries[k]
+
+    def add(self, entry: Entry, weight: torch.Tensor | None) -> None:
+        """Write the shard (if any), then the manifest, each atomically."""
+        if weight is not None:
+            with atomic_open(self.root / entry.shard, "wb") as f:
+                f.write(save({"weight": weight.detach().cpu().contiguous()}))
+        self.entries[entry.key] = entry
+        with atomic_open(self.path, "w") as f:
+            json.dump({"version": MANIFEST_VERSION,
+                       "entries": {k: asdict(e) for k, e in self.entries.items()}}, f, indent=1)
+
+    def weight(self, entry: Entry) -> torch.Tensor:
+        """The compressed weight of `entry` (CPU); not defined for the dense variant."""
+        if not entry.shard:
+            raise ConfigError(f"entry {entry.layer}/{entry.variant} is the dense variant: it has no shard")
+        try:
+            return load_file(self.root / entry.shard)["weight"]
+        except (OSError, KeyError, RuntimeError) as e:
+            raise FormatError(f"shard {self.root / entry.shard} of {entry.layer}/{entry.variant} cannot be "
+                              f"read ({e}); delete it and rebuild the database to recompute it") from e
+
+
+@dataclass
+class SearchTable:
+    """The database rows of one model and calibration set, per searched layer, plus the costs model.
+
+    layers: searched layers in model order; skipped: supported layers kept dense (their cost is fixed).
+    """
+
+    db: Database
+    layers: list[str]
+    entries: dict[str, list[Entry]]
+    profiles: dict[str, LayerProfile]
+    skipped: list[str]
+    act_bits: int
+    computed: int = 0  # entries solved by this build (0 when everything was already stored)
+
+    def dense_total(self, metric: str) -> float:
+        """The dense model's cost (every supported layer, float32)."""
+        return sum(p.dense_costs(self.act_bits)[metric] for p in self.profiles.values())
+
+    def fixed_cost(self, metric: str) -> float:
+        """Cost of the skipped layers (always dense)."""
+        return sum(self.profiles[n].dense_costs(self.act_bits)[metric] for n in self.skipped)
+
+
+def _searched_layers(model: nn.Module, space: SearchSpace) -> tuple[list[str], list[str]]:
+    ign = [re.compile(p) for p in space.ignore]
+    names = [n for n, m in model.named_modules() if n and supported(m)]
+    keep = [n for n in names if not any(p.fullmatch(n) for p in ign)]
+    if not keep:
+        raise ConfigError(f"SearchSpace.ignore={list(space.ignore)} leaves no layer of {type(model).__name__} "
+                          f"to search; loosen ignore")
+    return keep, [n for n in names if n not in keep]
+
+
+def _grouped_channels(module: nn.Module) -> int:
+    W = _layer_weight(module)
+    return int(W.shape[1]) if W.dim() > 1 else 1
+
+
+def _hessians(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), capture_hessians(model, names) as accs:
+            for b in batches:
+                _forward(model, b)
+        return {n: accs[n].H for n in names}
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class _Distortion:
+    """Model-output distortion sum ||y - y_dense||^2 / sum ||y_dense||^2 with one layer swapped in."""
+
+    def __init__(self, model: nn.Module, batches: list[Any]) -> None:
+        self.model, self.batches = copy.deepcopy(model).eval(), batches
+        self.modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            self.dense = [self._out(b) for b in batches]
+
+    def _out(self, b: Any) -> torch.Tensor:
+        y = _forward(self.model, b)[1]
+        y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)
+        return y.detach().double()
+
+    def __call__(self, layer: str, W_hat: torch.Tensor) -> float:
+        mod = self.modules[layer]
+        W0 = _layer_weight(mod).clone()
+        try:
+            _set_layer_weight(mod, W_hat.to(W0.device))
+            with torch.no_grad():
+                num = sum(float(((self._out(b) - d) ** 2).sum()) for b, d in zip(self.batches, self.dense, strict=True))
+        finally:
+            _set_layer_weight(mod, W0)
+        den = sum(float((d**2).sum()) for d in self.dense)
+        return num / max(den, 1e-300)
+
+
+def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str | os.PathLike[str],
+                   executor: str | Executor = "inline", workers: int = 2) -> SearchTable:
+    """Compute (or resume) every variant of every searched layer; return this model's table.
+
+    Hessians come from the dense model (OBC style), one pass over `calib`. Entries already in
+    the manifest for the same (model, layer, configs, level, calibration) are reused, not solved
+    again. The model is not modified (losses are measured on a private copy).
+
+    >>> table = build_database(model, SearchSpace(levels=6), calib, "db/", executor="process")
+    >>> table.computed        # 0 on a second call: everything is read back
+    0
+    """
+    batches = cache_batches(calib)
+    if not batches:
+        raise CalibrationError("build_database: calibration data is empty")
+    dev = model_device(model)
+    batches = type(batches)(move_to(b, dev) for b in batches)
+    names, skipped = _searched_layers(model, space)
+    all_names = [n for n, m in model.named_modules() if n and supported(m)]
+    args, kwargs = batches[0]  # costs are per sample: the first sample of the first batch
+    one = (args[0][:1],) if args else {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    profiles = profile_layers(model, all_names, one)
+    mhash, chash = model_hash(model), calib_hash(batches)
+    db = Database(root)
+    modules = dict(model.named_modules())
+    todo: list[tuple[str, Variant, str]] = []
+    variants: dict[str, list[tuple[Variant, str]]] = {}
+    for n in names:
+        vs = layer_variants(space, _grouped_channels(modules[n]))
+        variants[n] = [(v, entry_key(mhash, n, v, chash)) for v in vs]
+        todo += [(n, v, k) for v, k in variants[n] if k not in db.entries]
+    log.info("search database %s: %d of %d entries to compute", root, len(todo),
+             sum(len(v) for v in variants.values()))
+    if todo:
+        _compute(model, space, list(iter_batches(batches)), db, todo, profiles, mhash, chash, executor, workers)
+    table = SearchTable(db, names, {n: [db.entries[k] for _, k in variants[n]] for n in names}, profiles,
+                        skipped, space.act_bits, computed=len(todo))
+    return table
+
+
+def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Database,
+             todo: list[tuple[str, Variant, str]], profiles: dict[str, LayerProfile], mhash: str, chash: str,
+             executor: str | Executor, workers: int) -> None:
+    layers = sorted({n for n, _, _ in todo}, key=list(profiles).index)
+    Hs = _hessians(model, layers, batches)
+    modules = dict(model.named_modules())
+    distortion = _Distortion(model, batches[: space.model_loss_batches]) if space.model_loss else None
+    latency = LatencyTable(db.root, model_device(model) or "cpu") if space.latency else None
+    ex = make_executor(executor, workers)
+    inline = isinstance(ex, InlineExecutor)
+    window = 1 if inline else 2 * workers
+
+    def finish(fut: Future, layer: str, v: Variant, key: str) -> None:
+        W_hat, loss, rel, sec = fut.result()
+        prof, mod = profiles[layer], modules[layer]
+        costs = variant_costs(prof, W_hat, v, space.act_bits)
+        if latency is not None:
+            costs["latency"] = latency.measure(f"{mhash}|{layer}|{v.name}", mod, W_hat, v, prof.input_shape)
+        mloss = None if distortion is None else (0.0 if not v.configs else distortion(layer, W_hat))
+        shard = f"shards/{key}.safetensors" if v.configs else ""
+        db.add(Entry(key, mhash, chash, layer, v.name, tuple(c.to_dict() for c in v.configs), v.sparsity,
+                     v.bits, loss, rel, mloss, costs, shard, sec), W_hat if v.configs else None)
+
+    pending: dict[Future, tuple[str, Variant, str]] = {}
+    try:
+        for layer, v, key in progress(todo, desc="database"):
+            W = _layer_weight(modules[layer])
+            H = Hs[layer]
+            if not inline:
+                W, H = W.cpu(), H.cpu()
+            pending[ex.submit(solve_variant, W, H, v.configs, layer)] = (layer, v, key)
+            while len(pending) >= window:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finish(fut, *pending.pop(fut))
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                finish(fut, *pending.pop(fut))
+    finally:
+        if not inline:
+            ex.shutdown(wait=True, cancel_futures=True)

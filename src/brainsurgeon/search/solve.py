@@ -1,0 +1,36 @@
+"""One database unit of work: compress one weight with a chain of configs (a pure, picklable function)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import Config
+from ..obs import compress_weight
+from ..obs.hessian import layer_loss
+
+
+def solve_variant(W: torch.Tensor, H: torch.Tensor, configs: tuple[Config, ...],
+                  name: str = "") -> tuple[torch.Tensor, float, float, float]:
+    """Apply `configs` in order (e.g. ExactOBS 2:4 then OBQ 4-bit) to W with Hessian H.
+
+    W: the layer weight (rows x cols, or a conv kernel out x in/g x k...); H: (cols, cols), or
+    (g, cols, cols) for a grouped conv whose group j owns rows [j*out/g, (j+1)*out/g).
+    Returns (W_hat, tr(dW H dW^T), relative loss, seconds), the loss against the original W.
+
+    >>> W_hat, loss, rel, sec = solve_variant(W, H, (ExactOBS(pattern="2:4"), OBQ(bits=4)))
+    """
+    t0 = time.perf_counter()
+    Hs = H if H.dim() == 3 else H.unsqueeze(0)  # (g, cols, cols)
+    parts = W.chunk(Hs.shape[0], dim=0)
+    out, loss, ref = [], 0.0, 0.0
+    for i, Wg in enumerate(parts):
+        cur = Wg
+        for cfg in configs:
+            cur = compress_weight(cur, Hs[i], cfg, name).weight
+        loss += layer_loss(Wg, cur, Hs[i])[0]
+        ref += layer_loss(Wg, torch.zeros_like(Wg), Hs[i])[0]  # tr(W H W^T)
+        out.append(cur)
+    W_hat = torch.cat(out)  # (rows, ...) as W
+    return W_hat, loss, (loss / ref if ref > 0 else 0.0), time.perf_counter() - t0

@@ -1,0 +1,79 @@
+"""The variants of one layer: a name and the configs that make it, applied in order.
+
+    >>> [v.name for v in layer_variants(SearchSpace(levels=2, nm=(), block_sparsities=(),
+    ...                                              bits=(4,), nm_bits=()), in_channels=16)]
+    ['dense', 'sp@0.7764', 'sp@0.9500', 'w4']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RTN, Config, Pattern, config_from_dict
+from .config import SearchSpace
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compressed form of a layer: a sparsify config and/or a quantize config (or none: dense).
+
+    level: the sparsity the variant removes (0 for dense and pure quantization);
+    bits: the weight bits (32 = float).
+    """
+
+    name: str
+    configs: tuple[Config, ...]
+    sparsity: float = 0.0
+    bits: int = 32
+    pattern: str = "unstructured"
+
+    @property
+    def family(self) -> str:
+        """Variants of one family differ only in their level (used by the uniform baseline)."""
+        return self.name.split("@")[0] if "@" in self.name else self.name
+
+
+def unstructured_levels(space: SearchSpace) -> list[float]:
+    """Sparsities 1 - (1 - max_sparsity)^(k / levels), k = 1..levels (geometric in density).
+
+    >>> [round(s, 3) for s in unstructured_levels(SearchSpace(levels=2, max_sparsity=0.75))]
+    [0.5, 0.75]
+    """
+    d_min = 1.0 - space.max_sparsity
+    return [round(1.0 - d_min ** (k / space.levels), 4) for k in range(1, space.levels + 1)]
+
+
+def _prune(space: SearchSpace, sparsity: float | None, pattern: str) -> Config:
+    d = {"type": space.prune_method, "pattern": pattern}
+    if sparsity is not None:
+        d["sparsity"] = sparsity
+    if space.prune_method != "Magnitude":
+        d["damp"] = space.damp
+    return config_from_dict(d)
+
+
+def _quant(space: SearchSpace, bits: int) -> Config:
+    d = {"type": space.quant_method, "bits": bits}
+    if space.quant_method != RTN.__name__:
+        d["damp"] = space.damp
+    return config_from_dict(d)
+
+
+def layer_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
+    """Every variant of a layer whose grouped input dimension is `in_channels` (N:M/blocks must divide it)."""
+    out = [Variant("dense", ())]
+    out += [Variant(f"sp@{s:.4f}", (_prune(space, s, "unstructured"),), sparsity=s)
+            for s in unstructured_levels(space)] if space.levels else []
+    for p in space.nm:
+        pat = Pattern.parse(p)
+        if in_channels % pat.m:
+            continue
+        out.append(Variant(p, (_prune(space, None, p),), sparsity=float(pat.sparsity), pattern=p))
+        out += [Variant(f"{p}+w{b}", (_prune(space, None, p), _quant(space, b)), float(pat.sparsity), b, p)
+                for b in space.nm_bits]
+    if in_channels % space.block == 0:
+        blk = f"block{space.block}"
+        out += [Variant(f"{blk}@{s:.4f}", (_prune(space, s, blk),), sparsity=s, pattern=blk)
+                for s in space.block_sparsities]
+    out += [Variant(f"w{b}", (_quant(space, b),), bits=b) for b in space.bits]
+    return out
