@@ -1,0 +1,53 @@
+"""ONNX export of pruned and quantized models matches torch within 1e-4 under onnxruntime."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from export_fixtures import narrowed_digits, quantized_digits
+
+from brainsurgeon.errors import FormatError
+from brainsurgeon.export import export_onnx, onnx_export
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+X = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def test_narrowed_model_matches_onnxruntime(tmp_path):
+    model = narrowed_digits().train()  # export uses a copy in eval mode; the caller's model keeps train mode
+    res = export_onnx(model, (X,), str(tmp_path / "m.onnx"))
+    assert res.max_abs_diff <= 1e-4 and res.dequantized == [] and model.training
+    got = onnx_export.run_onnxruntime(str(tmp_path / "m.onnx"), (X,))[0]
+    with torch.no_grad():
+        ref = model.eval()(X)
+    assert float((torch.from_numpy(got) - ref).abs().max()) <= 1e-4
+    import onnx
+
+    conv2 = [i for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer if tuple(i.dims) == (12, 16, 3, 3)]
+    assert len(conv2) == 1  # the narrowed conv is exported at its pruned shape
+
+
+@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "int8-weights"])
+def test_quantized_model_exports(tmp_path, monkeypatch, dequantize):
+    model = quantized_digits()
+    if not dequantize:  # without a dense equivalent the int8 storage + scale is exported as Cast/Mul
+        monkeypatch.setattr(onnx_export, "densify", lambda m: (__import__("copy").deepcopy(m), []))
+    res = export_onnx(model, X, str(tmp_path / "q.onnx"))
+    assert res.max_abs_diff <= 1e-4
+    assert res.dequantized == (["fc1", "fc2"] if dequantize else [])
+    if not dequantize:
+        import onnx
+
+        dtypes = {i.data_type for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+        assert onnx.TensorProto.INT8 in dtypes
+
+
+def test_mismatch_leaves_no_file(tmp_path, monkeypatch):
+    real = onnx_export.run_onnxruntime
+    monkeypatch.setattr(onnx_export, "run_onnxruntime", lambda p, i: [o + 1e-3 for o in real(p, i)])
+    with pytest.raises(FormatError, match=r"differs from torch by 0\.001.* > atol 0\.0001.*not written"):
+        export_onnx(narrowed_digits(), (X,), str(tmp_path / "m.onnx"))
+    assert os.listdir(tmp_path) == []
