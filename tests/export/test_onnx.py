@@ -31,11 +31,9 @@ def test_narrowed_model_matches_onnxruntime(tmp_path):
 
 
 @pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "int8-weights"])
-def test_quantized_model_exports(tmp_path, monkeypatch, dequantize):
-    model = quantized_digits()
-    if not dequantize:  # without a dense equivalent the int8 storage + scale is exported as Cast/Mul
-        monkeypatch.setattr(onnx_export, "densify", lambda m: (__import__("copy").deepcopy(m), []))
-    res = export_onnx(model, X, str(tmp_path / "q.onnx"))
+def test_quantized_model_exports(tmp_path, dequantize):
+    model = quantized_digits()  # dequantize=False: the int8 storage + scale is exported as Cast/Mul (QDQ)
+    res = export_onnx(model, X, str(tmp_path / "q.onnx"), dequantize=dequantize)
     assert res.max_abs_diff <= 1e-4
     assert res.dequantized == (["fc1", "fc2"] if dequantize else [])
     if not dequantize:

@@ -40,25 +40,62 @@ class OnnxExport:
     opset: int | None
     seconds: float
     dequantized: list[str] = field(default_factory=list)
+    # max |ONNX - original compressed model| when modules were dequantized (their kernels round
+    # activations, e.g. to bfloat16, so this is larger than max_abs_diff; informational)
+    diff_vs_compressed: float | None = None
+
+
+def _dense_equivalent(m: nn.Module) -> nn.Module | None:
+    """A plain Linear/ConvNd computing what `m` computes, from its dequantized/dense weight; None if unknown."""
+    fn = next((getattr(m, a) for a in ("dequantize", "to_dense", "dense_weight") if callable(getattr(m, a, None))),
+              None)
+    if fn is None:
+        return None
+    out = fn()
+    if isinstance(out, nn.Module) or not isinstance(out, torch.Tensor):
+        return out if isinstance(out, nn.Module) else None
+    W = out.detach()
+    bias = getattr(m, "bias", None)
+    if W.dim() == 2 and hasattr(m, "in_features"):
+        dense: nn.Module = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=W.device, dtype=W.dtype)
+    elif W.dim() in (3, 4, 5) and hasattr(m, "in_channels"):
+        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[W.dim()]
+        pad = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+        dense = conv(m.in_channels, W.shape[0], tuple(W.shape[2:]), stride=tuple(m.stride), padding=pad,
+                     dilation=tuple(m.dilation), groups=m.groups, bias=bias is not None, device=W.device,
+                     dtype=W.dtype)
+    else:
+        return None
+    with torch.no_grad():
+        dense.weight.copy_(W)
+        if bias is not None:
+            dense.bias.copy_(bias.detach())
+    return dense
 
 
 def densify(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """A copy of `model` with every compressed module that offers a dense equivalent replaced by it.
+    """A copy of `model` where each compressed leaf module (a registered format without child modules:
+    packed int8/int4, dynamic int8, sparse storage) is replaced by its dense Linear/Conv equivalent.
+    Formats built from child modules (low-rank factors) stay: they export as their smaller layers.
 
     >>> dense, names = densify(packed_model)       # names: the modules that were dequantized
     """
     model = copy.deepcopy(model)
     names: list[str] = []
     for name, m in list(model.named_modules()):
-        if not name or getattr(type(m), "format_name", None) is None:
+        if not name or getattr(type(m), "format_name", None) is None or next(m.children(), None) is not None:
             continue
-        fn = getattr(m, "dequantize", None) or getattr(m, "to_dense", None)
-        if callable(fn):
-            dense = fn()
-            if isinstance(dense, nn.Module):
-                model.set_submodule(name, dense.train(m.training))
-                names.append(name)
+        dense = _dense_equivalent(m)
+        if dense is not None:
+            model.set_submodule(name, dense.train(m.training))
+            names.append(name)
+        else:
+            log.warning("%s (%s): no dense equivalent; exporting its forward as is", name, type(m).__name__)
     return model, names
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -88,8 +125,12 @@ def run_onnxruntime(path: str, inputs: tuple[Any, ...]) -> list[Any]:
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int | None = None,
-                atol: float = 1e-4, check: bool = True, dynamo: bool = True) -> OnnxExport:
+                atol: float = 1e-4, check: bool = True, dynamo: bool = True, dequantize: bool = True) -> OnnxExport:
     """Export `model` (a copy, in eval mode) to `path`; with `check`, onnxruntime must match torch within `atol`.
+
+    dequantize: replace packed/sparse modules by their dense equivalents first (needed for modules
+    that call custom kernels); False exports every module's forward as is (integer initializers +
+    Cast/Mul for formats that dequantize with plain torch ops: weight-only QDQ).
 
     The file is written beside `path` and renamed into place only after the check passes; on any
     failure nothing is left at `path` and `model` is untouched. Returns an :class:`OnnxExport`.
@@ -100,7 +141,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
     if atol <= 0:
         raise FormatError(f"atol must be > 0, got {atol}; the default 1e-4 suits float32 models")
     inputs = _as_tuple(example_inputs)
-    work, dequantized = densify(model)
+    work, dequantized = densify(model) if dequantize else (copy.deepcopy(model), [])
     work.eval()
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -121,7 +162,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
                 f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}. "
                 f"Compressed modules with custom kernels need a dequantize()/to_dense() method to export; "
                 f"try dynamo={not dynamo}") from e
-        diff = 0.0
+        diff, diff_orig = 0.0, None
         if check:
             got = run_onnxruntime(tmp, inputs)
             if len(got) != len(ref):
@@ -135,6 +176,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
                 raise FormatError(f"ONNX export of {type(model).__name__} differs from torch by {diff:.3g} > atol "
                                   f"{atol:g} on the example inputs; the file was not written. Report the model, "
                                   f"or export with dynamo={not dynamo}")
+            if dequantized:
+                with torch.no_grad():
+                    orig = _leaves(model(*inputs)) if not model.training else _leaves(_eval_copy(model)(*inputs))
+                diff_orig = max(float((torch.from_numpy(g).float() - r.detach().float().cpu()).abs().max())
+                                for g, r in zip(got, orig, strict=True))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -143,7 +189,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
             if os.path.exists(extra):
                 os.unlink(extra)
     res = OnnxExport(path=path, max_abs_diff=diff, opset=opset, seconds=time.perf_counter() - t0,
-                     dequantized=dequantized)
+                     dequantized=dequantized, diff_vs_compressed=diff_orig)
     log.info("exported %s to %s (max |diff| %.3g, %d modules dequantized)", type(model).__name__, path, diff,
              len(dequantized))
     return res
