@@ -1,0 +1,29 @@
+"""Budgets and search: measured costs, a resumable per-layer database, DP/AMC/baseline solvers.
+
+    >>> from brainsurgeon.search import SearchSpace, search, apply_plan_
+    >>> plan = search(model, SearchSpace(), "flops=0.25", calib, db="db/")
+    >>> report = apply_plan_(model, plan, calib)
+
+``search`` depends on ``obs`` and ``calib``; it applies plans through ``brainsurgeon.api``
+(imported inside the functions).
+"""
+
+from .amc import AMC, AMCSearch
+from .api import SOLVERS, StitchedModel, apply_plan_, plan_entries, search, stitch_
+from .config import Budget, SearchSpace, load_space
+from .costs import LayerProfile, profile_layers, variant_costs, weight_bytes
+from .database import Database, Entry, SearchTable, build_database
+from .dp import choose_variants
+from .executors import InlineExecutor, RayExecutor, make_executor
+from .latency import LatencyTable, machine_fingerprint, time_module
+from .plan import Plan
+from .solvers import dp_plan, global_magnitude_plan, uniform_plan
+from .variants import Variant, layer_variants
+
+__all__ = [
+    "AMC", "AMCSearch", "Budget", "Database", "Entry", "InlineExecutor", "LatencyTable", "LayerProfile", "Plan",
+    "RayExecutor", "SOLVERS", "SearchSpace", "SearchTable", "StitchedModel", "Variant", "apply_plan_",
+    "build_database", "choose_variants", "dp_plan", "global_magnitude_plan", "layer_variants", "load_space",
+    "machine_fingerprint", "make_executor", "plan_entries", "profile_layers", "search", "stitch_", "time_module",
+    "uniform_plan", "variant_costs", "weight_bytes",
+]

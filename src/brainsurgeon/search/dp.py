@@ -1,0 +1,61 @@
+"""The multiple-choice knapsack over the database: one variant per layer, minimal summed loss, one budget.
+
+OBC (Frantar & Alistarh, NeurIPS 2022, sec. 5) and SPDY (Frantar & Alistarh, ICML 2022) solve
+``min sum_l loss[l][j_l]  s.t.  sum_l cost[l][j_l] <= B`` exactly by dynamic programming over
+discretised costs. Costs are rounded *up* to ``B / buckets`` units, so a returned choice always
+meets the true budget.
+
+    >>> choose_variants([[0, 2], [0, 3]], [[5.0, 1.0], [4.0, 0.5]], budget=4)   # costs, losses
+    [1, 0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import BudgetInfeasibleError
+
+
+def choose_variants(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[float]], budget: float,
+                    buckets: int = 10_000) -> list[int]:
+    """Index of the chosen variant per layer; raises BudgetInfeasibleError naming the cheapest cost.
+
+    costs[l][j], losses[l][j]: variant j of layer l (costs >= 0); budget: the total allowed.
+    """
+    cheapest = sum(min(c) for c in costs)
+    if cheapest > budget:
+        raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g}: the cheapest reachable cost is "
+                                    f"{cheapest:.6g} (every layer at its cheapest variant); relax the budget "
+                                    f"or add cheaper variants (higher sparsity, fewer bits) to the search space")
+    unit = budget / buckets
+    B = buckets
+    dp = np.full(B + 1, math.inf)  # dp[b]: least loss of the layers so far at discretised cost b
+    dp[0] = 0.0
+    picks, ints = [], []
+    for c_l, l_l in zip(costs, losses, strict=True):
+        c_int = [math.ceil(c / unit - 1e-9) for c in c_l]
+        new, arg = np.full(B + 1, math.inf), np.full(B + 1, -1)
+        for j, (c, loss) in enumerate(zip(c_int, l_l, strict=True)):
+            if c > B:
+                continue
+            cand = np.full(B + 1, math.inf)
+            cand[c:] = dp[: B + 1 - c] + loss  # shift by the variant's cost, add its loss
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        dp = new
+        picks.append(arg)
+        ints.append(c_int)
+    b = int(np.argmin(dp))
+    if not math.isfinite(dp[b]):
+        raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g} at {buckets} cost buckets (the "
+                                    f"cheapest reachable cost is {cheapest:.6g}, within rounding); pass more "
+                                    f"buckets or relax the budget")
+    out = []
+    for arg, c_int in zip(reversed(picks), reversed(ints), strict=True):  # backtrack
+        j = int(arg[b])
+        out.append(j)
+        b -= c_int[j]
+    return out[::-1]
