@@ -1,0 +1,301 @@
+"""Quantization-aware training: swap layers for fake-quant ones initialised from an OBQ/GPTQ
+result, train, and convert back to real quantized weights (or to packed modules).
+
+After ``quantize_(model, OBQ(bits=4))`` every weight row already lies on a grid. :func:`infer_grid`
+recovers that grid (scale, zero) from the weights themselves, so the first fake-quant forward
+equals the quantized model's forward; layers that are not on a grid get a fresh
+:func:`~brainsurgeon.quant.grid.fit_grid` (``init="auto"``) or an error (``init="grid"``)::
+
+    >>> bs.quantize_(model, bs.GPTQ(bits=4), calib=loader)     # PTQ: weights on a 4-bit grid
+    >>> prepare_qat_(model, QAT(bits=4))                        # same forward, now trainable
+    >>> distill(model, teacher, train_loader, KD(epochs=1))      # or any training loop
+    >>> convert_qat_(model)                                      # plain layers, weights on grid
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._log import get_logger
+from ..config import Config, register_config
+from ..errors import CalibrationError, ConfigError
+from .fakequant import FAKE_QUANT_TYPES, _FakeQuantMixin, rebuild_layer, to_fake_quant
+from .grid import Grid, fit_grid
+
+log = get_logger(__name__)
+
+_INITS = ("auto", "grid", "fit")
+
+
+@register_config
+@dataclass(frozen=True)
+class QAT(Config):
+    """Fake-quant training: per-output-channel (or per-group) weight grids, optional per-tensor
+    activation grids, straight-through estimator, optional learnable scales (LSQ).
+
+    init: ``grid`` reads the grid the weights already lie on (after OBQ/GPTQ/RTN with the same
+    bits/sym/group_size), ``fit`` fits a new one (:func:`~brainsurgeon.quant.grid.fit_grid`),
+    ``auto`` reads it where the weights are on a grid and fits it elsewhere.
+
+    >>> QAT(bits=4); QAT(bits=3, learn_scale=True); QAT(bits=4, act_bits=8)
+    """
+
+    verb: ClassVar[str] = "qat"
+
+    bits: int = 4
+    sym: bool = True
+    group_size: int = 0  # 0: one grid per output channel
+    act_bits: int = 0  # 0: weights only; else per-tensor asymmetric input quantization
+    learn_scale: bool = False  # LSQ (Esser et al., ICLR 2020)
+    init: str = "auto"
+    mse: bool = True  # shrink search when a grid is fitted (init "fit"/"auto")
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"QAT: {msg}")
+
+        check(isinstance(self.bits, int) and 2 <= self.bits <= 8,
+              f"bits must be an integer in [2, 8], got {self.bits!r}")
+        check(isinstance(self.group_size, int) and self.group_size >= 0,
+              f"group_size must be 0 (per output channel) or a positive column count, got {self.group_size!r}")
+        check(isinstance(self.act_bits, int) and (self.act_bits == 0 or 2 <= self.act_bits <= 16),
+              f"act_bits must be 0 (off) or an integer in [2, 16], got {self.act_bits!r}")
+        check(self.init in _INITS, f"init must be one of {list(_INITS)}, got {self.init!r}")
+
+    def describe(self) -> str:
+        g = f" g{self.group_size}" if self.group_size else ""
+        a = f" a{self.act_bits}" if self.act_bits else ""
+        return f"QAT {self.bits}-bit{g}{a}{' LSQ' if self.learn_scale else ''}"
+
+
+def infer_grid(W: torch.Tensor, bits: int, sym: bool = True, group_size: int = 0,
+               tol: float = 1e-3) -> Grid | None:
+    """The `bits`-bit grid that the values of W (rows x cols) already lie on, or None.
+
+    Every row (or row-group) of a grid-quantized W holds values s * k with integers k
+    (sym: k in [-2^(b-1), 2^(b-1) - 1]; asym: max k - min k <= 2^b - 1). With a = max |v|, the
+    step is s = a / m for some m <= 2^b - 1; the smallest m whose every v / s is within `tol`
+    of an integer gives the coarsest consistent step (the original one when two neighbouring
+    levels are used), then s is refined by least squares s = <v, k> / <k, k>. Zero rows get the
+    median step. The grid quantizes W to itself: ``infer_grid(Wq, b).quantize(Wq) ~= Wq``.
+
+    >>> Wq = fit_grid(W, 4).quantize(W)
+    >>> torch.allclose(infer_grid(Wq, 4).quantize(Wq), Wq)
+    True
+    """
+    rows, cols = W.shape
+    g = group_size if 0 < group_size < cols else 0
+    gs = g or cols
+    ng = -(-cols // gs)
+    V = torch.nn.functional.pad(W.detach().double(), (0, ng * gs - cols))  # (rows, ng * gs)
+    V = V.reshape(rows * ng, gs)  # one grid per line
+    maxq = 2**bits - 1
+    half = 2 ** (bits - 1)
+    amax = V.abs().amax(1)  # (R,)
+    live = amax > 0
+    scale = torch.zeros_like(amax)
+    found = ~live
+    for m in range(1, (half if sym else maxq) + 1):
+        s = torch.where(live, amax / m, torch.ones_like(amax))
+        K = V / s[:, None]
+        Kr = K.round()
+        ok = ((K - Kr).abs() <= tol).all(1)
+        lo, hi = Kr.min(1).values, Kr.max(1).values
+        ok &= (lo >= -half) & (hi <= half - 1) if sym else (hi - lo <= maxq)
+        new = ok & ~found
+        scale = torch.where(new, s, scale)
+        found |= new
+        if bool(found.all()):
+            break
+    if not bool(found.all()):
+        return None
+    K = torch.where(live[:, None], (V / torch.where(live, scale, 1.0)[:, None]).round(), 0.0)  # (R, gs)
+    kk = (K * K).sum(1)
+    scale = torch.where(live & (kk > 0), (V * K).sum(1) / kk.clamp_min(1), scale)  # least squares
+    fill = scale[live].median() if bool(live.any()) else torch.tensor(1.0, dtype=scale.dtype)
+    scale = torch.where(live, scale, fill)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:  # lowest used level at code 0 (fit_grid's zero = round(-min / s)), 0 kept on the grid
+        zero = (-K.min(1).values).clamp(0, maxq)  # |k| <= m <= maxq, so k + zero stays in [0, maxq]
+    shape = (rows, ng)
+    return Grid(scale.reshape(shape).to(W.dtype), zero.reshape(shape).to(W.dtype), maxq, g)
+
+
+def _fit_layer_grid(name: str, W: torch.Tensor, cfg: QAT) -> tuple[Grid, str]:
+    """The grid of one layer per cfg.init, and how it was obtained ("grid" or "fit")."""
+    if cfg.init != "fit":
+        g = infer_grid(W, cfg.bits, cfg.sym, cfg.group_size)
+        if g is not None:
+            return g, "grid"
+        if cfg.init == "grid":
+            raise ConfigError(f"layer {name!r}: the weights are not on a {cfg.bits}-bit "
+                              f"{'symmetric' if cfg.sym else 'asymmetric'} grid with group_size="
+                              f"{cfg.group_size}; quantize it first with the same settings "
+                              f"(e.g. bs.quantize_(model, bs.GPTQ(bits={cfg.bits}), calib)) or use "
+                              f"QAT(init='auto') to fit a new grid")
+    return fit_grid(W.detach().float(), cfg.bits, cfg.sym, cfg.group_size, cfg.mse), "fit"
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    head, _, leaf = name.rpartition(".")
+    return (model.get_submodule(head) if head else model), leaf
+
+
+def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None, *,
+                 ignore: Iterable[str] = (), max_batches: int = 8) -> dict[str, str]:
+    """Replace every Linear/Conv1d/Conv2d of `model` (in place) by its fake-quant twin.
+
+    The twin shares the layer's weight/bias Parameters and adds the grid (``w_scale``,
+    ``w_zero``; ``a_scale``, ``a_zero`` with act_bits). ignore: module-name regexes to keep
+    as they are. With ``act_bits``, `calib` batches (x or (x, ...)) set each input range
+    (min/max over `max_batches` batches). Returns {layer name: "grid" | "fit"}. On failure
+    the model is restored.
+
+    >>> prepare_qat_(model, QAT(bits=4), ignore=("fc2",))
+    {'conv1': 'grid', 'conv2': 'grid', 'conv3': 'grid', 'fc1': 'grid'}
+    """
+    if not isinstance(cfg, QAT):
+        raise ConfigError(f"prepare_qat_ needs a QAT config, e.g. QAT(bits=4); got {cfg!r}")
+    if cfg.act_bits and calib is None:
+        raise ConfigError(f"QAT(act_bits={cfg.act_bits}) needs calibration batches to set the input "
+                          f"ranges: pass calib=loader, or act_bits=0 for weight-only QAT")
+    ign = [re.compile(p) for p in ignore]
+    todo = [(n, m) for n, m in model.named_modules()
+            if n and type(m) in FAKE_QUANT_TYPES and not any(p.fullmatch(n) for p in ign)]
+    if not todo:
+        raise ConfigError(f"prepare_qat_: no Linear/Conv1d/Conv2d left in {type(model).__name__} after "
+                          f"ignore={list(ignore)}; loosen ignore")
+    done: list[tuple[str, nn.Module]] = []
+    inits: dict[str, str] = {}
+    try:
+        for name, mod in todo:
+            W = mod.weight.detach().reshape(mod.weight.shape[0], -1)  # (out, in/g * prod(k))
+            grid, how = _fit_layer_grid(name, W, cfg)
+            fq = to_fake_quant(mod, grid.scale, grid.zero, cfg.bits, grid.group_size, cfg.act_bits,
+                               cfg.learn_scale)
+            parent, leaf = _parent(model, name)
+            setattr(parent, leaf, fq)
+            done.append((name, mod))
+            inits[name] = how
+        if cfg.act_bits:
+            _observe_inputs(model, [n for n, _ in todo], calib, max_batches)  # type: ignore[arg-type]
+    except BaseException:
+        for name, mod in done:
+            parent, leaf = _parent(model, name)
+            setattr(parent, leaf, mod)
+        raise
+    fitted = [n for n, h in inits.items() if h == "fit"]
+    if fitted and cfg.init == "auto":
+        log.info("QAT: %d layer(s) were not on a %d-bit grid and got a fitted one: %s",
+                 len(fitted), cfg.bits, fitted)
+    return inits
+
+
+@torch.no_grad()
+def _observe_inputs(model: nn.Module, names: list[str], calib: Iterable[Any], max_batches: int) -> None:
+    """Per-tensor min/max of each fake-quant layer's input over the calibration batches."""
+    from ..calib import iter_batches, move_to
+
+    ranges: dict[str, list[float]] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            lo, hi = ranges.setdefault(name, [float("inf"), float("-inf")])
+            ranges[name] = [min(lo, float(x.min())), max(hi, float(x.max()))]
+        return fn
+
+    was_training = model.training
+    try:
+        for n in names:
+            handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+        model.eval()
+        dev = _device(model)
+        for args, kwargs in iter_batches(calib, max_batches):
+            model(*move_to(args, dev), **move_to(kwargs, dev))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in names if n not in ranges]
+    if missing:
+        raise CalibrationError(f"QAT: layer(s) {missing} never received an input from the calibration "
+                               f"data; check that calib feeds the model's forward, or ignore them")
+    for n in names:
+        model.get_submodule(n).set_act_range(*ranges[n])  # type: ignore[operator]
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def fake_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every fake-quant layer in `model`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _FakeQuantMixin)}
+
+
+@torch.no_grad()
+def quantized_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) of a fake-quant layer: integer codes q (out, cols) in [0, 2^b - 1] with
+    weight = scale * (q - zero) expanded per column, and scale/zero as (out, groups)."""
+    if not isinstance(module, _FakeQuantMixin):
+        raise ConfigError(f"quantized_state needs a fake-quant layer (see prepare_qat_), got "
+                          f"{type(module).__name__}")
+    W = module.weight.reshape(module.weight.shape[0], -1)  # (out, cols)
+    s, z = module.weight_columns()
+    q = torch.clamp(torch.round(W / s) + z, 0, module.maxq)
+    return q.to(torch.uint8 if module.maxq < 256 else torch.int32), module.w_scale.detach().clone(), \
+        module.w_zero.detach().clone()
+
+
+def convert_qat_(model: nn.Module, *, packed: bool = False) -> list[str]:
+    """Replace every fake-quant layer (in place) by a plain layer whose float weight is the
+    fake-quantized one (exactly on the grid), or with ``packed=True`` by the packed int module
+    of :mod:`brainsurgeon.quant.packed`. Returns the converted layer names.
+
+    Activation fake-quant (act_bits > 0) has no plain equivalent: it is dropped with a warning.
+
+    >>> convert_qat_(model)
+    ['conv1', 'conv2', 'conv3', 'fc1', 'fc2']
+    """
+    layers = fake_quant_layers(model)
+    if packed:
+        convert = _to_packed
+    else:
+        convert = _to_plain
+    new = {name: convert(m) for name, m in layers.items()}  # build all first: nothing changes on error
+    dropped = [n for n, m in layers.items() if m.act_bits]
+    if dropped:
+        log.warning("convert_qat_: activation fake-quant of %s is dropped (weights stay on grid)", dropped)
+    for name, m in new.items():
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, m)
+    return list(new)
+
+
+@torch.no_grad()
+def _to_plain(fq: nn.Module) -> nn.Module:
+    base = next(t for t, f in FAKE_QUANT_TYPES.items() if isinstance(fq, f))
+    plain = rebuild_layer(fq, base)
+    plain.weight = nn.Parameter(fq.quantized_weight().detach().clone(),  # type: ignore[operator]
+                                requires_grad=fq.weight.requires_grad)
+    return plain
+
+
+def _to_packed(fq: nn.Module) -> nn.Module:
+    try:
+        from . import packed
+    except ImportError as e:
+        raise ConfigError("convert_qat_(packed=True) needs brainsurgeon.quant.packed, which is not "
+                          "available in this build; use convert_qat_(model) for float weights on the grid") from e
+    raise NotImplementedError(packed)
