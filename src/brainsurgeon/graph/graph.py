@@ -1,0 +1,427 @@
+"""DependencyGraph: trace once, then query groups of coupled channels and prune them, verified.
+
+    >>> g = DependencyGraph(model, example_inputs=(torch.randn(1, 3, 32, 32),))
+    >>> grp = g.group(model.conv1, dim="out", idxs=[0, 2, 6])
+    >>> print(grp)                      # every coupled slice, by module name
+    >>> grp.prune()                     # physically smaller; outputs verified in eval and train mode
+    >>> for grp in g.groups():          # every prunable set at full width, for pruners to score
+    ...     print(grp.root.name, grp.n)
+
+DepGraph: Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023 (groups as the closure
+of a request over inter-layer dependencies). Here dependencies are index maps between ATen-level
+(tensor, dim) nodes, so one closure covers grouped convs, heads, flatten and reshapes alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._log import get_logger
+from ..errors import ConfigError, SurgeryError, UnsupportedOpError
+from . import rules_nn  # noqa: F401  (registers the compute-op rules)
+from .group import Group, Slice
+from .maps import Closure, Edges, Key, closure
+from .rules import Ctx, find_rule, refs
+from .surgery import apply_plan, undo_plan
+from .trace import Ref, Trace, run_model, trace_model
+from .verify import verify_forward
+
+log = get_logger(__name__)
+
+DEFAULT_ROOTS: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.RNNBase,
+                                   nn.MultiheadAttention, nn.Bilinear)
+
+
+def _root_spec(m: nn.Module, dim: str) -> tuple[str, int]:
+    """(tensor, dim) of a module's 'out' or 'in' channels."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        out, inn = (1, 0) if m.transposed else (0, 1)
+        return "weight", out if dim == "out" else inn
+    if isinstance(m, nn.Embedding):
+        return "weight", 1 if dim == "out" else 0
+    if isinstance(m, nn.RNNBase):
+        return ("weight_hh_l0", 1) if dim == "out" else ("weight_ih_l0", 1)
+    if isinstance(m, nn.MultiheadAttention):
+        return ("in_proj_weight", 1) if m.in_proj_weight is not None else ("q_proj_weight", 1)
+    if dim == "out":
+        return "weight", 0
+    return "weight", 1
+
+
+def slice_role(m: nn.Module, tensor: str, dim: int) -> str:
+    """'out' (channels produced here), 'in' (consumed here) or 'param' (everything else)."""
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or type(m).__name__ == "Conv1D":
+        if tensor == "bias":
+            return "out"
+        if tensor == "weight":
+            out = 1 if getattr(m, "transposed", False) or type(m).__name__ == "Conv1D" else 0
+            return "out" if dim == out else "in" if dim == 1 - out else "param"
+    if isinstance(m, nn.RNNBase):
+        return "in" if tensor.startswith("weight_ih") and dim == 1 else "out"
+    return "param"
+
+
+class DependencyGraph:
+    """Coupled dimensions of ``model``, traced at the ATen level on ``example_inputs``.
+
+    Args:
+        model: any module whose forward runs on ``example_inputs`` (tuple, tensor or dict of kwargs).
+        example_inputs: the inputs to trace and to verify every pruning step with.
+        ignore: modules (or names) whose output channels are never pruned (their inputs may be).
+        keep_io: never prune dims of the model's inputs and outputs (default True).
+        train_trace: also trace in train mode: ``"auto"`` (when eval misses parameters, e.g. aux heads),
+            True or False.
+        verify: re-run the example input after every prune (eval and train mode) and restore on failure.
+
+    >>> g = DependencyGraph(model, (torch.randn(1, 3, 32, 32),), ignore=[model.fc])
+    >>> print(g.report())
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] = (),
+                 keep_io: bool = True, train_trace: bool | str = "auto", verify: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"DependencyGraph: model must be an nn.Module, got {type(model).__name__}")
+        if train_trace not in (True, False, "auto"):
+            raise ConfigError(f"DependencyGraph: train_trace must be True, False or 'auto', got {train_trace!r}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.keep_io = keep_io
+        self.verify = verify
+        self.train_trace = train_trace
+        self.ignore = tuple(self._name(m) for m in ignore)
+        self.history: list[dict[str, Any]] = []
+        self._step = 0
+        self._trace_step = 0
+        self._removed: dict[Key, int] = {}
+        self._touched: dict[tuple[str, str, int], int] = {}
+        self._dirty = False
+        self._build()
+
+    # ------------------------------------------------------------------ building
+    def _name(self, m: nn.Module | str) -> str:
+        if isinstance(m, str):
+            try:
+                self.model.get_submodule(m)
+            except AttributeError as e:
+                raise ConfigError(f"no module named {m!r} in {type(self.model).__name__}; "
+                                  f"use a name from model.named_modules()") from e
+            return m
+        for n, mod in self.model.named_modules():
+            if mod is m:
+                return n
+        raise ConfigError(f"module {type(m).__name__} is not a submodule of {type(self.model).__name__}")
+
+    def _build(self) -> None:
+        t0 = time.perf_counter()
+        counter = [0]
+        self.traces: list[Trace] = [trace_model(self.model, self.example_inputs, "eval", counter)]
+        self.train_error: str | None = None
+        used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
+        params = {(mn, pn) for mn, m in self.model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
+        want_train = self.train_trace is True or (self.train_trace == "auto" and bool(params - used))
+        if want_train:
+            try:
+                self.traces.append(trace_model(self.model, self.example_inputs, "train", counter))
+            except Exception as e:  # noqa: BLE001  (a model may not run in train mode without targets)
+                self.train_error = f"{type(e).__name__}: {e}"
+                log.info("train-mode trace failed (%s); only eval mode is covered", self.train_error)
+        self._train_ok = any(t.mode == "train" for t in self.traces)
+        if not want_train and self.verify:
+            self._train_ok = self._runs_in_train_mode()
+        self.nodes = {k: v for t in self.traces for k, v in t.nodes.items()}
+        self.edges = Edges()
+        ctx = Ctx(self.edges, self.nodes)
+        self.unsupported: Counter[str] = Counter()
+        self.n_ops = 0
+        for t in self.traces:
+            for op in t.ops:
+                self.n_ops += 1
+                self._apply_rule(op, ctx)
+        self._param_nodes: dict[tuple[str, str], list[int]] = {}
+        for nid, node in self.nodes.items():
+            if node.owner is not None:
+                self._param_nodes.setdefault(node.owner, []).append(nid)
+        for ids in self._param_nodes.values():
+            for other in ids[1:]:
+                for d in range(len(self.nodes[ids[0]].shape)):
+                    ctx.link(ids[0], d, other, d)
+        self._module_rules(ctx)
+        if self.keep_io:
+            for t in self.traces:
+                for nid in t.inputs:
+                    ctx.block(nid, None, "model input")
+                for nid in t.outputs:
+                    ctx.block(nid, None, "model output")
+        for name in self.ignore:
+            self._block_module(ctx, name, f"ignored module {name!r}")
+        self.owners: dict[int, list[tuple[str, str]]] = {}
+        for mn, m in self.model.named_modules(remove_duplicate=False):
+            for pn, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if p is not None:
+                    self.owners.setdefault(id(p), []).append((mn, pn))
+        self._module_index = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        self.build_seconds = time.perf_counter() - t0
+        self._trace_step = self._step
+        self._removed = {}
+        self._dirty = False
+
+    def _runs_in_train_mode(self) -> bool:
+        was = {m: m.training for m in self.model.modules()}
+        saved = {id(b): b.detach().clone() for b in self.model.buffers()}
+        try:
+            self.model.train()
+            with torch.no_grad():
+                run_model(self.model, self.example_inputs)
+            return True
+        except Exception as e:  # noqa: BLE001
+            self.train_error = f"{type(e).__name__}: {e}"
+            return False
+        finally:
+            for m, f in was.items():
+                m.training = f
+            with torch.no_grad():
+                for b in self.model.buffers():
+                    if id(b) in saved:
+                        b.copy_(saved[id(b)])
+
+    def _apply_rule(self, op: Any, ctx: Ctx) -> None:
+        rule = find_rule(op.name)
+        tensors = refs(op.args) + [Ref(o) for o in op.outputs]
+        if rule is None:
+            self.unsupported[op.name] += 1
+            for t in tensors:
+                ctx.block(t, None, f"{op.name} (no rule)")
+            return
+        try:
+            rule(op, ctx)
+        except (IndexError, KeyError, TypeError, ValueError) as e:
+            self.unsupported[f"{op.name} (rule failed: {e})"] += 1
+            for t in tensors:
+                ctx.block(t, None, f"{op.name} (rule failed)")
+
+    def _module_rules(self, ctx: Ctx) -> None:
+        """Couplings that live in module code, not in ops: MHA ties embed_dim to the q/k/v widths."""
+        for mn, m in self.model.named_modules():
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                ids = self._param_nodes.get((mn, "in_proj_weight"))
+                if ids:
+                    e = m.embed_dim
+                    ctx.gather(ids[0], 0, ids[0], 1, np.arange(3 * e) % e)
+
+    def _block_module(self, ctx: Ctx, name: str, reason: str) -> None:
+        prefix = name + "." if name else ""
+        for (mn, pn), ids in self._param_nodes.items():
+            if mn != name and not mn.startswith(prefix):
+                continue
+            m = self.model.get_submodule(mn)
+            for nid in ids:
+                for d in range(len(self.nodes[nid].shape)):
+                    if slice_role(m, pn, d) != "in":
+                        ctx.block(nid, [d], reason)
+
+    def _refresh(self) -> None:
+        if self._dirty:
+            self._build()
+
+    # ------------------------------------------------------------------ queries
+    def group(self, module: nn.Module | str, dim: str | int = "out", idxs: Sequence[int] | torch.Tensor | None = None,
+              *, tensor: str | None = None) -> Group:
+        """The closure of removing channels ``idxs`` of ``module`` along ``dim`` ('out', 'in' or an int).
+
+        Raises UnsupportedOpError (naming the op) if an op without a rule, a model input/output or an
+        ignored module blocks the request, and ConfigError for bad indices or indices that split a unit
+        (a conv group, an attention head).
+
+        >>> grp = g.group("features.0", "out", [0, 1])
+        """
+        self._refresh()
+        name = self._name(module)
+        m = self.model.get_submodule(name)
+        if tensor is None:
+            if not isinstance(dim, str):
+                raise ConfigError("group: an integer dim needs tensor=..., e.g. g.group('fc', 0, [1], tensor='weight')")
+            if dim not in ("out", "in"):
+                raise ConfigError(f"group: dim must be 'out', 'in' or an int with tensor=..., got {dim!r}")
+            tensor, d = _root_spec(m, dim)
+        else:
+            d = int(dim) if not isinstance(dim, str) else _root_spec(m, dim)[1]
+        ids = self._param_nodes.get((name, tensor))
+        if not ids:
+            raise UnsupportedOpError(f"{name}.{tensor} was not used by the example inputs (eval or train mode), "
+                                     f"so its dependencies are unknown; pass inputs that run {name!r}")
+        size = self.nodes[ids[0]].shape[d]
+        req = np.arange(size) if idxs is None else np.asarray(torch.as_tensor(idxs).reshape(-1).cpu(), dtype=np.int64)
+        if len(req) == 0:
+            raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} is empty; pass at least one index")
+        if req.min() < 0 or req.max() >= size:
+            raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} must lie in [0, {size}); "
+                              f"got min {req.min()}, max {req.max()}")
+        if len(np.unique(req)) != len(req):
+            raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} contain duplicates; pass distinct indices")
+        key = (ids[0], d)
+        cl = closure(self.edges, key, req, np.arange(len(req)))
+        if cl.blocked:
+            (k, why), more = cl.blocked[0], len(cl.blocked) - 1
+            raise UnsupportedOpError(f"pruning {name}.{tensor} dim {d} is blocked by {why} "
+                                     f"(at {self._describe(k)}){f' and {more} more' if more else ''}; "
+                                     f"see g.report() for every blocked op")
+        grp = self._make_group(cl, (name, tensor, d))
+        if grp is None:
+            raise UnsupportedOpError(f"pruning {name}.{tensor} dim {d}: the coupled slices do not split into "
+                                     f"equal rows (ragged coupling, e.g. a channel shuffle); prune a coarser set")
+        root_pos = grp.root.idxs.reshape(-1).numpy()
+        if len(root_pos) != len(req):
+            unit = grp.root.idxs.shape[1]
+            raise ConfigError(f"group: {name}.{tensor} dim {d} channels are coupled in units of {unit} "
+                              f"(grouped conv / attention head / reshape); idxs {sorted(req.tolist())[:8]} split a "
+                              f"unit — pass whole units, e.g. idxs={grp.root.idxs[0].tolist()}")
+        return grp
+
+    def groups(self, ignore: Iterable[nn.Module | str] = (), root_types: tuple[type, ...] = DEFAULT_ROOTS
+               ) -> list[Group]:
+        """Every independent prunable set at full width (idxs = all channels), one group per coupled set.
+
+        Blocked sets (reaching an op without a rule, model I/O, an ignored module) and sets with
+        fewer than 2 rows are left out and listed by :meth:`report`.
+
+        >>> for grp in g.groups(ignore=[model.fc]):
+        ...     grp.select(torch.arange(grp.n // 2)).prune()
+        """
+        self._refresh()
+        ign = tuple(self._name(m) for m in ignore)
+        covered: set[tuple[str, str, int]] = set()
+        out: list[Group] = []
+        self.left_out: list[tuple[str, str]] = []
+        for name, m in self.model.named_modules():
+            if not isinstance(m, root_types):
+                continue
+            for which in ("out", "in"):
+                tensor, d = _root_spec(m, which)
+                ids = self._param_nodes.get((name, tensor))
+                if not ids or (name, tensor, d) in covered or len(self.nodes[ids[0]].shape) <= d:
+                    continue
+                size = self.nodes[ids[0]].shape[d]
+                covered.add((name, tensor, d))
+                if size < 2:
+                    continue
+                cl = closure(self.edges, (ids[0], d), np.arange(size), np.arange(size), stop_when_blocked=True)
+                if cl.blocked:
+                    self.left_out.append((f"{name}.{tensor} dim {d}", cl.blocked[0][1]))
+                    continue
+                grp = self._make_group(cl, (name, tensor, d))
+                if grp is None:
+                    self.left_out.append((f"{name}.{tensor} dim {d}", "ragged coupling"))
+                    continue
+                covered.update((s.module, s.tensor, s.dim) for s in grp.slices)
+                if grp.n < 2:
+                    self.left_out.append((f"{name}.{tensor} dim {d}", "a single unit"))
+                    continue
+                if any(_under(s.module, ign) and s.role != "in" for s in grp.slices):
+                    self.left_out.append((f"{name}.{tensor} dim {d}", "touches an ignored module"))
+                    continue
+                out.append(grp)
+        return out
+
+    def _describe(self, key: Key) -> str:
+        node = self.nodes.get(key[0])
+        if node is None:
+            return "an internal reshape factor"
+        what = ".".join(node.owner) if node.owner else f"{node.kind} tensor {tuple(node.shape)}"
+        return f"{what} dim {key[1]}"
+
+    def _make_group(self, cl: Closure, root: tuple[str, str, int]) -> Group | None:
+        per: dict[tuple[str, str, int], np.ndarray] = {}
+        labels: dict[Key, np.ndarray] = {}
+        for key, lab in cl.labels.items():
+            node = self.nodes[key[0]]
+            if node.owner is not None:
+                per.setdefault((node.owner[0], node.owner[1], key[1]), lab)
+            labels[key] = lab
+        slices = []
+        for (mn, tn, d), lab in per.items():
+            on = np.nonzero(lab >= 0)[0]
+            rows = lab[on]
+            counts = np.bincount(rows, minlength=cl.n)
+            if counts.min() == 0 or counts.max() != counts.min():
+                return None
+            idxs = on[np.argsort(rows, kind="stable")].reshape(cl.n, -1)
+            m = self.model.get_submodule(mn)
+            slices.append(Slice(mn, tn, d, torch.from_numpy(idxs.copy()), slice_role(m, tn, d)))
+        slices.sort(key=lambda s: ((s.module, s.tensor, s.dim) != root, self._module_index.get(s.module, 0),
+                                   s.tensor, s.dim))
+        reasons = tuple(sorted({why for _, why in cl.inexact}))
+        return Group(tuple(slices), cl.n, slices[0], self, not reasons, reasons, 1, labels, self._step)
+
+    # ------------------------------------------------------------------ surgery
+    def prune(self, groups: Sequence[Group]) -> None:
+        """Remove every row of ``groups`` at once, then verify; on failure restore and raise SurgeryError.
+
+        >>> g.prune([grp.select([0, 1]) for grp in g.groups()])
+        """
+        plan: dict[tuple[str, str, int], np.ndarray] = {}
+        for grp in groups:
+            if grp.graph is not self:
+                raise SurgeryError("prune: this group belongs to another DependencyGraph")
+            for s in grp.slices:
+                k = (s.module, s.tensor, s.dim)
+                if self._touched.get(k, -1) >= grp.version:
+                    raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
+                                       f"group was built; call g.groups()/g.group() again")
+                plan[k] = np.union1d(plan.get(k, np.zeros(0, dtype=np.int64)), s.idxs.reshape(-1).numpy())
+        if not plan:
+            return
+        undo = apply_plan(self.model, plan, self.owners)
+        removed = dict(self._removed)
+        for grp in groups:
+            if grp.version >= self._trace_step:
+                for k, lab in grp.labels.items():
+                    c = int((lab >= 0).sum())
+                    if c:
+                        removed[k] = removed.get(k, 0) + c
+        if self.verify:
+            try:
+                for t in self.traces:
+                    if t.mode == "train" or t is self.traces[0]:
+                        verify_forward(self.model, self.example_inputs, t, removed, self.nodes)
+                if self._train_ok and not any(t.mode == "train" for t in self.traces):
+                    verify_forward(self.model, self.example_inputs, None, removed, self.nodes, mode="train")
+            except SurgeryError:
+                undo_plan(undo)
+                raise
+        self._removed = removed
+        for k in plan:
+            self._touched[k] = self._step
+        self._step += 1
+        self._dirty = True
+        self.history.append({"slices": [{"module": m, "tensor": t, "dim": d, "idxs": v.tolist()}
+                                        for (m, t, d), v in plan.items()]})
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> str:
+        """Tracer used, op counts, ops without rules and which dims they block, groups left out."""
+        secs = ", ".join(f"{t.mode} {t.seconds:.3f}s ({len(t.ops)} ops)" for t in self.traces)
+        lines = [f"DependencyGraph of {type(self.model).__name__}: tracer=aten-dispatch ({secs}); "
+                 f"build {self.build_seconds:.3f}s"]
+        if self.train_error:
+            lines.append(f"train mode not traced/verified: {self.train_error[:200]}")
+        if self.unsupported:
+            lines.append("ops without a rule (block every dim of their tensors):")
+            lines += [f"  {name} x{c}" for name, c in self.unsupported.most_common()]
+        reasons = Counter(why for why in self.edges.blocked.values())
+        lines.append(f"blocked dims: {len(self.edges.blocked)}")
+        lines += [f"  {c:5d}  {why}" for why, c in reasons.most_common(12)]
+        if getattr(self, "left_out", None):
+            lines.append("sets left out of groups():")
+            lines += [f"  {what}: {why}" for what, why in self.left_out]
+        return "\n".join(lines)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") or p == "" for p in prefixes)

@@ -1,0 +1,242 @@
+"""Coupled dimensions: index maps between (tensor, dim) nodes, and the closure of a pruning request.
+
+Every (node id, dim) of a traced tensor is a *key*. Op rules (``rules.py``) connect keys with index maps:
+
+* ``gather(a, b, pos)``: position ``i`` of ``a`` is position ``pos[i]`` of ``b`` (identity, cat offsets,
+  slices, index_select, LSTM gates ``j -> j % H``, flatten ``j -> j // (H*W)``: many-to-one maps couple
+  every ``j`` with the same ``pos[j]``);
+* ``split(c, atoms)``: a dim that a reshape splits or merges is a mixed-radix number over *atoms*
+  (the common refinement of both sides' dims). A request on ``c`` is carried to the atoms it can be
+  expressed on; if none, it is coarsened onto one atom (whole heads, whole window blocks, ...).
+
+A request is a *labelling*: position -> logical channel (row) id, -1 = untouched. The closure
+(:func:`closure`) propagates labels over the maps with a worklist; a key is revisited only when it
+gains labelled positions, and two labels that meet on one position are merged (union-find), so it
+always terminates. Example, flatten -> linear::
+
+    conv.weight dim0 (8)  --identity-->  act dim1 (8)  --split-->  atoms (8, 4)  -->  flat (32)  -->  fc.weight dim1
+    request rows [2, 5] on conv.weight dim0 -> fc.weight dim1 rows [[8..11], [20..23]]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Key = tuple[int, int]  # (node id, dim); atoms of reshapes use negative node ids
+
+
+@dataclass
+class Edges:
+    """Adjacency of the coupled-dimension graph; built once per trace, queried by every closure."""
+
+    size: dict[Key, int] = field(default_factory=dict)
+    gathers: dict[Key, list[tuple[Key, np.ndarray | None, bool]]] = field(default_factory=dict)
+    splits: dict[Key, list[list[tuple[Key, np.ndarray]]]] = field(default_factory=dict)
+    blocked: dict[Key, str] = field(default_factory=dict)
+    inexact: dict[Key, str] = field(default_factory=dict)
+    next_atom: int = -1
+
+    def _add(self, key: Key, size: int) -> None:
+        self.size.setdefault(key, size)
+
+    def link(self, a: Key, b: Key) -> None:
+        """Identity map between two keys of equal size (no-op on size-1 dims or unequal sizes)."""
+        if a == b or self.size.get(a) != self.size.get(b) or self.size.get(a, 0) <= 1:
+            return
+        self.gathers.setdefault(a, []).append((b, None, True))
+        self.gathers.setdefault(b, []).append((a, None, True))
+
+    def gather(self, a: Key, b: Key, pos: np.ndarray) -> None:
+        """Position ``i`` of ``a`` is position ``pos[i]`` of ``b`` (``len(pos) == size[a]``)."""
+        pos = np.asarray(pos, dtype=np.int64)
+        if len(pos) != self.size.get(a) or (len(pos) and (pos.min() < 0 or pos.max() >= self.size.get(b, 0))):
+            raise ValueError(f"bad gather map {a}->{b}: {len(pos)} positions for sizes {self.size.get(a)}, "
+                             f"{self.size.get(b)}")
+        if self.size[a] <= 1 and self.size[b] <= 1:
+            return
+        self.gathers.setdefault(a, []).append((b, pos, True))
+        self.gathers.setdefault(b, []).append((a, pos, False))
+
+    def atom(self, size: int) -> Key:
+        """A new virtual key of ``size`` (one factor of a reshape)."""
+        key = (self.next_atom, 0)
+        self.next_atom -= 1
+        self.size[key] = size
+        return key
+
+    def split(self, c: Key, atoms: list[tuple[Key, int]]) -> None:
+        """``c`` is the mixed-radix number over ``atoms`` (outermost first); sizes multiply to size[c]."""
+        atoms = [(k, s) for k, s in atoms if s > 1]
+        if len(atoms) == 1:
+            self.link(c, atoms[0][0])
+            return
+        total = self.size[c]
+        j = np.arange(total, dtype=np.int64)
+        inner = total
+        parts = []
+        for k, s in atoms:
+            inner //= s
+            digit = (j // inner) % s
+            parts.append((k, digit))
+            self.gathers.setdefault(k, []).append((c, digit, False))  # atom -> c: reverse of c->atom
+        self.splits.setdefault(c, []).append(parts)
+
+    def block(self, key: Key, reason: str) -> None:
+        """Requests that reach ``key`` are refused; ``reason`` names the op (first reason wins)."""
+        if self.size.get(key, 0) > 1:
+            self.blocked.setdefault(key, reason)
+
+    def mark_inexact(self, key: Key, reason: str) -> None:
+        """Removing positions of ``key`` is allowed but not output-preserving even when zeroed (mean, LayerNorm)."""
+        self.inexact.setdefault(key, reason)
+
+
+class _Labels:
+    """Per-key label arrays plus a union-find over label ids."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+        self.lab: dict[Key, np.ndarray] = {}
+
+    def find(self, x: np.ndarray) -> np.ndarray:
+        p = self.parent
+        while True:
+            px = p[x]
+            if np.array_equal(px, x):
+                return x
+            x = p[px]
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            rx, ry = int(self.find(np.array([x]))[0]), int(self.find(np.array([y]))[0])
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
+        """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
+        cur = self.lab.get(key)
+        if cur is None:
+            cur = np.full(size, -1, dtype=np.int64)
+            self.lab[key] = cur
+        old = cur[pos]
+        fresh = old < 0
+        added = bool(fresh.any())
+        if added:
+            cur[pos[fresh]] = labels[fresh]
+        now = cur[pos]
+        diff = now != labels
+        if diff.any():
+            a, b = self.find(now[diff]), self.find(labels[diff])
+            ne = a != b
+            if ne.any():
+                pairs = np.unique(np.stack([a[ne], b[ne]], 1), axis=0)
+                self.union(pairs[:, 0], pairs[:, 1])
+        return added
+
+
+@dataclass
+class Closure:
+    """Result of :func:`closure`: labels per key (canonical row ids 0..n-1), blocked/inexact reasons."""
+
+    labels: dict[Key, np.ndarray]
+    n: int
+    blocked: list[tuple[Key, str]]
+    inexact: list[tuple[Key, str]]
+
+
+def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarray]], size: dict[Key, int]
+                  ) -> list[tuple[Key, np.ndarray]]:
+    """Atoms to carry a labelling of a split dim to: already labelled ones, else those it is expressible
+    on (every touched slab fully labelled with one label), else one it fits without merging labels,
+    else the outermost (coarsening: whole heads / whole blocks)."""
+    chosen = [(k, d) for k, d in parts if k in lab.lab]
+    if chosen:
+        return chosen
+    on = la >= 0
+    f = lab.find(la[on])
+    clean, fits = [], []
+    for k, d in parts:
+        dd = d[on]
+        pairs = np.unique(dd * (int(f.max()) + 1) + f)
+        per_slab = np.bincount(pairs // (int(f.max()) + 1), minlength=size[k])
+        single = bool((per_slab <= 1).all())
+        if single:
+            fits.append((k, d))
+            full = np.bincount(dd, minlength=size[k])
+            touched = full > 0
+            if (full[touched] == len(d) // size[k]).all():
+                clean.append((k, d))
+    if clean:
+        return clean
+    if fits:
+        return fits[:1]
+    return parts[:1]
+
+
+def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray,
+            stop_when_blocked: bool = False) -> Closure:
+    """Propagate the labelling ``root_pos[i] -> root_rows[i]`` of ``root`` over every index map.
+
+    Terminates because a key is re-queued only when it gains labelled positions (finitely many),
+    and label merges are union-find operations on a fixed set of ids.
+    """
+    n0 = int(root_rows.max()) + 1 if len(root_rows) else 0
+    lab = _Labels(n0)
+    lab.apply(root, edges.size[root], np.asarray(root_pos, dtype=np.int64), np.asarray(root_rows, dtype=np.int64))
+    work = deque([root])
+    queued = {root}
+    blocked: list[tuple[Key, str]] = []
+    while work:
+        key = work.popleft()
+        queued.discard(key)
+        if key in edges.blocked:
+            blocked.append((key, edges.blocked[key]))
+            if stop_when_blocked:
+                break
+        la = lab.lab[key]
+        on = np.nonzero(la >= 0)[0]
+        for other, pos, forward in edges.gathers.get(key, ()):
+            if pos is None:
+                tp, tl = on, la[on]
+            elif forward:
+                tp, tl = pos[on], la[on]
+            else:
+                lb = la[pos]
+                sel = np.nonzero(lb >= 0)[0]
+                tp, tl = sel, lb[sel]
+            if len(tp) and lab.apply(other, edges.size[other], tp, tl) and other not in queued:
+                work.append(other)
+                queued.add(other)
+        for parts in edges.splits.get(key, ()):
+            for atom, digit in _choose_atoms(lab, la, parts, edges.size):
+                if lab.apply(atom, edges.size[atom], digit[on], la[on]) and atom not in queued:
+                    work.append(atom)
+                    queued.add(atom)
+    # canonical row ids: ordered by first appearance on the root
+    roots = lab.find(np.arange(n0, dtype=np.int64)) if n0 else np.zeros(0, dtype=np.int64)
+    rl = lab.lab[root]
+    order = []
+    seen = set()
+    for v in lab.find(rl[rl >= 0]).tolist():
+        if v not in seen:
+            seen.add(v)
+            order.append(v)
+    for v in np.unique(roots).tolist():
+        if v not in seen:
+            seen.add(v)
+            order.append(v)
+    remap = np.full(max(n0, 1), -1, dtype=np.int64)
+    remap[np.array(order, dtype=np.int64)] = np.arange(len(order))
+    out: dict[Key, np.ndarray] = {}
+    for k, arr in lab.lab.items():
+        if k[0] < 0:
+            continue
+        res = np.full_like(arr, -1)
+        on = arr >= 0
+        res[on] = remap[lab.find(arr[on])]
+        out[k] = res
+    inexact = [(k, edges.inexact[k]) for k in out if k in edges.inexact]
+    return Closure(out, len(order), blocked, inexact)

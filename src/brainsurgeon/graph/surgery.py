@@ -1,0 +1,238 @@
+"""Physical removal: slice parameters/buffers in place, fix module attributes, restore on failure.
+
+Tensors are sliced through ``.data`` so parameter identity (tied weights, optimizer references)
+survives. Module attributes (``out_channels``, ``num_features``, ``num_heads``, ...) are set by small
+per-type *fixers*, registered beside this file and looked up along the module's MRO::
+
+    @register_fixer(nn.PReLU)
+    def _prelu(m, removed):          # removed: {tensor name: {dim: original indices removed}}
+        m.num_parameters = m.weight.shape[0]
+
+A plan is ``{(module, tensor, dim): removed indices}``; :func:`apply_plan` returns an undo record.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+
+Fixer = Callable[[nn.Module, dict[str, dict[int, np.ndarray]]], None]
+_FIXERS: dict[type, Fixer] = {}
+Plan = dict[tuple[str, str, int], np.ndarray]
+
+
+def register_fixer(*types: type) -> Callable[[Fixer], Fixer]:
+    """Decorator: ``fn(module, removed)`` updates attributes of modules of ``types`` after slicing."""
+    def deco(fn: Fixer) -> Fixer:
+        for t in types:
+            _FIXERS[t] = fn
+        return fn
+    return deco
+
+
+def find_fixer(module: nn.Module) -> Fixer | None:
+    """The fixer of the closest registered class in ``type(module).__mro__`` (HF classes by name)."""
+    for cls in type(module).__mro__:
+        if cls in _FIXERS:
+            return _FIXERS[cls]
+        if f"{cls.__module__}.{cls.__qualname__}" in _BY_NAME:
+            return _BY_NAME[f"{cls.__module__}.{cls.__qualname__}"]
+    if type(module).__module__.startswith("transformers."):
+        return _hf_attention
+    return None
+
+
+def _removed_count_per_block(removed: np.ndarray, total: int, blocks: int) -> np.ndarray:
+    per = total // blocks
+    return np.bincount(removed // per, minlength=blocks), per
+
+
+@register_fixer(nn.modules.conv._ConvNd)
+def _conv(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    w = m.weight
+    gdim = 0   # weight dim 0 holds the channels split into groups ([O, I/g] or transposed [I, O/g])
+    r = removed.get("weight", {}).get(gdim, np.zeros(0, dtype=np.int64))
+    if m.groups > 1 and len(r):
+        counts, per = _removed_count_per_block(r, w.shape[gdim] + len(r), m.groups)
+        full = int((counts == per).sum())
+        if full and not ((counts == per) | (counts == 0)).all():
+            raise SurgeryError(f"conv {type(m).__name__}: removal mixes whole groups and partial groups "
+                               f"(removed per group {counts.tolist()}, {per} channels each)")
+        if not full and len(set(counts.tolist())) > 1:
+            raise SurgeryError(f"conv {type(m).__name__}: groups={m.groups} needs the same number of channels "
+                               f"removed from every group (got {counts.tolist()})")
+        m.groups -= full
+    if m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    else:
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+@register_fixer(nn.Linear)
+def _linear(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+@register_fixer(nn.Bilinear)
+def _bilinear(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    m.out_features, m.in1_features, m.in2_features = m.weight.shape
+
+
+@register_fixer(nn.modules.batchnorm._NormBase)
+def _batchnorm(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    t = m.weight if m.weight is not None else m.running_mean
+    if t is not None:
+        m.num_features = t.shape[0]
+
+
+@register_fixer(nn.LayerNorm, nn.RMSNorm)
+def _layernorm(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@register_fixer(nn.GroupNorm)
+def _groupnorm(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    r = removed.get("weight", removed.get("bias", {})).get(0, np.zeros(0, dtype=np.int64))
+    c_new = m.weight.shape[0] if m.weight is not None else m.num_channels - len(r)
+    if len(r):
+        counts, per = _removed_count_per_block(r, m.num_channels, m.num_groups)
+        m.num_groups -= int((counts == per).sum())
+    m.num_channels = c_new
+
+
+@register_fixer(nn.Embedding)
+def _embedding(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+@register_fixer(nn.PReLU)
+def _prelu(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    m.num_parameters = m.weight.shape[0]
+
+
+@register_fixer(nn.MultiheadAttention)
+def _mha(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """embed_dim/kdim/vdim from the projections; heads removed whole keep head_dim, else head_dim shrinks."""
+    w = m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
+    name = "in_proj_weight" if m.in_proj_weight is not None else "q_proj_weight"
+    r = removed.get(name, {}).get(0, np.zeros(0, dtype=np.int64))
+    old_e = m.embed_dim
+    r = r[r < old_e]   # the q part
+    full = 0
+    if len(r):
+        counts = np.bincount(r // m.head_dim, minlength=m.num_heads)
+        full = int((counts == m.head_dim).sum())
+    m.num_heads -= full
+    m.embed_dim = w.shape[1] if m.in_proj_weight is not None else m.q_proj_weight.shape[0]
+    m.head_dim = m.embed_dim // max(m.num_heads, 1)
+    if m.in_proj_weight is not None:
+        m.kdim = m.vdim = m.embed_dim
+    else:
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+
+
+@register_fixer(nn.RNNBase)
+def _rnn(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    m.hidden_size = m.weight_hh_l0.shape[1]
+    m.input_size = m.weight_ih_l0.shape[1]
+    if hasattr(m, "_init_flat_weights"):
+        m._init_flat_weights()
+
+
+def _vit(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """torchvision VisionTransformer reshapes with ``self.hidden_dim``."""
+    m.hidden_dim = m.class_token.shape[-1]
+
+
+_BY_NAME: dict[str, Fixer] = {"torchvision.models.vision_transformer.VisionTransformer": _vit}
+
+
+def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """transformers attention modules: heads from the query projection, head_dim kept."""
+    q = next((getattr(m, n) for n in ("query", "q_proj", "q") if isinstance(getattr(m, n, None), nn.Module)), None)
+    if q is None or not hasattr(q, "weight"):
+        return
+    width = q.weight.shape[0]
+    head = getattr(m, "attention_head_size", getattr(m, "head_dim", None))
+    if head:
+        for attr in ("num_attention_heads", "num_heads"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, width // head)
+    if isinstance(getattr(m, "all_head_size", None), int):
+        m.all_head_size = width
+    k = getattr(m, "k_proj", None)
+    if head and isinstance(k, nn.Linear) and isinstance(getattr(m, "num_key_value_heads", None), int):
+        m.num_key_value_heads = k.weight.shape[0] // head
+
+
+def module_attrs(m: nn.Module) -> dict[str, Any]:
+    """A restorable snapshot of a module's plain attributes."""
+    return {k: copy.copy(v) for k, v in vars(m).items()
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
+
+
+def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, str]]]) -> dict[str, Any]:
+    """Slice every tensor in ``plan`` and run the fixers; returns the undo record for :func:`undo`.
+
+    ``owners`` maps ``id(tensor)`` to every (module, attribute) holding it (tied weights).
+    """
+    undo: dict[str, Any] = {"data": {}, "attrs": {}}
+    by_tensor: dict[int, tuple[torch.Tensor, dict[int, np.ndarray]]] = {}
+    for (mname, tname, dim), idx in plan.items():
+        t = getattr(model.get_submodule(mname), tname)
+        by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, np.zeros(0, dtype=np.int64))
+        prev = by_tensor[id(t)][1][dim]
+        by_tensor[id(t)][1][dim] = np.union1d(prev, np.asarray(idx, dtype=np.int64))
+    modules: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    try:
+        for tid, (t, dims) in by_tensor.items():
+            undo["data"][tid] = (t, t.data)
+            new = t.data
+            for dim, idx in dims.items():
+                n = new.shape[dim]
+                if len(idx) and (idx.min() < 0 or idx.max() >= n):
+                    raise SurgeryError(f"indices {idx.min()}..{idx.max()} out of range for dim {dim} of size {n} "
+                                       f"({owners.get(tid, [('?', '?')])[0]})")
+                keep = torch.as_tensor(np.setdiff1d(np.arange(n), idx), dtype=torch.int64, device=new.device)
+                new = new.index_select(dim, keep)
+            t.data = new.contiguous()
+            if getattr(t, "grad", None) is not None:
+                t.grad = None
+            for mname, tname in owners.get(tid, []):
+                modules.setdefault(mname, {}).setdefault(tname, {}).update(dims)
+        for mname, removed in modules.items():
+            m = model.get_submodule(mname)
+            fixer = find_fixer(m)
+            if fixer is not None:
+                undo["attrs"][mname] = (m, module_attrs(m))
+                try:
+                    fixer(m, removed)
+                except SurgeryError:
+                    raise
+                except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+                    raise SurgeryError(f"fixing attributes of {mname or 'the root module'} "
+                                       f"({type(m).__name__}) failed: {e}") from e
+    except BaseException:
+        undo_plan(undo)
+        raise
+    return undo
+
+
+def undo_plan(undo: dict[str, Any]) -> None:
+    """Put back the tensors and attributes recorded by :func:`apply_plan`."""
+    for t, data in undo["data"].values():
+        t.data = data
+    for m, attrs in undo["attrs"].values():
+        for k, v in attrs.items():
+            setattr(m, k, v)
+    for m, _ in undo["attrs"].values():
+        if isinstance(m, nn.RNNBase) and hasattr(m, "_init_flat_weights"):
+            m._init_flat_weights()

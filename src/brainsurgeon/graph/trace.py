@@ -1,0 +1,269 @@
+"""Record one eager forward at the ATen level: ops, tensors, shapes, and which module owns each parameter.
+
+A :class:`TorchDispatchMode` sees every ATen op that runs, including ``.detach()`` and no-grad paths and
+data-dependent code (detection heads), at the cost of one ordinary forward::
+
+    >>> t = trace_model(model, (torch.randn(1, 3, 32, 32),))
+    >>> t.ops[0].name, t.nodes[t.ops[0].outputs[0]].shape
+    ('aten.convolution', (1, 16, 32, 32))
+
+Each tensor value is a *node* (id, shape, kind); an in-place op produces a new node for the mutated
+tensor, so the recorded program is in SSA form. Parameters and buffers are mapped to
+``(module name, attribute)`` by identity.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .._log import get_logger
+
+log = get_logger(__name__)
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_MAX_VALUES = 1 << 16
+
+
+@dataclass
+class Node:
+    """One tensor value: ``kind`` is 'param', 'buffer', 'input', 'act' (an op output) or 'const'."""
+
+    id: int
+    shape: tuple[int, ...]
+    kind: str
+    owner: tuple[str, str] | None = None  # (module name, attribute) for params and buffers
+    value: Any = None                     # numpy copy of small integer/bool tensors (index arguments)
+
+
+@dataclass
+class OpRecord:
+    """One ATen op: its name (overload packet, e.g. 'aten.add'), tensor inputs/outputs and all arguments.
+
+    ``args`` holds every schema argument by position (defaults filled in, lists kept), with tensors
+    replaced by :class:`Ref`, so rules read scalars (dims, sizes, groups) and tensors alike.
+    """
+
+    index: int
+    name: str
+    overload: str
+    args: list[Any]
+    inputs: list[int]
+    outputs: list[int]
+    mutated: list[int] = field(default_factory=list)  # node ids of inputs that were written in place
+    module: str = ""                                  # innermost module whose forward ran the op
+    argnames: tuple[str, ...] = ()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The argument called ``name`` (schema name), or ``default``."""
+        try:
+            v = self.args[self.argnames.index(name)]
+        except ValueError:
+            return default
+        return default if v is None else v
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor argument of an op: the node id."""
+
+    node: int
+
+
+@dataclass
+class Trace:
+    """The recorded program of one forward (``mode`` 'eval' or 'train')."""
+
+    mode: str
+    nodes: dict[int, Node]
+    ops: list[OpRecord]
+    inputs: list[int]
+    outputs: list[int]
+    output_shapes: list[tuple[int, ...]]
+    seconds: float
+
+
+class _Recorder(TorchDispatchMode):
+    """Dispatch mode that appends an :class:`OpRecord` per op; tensors are kept alive so ids stay unique."""
+
+    def __init__(self, owners: dict[int, tuple[str, str, str]], next_id: list[int], stack: list[str]) -> None:
+        super().__init__()
+        self.owners = owners          # id(tensor) -> (module, attr, 'param'|'buffer')
+        self.next_id = next_id        # shared counter so two traces of one graph never collide
+        self.stack = stack            # module-name stack maintained by forward hooks
+        self.ids: dict[int, int] = {}  # id(tensor) -> current node id
+        self.keep: list[torch.Tensor] = []
+        self.objs: dict[int, torch.Tensor] = {}
+        self.nodes: dict[int, Node] = {}
+        self.ops: list[OpRecord] = []
+
+    def node_of(self, t: torch.Tensor, kind: str = "const") -> int:
+        key = id(t)
+        if key in self.ids:
+            return self.ids[key]
+        nid = self.next_id[0]
+        self.next_id[0] += 1
+        owner = self.owners.get(key)
+        if owner is not None:
+            kind = owner[2]
+        self.nodes[nid] = Node(nid, tuple(t.shape), kind, owner[:2] if owner else None)
+        self.ids[key] = nid
+        self.keep.append(t)
+        self.objs[nid] = t
+        if t.dtype in _INDEX_DTYPES and t.numel() <= _MAX_VALUES:
+            self.nodes[nid].value = t.detach().cpu().numpy().copy()
+        return nid
+
+    def keep_obj(self, key: int) -> torch.Tensor | None:
+        nid = self.ids.get(key)
+        return self.objs.get(nid) if nid is not None else None
+
+    def _mutate_base(self, view: torch.Tensor) -> None:
+        """A write into a view changes its base: record it as an op with no rule (blocks both)."""
+        base = view._base
+        old = self.ids[id(base)]
+        vid = self.ids[id(view)]
+        new = self.new_node(base)
+        self.ops.append(OpRecord(len(self.ops), "brainsurgeon.write_into_view", "", [Ref(old), Ref(vid)],
+                                 [old, vid], [new], [old], self.stack[-1] if self.stack else "", ("base", "view")))
+
+    def new_node(self, t: torch.Tensor) -> int:
+        nid = self.next_id[0]
+        self.next_id[0] += 1
+        self.nodes[nid] = Node(nid, tuple(t.shape), "act")
+        self.ids[id(t)] = nid
+        self.keep.append(t)
+        self.objs[nid] = t
+        return nid
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        schema = func._schema
+        inputs: list[int] = []
+
+        def ref(a: Any) -> Any:
+            if isinstance(a, torch.Tensor):
+                nid = self.node_of(a)
+                inputs.append(nid)
+                return Ref(nid)
+            return a
+
+        rec_args = []
+        for i, sa in enumerate(schema.arguments):
+            if i < len(args):
+                v = args[i]
+            elif sa.name in kwargs:
+                v = kwargs[sa.name]
+            else:
+                v = sa.default_value if sa.has_default_value() else None
+            rec_args.append(tree_map(ref, v))
+        mutated_pos = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        mutated_objs = set()
+        for i in mutated_pos:
+            v = args[i] if i < len(args) else kwargs.get(schema.arguments[i].name)
+            if isinstance(v, torch.Tensor):
+                mutated_objs.add(id(v))
+        mutated_views = [self.keep_obj(i) for i in mutated_objs]
+        mutated_views = [t for t in mutated_views if t is not None and t._is_view() and id(t._base) in self.ids]
+        outputs, mutated = [], []
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                if id(o) in mutated_objs or id(o) in self.ids:
+                    mutated.append(self.ids.get(id(o), -1))
+                outputs.append(self.new_node(o))
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        self.ops.append(OpRecord(len(self.ops), name, func._overloadname, rec_args, inputs, outputs, mutated,
+                                 self.stack[-1] if self.stack else "", tuple(a.name for a in schema.arguments)))
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor) and o.dtype in _INDEX_DTYPES and o.numel() <= _MAX_VALUES:
+                self.nodes[self.ids[id(o)]].value = o.detach().cpu().numpy().copy()
+        for v_in in mutated_views:
+            self._mutate_base(v_in)
+        return out
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[str, str, str]]:
+    owners: dict[int, tuple[str, str, str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), (mname, pname, "param"))
+        for bname, b in m.named_buffers(recurse=False):
+            if b is not None:
+                owners.setdefault(id(b), (mname, bname, "buffer"))
+    return owners
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def run_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` on example inputs: a tuple is splatted, a dict is passed as keywords."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(*_as_tuple(example_inputs))
+
+
+def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
+                next_id: list[int] | None = None) -> Trace:
+    """Record one forward of ``model`` in ``mode`` ('eval' or 'train') without gradients.
+
+    The model's train/eval flag and its buffers (BatchNorm running statistics updated by a
+    train-mode forward) are restored before returning, also on error.
+
+    >>> t = trace_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),))
+    >>> [op.name for op in t.ops]
+    ['aten.t', 'aten.addmm', 'aten.relu']
+    """
+    counter = next_id if next_id is not None else [0]
+    owners = _owners(model)
+    stack: list[str] = []
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+
+    def pre(mod: nn.Module, _args: Any) -> None:
+        stack.append(names.get(id(mod), stack[-1] if stack else ""))
+
+    def post(_mod: nn.Module, _args: Any, _out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    was_training = {m: m.training for m in model.modules()}
+    saved = {id(b): b.detach().clone() for b in model.buffers()}
+    rec = _Recorder(owners, counter, stack)
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post, always_call=True) for m in model.modules()]
+    t0 = time.perf_counter()
+    try:
+        model.train(mode == "train")
+        flat_in = [a for a in tree_flatten(example_inputs)[0] if isinstance(a, torch.Tensor)]
+        in_ids = [rec.node_of(a, "input") for a in flat_in]
+        with torch.no_grad(), rec:
+            out = run_model(model, example_inputs)
+        flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        out_ids = [rec.ids[id(o)] if id(o) in rec.ids else rec.node_of(o) for o in flat_out]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in was_training.items():
+            m.training = flag
+        with torch.no_grad():
+            for b in model.buffers():
+                if id(b) in saved and b.shape == saved[id(b)].shape:
+                    b.copy_(saved[id(b)])
+    seconds = time.perf_counter() - t0
+    log.debug("traced %s (%s): %d ops in %.3fs", type(model).__name__, mode, len(rec.ops), seconds)
+    return Trace(mode, rec.nodes, rec.ops, in_ids, out_ids, [tuple(o.shape) for o in flat_out], seconds)
+
+
+def output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
+    """Shapes of every tensor in the model's output (flattened), from one no-grad forward."""
+    with torch.no_grad():
+        out = run_model(model, example_inputs)
+    return [tuple(o.shape) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]

@@ -1,0 +1,79 @@
+"""Verification after surgery: re-run the example input and check every pruned dim shrank as planned.
+
+The re-run is recorded op by op. While the op sequence matches the original trace, each output dim
+that the plan touched must have exactly ``original - removed`` entries: this catches hard-coded
+sizes in model code (``x[:, :64]``, ``view(B, 64, -1)``) even when the final output shape survives.
+A forward that raises, or an output whose shape changed, fails too. Failures raise SurgeryError
+naming the op; the caller restores the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import SurgeryError
+from .maps import Key
+from .trace import Node, Trace, run_model
+
+
+class _Shapes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+        self.current = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.current = func.overloadpacket._qualified_op_name.replace("::", ".")
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((self.current, [tuple(o.shape) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]))
+        return out
+
+
+def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
+                   nodes: dict[int, Node], mode: str | None = None) -> None:
+    """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``."""
+    mode = trace.mode if trace is not None else (mode or "eval")
+    was = {m: m.training for m in model.modules()}
+    saved = {id(b): b.detach().clone() for b in model.buffers()} if mode == "train" else {}
+    rec = _Shapes()
+    try:
+        model.train(mode == "train")
+        with torch.no_grad(), rec:
+            out = run_model(model, example_inputs)
+    except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
+        raise SurgeryError(f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}: "
+                           f"{type(e).__name__}: {str(e)[:300]}; the model was restored") from e
+    finally:
+        for m, f in was.items():
+            m.training = f
+        if saved:
+            with torch.no_grad():
+                for b in model.buffers():
+                    if id(b) in saved and b.shape == saved[id(b)].shape:
+                        b.copy_(saved[id(b)])
+    if trace is None:
+        return
+    matched = len(rec.ops) == len(trace.ops)
+    for i, (name, shapes) in enumerate(rec.ops):
+        if i >= len(trace.ops) or trace.ops[i].name != name:
+            matched = False
+            break
+        for nid, shape in zip(trace.ops[i].outputs, shapes, strict=False):
+            orig = nodes[nid].shape
+            for d in range(min(len(orig), len(shape))):
+                c = removed.get((nid, d))
+                if c is not None and shape[d] != orig[d] - c:
+                    raise SurgeryError(f"{mode}-mode check: {name} (op {i}) produced {shape[d]} entries along dim "
+                                       f"{d}, expected {orig[d] - c} after removing {c} (module code with a "
+                                       f"hard-coded size?); the model was restored")
+    flat = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+    if len(flat) != len(trace.output_shapes) or any(
+            len(o.shape) != len(s) or (matched and tuple(o.shape) != s) for o, s in zip(flat, trace.output_shapes,
+                                                                                         strict=False)):
+        raise SurgeryError(f"{mode}-mode output shapes changed after pruning: "
+                           f"{[tuple(o.shape) for o in flat][:4]} vs {trace.output_shapes[:4]}; the model was restored")

@@ -1,0 +1,65 @@
+"""DependencyGraph on a plain CNN: groups, exact equivalence after zero-then-prune, counts, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from brainsurgeon.errors import ConfigError, SurgeryError, UnsupportedOpError
+from brainsurgeon.graph import DependencyGraph
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).eval()
+
+
+def test_group_lists_coupled_slices_and_flatten_blocks():
+    m = _cnn()
+    g = DependencyGraph(m, (torch.randn(2, 3, 4, 4),))
+    grp = g.group(m[0], "out", [0, 2])
+    assert grp.n == 2 and grp.root.name == "0.weight"
+    names = {(s.name, s.dim, s.role) for s in grp.slices}
+    assert names == {("0.weight", 0, "out"), ("0.bias", 0, "out"), ("1.weight", 0, "param"), ("1.bias", 0, "param"),
+                     ("1.running_mean", 0, "param"), ("1.running_var", 0, "param"), ("3.weight", 1, "in")}
+    fc = g.group(m[3], "out", [1])
+    lin = next(s for s in fc.slices if s.name == "6.weight")
+    assert lin.idxs.tolist() == [list(range(16, 32))]   # channel 1 -> flat block [16, 32)
+
+
+def test_prune_is_physical_and_counts_exact():
+    m = _cnn()
+    x = torch.randn(2, 3, 4, 4)
+    g = DependencyGraph(m, (x,))
+    before = sum(p.numel() for p in m.parameters())
+    grp = g.group(m[3], "out", [0, 5, 9])
+    removed = grp.numel()
+    grp.prune()
+    assert m[3].out_channels == 13 and m[6].in_features == 13 * 16
+    assert sum(p.numel() for p in m.parameters()) == before - removed == before - 3 * (8 * 9 + 1) - 3 * 16 * 10
+    assert m(x).shape == (2, 10)
+
+
+def test_index_validation_errors_name_the_fix():
+    m = _cnn()
+    g = DependencyGraph(m, (torch.randn(2, 3, 4, 4),))
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 8\)"):
+        g.group(m[0], "out", [8])
+    with pytest.raises(ConfigError, match="duplicates"):
+        g.group(m[0], "out", [1, 1])
+    with pytest.raises(UnsupportedOpError, match="model output"):
+        g.group(m[6], "out", [0])
+    with pytest.raises(UnsupportedOpError, match="model input"):
+        g.group(m[0], "in", [0])
+
+
+def test_stale_group_is_refused():
+    m = _cnn()
+    g = DependencyGraph(m, (torch.randn(2, 3, 4, 4),))
+    a = g.group(m[0], "out", [0])
+    b = g.group(m[0], "out", [1])
+    a.prune()
+    with pytest.raises(SurgeryError, match="stale"):
+        b.prune()
