@@ -1,0 +1,23 @@
+"""Quantization grids, packed integer modules with real kernels, sparse storage, latency measurement.
+
+    >>> from brainsurgeon.quant import Pack, pack_, sparsify_storage_, compare_latency
+    >>> rows = pack_(model, Pack(bits=4, group_size=128))          # after quantize_(..., bits=4)
+    >>> swapped = sparsify_storage_(model, "csr", min_sparsity=0.9)
+
+Importing registers the saveable module formats (``brainsurgeon.formats``) defined here.
+"""
+
+from .codes import GridCodes, codes_from_grid, recover_codes
+from .dynamic import DynamicInt8Linear
+from .measure import Timing, compare_latency, count_macs, format_speed_table, time_call, time_model
+from .pack import Pack, PackedRow, pack_, pack_module
+from .packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from .packed_conv import PackedConv2d
+from .sparse import SparseLinear, break_even, semi_structured_, sparsify_storage_
+
+__all__ = [
+    "DynamicInt8Linear", "GridCodes", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "Pack", "PackedConv2d",
+    "PackedRow", "SparseLinear", "Timing", "break_even", "codes_from_grid", "compare_latency", "count_macs",
+    "format_speed_table", "pack_", "pack_module", "recover_codes", "semi_structured_", "sparsify_storage_",
+    "time_call", "time_model",
+]
