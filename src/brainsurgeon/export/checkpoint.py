@@ -241,14 +241,24 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def _read_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every tensor of a safetensors file, each copied into freshly allocated memory on `device`.
 
+    safetensors hands out CPU tensors that view the memory-mapped file at the file's byte offsets,
+    which are not aligned: int8/int4 CPU kernels crash on them, and they would pin the file. The
+    copy is made one tensor at a time (peak memory: the model plus one tensor).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, torch.Tensor] = {}
     try:
-        return load_file(path, device=str(device))
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = t.to(device, copy=True) if t.device == device else t.to(device)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise FormatError(f"{path} is not a readable safetensors file ({e}); it is corrupted or truncated. "
                           f"Copy it again or save the model again") from e
+    return out
 
 
 def assign_tensors(model: nn.Module, sd: dict[str, torch.Tensor], aliases: dict[str, str], source: str) -> None:
