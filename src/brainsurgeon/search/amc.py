@@ -210,7 +210,7 @@ class AMCSearch:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             agent = DDPG(self.static.shape[1] + 3, cfg)
-            best: tuple[float, list[Entry], float] | None = None
+            best: tuple[tuple[float, float], list[Entry], float] | None = None
             sigma = cfg.sigma
             for ep in progress(range(cfg.episodes), desc="AMC episodes"):
                 explore = "random" if ep < cfg.warmup else "noise"
@@ -218,8 +218,9 @@ class AMCSearch:
                     sigma *= cfg.sigma_decay
                 chosen, steps = self.episode(agent, rng, explore, sigma)
                 R, err = self.reward(chosen)
-                if best is None or R > best[0]:
-                    best = (R, chosen, err)
+                rank = (R, -sum(e.score for e in chosen))  # ties (equal accuracy): the lower database loss
+                if best is None or rank > best[0]:
+                    best = (rank, chosen, err)
                 for t, (s, a, s1) in enumerate(steps):
                     agent.remember(s, a, R, s1, t == len(steps) - 1)
                     if ep >= cfg.warmup:
@@ -228,5 +229,5 @@ class AMCSearch:
         if best is None:  # unreachable: episodes > warmup >= 0
             raise ConfigError("AMC: no episode ran; set episodes >= 1")
         plan = plan_from_entries(self.table, best[1], self.budget, f"amc-{cfg.mode}")
-        plan.info.update(reward=round(best[0], 6), error=round(best[2], 6))
+        plan.info.update(reward=round(best[0][0], 6), error=round(best[2], 6))
         return plan

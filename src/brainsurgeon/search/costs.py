@@ -131,6 +131,7 @@ def weight_bytes(numel: int, nnz: int, rows: int, bits: int, pattern: str, kept_
     if pat.kind == "nm":
         fmt = nnz * (bits + math.ceil(math.log2(pat.m))) / 8
     elif pat.kind == "block":
+        kept_blocks = kept_blocks or math.ceil(nnz / pat.block)
         fmt = math.ceil(numel / pat.block / 8) + kept_blocks * pat.block * bits / 8
     else:
         fmt = math.ceil(numel / 8) + nnz * bits / 8

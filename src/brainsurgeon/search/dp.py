@@ -30,6 +30,9 @@ def choose_variants(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[
         raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g}: the cheapest reachable cost is "
                                     f"{cheapest:.6g} (every layer at its cheapest variant); relax the budget "
                                     f"or add cheaper variants (higher sparsity, fewer bits) to the search space")
+    if budget <= 0:  # only free variants fit
+        return [min((j for j, c in enumerate(c_l) if c <= 0), key=l_l.__getitem__)
+                for c_l, l_l in zip(costs, losses, strict=True)]
     unit = budget / buckets
     B = buckets
     dp = np.full(B + 1, math.inf)  # dp[b]: least loss of the layers so far at discretised cost b

@@ -59,6 +59,12 @@ def _quant(space: SearchSpace, bits: int) -> Config:
     return config_from_dict(d)
 
 
+def _prune_patterns(space: SearchSpace) -> tuple[str, ...]:
+    from ..config import _REGISTRY
+
+    return getattr(_REGISTRY[space.prune_method], "patterns", ())
+
+
 def layer_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
     """Every variant of a layer whose grouped input dimension is `in_channels` (N:M/blocks must divide it)."""
     out = [Variant("dense", ())]
@@ -71,7 +77,7 @@ def layer_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
         out.append(Variant(p, (_prune(space, None, p),), sparsity=float(pat.sparsity), pattern=p))
         out += [Variant(f"{p}+w{b}", (_prune(space, None, p), _quant(space, b)), float(pat.sparsity), b, p)
                 for b in space.nm_bits]
-    if in_channels % space.block == 0:
+    if in_channels % space.block == 0 and "block" in _prune_patterns(space):
         blk = f"block{space.block}"
         out += [Variant(f"{blk}@{s:.4f}", (_prune(space, s, blk),), sparsity=s, pattern=blk)
                 for s in space.block_sparsities]
