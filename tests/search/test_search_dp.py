@@ -39,9 +39,9 @@ def test_dp_with_real_valued_costs_meets_budget_and_is_near_optimal(seed):
     losses = [[rng.random() for _ in range(4)] for _ in range(4)]
     budget = rng.uniform(sum(min(c) for c in costs) + 0.5, sum(max(c) for c in costs))
     pick = choose_variants(costs, losses, budget, buckets=20_000)
-    assert sum(costs[i][j] for i, j in enumerate(pick)) <= budget  # costs rounded up: never over
+    assert sum(costs[i][j] for i, j in enumerate(pick)) <= budget  # the true cost is checked: never over
     exact = brute_force(costs, losses, budget)[0]
-    # rounding up can only exclude choices within 4 * unit of the budget
+    # rounding can only hide plans within L = 4 units of the budget
     relaxed = brute_force(costs, losses, budget - 4 * budget / 20_000)
     assert exact - 1e-12 <= sum(losses[i][j] for i, j in enumerate(pick)) <= relaxed[0] + 1e-12
 
@@ -49,6 +49,12 @@ def test_dp_with_real_valued_costs_meets_budget_and_is_near_optimal(seed):
 def test_infeasible_budget_names_the_cheapest_reachable_cost():
     with pytest.raises(BudgetInfeasibleError, match=r"cheapest reachable cost is 7"):
         choose_variants([[3, 5], [4, 9]], [[0, 1], [0, 1]], budget=6)
+
+
+def test_plans_exactly_at_the_budget_are_found():
+    costs = [[3.0, 1 / 3], [3.0, 1 / 3], [3.0, 1 / 3]]  # 1/3 is no multiple of the unit
+    pick = choose_variants(costs, [[0.0, 1.0]] * 3, budget=3.0 + 2 / 3, buckets=7)
+    assert sorted(pick) == [0, 1, 1]  # one layer dense: cost exactly 3 + 2/3
 
 
 def test_free_variants_and_single_choice_layers():

@@ -147,6 +147,17 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable) -> nn.Module:
     return model
 
 
+def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    from ..calib import supported
+
+    names = {n for n, m in model.named_modules() if n and supported(m)}
+    planned = {n for n, _ in plan.layers} | set(plan.skipped)
+    if planned != names:
+        raise ConfigError(f"the plan does not fit {type(model).__name__}: layers in the plan but not in the model: "
+                          f"{sorted(planned - names)}; supported layers of the model missing from the plan: "
+                          f"{sorted(names - planned)}. Search again on this model")
+
+
 def apply_plan_(model: nn.Module, plan: Plan, calib: Any, options: CalibOptions | None = None) -> CompressionReport:
     """Compress `model` in place as planned, through the verbs (``brainsurgeon.api.compress``).
 
@@ -159,6 +170,7 @@ def apply_plan_(model: nn.Module, plan: Plan, calib: Any, options: CalibOptions 
     from ..api import compress
     from ..calib import reestimate_batchnorm_
 
+    _check_plan_fits(model, plan)
     options = options or CalibOptions(bn_reestimate=True)
     recipe = plan.to_recipe(options)
     if recipe.steps:

@@ -1,9 +1,12 @@
 """The multiple-choice knapsack over the database: one variant per layer, minimal summed loss, one budget.
 
 OBC (Frantar & Alistarh, NeurIPS 2022, sec. 5) and SPDY (Frantar & Alistarh, ICML 2022) solve
-``min sum_l loss[l][j_l]  s.t.  sum_l cost[l][j_l] <= B`` exactly by dynamic programming over
-discretised costs. Costs are rounded *up* to ``B / buckets`` units, so a returned choice always
-meets the true budget.
+``min sum_l loss[l][j_l]  s.t.  sum_l cost[l][j_l] <= B`` by dynamic programming over costs
+discretised to ``unit = B / buckets``. Costs are rounded to the nearest unit and the table
+runs to ``B + L`` units (L layers: the most the rounding can shift a sum); among the table's
+best plans, the least-loss one whose *true* cost fits is returned. So the result never exceeds
+the budget, is exact when costs are multiples of the unit, and otherwise is at least as good
+as every plan cheaper than ``B - L * unit``.
 
     >>> choose_variants([[0, 2], [0, 3]], [[5.0, 1.0], [4.0, 0.5]], budget=4)   # costs, losses
     [1, 0]
@@ -26,7 +29,8 @@ def choose_variants(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[
     costs[l][j], losses[l][j]: variant j of layer l (costs >= 0); budget: the total allowed.
     """
     cheapest = sum(min(c) for c in costs)
-    if cheapest > budget:
+    limit = budget * (1 + 1e-12)  # float sums of costs that add up to exactly the budget
+    if cheapest > limit:
         raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g}: the cheapest reachable cost is "
                                     f"{cheapest:.6g} (every layer at its cheapest variant); relax the budget "
                                     f"or add cheaper variants (higher sparsity, fewer bits) to the search space")
@@ -34,31 +38,33 @@ def choose_variants(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[
         return [min((j for j, c in enumerate(c_l) if c <= 0), key=l_l.__getitem__)
                 for c_l, l_l in zip(costs, losses, strict=True)]
     unit = budget / buckets
-    B = buckets
-    dp = np.full(B + 1, math.inf)  # dp[b]: least loss of the layers so far at discretised cost b
+    size = buckets + len(costs) + 1
+    dp = np.full(size, math.inf)  # dp[b]: least loss of the layers so far at discretised cost b
     dp[0] = 0.0
     picks, ints = [], []
     for c_l, l_l in zip(costs, losses, strict=True):
-        c_int = [math.ceil(c / unit - 1e-9) for c in c_l]
-        new, arg = np.full(B + 1, math.inf), np.full(B + 1, -1)
+        c_int = [round(c / unit) for c in c_l]
+        new, arg = np.full(size, math.inf), np.full(size, -1)
         for j, (c, loss) in enumerate(zip(c_int, l_l, strict=True)):
-            if c > B:
+            if c >= size:
                 continue
-            cand = np.full(B + 1, math.inf)
-            cand[c:] = dp[: B + 1 - c] + loss  # shift by the variant's cost, add its loss
+            cand = np.full(size, math.inf)
+            cand[c:] = dp[: size - c] + loss  # shift by the variant's cost, add its loss
             better = cand < new
             new[better], arg[better] = cand[better], j
         dp = new
         picks.append(arg)
         ints.append(c_int)
-    b = int(np.argmin(dp))
-    if not math.isfinite(dp[b]):
-        raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g} at {buckets} cost buckets (the "
-                                    f"cheapest reachable cost is {cheapest:.6g}, within rounding); pass more "
-                                    f"buckets or relax the budget")
-    out = []
-    for arg, c_int in zip(reversed(picks), reversed(ints), strict=True):  # backtrack
-        j = int(arg[b])
-        out.append(j)
-        b -= c_int[j]
-    return out[::-1]
+    for b in np.argsort(dp, kind="stable"):  # best first; the first whose true cost fits
+        if not math.isfinite(dp[b]):
+            break
+        out, bb = [], int(b)
+        for arg, c_int in zip(reversed(picks), reversed(ints), strict=True):  # backtrack
+            j = int(arg[bb])
+            out.append(j)
+            bb -= c_int[j]
+        out.reverse()
+        if sum(costs[i][j] for i, j in enumerate(out)) <= limit:
+            return out
+    raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g} at {buckets} cost buckets (the cheapest "
+                                f"reachable cost is {cheapest:.6g}, within rounding); pass more buckets")
