@@ -24,10 +24,11 @@ from .reconstruct import reconstruct_, solve_reconstruction
 from .regularize import BNL1, GroupNormRegularizer
 from .select import keep_count, select_global, select_local
 from .stats import collect_stats
+from .table import prune_table
 
 __all__ = [
     "BNL1", "ChannelPruning", "Costs", "GroupNormRegularizer", "PruneRow", "Stats", "collect_stats",
-    "importance_needs", "keep_count", "measure", "obs_saliency", "prune_", "reconstruct_",
+    "importance_needs", "keep_count", "measure", "obs_saliency", "prune_", "prune_table", "reconstruct_",
     "register_importance", "registered_importances", "score", "select_global", "select_local",
     "solve_reconstruction",
 ]

@@ -77,8 +77,8 @@ def _prunable(graph: Any, model: nn.Module, cfg: ChannelPruning) -> list[Any]:
             raise ConfigError(f"ChannelPruning.ignore: pattern {p.pattern!r} matches no module of "
                               f"{type(model).__name__}; names are as in model.named_modules(), e.g. "
                               f"{sorted(n for n in names if n)[:5]}")
-    ignored = [m for n, m in model.named_modules() if n and any(p.fullmatch(n) for p in pats)]
-    groups = graph.groups(ignore=tuple(ignored)) if ignored else graph.groups()
+    ignored = [n for n in names if n and any(p.fullmatch(n) for p in pats)]
+    groups = graph.groups(ignore=tuple(ignored))
     return [g for g in groups
             if g.n > 1 and not any(s.role == "out" and any(p.fullmatch(s.module) for p in pats) for s in g.slices)]
 
@@ -178,13 +178,16 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             n_orig = [widths.setdefault(_root_key(g), g.n) for g, _ in scored]
             plan = _plan([g for g, _ in scored], [s for _, s in scored], cfg, ratio, n_orig)
             touched: set[str] = set()
+            chosen = []
             for (g, _), rows in zip(scored, plan, strict=True):
                 if rows.numel():
                     touched |= {name for name, _ in consumers(g, model)}
                     kept.record(g, rows)
-                    g.select(rows).prune()
+                    chosen.append(g.select(rows))
                     log.info("step %d: %s.%s %d -> %d channels", step, g.root.module, g.root.tensor,
                              g.n, g.n - rows.numel())
+            if chosen:
+                graph.prune(chosen)  # all groups at once, verified; restores and raises SurgeryError on failure
             if cfg.reconstruct == "obs" and touched:
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
                                                cfg.calib_batches):

