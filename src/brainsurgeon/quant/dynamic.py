@@ -70,9 +70,9 @@ class DynamicInt8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, codes: GridCodes | None = None, *, rtn: bool = False,
-                    sym: bool = True, backend: str = "auto", name: str = "") -> DynamicInt8Linear:
+                    sym: bool = True, mse: bool = True, backend: str = "auto", name: str = "") -> DynamicInt8Linear:
         """Pack a float Linear whose weight is on an 8-bit per-row grid (or round it: rtn=True)."""
-        codes = codes or weight_codes(linear, 8, 0, rtn, sym, name)
+        codes = codes or weight_codes(linear, 8, 0, rtn, sym, name, mse)
         if codes.bits != 8 or codes.scale.shape[1] != 1:
             from ..errors import ConfigError
 

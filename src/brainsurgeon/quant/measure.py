@@ -150,7 +150,8 @@ class SpeedRow:
 
 
 def compare_latency(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], *, threads: int = 1,
-                    min_run_time: float = 0.5, rounds: int = 3, reference: str | None = None) -> list[SpeedRow]:
+                    min_run_time: float = 0.5, rounds: int = 3, warmup: int = 3,
+                    reference: str | None = None) -> list[SpeedRow]:
     """Time every model at every batch size; speed-ups and MAC ratios relative to `reference` (first).
 
     The models are timed in `rounds` interleaved rounds (``min_run_time / rounds`` each) and the
@@ -165,7 +166,7 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], 
         runs: dict[str, list[float]] = {n: [] for n in models}
         for _ in range(rounds):
             for n, m in models.items():
-                runs[n] += time_model(m, x, threads=threads, min_run_time=min_run_time / rounds).times
+                runs[n] += time_model(m, x, threads=threads, warmup=warmup, min_run_time=min_run_time / rounds).times
         t = {n: Timing.of(v, threads) for n, v in runs.items()}
         macs = {n: count_macs(m, x) for n, m in models.items()}
         for n in models:

@@ -39,7 +39,8 @@ class Pack(Config):
     group_size: input columns per scale/zero (0: one per output channel).
     activations: ``weight_only`` or ``dynamic_int8`` (int8 GEMM; needs bits=8, group_size=0).
     compute_dtype: activation dtype of the weight-only kernels (``bfloat16`` is the fast one on CPU).
-    rtn: round float weights onto a fresh grid (lossy) instead of requiring on-grid weights.
+    rtn: round float weights onto a fresh grid (lossy) instead of requiring on-grid weights;
+    mse: with rtn, shrink the grid's range to minimise the rounding error (slower, more accurate).
     convs: also pack Conv2d layers (dequantized on the fly: smaller, not faster).
 
     >>> Pack(bits=4, group_size=128); Pack(bits=8, activations="dynamic_int8", group_size=0)
@@ -53,6 +54,7 @@ class Pack(Config):
     compute_dtype: str = "bfloat16"
     rtn: bool = False
     sym: bool = True
+    mse: bool = True
     convs: bool = True
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ def pack_module(module: nn.Module, cfg: Pack, name: str = "") -> nn.Module:
     >>> pack_module(nn.Linear(256, 64), Pack(bits=4, group_size=64, rtn=True))
     Int4WeightOnlyLinear(in_features=256, out_features=64, bits=4, group_size=64, ...)
     """
-    kw = {"rtn": cfg.rtn, "sym": cfg.sym, "name": name}
+    kw = {"rtn": cfg.rtn, "sym": cfg.sym, "mse": cfg.mse, "name": name}
     if isinstance(module, nn.Linear):
         if cfg.activations == "dynamic_int8":
             return DynamicInt8Linear.from_linear(module, **kw)

@@ -52,7 +52,7 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
 
 
 def weight_codes(linear: nn.Module, bits: int, group_size: int, rtn: bool, sym: bool = True,
-                 name: str = "") -> GridCodes:
+                 name: str = "", mse: bool = True) -> GridCodes:
     """Codes of a float layer's weight (rows x cols): read back from an on-grid weight, or rounded (rtn).
 
     >>> c = weight_codes(nn.Linear(64, 32), bits=4, group_size=32, rtn=True)
@@ -60,7 +60,7 @@ def weight_codes(linear: nn.Module, bits: int, group_size: int, rtn: bool, sym: 
     W = linear.weight.detach().reshape(linear.weight.shape[0], -1).float()
     if rtn:
         gs = check_group_size(W.shape[1], group_size, name)
-        return codes_from_grid(W, fit_grid(W, bits, sym, 0 if gs == W.shape[1] else gs), name)
+        return codes_from_grid(W, fit_grid(W, bits, sym, 0 if gs == W.shape[1] else gs, mse), name)
     return recover_codes(W, bits, group_size, name)
 
 
@@ -101,14 +101,14 @@ class _PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, codes: GridCodes | None = None, *, bits: int | None = None,
-                    group_size: int = 0, rtn: bool = False, sym: bool = True,
+                    group_size: int = 0, rtn: bool = False, sym: bool = True, mse: bool = True,
                     compute_dtype: str = "bfloat16", name: str = "") -> _PackedLinear:
         """Pack a float Linear: its on-grid weight (default), the given codes, or RTN-rounded (rtn=True).
 
         >>> q = Int8WeightOnlyLinear.from_linear(lin, bits=8)     # lin was quantized to 8 bits
         """
         bits = bits or (codes.bits if codes else cls.storage_bits)
-        codes = codes or weight_codes(linear, bits, group_size, rtn, sym, name)
+        codes = codes or weight_codes(linear, bits, group_size, rtn, sym, name, mse)
         m = cls(linear.in_features, linear.out_features, bits, codes.group_size, linear.bias is not None,
                 compute_dtype, device=linear.weight.device)
         m.load_codes(codes)

@@ -69,12 +69,13 @@ class PackedConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, codes: GridCodes | None = None, *, bits: int = 8,
-                  group_size: int = 0, rtn: bool = False, sym: bool = True, name: str = "") -> PackedConv2d:
+                  group_size: int = 0, rtn: bool = False, sym: bool = True, mse: bool = True,
+                  name: str = "") -> PackedConv2d:
         """Pack a float Conv2d (zeros padding mode only) from its on-grid weight, codes, or RTN."""
         if conv.padding_mode != "zeros":
             raise ConfigError(f"layer {name or '?'}: padding_mode={conv.padding_mode!r} is not supported by "
                               f"PackedConv2d (only 'zeros'); leave this layer out (ignore=[...])")
-        codes = codes or weight_codes(conv, bits, group_size, rtn, sym, name)
+        codes = codes or weight_codes(conv, bits, group_size, rtn, sym, name, mse)
         m = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
                 conv.padding if isinstance(conv.padding, str) else list(conv.padding), list(conv.dilation),
                 conv.groups, conv.bias is not None, codes.bits, codes.group_size, device=conv.weight.device)
