@@ -101,12 +101,12 @@ def plan_factorization(model: nn.Module, cfg: LowRank, ignore: Iterable[str] = (
 
 
 def _row(name: str, label: str, shape: tuple[int, ...], before: int, after: int, loss: float,
-         total: float, seconds: float, retries: int = 0) -> LayerRow:
+         total: float, seconds: float, retries: int = 0, bits: float = 32.0) -> LayerRow:
     def k(n: int) -> str:
         return f"{n / 1000:.0f}k" if n >= 10000 else str(n)
 
     return LayerRow(name=name, method=f"{label} {k(before)}->{k(after)}", shape=shape, params=after,
-                    nonzeros=after, bits=32.0, loss=float(loss), rel_loss=float(loss / max(total, 1e-300)),
+                    nonzeros=after, bits=bits, loss=float(loss), rel_loss=float(loss / max(total, 1e-300)),
                     seconds=seconds, damp_retries=retries)
 
 
@@ -150,7 +150,8 @@ def factorize_module(name: str, module: nn.Module, cfg: LowRank,
         new.train(module.training)
         for p in new.parameters():
             p.requires_grad_(module.weight.requires_grad)
-    return new, _row(name, label, tuple(W.shape), before, after, loss, total, time.perf_counter() - t0, retries)
+    return new, _row(name, label, tuple(W.shape), before, after, loss, total, time.perf_counter() - t0, retries,
+                     float(torch.finfo(W.dtype).bits))
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
