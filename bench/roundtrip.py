@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         ltxt = "-" if tl != tl else f"{tl:.3f}"
         print(f"{model[:17]:<17} {label[:52]:<52} {nbytes:>13,} {ts:>8.3f} {ltxt:>8} {dtxt:>11} "
               f"{bound}{'' if ok else '  FAILED'}")
-    print("(ONNX rows: 'save s' is export + onnxruntime check; timings on a shared, loaded machine)")
+    print("(load s includes model_fn building the dense model with random init; ONNX rows: save s = export + "
+          "onnxruntime check; median of --repeats; timings on a shared, loaded machine)")
     for f in failed:
         print(f"bound failed: {f}", file=sys.stderr)
     return 1 if failed else 0

@@ -179,3 +179,49 @@ def test_loaded_tensors_own_aligned_memory(tmp_path):
     shutil.rmtree(tmp_path / "ck")  # the model no longer depends on the file
     with torch.no_grad():
         assert torch.equal(again(X), model(X))
+
+
+def test_model_pruned_by_the_dependency_graph(tmp_path):
+    graph = pytest.importorskip("brainsurgeon.graph")
+    model = digits()
+    g = graph.DependencyGraph(model, (X,))
+    g.group(model.conv2, dim="out", idxs=[0, 2, 6, 9]).prune()
+    g.group(model.fc1, dim="out", idxs=list(range(0, 64, 3))).prune()
+    with torch.no_grad():
+        ref = model(X)
+    save(model, str(tmp_path / "ck"), history=g.history)
+    man = read_manifest(str(tmp_path / "ck"))
+    assert man["history"] == json.loads(json.dumps(g.history))
+    assert man["modules"]["bn2"]["spec"]["num_features"] == 28 and man["modules"]["fc2"]["spec"]["in_features"] == 42
+    again = load(str(tmp_path / "ck"), fresh).eval()
+    with torch.no_grad():
+        assert torch.equal(again(X), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_round_trip_lands_on_cuda(tmp_path):
+    model = narrowed_digits().cuda()
+    x = X.cuda()
+    with torch.no_grad():
+        ref = model(x)
+    save(model, str(tmp_path / "ck"))
+    again = load(str(tmp_path / "ck"), lambda: build_model("digits-cnn").cuda()).eval()
+    assert all(t.is_cuda for t in again.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(again(x), ref)
+
+
+def test_views_of_one_buffer_are_stored_separately(tmp_path):
+    class Views(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            base = torch.arange(10.0)
+            self.register_buffer("a", base[:4])
+            self.register_buffer("b", base[4:].view(2, 3).t())  # non-contiguous view of the same storage
+
+    m = Views()
+    save(m, str(tmp_path / "ck"))
+    again = load(str(tmp_path / "ck"), Views)
+    assert torch.equal(again.a, m.a) and torch.equal(again.b, m.b)
+    assert read_manifest(str(tmp_path / "ck"))["aliases"] == {}
+    assert m.a.untyped_storage().data_ptr() == m.b.untyped_storage().data_ptr()  # the caller's model untouched

@@ -61,12 +61,26 @@ def find_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def split_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state_dict as contiguous CPU tensors with each shared tensor once, and alias -> primary key."""
+    """The state_dict as contiguous CPU tensors with each shared tensor once, and alias -> primary key.
+
+    Tensors are not copied unless they must be: a view that shares storage with another key (which
+    safetensors refuses) is cloned, a non-contiguous or non-CPU one is copied by contiguous()/to().
+    """
     aliases = find_aliases(model)
-    # clone: safetensors refuses tensors that share storage (e.g. two views of one buffer)
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in model.state_dict().items()
-               if k not in aliases}
-    return tensors, aliases
+    sd = {k: t.detach() for k, t in model.state_dict().items() if k not in aliases}
+    owners: dict[int, int] = {}
+    for t in sd.values():
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            owners[ptr] = owners.get(ptr, 0) + 1
+    out = {}
+    for k, t in sd.items():
+        t = t.to("cpu").contiguous()
+        if t.numel() and (owners.get(t.untyped_storage().data_ptr(), 0) > 1
+                          or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            t = t.clone()  # a view into a larger or shared buffer: store only its own elements
+        out[k] = t
+    return out, aliases
 
 
 def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -108,7 +122,8 @@ def build_manifest(model: nn.Module, aliases: dict[str, str], recipe: Any, plan:
             "hf_config": _hf_config(model)}
 
 
-def _check_target(folder: str) -> None:
+def check_target(folder: str) -> None:
+    """Refuse to write over a file or over a non-empty folder that is not a brainsurgeon checkpoint."""
     if os.path.isfile(folder):
         raise FormatError(f"{folder!r} is a file; save() writes a folder. Pass a new or checkpoint folder path")
     if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST)):
@@ -117,7 +132,11 @@ def _check_target(folder: str) -> None:
 
 
 def commit_folder(tmp: str, folder: str) -> None:
-    """Move a fully written temp folder to `folder`, replacing an older checkpoint there."""
+    """Move a fully written temp folder to `folder`, replacing an older checkpoint there.
+
+    Replacing takes two renames (old -> .old-*, temp -> folder); a crash between them leaves the
+    previous checkpoint intact under ``.old-*`` beside `folder`.
+    """
     old = None
     if os.path.isdir(folder):
         old = os.path.join(os.path.dirname(folder), f".old-{uuid.uuid4().hex[:8]}-{os.path.basename(folder)}")
@@ -146,6 +165,11 @@ def write_manifest(tmp: str, manifest: dict[str, Any]) -> None:
     import json
 
     w = os.path.join(tmp, manifest["weights"]["file"])
+    fd = os.open(w, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the weights are on disk before the folder is renamed into place
+    finally:
+        os.close(fd)
     manifest["weights"].update(bytes=os.path.getsize(w), sha256=sha256_file(w))
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, allow_nan=True)
@@ -165,7 +189,7 @@ def save(model: nn.Module, folder: str, recipe: Any = None, plan: Any = None, hi
     """
     from safetensors.torch import save_file
 
-    _check_target(folder)
+    check_target(folder)
     tensors, aliases = split_tensors(model)
     manifest = build_manifest(model, aliases, recipe, plan, history)
     tmp = temp_folder(folder)

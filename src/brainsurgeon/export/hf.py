@@ -22,7 +22,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import FormatError
-from .checkpoint import build_manifest, commit_folder, find_aliases, load, temp_folder, write_manifest
+from .checkpoint import build_manifest, check_target, commit_folder, find_aliases, load, temp_folder, write_manifest
 from .manifest import MANIFEST, WEIGHTS
 
 log = get_logger(__name__)
@@ -86,9 +86,8 @@ def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any
     if not callable(getattr(model, "save_pretrained", None)):
         raise FormatError(f"{type(model).__name__} has no save_pretrained (not an HF PreTrainedModel); "
                           f"use brainsurgeon.export.save instead")
-    from .checkpoint import _check_target
 
-    _check_target(folder)
+    check_target(folder)
     aliases = find_aliases(model)
     manifest = build_manifest(model, aliases, recipe, plan, history)
     tmp = temp_folder(folder)

@@ -125,12 +125,15 @@ def run_onnxruntime(path: str, inputs: tuple[Any, ...]) -> list[Any]:
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int | None = None,
-                atol: float = 1e-4, check: bool = True, dynamo: bool = True, dequantize: bool = True) -> OnnxExport:
+                atol: float = 1e-4, check: bool = True, dynamo: bool = True, dequantize: bool = True,
+                optimize: bool = True) -> OnnxExport:
     """Export `model` (a copy, in eval mode) to `path`; with `check`, onnxruntime must match torch within `atol`.
 
     dequantize: replace packed/sparse modules by their dense equivalents first (needed for modules
     that call custom kernels); False exports every module's forward as is (integer initializers +
     Cast/Mul for formats that dequantize with plain torch ops: weight-only QDQ).
+    optimize: run the dynamo exporter's graph optimizer (constant folding; slow on large graphs;
+    onnxruntime optimizes the graph again when it loads it).
 
     The file is written beside `path` and renamed into place only after the check passes; on any
     failure nothing is left at `path` and `model` is untouched. Returns an :class:`OnnxExport`.
@@ -155,7 +158,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
             with contextlib.redirect_stdout(quiet):  # the dynamo exporter reports progress on stdout
                 kw: dict[str, Any] = {"dynamo": dynamo, "opset_version": opset, "external_data": False}
                 if dynamo:
-                    kw["verbose"] = False
+                    kw.update(verbose=False, optimize=optimize)
                 torch.onnx.export(work, inputs, tmp, **kw)
         except Exception as e:  # noqa: BLE001 - exporter failures come in many types; name the model and the fix
             raise UnsupportedOpError(
