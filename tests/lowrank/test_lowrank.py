@@ -260,3 +260,36 @@ def test_formats_round_trip_through_json_spec(cls_name):
     m2 = module_format(cls_name).from_spec(spec)
     m2.load_state_dict(m.state_dict(), strict=True)
     torch.testing.assert_close(m2(x), m(x), atol=0, rtol=0)
+
+
+class Blocks(nn.Module):
+    """Two residual MLP blocks in a ModuleList, like a tiny transformer stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16)) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_block_mode_calibration_and_overrides():
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    X = correlated_inputs(256, 16, seed=5)
+    y = model(X).detach()
+    calib = [X[i:i + 64] for i in range(0, 256, 64)]
+    errs = {}
+    for aware in (False, True):
+        m = Blocks().eval()
+        m.load_state_dict(model.state_dict())
+        rep = factorize_(m, LowRank(rank=4, activation_aware=aware), calib=calib,
+                         overrides={r"blocks\.1\.2": LowRank(rank=8, activation_aware=aware)},
+                         options=CalibOptions(blocks="blocks"))
+        assert [r.name for r in rep.rows] == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
+        assert m.blocks[1][2].rank == 8 and m.blocks[0][2].rank == 4
+        with torch.no_grad():
+            errs[aware] = float((m(X) - y).pow(2).sum())
+    assert errs[True] < errs[False]
