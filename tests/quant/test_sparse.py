@@ -109,6 +109,9 @@ def test_break_even_interpolates_the_first_crossing():
     assert break_even([0.5, 0.7, 0.9], 1.0, [3.0, 2.0, 0.5]) == pytest.approx(0.8333, abs=1e-4)
     assert break_even([0.5, 0.9], 1.0, [0.9, 0.5]) == 0.5  # sparse always wins
     assert break_even([0.5, 0.9], 1.0, [2.0, 1.5]) is None  # never wins
+    assert break_even([0.5, 0.7, 0.9], 1.0, [0.9, 1.2, 0.6]) == pytest.approx(0.7 + 0.2 * 0.2 / 0.6, abs=1e-4)  # noise
+    with pytest.raises(ConfigError, match="3 sparsities but 2 timings"):
+        break_even([0.5, 0.7, 0.9], 1.0, [1.0, 2.0])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

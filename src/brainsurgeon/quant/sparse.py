@@ -201,23 +201,26 @@ def sparsify_storage_(model: nn.Module, format: str = "csr", *, block: int = 16,
 
 
 def break_even(sparsities: list[float], dense_s: float, sparse_s: list[float]) -> float | None:
-    """The sparsity at which the sparse time crosses below dense, interpolated linearly.
+    """The sparsity from which on the sparse time stays below dense, interpolated linearly.
 
-    sparsities ascending; returns the first crossing (None if sparse never wins, the lowest
-    sparsity if it always wins).
+    sparsities ascending. A noisy early dip below dense does not count: the crossing is the
+    start of the run of winning sparsities that reaches the highest one measured. None if sparse
+    loses at the highest sparsity; the lowest sparsity if it wins everywhere.
 
     >>> break_even([0.5, 0.7, 0.9], 1.0, [3.0, 2.0, 0.5])
     0.8333
     """
-    prev = None
-    for s, t in zip(sparsities, sparse_s, strict=True):
-        if t < dense_s:
-            if prev is None:
-                return s
-            s0, t0 = prev
-            return round(s0 + (s - s0) * (t0 - dense_s) / (t0 - t), 4)
-        prev = (s, t)
-    return None
+    if len(sparsities) != len(sparse_s) or not sparsities:
+        raise ConfigError(f"break_even: {len(sparsities)} sparsities but {len(sparse_s)} timings")
+    i = len(sparsities)
+    while i > 0 and sparse_s[i - 1] < dense_s:
+        i -= 1
+    if i == len(sparsities):
+        return None
+    if i == 0:
+        return sparsities[0]
+    (s0, t0), (s1, t1) = (sparsities[i - 1], sparse_s[i - 1]), (sparsities[i], sparse_s[i])
+    return round(s0 + (s1 - s0) * (t0 - dense_s) / (t0 - t1), 4)
 
 
 def semi_structured_(linear: nn.Linear) -> nn.Linear:
