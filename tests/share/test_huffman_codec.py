@@ -109,3 +109,12 @@ def test_corrupt_files_raise_format_errors(tmp_path):
         decode_state(data[:12] + b"\x00" * 20 + data[32:])
     with pytest.raises(FormatError):
         decode_state(data[: len(data) // 2])
+
+
+def test_non_finite_weights_round_trip(tmp_path):
+    W = torch.zeros(4, 6)
+    W[0, 1], W[2, 3], W[3, 5] = float("nan"), float("inf"), -1.5
+    f = save_encoded({"w": W}, tmp_path / "nf.bsdc")
+    back = load_encoded(tmp_path / "nf.bsdc")["w"]
+    assert torch.equal(back.isnan(), W.isnan()) and torch.equal(back[~W.isnan()], W[~W.isnan()])
+    assert f.bytes_on_disk == os.path.getsize(tmp_path / "nf.bsdc")

@@ -12,7 +12,8 @@ Every tensor of a state_dict is stored; weight tensors (floating, >= 2-D) as
 Layout and gap width b are chosen per tensor by the exact coded size. Biases, norms and buffers
 are stored raw. The file is ``b"BSDC" | u32 version | u32 header bytes | zlib(JSON header) |
 payload``; :func:`save_encoded` writes it atomically, reads it back, decodes it and checks that
-every tensor is bit-identical before reporting its size on disk::
+every tensor is equal to the original (NaN where NaN; -0.0 may come back as 0.0) before reporting
+its size on disk::
 
     >>> f = save_encoded(model, "out/model.bsdc")          # coding="huffman", values="codebook"
     >>> f.bytes_on_disk, f.dense_bytes                     # real file sizes
@@ -127,7 +128,7 @@ def _encode_weight(w: torch.Tensor, wr: _Writer, values: str, coding: str) -> di
     entry: dict[str, Any] = {"k": "w", "dt": str(w.dtype).removeprefix("torch."), "s": list(w.shape)}
     esize = flat.element_size()
     nz_uniq = torch.unique(flat[nz])  # sparse codebook: distinct nonzero values, sorted
-    use_cb = values == "codebook" and nz_uniq.numel() < MAX_CODEBOOK
+    use_cb = values == "codebook" and nz_uniq.numel() < MAX_CODEBOOK and bool(torch.isfinite(nz_uniq).all())
     if use_cb:
         dense_cb = torch.unique(flat)  # dense codebook: 0 included if present
         dense_sym = torch.searchsorted(dense_cb, flat).numpy()
@@ -218,7 +219,7 @@ def encode_state(state: dict[str, torch.Tensor], values: str = "codebook", codin
 
 
 def decode_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_state`: the state_dict, bit-identical to the encoded one."""
+    """Inverse of :func:`encode_state`: the state_dict, equal to the encoded one."""
     if data[:4] != MAGIC or len(data) < 12:
         raise FormatError("not a brainsurgeon Deep Compression file (bad magic); expected a .bsdc file "
                           "written by brainsurgeon.share.save_encoded")
@@ -262,7 +263,7 @@ def _state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, tor
 
 def save_encoded(model_or_state: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike[str],
                  values: str = "codebook", coding: str = "huffman") -> EncodedFile:
-    """Encode, write atomically, read back, decode and verify bit-identity; returns the real file size.
+    """Encode, write atomically, read back, decode and verify equality; returns the real file size.
 
     >>> f = save_encoded(model, "out/model.bsdc")
     >>> f"{f.bytes_on_disk} bytes, {f.ratio:.1f}x smaller than {f.dense_bytes}"
@@ -273,8 +274,10 @@ def save_encoded(model_or_state: nn.Module | dict[str, torch.Tensor], path: str 
         f.write(data)
     back = load_encoded(path)
     for name, t in state.items():
-        u = back.get(name)
-        if u is None or u.dtype != t.dtype or u.shape != t.shape or not torch.equal(u, t.cpu()):
+        u, t = back.get(name), t.cpu()
+        same = u is not None and u.dtype == t.dtype and u.shape == t.shape and (
+            torch.equal(u, t) or (t.is_floating_point() and bool(((u == t) | (u.isnan() & t.isnan())).all())))
+        if not same:
             raise FormatError(f"save_encoded: tensor {name!r} did not survive the round trip through {path}; "
                               f"this is a bug, please report it")
     entries = json.loads(zlib.decompress(data[12: 12 + struct.unpack("<II", data[4:12])[1]]))["tensors"]
