@@ -136,6 +136,9 @@ def test_share_overrides_and_errors():
     net = _net()
     rep = share_(net, WeightSharing(bits=2), overrides={"3": WeightSharing(bits=5)})
     assert {r.name: r.bits for r in rep.rows} == {"0": 2.0, "3": 5.0}
+    with pytest.raises(ConfigError, match="same finetune_steps and lr"):
+        share_(_net(), WeightSharing(bits=2, finetune_steps=2), data=_data(),
+               overrides={"3": WeightSharing(bits=5)})
     with pytest.raises(ConfigError, match="needs data"):
         share_(_net(), WeightSharing(finetune_steps=2))
     with pytest.raises(ConfigError, match="bits must be an integer in \\[1, 8\\]"):

@@ -76,6 +76,9 @@ def share_(model: nn.Module, cfg: Config, data: Any = None, *, ignore: Iterable[
     plan = plan_sharing(model, cfg, ignore, overrides)
     modules = dict(model.named_modules())
     steps = max(c.finetune_steps for c in plan.values())
+    if len({(c.finetune_steps, c.lr) for c in plan.values()}) > 1:
+        raise ConfigError("share_: centroid fine-tuning trains all layers together, so every override must use "
+                          "the same finetune_steps and lr as the main WeightSharing config")
     if steps and data is None:
         raise ConfigError("WeightSharing(finetune_steps > 0) needs data: pass share_(..., data=train_loader) "
                           "or set finetune_steps=0")
@@ -89,7 +92,7 @@ def share_(model: nn.Module, cfg: Config, data: Any = None, *, ignore: Iterable[
             codebooks[name] = cluster_weight(modules[name].weight, c.bits, c.init, c.iters)
             seconds[name] = time.perf_counter() - t0
         if steps and data is not None:
-            finetune_centroids(model, codebooks, data, steps, cfg.lr, loss_fn)  # type: ignore[attr-defined]
+            finetune_centroids(model, codebooks, data, steps, next(iter(plan.values())).lr, loss_fn)
             report.notes.append(f"centroids fine-tuned for {steps} steps (gradient sharing)")
         for name, c in plan.items():
             W0, mod = saved[name], modules[name]
