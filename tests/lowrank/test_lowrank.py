@@ -241,6 +241,8 @@ def test_rank_entries_are_monotone_and_exact():
         losses = [e.loss for e in entries]
         assert all(a >= b - 1e-9 for a, b in zip(losses, losses[1:], strict=False))
         assert losses[-1] == pytest.approx(0.0, abs=1e-6)
+        W = fc.weight.detach().double()
+        assert all(e.rel_loss == pytest.approx(e.loss / float(torch.trace(W @ H @ W.T))) for e in entries)
     plain = rank_entries(fc, H, activation_aware=False)
     aware = rank_entries(fc, H)
     assert all(a.loss <= p.loss + 1e-9 for a, p in zip(aware, plain, strict=True))

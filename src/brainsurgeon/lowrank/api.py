@@ -3,7 +3,7 @@
     >>> rep = factorize_(model, LowRank(param_ratio=0.5), calib=None)            # plain SVD / Tucker-2
     >>> rep = factorize_(bert, LowRank(param_ratio=0.5, activation_aware=True), calib=loader,
     ...                  ignore=(r"pooler\\..*",))
-    >>> rank_entries(model.fc1, H, ranks=[8, 16, 32])       # [RankEntry(rank=8, loss=..., params=...), ...]
+    >>> rank_entries(model.fc1, H, ranks=[8, 16, 32])   # [RankEntry(rank=8, loss=.., rel_loss=.., params=..), ..]
 
 Linear layers become :class:`LowRankLinear`; Conv2d layers (groups=1) with a k x k kernel become
 :class:`Tucker2Conv2d` (``conv="tucker2"``) or :class:`LowRankConv2d` (``conv="svd"``, and always
@@ -41,6 +41,7 @@ class RankEntry:
 
     rank: int
     loss: float  # tr(dW H dW^T) with the calibration Hessian, or ||dW||_F^2 without one
+    rel_loss: float  # loss / tr(W H W^T) (or / ||W||_F^2): the search solvers' score
     params: int
 
 
@@ -233,4 +234,5 @@ def rank_entries(module: nn.Module, H: torch.Tensor | None = None, ranks: Iterab
     bad = [r for r in ranks if not 1 <= r <= spec.full_rank]
     if bad:
         raise ConfigError(f"rank_entries: ranks {bad} are outside [1, {spec.full_rank}]")
-    return [RankEntry(r, float(losses[r]), linear_params(*W.shape, r)) for r in ranks]
+    total = max(float(losses[0]), 1e-300)
+    return [RankEntry(r, float(losses[r]), float(losses[r]) / total, linear_params(*W.shape, r)) for r in ranks]
