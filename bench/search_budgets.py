@@ -37,6 +37,7 @@ from brainsurgeon.search import (
     build_database,
     dp_plan,
     global_magnitude_plan,
+    load_space,
     stitch_,
     uniform_plan,
 )
@@ -45,10 +46,11 @@ BUDGETS = [Budget(m, 1 / f) for m in ("flops", "bops") for f in (2, 4, 8)]
 QUICK_BUDGETS = [Budget("flops", 1 / 4), Budget("flops", 1 / 8), Budget("bops", 1 / 8)]
 
 
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes")
+
+
 def spaces(quick: bool) -> SearchSpace:
-    if quick:
-        return SearchSpace(levels=6, quant_method="GPTQ", block_sparsities=(), bits=(8, 4, 2), nm_bits=(4,))
-    return SearchSpace()
+    return load_space(os.path.join(RECIPES, "search-quick.yaml" if quick else "search-digits.yaml"))
 
 
 def solvers(quick: bool, model, table, stitched):

@@ -55,11 +55,13 @@ class Plan:
     def to_recipe(self, options: CalibOptions | None = None) -> Recipe:
         """A recipe: prune step then quantize step, each with one exact-name override per layer.
 
+        Default options: sequential calibration, then BatchNorm re-estimation.
+
         >>> plan.to_recipe(CalibOptions(bn_reestimate=True)).steps[0].overrides[0]
         ('conv2', ExactOBS(sparsity=0.5929, ...))
         """
         steps = tuple(s for s in (self._step("sparsify"), self._step("quantize")) if s is not None)
-        return Recipe(steps, options or CalibOptions())
+        return Recipe(steps, options or CalibOptions(bn_reestimate=True))
 
     def to_yaml(self, options: CalibOptions | None = None) -> str:
         """The recipe YAML with a comment header (solver, budget, predicted cost, per-layer variants)."""
