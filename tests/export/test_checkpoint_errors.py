@@ -171,3 +171,17 @@ def test_pruning_masks_must_be_made_permanent(tmp_path):
     torch.nn.utils.prune.remove(model.fc1, "weight")
     save(model, str(tmp_path / "ck"))
     assert float((load(str(tmp_path / "ck"), fresh).fc1.weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_parametrized_modules_are_refused(tmp_path):
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.triu() + w.triu(1).t()
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    with pytest.raises(FormatError, match=r"module '0' carries a parametrization"):
+        save(model, str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()

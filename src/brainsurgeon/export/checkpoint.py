@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from .._log import get_logger
 from ..errors import FormatError
@@ -88,7 +88,8 @@ def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     modules: dict[str, Any] = {}
     attrs: dict[str, Any] = {}
     for name, m in model.named_modules():
-        if parametrize.is_parametrized(m) or any(k.endswith("_orig") for k in m._parameters):
+        if parametrize.is_parametrized(m) or any(isinstance(h, prune.BasePruningMethod)
+                                                 for h in m._forward_pre_hooks.values()):
             raise FormatError(f"module {name or type(model).__name__!r} carries a parametrization or a "
                               f"torch.nn.utils.prune mask (code, not data); make it permanent first with "
                               f"torch.nn.utils.prune.remove(module, 'weight') or "
