@@ -20,7 +20,7 @@ class ConvNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
-        self.fc1 = nn.Linear(8 * 8 * 8, 32)
+        self.fc1 = nn.Linear(8 * 6 * 6, 32)
         self.fc2 = nn.Linear(32, 10)
 
     def forward(self, x):
@@ -35,10 +35,10 @@ def net():
 
 def calib(n=3):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(16, 1, 8, 8, generator=g) for _ in range(n)]
+    return [torch.randn(16, 1, 6, 6, generator=g) for _ in range(n)]
 
 
-X = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+X = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(2))
 
 PTQ = [bs.RTN(bits=4), bs.GPTQ(bits=3), bs.OBQ(bits=4), bs.GPTQ(bits=4, group_size=16),
        bs.RTN(bits=3, sym=False), bs.GPTQ(bits=2, sym=False, group_size=24)]
@@ -154,3 +154,30 @@ def test_init_grid_rejects_float_weights_with_fix():
 def test_qat_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):
         QAT(**kw)
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 0), (3, 0), (8, 0), (4, 32)])
+def test_fake_quant_forward_equals_packed_forward(bits, gs):
+    pytest.importorskip("brainsurgeon.quant.packed")
+    from brainsurgeon.quant.packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from brainsurgeon.quant.packed_conv import PackedConv2d
+
+    m = net()
+    # convs have 9 and 36 columns, which groups of 32 do not tile: with groups only the Linears
+    prepare_qat_(m, QAT(bits=bits, group_size=gs, learn_scale=True), ignore=("conv1", "conv2") if gs else ())
+    with torch.no_grad():
+        for fq in fake_quant_layers(m).values():
+            fq.weight.add_(0.02 * torch.randn_like(fq.weight))  # off the grid, as after training
+            fq.w_scale.mul_(1.1)  # a learned scale
+    ref = m(X)
+    exact = copy.deepcopy(m)
+    convert_qat_(exact, packed=True, compute_dtype="float32")
+    fc1 = Int4WeightOnlyLinear if bits <= 4 else Int8WeightOnlyLinear
+    assert type(exact.fc1) is fc1 and type(exact.fc2) is Int8WeightOnlyLinear  # fc2 (32 -> 10): no int4 kernel
+    if not gs:
+        assert type(exact.conv1) is PackedConv2d and type(exact.conv2) is PackedConv2d
+    torch.testing.assert_close(exact(X), ref, rtol=1e-4, atol=1e-5)
+    fast = copy.deepcopy(m)
+    convert_qat_(fast, packed=True)  # bfloat16 activations: the kernels' fast path
+    rel = ((fast(X) - ref).norm() / ref.norm()).item()
+    assert rel < 0.03, rel  # bfloat16 has 8 mantissa bits

@@ -98,6 +98,9 @@ def infer_grid(W: torch.Tensor, bits: int, sym: bool = True, group_size: int = 0
     V = V.reshape(rows * ng, gs)  # one grid per line
     maxq = 2**bits - 1
     half = 2 ** (bits - 1)
+    srt = V.sort(dim=1).values
+    if int((1 + (srt[:, 1:] != srt[:, :-1]).sum(1)).max()) > maxq + 1:
+        return None  # more distinct values in a line than the grid has levels
     amax = V.abs().amax(1)  # (R,)
     live = amax > 0
     scale = torch.zeros_like(amax)
@@ -258,22 +261,24 @@ def quantized_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
         module.w_zero.detach().clone()
 
 
-def convert_qat_(model: nn.Module, *, packed: bool = False) -> list[str]:
+def convert_qat_(model: nn.Module, *, packed: bool = False, compute_dtype: str = "bfloat16") -> list[str]:
     """Replace every fake-quant layer (in place) by a plain layer whose float weight is the
     fake-quantized one (exactly on the grid), or with ``packed=True`` by the packed int module
-    of :mod:`brainsurgeon.quant.packed`. Returns the converted layer names.
+    of :mod:`brainsurgeon.quant.packed` (Linear: int4/int8 weight-only kernels run with
+    `compute_dtype` activations; Conv2d: packed storage). Returns the converted layer names.
 
     Activation fake-quant (act_bits > 0) has no plain equivalent: it is dropped with a warning.
 
     >>> convert_qat_(model)
     ['conv1', 'conv2', 'conv3', 'fc1', 'fc2']
+    >>> convert_qat_(model2, packed=True)        # Int4WeightOnlyLinear / PackedConv2d modules
     """
     layers = fake_quant_layers(model)
+    # build every replacement first: on an error nothing has changed
     if packed:
-        convert = _to_packed
+        new = {name: _to_packed(m, compute_dtype) for name, m in layers.items()}
     else:
-        convert = _to_plain
-    new = {name: convert(m) for name, m in layers.items()}  # build all first: nothing changes on error
+        new = {name: _to_plain(m) for name, m in layers.items()}
     dropped = [n for n, m in layers.items() if m.act_bits]
     if dropped:
         log.warning("convert_qat_: activation fake-quant of %s is dropped (weights stay on grid)", dropped)
@@ -292,10 +297,37 @@ def _to_plain(fq: nn.Module) -> nn.Module:
     return plain
 
 
-def _to_packed(fq: nn.Module) -> nn.Module:
-    try:
-        from . import packed
-    except ImportError as e:
-        raise ConfigError("convert_qat_(packed=True) needs brainsurgeon.quant.packed, which is not "
-                          "available in this build; use convert_qat_(model) for float weights on the grid") from e
-    raise NotImplementedError(packed)
+def _to_packed(fq: nn.Module, compute_dtype: str) -> nn.Module:
+    """The packed module of :mod:`brainsurgeon.quant.packed` holding fq's codes, scales and zeros.
+
+    Linear: int4 storage for <= 4 bits where the int4 kernel's shape rules hold, else int8
+    storage (same codes, 8-bit slots); Conv2d: PackedConv2d. The grid is passed as codes, so
+    the packed weight equals the fake-quantized one exactly (up to float32 scales).
+    """
+    from .codes import GridCodes
+    from .packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from .packed_conv import PackedConv2d
+
+    q, scale, zero = quantized_state(fq)
+    cols = q.shape[1]
+    gs = fq.group_size or cols
+    if cols % gs:
+        raise ConfigError(f"{type(fq).__name__} ({cols} input columns): group_size={gs} does not divide them, "
+                          f"so the last group is ragged and cannot be packed; use a group size that divides "
+                          f"{cols}, or convert_qat_(model) for float weights on the grid")
+    codes = GridCodes(q.to(torch.int32), scale.float(), zero.float(), fq.bits, gs)
+    plain = _to_plain(fq)
+    if isinstance(plain, nn.Conv2d):
+        return PackedConv2d.from_conv(plain, codes)
+    if not isinstance(plain, nn.Linear):
+        raise ConfigError(f"{type(plain).__name__} has no packed module (packed: Linear, Conv2d); "
+                          f"pass it in ignore=[...] to prepare_qat_, or convert_qat_(model) without packed")
+    if fq.bits <= 4:
+        try:
+            return Int4WeightOnlyLinear.from_linear(plain, codes, compute_dtype=compute_dtype)
+        except ConfigError as e:  # int4 kernel shape rules: keep the codes in int8 slots
+            log.info("convert_qat_: %s; stored as int8", e)
+    if fq.bits < 8:  # re-centre on the int8 zero (128): same weights, no large offset term to cancel
+        zc = codes.zero.repeat_interleave(gs, dim=1)  # (rows, cols)
+        codes = GridCodes((codes.q - zc.to(torch.int32) + 128), codes.scale, torch.full_like(codes.zero, 128.0), 8, gs)
+    return Int8WeightOnlyLinear.from_linear(plain, codes, compute_dtype=compute_dtype)
