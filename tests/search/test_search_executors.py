@@ -5,10 +5,20 @@ import json
 
 import pytest
 import torch
+from search_fixtures import TinyNet, calib, small_space
 from torch import nn
 
-from brainsurgeon.errors import ConfigError
-from brainsurgeon.search import InlineExecutor, LatencyTable, Variant, make_executor, time_module
+from brainsurgeon.errors import BudgetInfeasibleError, ConfigError
+from brainsurgeon.search import (
+    Budget,
+    InlineExecutor,
+    LatencyTable,
+    Variant,
+    build_database,
+    dp_plan,
+    make_executor,
+    time_module,
+)
 from brainsurgeon.search.latency import CSRLinear, machine_fingerprint, runtime_module
 
 
@@ -59,3 +69,16 @@ def test_time_module_restores_threads_and_table_caches_per_machine(tmp_path):
     assert a == b  # read back from latency-<fingerprint>.json, not re-timed
     data = json.loads((tmp_path / f"latency-{machine_fingerprint()}.json").read_text())
     assert data["rows"]["fc|dense"]["kernel"] == "dense"
+
+
+def test_latency_database_and_latency_budget(tmp_path):
+    table = build_database(TinyNet(), small_space(levels=2, nm=(), block_sparsities=(), nm_bits=(), latency=True,
+                                                  model_loss=False), calib(), tmp_path)
+    assert all(e.costs["latency"] > 0 for es in table.entries.values() for e in es)
+    rows = json.loads(next(tmp_path.glob("latency-*.json")).read_text())["rows"]
+    assert {r["kernel"] for r in rows.values()} <= {"dense", "csr"} and len(rows) == 3 * 4
+    try:
+        plan = dp_plan(table, Budget("latency", 1.0))
+        assert plan.info["cost"] <= 1.0 + 1e-9
+    except BudgetInfeasibleError as e:  # every variant slower than dense is a legitimate outcome
+        assert "cheapest reachable latency" in str(e)

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from .config import Budget
 from .database import Entry, SearchTable
 from .plan import Plan
-from .solvers import _absolute, plan_from_entries
+from .solvers import absolute_budget, plan_from_entries
 
 log = get_logger(__name__)
 
@@ -149,7 +149,7 @@ class AMCSearch:
                  error_fn: Callable[[list[Entry]], float]) -> None:
         self.cfg, self.table, self.budget, self.error_fn = cfg, table, budget, error_fn
         self.metric = budget.metric
-        self.B = _absolute(table, budget)
+        self.B = absolute_budget(table, budget)
         rows = [table.entries[n] for n in table.layers]
         self.dense = [r[0].costs[self.metric] for r in rows]  # entry 0 is the dense variant
         self.cheap = [min(e.costs[self.metric] for e in r) for r in rows]

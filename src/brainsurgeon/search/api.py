@@ -23,6 +23,7 @@ from .amc import AMC, AMCSearch
 from .config import Budget, SearchSpace, load_space
 from .database import Entry, SearchTable, _Distortion, build_database
 from .plan import Plan
+from .solve import layer_weight, set_layer_weight_
 from .solvers import dp_plan, global_magnitude_plan, uniform_plan
 
 log = get_logger(__name__)
@@ -38,13 +39,12 @@ class StitchedModel:
 
     def __init__(self, model: nn.Module, table: SearchTable, calib: Any,
                  eval_fn: Callable[[nn.Module], float] | None = None, batches: int = 4) -> None:
-        from ..api import _layer_weight
         from ..calib import cache_batches
 
         self.table, self.eval_fn = table, eval_fn
         self.dist = _Distortion(model, list(cache_batches(calib, batches)))
         self.model, self.modules = self.dist.model, self.dist.modules
-        self.dense = {n: _layer_weight(self.modules[n]).clone() for n in table.layers}
+        self.dense = {n: layer_weight(self.modules[n]).clone() for n in table.layers}
         self._cache: dict[str, torch.Tensor] = {}
 
     def weight(self, e: Entry) -> torch.Tensor:
@@ -55,10 +55,8 @@ class StitchedModel:
         return self._cache[e.key]
 
     def load(self, entries: list[Entry]) -> nn.Module:
-        from ..api import _set_layer_weight
-
         for e in entries:
-            _set_layer_weight(self.modules[e.layer], self.weight(e))
+            set_layer_weight_(self.modules[e.layer], self.weight(e))
         return self.model
 
     def error(self, entries: list[Entry]) -> float:
@@ -137,13 +135,11 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable) -> nn.Module:
 
     >>> stitch_(model, plan, table)
     """
-    from ..api import _set_layer_weight
-
     modules = dict(model.named_modules())
     entries = plan_entries(table, plan)
     weights = [(modules[e.layer], table.db.weight(e)) for e in entries if e.shard]  # read all before writing
     for mod, W in weights:
-        _set_layer_weight(mod, W.to(mod.weight.device))
+        set_layer_weight_(mod, W.to(mod.weight.device))
     return model
 
 

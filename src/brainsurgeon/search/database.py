@@ -30,7 +30,6 @@ from torch import nn
 
 from .._io import atomic_open
 from .._log import get_logger, progress
-from ..api import _layer_weight, _set_layer_weight
 from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
 from ..calib.data import model_device
 from ..calib.driver import _forward
@@ -39,7 +38,7 @@ from .config import SearchSpace
 from .costs import LayerProfile, profile_layers, variant_costs
 from .executors import InlineExecutor, make_executor
 from .latency import LatencyTable
-from .solve import solve_variant
+from .solve import layer_weight, set_layer_weight_, solve_variant
 from .variants import Variant, layer_variants
 
 log = get_logger(__name__)
@@ -184,7 +183,7 @@ def _searched_layers(model: nn.Module, space: SearchSpace) -> tuple[list[str], l
 
 
 def _grouped_channels(module: nn.Module) -> int:
-    W = _layer_weight(module)
+    W = layer_weight(module)
     return int(W.shape[1]) if W.dim() > 1 else 1
 
 
@@ -217,13 +216,13 @@ class _Distortion:
 
     def __call__(self, layer: str, W_hat: torch.Tensor) -> float:
         mod = self.modules[layer]
-        W0 = _layer_weight(mod).clone()
+        W0 = layer_weight(mod).clone()
         try:
-            _set_layer_weight(mod, W_hat.to(W0.device))
+            set_layer_weight_(mod, W_hat.to(W0.device))
             with torch.no_grad():
                 num = sum(float(((self._out(b) - d) ** 2).sum()) for b, d in zip(self.batches, self.dense, strict=True))
         finally:
-            _set_layer_weight(mod, W0)
+            set_layer_weight_(mod, W0)
         den = sum(float((d**2).sum()) for d in self.dense)
         return num / max(den, 1e-300)
 
@@ -294,7 +293,7 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
     pending: dict[Future, tuple[str, Variant, str]] = {}
     try:
         for layer, v, key in progress(todo, desc="database"):
-            W = _layer_weight(modules[layer])
+            W = layer_weight(modules[layer])
             H = Hs[layer]
             if not inline:
                 W, H = W.cpu(), H.cpu()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
+from ..calib import set_weight_matrix_, weight_matrix
 from ..config import Config
 from ..obs import compress_weight
 from ..obs.hessian import layer_loss
@@ -34,3 +36,19 @@ def solve_variant(W: torch.Tensor, H: torch.Tensor, configs: tuple[Config, ...],
         out.append(cur)
     W_hat = torch.cat(out)  # (rows, ...) as W
     return W_hat, loss, (loss / ref if ref > 0 else 0.0), time.perf_counter() - t0
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as the solvers see it (detached): conv kernels keep their shape, others rows x cols."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.weight.detach()
+    return weight_matrix(module)
+
+
+def set_layer_weight_(module: nn.Module, W: torch.Tensor) -> None:
+    """Write a weight in :func:`layer_weight`'s layout back into the module (no autograd)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        with torch.no_grad():
+            module.weight.copy_(W.reshape(module.weight.shape).to(module.weight))
+    else:
+        set_weight_matrix_(module, W)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..api import _layer_weight
 from ..config import Magnitude, config_from_dict
 from ..errors import BudgetInfeasibleError
 from .config import Budget
@@ -20,6 +19,7 @@ from .costs import weight_bytes
 from .database import Entry, SearchTable
 from .dp import choose_variants
 from .plan import Plan
+from .solve import layer_weight
 
 
 def layer_budget(table: SearchTable, budget: Budget) -> float:
@@ -53,7 +53,8 @@ def plan_from_entries(table: SearchTable, chosen: list[Entry], budget: Budget, s
     return Plan(layers, tuple(e.variant for e in chosen), tuple(table.skipped), info)
 
 
-def _absolute(table: SearchTable, budget: Budget) -> float:
+def absolute_budget(table: SearchTable, budget: Budget) -> float:
+    """The budget in the metric's units for the searched layers (latency: of the timed searched layers)."""
     if budget.metric == "latency":  # skipped layers are not timed: the budget covers searched layers
         _check_metric(table, budget)
         return budget.fraction * dense_cost(table, "latency")
@@ -66,7 +67,7 @@ def dp_plan(table: SearchTable, budget: Budget, buckets: int = 10_000) -> Plan:
     >>> dp_plan(table, Budget.parse("bops=8x")).variants
     ('w8', '2:4+w4', 'sp@0.8343+...', ...)
     """
-    B = _absolute(table, budget)
+    B = absolute_budget(table, budget)
     rows = [table.entries[n] for n in table.layers]
     try:
         pick = choose_variants([[e.costs[budget.metric] for e in r] for r in rows],
@@ -86,7 +87,7 @@ def uniform_plan(table: SearchTable, budget: Budget) -> Plan:
 
     Among the variant names whose uniform plan meets the budget, the one of least summed score.
     """
-    B = _absolute(table, budget)
+    B = absolute_budget(table, budget)
     names = list(dict.fromkeys(e.variant for n in table.layers for e in table.entries[n]))
     best: tuple[float, list[Entry]] | None = None
     for v in names:
@@ -120,7 +121,7 @@ def global_magnitude_plan(model: nn.Module, table: SearchTable, budget: Budget) 
                                     "not run faster here); use a flops/bops/params/bytes budget")
     B = layer_budget(table, budget)
     modules = dict(model.named_modules())
-    mags = {n: _layer_weight(modules[n]).abs().flatten().sort().values.cpu() for n in table.layers}
+    mags = {n: layer_weight(modules[n]).abs().flatten().sort().values.cpu() for n in table.layers}
     allv = torch.cat(list(mags.values())).sort().values
 
     def cost(t: float) -> tuple[float, dict[str, int]]:
