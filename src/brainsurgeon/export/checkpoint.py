@@ -13,6 +13,7 @@ attributes, then assigns the saved tensors (dtype and all) and re-ties shared on
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -163,8 +164,6 @@ def temp_folder(folder: str) -> str:
 
 def write_manifest(tmp: str, manifest: dict[str, Any]) -> None:
     """Fill in the weights file's size and SHA-256 and write ``manifest.json`` into `tmp`."""
-    import json
-
     w = os.path.join(tmp, manifest["weights"]["file"])
     fd = os.open(w, os.O_RDONLY)
     try:
@@ -215,7 +214,8 @@ def _refuse_pickle(path: str) -> None:
 def _is_pickle(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
-    return head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head == b"PK\x03\x04" or path.endswith(_PICKLE_EXT)
+    # protocol-2+ pickles start with 0x80; torch.save's default zip container with "PK\x03\x04"
+    return head[:1] == b"\x80" or head == b"PK\x03\x04" or path.endswith(_PICKLE_EXT)
 
 
 def _build(model_fn: ModelFn, manifest: dict[str, Any] | None) -> nn.Module:
@@ -234,8 +234,11 @@ def _build(model_fn: ModelFn, manifest: dict[str, Any] | None) -> nn.Module:
     return model
 
 
-def apply_structure(model: nn.Module, manifest: dict[str, Any]) -> int:
-    """Rebuild every module whose format/spec differs from the manifest; set recorded attrs. Returns #rebuilt."""
+def apply_structure(model: nn.Module, manifest: dict[str, Any], device: torch.device | None = None) -> int:
+    """Rebuild every module whose format/spec differs from the manifest (on `device`); set recorded attrs.
+
+    Returns the number of modules rebuilt.
+    """
     rebuilt = 0
     for name, entry in manifest.get("modules", {}).items():
         cur = _submodule(model, name)
@@ -243,6 +246,8 @@ def apply_structure(model: nn.Module, manifest: dict[str, Any]) -> int:
             continue
         new = build_module(entry)
         new.train(cur.training)
+        if device is not None:
+            new.to(device)
         if name:
             model.set_submodule(name, new)
         else:
@@ -347,8 +352,9 @@ def load(folder: str, model_fn: ModelFn, *, verify: bool = True, allow_pickle: b
     manifest = read_manifest(folder)
     path = check_weights_file(folder, manifest, verify)
     model = _build(model_fn, manifest)
-    n = apply_structure(model, manifest)
-    sd = _read_safetensors(path, _device(model))
+    device = _device(model)  # before rebuilding: new modules are created on the default device
+    n = apply_structure(model, manifest, device)
+    sd = _read_safetensors(path, device)
     assign_tensors(model, sd, manifest.get("aliases", {}), path)
     log.info("loaded %s: %d tensors, %d modules rebuilt from specs", folder, len(sd), n)
     return model
