@@ -267,6 +267,10 @@ class DependencyGraph:
             raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} contain duplicates; pass distinct indices")
         key = (ids[0], d)
         cl = closure(self.edges, key, req, np.arange(len(req)))
+        if not cl.blocked and int((cl.labels[key] >= 0).sum()) != len(req):   # a unit grew: try whole outer units
+            strict = closure(self.edges, key, req, np.arange(len(req)), prefer_fits=False)
+            if not strict.blocked and int((strict.labels[key] >= 0).sum()) == len(req):
+                cl = strict
         if cl.blocked:
             (k, why), more = cl.blocked[0], len(cl.blocked) - 1
             raise UnsupportedOpError(f"pruning {name}.{tensor} dim {d} is blocked by {why} "
@@ -296,7 +300,7 @@ class DependencyGraph:
         """
         self._refresh()
         ign = tuple(self._name(m) for m in ignore)
-        covered: set[tuple[str, str, int]] = set()
+        covered: dict[tuple[str, str, int], np.ndarray] = {}   # positions already in a group
         out: list[Group] = []
         self.left_out: list[tuple[str, str]] = []
         for name, m in self.model.named_modules():
@@ -305,10 +309,11 @@ class DependencyGraph:
             for which in ("out", "in"):
                 tensor, d = _root_spec(m, which)
                 ids = self._param_nodes.get((name, tensor))
-                if not ids or (name, tensor, d) in covered or len(self.nodes[ids[0]].shape) <= d:
+                if not ids or len(self.nodes[ids[0]].shape) <= d:
+                    continue
+                if (name, tensor, d) in covered and covered[(name, tensor, d)].all():
                     continue
                 size = self.nodes[ids[0]].shape[d]
-                covered.add((name, tensor, d))
                 if size < 2:
                     continue
                 cl = closure(self.edges, (ids[0], d), np.arange(size), np.arange(size), stop_when_blocked=True)
@@ -319,7 +324,15 @@ class DependencyGraph:
                 if grp is None:
                     self.left_out.append((f"{name}.{tensor} dim {d}", "ragged coupling"))
                     continue
-                covered.update((s.module, s.tensor, s.dim) for s in grp.slices)
+                if any(k in covered and covered[k][pos].any() for k, pos in self._positions(grp)):
+                    self.left_out.append((f"{name}.{tensor} dim {d}", "overlaps an earlier group (alternative "
+                                                                       "coupling, e.g. within conv groups)"))
+                    continue
+                for k, pos in self._positions(grp):
+                    if k not in covered:
+                        t = getattr(self.model.get_submodule(k[0]), k[1])
+                        covered[k] = np.zeros(t.shape[k[2]], dtype=bool)
+                    covered[k][pos] = True
                 if grp.n < 2:
                     self.left_out.append((f"{name}.{tensor} dim {d}", "a single unit"))
                     continue
@@ -328,6 +341,10 @@ class DependencyGraph:
                     continue
                 out.append(grp)
         return out
+
+    @staticmethod
+    def _positions(grp: Group) -> list[tuple[tuple[str, str, int], np.ndarray]]:
+        return [((s.module, s.tensor, s.dim), s.idxs.reshape(-1).numpy()) for s in grp.slices]
 
     def _describe(self, key: Key) -> str:
         node = self.nodes.get(key[0])
@@ -360,11 +377,49 @@ class DependencyGraph:
         return Group(tuple(slices), cl.n, slices[0], self, not reasons, reasons, 1, labels, self._step)
 
     # ------------------------------------------------------------------ surgery
-    def prune(self, groups: Sequence[Group]) -> None:
+    def prune(self, groups: Sequence[Group], *, skip_failed: bool = False) -> list[tuple[Group, str]]:
         """Remove every row of ``groups`` at once, then verify; on failure restore and raise SurgeryError.
 
+        With ``skip_failed=True`` a failing batch is bisected: every group that verifies is pruned, the
+        others are returned as ``(group, error message)`` and left untouched.
+
         >>> g.prune([grp.select([0, 1]) for grp in g.groups()])
+        >>> skipped = g.prune(candidates, skip_failed=True)
         """
+        if not skip_failed:
+            self._prune(groups)
+            return []
+        groups = list(groups)
+        if not groups:
+            return []
+        try:
+            self._prune(groups)
+            return []
+        except SurgeryError as e:
+            if len(groups) == 1:
+                return [(groups[0], str(e))]
+            culprits = self._implicated(groups, e)
+        if culprits and len(culprits) < len(groups):   # drop the groups that touch the failing op, retry the rest
+            rest = [grp for grp in groups if all(grp is not c for c in culprits)]
+            msg = "implicated in a failed verification; "
+            failed = []
+            for c in culprits:   # each alone, so that a bystander is not dropped
+                failed += self.prune([c], skip_failed=True) if len(culprits) > 1 else [(c, msg)]
+            return failed + self.prune(rest, skip_failed=True)
+        half = len(groups) // 2
+        return self.prune(groups[:half], skip_failed=True) + self.prune(groups[half:], skip_failed=True)
+
+    def _implicated(self, groups: Sequence[Group], err: SurgeryError) -> list[Group]:
+        """Groups that label a tensor of the op where verification failed."""
+        idx, mode = getattr(err, "op_index", -1), getattr(err, "mode", "")
+        trace = next((t for t in self.traces if t.mode == mode), None)
+        if idx < 0 or trace is None or idx >= len(trace.ops):
+            return []
+        op = trace.ops[idx]
+        nodes = set(op.inputs) | set(op.outputs)
+        return [grp for grp in groups if grp.version >= self._trace_step and any(k[0] in nodes for k in grp.labels)]
+
+    def _prune(self, groups: Sequence[Group]) -> None:
         plan: dict[tuple[str, str, int], np.ndarray] = {}
         for grp in groups:
             if grp.graph is not self:

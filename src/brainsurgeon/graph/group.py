@@ -96,12 +96,15 @@ class Group:
         self.graph.prune([self])
 
     def numel(self) -> int:
-        """Number of parameter/buffer elements this group removes."""
-        total = 0
+        """Number of parameter/buffer elements this group removes (a tensor sliced on two dims counts once)."""
+        per_tensor: dict[int, tuple[torch.Tensor, dict[int, int]]] = {}
         for s in self.slices:
             t = self._tensor(s)
-            per = t.numel() // max(t.shape[s.dim], 1)
-            total += per * int(s.idxs.numel())
+            per_tensor.setdefault(id(t), (t, {}))[1][s.dim] = int(s.idxs.numel())
+        total = 0
+        for t, dims in per_tensor.values():
+            kept = [n - dims.get(d, 0) for d, n in enumerate(t.shape)]
+            total += t.numel() - int(np.prod(kept))
         return total
 
     def _tensor(self, s: Slice) -> torch.Tensor:

@@ -147,8 +147,8 @@ class Closure:
     inexact: list[tuple[Key, str]]
 
 
-def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarray]], size: dict[Key, int]
-                  ) -> list[tuple[Key, np.ndarray]]:
+def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarray]], size: dict[Key, int],
+                  blocked: dict[Key, str], prefer_fits: bool = True) -> list[tuple[Key, np.ndarray]]:
     """Atoms to carry a labelling of a split dim to: already labelled ones, else those it is expressible
     on (every touched slab fully labelled with one label), else one it fits without merging labels,
     else the outermost (coarsening: whole heads / whole blocks)."""
@@ -171,13 +171,15 @@ def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarra
                 clean.append((k, d))
     if clean:
         return clean
-    if fits:
-        return fits[:1]
-    return parts[:1]
+    open_fits = [p for p in fits if p[0] not in blocked]
+    if prefer_fits and (open_fits or fits):
+        return (open_fits or fits)[:1]
+    open_parts = [p for p in parts if p[0] not in blocked]
+    return (open_parts or parts)[:1]
 
 
 def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray,
-            stop_when_blocked: bool = False) -> Closure:
+            stop_when_blocked: bool = False, prefer_fits: bool = True) -> Closure:
     """Propagate the labelling ``root_pos[i] -> root_rows[i]`` of ``root`` over every index map.
 
     Terminates because a key is re-queued only when it gains labelled positions (finitely many),
@@ -211,7 +213,7 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
                 work.append(other)
                 queued.add(other)
         for parts in edges.splits.get(key, ()):
-            for atom, digit in _choose_atoms(lab, la, parts, edges.size):
+            for atom, digit in _choose_atoms(lab, la, parts, edges.size, edges.blocked, prefer_fits):
                 if lab.apply(atom, edges.size[atom], digit[on], la[on]) and atom not in queued:
                     work.append(atom)
                     queued.add(atom)

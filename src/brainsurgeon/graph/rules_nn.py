@@ -322,11 +322,19 @@ def _sdpa(op: OpRecord, g: Ctx) -> None:
     g.link(k, -2, v, -2)
     g.link(v, -1, out, -1)
     so = g.shape(out)
+    sq, sk = g.shape(q), g.shape(k)
     for t in (q, k, v):
         st = g.shape(t)
         for i in range(3, min(len(st), len(so)) + 1):
             if st[-i] == so[-i]:
                 g.link(t, len(st) - i, out, len(so) - i)
+    if len(sq) >= 3 and len(sk) >= 3 and sq[-3] != sk[-3] and sk[-3] > 1 and sq[-3] % sk[-3] == 0:
+        # GQA: query head h reads key/value head h // (Hq / Hkv): q heads are atoms (Hkv, rep)
+        kv, rep = sk[-3], sq[-3] // sk[-3]
+        akv, arep = g.edges.atom(kv), g.edges.atom(rep)
+        g.edges.split(g.key(q, -3), [(akv, kv), (arep, rep)])
+        for t in (k, v):
+            g.edges.link(g.key(t, -3), akv)
     mask = op.get("attn_mask", op.get("attn_bias"))
     if isinstance(mask, Ref):
         sm = g.shape(mask)
@@ -385,3 +393,39 @@ def _roi_align(op: OpRecord, g: Ctx) -> None:
     g.block(x, [0, 2, 3], f"{op.name} (boxes)")
     g.block(out, [0, 2, 3], f"{op.name} (boxes)")
     g.block(rois, None, f"{op.name} (boxes)")
+
+
+@register_rule("aten._native_multi_head_attention")
+def _native_mha(op: OpRecord, g: Ctx) -> None:
+    """nn.MultiheadAttention's fused inference path: qkv rows are atoms (3, heads, head_dim).
+
+    Heads (and head_dim positions, shared by q/k/v) are coupled to the output projection's input.
+    The default scale makes head_dim positions inexact; whole heads are exact.
+    """
+    q, k, v = op.args[:3]
+    heads = int(op.get("num_head"))
+    w, b, pw, pb = (op.get(n) for n in ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias"))
+    out = op.outputs[0]
+    e3, e = g.shape(w)[0], g.shape(pw)[1]
+    for t in (q, k, v):
+        g.link(t, -1, w, 1)
+        for i in range(len(g.shape(t)) - 1):
+            g.link(t, i, out, i)
+    e_ = g.edges
+    a3, ah, ad = e_.atom(3), e_.atom(heads), e_.atom(e // heads)
+    e_.split(g.key(w, 0), [(a3, 3), (ah, heads), (ad, e // heads)])
+    e_.split(g.key(pw, 1), [(ah, heads), (ad, e // heads)])
+    e_.block(a3, f"{op.name} (q/k/v)")
+    e_.mark_inexact(ad, f"{op.name} (default scale 1/sqrt(head_dim))")
+    if isinstance(b, Ref):
+        g.link(b, 0, w, 0)
+    g.link(pw, 0, out, -1)
+    if isinstance(pb, Ref):
+        g.link(pb, 0, out, -1)
+    if e3 != 3 * e:
+        g.block(w, None, f"{op.name} (unexpected qkv width)")
+    mask = op.get("mask")
+    if isinstance(mask, Ref):
+        g.block(mask, None, f"{op.name} (mask)")
+    for o in op.outputs[1:]:
+        g.block(o, None, f"{op.name} (attention weights)")

@@ -173,6 +173,9 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
         m.num_key_value_heads = k.weight.shape[0] // head
 
 
+_CONTAINER_FIXERS = (_hf_attention, _vit)
+
+
 def module_attrs(m: nn.Module) -> dict[str, Any]:
     """A restorable snapshot of a module's plain attributes."""
     return {k: copy.copy(v) for k, v in vars(m).items()
@@ -208,6 +211,12 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
                 t.grad = None
             for mname, tname in owners.get(tid, []):
                 modules.setdefault(mname, {}).setdefault(tname, {}).update(dims)
+        for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
+            parts = mname.split(".")
+            for i in range(len(parts) - 1, -1, -1):
+                parent = ".".join(parts[:i])
+                if parent not in modules and find_fixer(model.get_submodule(parent)) in _CONTAINER_FIXERS:
+                    modules[parent] = {}
         for mname, removed in modules.items():
             m = model.get_submodule(mname)
             fixer = find_fixer(m)

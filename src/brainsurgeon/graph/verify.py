@@ -21,6 +21,15 @@ from .maps import Key
 from .trace import Node, Trace, run_model
 
 
+class VerifyError(SurgeryError):
+    """A verification failure at op ``op_index`` of the ``mode`` trace (-1 when not attributable)."""
+
+    def __init__(self, msg: str, mode: str, op_index: int) -> None:
+        super().__init__(msg)
+        self.mode = mode
+        self.op_index = op_index
+
+
 class _Shapes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -46,8 +55,11 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         with torch.no_grad(), rec:
             out = run_model(model, example_inputs)
     except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
-        raise SurgeryError(f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}: "
-                           f"{type(e).__name__}: {str(e)[:300]}; the model was restored") from e
+        matched = trace is not None and all(i < len(trace.ops) and trace.ops[i].name == n
+                                            for i, (n, _) in enumerate(rec.ops))
+        raise VerifyError(f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}: "
+                          f"{type(e).__name__}: {str(e)[:300]}; the model was restored", mode,
+                          len(rec.ops) if matched else -1) from e
     finally:
         for m, f in was.items():
             m.training = f
@@ -63,17 +75,25 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         if i >= len(trace.ops) or trace.ops[i].name != name:
             matched = False
             break
-        for nid, shape in zip(trace.ops[i].outputs, shapes, strict=False):
+        outs = trace.ops[i].outputs
+        if len(outs) != len(shapes) or any(
+                len(nodes[nid].shape) != len(shape)
+                or any(removed.get((nid, d)) is None and shape[d] != nodes[nid].shape[d] for d in range(len(shape)))
+                for nid, shape in zip(outs, shapes, strict=False)):
+            matched = False   # the program diverged (data-dependent control flow, size-dependent decompositions)
+            break
+        for nid, shape in zip(outs, shapes, strict=False):
             orig = nodes[nid].shape
-            for d in range(min(len(orig), len(shape))):
+            for d in range(len(shape)):
                 c = removed.get((nid, d))
                 if c is not None and shape[d] != orig[d] - c:
-                    raise SurgeryError(f"{mode}-mode check: {name} (op {i}) produced {shape[d]} entries along dim "
+                    raise VerifyError(f"{mode}-mode check: {name} (op {i}) produced {shape[d]} entries along dim "
                                        f"{d}, expected {orig[d] - c} after removing {c} (module code with a "
-                                       f"hard-coded size?); the model was restored")
+                                       f"hard-coded size?); the model was restored", mode, i)
     flat = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
     if len(flat) != len(trace.output_shapes) or any(
             len(o.shape) != len(s) or (matched and tuple(o.shape) != s) for o, s in zip(flat, trace.output_shapes,
                                                                                          strict=False)):
-        raise SurgeryError(f"{mode}-mode output shapes changed after pruning: "
-                           f"{[tuple(o.shape) for o in flat][:4]} vs {trace.output_shapes[:4]}; the model was restored")
+        raise VerifyError(f"{mode}-mode output shapes changed after pruning: "
+                          f"{[tuple(o.shape) for o in flat][:4]} vs {trace.output_shapes[:4]}; the model was restored",
+                          mode, -1)
