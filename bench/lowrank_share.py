@@ -98,7 +98,7 @@ def retrain_masked(model: nn.Module, data, steps: int, lr: float, seed: int = 0)
     model.eval()
 
 
-def adaptive_rows(pruned: nn.Module, train_ds, test_ds, calib, tmp: str, out: dict) -> None:
+def adaptive_rows(pruned: nn.Module, train_ds, test_ds, calib, tmp: str, out: dict, quick: bool) -> None:
     """Uniform vs adaptive bits at the same average (no fine-tuning), on copies of the pruned model."""
     from brainsurgeon.share import adaptive_bits, gradient_sensitivity, hessian_sensitivity
 
@@ -106,9 +106,9 @@ def adaptive_rows(pruned: nn.Module, train_ds, test_ds, calib, tmp: str, out: di
     sens = {"Hessian trace": hessian_sensitivity(pruned, calib),
             "squared gradient": gradient_sensitivity(pruned, data, max_batches=8)}
     rows = []
-    for avg in (3, 2):
+    for avg in (3,) if quick else (3, 2):
         plans = {"uniform": dict.fromkeys(SPARSITY, avg)}
-        plans.update({k: adaptive_bits(pruned, v, avg_bits=avg) for k, v in sens.items()})
+        plans.update({k: adaptive_bits(pruned, v, avg_bits=avg, choices=range(1, 9)) for k, v in sens.items()})
         for label, bits in plans.items():
             m = copy.deepcopy(pruned)
             share_(m, WeightSharing(bits=8), overrides={k: WeightSharing(bits=b) for k, b in bits.items()})
@@ -147,7 +147,7 @@ def part_a(quick: bool, out: dict) -> None:
     rows.append([f"pruned {1 - nnz / tot:.1%} (acc before retrain {acc_p0:.2%})", f.bytes_on_disk,
                  f"{dense / f.bytes_on_disk:.1f}x", f"{acc_p:.2%}", "relative index + fp32"])
 
-    adaptive_rows(model, train_ds, test_ds, calib, tmp, out)
+    adaptive_rows(model, train_ds, test_ds, calib, tmp, out, quick)
     over_s = {k: WeightSharing(bits=b, finetune_steps=100 if quick else 400, lr=1e-4) for k, b in BITS.items()}
     rep = share_(model, WeightSharing(bits=5, finetune_steps=100 if quick else 400, lr=1e-4), data=DataLoader(
         train_ds, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1)), overrides=over_s)
@@ -185,7 +185,7 @@ def part_b(quick: bool, out: dict) -> None:
 
     t0 = time.perf_counter()
     tok, bert = load_minilm()
-    calib_s, eval_s = topic_sentences(64 if quick else 256, 128 if quick else 512)
+    calib_s, eval_s = topic_sentences(32 if quick else 256, 64 if quick else 512)
     calib = sentence_batches(tok, calib_s, batch=16, max_length=128)
     simlex, ws = word_pairs("simlex999.txt"), word_pairs("wordsim353.tsv")
     words = pair_words(simlex, ws)
