@@ -118,10 +118,12 @@ def bench(name: str, dense: nn.Module, model_fn: Callable[[], nn.Module], forwar
                 d = max_diff(forward(again.eval()), ref)
             rows.append((name, f"{label}, HF save_pretrained", folder_bytes(hp), t_s, t_l, d, "== 0"))
         if onnx and label in ("structurally pruned (50% FFN)", "int8 weight-only packed"):
-            op = os.path.join(tmp, f"{name}-{len(rows)}.onnx")
-            res = export_onnx(model, example, op)
-            rows.append((name, f"{label}, ONNX{' (dequantized)' if res.dequantized else ''} vs torch",
-                         os.path.getsize(op), res.seconds, float("nan"), res.max_abs_diff, f"<= {ONNX_ATOL:g}"))
+            for mode in ("dequantize", "qdq") if "int8" in label else ("dequantize",):
+                op = os.path.join(tmp, f"{name}-{len(rows)}.onnx")
+                res = export_onnx(model, example, op, quantized=mode)
+                kind = " (QDQ int8)" if res.qdq else " (dequantized)" if res.dequantized else ""
+                rows.append((name, f"{label}, ONNX{kind} vs torch", os.path.getsize(op), res.seconds,
+                             float("nan"), res.max_abs_diff, f"<= {ONNX_ATOL:g}"))
     return rows
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainsurgeon.export import export_onnx, load, read_manifest, save
+from brainsurgeon.export.qdq import qdq_equivalent
 from brainsurgeon.formats import registered_module_formats
 
 packed = pytest.importorskip("brainsurgeon.quant.packed")
@@ -87,11 +88,30 @@ def test_every_format_round_trips_exactly(tmp_path):
     assert disk < 0.6 * dense  # really stored compressed, not as dense float32
 
 
-def test_formats_export_to_onnx_dequantized(tmp_path):
+def test_qdq_weights_equal_dequantize_bit_for_bit():
     model = compressed()
-    res = export_onnx(model, (X,), str(tmp_path / "m.onnx"), optimize=False)  # the optimizer alone takes ~10 s
+    for name in ("conv1", "fc1", "fc2", "fc3"):
+        m = getattr(model, name)
+        qdq = qdq_equivalent(m)
+        assert qdq is not None and qdq.q.dtype == torch.int8
+        assert torch.equal(qdq.weight(), m.dequantize().reshape(qdq.shape))
+    assert qdq_equivalent(model.fc4) is None and qdq_equivalent(model.fc7) is None  # sparse, low-rank
+
+
+@pytest.mark.parametrize("quantized", ["dequantize", "qdq"])
+def test_formats_export_to_onnx(tmp_path, quantized):
+    import onnx
+
+    model = compressed()
+    path = str(tmp_path / "m.onnx")
+    res = export_onnx(model, (X,), path, quantized=quantized, optimize=False)  # the optimizer alone takes ~10 s
     assert res.max_abs_diff <= 1e-4
-    assert res.dequantized == ["conv1", "fc1", "fc2", "fc3", "fc4", "fc5", "fc6"]  # low-rank stays factored
+    packed_ = ["conv1", "fc1", "fc2", "fc3"]
+    assert res.dequantized == (packed_ if quantized == "dequantize" else []) + ["fc4", "fc5", "fc6"]
+    assert res.qdq == ([] if quantized == "dequantize" else packed_)  # low-rank fc7/conv2 stay factored
     with torch.no_grad():
         ref = model(X)
     assert res.diff_vs_compressed is not None and res.diff_vs_compressed < 0.05 * float(ref.abs().max())
+    int8 = [i for i in onnx.load(path).graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert sum(int(torch.tensor(i.dims).prod()) for i in int8) == (0 if quantized == "dequantize" else
+                                                                   8 * 9 + 64 * 1024 + 2 * 64 * 64)

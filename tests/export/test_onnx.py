@@ -30,17 +30,22 @@ def test_narrowed_model_matches_onnxruntime(tmp_path):
     assert len(conv2) == 1  # the narrowed conv is exported at its pruned shape
 
 
-@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "int8-weights"])
-def test_quantized_model_exports(tmp_path, dequantize):
-    model = quantized_digits()  # dequantize=False: the int8 storage + scale is exported as Cast/Mul (QDQ)
-    res = export_onnx(model, X, str(tmp_path / "q.onnx"), dequantize=dequantize, optimize=False)
+@pytest.mark.parametrize("quantized", ["dequantize", "as_is"])
+def test_quantized_model_exports(tmp_path, quantized):
+    model = quantized_digits()  # as_is: the test format's int8 storage + scale is exported as Cast/Mul
+    res = export_onnx(model, X, str(tmp_path / "q.onnx"), quantized=quantized, optimize=False)
     assert res.max_abs_diff <= 1e-4
-    assert res.dequantized == (["fc1", "fc2"] if dequantize else [])
-    if not dequantize:
+    assert res.dequantized == (["fc1", "fc2"] if quantized == "dequantize" else [])
+    if quantized == "as_is":
         import onnx
 
         dtypes = {i.data_type for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
         assert onnx.TensorProto.INT8 in dtypes
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(FormatError, match="quantized='int3'; allowed: 'dequantize', 'qdq', 'as_is'"):
+        export_onnx(narrowed_digits(), (X,), str(tmp_path / "m.onnx"), quantized="int3")
 
 
 def test_mismatch_leaves_no_file(tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
 """ONNX export of compressed models, checked against torch with onnxruntime before the file appears.
 
-Structurally pruned models are plain smaller modules and export as they are. Registered compressed
-formats that run custom kernels export through their dense equivalent when they offer one
-(``dequantize()`` or ``to_dense()`` returning an ``nn.Module``); formats whose forward is plain
-torch ops (int8 storage + scale, dequantized on the fly) export as they are, i.e. as integer
-initializers followed by Cast/Mul (weight-only QDQ).
+Structurally pruned models are plain smaller modules and export as they are, low-rank factors as
+their two smaller layers. Registered compressed formats that run custom kernels (packed int8/int4,
+dynamic int8, CSR/BSR sparse) are replaced first: by their dense equivalent (``quantized=
+"dequantize"``, from ``dequantize()``/``to_dense()``/``dense_weight()``) or, for packed integer
+weights, by integer codes + a dequantize in the graph (``quantized="qdq"``, weight-only QDQ).
 
     >>> res = export_onnx(model, (torch.randn(1, 1, 8, 8),), "out/model.onnx")
     >>> res.max_abs_diff <= 1e-4
@@ -27,6 +27,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import FormatError, UnsupportedOpError
+from .qdq import qdq_equivalent
 
 log = get_logger(__name__)
 
@@ -39,7 +40,8 @@ class OnnxExport:
     max_abs_diff: float
     opset: int | None
     seconds: float
-    dequantized: list[str] = field(default_factory=list)
+    dequantized: list[str] = field(default_factory=list)  # modules exported as dense float layers
+    qdq: list[str] = field(default_factory=list)  # modules exported as integer codes + dequantize
     # max |ONNX - original compressed model| when modules were dequantized (their kernels round
     # activations, e.g. to bfloat16, so this is larger than max_abs_diff; informational)
     diff_vs_compressed: float | None = None
@@ -73,25 +75,30 @@ def _dense_equivalent(m: nn.Module) -> nn.Module | None:
     return dense
 
 
-def densify(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def densify(model: nn.Module, qdq: bool = False) -> tuple[nn.Module, list[str], list[str]]:
     """A copy of `model` where each compressed leaf module (a registered format without child modules:
-    packed int8/int4, dynamic int8, sparse storage) is replaced by its dense Linear/Conv equivalent.
-    Formats built from child modules (low-rank factors) stay: they export as their smaller layers.
+    packed int8/int4, dynamic int8, sparse storage) is replaced by plain torch ops: with `qdq`, packed
+    integer weights by :class:`~brainsurgeon.export.qdq.WeightOnlyQDQ` (integer codes + dequantize),
+    everything else by its dense Linear/Conv equivalent. Formats built from child modules (low-rank
+    factors) stay: they export as their smaller layers. Returns (copy, dequantized names, QDQ names).
 
-    >>> dense, names = densify(packed_model)       # names: the modules that were dequantized
+    >>> dense, dequantized, qdq = densify(packed_model)
     """
     model = copy.deepcopy(model)
-    names: list[str] = []
+    dequantized: list[str] = []
+    qdq_names: list[str] = []
     for name, m in list(model.named_modules()):
         if not name or getattr(type(m), "format_name", None) is None or next(m.children(), None) is not None:
             continue
-        dense = _dense_equivalent(m)
-        if dense is not None:
-            model.set_submodule(name, dense.train(m.training))
-            names.append(name)
+        new = qdq_equivalent(m) if qdq else None
+        (qdq_names if new is not None else dequantized).append(name)
+        new = new if new is not None else _dense_equivalent(m)
+        if new is not None:
+            model.set_submodule(name, new.train(m.training))
         else:
+            dequantized.remove(name)
             log.warning("%s (%s): no dense equivalent; exporting its forward as is", name, type(m).__name__)
-    return model, names
+    return model, dequantized, qdq_names
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -125,13 +132,14 @@ def run_onnxruntime(path: str, inputs: tuple[Any, ...]) -> list[Any]:
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int | None = None,
-                atol: float = 1e-4, check: bool = True, dynamo: bool = True, dequantize: bool = True,
+                atol: float = 1e-4, check: bool = True, dynamo: bool = True, quantized: str = "dequantize",
                 optimize: bool = True) -> OnnxExport:
     """Export `model` (a copy, in eval mode) to `path`; with `check`, onnxruntime must match torch within `atol`.
 
-    dequantize: replace packed/sparse modules by their dense equivalents first (needed for modules
-    that call custom kernels); False exports every module's forward as is (integer initializers +
-    Cast/Mul for formats that dequantize with plain torch ops: weight-only QDQ).
+    quantized: how packed/sparse modules (custom kernels ONNX cannot express) are exported:
+    "dequantize" (dense float Linear/Conv), "qdq" (integer codes as INT8 initializers + Cast/Add/Mul,
+    ~4x smaller for the weights; turns the graph optimizer off, which would fold them back to
+    float), or "as_is" (every module's own forward; for formats that dequantize with plain ops).
     optimize: run the dynamo exporter's graph optimizer (constant folding; slow on large graphs;
     onnxruntime optimizes the graph again when it loads it).
 
@@ -144,7 +152,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
     if atol <= 0:
         raise FormatError(f"atol must be > 0, got {atol}; the default 1e-4 suits float32 models")
     inputs = _as_tuple(example_inputs)
-    work, dequantized = densify(model) if dequantize else (copy.deepcopy(model), [])
+    if quantized not in ("dequantize", "qdq", "as_is"):
+        raise FormatError(f"quantized={quantized!r}; allowed: 'dequantize', 'qdq', 'as_is'")
+    if quantized == "as_is":
+        work, dequantized, qdq = copy.deepcopy(model), [], []
+    else:
+        work, dequantized, qdq = densify(model, qdq=quantized == "qdq")
+    optimize = optimize and not qdq
     work.eval()
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -179,7 +193,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
                 raise FormatError(f"ONNX export of {type(model).__name__} differs from torch by {diff:.3g} > atol "
                                   f"{atol:g} on the example inputs; the file was not written. Report the model, "
                                   f"or export with dynamo={not dynamo}")
-            if dequantized:
+            if dequantized or qdq:
                 with torch.no_grad():
                     orig = _leaves(model(*inputs)) if not model.training else _leaves(_eval_copy(model)(*inputs))
                 diff_orig = max(float((torch.from_numpy(g).float() - r.detach().float().cpu()).abs().max())
@@ -192,7 +206,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
             if os.path.exists(extra):
                 os.unlink(extra)
     res = OnnxExport(path=path, max_abs_diff=diff, opset=opset, seconds=time.perf_counter() - t0,
-                     dequantized=dequantized, diff_vs_compressed=diff_orig)
-    log.info("exported %s to %s (max |diff| %.3g, %d modules dequantized)", type(model).__name__, path, diff,
-             len(dequantized))
+                     dequantized=dequantized, qdq=qdq, diff_vs_compressed=diff_orig)
+    log.info("exported %s to %s (max |diff| %.3g, %d modules dequantized, %d as QDQ)", type(model).__name__, path,
+             diff, len(dequantized), len(qdq))
     return res
