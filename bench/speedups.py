@@ -102,8 +102,8 @@ def minilm(quick: bool, threads: int, min_time: float) -> None:
     batches = (1, 8) if quick else (1, 32)
     inputs = {b: dict(tok(text[:b], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
               for b in batches}
-    rows = compare_latency(variants, inputs, threads=threads, min_run_time=min_time, rounds=1 if quick else 3,
-                           warmup=1 if quick else 3)
+    rows = compare_latency(variants, inputs, threads=threads, min_run_time=min_time, rounds=1 if quick else 2,
+                           warmup=1)
 
     _, held = topic_sentences(0, 32 if quick else 256)
     enc = dict(tok(held, padding=True, truncation=True, max_length=128, return_tensors="pt"))
@@ -176,7 +176,7 @@ def sparse_break_even(quick: bool, threads: int, min_time: float) -> None:
                     for s in sparsities:
                         m = SparseLinear.from_linear(_pruned_linear(n_in, n_out, s, block, g), fmt[:3], block=16)
                         td, ts = _paired(lambda x=x, W=W: nn.functional.linear(x, W), lambda m=m, x=x: m(x),
-                                         threads, min_time)
+                                         threads, min_time, rounds=2 if quick else 3)
                         ratios.append(ts / td)
                         dense_ms.append(1e3 * td)
                     b = break_even(sparsities, 1.0, ratios)

@@ -161,7 +161,7 @@ class _PackedLinear(nn.Module):
         """The compute path forward takes on the module's current device (shown in reports)."""
         if self.scale.device.type == "cpu":
             return f"{self.kernel_name} ({self.compute_dtype} activations)"
-        return f"dequantize + F.linear (no {self.kernel_name} on {self.scale.device.type})"
+        return f"dequantize + F.linear ({self.kernel_name} is wired for CPU only; {self.scale.device.type})"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
