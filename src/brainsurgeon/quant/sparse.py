@@ -32,19 +32,22 @@ from ..errors import ConfigError, UnsupportedModuleError
 from ..formats import register_module_format
 
 FORMATS = ("bitmask", "csr", "bsr")
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool rows x cols -> uint8 rows x ceil(cols/8); column c is bit c % 8 of byte c // 8."""
     rows, cols = mask.shape
     m = F.pad(mask.to(torch.uint8), (0, (-cols) % 8)).reshape(rows, -1, 8)  # rows x bytes x 8
-    return (m * _BITS.to(mask.device)).sum(dim=-1, dtype=torch.uint8)
+    return (m * _bits(mask.device)).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 rows x bytes -> bool rows x cols."""
-    bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0  # rows x bytes x 8
+    bits = (packed.unsqueeze(-1) & _bits(packed.device)) != 0  # rows x bytes x 8
     return bits.reshape(packed.shape[0], -1)[:, :cols]
 
 
