@@ -31,6 +31,10 @@ class VerifyError(SurgeryError):
 
 
 class _Shapes(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
