@@ -78,7 +78,7 @@ class Encoder(nn.Module):
         return nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1)
 
 
-def minilm(quick: bool, threads: int, min_time: float) -> None:
+def minilm(quick: bool, threads: int, min_time: float, clock: str) -> None:
     from _text import load_minilm, topic_sentences, topics_text
 
     tok, bert = load_minilm()
@@ -103,7 +103,7 @@ def minilm(quick: bool, threads: int, min_time: float) -> None:
     inputs = {b: dict(tok(text[:b], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
               for b in batches}
     rows = compare_latency(variants, inputs, threads=threads, min_run_time=min_time, rounds=1 if quick else 2,
-                           warmup=1)
+                           warmup=1, clock=clock)
 
     _, held = topic_sentences(0, 32 if quick else 256)
     enc = dict(tok(held, padding=True, truncation=True, max_length=128, return_tensors="pt"))
@@ -147,16 +147,17 @@ def _pruned_linear(n_in: int, n_out: int, sparsity: float, block: int, g: torch.
     return lin
 
 
-def _paired(dense_fn, sparse_fn, threads: int, min_time: float, rounds: int = 3) -> tuple[float, float]:  # noqa: ANN001
+def _paired(dense_fn, sparse_fn, threads: int, min_time: float, clock: str,  # noqa: ANN001
+            rounds: int = 3) -> tuple[float, float]:
     """Median seconds of dense and sparse, timed in alternating rounds so load drifts hit both alike."""
     d, s = [], []
     for _ in range(rounds):
-        d += time_call(dense_fn, threads=threads, warmup=1, min_run_time=min_time / rounds).times
-        s += time_call(sparse_fn, threads=threads, warmup=1, min_run_time=min_time / rounds).times
+        d += time_call(dense_fn, threads=threads, warmup=1, min_run_time=min_time / rounds, clock=clock).times
+        s += time_call(sparse_fn, threads=threads, warmup=1, min_run_time=min_time / rounds, clock=clock).times
     return float(torch.tensor(d).median()), float(torch.tensor(s).median())
 
 
-def sparse_break_even(quick: bool, threads: int, min_time: float) -> None:
+def sparse_break_even(quick: bool, threads: int, min_time: float, clock: str) -> None:
     sparsities = [0.7, 0.9, 0.95, 0.98] if quick else [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
     g = torch.Generator().manual_seed(0)
     print(f"\n## Sparse matmul vs dense Linear ({threads} thread(s)): time sparse / time dense (median, each "
@@ -176,7 +177,7 @@ def sparse_break_even(quick: bool, threads: int, min_time: float) -> None:
                     for s in sparsities:
                         m = SparseLinear.from_linear(_pruned_linear(n_in, n_out, s, block, g), fmt[:3], block=16)
                         td, ts = _paired(lambda x=x, W=W: nn.functional.linear(x, W), lambda m=m, x=x: m(x),
-                                         threads, min_time, rounds=2 if quick else 3)
+                                         threads, min_time, clock, rounds=2 if quick else 3)
                         ratios.append(ts / td)
                         dense_ms.append(1e3 * td)
                     b = break_even(sparsities, 1.0, ratios)
@@ -195,7 +196,7 @@ def sparse_break_even(quick: bool, threads: int, min_time: float) -> None:
 # ----------------------------------------------------------------------------- 3. ResNet-50
 
 
-def resnet50(quick: bool, threads: int, min_time: float) -> None:
+def resnet50(quick: bool, threads: int, min_time: float, clock: str) -> None:
     try:
         from brainsurgeon.prune.api import prune_
         from brainsurgeon.prune.config import ChannelPruning
@@ -213,7 +214,7 @@ def resnet50(quick: bool, threads: int, min_time: float) -> None:
     px, batches = (112, (1, 8)) if quick else (224, (1, 32))
     inputs = {b: torch.randn(b, 3, px, px) for b in batches}
     rows = compare_latency({"dense": dense, "pruned 30% channels": pruned}, inputs, threads=threads,
-                           min_run_time=min_time * (2 if quick else 4), rounds=2, warmup=1)
+                           min_run_time=min_time * (2 if quick else 4), rounds=2, warmup=1, clock=clock)
     print(f"\n## ResNet-50 (random weights) pruned structurally with prune_ ({secs:.1f} s), {px}x{px} px, "
           f"{threads} thread(s)")
     print(format_speed_table(rows))
@@ -227,15 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced run (< ~1 min); exit 1 if a bound fails")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default 1)")
     p.add_argument("--only", choices=("minilm", "sparse", "resnet"), help="run one table")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="cpu (default): CPU time of the 1-thread timing process, robust on a shared, "
+                        "oversubscribed machine; wall: elapsed time (use on an idle machine or with --threads > 1)")
     args = p.parse_args(argv)
     min_time = 0.15 if args.quick else 0.6
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
-          f"timing threads {args.threads}, os.cpu_count {os.cpu_count()}, load average "
-          f"{os.getloadavg()[0]:.1f} (shared machine: absolute times are noisy)")
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, timing threads {args.threads}, "
+          f"clock {args.clock}, os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}"
+          + (" (shared machine: cpu clock = time on a core, not time waiting for one)" if args.clock == "cpu" else ""))
     for name, fn in (("minilm", minilm), ("sparse", sparse_break_even), ("resnet", resnet50)):
         if args.only in (None, name):
-            fn(args.quick, args.threads, min_time)
+            fn(args.quick, args.threads, min_time, args.clock)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; {len(FAILS)} bound(s) failed")
     return 1 if FAILS else 0
 

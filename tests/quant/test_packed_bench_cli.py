@@ -26,6 +26,7 @@ def test_pack_keeps_macs_and_reports_both_batches(capsys):
         ("dense", 1), ("compressed", 1), ("dense", 4), ("compressed", 4)]
     assert all(r["mac_ratio"] == 1.0 and r["median_ms"] > 0 and r["iqr_ms"] >= 0 for r in out["rows"])
     assert "packed int8" in out["compression"] and "aten._weight_int8pack_mm" in out["compression"]
+    assert out["clock"] == "wall"
 
 
 def test_sparsity_counts_only_the_stored_weights(capsys):

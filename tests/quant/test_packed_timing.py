@@ -62,3 +62,15 @@ def _half_pruned() -> nn.Linear:
     with torch.no_grad():
         lin.weight[:, ::2] = 0
     return lin
+
+
+def test_cpu_clock_times_the_process_and_refuses_multithreaded_use():
+    from brainsurgeon.errors import ConfigError
+
+    a = torch.randn(64, 64)
+    t = time_call(lambda: a @ a, threads=1, warmup=1, min_run_time=0.05, clock="cpu")
+    assert t.clock == "cpu" and t.median_s > 0
+    with pytest.raises(ConfigError, match=r"clock='cpu'.*only with threads=1.*clock='wall'"):
+        time_call(lambda: a @ a, threads=2, clock="cpu")
+    with pytest.raises(ConfigError, match=r"clock='gpu'; allowed"):
+        time_call(lambda: a @ a, clock="gpu")

@@ -58,6 +58,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default 1)")
     p.add_argument("--min-time", type=float, default=0.5, metavar="SEC",
                    help="seconds of timed runs per model and batch size (default 0.5)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default) or cpu: CPU time of the 1-thread process, robust on a busy, shared machine")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.set_defaults(func=run)
 
@@ -164,14 +166,15 @@ def run(args: argparse.Namespace) -> int:
     compressed, what = compress(dense, args, torch.randn(1, *shape, generator=gen))
     inputs = {b: torch.randn(b, *shape, generator=gen) for b in args.batch}
     rows = compare_latency({"dense": dense, "compressed": compressed}, inputs, threads=args.threads,
-                           min_run_time=args.min_time, rounds=3)
+                           min_run_time=args.min_time, rounds=3, clock=args.clock)
     if args.format == "json":
-        print(json.dumps({"model": args.model, "compression": what, "threads": args.threads, "rows": [
+        print(json.dumps({"model": args.model, "compression": what, "threads": args.threads, "clock": args.clock,
+                          "rows": [
             {"variant": r.variant, "batch": r.batch, "median_ms": r.timing.median_ms, "iqr_ms": r.timing.iqr_ms,
              "runs": r.timing.runs, "speedup": r.speedup, "mac_ratio": r.mac_ratio, "efficiency": r.efficiency}
             for r in rows]}, indent=2))
         return 0
-    print(f"{args.model}: {what}; {args.threads} thread(s)")
+    print(f"{args.model}: {what}; {args.threads} thread(s), {args.clock} clock")
     print(format_speed_table(rows))
     for r in rows:
         if r.variant == "compressed":

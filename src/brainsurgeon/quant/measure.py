@@ -6,7 +6,10 @@
     >>> count_macs(model, x1)          # multiply-accumulates of the weight layers for this input
 
 Timings on a shared or loaded machine are noisy: the median of many blocked runs and the IQR are
-reported, never the minimum; compare models measured in the same process, interleaved.
+reported, never the minimum; compare models measured in the same process, interleaved. On an
+oversubscribed machine (load average >> cores) wall time mostly measures the scheduler:
+``clock="cpu"`` times the process's CPU time instead (single-threaded only), which leaves out the
+time the process waited for a core but keeps its own compute and memory stalls.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
+CLOCKS = ("wall", "cpu")
+
 
 @dataclass
 class Timing:
@@ -28,13 +35,14 @@ class Timing:
     runs: int
     threads: int
     times: list[float] = field(default_factory=list, repr=False)  # per-run seconds (blocked averages)
+    clock: str = "wall"
 
     @staticmethod
-    def of(times: list[float], threads: int) -> Timing:
+    def of(times: list[float], threads: int, clock: str = "wall") -> Timing:
         """Median and IQR of per-run times."""
         t = torch.tensor(times, dtype=torch.float64)
         q25, q50, q75 = (float(v) for v in torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
-        return Timing(q50, q75 - q25, len(times), threads, list(times))
+        return Timing(q50, q75 - q25, len(times), threads, list(times), clock)
 
     @property
     def median_ms(self) -> float:
@@ -45,22 +53,34 @@ class Timing:
         return 1e3 * self.iqr_s
 
 
-def time_call(fn: Callable[[], Any], *, threads: int = 1, warmup: int = 3, min_run_time: float = 0.5) -> Timing:
+def time_call(fn: Callable[[], Any], *, threads: int = 1, warmup: int = 3, min_run_time: float = 0.5,
+              clock: str = "wall") -> Timing:
     """Median and IQR of `fn()` with `threads` intra-op threads, after `warmup` untimed calls.
+
+    clock: ``wall`` (perf_counter) or ``cpu`` (the process's CPU time; needs threads=1).
 
     >>> time_call(lambda: a @ b, threads=1).median_ms
     """
+    import time
+
     import torch.utils.benchmark as tb
 
+    if clock not in CLOCKS:
+        raise ConfigError(f"time_call: clock={clock!r}; allowed: {list(CLOCKS)}")
+    if clock == "cpu" and threads != 1:
+        raise ConfigError(f"time_call: clock='cpu' sums the CPU time of all threads, so it is a latency only "
+                          f"with threads=1 (got threads={threads}); use clock='wall' for {threads} threads")
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         for _ in range(warmup):
             fn()
-        m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+        m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads,
+                     timer=timer).blocked_autorange(min_run_time=min_run_time)
     finally:
         torch.set_num_threads(prev)
-    return Timing.of([float(v) for v in m.times], threads)
+    return Timing.of([float(v) for v in m.times], threads, clock)
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -72,7 +92,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def time_model(model: nn.Module, inputs: Any, *, threads: int = 1, warmup: int = 3,
-               min_run_time: float = 0.5) -> Timing:
+               min_run_time: float = 0.5, clock: str = "wall") -> Timing:
     """Latency of ``model(inputs)`` in eval mode under ``torch.inference_mode`` (mode restored after).
 
     inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
@@ -84,7 +104,7 @@ def time_model(model: nn.Module, inputs: Any, *, threads: int = 1, warmup: int =
     try:
         with torch.inference_mode():
             return time_call(lambda: _call(model, inputs), threads=threads, warmup=warmup,
-                             min_run_time=min_run_time)
+                             min_run_time=min_run_time, clock=clock)
     finally:
         model.train(was_training)
 
@@ -151,7 +171,7 @@ class SpeedRow:
 
 def compare_latency(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], *, threads: int = 1,
                     min_run_time: float = 0.5, rounds: int = 3, warmup: int = 3,
-                    reference: str | None = None) -> list[SpeedRow]:
+                    reference: str | None = None, clock: str = "wall") -> list[SpeedRow]:
     """Time every model at every batch size; speed-ups and MAC ratios relative to `reference` (first).
 
     The models are timed in `rounds` interleaved rounds (``min_run_time / rounds`` each) and the
@@ -166,8 +186,9 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], 
         runs: dict[str, list[float]] = {n: [] for n in models}
         for _ in range(rounds):
             for n, m in models.items():
-                runs[n] += time_model(m, x, threads=threads, warmup=warmup, min_run_time=min_run_time / rounds).times
-        t = {n: Timing.of(v, threads) for n, v in runs.items()}
+                runs[n] += time_model(m, x, threads=threads, warmup=warmup, min_run_time=min_run_time / rounds,
+                                      clock=clock).times
+        t = {n: Timing.of(v, threads, clock) for n, v in runs.items()}
         macs = {n: count_macs(m, x) for n, m in models.items()}
         for n in models:
             rows.append(SpeedRow(n, batch, t[n], t[ref].median_s / t[n].median_s,
@@ -177,7 +198,9 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], 
 
 def format_speed_table(rows: list[SpeedRow]) -> str:
     """A plain-text table of :func:`compare_latency` rows."""
-    head = f"{'variant':<24} {'batch':>5} {'median ms':>10} {'IQR ms':>8} {'speed-up':>9} {'MAC ratio':>9} {'eff.':>5}"
+    clock = rows[0].timing.clock if rows else "wall"
+    ms = "median ms" if clock == "wall" else "cpu ms"
+    head = f"{'variant':<24} {'batch':>5} {ms:>10} {'IQR ms':>8} {'speed-up':>9} {'MAC ratio':>9} {'eff.':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.variant:<24} {r.batch:>5} {r.timing.median_ms:>10.2f} {r.timing.iqr_ms:>8.2f} "
