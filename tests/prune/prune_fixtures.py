@@ -110,3 +110,22 @@ def correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
     z = torch.randn(n, cols // 2, generator=g, dtype=torch.float64)
     mix = torch.randn(cols // 2, cols, generator=g, dtype=torch.float64)
     return z @ mix + 0.1 * torch.randn(n, cols, generator=g, dtype=torch.float64)
+
+
+class TinyMHA(nn.Module):
+    """(N, T, 8) -> inp (16) -> 4-head self-attention + residual -> fc (16) -> out (3)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.inp = nn.Linear(8, 16)
+            self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)  # (N, T, 16)
+        a, _ = self.att(h, h, h)
+        return self.out(torch.relu(self.fc(a + h)))  # (N, T, 3)

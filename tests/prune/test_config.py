@@ -17,7 +17,6 @@ from brainsurgeon.prune import ChannelPruning
     ({"steps": 0}, r"steps must be an integer >= 1"),
     ({"round_to": 0}, r"round_to must be an integer >= 1"),
     ({"ignore": "fc"}, r"ignore must be a tuple of module-name regexes"),
-    ({"heads": "all"}, r"heads must be one of"),
     ({"normalize": "l2"}, r"normalize must be one of"),
     ({"reconstruct": "yes"}, r"reconstruct must be one of \['none', 'obs'\]"),
     ({"importance": "magnitude"}, r"unknown importance 'magnitude'; registered: .*@register_importance"),

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from prune_fixtures import ConvBNConv, calib_batches
+from prune_fixtures import ConvBNConv, TinyMHA, calib_batches
 
 from brainsurgeon.errors import CalibrationError, ConfigError
 from brainsurgeon.models import build_model
@@ -141,3 +141,11 @@ def test_report_rows_and_table():
     assert rows["conv2"].macs == rows["conv2"].macs_before // 4
     text = prune_table(rep)
     assert "conv2" in text and "macs:" in text and "x smaller" in text
+
+
+def test_attention_heads_are_pruned_whole():
+    m = TinyMHA()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    prune_(m, ChannelPruning(ratio=0.5), x)
+    assert (m.att.embed_dim, m.att.num_heads, m.att.head_dim) == (8, 2, 4)  # 2 of 4 heads removed whole
+    assert m.fc.out_features == 8 and m(x).shape == (2, 5, 3)

@@ -88,7 +88,7 @@ def _plan(groups: list[Any], scores: list[torch.Tensor], cfg: ChannelPruning, ra
     units = [int(getattr(g, "unit", 1)) for g in groups]
     if cfg.scope == "global":
         return select_global(scores, ratio, cfg.max_layer_ratio, n_orig, cfg.round_to, units)
-    return [select_local(s, ratio, cfg.round_to, u, cfg.heads, no)
+    return [select_local(s, ratio, cfg.round_to, u, "whole", no)
             for s, u, no in zip(scores, units, n_orig, strict=True)]
 
 

@@ -16,7 +16,6 @@ from ..errors import ConfigError
 SCOPES = ("local", "global")
 NORMALIZE = ("none", "mean", "max", "sum", "standardize")
 REDUCE = ("sum", "mean", "max", "root")
-HEADS = ("whole", "dims")
 RECONSTRUCT = ("none", "obs")
 
 
@@ -36,8 +35,8 @@ class ChannelPruning(Config):
     ``normalize``/``reduce`` tune the group-norm criteria (DepGraph). ``steps``: iterative
     pruning, re-scoring after each step. ``round_to``: kept channels per group are a multiple
     of this. ``ignore``: module-name regexes whose output channels are never pruned.
-    ``heads``: ``"whole"`` removes whole units (attention heads, conv channel-groups) where the
-    group says so, ``"dims"`` removes the same within-unit channels in every unit.
+    Attention heads, GQA groups and conv channel-groups are pruned as whole units: the graph's
+    rows already are whole units (and a group with ``unit > 1`` is ranked unit by unit).
     ``reconstruct="obs"``: after removal, re-solve each consumer layer's remaining input weights
     by least squares on calibration inputs (needs ``calib``). ``seed``: for ``random``.
 
@@ -53,7 +52,6 @@ class ChannelPruning(Config):
     steps: int = 1
     round_to: int = 1
     ignore: tuple[str, ...] = ()
-    heads: str = "whole"
     normalize: str = "mean"
     reduce: str = "sum"
     reconstruct: str = "none"
@@ -83,7 +81,6 @@ class ChannelPruning(Config):
                f"round_to must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
         _check(isinstance(self.ignore, tuple) and all(isinstance(p, str) for p in self.ignore),
                f"ignore must be a tuple of module-name regexes, got {self.ignore!r}; e.g. ignore=('fc2',)")
-        _check(self.heads in HEADS, f"heads must be one of {list(HEADS)}, got {self.heads!r}")
         _check(self.normalize in NORMALIZE, f"normalize must be one of {list(NORMALIZE)}, got {self.normalize!r}")
         _check(self.reduce in REDUCE, f"reduce must be one of {list(REDUCE)}, got {self.reduce!r}")
         _check(self.reconstruct in RECONSTRUCT,
