@@ -184,6 +184,8 @@ class Int8WeightOnlyLinear(_PackedLinear):
 
     With ``q' = q - 128`` (int8) and per-group scale ``s``: ``x W^T = sum_g int8mm(x_g, q'_g, s_g)
     - sum_g (sum_{k in g} x_k) s_g (zero_g - 128)``; the second term vanishes for symmetric grids.
+    The kernel takes one scale per output channel, so ``group_size > 0`` costs one kernel call
+    (and one slice copy) per group: per-channel int8 (``group_size=0``) is the fast layout.
 
     >>> m = Int8WeightOnlyLinear.from_linear(nn.Linear(128, 32), rtn=True)   # 8-bit, per channel
     >>> m.nbytes()           # 32*128 (codes) + 2 * 32*1*4 (scale, zero) + 32*4 (bias)
