@@ -9,7 +9,7 @@
 """
 
 from .amc import AMC, AMCSearch
-from .api import SOLVERS, StitchedModel, apply_plan_, plan_entries, search, stitch_
+from .api import SOLVERS, StitchedModel, apply_plan_, channel_cost_fn, plan_entries, search, stitch_
 from .config import Budget, SearchSpace, load_space
 from .costs import LayerProfile, profile_layers, variant_costs, weight_bytes
 from .database import Database, Entry, SearchTable, build_database
@@ -17,7 +17,7 @@ from .dp import choose_variants
 from .executors import InlineExecutor, RayExecutor, make_executor
 from .latency import LatencyTable, machine_fingerprint, time_module
 from .plan import Plan
-from .solvers import dp_plan, global_magnitude_plan, uniform_plan
+from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
 from .variants import Variant, layer_variants
 
 __all__ = [
@@ -25,5 +25,5 @@ __all__ = [
     "RayExecutor", "SOLVERS", "SearchSpace", "SearchTable", "StitchedModel", "Variant", "apply_plan_",
     "build_database", "choose_variants", "dp_plan", "global_magnitude_plan", "layer_variants", "load_space",
     "machine_fingerprint", "make_executor", "plan_entries", "profile_layers", "search", "stitch_", "time_module",
-    "uniform_plan", "variant_costs", "weight_bytes",
+    "uniform_plan", "variant_costs", "weight_bytes", "channel_cost_fn", "within_measured_budget",
 ]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -16,15 +17,16 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..config import CalibOptions
+from ..config import CalibOptions, config_from_dict
 from ..errors import ConfigError
 from ..report import CompressionReport
 from .amc import AMC, AMCSearch
+from .channels import apply_channels_, measured_fraction
 from .config import Budget, SearchSpace, load_space
 from .database import Entry, SearchTable, _Distortion, build_database
 from .plan import Plan
 from .solve import layer_weight, set_layer_weight_
-from .solvers import dp_plan, global_magnitude_plan, uniform_plan
+from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
 
 log = get_logger(__name__)
 SOLVERS = ("dp", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy")
@@ -34,7 +36,8 @@ class StitchedModel:
     """A private copy of the model whose searched layers take database weights; scores choices.
 
     ``error(entries)`` = 1 - eval_fn(model) if eval_fn is given (eval_fn returns accuracy-like,
-    higher is better), else the model-output distortion on the calibration batches.
+    higher is better), else the model-output distortion on the calibration batches. Channel
+    entries are applied by pruning a fresh copy (``prune_``), weight entries by loading shards.
     """
 
     def __init__(self, model: nn.Module, table: SearchTable, calib: Any,
@@ -42,9 +45,12 @@ class StitchedModel:
         from ..calib import cache_batches
 
         self.table, self.eval_fn = table, eval_fn
-        self.dist = _Distortion(model, list(cache_batches(calib, batches)))
+        self.batches = list(cache_batches(calib, batches))
+        self.dist = _Distortion(model, self.batches)
         self.model, self.modules = self.dist.model, self.dist.modules
+        self.base = copy.deepcopy(self.model)
         self.dense = {n: layer_weight(self.modules[n]).clone() for n in table.layers}
+        self.names = list(table.profiles)
         self._cache: dict[str, torch.Tensor] = {}
 
     def weight(self, e: Entry) -> torch.Tensor:
@@ -55,6 +61,12 @@ class StitchedModel:
         return self._cache[e.key]
 
     def load(self, entries: list[Entry]) -> nn.Module:
+        """The model with `entries` applied (a fresh pruned copy if any entry is structural)."""
+        if any(e.structural for e in entries):
+            m = copy.deepcopy(self.base)
+            apply_channels_(m, [(e.layer, config_from_dict(e.configs[0])) for e in entries if e.structural],
+                            example_of(self.batches), self.batches, self.names)
+            return m
         for e in entries:
             set_layer_weight_(self.modules[e.layer], self.weight(e))
         return self.model
@@ -62,11 +74,26 @@ class StitchedModel:
     def error(self, entries: list[Entry]) -> float:
         model = self.load(entries)
         if self.eval_fn is None:
-            with torch.no_grad():
-                num = sum(float(((self.dist._out(b) - d) ** 2).sum())
-                          for b, d in zip(self.dist.batches, self.dist.dense, strict=True))
-            return num / max(sum(float((d**2).sum()) for d in self.dist.dense), 1e-300)
+            return self.dist.model_error(model)
         return 1.0 - float(self.eval_fn(model))
+
+
+def example_of(batches: list[Any]) -> Any:
+    """One sample of the first (args, kwargs) batch, as example inputs for tracing."""
+    args, kwargs = batches[0]
+    if args:
+        return args[0][:1]
+    return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def channel_cost_fn(model: nn.Module, table: SearchTable, calib: Any, budget: Budget) -> Callable[[Plan], float]:
+    """Plan -> measured cost fraction after pruning a copy (the check of :func:`within_measured_budget`)."""
+    from ..calib import cache_batches
+
+    batches = list(cache_batches(calib, 4))
+    names = list(table.profiles)
+    return lambda plan: measured_fraction(model, plan.channel_items(), example_of(batches), batches, names,
+                                          budget.metric, table.act_bits)
 
 
 def plan_entries(table: SearchTable, plan: Plan) -> list[Entry]:
@@ -107,10 +134,16 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
         raise ConfigError(f"search: space must be a SearchSpace or a YAML path, got {type(space).__name__}")
     root = db or tempfile.mkdtemp(prefix="brainsurgeon-db-")
     table = build_database(model, space, calib, root, executor)
+    structural = bool(space.channel_ratios)
+    if structural and solver.startswith("amc"):
+        raise ConfigError("search: AMC over a channel space is not supported yet (channel costs are not additive "
+                          "across coupled layers); use solver='dp' or 'uniform', which re-check the measured cost")
+    measure = channel_cost_fn(model, table, calib, budget) if structural else None
     if solver == "dp":
-        plan = dp_plan(table, budget)
+        plan = within_measured_budget(lambda b: dp_plan(table, b), budget, measure) if measure else \
+            dp_plan(table, budget)
     elif solver == "uniform":
-        plan = uniform_plan(table, budget)
+        plan = uniform_plan(table, budget, measure)
     elif solver == "global-magnitude":
         plan = global_magnitude_plan(model, table, budget)
     else:
@@ -130,13 +163,21 @@ def _with_mode(cfg: AMC, mode: str) -> AMC:
     return AMC(**{**d, "mode": mode})
 
 
-def stitch_(model: nn.Module, plan: Plan, table: SearchTable) -> nn.Module:
+def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None) -> nn.Module:
     """Set each planned layer's weight to its database weight in place (OBC's stitching); no solve.
 
     >>> stitch_(model, plan, table)
     """
     modules = dict(model.named_modules())
     entries = plan_entries(table, plan)
+    if any(e.structural for e in entries):
+        from ..calib import cache_batches
+
+        if calib is None:
+            raise ConfigError("stitch_: a plan with channel variants needs calib= (example inputs for the surgery)")
+        batches = list(cache_batches(calib, 4))
+        apply_channels_(model, [(e.layer, config_from_dict(e.configs[0])) for e in entries if e.structural],
+                        example_of(batches), batches, list(table.profiles))
     weights = [(modules[e.layer], table.db.weight(e)) for e in entries if e.shard]  # read all before writing
     for mod, W in weights:
         set_layer_weight_(mod, W.to(mod.weight.device))
@@ -164,15 +205,21 @@ def apply_plan_(model: nn.Module, plan: Plan, calib: Any, options: CalibOptions 
     >>> report = apply_plan_(model, plan, calib, CalibOptions(bn_reestimate=False))
     """
     from ..api import compress
-    from ..calib import reestimate_batchnorm_
+    from ..calib import cache_batches, reestimate_batchnorm_, supported
 
     _check_plan_fits(model, plan)
     options = options or CalibOptions(bn_reestimate=True)
     recipe = plan.to_recipe(options)
-    if recipe.steps:
-        return compress(model, recipe, calib)
     report = CompressionReport()
+    if plan.channel_items():
+        calib = cache_batches(calib, options.max_batches)  # read once: the surgery and the steps below reuse it
+        names = [n for n, m in model.named_modules() if n and supported(m)]
+        apply_channels_(model, plan.channel_items(), example_of(calib), calib, names)
+        report.notes.append("channels removed: " + ", ".join(f"{n} {c.describe()}" for n, c in plan.channel_items()))
+    if recipe.steps:
+        report.extend(compress(model, recipe, calib))
+        return report
     if options.bn_reestimate:
         n = reestimate_batchnorm_(model, calib, options.max_batches)
-        report.notes.append(f"plan keeps every layer dense; BatchNorm statistics re-estimated ({n} layers)")
+        report.notes.append(f"BatchNorm statistics re-estimated on calibration data ({n} layers)")
     return report

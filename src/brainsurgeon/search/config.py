@@ -37,6 +37,8 @@ class SearchSpace(Config):
     act_bits: activation bits for BOPs (brainsurgeon quantizes weights only, so 32 by default).
     model_loss: also measure, per entry, the model-output distortion with only that layer
     compressed (OBC's per-layer database score); otherwise the solvers use the OBS rel. loss.
+    channel_ratios: structured variants removing that fraction of a layer's output channels with
+    ``brainsurgeon.prune`` (importance `channel_importance`); a channel space holds only those.
 
     >>> SearchSpace(levels=4, nm=(), block_sparsities=(), bits=(4,), nm_bits=())
     """
@@ -58,6 +60,8 @@ class SearchSpace(Config):
     model_loss_batches: int = 4
     latency: bool = False
     damp: float = 0.01
+    channel_ratios: tuple[float, ...] = ()  # structured: fractions of a layer's output channels removed
+    channel_importance: str = "group_l2"
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML gives lists: store tuples so the space stays hashable
@@ -89,12 +93,22 @@ class SearchSpace(Config):
             _fail("model_loss_batches", f"must be >= 1, got {self.model_loss_batches!r}")
         if not 0.0 <= self.damp < 1.0:
             _fail("damp", f"relative dampening must be in [0, 1), got {self.damp!r}")
+        for r in self.channel_ratios:
+            if not 0.0 < r < 1.0:
+                _fail("channel_ratios", f"each ratio must be in (0, 1), got {r!r}")
+        if self.channel_ratios and (self.levels or self.nm or self.block_sparsities or self.bits or self.nm_bits
+                                    or self.latency or not self.model_loss):
+            _fail("channel_ratios", "channel variants change the shapes of consumer layers, so they cannot share a "
+                  "database with per-weight variants; use a space of its own: levels=0, nm=[], block_sparsities=[], "
+                  "bits=[], nm_bits=[], latency=false, model_loss=true")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def describe(self) -> str:
+        if self.channel_ratios:
+            return f"SearchSpace channels {list(self.channel_ratios)} ({self.channel_importance})"
         return (f"SearchSpace {self.prune_method}/{self.quant_method}: {self.levels} levels to "
                 f"{self.max_sparsity:.0%}, N:M {list(self.nm)}, block{self.block} {list(self.block_sparsities)}, "
                 f"bits {list(self.bits)}, N:M+bits {list(self.nm_bits)}")

@@ -17,8 +17,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
+import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supp
 from ..calib.data import model_device
 from ..calib.driver import _forward
 from ..errors import CalibrationError, ConfigError, FormatError
+from .channels import channel_costs, pruned_copy
 from .config import SearchSpace
 from .costs import LayerProfile, profile_layers, variant_costs
 from .executors import InlineExecutor, make_executor
@@ -63,6 +66,11 @@ class Entry:
     costs: dict[str, float] = field(default_factory=dict)
     shard: str = ""  # "" for the dense variant (the model's own weight)
     seconds: float = 0.0
+
+    @property
+    def structural(self) -> bool:
+        """A channel variant: applied by physical removal (``prune_``), no shard."""
+        return self.variant.startswith("ch@")
 
     @property
     def score(self) -> float:
@@ -209,22 +217,32 @@ class _Distortion:
         with torch.no_grad():
             self.dense = [self._out(b) for b in batches]
 
-    def _out(self, b: Any) -> torch.Tensor:
-        y = _forward(self.model, b)[1]
+    def _out(self, b: Any, model: nn.Module | None = None) -> torch.Tensor:
+        y = _forward(self.model if model is None else model, b)[1]
         y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)
         return y.detach().double()
+
+    def model_error(self, model: nn.Module) -> float:
+        """Distortion of any model (e.g. a structurally pruned copy) against the dense outputs."""
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                num = sum(float(((self._out(b, model) - d) ** 2).sum()) for b, d in zip(self.batches, self.dense,
+                                                                                    strict=True))
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        return num / max(sum(float((d**2).sum()) for d in self.dense), 1e-300)
 
     def __call__(self, layer: str, W_hat: torch.Tensor) -> float:
         mod = self.modules[layer]
         W0 = layer_weight(mod).clone()
         try:
             set_layer_weight_(mod, W_hat.to(W0.device))
-            with torch.no_grad():
-                num = sum(float(((self._out(b) - d) ** 2).sum()) for b, d in zip(self.batches, self.dense, strict=True))
+            return self.model_error(self.model)
         finally:
             set_layer_weight_(mod, W0)
-        den = sum(float((d**2).sum()) for d in self.dense)
-        return num / max(den, 1e-300)
 
 
 def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str | os.PathLike[str],
@@ -261,7 +279,7 @@ def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str |
     log.info("search database %s: %d of %d entries to compute", root, len(todo),
              sum(len(v) for v in variants.values()))
     if todo:
-        _compute(model, space, list(iter_batches(batches)), db, todo, profiles, mhash, chash, executor, workers)
+        _compute(model, space, list(iter_batches(batches)), db, todo, profiles, mhash, chash, executor, workers, one)
     table = SearchTable(db, names, {n: [db.entries[k] for _, k in variants[n]] for n in names}, profiles,
                         skipped, space.act_bits, computed=len(todo))
     return table
@@ -269,9 +287,9 @@ def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str |
 
 def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Database,
              todo: list[tuple[str, Variant, str]], profiles: dict[str, LayerProfile], mhash: str, chash: str,
-             executor: str | Executor, workers: int) -> None:
-    layers = sorted({n for n, _, _ in todo}, key=list(profiles).index)
-    Hs = _hessians(model, layers, batches)
+             executor: str | Executor, workers: int, example: Any) -> None:
+    layers = sorted({n for n, v, _ in todo if v.pattern != "channels"}, key=list(profiles).index)
+    Hs = _hessians(model, layers, batches) if layers else {}
     modules = dict(model.named_modules())
     distortion = _Distortion(model, batches[: space.model_loss_batches]) if space.model_loss else None
     latency = LatencyTable(db.root, model_device(model) or "cpu") if space.latency else None
@@ -290,9 +308,20 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
         db.add(Entry(key, mhash, chash, layer, v.name, tuple(c.to_dict() for c in v.configs), v.sparsity,
                      v.bits, loss, rel, mloss, costs, shard, sec), W_hat if v.configs else None)
 
+    def channel_entry(layer: str, v: Variant, key: str) -> None:
+        t0 = time.perf_counter()
+        pruned = pruned_copy(model, layer, v.configs[0], example, batches, list(profiles))
+        costs = channel_costs(profiles, pruned, layer, example, space.act_bits)
+        mloss = distortion.model_error(pruned) if distortion is not None else None
+        db.add(Entry(key, mhash, chash, layer, v.name, tuple(c.to_dict() for c in v.configs), v.sparsity, 32,
+                     math.nan, math.nan, mloss, costs, "", time.perf_counter() - t0), None)
+
     pending: dict[Future, tuple[str, Variant, str]] = {}
     try:
         for layer, v, key in progress(todo, desc="database"):
+            if v.pattern == "channels":  # structural: runs here, on a private copy of the model
+                channel_entry(layer, v, key)
+                continue
             W = layer_weight(modules[layer])
             H = Hs[layer]
             if not inline:

@@ -26,9 +26,15 @@ def choose_variants(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[
                     buckets: int = 10_000) -> list[int]:
     """Index of the chosen variant per layer; raises BudgetInfeasibleError naming the cheapest cost.
 
-    costs[l][j], losses[l][j]: variant j of layer l (costs >= 0); budget: the total allowed.
+    costs[l][j], losses[l][j]: variant j of layer l; budget: the total allowed. Negative costs
+    (a structural variant whose consumers save more than it costs) are handled by offsetting each
+    layer by its cheapest variant.
     """
-    cheapest = sum(min(c) for c in costs)
+    lows = [min(c) for c in costs]
+    if min(lows) < 0:
+        return choose_variants([[c - lo for c in c_l] for c_l, lo in zip(costs, lows, strict=True)], losses,
+                               budget - sum(lows), buckets)
+    cheapest = sum(lows)
     limit = budget * (1 + 1e-12)  # float sums of costs that add up to exactly the budget
     if cheapest > limit:
         raise BudgetInfeasibleError(f"no plan meets the budget {budget:.6g}: the cheapest reachable cost is "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._io import atomic_open
-from ..config import CalibOptions, Config, Recipe, Step, dump_recipe, load_recipe
+from ..config import CalibOptions, Config, Recipe, Step, config_from_dict, dump_recipe, load_recipe
 from ..errors import ConfigError
 
 
@@ -43,6 +43,27 @@ class Plan:
     def as_dict(self) -> dict[str, tuple[Config, ...]]:
         """{module name: configs}, in model order."""
         return dict(self.layers)
+
+    def channel_items(self) -> list[tuple[str, Config]]:
+        """(layer, config) of the structural channel-pruning choices, in model order."""
+        return [(n, c) for n, cs in self.layers for c in cs if type(c).verb == "prune"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan format (``brainsurgeon_plan: 1``): layers with variant names and configs."""
+        names = self.variants or ("",) * len(self.layers)
+        return {"brainsurgeon_plan": 1, "info": dict(self.info),
+                "layers": [{"name": n, "variant": v, "configs": [c.to_dict() for c in cs]}
+                           for (n, cs), v in zip(self.layers, names, strict=True)],
+                "skipped": list(self.skipped)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(d, dict) or d.get("brainsurgeon_plan") != 1:
+            raise ConfigError("not a brainsurgeon plan: the top level must contain 'brainsurgeon_plan: 1'")
+        layers = tuple((r["name"], tuple(config_from_dict(c) for c in r["configs"])) for r in d["layers"])
+        variants = tuple(r.get("variant", "") for r in d["layers"])
+        return Plan(layers, variants if all(variants) else (), tuple(d.get("skipped", ())), dict(d.get("info", {})))
 
     def _step(self, verb: str) -> Step | None:
         chosen = [(n, c) for n, cs in self.layers for c in cs if type(c).verb == verb]
@@ -74,9 +95,16 @@ class Plan:
         return "\n".join(head) + "\n" + dump_recipe(self.to_recipe(options))
 
     def save(self, path: str) -> None:
-        """Write :meth:`to_yaml` atomically; ``brainsurgeon compress --recipe PATH`` applies it."""
+        """Write :meth:`to_yaml` atomically; ``brainsurgeon compress --recipe PATH`` applies it.
+
+        A plan with structural channel choices (no recipe can express ``prune_`` yet) is written
+        in the plan format (:meth:`to_dict`); apply it with :func:`apply_plan_`.
+        """
+        import yaml
+
+        text = self.to_yaml() if not self.channel_items() else yaml.safe_dump(self.to_dict(), sort_keys=False)
         with atomic_open(path, "w") as f:
-            f.write(self.to_yaml())
+            f.write(text)
 
     @staticmethod
     def from_recipe(recipe: Recipe) -> Plan:
@@ -94,5 +122,11 @@ class Plan:
 
     @staticmethod
     def load(path: str) -> Plan:
-        """Read a plan written by :meth:`save` (the recipe part; comments are ignored)."""
+        """Read a plan written by :meth:`save` (a recipe, or the plan format for channel plans)."""
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if isinstance(data, dict) and "brainsurgeon_plan" in data:
+            return Plan.from_dict(data)
         return Plan.from_recipe(load_recipe(path))

@@ -9,6 +9,8 @@ All return a :class:`Plan` (module name -> configs) applied by the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -82,24 +84,30 @@ def dp_plan(table: SearchTable, budget: Budget, buckets: int = 10_000) -> Plan:
     return plan_from_entries(table, [r[j] for r, j in zip(rows, pick, strict=True)], budget, "dp")
 
 
-def uniform_plan(table: SearchTable, budget: Budget) -> Plan:
+def uniform_plan(table: SearchTable, budget: Budget, measure: Callable[[Plan], float] | None = None) -> Plan:
     """Baseline: one variant name for every searched layer (layers without it stay dense).
 
     Among the variant names whose uniform plan meets the budget, the one of least summed score.
+    `measure` (plan -> measured cost fraction) replaces the additive estimate (channel spaces).
     """
     B = absolute_budget(table, budget)
     names = list(dict.fromkeys(e.variant for n in table.layers for e in table.entries[n]))
-    best: tuple[float, list[Entry]] | None = None
+    cands = []
     for v in names:
         chosen = [next((e for e in table.entries[n] if e.variant == v), table.entries[n][0]) for n in table.layers]
-        if sum(e.costs[budget.metric] for e in chosen) <= B * (1 + 1e-12):
-            score = sum(e.score for e in chosen)
-            if best is None or score < best[0]:
-                best = (score, chosen)
-    if best is None:
-        raise BudgetInfeasibleError(f"budget {budget}: no uniform variant meets it (the most compressed uniform "
-                                    f"choice is above it); relax the budget or add higher sparsity levels")
-    return plan_from_entries(table, best[1], budget, "uniform")
+        cands.append((sum(e.score for e in chosen), v, chosen))
+    for _, _, chosen in sorted(cands, key=lambda c: c[:2]):
+        if measure is None:
+            if sum(e.costs[budget.metric] for e in chosen) <= B * (1 + 1e-12):
+                return plan_from_entries(table, chosen, budget, "uniform")
+            continue
+        plan = plan_from_entries(table, chosen, budget, "uniform")
+        real = measure(plan)
+        if real <= budget.fraction * (1 + 1e-9):
+            plan.info.update(cost=round(real, 6), cost_estimate=plan.info["cost"])
+            return plan
+    raise BudgetInfeasibleError(f"budget {budget}: no uniform variant meets it (the most compressed uniform "
+                                f"choice is above it); relax the budget or add higher sparsity levels")
 
 
 def _kept_cost(table: SearchTable, name: str, kept: int, metric: str) -> float:
@@ -149,3 +157,22 @@ def global_magnitude_plan(model: nn.Module, table: SearchTable, budget: Budget) 
             "cost": round((c + table.fixed_cost(budget.metric)) / table.dense_total(budget.metric), 6),
             "score": float("nan")}
     return Plan(tuple(layers), tuple(variants), tuple(table.skipped), info)
+
+
+def within_measured_budget(solve: Callable[[Budget], Plan], budget: Budget, measure: Callable[[Plan], float],
+                           tries: int = 8) -> Plan:
+    """Re-solve with a tighter budget until the *measured* cost fits (for channel plans, whose costs add
+    up only approximately: two adjacent pruned layers share a consumer).
+
+    >>> plan = within_measured_budget(lambda b: dp_plan(table, b), budget, measure)
+    """
+    frac = budget.fraction
+    for _ in range(tries):
+        plan = solve(Budget(budget.metric, frac))
+        real = measure(plan)
+        if real <= budget.fraction * (1 + 1e-9):
+            plan.info.update(budget=str(budget), cost=round(real, 6), cost_estimate=plan.info["cost"])
+            return plan
+        frac *= 0.99 * budget.fraction / real  # shrink the estimate's budget by the overshoot
+    raise BudgetInfeasibleError(f"budget {budget}: after {tries} re-solves the measured cost of the channel plan "
+                                f"is still {real:.4f} of dense; relax the budget or add higher channel ratios")

@@ -68,6 +68,11 @@ def _prune_patterns(space: SearchSpace) -> tuple[str, ...]:
 def layer_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
     """Every variant of a layer whose grouped input dimension is `in_channels` (N:M/blocks must divide it)."""
     out = [Variant("dense", ())]
+    if space.channel_ratios:
+        from ..prune import ChannelPruning
+
+        return out + [Variant(f"ch@{r:.4f}", (ChannelPruning(ratio=r, importance=space.channel_importance),),
+                              sparsity=r, pattern="channels") for r in space.channel_ratios]
     out += [Variant(f"sp@{s:.4f}", (_prune(space, s, "unstructured"),), sparsity=s)
             for s in unstructured_levels(space)] if space.levels else []
     for p in space.nm:

@@ -1,0 +1,84 @@
+"""Structured channel-ratio variants: remove a fraction of one layer's output channels with ``prune_``.
+
+A channel variant ``ch@r`` of layer l is :class:`brainsurgeon.prune.ChannelPruning` at ratio r with
+every other layer's output channels protected (``ignore``), so the surgery (the dependency graph)
+also shrinks l's consumers: the variant's cost is l's dense cost minus the whole model's measured
+saving (it can be negative when the consumers save more than l costs). Costs are therefore
+additive across layers only approximately (two adjacent pruned layers overlap in their shared
+consumer); ``apply_plan_`` measures the real result. Channel variants change consumer shapes, so
+they live in a search space of their own (no per-weight variants beside them).
+
+    >>> space = SearchSpace(levels=0, nm=(), block_sparsities=(), bits=(), nm_bits=(), channel_ratios=(0.25, 0.5))
+    >>> model2 = pruned_copy(model, "conv2", ChannelPruning(ratio=0.5), example, calib, names)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from typing import Any
+
+from torch import nn
+
+from ..config import Config
+from .costs import LayerProfile, profile_layers
+
+
+def is_channel_config(cfg: Config) -> bool:
+    """Whether `cfg` removes channels structurally (a ``prune`` verb config)."""
+    return type(cfg).verb == "prune"
+
+
+def layer_cfg(cfg: Any, layer: str, names: list[str]) -> Any:
+    """`cfg` restricted to `layer`: every other supported layer's output channels are ignored."""
+    return dataclasses.replace(cfg, ignore=tuple(re.escape(n) for n in names if n != layer))
+
+
+def prune_layer_(model: nn.Module, layer: str, cfg: Any, example: Any, calib: Any, names: list[str]) -> None:
+    """Remove channels of `layer` in place (``brainsurgeon.prune.prune_``; restores itself on failure)."""
+    from ..prune import prune_
+
+    prune_(model, layer_cfg(cfg, layer, names), example_inputs=example, calib=calib)
+
+
+def pruned_copy(model: nn.Module, layer: str, cfg: Any, example: Any, calib: Any, names: list[str]) -> nn.Module:
+    """A deep copy of `model` with only `layer`'s channels removed."""
+    m = copy.deepcopy(model)
+    prune_layer_(m, layer, cfg, example, calib, names)
+    return m
+
+
+def channel_costs(dense: dict[str, LayerProfile], pruned: nn.Module, layer: str, example: Any,
+                  act_bits: int) -> dict[str, float]:
+    """Costs of the channel variant of `layer`: its dense cost minus the whole model's saving."""
+    after = profile_layers(pruned, list(dense), example)
+    out = {}
+    for metric in ("params", "bytes", "macs", "flops", "bops"):
+        saving = sum(p.dense_costs(act_bits)[metric] for p in dense.values()) - sum(
+            p.dense_costs(act_bits)[metric] for p in after.values())
+        out[metric] = dense[layer].dense_costs(act_bits)[metric] - saving
+    return out
+
+
+def apply_channels_(model: nn.Module, items: list[tuple[str, Any]], example: Any, calib: Any,
+                    names: list[str]) -> None:
+    """Prune each (layer, config) in order, in place; on failure the whole model is put back."""
+    backup = copy.deepcopy(model)
+    try:
+        for layer, cfg in items:
+            prune_layer_(model, layer, cfg, example, calib, names)
+    except BaseException:
+        model.__dict__.update(backup.__dict__)  # modules, parameters, buffers and attributes as before
+        raise
+
+
+def measured_fraction(model: nn.Module, items: list[tuple[str, Any]], example: Any, calib: Any,
+                      names: list[str], metric: str, act_bits: int = 32) -> float:
+    """The real cost (fraction of dense, over the supported layers) after pruning `items` on a copy."""
+    dense = profile_layers(model, names, example)
+    m = copy.deepcopy(model)
+    apply_channels_(m, items, example, calib, names)
+    after = profile_layers(m, names, example)
+    total = sum(p.dense_costs(act_bits)[metric] for p in dense.values())
+    return sum(p.dense_costs(act_bits)[metric] for p in after.values()) / total
