@@ -104,6 +104,7 @@ def adaptive_rows(pruned: nn.Module, train_ds, test_ds, calib, tmp: str, out: di
 
     data = DataLoader(train_ds, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(2))
     sens = {"Hessian trace": hessian_sensitivity(pruned, calib),
+            "Hessian trace, relative": hessian_sensitivity(pruned, calib, relative=True),
             "squared gradient": gradient_sensitivity(pruned, data, max_batches=8)}
     rows = []
     for avg in (3,) if quick else (3, 2):
@@ -118,7 +119,7 @@ def adaptive_rows(pruned: nn.Module, train_ds, test_ds, calib, tmp: str, out: di
             rows.append([f"{label} (avg {avg})", " ".join(f"{b}" for b in bits.values()), f"{mean:.2f}",
                          f.bytes_on_disk, f"{evaluate(m, test_ds):.2%}"])
     print("  bit allocation on the pruned model, k-means without fine-tuning (bits: conv1 conv2 conv3 fc1 fc2):")
-    table(["  allocation", "bits", "avg", "bytes", "test acc"], rows, [28, 10, 5, 7, 8])
+    table(["  allocation", "bits", "avg", "bytes", "test acc"], rows, [33, 10, 5, 7, 8])
     out["a_bits"] = rows
 
 

@@ -185,6 +185,11 @@ def test_sensitivities_match_hand_computation_and_leave_no_trace():
     data = [(x[:10], torch.randint(0, 3, (10,))), (x[10:], torch.randint(0, 3, (10,)))]
     s = hessian_sensitivity(net, data)
     assert s["0"] == pytest.approx(4 * float(2 * (x.double() ** 2).sum() / 20), rel=1e-9)
+    rel = hessian_sensitivity(net, data, relative=True)
+    W, H = net[0].weight.detach().double(), 2 * x.double().T @ x.double() / 20
+    assert rel["0"] == pytest.approx(s["0"] / float(torch.trace(W @ H @ W.T)), rel=1e-9)
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    assert hessian_sensitivity(conv, [torch.randn(2, 4, 5, 5)], relative=True)["0"] > 0
     g = gradient_sensitivity(net, data)
     expect = 0.0
     for xb, yb in data:

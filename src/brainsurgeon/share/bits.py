@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calib import capture_hessians, iter_batches, move_to, supported
+from ..calib import capture_hessians, iter_batches, move_to, supported, weight_matrix
 from ..calib.data import model_device
 from ..errors import BudgetInfeasibleError, ConfigError
 
@@ -109,8 +109,12 @@ def _layers(model: nn.Module, names: list[str] | None) -> list[str]:
 
 
 def hessian_sensitivity(model: nn.Module, calib: Any, names: list[str] | None = None,
-                        max_batches: int = 0) -> dict[str, float]:
+                        max_batches: int = 0, relative: bool = False) -> dict[str, float]:
     """``rows * tr(H)`` per layer from one dense calibration pass (H = 2 X X^T / n, brainsurgeon.calib).
+
+    relative: divide by the layer's output energy ``tr(W H W^T)``, so the predicted cost is the
+    *relative* output error — the quantity that survives a following BatchNorm/LayerNorm, which
+    rescales each layer's output.
 
     >>> hessian_sensitivity(model, calib_loader)
     {'conv1': 41.2, ...}
@@ -129,6 +133,11 @@ def hessian_sensitivity(model: nn.Module, calib: Any, names: list[str] | None = 
             H = hs[n].H
             rows = modules[n].weight.shape[0] // (H.shape[0] if H.dim() == 3 else 1)
             out[n] = float(rows * H.diagonal(dim1=-2, dim2=-1).sum())
+            if relative:
+                W = weight_matrix(modules[n]).to(H)  # (rows, cols); grouped: (g * rows, cols)
+                Wg = W.reshape(H.shape[0], -1, W.shape[1]) if H.dim() == 3 else W[None]  # (g, rows, cols)
+                Hg = H if H.dim() == 3 else H[None]
+                out[n] /= max(float(torch.einsum("grc,gcd,grd->", Wg, Hg, Wg)), 1e-300)
         return out
     finally:
         for m, mode in modes.items():
