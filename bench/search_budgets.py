@@ -1,6 +1,7 @@
 """Budget search on the digits CNN: DP vs uniform vs global magnitude vs AMC at 2x/4x/8x FLOPs and BOPs.
 
-    python bench/search_budgets.py            # full space, plans applied with the verbs (~3 min, 1 thread)
+    python bench/search_budgets.py            # full: channels section + full space, plans applied with the verbs
+    python bench/search_budgets.py --section channels   # structured channel ratios only (DP vs uniform)
     python bench/search_budgets.py --quick    # reduced space, plans stitched from the database (< 1 min);
                                               # exit 1 if DP loses to uniform at any budget
 
@@ -38,6 +39,7 @@ from brainsurgeon.search import (
     dp_plan,
     global_magnitude_plan,
     load_space,
+    search,
     stitch_,
     uniform_plan,
 )
@@ -85,6 +87,34 @@ def measure(model, plan, table, calib, test_ds, stitch: bool) -> tuple[float, fl
     return plain, evaluate(m, test_ds), sec
 
 
+def channels_section(model, calib, test_ds, db: str) -> list[str]:
+    """Structured channel ratios (brainsurgeon.prune) under FLOP budgets: DP vs uniform, measured costs."""
+    space = SearchSpace(levels=0, nm=(), block_sparsities=(), bits=(), nm_bits=(), channel_ratios=(0.25, 0.5, 0.75))
+    t0 = time.perf_counter()
+    print(f"\nchannel variants ({space.describe()}); costs re-measured on the pruned model")
+    print(f"{'budget':<12}{'solver':<10}{'estimate':>9}{'measured':>9}{'acc':>8}{'acc+BN':>8}{'s':>6}  variants")
+    failures, accs = [], {}
+    for frac in (1 / 2, 1 / 4):
+        for solver in ("uniform", "dp"):
+            t1 = time.perf_counter()
+            plan = search(model, space, Budget("flops", frac), calib, solver=solver, db=db)
+            m = copy.deepcopy(model)
+            apply_plan_(m, plan, calib, CalibOptions(bn_reestimate=False))
+            plain = evaluate(m, test_ds)
+            reestimate_batchnorm_(m, calib)
+            accs[(frac, solver)] = bn = evaluate(m, test_ds)
+            print(f"flops={frac:<6.4g}{solver:<10}{plan.info['cost_estimate']:>9.4f}{plan.info['cost']:>9.4f}"
+                  f"{100 * plain:>8.2f}{100 * bn:>8.2f}{time.perf_counter() - t1:>6.1f}  {','.join(plan.variants)}")
+            if plan.info["cost"] > frac + 1e-9:
+                failures.append(f"channels flops={frac}: {solver} measured cost {plan.info['cost']} over budget")
+        if accs[(frac, "dp")] < accs[(frac, "uniform")]:
+            failures.append(f"channels flops={frac}: DP {accs[(frac, 'dp')]} < uniform {accs[(frac, 'uniform')]}")
+    print(f"channel section: {time.perf_counter() - t0:.1f}s")
+    for f in failures:
+        print("FAIL", f)
+    return failures
+
+
 def pareto_plot(rows, dense_acc: float, path: str) -> None:
     import matplotlib
 
@@ -115,6 +145,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--db", default="out/search-db")
     ap.add_argument("--out", default="out/search_budgets.png")
+    ap.add_argument("--section", choices=("all", "weights", "channels"), default="all",
+                    help="weights: per-weight variants (sparsity, N:M, bits); channels: structured channel ratios")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -122,6 +154,11 @@ def main() -> int:
     calib = list(calibration_loader(train_ds, n=512, batch_size=128, seed=0))
     held = calibration_loader(train_ds, n=512, batch_size=512, seed=1).dataset  # AMC reward: train images
     dense_acc = evaluate(model, test_ds)
+    failures: list[str] = []
+    if args.section in ("all", "channels") and not args.quick:
+        failures += channels_section(model, calib, test_ds, args.db + "-channels")
+    if args.section == "channels":
+        return 1 if failures else 0
     space = spaces(args.quick)
     t0 = time.perf_counter()
     table = build_database(model, space, calib, args.db)
@@ -152,18 +189,18 @@ def main() -> int:
               f"{100 * r['acc_bn']:>8.2f}{r['t_solve']:>9.2f}{r['t_apply']:>9.2f}  {r['variants']}")
     pareto_plot(rows, dense_acc, args.out)
     print(f"\nPareto plot: {args.out}; total {time.perf_counter() - t_start:.1f}s")
-    failures = []
+    weight_failures: list[str] = []
     for b in budgets:
         get = {r["solver"]: r for r in rows if r["metric"] == b.metric and r["budget"] == b.fraction}
         if "DP" not in get:
-            failures.append(f"{b}: DP found no plan")
+            weight_failures.append(f"{b}: DP found no plan")
         elif "uniform" in get and get["DP"]["acc_bn"] < get["uniform"]["acc_bn"]:
-            failures.append(f"{b}: DP {get['DP']['acc_bn']:.4f} < uniform {get['uniform']['acc_bn']:.4f}")
+            weight_failures.append(f"{b}: DP {get['DP']['acc_bn']:.4f} < uniform {get['uniform']['acc_bn']:.4f}")
         if "DP" in get and get["DP"]["cost"] > b.fraction + 1e-9:
-            failures.append(f"{b}: DP cost {get['DP']['cost']} over budget")
-    for f in failures:
+            weight_failures.append(f"{b}: DP cost {get['DP']['cost']} over budget")
+    for f in weight_failures:
         print("FAIL", f)
-    return 1 if failures else 0
+    return 1 if failures or weight_failures else 0
 
 
 if __name__ == "__main__":

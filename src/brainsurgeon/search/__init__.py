@@ -1,5 +1,9 @@
 """Budgets and search: measured costs, a resumable per-layer database, DP/AMC/baseline solvers.
 
+Per-weight variants (unstructured levels, N:M, block, bit widths, N:M + bits) are solved with the
+OBS engine and stitched or re-applied with the verbs; structured channel-ratio variants (a space
+of their own) go through ``brainsurgeon.prune`` and are re-checked against the measured cost.
+
     >>> from brainsurgeon.search import SearchSpace, search, apply_plan_
     >>> plan = search(model, SearchSpace(), "flops=0.25", calib, db="db/")
     >>> report = apply_plan_(model, plan, calib)
