@@ -43,6 +43,16 @@ def test_quantized_model_exports(tmp_path, quantized):
         assert onnx.TensorProto.INT8 in dtypes
 
 
+def test_dynamic_batch(tmp_path):
+    model = narrowed_digits()
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, (X,), path, dynamic_shapes=({0: "batch"},), optimize=False)
+    x7 = torch.randn(7, 1, 8, 8)
+    got = onnx_export.run_onnxruntime(path, (x7,))[0]
+    with torch.no_grad():
+        assert got.shape == (7, 10) and float((torch.from_numpy(got) - model(x7)).abs().max()) <= 1e-4
+
+
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(FormatError, match="quantized='int3'; allowed: 'dequantize', 'qdq', 'as_is'"):
         export_onnx(narrowed_digits(), (X,), str(tmp_path / "m.onnx"), quantized="int3")

@@ -133,7 +133,7 @@ def run_onnxruntime(path: str, inputs: tuple[Any, ...]) -> list[Any]:
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int | None = None,
                 atol: float = 1e-4, check: bool = True, dynamo: bool = True, quantized: str = "dequantize",
-                optimize: bool = True) -> OnnxExport:
+                optimize: bool = True, dynamic_shapes: Any = None) -> OnnxExport:
     """Export `model` (a copy, in eval mode) to `path`; with `check`, onnxruntime must match torch within `atol`.
 
     quantized: how packed/sparse modules (custom kernels ONNX cannot express) are exported:
@@ -142,6 +142,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
     float), or "as_is" (every module's own forward; for formats that dequantize with plain ops).
     optimize: run the dynamo exporter's graph optimizer (constant folding; slow on large graphs;
     onnxruntime optimizes the graph again when it loads it).
+    dynamic_shapes: passed to ``torch.onnx.export`` (dynamo), e.g. ``({0: "batch"},)`` for a
+    variable batch size of the first input.
 
     The file is written beside `path` and renamed into place only after the check passes; on any
     failure nothing is left at `path` and `model` is untouched. Returns an :class:`OnnxExport`.
@@ -172,7 +174,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, opset: int 
             with contextlib.redirect_stdout(quiet):  # the dynamo exporter reports progress on stdout
                 kw: dict[str, Any] = {"dynamo": dynamo, "opset_version": opset, "external_data": False}
                 if dynamo:
-                    kw.update(verbose=False, optimize=optimize)
+                    kw.update(verbose=False, optimize=optimize, dynamic_shapes=dynamic_shapes)
                 torch.onnx.export(work, inputs, tmp, **kw)
         except Exception as e:  # noqa: BLE001 - exporter failures come in many types; name the model and the fix
             raise UnsupportedOpError(
