@@ -185,3 +185,11 @@ def test_parametrized_modules_are_refused(tmp_path):
     with pytest.raises(FormatError, match=r"module '0' carries a parametrization"):
         save(model, str(tmp_path / "ck"))
     assert not (tmp_path / "ck").exists()
+
+
+def test_meta_tensors_are_refused(tmp_path):
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    with pytest.raises(FormatError, match=r"tensor 'weight' is on the meta device .* materialize"):
+        save(model, str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()

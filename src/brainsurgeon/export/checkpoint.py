@@ -76,6 +76,9 @@ def split_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             owners[ptr] = owners.get(ptr, 0) + 1
     out = {}
     for k, t in sd.items():
+        if t.is_meta:
+            raise FormatError(f"tensor {k!r} is on the meta device (no data); materialize the weights "
+                              f"(e.g. model.to_empty(device=...) and load them) before saving")
         t = t.to("cpu").contiguous()
         if t.numel() and (owners.get(t.untyped_storage().data_ptr(), 0) > 1
                           or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
