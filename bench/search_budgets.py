@@ -1,7 +1,8 @@
-"""Budget search on the digits CNN: DP vs uniform vs global magnitude vs AMC at 2x/4x/8x FLOPs and BOPs.
+"""Budget search on the digits (or MNIST) CNN: DP vs uniform vs global magnitude vs AMC at 2x/4x/8x FLOPs and BOPs.
 
     python bench/search_budgets.py            # full: channels section + full space, plans applied with the verbs
     python bench/search_budgets.py --section channels   # structured channel ratios only (DP vs uniform)
+    python bench/search_budgets.py --model mnist-cnn    # MNIST CNN, SparseGPT/GPTQ space (10k test images)
     python bench/search_budgets.py --quick    # reduced space, plans stitched from the database (< 1 min);
                                               # exit 1 if DP loses to uniform at any budget
 
@@ -51,8 +52,9 @@ QUICK_BUDGETS = [Budget("flops", 1 / 4), Budget("flops", 1 / 8), Budget("bops", 
 RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes")
 
 
-def spaces(quick: bool) -> SearchSpace:
-    return load_space(os.path.join(RECIPES, "search-quick.yaml" if quick else "search-digits.yaml"))
+def spaces(quick: bool, model: str) -> SearchSpace:
+    name = "search-quick.yaml" if quick else ("search-mnist.yaml" if model == "mnist-cnn" else "search-digits.yaml")
+    return load_space(os.path.join(RECIPES, name))
 
 
 def solvers(quick: bool, model, table, stitched):
@@ -115,7 +117,7 @@ def channels_section(model, calib, test_ds, db: str) -> list[str]:
     return failures
 
 
-def pareto_plot(rows, dense_acc: float, path: str) -> None:
+def pareto_plot(rows, dense_acc: float, path: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +132,7 @@ def pareto_plot(rows, dense_acc: float, path: str) -> None:
         ax.axhline(100 * dense_acc, color="gray", ls="--", lw=1, label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"{metric.upper()} (fraction of dense, log2)")
-        ax.set_title(f"digits CNN: accuracy vs {metric.upper()} (BN re-estimated)")
+        ax.set_title(f"{model}: accuracy vs {metric.upper()} (BN re-estimated)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[1].legend(fontsize=8)
@@ -143,6 +145,8 @@ def pareto_plot(rows, dense_acc: float, path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", choices=("digits-cnn", "mnist-cnn"), default="digits-cnn",
+                    help="mnist-cnn uses recipes/search-mnist.yaml (SparseGPT/GPTQ); not with --quick")
     ap.add_argument("--db", default="out/search-db")
     ap.add_argument("--out", default="out/search_budgets.png")
     ap.add_argument("--section", choices=("all", "weights", "channels"), default="all",
@@ -150,7 +154,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    model, train_ds, test_ds = pretrained("digits-cnn")
+    if args.quick and args.model != "digits-cnn":
+        ap.error("--quick runs on digits-cnn only")
+    model, train_ds, test_ds = pretrained(args.model)
     calib = list(calibration_loader(train_ds, n=512, batch_size=128, seed=0))
     held = calibration_loader(train_ds, n=512, batch_size=512, seed=1).dataset  # AMC reward: train images
     dense_acc = evaluate(model, test_ds)
@@ -159,7 +165,7 @@ def main() -> int:
         failures += channels_section(model, calib, test_ds, args.db + "-channels")
     if args.section == "channels":
         return 1 if failures else 0
-    space = spaces(args.quick)
+    space = spaces(args.quick, args.model)
     t0 = time.perf_counter()
     table = build_database(model, space, calib, args.db)
     n_entries = sum(len(v) for v in table.entries.values())
@@ -182,12 +188,12 @@ def main() -> int:
                          "acc": plain, "acc_bn": bn, "t_solve": t_solve, "t_apply": t_apply,
                          "variants": ",".join(plan.variants)})
     how = "stitched from the database" if args.quick else "applied with apply_plan_ (sequential re-solve)"
-    print(f"\ndigits CNN, dense test accuracy {100 * dense_acc:.2f}% (360 test images); plans {how}")
+    print(f"\n{args.model}, dense test accuracy {100 * dense_acc:.2f}% ({len(test_ds)} test images); plans {how}")
     print(f"{'budget':<12}{'solver':<12}{'cost':>8}{'acc':>8}{'acc+BN':>8}{'solve s':>9}{'apply s':>9}  variants")
     for r in rows:
         print(f"{r['metric']}={r['budget']:<6.4g}{r['solver']:<12}{r['cost']:>8.4f}{100 * r['acc']:>8.2f}"
               f"{100 * r['acc_bn']:>8.2f}{r['t_solve']:>9.2f}{r['t_apply']:>9.2f}  {r['variants']}")
-    pareto_plot(rows, dense_acc, args.out)
+    pareto_plot(rows, dense_acc, args.out, args.model)
     print(f"\nPareto plot: {args.out}; total {time.perf_counter() - t_start:.1f}s")
     weight_failures: list[str] = []
     for b in budgets:

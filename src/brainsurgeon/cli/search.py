@@ -44,7 +44,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--space", required=True, metavar="YAML", help="search space file (recipes/search-*.yaml)")
     p.add_argument("--budget", required=True, metavar="METRIC=X",
                    help="flops|bops|bytes|params|latency as a fraction of dense (flops=0.25) or a factor (bops=8x)")
-    p.add_argument("--solver", default="dp", choices=("dp", "uniform", "global-magnitude", "amc", "amc-accuracy"),
+    p.add_argument("--solver", default="dp",
+                   choices=("dp", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy"),
                    help="dp (default), uniform, global-magnitude, amc (resource-constrained), amc-accuracy")
     p.add_argument("--out", metavar="YAML", help="where to write the plan (required unless --dry-run)")
     p.add_argument("--db", metavar="DIR", help="database folder (default: out/search-db/<model>)")
@@ -110,8 +111,11 @@ def run(args: argparse.Namespace) -> int:
     held = calibration_loader(train_ds, n=512, batch_size=512, seed=1).dataset
     eval_fn = (lambda m: evaluate(m, held)) if args.solver.startswith("amc") else None
     executor = search_mod.make_executor(args.executor, args.workers)
-    plan = search_mod.search(model, space, args.budget, calib, eval_fn=eval_fn, solver=args.solver,
-                             db=args.db or os.path.join("out", "search-db", args.model), executor=executor)
+    try:
+        plan = search_mod.search(model, space, args.budget, calib, eval_fn=eval_fn, solver=args.solver,
+                                 db=args.db or os.path.join("out", "search-db", args.model), executor=executor)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
     extra: dict[str, Any] = {}
     if args.evaluate:
         m = copy.deepcopy(model)

@@ -132,12 +132,15 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     if not isinstance(space, SearchSpace):
         raise ConfigError(f"search: space must be a SearchSpace or a YAML path, got {type(space).__name__}")
-    root = db or tempfile.mkdtemp(prefix="brainsurgeon-db-")
-    table = build_database(model, space, calib, root, executor)
     structural = bool(space.channel_ratios)
     if structural and solver.startswith("amc"):
         raise ConfigError("search: AMC over a channel space is not supported yet (channel costs are not additive "
                           "across coupled layers); use solver='dp' or 'uniform', which re-check the measured cost")
+    from ..calib import cache_batches
+
+    calib = cache_batches(calib)  # read once: the database, the cost checks and AMC reuse the batches
+    root = db or tempfile.mkdtemp(prefix="brainsurgeon-db-")
+    table = build_database(model, space, calib, root, executor)
     measure = channel_cost_fn(model, table, calib, budget) if structural else None
     if solver == "dp":
         plan = within_measured_budget(lambda b: dp_plan(table, b), budget, measure) if measure else \

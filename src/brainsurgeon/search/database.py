@@ -336,5 +336,5 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
             for fut in done:
                 finish(fut, *pending.pop(fut))
     finally:
-        if not inline:
+        if isinstance(executor, str) and not inline:  # an Executor passed in belongs to the caller
             ex.shutdown(wait=True, cancel_futures=True)
