@@ -120,3 +120,12 @@ def test_search_api_solvers_and_errors(setup, tmp_path):
         search(model, small_space(), "flops=0.5", calib(), solver="greedy", db=root)
     with pytest.raises(ConfigError, match="METRIC=FRACTION"):
         search(model, small_space(), "half", calib(), db=root)
+
+
+def test_search_reads_a_one_shot_calibration_iterator_once(setup):
+    from brainsurgeon.search import AMC
+
+    model, table = setup
+    plan = search(model, small_space(), "flops=0.5", iter(calib()), solver="amc", db=str(table.db.root),
+                  amc=AMC(episodes=3, warmup=1))
+    assert plan.info["cost"] <= 0.5 + 1e-9 and plan.info["solver"] == "amc-resource"
