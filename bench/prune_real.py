@@ -125,9 +125,9 @@ def torch_pruning_(model: nn.Module, example: torch.Tensor, ratio: float, ignore
     pruner.step()
 
 
-def run_mobilenet(ratios: list[float], methods: list[str], n_eval: int, n_calib: int) -> list[dict]:
+def run_mobilenet(ratios: list[float], methods: list[str], n_eval: int, n_calib: int, size: int) -> list[dict]:
     images = photos()
-    x_eval, x_cal = crops(images, n_eval, seed=1), crops(images, n_calib, seed=2)
+    x_eval, x_cal = crops(images, n_eval, seed=1, size=size), crops(images, n_calib, seed=2, size=size)
     calib = [x_cal[i:i + 16] for i in range(0, n_calib, 16)]
     dense = mobilenet_v2()
     ref = logits_of(dense, x_eval)
@@ -174,7 +174,7 @@ def ratio_for_macs(model: nn.Module, example: torch.Tensor, target: float) -> fl
     raise SystemExit("no ratio reaches the MAC target")
 
 
-def run_cnn(name: str, epochs: int, lr: float) -> list[dict]:
+def run_cnn(name: str, epochs: int, lr: float, methods: tuple[str, ...]) -> list[dict]:
     model, train_ds, test_ds = pretrained(name)
     example = train_ds[0][0].unsqueeze(0)
     base = bp.measure(model, example)
@@ -185,7 +185,7 @@ def run_cnn(name: str, epochs: int, lr: float) -> list[dict]:
              "acc": dense_acc, "acc_ft": dense_acc}]
     cfgs = {"l2": dict(importance="l2"), "group_l2": dict(importance="group_l2"),
             "obs+recon": dict(importance="obs", reconstruct="obs"), "taylor": dict(importance="taylor")}
-    for method in [*cfgs, "torch-pruning"]:
+    for method in methods:
         m = copy.deepcopy(model)
         if method == "torch-pruning":
             torch_pruning_(m, example, ratio, [m.fc2])
@@ -209,20 +209,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run with bound checks (< ~2 min)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
+    ap.add_argument("--size", type=int, default=0, help="MobileNetV2 crop size (default: 96 quick, 224 full)")
+    ap.add_argument("--eval-crops", type=int, default=0, help="evaluation crops (default: 32 quick, 256 full)")
+    ap.add_argument("--calib-crops", type=int, default=0, help="calibration crops (default: 16 quick, 128 full)")
+    ap.add_argument("--no-mnist", action="store_true", help="full mode: skip the MNIST CNN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    size = args.size or (96 if args.quick else 224)
+    n_eval = args.eval_crops or (32 if args.quick else 256)
+    n_calib = args.calib_crops or (16 if args.quick else 128)
+    all_methods = ("l2", "group_l2", "obs+recon", "taylor", "torch-pruning")
     if args.quick:
-        mob = run_mobilenet([0.3], ["group_l2", "obs+recon"], n_eval=64, n_calib=32)
-        cnn = run_cnn("digits-cnn", epochs=5, lr=1e-3)
+        mob = run_mobilenet([0.3], ["group_l2", "obs+recon"], n_eval, n_calib, size)
+        cnn = run_cnn("digits-cnn", 5, 1e-3, ("group_l2", "obs+recon", "torch-pruning"))
     else:
         mob = run_mobilenet([0.3, 0.5], ["l2", "group_l2", "group_l2+recon", "obs+recon", "torch-pruning"],
-                            n_eval=256, n_calib=128)
-        cnn = run_cnn("digits-cnn", epochs=5, lr=1e-3) + run_cnn("mnist-cnn", epochs=1, lr=1e-3)
+                            n_eval, n_calib, size)
+        cnn = run_cnn("digits-cnn", 5, 1e-3, all_methods)
+        if not args.no_mnist:
+            cnn += run_cnn("mnist-cnn", 1, 1e-3, ("group_l2", "obs+recon", "torch-pruning"))
 
-    print(f"\nA. MobileNetV2 ImageNet weights, {'64' if args.quick else '256'} eval crops of real photos "
-          f"(top-1 agreement / KL vs dense)")
+    print(f"\nA. MobileNetV2 ImageNet weights, {n_eval} eval crops ({size}x{size}) of real photos, {n_calib} "
+          f"calibration crops; top-1 agreement / KL(dense || pruned)")
     print(f"{'method':<16} {'ratio':>5} {'params':>10} {'MACs':>12} {'MACs kept':>9} {'top1 agree':>10} "
           f"{'KL':>8} {'prune s':>8}")
     dm = mob[0]["macs"]
