@@ -163,12 +163,17 @@ def run_mobilenet(ratios: list[float], methods: list[str], n_eval: int, n_calib:
 # ----------------------------------------------------------------------------- digits / MNIST CNN
 
 
-def ratio_for_macs(model: nn.Module, example: torch.Tensor, target: float) -> float:
-    """Smallest ratio (step 0.01) whose pruned MACs are <= target * dense MACs (group_l2, local)."""
+def ratio_for_macs(model: nn.Module, example: torch.Tensor, target: float, ours: bool = True) -> float:
+    """Smallest ratio (step 0.01) whose pruned MACs are <= target * dense MACs (ours: local group_l2;
+    else Torch-Pruning, whose rounding of channel counts differs)."""
     dense = bp.measure(model, example).total_macs
+    last = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)][-1]
     for r in [i / 100 for i in range(20, 80)]:
         m = copy.deepcopy(model)
-        bp.prune_(m, bp.ChannelPruning(ratio=r), example)
+        if ours:
+            bp.prune_(m, bp.ChannelPruning(ratio=r), example)
+        else:
+            torch_pruning_(m, example, r, [m.get_submodule(last)])
         if bp.measure(m, example).total_macs <= target * dense:
             return r
     raise SystemExit("no ratio reaches the MAC target")
@@ -180,6 +185,7 @@ def run_cnn(name: str, epochs: int, lr: float, methods: tuple[str, ...]) -> list
     base = bp.measure(model, example)
     dense_acc = evaluate(model, test_ds)
     ratio = ratio_for_macs(model, example, 0.5)
+    tp_ratio = ratio_for_macs(model, example, 0.5, ours=False) if "torch-pruning" in methods else ratio
     calib = [(train_ds[i:i + 64][0], train_ds[i:i + 64][1]) for i in range(0, 512, 64)]
     rows = [{"model": name, "method": "dense", "ratio": 0.0, "params": base.total_params, "macs": base.total_macs,
              "acc": dense_acc, "acc_ft": dense_acc}]
@@ -188,7 +194,7 @@ def run_cnn(name: str, epochs: int, lr: float, methods: tuple[str, ...]) -> list
     for method in methods:
         m = copy.deepcopy(model)
         if method == "torch-pruning":
-            torch_pruning_(m, example, ratio, [m.fc2])
+            torch_pruning_(m, example, tp_ratio, [m.fc2])
         else:
             cfg = bp.ChannelPruning(ratio=ratio, **cfgs[method])
             bp.prune_(m, cfg, example, calib=calib if cfg.needs_calib else None)
@@ -196,9 +202,10 @@ def run_cnn(name: str, epochs: int, lr: float, methods: tuple[str, ...]) -> list
         acc = evaluate(m, test_ds)
         train(m, train_ds, epochs=epochs, lr=lr, seed=0)
         acc_ft = evaluate(m, test_ds)
-        rows.append({"model": name, "method": method, "ratio": ratio, "params": c.total_params, "macs": c.total_macs,
+        r = tp_ratio if method == "torch-pruning" else ratio
+        rows.append({"model": name, "method": method, "ratio": r, "params": c.total_params, "macs": c.total_macs,
                      "acc": acc, "acc_ft": acc_ft})
-        print(f"  {name} {method:<15} {ratio:.2f}  acc {acc:.4f} -> ft {acc_ft:.4f}", file=sys.stderr, flush=True)
+        print(f"  {name} {method:<15} {r:.2f}  acc {acc:.4f} -> ft {acc_ft:.4f}", file=sys.stderr, flush=True)
     return rows
 
 
