@@ -149,6 +149,15 @@ def test_init_grid_rejects_float_weights_with_fix():
     assert set(prepare_qat_(m, QAT(bits=4)).values()) == {"fit"}  # auto falls back to a fitted grid
 
 
+def test_init_existing_leaves_layers_off_the_grid_float():
+    m = net()
+    bs.quantize_(m, bs.RTN(bits=4), calib(), ignore=("conv1",))
+    assert prepare_qat_(m, QAT(bits=4, init="existing")) == {"conv2": "grid", "fc1": "grid", "fc2": "grid"}
+    assert type(m.conv1) is nn.Conv2d
+    with pytest.raises(ConfigError, match="no layer .* is on a 4-bit grid"):
+        prepare_qat_(net(), QAT(bits=4, init="existing"))
+
+
 @pytest.mark.parametrize("kw,match", [({"bits": 1}, "bits"), ({"act_bits": 1}, "act_bits"),
                                       ({"init": "x"}, "init"), ({"group_size": -1}, "group_size")])
 def test_qat_config_validation(kw, match):

@@ -30,7 +30,7 @@ from .grid import Grid, fit_grid
 
 log = get_logger(__name__)
 
-_INITS = ("auto", "grid", "fit")
+_INITS = ("auto", "grid", "fit", "existing")
 
 
 @register_config
@@ -41,7 +41,8 @@ class QAT(Config):
 
     init: ``grid`` reads the grid the weights already lie on (after OBQ/GPTQ/RTN with the same
     bits/sym/group_size), ``fit`` fits a new one (:func:`~brainsurgeon.quant.grid.fit_grid`),
-    ``auto`` reads it where the weights are on a grid and fits it elsewhere.
+    ``auto`` reads it where the weights are on a grid and fits it elsewhere, ``existing`` reads it
+    where the weights are on a grid and leaves the other layers float (e.g. layers a recipe ignored).
 
     >>> QAT(bits=4); QAT(bits=3, learn_scale=True); QAT(bits=4, act_bits=8)
     """
@@ -132,12 +133,14 @@ def infer_grid(W: torch.Tensor, bits: int, sym: bool = True, group_size: int = 0
     return Grid(scale.reshape(shape).to(W.dtype), zero.reshape(shape).to(W.dtype), maxq, g)
 
 
-def _fit_layer_grid(name: str, W: torch.Tensor, cfg: QAT) -> tuple[Grid, str]:
-    """The grid of one layer per cfg.init, and how it was obtained ("grid" or "fit")."""
+def _fit_layer_grid(name: str, W: torch.Tensor, cfg: QAT) -> tuple[Grid | None, str]:
+    """The grid of one layer per cfg.init, and how it was obtained ("grid", "fit"; None: left float)."""
     if cfg.init != "fit":
         g = infer_grid(W, cfg.bits, cfg.sym, cfg.group_size)
         if g is not None:
             return g, "grid"
+        if cfg.init == "existing":
+            return None, "float"
         if cfg.init == "grid":
             raise ConfigError(f"layer {name!r}: the weights are not on a {cfg.bits}-bit "
                               f"{'symmetric' if cfg.sym else 'asymmetric'} grid with group_size="
@@ -159,8 +162,8 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
     The twin shares the layer's weight/bias Parameters and adds the grid (``w_scale``,
     ``w_zero``; ``a_scale``, ``a_zero`` with act_bits). ignore: module-name regexes to keep
     as they are. With ``act_bits``, `calib` batches (x or (x, ...)) set each input range
-    (min/max over `max_batches` batches). Returns {layer name: "grid" | "fit"}. On failure
-    the model is restored.
+    (min/max over `max_batches` batches). Returns {layer name: "grid" | "fit"} for the swapped
+    layers (``init="existing"`` skips layers off the grid). On failure the model is restored.
 
     >>> prepare_qat_(model, QAT(bits=4), ignore=("fc2",))
     {'conv1': 'grid', 'conv2': 'grid', 'conv3': 'grid', 'fc1': 'grid'}
@@ -182,14 +185,19 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
         for name, mod in todo:
             W = mod.weight.detach().reshape(mod.weight.shape[0], -1)  # (out, in/g * prod(k))
             grid, how = _fit_layer_grid(name, W, cfg)
+            if grid is None:
+                continue
             fq = to_fake_quant(mod, grid.scale, grid.zero, cfg.bits, grid.group_size, cfg.act_bits,
                                cfg.learn_scale)
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, fq)
             done.append((name, mod))
             inits[name] = how
+        if not done:
+            raise ConfigError(f"prepare_qat_: no layer of {type(model).__name__} is on a {cfg.bits}-bit grid "
+                              f"(init='existing'); quantize it first, or use init='auto' to fit grids")
         if cfg.act_bits:
-            _observe_inputs(model, [n for n, _ in todo], calib, max_batches)  # type: ignore[arg-type]
+            _observe_inputs(model, [n for n, _ in done], calib, max_batches)  # type: ignore[arg-type]
     except BaseException:
         for name, mod in done:
             parent, leaf = _parent(model, name)
