@@ -143,8 +143,7 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
     table = build_database(model, space, calib, root, executor)
     measure = channel_cost_fn(model, table, calib, budget) if structural else None
     if solver == "dp":
-        plan = within_measured_budget(lambda b: dp_plan(table, b), budget, measure) if measure else \
-            dp_plan(table, budget)
+        plan = within_measured_budget(table, budget, measure) if measure else dp_plan(table, budget)
     elif solver == "uniform":
         plan = uniform_plan(table, budget, measure)
     elif solver == "global-magnitude":

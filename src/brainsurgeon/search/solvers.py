@@ -9,6 +9,7 @@ All return a :class:`Plan` (module name -> configs) applied by the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -63,13 +64,16 @@ def absolute_budget(table: SearchTable, budget: Budget) -> float:
     return layer_budget(table, budget)
 
 
-def dp_plan(table: SearchTable, budget: Budget, buckets: int = 10_000) -> Plan:
+def dp_plan(table: SearchTable, budget: Budget, buckets: int = 10_000, limit: float | None = None) -> Plan:
     """The least-score plan within the budget (multiple-choice knapsack, :mod:`.dp`).
 
     >>> dp_plan(table, Budget.parse("bops=8x")).variants
     ('w8', '2:4+w4', 'sp@0.8343+...', ...)
+
+    limit: the absolute cost allowed to the searched layers, instead of the budget's (used by
+    :func:`within_measured_budget`).
     """
-    B = absolute_budget(table, budget)
+    B = absolute_budget(table, budget) if limit is None else limit
     rows = [table.entries[n] for n in table.layers]
     try:
         pick = choose_variants([[e.costs[budget.metric] for e in r] for r in rows],
@@ -159,20 +163,21 @@ def global_magnitude_plan(model: nn.Module, table: SearchTable, budget: Budget) 
     return Plan(tuple(layers), tuple(variants), tuple(table.skipped), info)
 
 
-def within_measured_budget(solve: Callable[[Budget], Plan], budget: Budget, measure: Callable[[Plan], float],
-                           tries: int = 8) -> Plan:
-    """Re-solve with a tighter budget until the *measured* cost fits (for channel plans, whose costs add
-    up only approximately: two adjacent pruned layers share a consumer).
+def within_measured_budget(table: SearchTable, budget: Budget, measure: Callable[[Plan], float],
+                           tries: int = 12) -> Plan:
+    """DP re-solved until the *measured* cost fits: for channel plans, whose costs add up only
+    approximately (two adjacent pruned layers share a consumer). Each round lowers the DP's
+    budget by the measured overshoot.
 
-    >>> plan = within_measured_budget(lambda b: dp_plan(table, b), budget, measure)
+    >>> plan = within_measured_budget(table, Budget("flops", 0.25), channel_cost_fn(model, table, calib, b))
     """
-    frac = budget.fraction
+    limit, total, real = absolute_budget(table, budget), dense_cost(table, budget.metric), math.inf
     for _ in range(tries):
-        plan = solve(Budget(budget.metric, frac))
+        plan = dp_plan(table, budget, limit=limit)
         real = measure(plan)
         if real <= budget.fraction * (1 + 1e-9):
-            plan.info.update(budget=str(budget), cost=round(real, 6), cost_estimate=plan.info["cost"])
+            plan.info.update(cost=round(real, 6), cost_estimate=plan.info["cost"])
             return plan
-        frac *= 0.99 * budget.fraction / real  # shrink the estimate's budget by the overshoot
+        limit -= 1.05 * (real - budget.fraction) * total  # ask the estimate for the overshoot less
     raise BudgetInfeasibleError(f"budget {budget}: after {tries} re-solves the measured cost of the channel plan "
                                 f"is still {real:.4f} of dense; relax the budget or add higher channel ratios")
