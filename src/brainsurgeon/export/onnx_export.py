@@ -122,7 +122,9 @@ def run_onnxruntime(path: str, inputs: tuple[Any, ...]) -> list[Any]:
     except ImportError as e:
         raise FormatError("checking an ONNX export needs onnxruntime; pip install 'brainsurgeon[onnx]' "
                           "or pass check=False") from e
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: onnxruntime's own warnings go straight to stderr
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(tensors):
