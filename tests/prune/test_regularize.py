@@ -57,3 +57,15 @@ def test_regulariser_errors():
         GroupNormRegularizer([], ConvBNConv())
     with pytest.raises(ConfigError, match="not affine BatchNorm modules"):
         BNL1(ConvBNConv(), modules=["conv1"])
+
+
+def test_regulariser_on_dependency_graph_groups():
+    from brainsurgeon.graph import DependencyGraph
+    from brainsurgeon.models import build_model
+
+    model = build_model("digits-cnn", seed=0).eval()
+    groups = DependencyGraph(model, torch.zeros(1, 1, 8, 8)).groups()
+    reg = GroupNormRegularizer(groups, model, reg=1e-3)
+    assert [n.shape[0] for n in reg.norms()] == [g.n for g in groups]
+    reg.penalty(model).backward()
+    assert model.conv2.weight.grad.abs().sum() > 0 and model.bn2.weight.grad.abs().sum() > 0

@@ -16,6 +16,8 @@ from typing import Any
 
 from ..errors import ConfigError
 
+INPUT_SHAPES = {"digits-cnn": (1, 1, 8, 8), "mnist-cnn": (1, 1, 28, 28)}  # one example image per built-in model
+
 EPILOG = """examples:
   # remove 50% of the channels of every coupled group by DepGraph group L2 norm
   brainsurgeon prune --model digits-cnn --ratio 0.5 --importance group_l2 --out out/p
@@ -87,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"prune: --finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.dry_run:
         model = build_model(args.model)
-        x = torch.zeros(1, 1, 8, 8) if args.model == "digits-cnn" else torch.zeros(1, 1, 28, 28)
-        c = measure(model, x)
+        c = measure(model, torch.zeros(INPUT_SHAPES[args.model]))
         plan = {"model": args.model, "params": c.total_params, "macs": c.total_macs, "config": cfg.to_dict()}
         print(json.dumps(plan, indent=2) if args.format == "json"
               else f"model {args.model}: {c.total_params:,} params, {c.total_macs:,} MACs\n{cfg.describe()}")

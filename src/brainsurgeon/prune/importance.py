@@ -293,6 +293,8 @@ def obs_saliency(W: torch.Tensor, H: torch.Tensor, cols: torch.Tensor, damp: flo
     extended to a block of weights per row (Kurtic et al., "The Optimal BERT Surgeon", 2022, eq. 3):
     L_c = 1/2 sum_rows w_{r,C} [(H^{-1})_{CC}]^{-1} w_{r,C}^T.   W: (rows, cols); H: (cols, cols);
     cols: (n, m) column indices per channel. Returns (n,).
+
+    >>> obs_saliency(fc2.weight, H, torch.arange(64).unsqueeze(1), damp=0.01)   # one column per channel
     """
     H = H.double()
     Hd = H + damp * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

@@ -57,6 +57,9 @@ def solve_reconstruction(W: torch.Tensor, Wk: torch.Tensor, A: torch.Tensor, B: 
 
     W: (rows, cols) dense target; Wk: (rows, cols') plain removal; A: (cols, cols'); B: (cols', cols').
     Returns W' (rows, cols') in float64.
+
+    >>> Xp = X[:, keep]                                    # the pruned layer's inputs
+    >>> M = solve_reconstruction(W, W[:, keep], X.T @ Xp, Xp.T @ Xp, damp=0.01)
     """
     lam = damp * B.diagonal().mean().clamp_min(1e-12)
     Bd = B + lam * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)  # (cols', cols')
@@ -66,7 +69,10 @@ def solve_reconstruction(W: torch.Tensor, Wk: torch.Tensor, A: torch.Tensor, B: 
 
 
 def output_error(W: torch.Tensor, M: torch.Tensor, st: ReconStats) -> float:
-    """||X W^T - X' M^T||^2 / ||X W^T||^2 from the moments (a relative layer-output error)."""
+    """||X W^T - X' M^T||^2 / ||X W^T||^2 from the moments (a relative layer-output error).
+
+    >>> output_error(W, M, ReconStats(X.T @ X, X.T @ Xp, Xp.T @ Xp, len(X)))
+    """
     W, M = W.double(), M.double()
     ref = torch.trace(W @ st.G @ W.T)
     err = ref - 2 * torch.trace(W @ st.A @ M.T) + torch.trace(M @ st.B @ M.T)
