@@ -28,7 +28,8 @@ class LowRank(Config):
     """Truncated SVD for Linear (and 1x1 / channel-decomposed convs), Tucker-2 for k x k convs.
 
     activation_aware: minimise ||W X - A B X|| on calibration inputs X instead of ||W - A B||
-    (SVD of W S with S S^T = X X^T: Wang et al., "SVD-LLM", 2024; Yuan et al., "ASVD", 2023).
+    (SVD of W S with S S^T = X X^T: Wang et al., "SVD-LLM", 2024; Yuan et al., "ASVD", 2023);
+    applies to the SVD paths (Linear, ``conv="svd"``, 1x1 convs), not to Tucker-2.
     conv: ``"tucker2"`` (1x1 -> k x k -> 1x1; Kim et al., ICLR 2016) or ``"svd"`` (k x k conv to
     rank r, then 1x1: Zhang et al., TPAMI 2016, which works with activation_aware).
     tucker_sweeps: HOOI/ALS sweeps after the HOSVD initialisation (0 = plain HOSVD).
