@@ -165,6 +165,8 @@ def test_bad_calls():
         distill(model(), model(1), data(), KD(hints=(("conv1", "nope"),)))
     with pytest.raises(ConfigError, match="no batches"):
         distill(model(), None, [], KD())
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        distill(model(), None, iter([data()[0]]), KD())
     with pytest.raises(ConfigError, match="separate model"):
         m = model()
         distill(m, m, data(), KD())

@@ -69,6 +69,9 @@ def _loader(data: Any, cfg: KD) -> Iterable[Any]:
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         g = torch.Generator().manual_seed(cfg.seed)
         return DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g)
+    if isinstance(data, Iterator):
+        raise ConfigError("data is a one-shot iterator, but training needs one pass per epoch; pass a "
+                          "Dataset, a DataLoader or a list of (x, y) batches")
     if isinstance(data, Iterable):
         return data
     raise ConfigError(f"data must be a Dataset or an iterable of (x, y) batches (e.g. a DataLoader), "
