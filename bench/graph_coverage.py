@@ -10,7 +10,9 @@ Every model: weights=None (weights_backbone=None for detection/segmentation), a 
 magnitude (sum of squares over the whole group, DepGraph-style), the final prediction layers ignored.
 Columns: ok (eval and train-mode forward after pruning, output shapes kept), params and MACs before/after,
 build+prune seconds; the same for torch-pruning (MagnitudePruner, L2, same ratio and ignored layers).
-Each model runs in a fresh subprocess (memory), with torch.set_num_threads(1).
+Each model runs in a fresh subprocess (memory; both tools in it, ours first), with torch.set_num_threads(1).
+Seconds are wall time of build + prune (ours: DependencyGraph + groups + L2 scores + verified prune;
+torch-pruning: MagnitudePruner construction + step), not the model build, MAC counting or checks.
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ def run_ours(name: str) -> dict[str, Any]:
     for grp in groups:
         score = torch.zeros(grp.n, dtype=torch.float64)
         for s in grp.slices:
-            t = getattr(model.get_submodule(s.module), s.tensor).detach().double()
+            t = getattr(model.get_submodule(s.module), s.tensor).detach()
             flat = t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1)
-            score += flat.pow(2).sum(1)[s.idxs].sum(1)
+            score += flat.pow(2).sum(1)[s.idxs].sum(1).double()
         k = grp.n // 2
         if k:
             chosen.append(grp.select(torch.argsort(score)[:k]))
@@ -167,27 +169,33 @@ def run_tp(name: str) -> dict[str, Any]:
 def one(name: str, tool: str) -> dict[str, Any]:
     import torch
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    try:
-        res = run_ours(name) if tool == "ours" else run_tp(name)
-        res["ok"] = bool(res["train_ok"])
-        if not res["ok"]:
-            res["error"] = "train-mode forward fails after pruning"
-    except Exception as e:  # noqa: BLE001
-        res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"}
-    return res
+    out = {}
+    for t in (("ours", "tp") if tool == "both" else (tool,)):
+        torch.manual_seed(0)
+        try:
+            res = run_ours(name) if t == "ours" else run_tp(name)
+            res["ok"] = bool(res["train_ok"])
+            if not res["ok"]:
+                res["error"] = "train-mode forward fails after pruning"
+        except Exception as e:  # noqa: BLE001
+            res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+        out[t] = res
+    return out
 
 
 def run_subprocess(name: str, tool: str, timeout: float) -> dict[str, Any]:
+    """Both tools in one fresh process (one torchvision import); {'ours': ..., 'tp': ...}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--tool", tool]
+    err = None
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        for line in reversed(p.stdout.splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        err = f"crashed (rc={p.returncode}): {p.stderr.strip().splitlines()[-1:]}"
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timeout > {timeout:.0f}s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"ok": False, "error": f"crashed (rc={p.returncode}): {p.stderr.strip().splitlines()[-1:]}"}
+        err = f"timeout > {timeout:.0f}s"
+    return {t: {"ok": False, "error": err} for t in (("ours", "tp") if tool == "both" else (tool,))}
 
 
 def fmt_row(name: str, ours: dict[str, Any], tp: dict[str, Any] | None) -> str:
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--chunk", default=None, help="i/n: run the i-th of n interleaved chunks of the list")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per model to this file")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model and tool")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model (both tools)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tool", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -224,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<38} {'ours':>4} {'params':>17} {'MACs':>17} {'sec':>7} | torch-pruning 1.6")
     rows = []
     for name in names:
-        ours = run_subprocess(name, "ours", a.timeout)
-        tp = None if a.no_tp else run_subprocess(name, "tp", a.timeout)
+        res = run_subprocess(name, "ours" if a.no_tp else "both", a.timeout)
+        ours, tp = res["ours"], res.get("tp")
         rows.append((name, ours, tp))
         print(fmt_row(name, ours, tp), flush=True)
         if a.jsonl:

@@ -24,14 +24,13 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..errors import ConfigError, SurgeryError, UnsupportedOpError
-from . import rules_nn  # noqa: F401  (registers the compute-op rules)
+from ..errors import ConfigError, UnsupportedOpError
+from . import rules_nn, rules_views  # noqa: F401  (register the op rules)
+from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
 from .rules import Ctx, find_rule, refs
-from .surgery import apply_plan, undo_plan
 from .trace import Ref, Trace, run_model, trace_model
-from .verify import verify_forward
 
 log = get_logger(__name__)
 
@@ -68,7 +67,7 @@ def slice_role(m: nn.Module, tensor: str, dim: int) -> str:
     return "param"
 
 
-class DependencyGraph:
+class DependencyGraph(PruneMixin):
     """Coupled dimensions of ``model``, traced at the ATen level on ``example_inputs``.
 
     Args:
@@ -282,6 +281,9 @@ class DependencyGraph:
                                      f"equal rows (ragged coupling, e.g. a channel shuffle); prune a coarser set")
         root_pos = grp.root.idxs.reshape(-1).numpy()
         if len(root_pos) != len(req):
+            strict = closure(self.edges, key, req, np.arange(len(req)), prefer_fits=False)
+            alt = self._make_group(strict, (name, tensor, d)) if not strict.blocked else None
+            grp = alt if alt is not None else grp          # suggest whole outer units (conv groups, heads)
             unit = grp.root.idxs.shape[1]
             raise ConfigError(f"group: {name}.{tensor} dim {d} channels are coupled in units of {unit} "
                               f"(grouped conv / attention head / reshape); idxs {sorted(req.tolist())[:8]} split a "
@@ -375,122 +377,6 @@ class DependencyGraph:
                                    s.tensor, s.dim))
         reasons = tuple(sorted({why for _, why in cl.inexact}))
         return Group(tuple(slices), cl.n, slices[0], self, not reasons, reasons, 1, labels, self._step)
-
-    # ------------------------------------------------------------------ surgery
-    def prune(self, groups: Sequence[Group], *, skip_failed: bool = False) -> list[tuple[Group, str]]:
-        """Remove every row of ``groups`` at once, then verify; on failure restore and raise SurgeryError.
-
-        With ``skip_failed=True`` a failing batch is bisected: every group that verifies is pruned, the
-        others are returned as ``(group, error message)`` and left untouched.
-
-        >>> g.prune([grp.select([0, 1]) for grp in g.groups()])
-        >>> skipped = g.prune(candidates, skip_failed=True)
-        """
-        if not skip_failed:
-            self._prune(groups)
-            return []
-        records: list[dict[str, Any]] = []
-        failed = self._skip(list(groups), records, train=False)   # eval-mode checks while bisecting ...
-        if records and self.verify:
-            try:                                                   # ... and train mode once at the end
-                self._verify(self._removed, train_only=True)
-            except SurgeryError:
-                for r in reversed(records):
-                    self._rollback(r)
-                return self._skip(list(groups), [], train=True)
-        return failed
-
-    def _skip(self, groups: list[Group], records: list[dict[str, Any]], train: bool) -> list[tuple[Group, str]]:
-        if not groups:
-            return []
-        try:
-            records.append(self._prune(groups, train=train))
-            return []
-        except SurgeryError as e:
-            if len(groups) == 1:
-                return [(groups[0], str(e))]
-            culprits = self._implicated(groups, e)
-        if culprits and len(culprits) < len(groups):   # set aside the groups that touch the failing op
-            rest = [grp for grp in groups if all(grp is not c for c in culprits)]
-            failed = self._skip(rest, records, train)
-            for c in culprits:   # then each alone, so that a bystander is not dropped
-                failed += self._skip([c], records, train)
-            return failed
-        half = len(groups) // 2
-        return self._skip(groups[:half], records, train) + self._skip(groups[half:], records, train)
-
-    def _implicated(self, groups: Sequence[Group], err: SurgeryError) -> list[Group]:
-        """Groups that label a tensor of the op where verification failed."""
-        idx, mode = getattr(err, "op_index", -1), getattr(err, "mode", "")
-        trace = next((t for t in self.traces if t.mode == mode), None)
-        if idx < 0 or trace is None or idx >= len(trace.ops):
-            return []
-        op = trace.ops[idx]
-        nodes = set(op.inputs) | set(op.outputs)
-        return [grp for grp in groups if grp.version >= self._trace_step and any(k[0] in nodes for k in grp.labels)]
-
-    def _prune(self, groups: Sequence[Group], train: bool = True) -> dict[str, Any]:
-        """Apply, verify (eval, and train if ``train``), commit; returns the record for :meth:`_rollback`."""
-        plan: dict[tuple[str, str, int], np.ndarray] = {}
-        for grp in groups:
-            if grp.graph is not self:
-                raise SurgeryError("prune: this group belongs to another DependencyGraph")
-            for s in grp.slices:
-                k = (s.module, s.tensor, s.dim)
-                if self._touched.get(k, -1) >= grp.version:
-                    raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
-                                       f"group was built; call g.groups()/g.group() again")
-                plan[k] = np.union1d(plan.get(k, np.zeros(0, dtype=np.int64)), s.idxs.reshape(-1).numpy())
-        record: dict[str, Any] = {"removed": self._removed, "touched": {k: self._touched.get(k) for k in plan},
-                                  "step": self._step, "dirty": self._dirty, "history": len(self.history)}
-        if not plan:
-            return record
-        undo = apply_plan(self.model, plan, self.owners)
-        removed = dict(self._removed)
-        for grp in groups:
-            if grp.version >= self._trace_step:
-                for k, lab in grp.labels.items():
-                    c = int((lab >= 0).sum())
-                    if c:
-                        removed[k] = removed.get(k, 0) + c
-        if self.verify:
-            try:
-                self._verify(removed, train_only=False, train=train)
-            except SurgeryError:
-                undo_plan(undo)
-                raise
-        record["undo"] = undo
-        self._removed = removed
-        for k in plan:
-            self._touched[k] = self._step
-        self._step += 1
-        self._dirty = True
-        self.history.append({"slices": [{"module": m, "tensor": t, "dim": d, "idxs": v.tolist()}
-                                        for (m, t, d), v in plan.items()]})
-        return record
-
-    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True) -> None:
-        if not train_only:
-            verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes)
-        if train or train_only:
-            t = next((t for t in self.traces if t.mode == "train"), None)
-            if t is not None:
-                verify_forward(self.model, self.example_inputs, t, removed, self.nodes)
-            elif self._train_ok:
-                verify_forward(self.model, self.example_inputs, None, removed, self.nodes, mode="train")
-
-    def _rollback(self, record: dict[str, Any]) -> None:
-        """Undo one committed :meth:`_prune` (the last one still applied)."""
-        if "undo" in record:
-            undo_plan(record["undo"])
-        self._removed = record["removed"]
-        for k, v in record["touched"].items():
-            if v is None:
-                self._touched.pop(k, None)
-            else:
-                self._touched[k] = v
-        self._step, self._dirty = record["step"], record["dirty"]
-        del self.history[record["history"]:]
 
     # ------------------------------------------------------------------ report
     def report(self) -> str:

@@ -47,6 +47,25 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
+_ELIDABLE = {"aten.slice", "aten.alias", "aten.view", "aten._unsafe_view", "aten.expand", "aten.clone",
+             "aten.contiguous", "aten._to_copy", "aten.detach", "aten.narrow"}
+
+
+def _check_elided(op: Any, removed: dict[Key, int], nodes: dict[int, Node], mode: str, j: int) -> None:
+    """An op of the original run that the pruned run skipped must have become a no-op (same shape in/out)."""
+    if not op.inputs or not op.outputs:
+        return
+    src, dst = op.inputs[0], op.outputs[0]
+
+    def expected(nid: int) -> tuple[int, ...]:
+        return tuple(n - removed.get((nid, d), 0) for d, n in enumerate(nodes[nid].shape))
+
+    if expected(src) != expected(dst):
+        raise VerifyError(f"{mode}-mode check: {op.name} (op {j}) was skipped after pruning — the code now uses "
+                          f"the whole tensor {expected(src)} where it took {expected(dst)} (module code with a "
+                          f"hard-coded size?); the model was restored", mode, j)
+
+
 def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
                    nodes: dict[int, Node], mode: str | None = None) -> None:
     """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``."""
@@ -74,12 +93,16 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
                         b.copy_(saved[id(b)])
     if trace is None:
         return
-    matched = len(rec.ops) == len(trace.ops)
-    for i, (name, shapes) in enumerate(rec.ops):
-        if i >= len(trace.ops) or trace.ops[i].name != name:
+    matched = True
+    j = 0                                    # position in the original trace
+    for name, shapes in rec.ops:
+        while j < len(trace.ops) and trace.ops[j].name != name and trace.ops[j].name in _ELIDABLE:
+            _check_elided(trace.ops[j], removed, nodes, mode, j)   # a slice that became whole is skipped
+            j += 1
+        if j >= len(trace.ops) or trace.ops[j].name != name:
             matched = False
             break
-        outs = trace.ops[i].outputs
+        outs = trace.ops[j].outputs
         if len(outs) != len(shapes) or any(
                 len(nodes[nid].shape) != len(shape)
                 or any(removed.get((nid, d)) is None and shape[d] != nodes[nid].shape[d] for d in range(len(shape)))
@@ -91,9 +114,11 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
             for d in range(len(shape)):
                 c = removed.get((nid, d))
                 if c is not None and shape[d] != orig[d] - c:
-                    raise VerifyError(f"{mode}-mode check: {name} (op {i}) produced {shape[d]} entries along dim "
-                                       f"{d}, expected {orig[d] - c} after removing {c} (module code with a "
-                                       f"hard-coded size?); the model was restored", mode, i)
+                    raise VerifyError(f"{mode}-mode check: {name} (op {j}) produced {shape[d]} entries along dim "
+                                      f"{d}, expected {orig[d] - c} after removing {c} (module code with a "
+                                      f"hard-coded size?); the model was restored", mode, j)
+        j += 1
+    matched = matched and j == len(trace.ops)
     flat = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
     if len(flat) != len(trace.output_shapes) or any(
             len(o.shape) != len(s) or (matched and tuple(o.shape) != s) for o, s in zip(flat, trace.output_shapes,

@@ -1,0 +1,154 @@
+"""Committing groups to the model: apply, verify, record history, roll back; bisect failing batches.
+
+    >>> skipped = g.prune(candidates, skip_failed=True)   # every group that verifies is pruned
+    >>> [(grp.root.name, why[:60]) for grp, why in skipped]
+
+A batch that fails verification is split: groups labelling the op where it failed are set aside and
+retried alone, the rest are retried together; otherwise the batch is bisected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import SurgeryError
+from .group import Group
+from .maps import Key
+from .surgery import apply_plan, undo_plan
+from .verify import verify_forward
+
+
+class PruneMixin:
+    """The pruning half of :class:`~brainsurgeon.graph.DependencyGraph` (state lives there)."""
+
+    model: Any
+    example_inputs: Any
+    verify: bool
+    traces: list[Any]
+    nodes: dict[int, Any]
+    owners: dict[int, list[tuple[str, str]]]
+    history: list[dict[str, Any]]
+    _removed: dict[Key, int]
+    _touched: dict[tuple[str, str, int], int]
+    _step: int
+    _trace_step: int
+    _dirty: bool
+    _train_ok: bool
+
+    def prune(self, groups: Sequence[Group], *, skip_failed: bool = False) -> list[tuple[Group, str]]:
+        """Remove every row of ``groups`` at once, then verify; on failure restore and raise SurgeryError.
+
+        With ``skip_failed=True`` a failing batch is bisected: every group that verifies is pruned, the
+        others are returned as ``(group, error message)`` and left untouched.
+
+        >>> g.prune([grp.select([0, 1]) for grp in g.groups()])
+        >>> skipped = g.prune(candidates, skip_failed=True)
+        """
+        if not skip_failed:
+            self._prune(groups)
+            return []
+        records: list[dict[str, Any]] = []
+        failed = self._skip(list(groups), records, train=False)   # eval-mode checks while bisecting ...
+        if records and self.verify:
+            try:                                                   # ... and train mode once at the end
+                self._verify(self._removed, train_only=True)
+            except SurgeryError:
+                for r in reversed(records):
+                    self._rollback(r)
+                return self._skip(list(groups), [], train=True)
+        return failed
+
+    def _skip(self, groups: list[Group], records: list[dict[str, Any]], train: bool) -> list[tuple[Group, str]]:
+        if not groups:
+            return []
+        try:
+            records.append(self._prune(groups, train=train))
+            return []
+        except SurgeryError as e:
+            if len(groups) == 1:
+                return [(groups[0], str(e))]
+            culprits = self._implicated(groups, e)
+        if culprits and len(culprits) < len(groups):   # set aside the groups that touch the failing op
+            rest = [grp for grp in groups if all(grp is not c for c in culprits)]
+            failed = self._skip(rest, records, train)
+            for c in culprits:   # then each alone, so that a bystander is not dropped
+                failed += self._skip([c], records, train)
+            return failed
+        half = len(groups) // 2
+        return self._skip(groups[:half], records, train) + self._skip(groups[half:], records, train)
+
+    def _implicated(self, groups: Sequence[Group], err: SurgeryError) -> list[Group]:
+        """Groups that label a tensor of the op where verification failed."""
+        idx, mode = getattr(err, "op_index", -1), getattr(err, "mode", "")
+        trace = next((t for t in self.traces if t.mode == mode), None)
+        if idx < 0 or trace is None or idx >= len(trace.ops):
+            return []
+        op = trace.ops[idx]
+        nodes = set(op.inputs) | set(op.outputs)
+        return [grp for grp in groups if grp.version >= self._trace_step and any(k[0] in nodes for k in grp.labels)]
+
+    def _prune(self, groups: Sequence[Group], train: bool = True) -> dict[str, Any]:
+        """Apply, verify (eval, and train if ``train``), commit; returns the record for :meth:`_rollback`."""
+        plan: dict[tuple[str, str, int], np.ndarray] = {}
+        for grp in groups:
+            if grp.graph is not self:
+                raise SurgeryError("prune: this group belongs to another DependencyGraph")
+            for s in grp.slices:
+                k = (s.module, s.tensor, s.dim)
+                if self._touched.get(k, -1) >= grp.version:
+                    raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
+                                       f"group was built; call g.groups()/g.group() again")
+                plan[k] = np.union1d(plan.get(k, np.zeros(0, dtype=np.int64)), s.idxs.reshape(-1).numpy())
+        record: dict[str, Any] = {"removed": self._removed, "touched": {k: self._touched.get(k) for k in plan},
+                                  "step": self._step, "dirty": self._dirty, "history": len(self.history)}
+        if not plan:
+            return record
+        undo = apply_plan(self.model, plan, self.owners)
+        removed = dict(self._removed)
+        for grp in groups:
+            if grp.version >= self._trace_step:
+                for k, lab in grp.labels.items():
+                    c = int((lab >= 0).sum())
+                    if c:
+                        removed[k] = removed.get(k, 0) + c
+        if self.verify:
+            try:
+                self._verify(removed, train_only=False, train=train)
+            except SurgeryError:
+                undo_plan(undo)
+                raise
+        record["undo"] = undo
+        self._removed = removed
+        for k in plan:
+            self._touched[k] = self._step
+        self._step += 1
+        self._dirty = True
+        self.history.append({"slices": [{"module": m, "tensor": t, "dim": d, "idxs": v.tolist()}
+                                        for (m, t, d), v in plan.items()]})
+        return record
+
+    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True) -> None:
+        if not train_only:
+            verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes)
+        if train or train_only:
+            t = next((t for t in self.traces if t.mode == "train"), None)
+            if t is not None:
+                verify_forward(self.model, self.example_inputs, t, removed, self.nodes)
+            elif self._train_ok:
+                verify_forward(self.model, self.example_inputs, None, removed, self.nodes, mode="train")
+
+    def _rollback(self, record: dict[str, Any]) -> None:
+        """Undo one committed :meth:`_prune` (the last one still applied)."""
+        if "undo" in record:
+            undo_plan(record["undo"])
+        self._removed = record["removed"]
+        for k, v in record["touched"].items():
+            if v is None:
+                self._touched.pop(k, None)
+            else:
+                self._touched[k] = v
+        self._step, self._dirty = record["step"], record["dirty"]
+        del self.history[record["history"]:]
