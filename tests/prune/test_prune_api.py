@@ -48,10 +48,11 @@ def test_global_scope_respects_max_layer_ratio(ratio, mlr):
     assert sum(WIDTHS.values()) - sum(w.values()) == math.floor(ratio * sum(WIDTHS.values()))
 
 
-def test_iterative_steps_reach_the_same_widths():
-    m = digits()
+def test_iterative_steps_reach_the_same_widths_and_keep_the_mode():
+    m = digits().train()
     rep = prune_(m, ChannelPruning(ratio=0.5, steps=3), X)
     assert widths(m) == {k: keep_count(n, 0.5) for k, n in WIDTHS.items()}
+    assert m.training
     assert "3 step(s)" in " ".join(rep.notes)
 
 
@@ -149,3 +150,12 @@ def test_attention_heads_are_pruned_whole():
     prune_(m, ChannelPruning(ratio=0.5), x)
     assert (m.att.embed_dim, m.att.num_heads, m.att.head_dim) == (8, 2, 4)  # 2 of 4 heads removed whole
     assert m.fc.out_features == 8 and m(x).shape == (2, 5, 3)
+
+
+def test_random_pruning_is_reproducible():
+    a, b, c = digits(), digits(), digits()
+    for m, seed in ((a, 1), (b, 1), (c, 2)):
+        prune_(m, ChannelPruning(ratio=0.5, importance="random", seed=seed), X)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
