@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from brainsurgeon.cli.main import main
 from brainsurgeon.config import load_recipe
+from brainsurgeon.export import load
 from brainsurgeon.models import DigitsCNN
 
 
@@ -48,9 +47,10 @@ def test_compress_writes_report_model_and_recipe(tmp_path, capsys, fake_api, rec
     assert saved == printed
     acc = saved["metrics"]["accuracy"]
     assert acc["before"] >= 0.97 and 0.0 <= acc["after"] <= 1.0
-    model = DigitsCNN()
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model = load(str(out / "model"), DigitsCNN)  # safetensors + manifest, no pickle
     sparsity = (model.fc1.weight == 0).float().mean().item()
     assert abs(sparsity - 0.75) < 0.01
     assert load_recipe(str(out / "recipe.yaml")) == load_recipe(str(recipe_path))
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "recipe.yaml", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.html", "report.json"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["manifest.json", "model.safetensors"]
+    assert "<img" in (out / "report.html").read_text()  # the per-layer plot is embedded

@@ -18,7 +18,7 @@ from ..config import Recipe, dump_recipe, load_recipe
 from ..errors import ConfigError
 
 EPILOG = """examples:
-  # prune 75% with ExactOBS, then quantize to 4 bits with OBQ; writes report.json and model.pt
+  # prune 75% with ExactOBS, then quantize to 4 bits with OBQ; writes the model, report.json/.html
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c
   # check the recipe and the model and show the plan, without compressing
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --dry-run
@@ -35,7 +35,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
         "compress", help="compress a model with a YAML recipe", epilog=EPILOG,
         description="Load a built-in model (trained on first use and cached), apply a YAML recipe "
                     "with calibration data from its training split, measure test accuracy before "
-                    "and after, and write OUT/report.json, OUT/model.pt and OUT/recipe.yaml.",
+                    "and after, and write OUT/model/ (safetensors + manifest, reload with brainsurgeon.load), "
+                    "OUT/report.json, OUT/report.html and OUT/recipe.yaml.",
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents))
     p.add_argument("--model", required=True, choices=registered_models(), help="built-in model")
     p.add_argument("--recipe", required=True, metavar="YAML", help="path of a recipe file")
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("compress: --out DIR is required (or pass --dry-run to only see the plan)")
     api = importlib.import_module("brainsurgeon.api")
-    from ..models import calibration_loader, evaluate, pretrained, save_atomic
+    from ..export import save
+    from ..models import calibration_loader, evaluate, pretrained
     from ..report import write_atomic
 
     model, train_ds, test_ds = pretrained(args.model)
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     report.add_metric("accuracy", before=before, after=evaluate(model, test_ds))
     print(report.to_json() if args.format == "json" else report.to_table())
     report.save(os.path.join(args.out, "report.json"))
-    save_atomic(model.state_dict(), os.path.join(args.out, "model.pt"))
+    save(model, os.path.join(args.out, "model"), recipe=recipe, history=report)
     write_atomic(os.path.join(args.out, "recipe.yaml"), dump_recipe(recipe))
-    print(f"wrote {os.path.join(args.out, '')}{{report.json, model.pt, recipe.yaml}}", file=sys.stderr)
+    html = report.to_html(os.path.join(args.out, "report.html"))
+    print(f"wrote {os.path.join(args.out, '')}{{model/, report.json, recipe.yaml}} and {html}", file=sys.stderr)
     return 0
