@@ -7,8 +7,9 @@ Three tables, every number measured in this run (CPU, 1 intra-op thread unless -
    32 sequences of 128 tokens, safetensors size of the state_dict, cosine to the dense embeddings.
 2. Unstructured (CSR) and 16x16-block (BSR) sparsity: latency of Linear(768, 3072) and
    Linear(3072, 768) at batch 1 and 32 vs dense, and the break-even sparsity.
-3. ResNet-50 (random weights) pruned structurally (``prune_``, 30 % of the channels of every
-   coupled group -> ~50 % MACs): measured speed-up vs the MAC reduction at batch 32 and 1.
+3. ResNet-50 (random weights) pruned structurally (``prune_``, 32 % of the channels of every
+   coupled group, multiples of 16 kept -> ~50 % MACs): measured speed-up vs the MAC reduction
+   at batch 32 and 1.
 
     $ .venv/bin/python bench/speedups.py --quick     # < ~1 min on 2 idle cores; exit 1 if a bound fails
     $ .venv/bin/python bench/speedups.py             # batch 32, 224 px, more sparsities, longer timings
@@ -94,6 +95,12 @@ def minilm(quick: bool, threads: int, min_time: float, clock: str) -> None:
         rows = pack_(m.bert.encoder, cfg)
         kernels[name] = rows[0].kernel
         variants[name] = m
+    m = copy.deepcopy(variants["int8 dynamic"])  # same int8 weights, per-token activation scales
+    for layer in m.modules():
+        if hasattr(layer, "backend"):
+            layer.backend = "int_mm"
+    variants["int8 dynamic (int_mm)"] = m
+    kernels["int8 dynamic (int_mm)"] = m.bert.encoder.layer[0].attention.self.query.kernel
     if not quick:  # how much of the weight-only speed comes from bf16 activations alone
         variants["bf16 dense (all weights)"] = copy.deepcopy(dense).to(torch.bfloat16)
 
@@ -126,13 +133,46 @@ def minilm(quick: bool, threads: int, min_time: float, clock: str) -> None:
     print(f"(cosine over {len(held)} held-out pydoc sentences; encoder MB = all encoder weights incl. LayerNorms)")
     sp = {(r.variant, r.batch): r.speedup for r in rows}
     big = max(batches)
-    bound(float(cos["int8 weight-only"].min()) >= 0.999, "int8 weight-only: min cosine to dense >= 0.999")
+    bound(float(cos["int8 weight-only"].mean()) >= 0.999 and float(cos["int8 weight-only"].min()) >= 0.995,
+          "int8 weight-only: mean cosine to dense >= 0.999, min >= 0.995")
     bound(float(cos["int4 weight-only g128"].mean()) >= 0.95,
           f"int4 weight-only g128 (RTN{', MSE range' if mse else ''}): mean cosine >= 0.95")
-    bound(float(cos["int8 dynamic"].min()) >= 0.99, "int8 dynamic: min cosine to dense >= 0.99")
+    bound(float(cos["int8 dynamic (int_mm)"].mean()) >= 0.99,
+          "int8 dynamic, per-token activations (int_mm): mean cosine >= 0.99")
     bound(lin_bytes["int8 weight-only"] / base_enc <= 0.27, "int8: encoder bytes <= 0.27x fp32")
     bound(lin_bytes["int4 weight-only g128"] / base_enc <= 0.16, "int4 g128: encoder bytes <= 0.16x fp32")
     bound(sp[("int8 dynamic", big)] >= 1.0, f"int8 dynamic faster than fp32 at batch {big}")
+
+
+def linear_kernels(quick: bool, threads: int, min_time: float, clock: str) -> None:
+    """One Linear, every packed kernel, at 1 token (decoding-like) and 32 / 128 tokens."""
+    from brainsurgeon.quant import pack_module
+
+    g = torch.Generator().manual_seed(0)
+    cfgs = {"int8 weight-only": Pack(bits=8, group_size=0, rtn=True, mse=False),
+            "int4 weight-only g128": Pack(bits=4, group_size=128, rtn=True, mse=False),
+            "int8 dynamic (fbgemm)": Pack(bits=8, group_size=0, activations="dynamic_int8", rtn=True, mse=False)}
+    print(f"\n## One Linear layer, packed kernels vs fp32 F.linear ({threads} thread(s), {clock} clock): "
+          f"speed-up over fp32 (fp32 ms in brackets)")
+    tokens = (1, 32) if quick else (1, 32, 128)
+    print(f"{'Linear(in, out)':<16} " + " ".join(f"{f'{t} tok':>22}" for t in tokens) + "   variant")
+    for n_in, n_out in ((768, 3072), (3072, 768)):
+        lin = nn.Linear(n_in, n_out)
+        mods = {n: pack_module(lin, c, n) for n, c in cfgs.items()}
+        mods["int8 dynamic (int_mm)"] = copy.deepcopy(mods["int8 dynamic (fbgemm)"])
+        mods["int8 dynamic (int_mm)"].backend = "int_mm"
+        cells: dict[str, list[str]] = {n: [] for n in mods}
+        for t in tokens:
+            x = torch.randn(t, n_in, generator=g)
+            with torch.inference_mode():
+                base = time_call(lambda x=x, lin=lin: lin(x), threads=threads, warmup=2, min_run_time=min_time,
+                                 clock=clock)
+                for n, m in mods.items():
+                    tm = time_call(lambda m=m, x=x: m(x), threads=threads, warmup=2, min_run_time=min_time,
+                                   clock=clock)
+                    cells[n].append(f"{base.median_s / tm.median_s:>6.2f}x ({base.median_ms:6.3f} ms)")
+        for n, c in cells.items():
+            print(f"{f'({n_in}, {n_out})':<16} " + " ".join(f"{v:>22}" for v in c) + f"   {n}")
 
 
 # ----------------------------------------------------------------------------- 2. sparse break-even
@@ -209,11 +249,13 @@ def resnet50(quick: bool, threads: int, min_time: float, clock: str) -> None:
     dense = torchvision.models.resnet50(weights=None).eval()
     pruned = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    prune_(pruned, ChannelPruning(ratio=0.3, importance="l2"), example_inputs=torch.randn(1, 3, 64, 64))
+    # 32 % of the channels of every coupled group, kept counts rounded to multiples of 16 (AVX-512
+    # fp32 lanes: odd channel counts waste vector width) -> ~50 % of the MACs
+    prune_(pruned, ChannelPruning(ratio=0.32, importance="l2", round_to=16), example_inputs=torch.randn(1, 3, 64, 64))
     secs = time.perf_counter() - t0
     px, batches = (112, (1, 8)) if quick else (224, (1, 32))
     inputs = {b: torch.randn(b, 3, px, px) for b in batches}
-    rows = compare_latency({"dense": dense, "pruned 30% channels": pruned}, inputs, threads=threads,
+    rows = compare_latency({"dense": dense, "pruned 32% ch. (x16)": pruned}, inputs, threads=threads,
                            min_run_time=min_time * (2 if quick else 4), rounds=2, warmup=1, clock=clock)
     print(f"\n## ResNet-50 (random weights) pruned structurally with prune_ ({secs:.1f} s), {px}x{px} px, "
           f"{threads} thread(s)")
@@ -227,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced run (< ~1 min); exit 1 if a bound fails")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default 1)")
-    p.add_argument("--only", choices=("minilm", "sparse", "resnet"), help="run one table")
+    p.add_argument("--only", choices=("kernels", "minilm", "sparse", "resnet"), help="run one table")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="cpu (default): CPU time of the 1-thread timing process, robust on a shared, "
                         "oversubscribed machine; wall: elapsed time (use on an idle machine or with --threads > 1)")
@@ -237,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, timing threads {args.threads}, "
           f"clock {args.clock}, os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}"
           + (" (shared machine: cpu clock = time on a core, not time waiting for one)" if args.clock == "cpu" else ""))
-    for name, fn in (("minilm", minilm), ("sparse", sparse_break_even), ("resnet", resnet50)):
+    for name, fn in (("kernels", linear_kernels), ("minilm", minilm), ("sparse", sparse_break_even),
+                     ("resnet", resnet50)):
         if args.only in (None, name):
             fn(args.quick, args.threads, min_time, args.clock)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; {len(FAILS)} bound(s) failed")
