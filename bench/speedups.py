@@ -251,7 +251,8 @@ def resnet50(quick: bool, threads: int, min_time: float, clock: str) -> None:
     t0 = time.perf_counter()
     # 32 % of the channels of every coupled group, kept counts rounded to multiples of 16 (AVX-512
     # fp32 lanes: odd channel counts waste vector width) -> ~50 % of the MACs
-    prune_(pruned, ChannelPruning(ratio=0.32, importance="l2", round_to=16), example_inputs=torch.randn(1, 3, 64, 64))
+    prune_(pruned, ChannelPruning(ratio=0.32, importance="l2", round_to=16),
+           example_inputs=torch.randn(1, 3, 64, 64))
     secs = time.perf_counter() - t0
     px, batches = (112, (1, 8)) if quick else (224, (1, 32))
     inputs = {b: torch.randn(b, 3, px, px) for b in batches}
