@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..errors import SurgeryError
 from .maps import Key
-from .trace import Node, Trace, run_model
+from .trace import Node, Trace, flat_tensors, run_model
 
 
 class VerifyError(SurgeryError):
@@ -43,7 +42,7 @@ class _Shapes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         self.current = func.overloadpacket._qualified_op_name.replace("::", ".")
         out = func(*args, **(kwargs or {}))
-        self.ops.append((self.current, [tuple(o.shape) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]))
+        self.ops.append((self.current, [tuple(o.shape) for o in flat_tensors(out)]))
         return out
 
 
@@ -119,7 +118,7 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
                                       f"hard-coded size?); the model was restored", mode, j)
         j += 1
     matched = matched and j == len(trace.ops)
-    flat = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+    flat = flat_tensors(out)
     if len(flat) != len(trace.output_shapes) or any(
             len(o.shape) != len(s) or (matched and tuple(o.shape) != s) for o, s in zip(flat, trace.output_shapes,
                                                                                          strict=False)):
