@@ -17,7 +17,9 @@ the 10k validation split; accuracy reported on the 10k test split (mean over see
 (b) The dense CNN is quantized (every conv/linear, per-channel symmetric grids) with RTN and
 GPTQ at 4/3/2 bits; QAT starts from the GPTQ weights (the grid is read back from them, so
 the first QAT forward equals the GPTQ model's) and distils from the dense model, then the
-weights are converted back onto their grid (checked: <= 2^b levels per row).
+weights are converted back onto their grid (checked: <= 2^b levels per row) and packed
+(``convert_qat_(packed=True)``: int4/int8 weight-only Linear kernels with bfloat16
+activations, PackedConv2d storage); "packed" is that model's test accuracy.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.utils.data import Subset
 import brainsurgeon as bs
 from brainsurgeon.distill import KD, distill
 from brainsurgeon.models import calibration_loader, evaluate, load_mnist_splits, pretrained
-from brainsurgeon.quant.qat import QAT
+from brainsurgeon.quant.qat import QAT, convert_qat_, prepare_qat_
 
 # ----------------------------------------------------------------------------- pruning by slicing
 
@@ -135,7 +137,7 @@ def levels_ok(model: nn.Module, bits: int) -> bool:
 
 
 def qat_vs_ptq(dense, train, val, test, bit_widths, epochs, n_calib):
-    """Rows (bits, RTN acc, GPTQ acc, QAT start acc, QAT acc, on grid, seconds) of part (b)."""
+    """Rows (bits, RTN, GPTQ, QAT start (val), GPTQ (val), QAT, on grid, packed QAT, QAT seconds) of (b)."""
     calib = calibration_loader(train, n=n_calib, batch_size=128)
     rows = []
     for bits in bit_widths:
@@ -146,9 +148,12 @@ def qat_vs_ptq(dense, train, val, test, bit_widths, epochs, n_calib):
         t0 = time.perf_counter()
         cfg = KD(temperature=4.0, alpha=0.9, epochs=epochs, lr=5e-4, keep_zeros=False, qat=QAT(bits=bits, init="grid"))
         hist = distill(qat, dense, train, cfg, val=val)
-        gptq_val = evaluate(gptq, val)
-        rows.append((bits, evaluate(rtn, test), evaluate(gptq, test), hist.val_start, gptq_val,
-                     evaluate(qat, test), levels_ok(qat, bits), time.perf_counter() - t0))
+        sec = time.perf_counter() - t0
+        packed = copy.deepcopy(qat)  # the grid is read back from the on-grid weights, then packed
+        prepare_qat_(packed, QAT(bits=bits, init="grid"))
+        convert_qat_(packed, packed=True)  # int4/int8 weight-only Linear kernels, PackedConv2d
+        rows.append((bits, evaluate(rtn, test), evaluate(gptq, test), hist.val_start, evaluate(gptq, val),
+                     evaluate(qat, test), levels_ok(qat, bits), evaluate(packed, test), sec))
     return rows
 
 
@@ -190,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(b) QAT (KD from the dense model, {epochs_b} ep, from GPTQ) vs PTQ, every conv/linear quantized")
     rows_b = qat_vs_ptq(dense, train, val, test, bit_widths, epochs_b, n_calib)
     print(f"{'bits':>4} {'dense':>7} {'RTN':>7} {'GPTQ':>7} {'QAT':>7} {'QAT start=GPTQ (val)':>21} "
-          f"{'on grid':>7} {'sec':>6}")
-    for bits, rtn, gptq, start, gptq_val, qat, grid, sec in rows_b:
+          f"{'on grid':>7} {'packed':>7} {'sec':>6}")
+    for bits, rtn, gptq, start, gptq_val, qat, grid, pk, sec in rows_b:
         print(f"{bits:>4} {dense_acc:>7.2%} {rtn:>7.2%} {gptq:>7.2%} {qat:>7.2%} "
-              f"{f'{start:.4f}={gptq_val:.4f}':>21} {str(grid):>7} {sec:>6.1f}")
+              f"{f'{start:.4f}={gptq_val:.4f}':>21} {str(grid):>7} {pk:>7.2%} {sec:>6.1f}")
 
     tol_kd = 0.01 if args.quick else 0.005
     bounds = [
@@ -204,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         (f"KD >= plain fine-tune{' - 0.3 pt (one seed)' if args.quick else ''} ({kd_acc:.2%} vs {plain_acc:.2%})",
          kd_acc >= plain_acc - (0.003 if args.quick else 0.0)),
     ]
-    for bits, rtn, gptq, start, gptq_val, qat, grid, _ in rows_b:
+    for bits, rtn, gptq, start, gptq_val, qat, grid, pk, _ in rows_b:
         bounds.append((f"{bits}-bit: QAT starts at the GPTQ model (val {start:.4f} = {gptq_val:.4f})",
                        abs(start - gptq_val) < 1e-9))
         bounds.append((f"{bits}-bit: QAT >= best PTQ ({qat:.2%} vs RTN {rtn:.2%}, GPTQ {gptq:.2%})",
                        qat >= max(rtn, gptq)))
         bounds.append((f"{bits}-bit: QAT weights on the grid after conversion", grid))
+        bounds.append((f"{bits}-bit: packed QAT model within 0.1 pt of fake-quant ({pk:.2%} vs {qat:.2%})",
+                       abs(pk - qat) <= 0.001))
     print()
     for text, ok in bounds:
         print(f"[{'ok' if ok else 'FAIL'}] {text}")
