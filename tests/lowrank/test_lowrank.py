@@ -23,6 +23,7 @@ from brainsurgeon.lowrank import (
     reconstruct,
     truncate,
     tucker2,
+    tucker_entries,
 )
 
 
@@ -295,3 +296,13 @@ def test_block_mode_calibration_and_overrides():
         with torch.no_grad():
             errs[aware] = float((m(X) - y).pow(2).sum())
     assert errs[True] < errs[False]
+
+
+def test_tucker_entries_respect_budgets_and_shrink_error_with_budget():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3)
+    entries = tucker_entries(conv, param_ratios=[0.75, 0.5, 0.15])
+    assert [e.params <= r * 16 * 32 * 9 for e, r in zip(entries, [0.75, 0.5, 0.15], strict=True)] == [True] * 3
+    assert entries[0].rel_loss < entries[1].rel_loss < entries[2].rel_loss < 1
+    new, row = factorize_module("c", conv, LowRank(param_ratio=0.5, tucker_sweeps=2))
+    assert row.rel_loss == pytest.approx(entries[1].rel_loss) and row.params == entries[1].params

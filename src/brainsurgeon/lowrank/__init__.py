@@ -5,7 +5,15 @@
     >>> print(rep.to_table())
 """
 
-from .api import RankEntry, factorize_, factorize_module, plan_factorization, rank_entries
+from .api import (
+    RankEntry,
+    TuckerEntry,
+    factorize_,
+    factorize_module,
+    plan_factorization,
+    rank_entries,
+    tucker_entries,
+)
 from .config import LowRank
 from .modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d
 from .svd import Spectrum, choose_rank, decompose, truncate
@@ -14,5 +22,5 @@ from .tucker import choose_tucker_ranks, reconstruct, tucker2
 __all__ = [
     "LowRank", "LowRankConv2d", "LowRankLinear", "RankEntry", "Spectrum", "Tucker2Conv2d", "choose_rank",
     "choose_tucker_ranks", "decompose", "factorize_", "factorize_module", "plan_factorization",
-    "rank_entries", "reconstruct", "truncate", "tucker2",
+    "rank_entries", "reconstruct", "truncate", "tucker2", "TuckerEntry", "tucker_entries",
 ]

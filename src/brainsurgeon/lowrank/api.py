@@ -236,3 +236,33 @@ def rank_entries(module: nn.Module, H: torch.Tensor | None = None, ranks: Iterab
         raise ConfigError(f"rank_entries: ranks {bad} are outside [1, {spec.full_rank}]")
     total = max(float(losses[0]), 1e-300)
     return [RankEntry(r, float(losses[r]), float(losses[r]) / total, linear_params(*W.shape, r)) for r in ranks]
+
+
+@dataclass(frozen=True)
+class TuckerEntry:
+    """One search-database variant of a k x k conv: its Tucker-2 ranks, kernel error and weight count."""
+
+    ranks: tuple[int, int]  # (r_out, r_in)
+    loss: float  # ||K - K_hat||_F^2
+    rel_loss: float  # loss / ||K||_F^2
+    params: int
+
+
+def tucker_entries(conv: nn.Conv2d, param_ratios: Iterable[float] = (0.75, 0.5, 0.3, 0.15),
+                   sweeps: int = 2) -> list[TuckerEntry]:
+    """Search-database entries of a Conv2d (groups=1) under Tucker-2 at each parameter budget.
+
+    >>> [e.ranks for e in tucker_entries(nn.Conv2d(16, 32, 3), param_ratios=[0.5])]
+    [(18, 9)]
+    """
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise UnsupportedModuleError(f"tucker_entries: {type(conv).__name__} is not a Conv2d with groups=1")
+    K = conv.weight.detach()
+    T, S = K.shape[:2]
+    total = max(float((K.to(torch.float64) ** 2).sum()), 1e-300)
+    out = []
+    for ratio in param_ratios:
+        r_out, r_in = choose_tucker_ranks(K, LowRank(param_ratio=ratio))
+        loss = float(((reconstruct(*tucker2(K, r_out, r_in, sweeps)) - K.to(torch.float64)) ** 2).sum())
+        out.append(TuckerEntry((r_out, r_in), loss, loss / total, tucker2_params(T, S, K[0, 0].numel(), r_out, r_in)))
+    return out
