@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import SurgeryError
 from .group import Group
+from .hf import sync_hf_config
 from .maps import Key
 from .surgery import apply_plan, undo_plan
 from .verify import verify_forward
@@ -128,6 +129,7 @@ class PruneMixin:
         self._dirty = True
         self.history.append({"slices": [{"module": m, "tensor": t, "dim": d, "idxs": v.tolist()}
                                         for (m, t, d), v in plan.items()]})
+        record["config"] = sync_hf_config(self.model)
         return record
 
     def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True) -> None:
@@ -152,3 +154,4 @@ class PruneMixin:
                 self._touched[k] = v
         self._step, self._dirty = record["step"], record["dirty"]
         del self.history[record["history"]:]
+        sync_hf_config(self.model)

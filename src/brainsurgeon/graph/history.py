@@ -19,6 +19,7 @@ from torch import nn
 
 from .._io import atomic_open
 from ..errors import FormatError, SurgeryError
+from .hf import sync_hf_config
 from .surgery import apply_plan, undo_plan
 from .trace import run_model
 
@@ -79,6 +80,7 @@ def replay(model: nn.Module, steps: list[dict[str, Any]], example_inputs: Any = 
                                        f"replay needs the same architecture") from e
                 plan[(s["module"], s["tensor"], int(s["dim"]))] = np.asarray(s["idxs"], dtype=np.int64)
             undos.append(apply_plan(model, plan, owners))
+        sync_hf_config(model)
         if example_inputs is not None:
             run_model(model, example_inputs)
     except BaseException:

@@ -1,0 +1,84 @@
+"""Keep a transformers config in step with a pruned model, so save_pretrained/from_pretrained round-trip.
+
+    >>> g.prune(groups)                 # calls sync_hf_config(model) after every committed step
+    >>> model.config.intermediate_size, model.config.num_key_value_heads
+    (12, 1)
+
+Widths that are equal in every layer are written to the standard fields (``hidden_size``,
+``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``). Per-layer widths the config
+cannot express are recorded in ``config.brainsurgeon_layer_widths`` ({module name: {field: value}}),
+which a loader must apply before ``load_state_dict``; the standard fields then keep their old values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+_Q = ("q_proj", "query", "q")
+_K = ("k_proj", "key", "k")
+_UP = ("up_proj", "fc1", "c_fc", "w1", "gate_proj")
+
+
+def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for n in names:
+        c = getattr(m, n, None)
+        if isinstance(c, nn.Module) and hasattr(c, "weight"):
+            return c
+    return None
+
+
+def _out_width(m: nn.Module) -> int:
+    w = m.weight
+    return int(w.shape[1] if type(m).__name__ == "Conv1D" else w.shape[0])
+
+
+def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per-module widths: attention heads/kv heads (from the q/k projections) and MLP intermediate size."""
+    cfg = getattr(model, "config", None)
+    out: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        q, k = _child(m, _Q), _child(m, _K)
+        head = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+        if q is not None and k is not None and isinstance(head, int) and head > 0:
+            out[name] = {"num_attention_heads": _out_width(q) // head, "num_key_value_heads": _out_width(k) // head}
+        up = _child(m, _UP)
+        if up is not None and (_child(m, ("down_proj", "fc2", "c_proj", "w2")) is not None or name.endswith("mlp")):
+            out.setdefault(name, {})["intermediate_size"] = _out_width(up)
+        if name.endswith("intermediate") and hasattr(m, "dense"):
+            out.setdefault(name, {})["intermediate_size"] = _out_width(m.dense)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if cfg is not None and isinstance(emb, nn.Embedding):
+        out[""] = {"hidden_size": int(emb.weight.shape[1])}
+    return out
+
+
+def sync_hf_config(model: nn.Module) -> dict[str, Any]:
+    """Write uniform widths to ``model.config``; record the rest per layer. Returns the fields changed."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict") or not type(model).__module__.startswith("transformers."):
+        return {}
+    widths = layer_widths(model)
+    changed: dict[str, Any] = {}
+    per_layer: dict[str, dict[str, int]] = {}
+    fields = {f for w in widths.values() for f in w}
+    for f in sorted(fields):
+        values = {name: w[f] for name, w in widths.items() if f in w}
+        if f == "num_key_value_heads" and not hasattr(cfg, f):
+            continue
+        derived = f in ("num_attention_heads", "num_key_value_heads") and getattr(cfg, "head_dim", None) is None
+        if len(set(values.values())) == 1 and not derived:   # BERT-style configs derive head size from heads
+            v = next(iter(values.values()))
+            if getattr(cfg, f, None) != v and hasattr(cfg, f):
+                setattr(cfg, f, v)
+                changed[f] = v
+        else:
+            for name, v in values.items():
+                per_layer.setdefault(name, {})[f] = v
+    if per_layer:
+        cfg.brainsurgeon_layer_widths = per_layer
+        changed["brainsurgeon_layer_widths"] = per_layer
+    elif hasattr(cfg, "brainsurgeon_layer_widths"):
+        del cfg.brainsurgeon_layer_widths
+    return changed
