@@ -39,7 +39,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
         "prune", help="remove channels (structured pruning) from a model", epilog=EPILOG,
         description="Load a built-in model (trained on first use and cached), remove whole channels with "
                     "every coupled slice (DependencyGraph), optionally fine-tune, measure test accuracy "
-                    "before and after, and write OUT/report.json, OUT/model.pt and OUT/prune.yaml.",
+                    "before and after, and write OUT/report.json, OUT/model/ "
+                    "(safetensors + manifest; brainsurgeon.load rebuilds the pruned shapes) and OUT/prune.yaml.",
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents))
     p.add_argument("--model", required=True, choices=registered_models(), help="built-in model")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed (default: 0.5)")
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from ..models import build_model, calibration_loader, evaluate, pretrained, save_atomic, train
+    from ..export import save
+    from ..models import build_model, calibration_loader, evaluate, pretrained, train
     from ..prune import measure, prune_table
     from ..report import write_atomic
 
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         report.add_metric("accuracy_finetuned", before=before, after=evaluate(model, test_ds))
     print(report.to_json() if args.format == "json" else prune_table(report))
     report.save(os.path.join(args.out, "report.json"))
-    save_atomic(model.state_dict(), os.path.join(args.out, "model.pt"))
+    save(model, os.path.join(args.out, "model"), recipe=cfg.to_dict(), history=report)
     write_atomic(os.path.join(args.out, "prune.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(f"wrote {os.path.join(args.out, '')}{{report.json, model.pt, prune.yaml}}", file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, '')}{{report.json, model/, prune.yaml}}", file=sys.stderr)
     return 0
