@@ -130,20 +130,76 @@ def _recalibrate(model: nn.Module, dense: nn.Module | None, names: list[str], ca
         report.notes.append(f"BatchNorm statistics re-estimated on calibration data ({n} layers)")
 
 
+# Verbs that change module types or shapes (not only weight values): each is its own in-place
+# function with its own rollback; compress() snapshots the whole model around them.
+STRUCTURAL_VERBS = ("prune", "factorize", "share")
+
+
+def _run_structural_step(model: nn.Module, step: Step, calib: Any, report: CompressionReport) -> None:
+    import dataclasses
+
+    from .calib import iter_batches
+
+    verb = type(step.method).verb
+    if verb == "prune":
+        from .prune import prune_
+
+        args, kwargs = next(iter(iter_batches(calib, max_batches=1)))
+        cfg = dataclasses.replace(step.method, ignore=tuple(step.method.ignore) + tuple(step.ignore))
+        if step.overrides:
+            raise ConfigError("a ChannelPruning step takes no per-layer overrides; use its ignore, "
+                              "max_layer_ratio or scope fields, or a search plan")
+        report.extend(prune_(model, cfg, kwargs or args, calib=calib))
+    elif verb == "factorize":
+        from .lowrank import factorize_
+
+        report.extend(factorize_(model, step.method, calib, ignore=step.ignore, overrides=step.overrides))
+    elif verb == "share":
+        from .share import share_
+
+        report.extend(share_(model, step.method, calib, ignore=step.ignore, overrides=step.overrides))
+
+
+def _restore_model_(model: nn.Module, backup: nn.Module) -> None:
+    """Put `backup`'s modules, parameters, buffers and attributes back into `model` (same object)."""
+    model.__dict__.clear()
+    model.__dict__.update(backup.__dict__)
+
+
 def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions) -> CompressionReport:
-    """Run steps in place; on any failure restore every parameter and buffer, then re-raise."""
-    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    dense = copy.deepcopy(model) if options.correct_mean_std else None
+    """Run steps in place; on any failure restore the model as it was, then re-raise.
+
+    Recipes of weight-value steps only (sparsify/quantize) restore from a CPU copy of the
+    state_dict; a recipe with a structural step (prune/factorize/share) keeps a deep copy.
+    """
+    steps = list(steps)
+    for step in steps:
+        verb = type(step.method).verb
+        if verb not in ("sparsify", "quantize") + STRUCTURAL_VERBS:
+            raise ConfigError(f"{type(step.method).__name__} is a {verb!r} config, which a recipe step cannot "
+                              f"run; recipe steps take sparsify, quantize, prune, factorize or share configs")
+    structural = any(type(s.method).verb in STRUCTURAL_VERBS for s in steps)
+    backup = copy.deepcopy(model) if structural else None
+    saved = None if structural else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     try:
         names: list[str] = []
         for step in steps:
-            names += [n for n in _run_step(model, step, calib, options, report) if n not in names]
+            if type(step.method).verb in STRUCTURAL_VERBS:
+                _run_structural_step(model, step, calib, report)
+            else:
+                names += [n for n in _run_step(model, step, calib, options, report) if n not in names]
+        if structural and options.correct_mean_std:
+            report.notes.append("mean/std correction skipped: the recipe changes layer shapes")
         _recalibrate(model, dense, names, calib, options, report)
     except BaseException:
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(saved[k])
+        if backup is not None:
+            _restore_model_(model, backup)
+        else:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(saved[k])
         raise
     return report
 
