@@ -63,3 +63,13 @@ def test_stale_group_is_refused():
     a.prune()
     with pytest.raises(SurgeryError, match="stale"):
         b.prune()
+
+
+def test_model_that_cannot_run_in_train_mode_is_verified_in_eval_only():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 1, 1)          # BatchNorm cannot train on one value per channel
+    g = DependencyGraph(m, (x,))
+    g.group(m[0], "out", [1]).prune()
+    assert m[0].out_channels == 3 and m[1].num_features == 3 and m[3].in_channels == 3
+    assert "one value per channel" in g.report() or "more than 1 value" in g.report()

@@ -37,7 +37,9 @@ class PruneMixin:
     _step: int
     _trace_step: int
     _dirty: bool
-    _train_ok: bool
+    _train_ok: bool | None
+
+    def _runs_in_train_mode(self) -> bool: ...
 
     def prune(self, groups: Sequence[Group], *, skip_failed: bool = False) -> list[tuple[Group, str]]:
         """Remove every row of ``groups`` at once, then verify; on failure restore and raise SurgeryError.
@@ -118,8 +120,12 @@ class PruneMixin:
         if self.verify:
             try:
                 self._verify(removed, train_only=False, train=train)
-            except SurgeryError:
+            except SurgeryError as e:
                 undo_plan(undo)
+                if self._train_ok is None and getattr(e, "mode", "") == "train":
+                    self._train_ok = self._runs_in_train_mode()   # did train mode ever work? (model restored)
+                    if not self._train_ok:
+                        return self._prune(groups, train=train)
                 raise
         record["undo"] = undo
         self._removed = removed
@@ -139,8 +145,9 @@ class PruneMixin:
             t = next((t for t in self.traces if t.mode == "train"), None)
             if t is not None:
                 verify_forward(self.model, self.example_inputs, t, removed, self.nodes)
-            elif self._train_ok:
+            elif self._train_ok is not False:
                 verify_forward(self.model, self.example_inputs, None, removed, self.nodes, mode="train")
+                self._train_ok = True
 
     def _rollback(self, record: dict[str, Any]) -> None:
         """Undo one committed :meth:`_prune` (the last one still applied)."""

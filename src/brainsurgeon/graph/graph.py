@@ -131,9 +131,9 @@ class DependencyGraph(PruneMixin):
             except Exception as e:  # noqa: BLE001  (a model may not run in train mode without targets)
                 self.train_error = f"{type(e).__name__}: {e}"
                 log.info("train-mode trace failed (%s); only eval mode is covered", self.train_error)
-        self._train_ok = any(t.mode == "train" for t in self.traces)
-        if not want_train and self.verify:
-            self._train_ok = self._runs_in_train_mode()
+        # whether a train-mode forward works: known if traced, else found out lazily at the first verification
+        self._train_ok: bool | None = True if any(t.mode == "train" for t in self.traces) else (
+            False if want_train else None)
         self.nodes = {k: v for t in self.traces for k, v in t.nodes.items()}
         self.edges = Edges()
         ctx = Ctx(self.edges, self.nodes)
