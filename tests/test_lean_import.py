@@ -1,4 +1,4 @@
-"""`import brainsurgeon` does no work: no transformers, no CUDA init, no torch flags changed."""
+"""`import brainsurgeon` does no work: no transformers/torchvision/matplotlib/onnx, no CUDA init, no torch flags."""
 
 import subprocess
 import sys
@@ -7,7 +7,9 @@ CODE = """
 import sys, torch
 flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
 import brainsurgeon, brainsurgeon.api, brainsurgeon.obs, brainsurgeon.calib
-assert "transformers" not in sys.modules, "transformers imported"
+heavy = [m for m in ("transformers", "torchvision", "matplotlib", "onnx", "onnxruntime", "ray", "torch_pruning",
+                     "sklearn", "scipy") if m in sys.modules]
+assert not heavy, f"imported at import time: {heavy}"
 assert not torch.cuda.is_initialized(), "CUDA initialised"
 assert flags == (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
 print("lean")

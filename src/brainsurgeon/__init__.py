@@ -2,7 +2,8 @@
 
     >>> import brainsurgeon as bs
     >>> report = bs.sparsify_(model, bs.ExactOBS(sparsity=0.75), calib=loader)
-    >>> print(report.to_table())
+    >>> report.extend(bs.prune_(model, bs.ChannelPruning(ratio=0.3), example_inputs=x))
+    >>> bs.save(model, "out/ckpt"); print(report.to_table())
 
 Importing this package does no work: no CUDA, no torch flags, no transformers import.
 """
@@ -23,14 +24,26 @@ from .config import (
     dump_recipe,
     load_recipe,
 )
+from .distill import KD, distill
 from .errors import (
     BrainsurgeonError,
+    BudgetInfeasibleError,
     CalibrationError,
     ConfigError,
+    FormatError,
     NumericalError,
+    SurgeryError,
     UnsupportedModuleError,
+    UnsupportedOpError,
 )
+from .export import export_onnx, from_pretrained, load, save, save_pretrained
+from .graph import DependencyGraph, Group, Slice
+from .lowrank import LowRank, factorize_
+from .prune import BNL1, ChannelPruning, GroupNormRegularizer, prune_
+from .quant import Pack, pack_
 from .report import CompressionReport, LayerRow
+from .search import Budget, Plan, SearchSpace, apply_plan_, search
+from .share import WeightSharing, share_
 
 try:
     __version__ = version("brainsurgeon")
@@ -38,8 +51,19 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
 __all__ = [
-    "GPTQ", "OBQ", "RTN", "BrainsurgeonError", "CalibOptions", "CalibrationError",
-    "CompressionReport", "ConfigError", "ExactOBS", "LayerRow", "Magnitude", "NumericalError",
-    "Recipe", "SparseGPT", "Step", "UnsupportedModuleError", "__version__", "dump_recipe",
-    "compress", "load_recipe", "plan_layers", "quantize_", "sparsify_",
+    # layer-wise OBS compression (OBC, SparseGPT, GPTQ) and recipes
+    "GPTQ", "OBQ", "RTN", "CalibOptions", "ExactOBS", "Magnitude", "Recipe", "SparseGPT", "Step",
+    "compress", "dump_recipe", "load_recipe", "plan_layers", "quantize_", "sparsify_",
+    # structural pruning (DepGraph)
+    "BNL1", "ChannelPruning", "DependencyGraph", "Group", "GroupNormRegularizer", "Slice", "prune_",
+    # the classic toolbox
+    "KD", "LowRank", "Pack", "WeightSharing", "distill", "factorize_", "pack_", "share_",
+    # budgets and search
+    "Budget", "Plan", "SearchSpace", "apply_plan_", "search",
+    # saving, loading, export, reports
+    "CompressionReport", "LayerRow", "export_onnx", "from_pretrained", "load", "save", "save_pretrained",
+    # errors
+    "BrainsurgeonError", "BudgetInfeasibleError", "CalibrationError", "ConfigError", "FormatError",
+    "NumericalError", "SurgeryError", "UnsupportedModuleError", "UnsupportedOpError",
+    "__version__",
 ]
