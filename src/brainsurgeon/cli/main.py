@@ -19,15 +19,17 @@ from collections.abc import Sequence
 
 from .. import _log
 from ..errors import BrainsurgeonError
-from . import compress, demo, env
+from . import analyze, bench, compress, demo, distill, env, prune, search
 
-COMMANDS = (compress, demo, env)
+COMMANDS = (compress, prune, search, distill, analyze, bench, demo, env)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EPILOG = """examples:
   brainsurgeon env                                   # versions and hardware, for bug reports
   brainsurgeon demo                                  # dense vs pruned vs quantized on real digits
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c
+  brainsurgeon prune --model digits-cnn --ratio 0.5 --importance group_l2 --out out/p
+  brainsurgeon analyze --help                        # coupled groups and blocked ops of a model
   brainsurgeon compress --help                       # options of one command
 """
 
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="brainsurgeon", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compress trained PyTorch models (OBS pruning and quantization) and measure it.")
+        description="Compress trained PyTorch models (OBS pruning/quantization, structural pruning, low-rank, "
+                    "weight sharing, distillation, budget search) and measure it.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"brainsurgeon {__version__}")
