@@ -41,6 +41,7 @@ from .graph import DependencyGraph, Group, Slice
 from .lowrank import LowRank, factorize_
 from .prune import BNL1, ChannelPruning, GroupNormRegularizer, prune_
 from .quant import Pack, pack_
+from .quant.qat import QAT, convert_qat_, prepare_qat_
 from .report import CompressionReport, LayerRow
 from .search import Budget, Plan, SearchSpace, apply_plan_, search
 from .share import WeightSharing, share_
@@ -57,7 +58,8 @@ __all__ = [
     # structural pruning (DepGraph)
     "BNL1", "ChannelPruning", "DependencyGraph", "Group", "GroupNormRegularizer", "Slice", "prune_",
     # the classic toolbox
-    "KD", "LowRank", "Pack", "WeightSharing", "distill", "factorize_", "pack_", "share_",
+    "KD", "QAT", "LowRank", "Pack", "WeightSharing", "convert_qat_", "distill", "factorize_", "pack_",
+    "prepare_qat_", "share_",
     # budgets and search
     "Budget", "Plan", "SearchSpace", "apply_plan_", "search",
     # saving, loading, export, reports
