@@ -43,7 +43,7 @@ from .prune import BNL1, ChannelPruning, GroupNormRegularizer, prune_
 from .quant import Pack, pack_
 from .quant.qat import QAT, convert_qat_, prepare_qat_
 from .report import CompressionReport, LayerRow
-from .search import Budget, Plan, SearchSpace, apply_plan_, search
+from .search import AMC, Budget, Plan, SearchSpace, apply_plan_, search
 from .share import WeightSharing, share_
 
 try:
@@ -61,7 +61,7 @@ __all__ = [
     "KD", "QAT", "LowRank", "Pack", "WeightSharing", "convert_qat_", "distill", "factorize_", "pack_",
     "prepare_qat_", "share_",
     # budgets and search
-    "Budget", "Plan", "SearchSpace", "apply_plan_", "search",
+    "AMC", "Budget", "Plan", "SearchSpace", "apply_plan_", "search",
     # saving, loading, export, reports
     "CompressionReport", "LayerRow", "export_onnx", "from_pretrained", "load", "save", "save_pretrained",
     # errors

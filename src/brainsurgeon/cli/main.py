@@ -29,6 +29,7 @@ EPILOG = """examples:
   brainsurgeon demo                                  # dense vs pruned vs quantized on real digits
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c
   brainsurgeon prune --model digits-cnn --ratio 0.5 --importance group_l2 --out out/p
+  brainsurgeon search --model digits-cnn --space recipes/search-digits.yaml --budget flops=0.25 --out plan.yaml
   brainsurgeon analyze --help                        # coupled groups and blocked ops of a model
   brainsurgeon compress --help                       # options of one command
 """
