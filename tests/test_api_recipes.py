@@ -46,6 +46,22 @@ def test_factorize_and_share_steps_run_from_a_recipe():
     assert len(rep.rows) >= 2
 
 
+def test_quantize_then_pack_from_a_recipe_keeps_the_outputs():
+    import copy
+
+    keep = ("conv1", "fc2")
+    m = build_model("digits-cnn", seed=0).eval()
+    x = calib(1)[0]
+    rtn = Step(bs.RTN(bits=4), ignore=keep)
+    q = copy.deepcopy(m)
+    bs.compress(q, Recipe((rtn,)), calib())
+    rep = bs.compress(m, Recipe((rtn, Step(bs.Pack(bits=4, group_size=0, compute_dtype="float32"), ignore=keep))),
+                      calib())
+    assert type(m.fc1).__name__ == "Int4WeightOnlyLinear" and "layers packed" in rep.notes[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), q(x), rtol=1e-4, atol=1e-4)  # packed codes == the on-grid floats
+
+
 def test_failure_after_a_structural_step_restores_shapes_and_values():
     m = build_model("digits-cnn", seed=0).eval()
     before, state = shapes(m), {k: v.clone() for k, v in m.state_dict().items()}

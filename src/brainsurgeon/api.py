@@ -132,7 +132,7 @@ def _recalibrate(model: nn.Module, dense: nn.Module | None, names: list[str], ca
 
 # Verbs that change module types or shapes (not only weight values): each is its own in-place
 # function with its own rollback; compress() snapshots the whole model around them.
-STRUCTURAL_VERBS = ("prune", "factorize", "share")
+STRUCTURAL_VERBS = ("prune", "factorize", "share", "pack")
 
 
 def _run_structural_step(model: nn.Module, step: Step, calib: Any, report: CompressionReport) -> None:
@@ -158,6 +158,12 @@ def _run_structural_step(model: nn.Module, step: Step, calib: Any, report: Compr
         from .share import share_
 
         report.extend(share_(model, step.method, calib, ignore=step.ignore, overrides=step.overrides))
+    elif verb == "pack":  # validates every layer before the first swap
+        from .quant import pack_
+
+        rows = pack_(model, step.method, ignore=step.ignore)
+        report.notes.append(f"{step.method.describe()}: {len(rows)} layers packed, "
+                            f"{sum(r.dense_bytes for r in rows):,} -> {sum(r.packed_bytes for r in rows):,} bytes")
 
 
 def _restore_model_(model: nn.Module, backup: nn.Module) -> None:
