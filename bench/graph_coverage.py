@@ -102,9 +102,10 @@ def count(model: Any, x: Any) -> tuple[int, int]:
 
 
 def train_forward_ok(model: Any, x: Any) -> bool:
+    """One train-mode forward; mode and buffers (BN statistics) restored after."""
     import torch
     was = model.training
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         model.train()
         with torch.no_grad():
@@ -114,7 +115,9 @@ def train_forward_ok(model: Any, x: Any) -> bool:
         return False
     finally:
         model.train(was)
-        model.load_state_dict(saved)
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 def run_ours(name: str) -> dict[str, Any]:
