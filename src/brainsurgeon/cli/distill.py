@@ -39,7 +39,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
                     "distillation from the dense model (pruned zeros stay zero; with a quantize step the "
                     "weights train through fake-quant and end on their grid), keep the best state on a "
                     "validation split held out of the training data, and report test accuracy of dense, "
-                    "compressed and fine-tuned. Writes OUT/report.json, OUT/history.json, OUT/model.pt.",
+                    "compressed and fine-tuned. Writes OUT/report.json, OUT/history.json and OUT/model/ "
+                    "(safetensors + manifest).",
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents))
     p.add_argument("--model", required=True, choices=registered_models(), help="built-in model")
     p.add_argument("--recipe", required=True, metavar="YAML", help="compression recipe applied first")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distill import distill
-    from ..models import calibration_loader, evaluate, pretrained, save_atomic
+    from ..export import save
+    from ..models import calibration_loader, evaluate, pretrained
     from ..report import write_atomic
 
     api = importlib.import_module("brainsurgeon.api")
@@ -113,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
           if args.format == "json" else report.to_table() + "\n\n" + hist.to_table())
     report.save(os.path.join(args.out, "report.json"))
     write_atomic(os.path.join(args.out, "history.json"), json.dumps(hist.to_dict(), indent=2))
-    save_atomic(student.state_dict(), os.path.join(args.out, "model.pt"))
-    print(f"wrote {os.path.join(args.out, '')}{{report.json, history.json, model.pt}}", file=sys.stderr)
+    save(student, os.path.join(args.out, "model"), recipe=recipe, history=report)
+    print(f"wrote {os.path.join(args.out, '')}{{report.json, history.json, model/}}", file=sys.stderr)
     return 0
