@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--chunk", default=None, help="i/n: run the i-th of n interleaved chunks of the list")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per model to this file")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model (both tools)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model and tool")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tool", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<38} {'ours':>4} {'params':>17} {'MACs':>17} {'sec':>7} | torch-pruning 1.6")
     rows = []
     for name in names:
-        res = run_subprocess(name, "ours" if a.no_tp else "both", a.timeout)
-        ours, tp = res["ours"], res.get("tp")
+        # one fresh process per tool: a crash or memory blow-up of one (Torch-Pruning's group expansion
+        # on Swin) must not void the other's result
+        ours = run_subprocess(name, "ours", a.timeout)["ours"]
+        tp = None if a.no_tp else run_subprocess(name, "tp", a.timeout)["tp"]
         rows.append((name, ours, tp))
         print(fmt_row(name, ours, tp), flush=True)
         if a.jsonl:
