@@ -387,10 +387,11 @@ class Recipe:
         return Recipe(tuple(steps), cal)  # type: ignore[arg-type]
 
 
-def load_recipe(path_or_text: str) -> Recipe:
-    """Read a YAML recipe from a file path or a YAML string.
+def read_yaml(path_or_text: str, what: str) -> Any:
+    """Parse YAML from a file path or a YAML string with ``yaml.safe_load``; `what` names it in errors.
 
-    >>> r = load_recipe("recipes/digits-obs75-obq4.yaml")
+    >>> read_yaml("levels: 4", "search space")
+    {'levels': 4}
     """
     import os
 
@@ -401,10 +402,17 @@ def load_recipe(path_or_text: str) -> Recipe:
         with open(path_or_text, encoding="utf-8") as f:
             text = f.read()
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe is not valid YAML: {e}") from e
-    return Recipe.from_dict(data)
+        raise ConfigError(f"{what} is not valid YAML: {e}") from e
+
+
+def load_recipe(path_or_text: str) -> Recipe:
+    """Read a YAML recipe from a file path or a YAML string.
+
+    >>> r = load_recipe("recipes/digits-obs75-obq4.yaml")
+    """
+    return Recipe.from_dict(read_yaml(path_or_text, "recipe"))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from ..config import Config, Pattern, config_from_dict, register_config
+from ..config import Config, Pattern, config_from_dict, read_yaml, register_config
 from ..errors import ConfigError
 
 METRICS = ("params", "bytes", "flops", "bops", "latency")
@@ -159,16 +158,7 @@ def load_space(path_or_text: str) -> SearchSpace:
     >>> load_space("levels: 4\\nbits: [8, 4]").levels
     4
     """
-    import yaml
-
-    text = path_or_text
-    if os.path.exists(path_or_text):
-        with open(path_or_text, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space is not valid YAML: {e}") from e
+    data = read_yaml(path_or_text, "search space")
     if not isinstance(data, dict):
         raise ConfigError(f"search space must be a YAML mapping of SearchSpace fields, got {type(data).__name__}; "
                           f"e.g. 'levels: 10\\nbits: [8, 4]'")
