@@ -118,15 +118,21 @@ def sentence_batches(tok, texts: list[str], batch: int = 16, max_length: int = 1
 
 
 @torch.inference_mode()
-def embed(model, tok, texts: list[str], batch: int = 64) -> torch.Tensor:
-    """Sentence embeddings as in sentence-transformers: mean pooling over tokens, then L2 normalize."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches pad less
+@torch.inference_mode()
+def embed_batches(model, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings (as sentence-transformers) of pre-tokenized batches."""
     out = []
-    for b in sentence_batches(tok, [texts[i] for i in order], batch, max_length=256):
+    for b in batches:
         h = model(**b).last_hidden_state
         m = b["attention_mask"].unsqueeze(-1).float()
         out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    e = torch.cat(out)
+    return torch.cat(out)
+
+
+def embed(model, tok, texts: list[str], batch: int = 64) -> torch.Tensor:
+    """Sentence embeddings of raw texts (see :func:`embed_batches`), in the order given."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches pad less
+    e = embed_batches(model, sentence_batches(tok, [texts[i] for i in order], batch, max_length=256))
     return e[torch.argsort(torch.tensor(order))]
 
 

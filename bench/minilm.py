@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import brainsurgeon as bs  # noqa: E402
 from _text import (  # noqa: E402
     embed,
+    embed_batches,
     load_minilm,
     pair_words,
     sentence_batches,
@@ -70,17 +71,6 @@ def methods(quick: bool, exact_ffn2: bool) -> list[tuple[str, bs.config.Config, 
         ("2:4", bs.ExactOBS(pattern="2:4"), ffn2.get("2:4", {})),
         ("4-bit", bs.RTN(bits=4), {}), ("4-bit", bs.GPTQ(bits=4), {}),
         ("4-bit", bs.OBQ(bits=4), ffn2.get("4-bit", {}))]
-
-
-@torch.inference_mode()
-def embed_batches(model, batches) -> torch.Tensor:
-    """Mean-pooled, L2-normalized sentence embeddings of pre-tokenized batches."""
-    out = []
-    for b in batches:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).float()
-        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
 
 
 def evaluate(model, tok, held, dense: dict, pairs: dict) -> dict:

