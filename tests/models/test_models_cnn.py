@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from brainsurgeon.errors import ConfigError
-from brainsurgeon.models import DigitsCNN, MnistCNN, build_model, register_model, registered_models
+from brainsurgeon.models import DigitsCNN, MnistCNN, ResNet20, build_model, register_model, registered_models
 
 
 @pytest.mark.parametrize(("name", "cls", "side", "params"), [
@@ -31,12 +31,22 @@ def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
 
 
 def test_unknown_model_lists_the_registered_names():
-    expected = r"unknown model 'resnet'.*'digits-cnn', 'mnist-cnn'.*register_model"
+    expected = r"unknown model 'resnet'.*'digits-cnn', 'fashion-cnn'.*register_model"
     with pytest.raises(ConfigError, match=expected):
         build_model("resnet")
 
 
 def test_registering_a_taken_name_fails():
-    assert registered_models() == ["digits-cnn", "mnist-cnn"]
+    assert registered_models() == ["digits-cnn", "fashion-cnn", "fashion-resnet20", "mnist-cnn", "mnist-resnet20"]
     with pytest.raises(ConfigError, match="already registered"):
         register_model("digits-cnn")(DigitsCNN)
+
+
+@pytest.mark.parametrize("name", ["mnist-resnet20", "fashion-resnet20"])
+def test_resnet20_has_the_cifar_layout(name):
+    model = build_model(name)
+    assert isinstance(model, ResNet20)
+    assert sum(p.numel() for p in model.parameters()) == 272_186  # 0.27M, as in He et al. (CIFAR)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len([c for c in convs if c.kernel_size == (3, 3)]) == 19  # 19 conv + 1 fc = 20 layers
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -68,3 +68,35 @@ def test_mnist_splits_load():
     assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert set(y.tolist()) == set(range(10))
+
+
+def _write_idx(path, arr):
+    import gzip
+
+    import numpy as np
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_and_holds_out_val(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(12, 28, 28))
+    labels = np.arange(12) % 10
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs[:4])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:4])
+    train, val, test = data.load_fashion_mnist_splits(val=2, folder=tmp_path)
+    assert (len(train), len(val), len(test)) == (10, 2, 4)
+    x, y = train.tensors
+    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.allclose(x[3, 0], torch.as_tensor(imgs[3], dtype=torch.float32) / 255)
+    assert val.tensors[1].tolist() == [0, 1]  # the last `val` training images
+
+
+def test_fashion_mnist_missing_files_name_the_debian_package(tmp_path):
+    with pytest.raises(MissingDataError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist_splits(folder=tmp_path)

@@ -52,5 +52,5 @@ def test_save_atomic_replaces_and_leaves_no_temp_files(tmp_path):
 
 
 def test_unknown_pretrained_name_lists_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"available: \['digits-cnn', 'mnist-cnn'\]"):
+    with pytest.raises(ConfigError, match=r"available: \['digits-cnn', 'fashion-cnn', 'fashion-resnet20', 'mnist-cnn'"):
         pretrained("lenet", cache_dir=tmp_path)

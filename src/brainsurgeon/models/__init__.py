@@ -7,13 +7,14 @@
     0.99...
 """
 
-from .cnn import DigitsCNN, MnistCNN, build_model, register_model, registered_models
-from .data import MissingDataError, calibration_loader, load_digits_splits, load_mnist_splits
+from .cnn import DigitsCNN, MnistCNN, ResNet20, build_model, register_model, registered_models
+from .data import MissingDataError, calibration_loader, load_digits_splits, load_fashion_mnist_splits, load_mnist_splits
 from .train import evaluate, train
 from .zoo import default_cache_dir, load_data, pretrained, save_atomic
 
 __all__ = [
     "DigitsCNN", "MissingDataError", "MnistCNN", "build_model", "calibration_loader",
-    "default_cache_dir", "evaluate", "load_data", "load_digits_splits", "load_mnist_splits",
+    "ResNet20", "default_cache_dir", "evaluate", "load_data", "load_digits_splits",
+    "load_fashion_mnist_splits", "load_mnist_splits",
     "pretrained", "register_model", "registered_models", "save_atomic", "train",
 ]

