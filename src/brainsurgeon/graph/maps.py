@@ -37,6 +37,7 @@ class Edges:
     splits: dict[Key, list[list[tuple[Key, np.ndarray]]]] = field(default_factory=dict)
     blocked: dict[Key, str] = field(default_factory=dict)
     inexact: dict[Key, str] = field(default_factory=dict)
+    attrs: list[tuple[str, str, tuple[Key, ...]]] = field(default_factory=list)
     next_atom: int = -1
 
     def _add(self, key: Key, size: int) -> None:
@@ -88,6 +89,28 @@ class Edges:
         """Requests that reach ``key`` are refused; ``reason`` names the op (first reason wins)."""
         if self.size.get(key, 0) > 1:
             self.blocked.setdefault(key, reason)
+
+    def module_attr(self, module: str, attr: str, keys: tuple[Key, ...]) -> None:
+        """Attribute ``attr`` of ``module`` mirrors the sizes of ``keys`` (a parameter-less LayerNorm's
+        ``normalized_shape``, a GroupNorm's ``num_channels``): surgery updates it when those dims shrink."""
+        self.attrs.append((module, attr, keys))
+
+    def attr_updates(self, removed: dict[Key, int], nodes: dict) -> dict[str, dict[str, tuple[tuple[int, ...],
+                                                                                          tuple[int, ...]]]]:
+        """``{module: {attr: (old sizes, new sizes)}}`` for every recorded attribute whose dims lose
+        ``removed[key]`` positions (``nodes`` give the traced sizes); see ``surgery.apply_plan(attrs=...)``.
+
+        >>> e.attr_updates({(7, 1): 3}, g.nodes)
+        {'0': {'normalized_shape': ((16,), (13,))}}
+        """
+        out: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        for module, attr, keys in self.attrs:
+            if not any(removed.get(k, 0) for k in keys):
+                continue
+            old = tuple(nodes[k[0]].shape[k[1]] for k in keys)
+            new = tuple(o - removed.get(k, 0) for o, k in zip(old, keys, strict=True))
+            out.setdefault(module, {}).setdefault(attr, (old, new))
+        return out
 
     def mark_inexact(self, key: Key, reason: str) -> None:
         """Removing positions of ``key`` is allowed but not output-preserving even when zeroed (mean, LayerNorm)."""

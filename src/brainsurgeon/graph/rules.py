@@ -79,6 +79,10 @@ class Ctx:
         for d in range(len(shape)) if dims is None else dims:
             self.edges.block(self.key(x, d), reason)
 
+    def module_attr(self, op: OpRecord, attr: str, x: Ref | int, dims: Iterable[int]) -> None:
+        """The attribute ``attr`` of the module that ran ``op`` mirrors the sizes of ``x``'s ``dims``."""
+        self.edges.module_attr(op.module, attr, tuple(self.key(x, d) for d in dims))
+
     def inexact(self, x: Ref | int, d: int, reason: str) -> None:
         self.edges.mark_inexact(self.key(x, d), reason)
 

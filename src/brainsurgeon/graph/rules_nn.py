@@ -118,6 +118,7 @@ def _channel_norm(op: OpRecord, g: Ctx, reason: str) -> None:
     if len(sx) < 2:
         return
     c = sx[1]
+    g.module_attr(op, "num_features", x, [1])   # InstanceNorm without affine/stats: (1, N*C) scales with C
     for t in refs(op.args[1:]) + [Ref(o) for o in op.outputs[1:]]:
         st = g.shape(t)
         if len(st) == 1 and st[0] == c:
@@ -147,6 +148,7 @@ def _layer_norm(op: OpRecord, g: Ctx) -> None:
             g.link(t, len(st) - i, x, len(sx) - i)
     for i in range(len(sx) - k, len(sx)):
         g.inexact(x, i, f"{op.name} (statistics over the normalized dims)")
+    g.module_attr(op, "normalized_shape", x, range(len(sx) - k, len(sx)))
     for o in op.outputs[1:]:
         so = g.shape(o)
         for i in range(min(len(so), len(sx) - k)):
@@ -165,6 +167,9 @@ def _group_norm(op: OpRecord, g: Ctx) -> None:
     c = sx[1]
     for t in refs(op.args[1:3]):
         g.link(t, 0, x, 1)
+    g.module_attr(op, "num_channels", x, [1])
+    if len(op.outputs) > 1 and g.shape(op.outputs[1])[-1] == groups:
+        g.module_attr(op, "num_groups", op.outputs[1], [-1])
     if groups > 1 and c > groups:
         e = g.edges
         ga, pa = e.atom(groups), e.atom(c // groups)
@@ -251,6 +256,8 @@ def _reduce(op: OpRecord, g: Ctx) -> None:
     if op.name in ("aten.max", "aten.min") and op.get("dim") is None:
         red = set(range(r))
     keep = bool(op.get("keepdim", False))
+    if red and max(red) == r - 1 and len(red) == r - min(red):   # trailing dims: an RMSNorm's normalized_shape
+        g.module_attr(op, "normalized_shape", x, sorted(red))
     for d in red:
         if op.name in _EXACT_REDUCE:
             continue

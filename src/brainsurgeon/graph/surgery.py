@@ -182,10 +182,40 @@ def module_attrs(m: nn.Module) -> dict[str, Any]:
             if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
 
 
-def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, str]]]) -> dict[str, Any]:
+AttrPlan = dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]
+
+
+def _set_mirrored_attrs(model: nn.Module, attrs: AttrPlan, undo: dict[str, Any]) -> None:
+    """Attributes that mirror traced dims of modules without parameters (``Edges.attr_updates``).
+
+    A shape attribute (``normalized_shape``) is set when it equals the traced sizes; an int attribute
+    (``num_features``, ``num_channels``, ``num_groups``) of a ``torch.nn`` norm scales with the dim (a
+    batch-flattened InstanceNorm input is ``N*C`` wide).
+    """
+    for mname, per in attrs.items():
+        try:
+            m = model.get_submodule(mname)
+        except AttributeError:
+            continue
+        for attr, (old, new) in per.items():
+            cur = getattr(m, attr, None)
+            if isinstance(cur, (tuple, list, torch.Size)) and tuple(cur) == old:
+                value: Any = tuple(new)
+            elif (isinstance(cur, int) and not isinstance(cur, bool) and type(m).__module__.startswith("torch.nn")
+                  and len(old) == 1 and (cur * new[0]) % old[0] == 0):
+                value = cur * new[0] // old[0]
+            else:
+                continue
+            undo["attrs"].setdefault(mname, (m, module_attrs(m)))
+            setattr(m, attr, value)
+
+
+def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, str]]],
+               attrs: AttrPlan | None = None) -> dict[str, Any]:
     """Slice every tensor in ``plan`` and run the fixers; returns the undo record for :func:`undo`.
 
-    ``owners`` maps ``id(tensor)`` to every (module, attribute) holding it (tied weights).
+    ``owners`` maps ``id(tensor)`` to every (module, attribute) holding it (tied weights); ``attrs``
+    (from ``Edges.attr_updates``) updates attributes of parameter-less modules (LayerNorm without affine).
     """
     undo: dict[str, Any] = {"data": {}, "attrs": {}}
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, np.ndarray]]] = {}
@@ -211,6 +241,7 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
                 t.grad = None
             for mname, tname in owners.get(tid, []):
                 modules.setdefault(mname, {}).setdefault(tname, {}).update(dims)
+        _set_mirrored_attrs(model, attrs or {}, undo)
         for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
             parts = mname.split(".")
             for i in range(len(parts) - 1, -1, -1):
@@ -221,7 +252,7 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
             m = model.get_submodule(mname)
             fixer = find_fixer(m)
             if fixer is not None:
-                undo["attrs"][mname] = (m, module_attrs(m))
+                undo["attrs"].setdefault(mname, (m, module_attrs(m)))
                 try:
                     fixer(m, removed)
                 except SurgeryError:
