@@ -30,7 +30,7 @@ from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
 from .rules import Ctx, find_rule, refs
-from .trace import Ref, Trace, run_model, trace_model
+from .trace import Ref, Trace, run_model
 
 log = get_logger(__name__)
 
@@ -78,17 +78,23 @@ class DependencyGraph(PruneMixin):
         train_trace: also trace in train mode: ``"auto"`` (when eval misses parameters, e.g. aux heads),
             True or False.
         verify: re-run the example input after every prune (eval and train mode) and restore on failure.
+        tracer: ``"dispatch"`` (default: one eager forward under a TorchDispatchMode) or ``"export"``
+            (``torch.export``'s ATen graph; slower and fails on data-dependent shapes).
 
     >>> g = DependencyGraph(model, (torch.randn(1, 3, 32, 32),), ignore=[model.fc])
     >>> print(g.report())
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] = (),
-                 keep_io: bool = True, train_trace: bool | str = "auto", verify: bool = True) -> None:
+                 keep_io: bool = True, train_trace: bool | str = "auto", verify: bool = True,
+                 tracer: str = "dispatch") -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"DependencyGraph: model must be an nn.Module, got {type(model).__name__}")
         if train_trace not in (True, False, "auto"):
             raise ConfigError(f"DependencyGraph: train_trace must be True, False or 'auto', got {train_trace!r}")
+        if tracer not in ("dispatch", "export"):
+            raise ConfigError(f"DependencyGraph: tracer must be 'dispatch' or 'export', got {tracer!r}")
+        self.tracer = tracer
         self.model = model
         self.example_inputs = example_inputs
         self.keep_io = keep_io
@@ -120,6 +126,10 @@ class DependencyGraph(PruneMixin):
     def _build(self) -> None:
         t0 = time.perf_counter()
         counter = [0]
+        if self.tracer == "export":
+            from .trace_export import trace_model_export as trace_model
+        else:
+            from .trace import trace_model
         self.traces: list[Trace] = [trace_model(self.model, self.example_inputs, "eval", counter)]
         self.train_error: str | None = None
         used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
@@ -382,7 +392,8 @@ class DependencyGraph(PruneMixin):
     def report(self) -> str:
         """Tracer used, op counts, ops without rules and which dims they block, groups left out."""
         secs = ", ".join(f"{t.mode} {t.seconds:.3f}s ({len(t.ops)} ops)" for t in self.traces)
-        lines = [f"DependencyGraph of {type(self.model).__name__}: tracer=aten-dispatch ({secs}); "
+        tracer = "torch.export" if self.tracer == "export" else "aten-dispatch"
+        lines = [f"DependencyGraph of {type(self.model).__name__}: tracer={tracer} ({secs}); "
                  f"build {self.build_seconds:.3f}s"]
         if self.train_error:
             lines.append(f"train mode not traced/verified: {self.train_error[:200]}")
