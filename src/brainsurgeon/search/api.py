@@ -24,6 +24,7 @@ from .amc import AMC, AMCSearch
 from .channels import apply_channels_, measured_fraction
 from .config import Budget, SearchSpace, load_space
 from .database import Entry, SearchTable, _Distortion, build_database
+from .factored import factorized_module, replace_module_
 from .plan import Plan
 from .solve import layer_weight, set_layer_weight_
 from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
@@ -168,6 +169,8 @@ def _with_mode(cfg: AMC, mode: str) -> AMC:
 def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None) -> nn.Module:
     """Set each planned layer's weight to its database weight in place (OBC's stitching); no solve.
 
+    Low-rank entries swap in the factorized module (LowRankLinear / LowRankConv2d) of that weight.
+
     >>> stitch_(model, plan, table)
     """
     modules = dict(model.named_modules())
@@ -180,9 +183,12 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None)
         batches = list(cache_batches(calib, 4))
         apply_channels_(model, [(e.layer, config_from_dict(e.configs[0])) for e in entries if e.structural],
                         example_of(batches), batches, list(table.profiles))
-    weights = [(modules[e.layer], table.db.weight(e)) for e in entries if e.shard]  # read all before writing
-    for mod, W in weights:
-        set_layer_weight_(mod, W.to(mod.weight.device))
+    weights = [(e, modules[e.layer], table.db.weight(e)) for e in entries if e.shard]  # read all before writing
+    for e, mod, W in weights:
+        if e.variant.startswith("lr@"):  # low-rank: the factorized module itself (exact: W has that rank)
+            replace_module_(model, e.layer, factorized_module(mod, W.to(mod.weight.device), e.configs[0]["rank"]))
+        else:
+            set_layer_weight_(mod, W.to(mod.weight.device))
     return model
 
 

@@ -38,6 +38,9 @@ class SearchSpace(Config):
     compressed (OBC's per-layer database score); otherwise the solvers use the OBS rel. loss.
     channel_ratios: structured variants removing that fraction of a layer's output channels with
     ``brainsurgeon.prune`` (importance `channel_importance`); a channel space holds only those.
+    lowrank_ratios: low-rank variants ``lr@p`` of every Linear / Conv2d (groups=1): the
+    activation-aware SVD at the largest rank whose factors hold at most p of the dense weights
+    (:mod:`.factored`), applied by the ``factorize`` verb.
 
     >>> SearchSpace(levels=4, nm=(), block_sparsities=(), bits=(4,), nm_bits=())
     """
@@ -61,6 +64,7 @@ class SearchSpace(Config):
     damp: float = 0.01
     channel_ratios: tuple[float, ...] = ()  # structured: fractions of a layer's output channels removed
     channel_importance: str = "group_l2"
+    lowrank_ratios: tuple[float, ...] = ()  # low-rank: factorized weights <= this fraction of the dense ones
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML gives lists: store tuples so the space stays hashable
@@ -95,11 +99,14 @@ class SearchSpace(Config):
         for r in self.channel_ratios:
             if not 0.0 < r < 1.0:
                 _fail("channel_ratios", f"each ratio must be in (0, 1), got {r!r}")
+        for r in self.lowrank_ratios:
+            if not 0.0 < r < 1.0:
+                _fail("lowrank_ratios", f"each ratio (factorized / dense weights) must be in (0, 1), got {r!r}")
         if self.channel_ratios and (self.levels or self.nm or self.block_sparsities or self.bits or self.nm_bits
-                                    or self.latency or not self.model_loss):
+                                    or self.lowrank_ratios or self.latency or not self.model_loss):
             _fail("channel_ratios", "channel variants change the shapes of consumer layers, so they cannot share a "
                   "database with per-weight variants; use a space of its own: levels=0, nm=[], block_sparsities=[], "
-                  "bits=[], nm_bits=[], latency=false, model_loss=true")
+                  "bits=[], nm_bits=[], lowrank_ratios=[], latency=false, model_loss=true")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -110,7 +117,8 @@ class SearchSpace(Config):
             return f"SearchSpace channels {list(self.channel_ratios)} ({self.channel_importance})"
         return (f"SearchSpace {self.prune_method}/{self.quant_method}: {self.levels} levels to "
                 f"{self.max_sparsity:.0%}, N:M {list(self.nm)}, block{self.block} {list(self.block_sparsities)}, "
-                f"bits {list(self.bits)}, N:M+bits {list(self.nm_bits)}")
+                f"bits {list(self.bits)}, N:M+bits {list(self.nm_bits)}"
+                + (f", low-rank {list(self.lowrank_ratios)}" if self.lowrank_ratios else ""))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .channels import channel_costs, pruned_copy
 from .config import SearchSpace
 from .costs import LayerProfile, profile_layers, variant_costs
 from .executors import InlineExecutor, make_executor
+from .factored import factorizable, factorized_module, lowrank_costs
 from .latency import LatencyTable
 from .solve import layer_weight, set_layer_weight_, solve_variant
 from .variants import Variant, layer_variants
@@ -273,7 +274,9 @@ def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str |
     todo: list[tuple[str, Variant, str]] = []
     variants: dict[str, list[tuple[Variant, str]]] = {}
     for n in names:
-        vs = layer_variants(space, _grouped_channels(modules[n]))
+        mod = modules[n]
+        matrix = (profiles[n].rows, profiles[n].cols) if factorizable(mod) else None
+        vs = layer_variants(space, _grouped_channels(mod), matrix)
         variants[n] = [(v, entry_key(mhash, n, v, chash)) for v in vs]
         todo += [(n, v, k) for v, k in variants[n] if k not in db.entries]
     log.info("search database %s: %d of %d entries to compute", root, len(todo),
@@ -300,7 +303,10 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
     def finish(fut: Future, layer: str, v: Variant, key: str) -> None:
         W_hat, loss, rel, sec = fut.result()
         prof, mod = profiles[layer], modules[layer]
-        costs = variant_costs(prof, W_hat, v, space.act_bits)
+        if v.pattern == "lowrank":  # the costs of the real factorized module
+            costs = lowrank_costs(prof, factorized_module(mod, W_hat, v.configs[0].rank), space.act_bits)
+        else:
+            costs = variant_costs(prof, W_hat, v, space.act_bits)
         if latency is not None:
             costs["latency"] = latency.measure(f"{mhash}|{layer}|{v.name}", mod, W_hat, v, prof.input_shape)
         mloss = None if distortion is None else (0.0 if not v.configs else distortion(layer, W_hat))

@@ -74,14 +74,16 @@ class Plan:
         return Step(chosen[0][1], ignore, tuple((re.escape(n), c) for n, c in chosen))
 
     def to_recipe(self, options: CalibOptions | None = None) -> Recipe:
-        """A recipe: prune step then quantize step, each with one exact-name override per layer.
+        """A recipe: sparsify, quantize, then factorize (low-rank) steps, each with one exact-name
+        override per layer (factorize last: it replaces modules, the other steps keep them).
 
         Default options: sequential calibration, then BatchNorm re-estimation.
 
         >>> plan.to_recipe(CalibOptions(bn_reestimate=True)).steps[0].overrides[0]
         ('conv2', ExactOBS(sparsity=0.5929, ...))
         """
-        steps = tuple(s for s in (self._step("sparsify"), self._step("quantize")) if s is not None)
+        steps = tuple(s for s in (self._step("sparsify"), self._step("quantize"), self._step("factorize"))
+                      if s is not None)
         return Recipe(steps, options or CalibOptions(bn_reestimate=True))
 
     def to_yaml(self, options: CalibOptions | None = None) -> str:

@@ -17,6 +17,9 @@ def solve_variant(W: torch.Tensor, H: torch.Tensor, configs: tuple[Config, ...],
                   name: str = "") -> tuple[torch.Tensor, float, float, float]:
     """Apply `configs` in order (e.g. ExactOBS 2:4 then OBQ 4-bit) to W with Hessian H.
 
+    A ``LowRank`` config (alone) gives the rank-r activation-aware reconstruction instead
+    (:func:`.factored.solve_lowrank`).
+
     W: the layer weight (rows x cols, or a conv kernel out x in/g x k...); H: (cols, cols), or
     (g, cols, cols) for a grouped conv whose group j owns rows [j*out/g, (j+1)*out/g).
     Returns (W_hat, tr(dW H dW^T), relative loss, seconds), the loss against the original W.
@@ -24,6 +27,11 @@ def solve_variant(W: torch.Tensor, H: torch.Tensor, configs: tuple[Config, ...],
     >>> W_hat, loss, rel, sec = solve_variant(W, H, (ExactOBS(pattern="2:4"), OBQ(bits=4)))
     """
     t0 = time.perf_counter()
+    if configs and type(configs[0]).verb == "factorize":  # a low-rank variant (one LowRank config, groups=1)
+        from .factored import solve_lowrank
+
+        W_hat, loss, rel = solve_lowrank(W, H, configs[0].rank, configs[0].damp)
+        return W_hat, loss, rel, time.perf_counter() - t0
     Hs = H if H.dim() == 3 else H.unsqueeze(0)  # (g, cols, cols)
     parts = W.chunk(Hs.shape[0], dim=0)
     out, loss, ref = [], 0.0, 0.0

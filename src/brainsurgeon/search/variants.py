@@ -65,8 +65,31 @@ def _prune_patterns(space: SearchSpace) -> tuple[str, ...]:
     return getattr(_REGISTRY[space.prune_method], "patterns", ())
 
 
-def layer_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
-    """Every variant of a layer whose grouped input dimension is `in_channels` (N:M/blocks must divide it)."""
+def lowrank_variants(space: SearchSpace, rows: int, cols: int) -> list[Variant]:
+    """``lr@p`` for each ratio p whose rank is in [1, min(rows, cols)) (smaller ratios first, one per rank).
+
+    >>> [v.name for v in lowrank_variants(SearchSpace(lowrank_ratios=(0.25, 0.5)), rows=64, cols=128)]
+    ['lr@0.2500', 'lr@0.5000']
+    """
+    from ..lowrank import LowRank
+    from .factored import rank_for
+
+    out, seen = [], set()
+    for p in sorted(space.lowrank_ratios):
+        r = rank_for(p, rows, cols)
+        if 1 <= r < min(rows, cols) and r not in seen:
+            seen.add(r)
+            out.append(Variant(f"lr@{p:.4f}", (LowRank(rank=r, activation_aware=True, conv="svd", damp=space.damp),),
+                               pattern="lowrank"))
+    return out
+
+
+def layer_variants(space: SearchSpace, in_channels: int, matrix: tuple[int, int] | None = None) -> list[Variant]:
+    """Every variant of a layer whose grouped input dimension is `in_channels` (N:M/blocks must divide it).
+
+    matrix: (rows, cols) of the weight when the layer can be factorized (Linear, Conv2d groups=1);
+    low-rank variants are offered only then.
+    """
     out = [Variant("dense", ())]
     if space.channel_ratios:
         from ..prune import ChannelPruning
@@ -87,4 +110,4 @@ def layer_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
         out += [Variant(f"{blk}@{s:.4f}", (_prune(space, s, blk),), sparsity=s, pattern=blk)
                 for s in space.block_sparsities]
     out += [Variant(f"w{b}", (_quant(space, b),), bits=b) for b in space.bits]
-    return out
+    return out + (lowrank_variants(space, *matrix) if matrix is not None and space.lowrank_ratios else [])
