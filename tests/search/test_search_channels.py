@@ -7,7 +7,7 @@ import torch
 from search_fixtures import TinyNet, calib
 
 from brainsurgeon.errors import ConfigError
-from brainsurgeon.search import Plan, SearchSpace, apply_plan_, build_database, search
+from brainsurgeon.search import AMC, Plan, SearchSpace, apply_plan_, build_database, search
 
 CHANNELS = dict(levels=0, nm=(), block_sparsities=(), bits=(), nm_bits=(), channel_ratios=(0.25, 0.5, 0.75),
                 model_loss_batches=2)
@@ -45,8 +45,35 @@ def test_plans_meet_the_measured_budget_and_shrink_the_model(db, solver, tmp_pat
     assert Plan.load(str(tmp_path / "plan.yaml")) == plan
 
 
-def test_channel_spaces_refuse_mixing_and_amc(db):
+def test_channel_spaces_refuse_mixing():
     with pytest.raises(ConfigError, match="cannot share a database with per-weight variants"):
         SearchSpace(channel_ratios=(0.5,))
-    with pytest.raises(ConfigError, match="AMC over a channel space is not supported"):
-        search(TinyNet(), SearchSpace(**CHANNELS), "flops=0.5", calib(), solver="amc", db=db)
+
+
+@pytest.mark.parametrize("solver", ["amc-resource", "amc-accuracy"])
+def test_amc_walks_a_channel_space_within_the_measured_budget(db, solver):
+    model, data = TinyNet(), calib()
+    seen = []
+
+    def accuracy(m):  # reward proxy; records the measured cost of every walked model
+        seen.append(measured_fraction(model, m))
+        with torch.no_grad():
+            return 1.0 - float((m(data[0]) - model(data[0])).pow(2).mean())
+
+    plan = search(model, SearchSpace(**CHANNELS), "flops=0.6", data, eval_fn=accuracy, solver=solver, db=db,
+                  amc=AMC(episodes=12, warmup=4))
+    assert len(seen) == 12 and plan.info["solver"] == solver
+    assert plan.info["cost"] <= 0.6 + 1e-9 and "cost_estimate" in plan.info
+    m = copy.deepcopy(model)
+    apply_plan_(m, plan, data)
+    assert measured_fraction(model, m) == pytest.approx(plan.info["cost"], abs=1e-6)  # the walk measured it
+
+
+def measured_fraction(dense, pruned) -> float:
+    """FLOPs of `pruned` over those of `dense` (conv1, fc1, fc2; one sample)."""
+    from brainsurgeon.search import profile_layers
+
+    x = torch.zeros(1, 4, 4, 4)
+    names = ["conv1", "fc1", "fc2"]
+    f = [sum(p.macs for p in profile_layers(m, names, x).values()) for m in (dense, pruned)]
+    return f[1] / f[0]

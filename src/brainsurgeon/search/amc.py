@@ -15,6 +15,14 @@ enforced by clipping a_t so the remaining layers can still meet it at their chea
 Rewards: ``resource`` (resource-constrained): R = -error; ``accuracy`` (accuracy-guaranteed):
 R = -error * log(cost), which also rewards plans cheaper than the budget.
 
+Channel spaces (``ch@r`` variants) are not additive: removing a layer's channels also shrinks its
+consumers, and two pruned neighbours share one. As in AMC's channel pruning, the agent then walks
+a real model (:class:`~.channels.ChannelWalk`): layer t is pruned at the chosen ratio on a copy,
+the remaining cost is *measured*, and the action is clipped so that the reduction still needed
+is at most what the later layers can remove (each at its largest measured single-layer saving);
+the reward is the error of the walked model itself. An episode that still ends over the budget
+(the later layers' savings overlap) is penalised and never returned.
+
     >>> agent = AMCSearch(AMC(mode="resource", episodes=120), table, budget, error_fn)
     >>> plan = agent.run()
 """
@@ -31,7 +39,8 @@ from torch import nn
 
 from .._log import get_logger, progress
 from ..config import Config, register_config
-from ..errors import ConfigError
+from ..errors import BudgetInfeasibleError, ConfigError
+from .channels import ChannelWalk
 from .config import Budget
 from .database import Entry, SearchTable
 from .plan import Plan
@@ -146,11 +155,18 @@ class AMCSearch:
     """
 
     def __init__(self, cfg: AMC, table: SearchTable, budget: Budget,
-                 error_fn: Callable[[list[Entry]], float]) -> None:
+                 error_fn: Callable[[list[Entry]], float], walk: ChannelWalk | None = None,
+                 model_error: Callable[[nn.Module], float] | None = None) -> None:
+        """walk, model_error: for a channel space, the environment and the error of a walked model."""
+        if (walk is None) != (model_error is None):
+            raise ConfigError("AMCSearch: pass both walk= and model_error= (a channel space) or neither")
         self.cfg, self.table, self.budget, self.error_fn = cfg, table, budget, error_fn
+        self.walk, self.model_error = walk, model_error
         self.metric = budget.metric
         self.B = absolute_budget(table, budget)
         rows = [table.entries[n] for n in table.layers]
+        self.B_all = budget.fraction * table.dense_total(self.metric)  # the walk measures every supported layer
+        self.save_max = [max(r[0].costs[self.metric] - e.costs[self.metric] for e in r) for r in rows]
         self.dense = [r[0].costs[self.metric] for r in rows]  # entry 0 is the dense variant
         self.cheap = [min(e.costs[self.metric] for e in r) for r in rows]
         self.total = sum(self.dense)
@@ -170,17 +186,51 @@ class AMCSearch:
         return min(fit, key=lambda e: (e.score, -e.costs[self.metric])) if fit else \
             min(rows, key=lambda e: e.costs[self.metric])
 
+    def _action(self, agent: DDPG, s: np.ndarray, rng: np.random.Generator, explore: str, sigma: float) -> float:
+        if explore == "random":
+            return float(rng.uniform())
+        mu = agent.act(s)
+        return truncated_normal(mu, sigma, rng) if explore == "noise" else mu
+
+    def channel_episode(self, agent: DDPG, rng: np.random.Generator, explore: str, sigma: float
+                        ) -> tuple[list[Entry], list[tuple[np.ndarray, float, np.ndarray]], float]:
+        """One walk over a channel space; returns (choices, transitions, measured cost)."""
+        assert self.walk is not None
+        walk, L = self.walk, len(self.dense)
+        walk.reset()
+        dense_all = walk.cost
+        chosen, steps = [], []
+        s = self._state(0, 0.0, self.total - self.dense[0], 0.0)
+        for t in range(L):
+            a = self._action(agent, s, rng, explore, sigma)
+            rows = sorted(self.table.entries[self.table.layers[t]], key=lambda e: e.sparsity)  # dense first
+            need = walk.cost - self.B_all - sum(self.save_max[t + 1:])  # what layer t must remove at least
+            e = max((e for e in rows if e.sparsity <= a + 1e-9), key=lambda e: e.sparsity)
+            saving = {x.variant: self.dense[t] - x.costs[self.metric] for x in rows}  # measured, this layer alone
+            if saving[e.variant] < need:  # AMC's clip: the smallest ratio that keeps the budget reachable
+                e = next((x for x in rows if saving[x.variant] >= need), max(rows, key=lambda x: saving[x.variant]))
+            chosen.append(e)
+            cost = walk.step(e.layer, None if not e.structural else self._config(e))
+            rest = sum(self.dense[t + 1:])
+            s1 = self._state(min(t + 1, L - 1), dense_all - cost,
+                             rest - (self.dense[t + 1] if t + 1 < L else 0.0), e.sparsity)
+            steps.append((s, e.sparsity, s1))
+            s = s1
+        return chosen, steps, walk.cost
+
+    @staticmethod
+    def _config(e: Entry) -> Config:
+        from ..config import config_from_dict
+
+        return config_from_dict(e.configs[0])
+
     def episode(self, agent: DDPG, rng: np.random.Generator, explore: str, sigma: float
                 ) -> tuple[list[Entry], list[tuple[np.ndarray, float, np.ndarray]]]:
         L = len(self.dense)
         spent, reduced, chosen, steps = 0.0, 0.0, [], []
         s = self._state(0, 0.0, self.total - self.dense[0], 0.0)
         for t in range(L):
-            if explore == "random":
-                a = float(rng.uniform())
-            else:
-                mu = agent.act(s)
-                a = truncated_normal(mu, sigma, rng) if explore == "noise" else mu
+            a = self._action(agent, s, rng, explore, sigma)
             room = self.B - spent - sum(self.cheap[t + 1:])  # what this layer may still cost
             a_min = max(0.0, 1 - room / self.dense[t]) if self.dense[t] > 0 else 0.0
             a_max = 1 - self.cheap[t] / self.dense[t] if self.dense[t] > 0 else 0.0
@@ -195,12 +245,19 @@ class AMCSearch:
             s = s1
         return chosen, steps
 
-    def reward(self, chosen: list[Entry]) -> tuple[float, float]:
-        err = float(self.error_fn(chosen))
+    def reward(self, chosen: list[Entry], cost: float | None = None) -> tuple[float, float]:
+        """(reward, error) of a full choice; `cost`: the measured cost of a walked (channel) model."""
+        if cost is None:
+            err = float(self.error_fn(chosen))
+            cost = sum(e.costs[self.metric] for e in chosen) + (0.0 if self.metric == "latency"
+                                                                 else self.table.fixed_cost(self.metric))
+        else:
+            assert self.walk is not None and self.model_error is not None
+            err = float(self.model_error(self.walk.model))
+            if cost > self.B_all * (1 + 1e-9):  # over budget after all: worse than any feasible plan
+                return -1.0 - err - cost / self.B_all, err
         if self.cfg.mode == "resource":
             return -err, err
-        cost = sum(e.costs[self.metric] for e in chosen) + (0.0 if self.metric == "latency"
-                                                             else self.table.fixed_cost(self.metric))
         return -err * math.log(max(cost, 1.0 + 1e-9)), err
 
     def run(self) -> Plan:
@@ -210,24 +267,34 @@ class AMCSearch:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             agent = DDPG(self.static.shape[1] + 3, cfg)
-            best: tuple[tuple[float, float], list[Entry], float] | None = None
+            best: tuple[tuple[float, float], list[Entry], float, float | None] | None = None
             sigma = cfg.sigma
             for ep in progress(range(cfg.episodes), desc="AMC episodes"):
                 explore = "random" if ep < cfg.warmup else "noise"
                 if ep >= cfg.warmup:
                     sigma *= cfg.sigma_decay
-                chosen, steps = self.episode(agent, rng, explore, sigma)
-                R, err = self.reward(chosen)
+                cost = None
+                if self.walk is not None:
+                    chosen, steps, cost = self.channel_episode(agent, rng, explore, sigma)
+                else:
+                    chosen, steps = self.episode(agent, rng, explore, sigma)
+                R, err = self.reward(chosen, cost)
                 rank = (R, -sum(e.score for e in chosen))  # ties (equal accuracy): the lower database loss
-                if best is None or rank > best[0]:
-                    best = (rank, chosen, err)
+                fits = cost is None or cost <= self.B_all * (1 + 1e-9)
+                if fits and (best is None or rank > best[0]):
+                    best = (rank, chosen, err, cost)
                 for t, (s, a, s1) in enumerate(steps):
                     agent.remember(s, a, R, s1, t == len(steps) - 1)
                     if ep >= cfg.warmup:
                         agent.update(rng)
                 log.debug("AMC episode %d: reward %.4f error %.4f", ep, R, err)
-        if best is None:  # unreachable: episodes > warmup >= 0
-            raise ConfigError("AMC: no episode ran; set episodes >= 1")
+        if best is None:
+            raise BudgetInfeasibleError(f"AMC: no episode of {cfg.episodes} met the measured budget {self.budget} "
+                                        f"(the channel savings of coupled layers overlap); relax the budget, add "
+                                        f"higher channel ratios or run more episodes")
         plan = plan_from_entries(self.table, best[1], self.budget, f"amc-{cfg.mode}")
         plan.info.update(reward=round(best[0][0], 6), error=round(best[2], 6))
+        if best[3] is not None:  # channel walk: the measured cost
+            plan.info.update(cost=round(best[3] / self.table.dense_total(self.metric), 6),
+                             cost_estimate=plan.info["cost"])
         return plan

@@ -2,6 +2,7 @@
 
     >>> plan = search(model, SearchSpace(), "flops=0.25", calib, db="db/")          # DP by default
     >>> plan = search(model, "recipes/search-digits.yaml", "bops=8x", calib, eval_fn=acc, solver="amc")
+    >>> plan = search(model, channel_space, "flops=4x", calib, eval_fn=acc, solver="amc-accuracy")  # walks
     >>> report = apply_plan_(model, plan, calib)      # re-solves with the verbs, then BN re-estimation
 """
 
@@ -21,7 +22,7 @@ from ..config import CalibOptions, config_from_dict
 from ..errors import ConfigError
 from ..report import CompressionReport
 from .amc import AMC, AMCSearch
-from .channels import apply_channels_, measured_fraction
+from .channels import ChannelWalk, apply_channels_, measured_fraction
 from .config import Budget, SearchSpace, load_space
 from .database import Entry, SearchTable, _Distortion, build_database
 from .factored import factorized_module, replace_module_
@@ -73,7 +74,10 @@ class StitchedModel:
         return self.model
 
     def error(self, entries: list[Entry]) -> float:
-        model = self.load(entries)
+        return self.model_error(self.load(entries))
+
+    def model_error(self, model: nn.Module) -> float:
+        """The error of any model (e.g. one AMC walked): 1 - eval_fn(model), or its output distortion."""
         if self.eval_fn is None:
             return self.dist.model_error(model)
         return 1.0 - float(self.eval_fn(model))
@@ -95,6 +99,15 @@ def channel_cost_fn(model: nn.Module, table: SearchTable, calib: Any, budget: Bu
     names = list(table.profiles)
     return lambda plan: measured_fraction(model, plan.channel_items(), example_of(batches), batches, names,
                                           budget.metric, table.act_bits)
+
+
+def channel_walk(model: nn.Module, table: SearchTable, calib: Any, budget: Budget) -> ChannelWalk:
+    """AMC's environment for a channel table: a walk over a copy of `model` measuring `budget.metric`."""
+    from ..calib import cache_batches
+
+    batches = list(cache_batches(calib, 4))
+    return ChannelWalk(copy.deepcopy(model).eval(), list(table.profiles), example_of(batches), batches,
+                       budget.metric, table.act_bits)
 
 
 def plan_entries(table: SearchTable, plan: Plan) -> list[Entry]:
@@ -134,9 +147,6 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
     if not isinstance(space, SearchSpace):
         raise ConfigError(f"search: space must be a SearchSpace or a YAML path, got {type(space).__name__}")
     structural = bool(space.channel_ratios)
-    if structural and solver.startswith("amc"):
-        raise ConfigError("search: AMC over a channel space is not supported yet (channel costs are not additive "
-                          "across coupled layers); use solver='dp' or 'uniform', which re-check the measured cost")
     from ..calib import cache_batches
 
     calib = cache_batches(calib)  # read once: the database, the cost checks and AMC reuse the batches
@@ -153,7 +163,9 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
         cfg = amc or AMC()
         if solver != "amc":
             cfg = _with_mode(cfg, solver.split("-", 1)[1])
-        plan = AMCSearch(cfg, table, budget, StitchedModel(model, table, calib, eval_fn).error).run()
+        stitched = StitchedModel(model, table, calib, eval_fn)
+        walk = channel_walk(model, table, calib, budget) if structural else None
+        plan = AMCSearch(cfg, table, budget, stitched.error, walk, stitched.model_error if walk else None).run()
     plan.info["db"] = str(root)
     log.info("search %s %s: cost %.4f of dense, score %.4g", solver, budget, plan.info["cost"], plan.info["score"])
     return plan

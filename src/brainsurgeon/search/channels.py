@@ -73,6 +73,39 @@ def apply_channels_(model: nn.Module, items: list[tuple[str, Any]], example: Any
         raise
 
 
+class ChannelWalk:
+    """AMC's environment over a channel space: prune layer after layer on a copy, measuring the real cost.
+
+    ``reset()`` starts from the dense model; ``step(layer, cfg)`` removes `layer`'s channels
+    (``cfg=None``: keep it) and returns the whole model's measured cost (absolute, over the
+    supported layers), so couplings between layers are counted as they happen (AMC, sec. 3.2).
+
+    >>> walk = ChannelWalk(model, names, example, calib, "flops"); walk.reset()
+    >>> walk.step("conv1", ChannelPruning(ratio=0.5))
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], example: Any, calib: Any, metric: str,
+                 act_bits: int = 32) -> None:
+        self.base, self.names, self.example, self.calib = model, names, example, calib
+        self.metric, self.act_bits = metric, act_bits
+        self.model = model
+        self.cost = self.measure()
+
+    def measure(self) -> float:
+        prof = profile_layers(self.model, self.names, self.example)
+        return sum(p.dense_costs(self.act_bits)[self.metric] for p in prof.values())
+
+    def reset(self) -> None:
+        self.model = copy.deepcopy(self.base)
+        self.cost = self.measure()
+
+    def step(self, layer: str, cfg: Any | None) -> float:
+        if cfg is not None:
+            prune_layer_(self.model, layer, cfg, self.example, self.calib, self.names)
+            self.cost = self.measure()
+        return self.cost
+
+
 def measured_fraction(model: nn.Module, items: list[tuple[str, Any]], example: Any, calib: Any,
                       names: list[str], metric: str, act_bits: int = 32) -> float:
     """The real cost (fraction of dense, over the supported layers) after pruning `items` on a copy."""
