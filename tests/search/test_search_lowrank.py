@@ -92,3 +92,10 @@ def test_conv_lowrank_plan_gives_lowrankconv2d(tmp_path):
 def test_lowrank_ratio_must_be_a_fraction():
     with pytest.raises(ConfigError, match="lowrank_ratios"):
         SearchSpace(lowrank_ratios=(1.5,))
+
+
+def test_the_lowrank_recipe_space_loads():
+    from brainsurgeon.search import load_space
+
+    space = load_space("recipes/search-lowrank.yaml")
+    assert space.lowrank_ratios == (0.125, 0.25, 0.5) and "low-rank" in space.describe()
