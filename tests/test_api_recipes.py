@@ -1,15 +1,17 @@
-"""compress() runs mixed recipes: structural steps (prune, factorize, share) and layer-wise steps in order,
-and restores the caller's model, shapes included, when any step fails."""
+"""compress() runs mixed recipes: structural steps (prune, factorize, share), distill steps and layer-wise steps in
+order, and restores the caller's model, shapes included, when any step fails."""
 
 import pytest
 import torch
 
 import brainsurgeon as bs
 from brainsurgeon.config import Recipe, Step
+from brainsurgeon.distill import KD
 from brainsurgeon.errors import ConfigError
 from brainsurgeon.lowrank import LowRank
 from brainsurgeon.models import build_model
 from brainsurgeon.prune import ChannelPruning
+from brainsurgeon.quant.qat import QAT
 from brainsurgeon.share import WeightSharing
 
 
@@ -76,7 +78,52 @@ def test_failure_after_a_structural_step_restores_shapes_and_values():
 
 
 def test_a_recipe_step_with_a_non_step_verb_is_refused():
-    from brainsurgeon.distill import KD
-
     with pytest.raises(ConfigError, match="recipe step"):
-        bs.compress(build_model("digits-cnn", seed=0), Recipe((Step(KD()),)), calib())
+        bs.compress(build_model("digits-cnn", seed=0), Recipe((Step(QAT(bits=4)),)), calib())
+
+
+def test_a_distill_step_without_training_data_names_the_step_and_the_argument():
+    m = build_model("digits-cnn", seed=0).eval()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    recipe = Recipe((Step(ChannelPruning(ratio=0.5), ignore=("fc2",)), Step(KD(epochs=1))))
+    with pytest.raises(ConfigError, match=r"recipe step 2 \(KD .*data=train_set"):
+        bs.compress(m, recipe, calib())
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # refused before any step ran
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from brainsurgeon.models import calibration_loader, pretrained
+
+    model, train_ds, test_ds = pretrained("digits-cnn")  # trained in seconds on first use, then cached
+    return model, train_ds, test_ds, calibration_loader(train_ds, n=256, batch_size=64)
+
+
+def test_prune_distill_quantize_keeps_structure_masks_and_grid_and_beats_no_distill(digits):
+    """prune -> sparsify -> KD (teacher: the model before the recipe) -> GPTQ, through compress()."""
+    import copy
+
+    from brainsurgeon.models import evaluate
+
+    dense, train_ds, test_ds, loader = digits
+    steps = [Step(ChannelPruning(ratio=0.5, importance="group_l2"), ignore=("fc2",)),
+             Step(bs.SparseGPT(sparsity=0.5), ignore=("conv1",)), Step(bs.GPTQ(bits=4), ignore=("conv1",))]
+    plain, kd = copy.deepcopy(dense), copy.deepcopy(dense)
+    bs.compress(plain, Recipe(tuple(steps)), loader)
+    rep = bs.compress(kd, Recipe((*steps[:2], Step(KD(epochs=2, lr=1e-3)), steps[2])), loader, data=train_ds)
+    assert shapes(kd) == shapes(plain) and shapes(kd) != shapes(dense)  # channels removed, and stay removed
+    for name in ("conv2", "conv3", "fc1", "fc2"):
+        W = kd.get_submodule(name).weight.detach().flatten(1)
+        assert float((W == 0).float().mean()) >= 0.5, name  # SparseGPT's zeros survive KD and GPTQ
+        assert max(len(set(row.tolist())) for row in W) <= 16, name  # every row on a 4-bit grid
+    assert any(n.startswith("KD T=4") for n in rep.notes)
+    acc_kd, acc_plain = evaluate(kd, test_ds), evaluate(plain, test_ds)
+    assert acc_kd > acc_plain + 0.05, (acc_kd, acc_plain)  # measured: 92.5 % vs 70.6 %
+
+
+def test_the_example_distill_recipe_loads_with_its_three_verbs():
+    from pathlib import Path
+
+    recipe = bs.load_recipe(str(Path(__file__).parents[1] / "recipes" / "digits-prune-kd-gptq4.yaml"))
+    assert [type(s.method).verb for s in recipe.steps] == ["prune", "distill", "quantize"]
+    assert recipe.steps[1].method == KD(temperature=4.0, alpha=0.9, epochs=3, lr=1e-3)

@@ -4,6 +4,7 @@
     >>> rep = bs.sparsify_(model, bs.ExactOBS(sparsity=0.75), calib=loader, ignore=("fc_out",))
     >>> rep = bs.quantize_(model, bs.OBQ(bits=4), calib=loader)
     >>> rep = bs.compress(model, "recipes/digits-obs75-obq4.yaml", calib=loader)
+    >>> rep = bs.compress(model, "recipes/digits-prune-kd-gptq4.yaml", calib=loader, data=train_ds, val=val_ds)
     >>> print(rep.to_table())
 
 Every verb validates everything it can before touching the model, and restores the model's
@@ -166,33 +167,67 @@ def _run_structural_step(model: nn.Module, step: Step, calib: Any, report: Compr
                             f"{sum(r.dense_bytes for r in rows):,} -> {sum(r.packed_bytes for r in rows):,} bytes")
 
 
+def _check_distill_step(index: int, step: Step, data: Any) -> None:
+    """Refuse a distill step that cannot run, before the recipe touches the model."""
+    name = f"recipe step {index} ({step.method.describe()})"
+    if data is None:
+        raise ConfigError(f"{name} fine-tunes the model and needs training data; pass "
+                          f"compress(model, recipe, calib, data=train_set) (a Dataset or (x, y) batches)")
+    if step.ignore or step.overrides:
+        raise ConfigError(f"{name} trains the whole model and takes no ignore or overrides; remove them")
+
+
+def _run_distill_step(model: nn.Module, step: Step, teacher: nn.Module, data: Any, val: Any,
+                      report: CompressionReport) -> None:
+    """KD fine-tuning (Hinton et al. 2015) from the model as it was before the recipe.
+
+    Pruned channels stay gone, zeros stay zero and, with ``KD(qat=...)``, weights end on their grid
+    (see :func:`brainsurgeon.distill.distill`); with `val` the best validation state is kept.
+    """
+    from .distill import distill
+
+    hist = distill(model, teacher, data, step.method, val=val)  # type: ignore[arg-type]
+    note = f"{step.method.describe()}: {hist.steps} steps in {hist.seconds:.1f}s from the model before the recipe"
+    if hist.best_metric is not None:
+        note += f"; val {hist.val_start:.4f} -> {hist.best_metric:.4f} (best at step {hist.best_step})"
+        report.add_metric("distill_val", before=hist.val_start, after=hist.best_metric)
+    report.notes.append(note)
+
+
 def _restore_model_(model: nn.Module, backup: nn.Module) -> None:
     """Put `backup`'s modules, parameters, buffers and attributes back into `model` (same object)."""
     model.__dict__.clear()
     model.__dict__.update(backup.__dict__)
 
 
-def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions) -> CompressionReport:
+def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions,
+                    data: Any = None, val: Any = None) -> CompressionReport:
     """Run steps in place; on any failure restore the model as it was, then re-raise.
 
     Recipes of weight-value steps only (sparsify/quantize) restore from a CPU copy of the
-    state_dict; a recipe with a structural step (prune/factorize/share) keeps a deep copy.
+    state_dict; a recipe with a structural step (prune/factorize/share/pack) or a distill step
+    keeps a deep copy, which is also the distill steps' teacher (the model before the recipe).
     """
     steps = list(steps)
-    for step in steps:
+    for i, step in enumerate(steps, 1):
         verb = type(step.method).verb
-        if verb not in ("sparsify", "quantize") + STRUCTURAL_VERBS:
+        if verb not in ("sparsify", "quantize", "distill") + STRUCTURAL_VERBS:
             raise ConfigError(f"{type(step.method).__name__} is a {verb!r} config, which a recipe step cannot "
-                              f"run; recipe steps take sparsify, quantize, prune, factorize or share configs")
-    structural = any(type(s.method).verb in STRUCTURAL_VERBS for s in steps)
-    backup = copy.deepcopy(model) if structural else None
+                              f"run; recipe steps take sparsify, quantize, prune, factorize, share, pack or "
+                              f"distill configs")
+        if verb == "distill":
+            _check_distill_step(i, step, data)
+    structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
+    backup = copy.deepcopy(model) if structural else None  # also the teacher of distill steps
     saved = None if structural else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     try:
         names: list[str] = []
         for step in steps:
-            if type(step.method).verb in STRUCTURAL_VERBS:
+            if type(step.method).verb == "distill":
+                _run_distill_step(model, step, backup, data, val, report)  # type: ignore[arg-type]
+            elif type(step.method).verb in STRUCTURAL_VERBS:
                 _run_structural_step(model, step, calib, report)
             else:
                 names += [n for n in _run_step(model, step, calib, options, report) if n not in names]
@@ -245,11 +280,17 @@ def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options)
 
 
-def compress(model: nn.Module, recipe: Recipe | str, calib: Any) -> CompressionReport:
+def compress(model: nn.Module, recipe: Recipe | str, calib: Any, *, data: Any = None,
+             val: Any = None) -> CompressionReport:
     """Apply a recipe (a Recipe, a YAML path or YAML text) in place and return the report.
 
+    data, val: training data and validation data (Datasets or (x, y) batches) for ``distill``
+    steps (a :class:`~brainsurgeon.distill.KD` config), which fine-tune the model so far with the
+    model as it was before the recipe as teacher; other steps only use `calib`.
+
     >>> rep = compress(model, "recipes/digits-obs75-obq4.yaml", calib=loader)
+    >>> rep = compress(model, "recipes/digits-prune-kd-gptq4.yaml", calib=loader, data=train_ds, val=val_ds)
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return _compress_steps(model, recipe.steps, calib, recipe.calib)
+    return _compress_steps(model, recipe.steps, calib, recipe.calib, data, val)
