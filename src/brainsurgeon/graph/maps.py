@@ -39,6 +39,7 @@ class Edges:
     inexact: dict[Key, str] = field(default_factory=dict)
     attrs: list[tuple[str, str, tuple[Key, ...]]] = field(default_factory=list)
     next_atom: int = -1
+    _doomed: dict[Key, bool] = field(default_factory=dict, repr=False)
 
     def _add(self, key: Key, size: int) -> None:
         self.size.setdefault(key, size)
@@ -84,6 +85,21 @@ class Edges:
             parts.append((k, digit))
             self.gathers.setdefault(k, []).append((c, digit, False))  # atom -> c: reverse of c->atom
         self.splits.setdefault(c, []).append(parts)
+
+    def doomed(self, key: Key, limit: int = 64) -> bool:
+        """Whether ``key`` is one identity link away from a blocked key, through identity links only
+        (a reshape factor that a permute hands to ``select(dim=0)``, e.g. the 3 of a fused qkv)."""
+        if key not in self._doomed:
+            seen, todo, hit = {key}, [key], False
+            while todo and not hit and len(seen) < limit:
+                k = todo.pop()
+                hit = k in self.blocked
+                for other, pos, _ in self.gathers.get(k, ()):
+                    if pos is None and other not in seen:
+                        seen.add(other)
+                        todo.append(other)
+            self._doomed[key] = hit
+        return self._doomed[key]
 
     def block(self, key: Key, reason: str) -> None:
         """Requests that reach ``key`` are refused; ``reason`` names the op (first reason wins)."""
@@ -170,11 +186,13 @@ class Closure:
     inexact: list[tuple[Key, str]]
 
 
-def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarray]], size: dict[Key, int],
-                  blocked: dict[Key, str], prefer_fits: bool = True) -> list[tuple[Key, np.ndarray]]:
+def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarray]], edges: Edges,
+                  prefer_fits: bool = True) -> list[tuple[Key, np.ndarray]]:
     """Atoms to carry a labelling of a split dim to: already labelled ones, else those it is expressible
     on (every touched slab fully labelled with one label), else one it fits without merging labels,
-    else the outermost (coarsening: whole heads / whole blocks)."""
+    else the outermost (coarsening: whole heads / whole blocks) — skipping atoms that lead straight to
+    a blocked dim (the q/k/v factor of a fused projection, taken apart by ``select``)."""
+    size = edges.size
     chosen = [(k, d) for k, d in parts if k in lab.lab]
     if chosen:
         return chosen
@@ -194,10 +212,13 @@ def _choose_atoms(lab: _Labels, la: np.ndarray, parts: list[tuple[Key, np.ndarra
                 clean.append((k, d))
     if clean:
         return clean
-    open_fits = [p for p in fits if p[0] not in blocked]
+    def is_open(k: Key) -> bool:
+        return k not in edges.blocked and not edges.doomed(k)
+
+    open_fits = [p for p in fits if is_open(p[0])]
     if prefer_fits and (open_fits or fits):
         return (open_fits or fits)[:1]
-    open_parts = [p for p in parts if p[0] not in blocked]
+    open_parts = [p for p in parts if is_open(p[0])]
     return (open_parts or parts)[:1]
 
 
@@ -236,7 +257,7 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
                 work.append(other)
                 queued.add(other)
         for parts in edges.splits.get(key, ()):
-            for atom, digit in _choose_atoms(lab, la, parts, edges.size, edges.blocked, prefer_fits):
+            for atom, digit in _choose_atoms(lab, la, parts, edges, prefer_fits):
                 if lab.apply(atom, edges.size[atom], digit[on], la[on]) and atom not in queued:
                     work.append(atom)
                     queued.add(atom)

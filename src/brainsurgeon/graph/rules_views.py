@@ -386,3 +386,14 @@ def _as_strided(op: OpRecord, g: Ctx) -> None:
         return
     g.block(x, None, f"{op.name} (re-strided memory)")
     g.block(out, None, f"{op.name} (re-strided memory)")
+
+
+@register_rule("brainsurgeon.write_into_view")
+def _write_into_view(op: OpRecord, g: Ctx) -> None:
+    """An in-place write into a view (``b = a.clone(); b[n:2n].zero_()``): the base keeps its positions.
+
+    The view's positions are already mapped to the base's by the op that made the view (slice, select,
+    reshape), and the written values to the view by the writing op, so the new base is the old one, dim
+    for dim. Hard-coded view bounds (``b[:64]``) are caught by verification, as everywhere.
+    """
+    g.same(op.args[0], op.outputs[0])

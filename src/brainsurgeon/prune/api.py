@@ -49,12 +49,17 @@ class KeptIndex:
     def __init__(self, model: nn.Module) -> None:
         self.model, self.kept = model, {}
 
-    def record(self, group: Any, rows: torch.Tensor) -> None:
-        """Note that `rows` of `group` are about to be removed."""
+    def sizes(self, group: Any) -> dict[tuple[str, str, int], int]:
+        """Current sizes of the group's sliced dims (read before pruning, for :meth:`record`)."""
+        return {(s.module, s.tensor, s.dim): getattr(self.model.get_submodule(s.module), s.tensor).shape[s.dim]
+                for s in group.slices}
+
+    def record(self, group: Any, rows: torch.Tensor, sizes: dict[tuple[str, str, int], int] | None = None) -> None:
+        """Note that `rows` of `group` are removed (`sizes`: the dims' sizes before, default: now)."""
+        sizes = sizes if sizes is not None else self.sizes(group)
         for s in group.slices:
             key = (s.module, s.tensor, s.dim)
-            size = getattr(self.model.get_submodule(s.module), s.tensor).shape[s.dim]
-            cur = self.kept.get(key, torch.arange(size))
+            cur = self.kept.get(key, torch.arange(sizes[key]))
             mask = torch.ones(cur.shape[0], dtype=torch.bool)
             mask[s.idxs[rows.to(s.idxs.device)].reshape(-1).cpu()] = False
             self.kept[key] = cur[mask]
@@ -181,13 +186,19 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             chosen = []
             for (g, _), rows in zip(scored, plan, strict=True):
                 if rows.numel():
+                    chosen.append((g, rows, g.select(rows), kept.sizes(g)))
+            # all groups at once, verified; a group whose removal fails verification is left whole
+            failed = graph.prune([sel for _, _, sel, _ in chosen], skip_failed=True) if chosen else []
+            for grp, why in failed:
+                report.notes.append(f"step {step}: the group rooted at {grp.root.module}.{grp.root.tensor} "
+                                    f"failed verification and was left unpruned: {why[:300]}")
+                log.info("step %d: %s left unpruned (%s)", step, grp.root.module, why[:120])
+            for g, rows, sel, sizes in chosen:
+                if all(sel is not f for f, _ in failed):
                     touched |= {name for name, _ in consumers(g, model)}
-                    kept.record(g, rows)
-                    chosen.append(g.select(rows))
+                    kept.record(g, rows, sizes)
                     log.info("step %d: %s.%s %d -> %d channels", step, g.root.module, g.root.tensor,
                              g.n, g.n - rows.numel())
-            if chosen:
-                graph.prune(chosen)  # all groups at once, verified; restores and raises SurgeryError on failure
             if cfg.reconstruct == "obs" and touched:
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
                                                cfg.calib_batches):
