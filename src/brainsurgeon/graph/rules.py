@@ -42,6 +42,36 @@ def find_rule(name: str) -> Rule | None:
     return rule
 
 
+ModuleRule = Callable[[str, object, Callable[[str, str], "int | None"], "Ctx"], None]
+_MODULE_RULES: dict[str, ModuleRule] = {}
+
+
+def register_module_rule(*qualnames: str) -> Callable[[ModuleRule], ModuleRule]:
+    """Decorator for ties that live in a module's code, not in its ops (a size computed from another
+    tensor's size). ``fn(name, module, node, g)``; ``node(module name, tensor)`` is the traced node id of
+    a parameter (None if unused). Keyed by class ``"package.module.Class"``, found along the MRO.
+    """
+    def deco(fn: ModuleRule) -> ModuleRule:
+        for q in qualnames:
+            _MODULE_RULES[q] = fn
+        return fn
+    return deco
+
+
+def apply_module_rules(model: object, param_nodes: dict[tuple[str, str], list[int]], g: Ctx) -> None:
+    """Run the module rule of every submodule of ``model`` whose class (or a base) has one."""
+    def node(module: str, tensor: str) -> int | None:
+        ids = param_nodes.get((module, tensor))
+        return ids[0] if ids else None
+
+    for name, m in model.named_modules():  # type: ignore[attr-defined]
+        for cls in type(m).__mro__:
+            fn = _MODULE_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+            if fn is not None:
+                fn(name, m, node, g)
+                break
+
+
 def registered_rules() -> list[str]:
     """Names of every op with a rule."""
     return sorted(_RULES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rules import Ctx, _dim, refs, register_rule
+from .rules import Ctx, _dim, refs, register_module_rule, register_rule
 from .trace import OpRecord, Ref
 
 
@@ -436,3 +436,20 @@ def _native_mha(op: OpRecord, g: Ctx) -> None:
         g.block(mask, None, f"{op.name} (mask)")
     for o in op.outputs[1:]:
         g.block(o, None, f"{op.name} (attention weights)")
+
+
+@register_module_rule("torchvision.models.swin_transformer.ShiftedWindowAttention")
+def _swin_window_attention(name: str, m: object, node: object, g: Ctx) -> None:
+    """torchvision ``shifted_window_attention`` reshapes qkv to ``(3, num_heads, C // num_heads)`` and the
+    heads back to ``C``, with ``C`` the block's *input* width: the q, k and v widths equal the input width
+    by size arithmetic the trace cannot see. Tie q/k/v row ``j`` to input channel ``j`` (as for
+    ``nn.MultiheadAttention``), so heads are removed together with residual channels and head_dim stays
+    ``C // num_heads``. The relative-position bias (V1 table column, V2 ``cpb_mlp`` output, ``logit_scale``)
+    follows the heads through the ordinary index/view rules; the fixer sets ``num_heads``.
+    """
+    w = node(f"{name}.qkv", "weight")
+    if w is None:
+        return
+    c3, c = g.shape(w)
+    if c3 == 3 * c:
+        g.gather(w, 0, w, 1, np.arange(c3) % c)

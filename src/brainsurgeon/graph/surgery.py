@@ -152,7 +152,15 @@ def _vit(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
     m.hidden_dim = m.class_token.shape[-1]
 
 
-_BY_NAME: dict[str, Fixer] = {"torchvision.models.vision_transformer.VisionTransformer": _vit}
+def _swin_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """torchvision ShiftedWindowAttention(V2): one bias per head (V1 table column, V2 ``logit_scale``)."""
+    per_head = m.logit_scale.shape[0] if getattr(m, "logit_scale", None) is not None else \
+        m.relative_position_bias_table.shape[1]
+    m.num_heads = int(per_head)
+
+
+_BY_NAME: dict[str, Fixer] = {"torchvision.models.vision_transformer.VisionTransformer": _vit,
+                              "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention}
 
 
 def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
