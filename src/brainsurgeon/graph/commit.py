@@ -3,8 +3,11 @@
     >>> skipped = g.prune(candidates, skip_failed=True)   # every group that verifies is pruned
     >>> [(grp.root.name, why[:60]) for grp, why in skipped]
 
-A batch that fails verification is split: groups labelling the op where it failed are set aside and
-retried alone, the rest are retried together; otherwise the batch is bisected.
+A batch is verified in *collect* mode (one forward finds every failing op, see ``verify.py``). When it
+fails, the groups implicated by a failing op are set aside and retried alone, the rest are retried
+together; otherwise the batch is bisected. A group is implicated by an op when it labels a tensor of
+that op or (sizes computed in module code, e.g. ``C // num_heads``) of another op run by the same
+module, widening to parent modules until some group is found.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class PruneMixin:
     verify: bool
     traces: list[Any]
     nodes: dict[int, Any]
+    edges: Any
     owners: dict[int, list[tuple[str, str]]]
     history: list[dict[str, Any]]
     _removed: dict[Key, int]
@@ -68,7 +72,7 @@ class PruneMixin:
         if not groups:
             return []
         try:
-            records.append(self._prune(groups, train=train))
+            records.append(self._prune(groups, train=train, collect=len(groups) > 1))
             return []
         except SurgeryError as e:
             if len(groups) == 1:
@@ -84,17 +88,40 @@ class PruneMixin:
         return self._skip(groups[:half], records, train) + self._skip(groups[half:], records, train)
 
     def _implicated(self, groups: Sequence[Group], err: SurgeryError) -> list[Group]:
-        """Groups that label a tensor of the op where verification failed."""
-        idx, mode = getattr(err, "op_index", -1), getattr(err, "mode", "")
+        """Groups implicated by the ops where verification failed (see the module docstring)."""
+        mode = getattr(err, "mode", "")
         trace = next((t for t in self.traces if t.mode == mode), None)
-        if idx < 0 or trace is None or idx >= len(trace.ops):
+        idxs = [i for i in getattr(err, "op_indices", [-1]) if trace is not None and 0 <= i < len(trace.ops)]
+        if not idxs or trace is None:
             return []
-        op = trace.ops[idx]
-        nodes = set(op.inputs) | set(op.outputs)
-        return [grp for grp in groups if grp.version >= self._trace_step and any(k[0] in nodes for k in grp.labels)]
+        live = [(grp, {k[0] for k in grp.labels}) for grp in groups if grp.version >= self._trace_step]
+        hit: dict[int, Group] = {}
+        for i in idxs:
+            op = trace.ops[i]
+            found = [grp for grp, ids in live if not ids.isdisjoint(op.inputs) or not ids.isdisjoint(op.outputs)]
+            scope = op.module
+            while scope:
+                scope_ids = self._scope_nodes(trace, scope)
+                found += [grp for grp, ids in live if not ids.isdisjoint(scope_ids)]
+                if found:
+                    break
+                scope = scope.rpartition(".")[0]
+            hit.update((id(grp), grp) for grp in found)
+        return list(hit.values())
 
-    def _prune(self, groups: Sequence[Group], train: bool = True) -> dict[str, Any]:
-        """Apply, verify (eval, and train if ``train``), commit; returns the record for :meth:`_rollback`."""
+    def _scope_nodes(self, trace: Any, scope: str) -> set[int]:
+        """Node ids of every op run inside module ``scope`` (its submodules included) in ``trace``."""
+        cache = trace.__dict__.setdefault("_scope_nodes", {})
+        if scope not in cache:
+            pre = scope + "."
+            cache[scope] = {nid for op in trace.ops if op.module == scope or op.module.startswith(pre)
+                            for nid in (*op.inputs, *op.outputs)}
+        return cache[scope]
+
+    def _prune(self, groups: Sequence[Group], train: bool = True, collect: bool = False) -> dict[str, Any]:
+        """Apply, verify (eval, and train if ``train``), commit; returns the record for :meth:`_rollback`.
+
+        ``collect``: find every failing op of the failing mode in one forward (for bisection)."""
         plan: dict[tuple[str, str, int], np.ndarray] = {}
         for grp in groups:
             if grp.graph is not self:
@@ -109,7 +136,6 @@ class PruneMixin:
                                   "step": self._step, "dirty": self._dirty, "history": len(self.history)}
         if not plan:
             return record
-        undo = apply_plan(self.model, plan, self.owners)
         removed = dict(self._removed)
         for grp in groups:
             if grp.version >= self._trace_step:
@@ -117,15 +143,16 @@ class PruneMixin:
                     c = int((lab >= 0).sum())
                     if c:
                         removed[k] = removed.get(k, 0) + c
+        undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes))
         if self.verify:
             try:
-                self._verify(removed, train_only=False, train=train)
+                self._verify(removed, train_only=False, train=train, collect=collect)
             except SurgeryError as e:
                 undo_plan(undo)
                 if self._train_ok is None and getattr(e, "mode", "") == "train":
                     self._train_ok = self._runs_in_train_mode()   # did train mode ever work? (model restored)
                     if not self._train_ok:
-                        return self._prune(groups, train=train)
+                        return self._prune(groups, train=train, collect=collect)
                 raise
         record["undo"] = undo
         self._removed = removed
@@ -138,13 +165,13 @@ class PruneMixin:
         record["config"] = sync_hf_config(self.model)
         return record
 
-    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True) -> None:
+    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True, collect: bool = False) -> None:
         if not train_only:
-            verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes)
+            verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes, collect=collect)
         if train or train_only:
             t = next((t for t in self.traces if t.mode == "train"), None)
             if t is not None:
-                verify_forward(self.model, self.example_inputs, t, removed, self.nodes)
+                verify_forward(self.model, self.example_inputs, t, removed, self.nodes, collect=collect)
             elif self._train_ok is not False:
                 verify_forward(self.model, self.example_inputs, None, removed, self.nodes, mode="train")
                 self._train_ok = True

@@ -29,7 +29,7 @@ from . import rules_nn, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
-from .rules import Ctx, find_rule, refs
+from .rules import Ctx, apply_module_rules, find_rule, refs
 from .trace import Ref, Trace, run_model
 
 log = get_logger(__name__)
@@ -223,6 +223,7 @@ class DependencyGraph(PruneMixin):
                 if ids:
                     e = m.embed_dim
                     ctx.gather(ids[0], 0, ids[0], 1, np.arange(3 * e) % e)
+        apply_module_rules(self.model, self._param_nodes, ctx)
 
     def _block_module(self, ctx: Ctx, name: str, reason: str) -> None:
         prefix = name + "." if name else ""

@@ -61,6 +61,7 @@ class Node:
     kind: str
     owner: tuple[str, str] | None = None  # (module name, attribute) for params and buffers
     value: Any = None                     # numpy copy of small integer/bool tensors (index arguments)
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -137,7 +138,7 @@ class _Recorder(TorchDispatchMode):
         owner = self.owners.get(key)
         if owner is not None:
             kind = owner[2]
-        self.nodes[nid] = Node(nid, tuple(t.shape), kind, owner[:2] if owner else None)
+        self.nodes[nid] = Node(nid, tuple(t.shape), kind, owner[:2] if owner else None, dtype=t.dtype)
         self.ids[key] = nid
         self.keep.append(t)
         self.objs[nid] = t
@@ -161,7 +162,7 @@ class _Recorder(TorchDispatchMode):
     def new_node(self, t: torch.Tensor) -> int:
         nid = self.next_id[0]
         self.next_id[0] += 1
-        self.nodes[nid] = Node(nid, tuple(t.shape), "act")
+        self.nodes[nid] = Node(nid, tuple(t.shape), "act", dtype=t.dtype)
         self.ids[id(t)] = nid
         self.keep.append(t)
         self.objs[nid] = t

@@ -1,10 +1,17 @@
 """Verification after surgery: re-run the example input and check every pruned dim shrank as planned.
 
-The re-run is recorded op by op. While the op sequence matches the original trace, each output dim
-that the plan touched must have exactly ``original - removed`` entries: this catches hard-coded
-sizes in model code (``x[:, :64]``, ``view(B, 64, -1)``) even when the final output shape survives.
-A forward that raises, or an output whose shape changed, fails too. Failures raise SurgeryError
-naming the op; the caller restores the model.
+The re-run is checked op by op *while it runs* (a dispatch mode). While the op sequence matches the
+original trace, each output dim that the plan touched must have exactly ``original - removed`` entries:
+this catches hard-coded sizes in model code (``x[:, :64]``, ``view(B, 64, -1)``) even when the final
+output shape survives. A forward that raises, or an output whose shape changed, fails too. Failures
+raise :class:`VerifyError` naming the op; the caller restores the model.
+
+With ``collect=True`` one run finds *every* failing op instead of the first: an op that raises or
+produces the wrong size is recorded and replaced by zeros of the planned shape, so the forward goes on
+(``VerifyError.op_indices`` lists them all). Committing a batch of groups uses this to set aside every
+culprit after a single forward instead of one forward per failure::
+
+    >>> verify_forward(model, (x,), trace, removed, nodes, collect=True)   # raises VerifyError or returns
 """
 
 from __future__ import annotations
@@ -17,71 +24,163 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SurgeryError
 from .maps import Key
-from .trace import Node, Trace, flat_tensors, run_model
+from .trace import Node, OpRecord, Trace, flat_tensors, run_model
 
 
 class VerifyError(SurgeryError):
-    """A verification failure at op ``op_index`` of the ``mode`` trace (-1 when not attributable)."""
+    """A verification failure in ``mode``; ``op_indices`` are the failing ops of that mode's trace
+    (-1: not attributable to one op), ``op_index`` the first of them."""
 
-    def __init__(self, msg: str, mode: str, op_index: int) -> None:
+    def __init__(self, msg: str, mode: str, op_index: int, op_indices: list[int] | None = None) -> None:
         super().__init__(msg)
         self.mode = mode
         self.op_index = op_index
-
-
-class _Shapes(TorchDispatchMode):
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
-        self.current = ""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.current = func.overloadpacket._qualified_op_name.replace("::", ".")
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((self.current, [tuple(o.shape) for o in flat_tensors(out)]))
-        return out
+        self.op_indices = op_indices if op_indices is not None else [op_index]
 
 
 _ELIDABLE = {"aten.slice", "aten.alias", "aten.view", "aten._unsafe_view", "aten.expand", "aten.clone",
              "aten.contiguous", "aten._to_copy", "aten.detach", "aten.narrow"}
+# ops whose output sizes come from their integer arguments: when their inputs have the planned shapes
+# but an output dim the plan did not touch changed size, the model code computed the sizes from a pruned
+# width (``x.view(B, N, 3, heads, C // heads)``) and now reinterprets the memory — a failure, not a
+# data-dependent divergence
+_SIZED_BY_ARGS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.expand", "aten.slice", "aten.narrow",
+                  "aten.split", "aten.split_with_sizes", "aten.unflatten", "aten.repeat", "aten.select"}
 
 
-def _check_elided(op: Any, removed: dict[Key, int], nodes: dict[int, Node], mode: str, j: int) -> None:
-    """An op of the original run that the pruned run skipped must have become a no-op (same shape in/out)."""
-    if not op.inputs or not op.outputs:
-        return
-    src, dst = op.inputs[0], op.outputs[0]
+class _Checker(TorchDispatchMode):
+    """Follows the original trace op by op during the re-run and checks every planned size."""
 
-    def expected(nid: int) -> tuple[int, ...]:
-        return tuple(n - removed.get((nid, d), 0) for d, n in enumerate(nodes[nid].shape))
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
 
-    if expected(src) != expected(dst):
-        raise VerifyError(f"{mode}-mode check: {op.name} (op {j}) was skipped after pruning — the code now uses "
-                          f"the whole tensor {expected(src)} where it took {expected(dst)} (module code with a "
-                          f"hard-coded size?); the model was restored", mode, j)
+    def __init__(self, trace: Trace | None, removed: dict[Key, int], nodes: dict[int, Node], mode: str,
+                 collect: bool) -> None:
+        super().__init__()
+        self.ops: list[OpRecord] = trace.ops if trace is not None else []
+        self.removed, self.nodes, self.mode, self.collect = removed, nodes, mode, collect
+        self.j = 0                           # position in the original trace
+        self.matched = trace is not None     # False once the program diverged from the trace
+        self.current = ""
+        self.failures: list[tuple[int, str]] = []
+        self.diverged = ""                   # where and why the re-run left the trace (diagnostics)
+
+    def expected(self, nid: int) -> tuple[int, ...]:
+        return tuple(n - self.removed.get((nid, d), 0) for d, n in enumerate(self.nodes[nid].shape))
+
+    def fail(self, j: int, msg: str) -> None:
+        if not self.collect:
+            raise VerifyError(msg, self.mode, j)
+        self.failures.append((j, msg))
+
+    def _skip_elided(self, name: str) -> None:
+        """Original ops the re-run skipped (a slice that became whole) must have become no-ops."""
+        while self.j < len(self.ops) and self.ops[self.j].name != name and (
+                self.ops[self.j].name in _ELIDABLE or self.ops[self.j].name.startswith("brainsurgeon.")):
+            op = self.ops[self.j]
+            if op.name.startswith("brainsurgeon."):   # the tracer's own records (writes into views)
+                self.j += 1
+                continue
+            if op.inputs and op.outputs and self.expected(op.inputs[0]) != self.expected(op.outputs[0]):
+                self.fail(self.j, f"{self.mode}-mode check: {op.name} (op {self.j}) was skipped after pruning — "
+                                  f"the code now uses the whole tensor {self.expected(op.inputs[0])} where it took "
+                                  f"{self.expected(op.outputs[0])} (module code with a hard-coded size?); "
+                                  f"the model was restored")
+            self.j += 1
+
+    def _substitute(self, func: Any, op: OpRecord) -> Any:
+        """Zeros of the planned output shapes, in the op's return structure (collect mode goes on)."""
+        rets = func._schema.returns
+        ts = [torch.zeros(self.expected(nid), dtype=self.nodes[nid].dtype or torch.float32) for nid in op.outputs]
+        if len(rets) == 1 and str(rets[0].type).startswith("List"):
+            return ts
+        if len(rets) != len(ts) or any(str(r.type) != "Tensor" for r in rets):
+            return None
+        return ts[0] if len(ts) == 1 else tuple(ts)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        self.current = name
+        if self.matched:
+            self._skip_elided(name)
+            if self.j >= len(self.ops) or self.ops[self.j].name != name:
+                self.matched = False   # data-dependent control flow or size-dependent decompositions
+                self.diverged = f"op {self.j}: ran {name}, trace has " + \
+                    (self.ops[self.j].name if self.j < len(self.ops) else "no more ops")
+        try:
+            out = func(*args, **(kwargs or {}))
+        except Exception as e:
+            sub = self._substitute(func, self.ops[self.j]) if self.collect and self.matched else None
+            if sub is None:
+                raise
+            self.failures.append((self.j, f"{self.mode}-mode forward failed after pruning, in {name} (op {self.j}): "
+                                          f"{type(e).__name__}: {str(e)[:300]}; the model was restored"))
+            self.j += 1
+            return sub
+        if not self.matched:
+            return out
+        op = self.ops[self.j]
+        flat = flat_tensors(out)
+        nodes, removed = self.nodes, self.removed
+        j = self.j
+        if len(op.outputs) != len(flat) or any(len(nodes[nid].shape) != o.dim()
+                                                for nid, o in zip(op.outputs, flat, strict=False)):
+            self.matched = False   # the program diverged: only the final output shapes are checked
+            self.diverged = f"op {j}: {name} returned {len(flat)} tensors / other ranks"
+            return out
+        moved = [(nid, d, o.shape[d]) for nid, o in zip(op.outputs, flat, strict=False) for d in range(o.dim())
+                 if removed.get((nid, d)) is None and o.shape[d] != nodes[nid].shape[d]]
+        if moved:
+            inputs_as_planned = all(isinstance(a, torch.Tensor) is False or tuple(a.shape) == self.expected(nid)
+                                    for a, nid in zip(flat_tensors(args), op.inputs, strict=False))
+            if name not in _SIZED_BY_ARGS or not inputs_as_planned:
+                self.matched = False   # data-dependent sizes (nonzero, topk of a count): only final shapes checked
+                self.diverged = f"op {j}: {name} changed dim {moved[0][1]} to {moved[0][2]}"
+                return out
+            nid, d, got = moved[0]
+            self.j += 1
+            self.fail(j, f"{self.mode}-mode check: {name} (op {j}) produced {got} entries along dim {d} where the "
+                         f"plan keeps {nodes[nid].shape[d]}: the model code derives this size from a pruned width "
+                         f"(e.g. a head count or head size held in a module attribute); the model was restored")
+            sub = self._substitute(func, op)
+            return out if sub is None else sub
+        self.j += 1
+        for nid, o in zip(op.outputs, flat, strict=False):
+            orig = nodes[nid].shape
+            for d in range(o.dim()):
+                c = removed.get((nid, d))
+                if c is not None and o.shape[d] != orig[d] - c:
+                    self.fail(j, f"{self.mode}-mode check: {name} (op {j}) produced {o.shape[d]} entries along dim "
+                                 f"{d}, expected {orig[d] - c} after removing {c} (module code with a hard-coded "
+                                 f"size?); the model was restored")
+                    sub = self._substitute(func, op)
+                    return out if sub is None else sub
+        return out
 
 
 def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
-                   nodes: dict[int, Node], mode: str | None = None) -> None:
-    """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``."""
+                   nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> None:
+    """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``.
+
+    Raises :class:`VerifyError` at the first failing op, or with ``collect=True`` after the run, listing
+    every failing op.
+    """
     mode = trace.mode if trace is not None else (mode or "eval")
     was = {m: m.training for m in model.modules()}
     saved = {id(b): b.detach().clone() for b in model.buffers()} if mode == "train" else {}
-    rec = _Shapes()
+    rec = _Checker(trace, removed, nodes, mode, collect)
     try:
         model.train(mode == "train")
         with torch.no_grad(), rec:
             out = run_model(model, example_inputs)
+    except VerifyError:
+        raise
     except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
-        matched = trace is not None and all(i < len(trace.ops) and trace.ops[i].name == n
-                                            for i, (n, _) in enumerate(rec.ops))
-        raise VerifyError(f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}: "
-                          f"{type(e).__name__}: {str(e)[:300]}; the model was restored", mode,
-                          len(rec.ops) if matched else -1) from e
+        j = rec.j if rec.matched else -1
+        fails = rec.failures + [(j, f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}"
+                                    f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
+        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails]) from e
     finally:
         for m, f in was.items():
             m.training = f
@@ -92,36 +191,15 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
                         b.copy_(saved[id(b)])
     if trace is None:
         return
-    matched = True
-    j = 0                                    # position in the original trace
-    for name, shapes in rec.ops:
-        while j < len(trace.ops) and trace.ops[j].name != name and trace.ops[j].name in _ELIDABLE:
-            _check_elided(trace.ops[j], removed, nodes, mode, j)   # a slice that became whole is skipped
-            j += 1
-        if j >= len(trace.ops) or trace.ops[j].name != name:
-            matched = False
-            break
-        outs = trace.ops[j].outputs
-        if len(outs) != len(shapes) or any(
-                len(nodes[nid].shape) != len(shape)
-                or any(removed.get((nid, d)) is None and shape[d] != nodes[nid].shape[d] for d in range(len(shape)))
-                for nid, shape in zip(outs, shapes, strict=False)):
-            matched = False   # the program diverged (data-dependent control flow, size-dependent decompositions)
-            break
-        for nid, shape in zip(outs, shapes, strict=False):
-            orig = nodes[nid].shape
-            for d in range(len(shape)):
-                c = removed.get((nid, d))
-                if c is not None and shape[d] != orig[d] - c:
-                    raise VerifyError(f"{mode}-mode check: {name} (op {j}) produced {shape[d]} entries along dim "
-                                      f"{d}, expected {orig[d] - c} after removing {c} (module code with a "
-                                      f"hard-coded size?); the model was restored", mode, j)
-        j += 1
-    matched = matched and j == len(trace.ops)
+    if rec.matched:
+        rec._skip_elided("")                       # trailing ops the re-run skipped
+        rec.matched = rec.j == len(trace.ops)
+    fails = rec.failures
     flat = flat_tensors(out)
     if len(flat) != len(trace.output_shapes) or any(
-            len(o.shape) != len(s) or (matched and tuple(o.shape) != s) for o, s in zip(flat, trace.output_shapes,
-                                                                                         strict=False)):
-        raise VerifyError(f"{mode}-mode output shapes changed after pruning: "
-                          f"{[tuple(o.shape) for o in flat][:4]} vs {trace.output_shapes[:4]}; the model was restored",
-                          mode, -1)
+            len(o.shape) != len(s) or (rec.matched and tuple(o.shape) != s) for o, s in zip(flat, trace.output_shapes,
+                                                                                             strict=False)):
+        fails = fails + [(-1, f"{mode}-mode output shapes changed after pruning: {[tuple(o.shape) for o in flat][:4]}"
+                              f" vs {trace.output_shapes[:4]}; the model was restored")]
+    if fails:
+        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails])
