@@ -15,6 +15,7 @@ tensor, so the recorded program is in SSA form. Parameters and buffers are mappe
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +113,11 @@ class Trace:
 
 
 class _Recorder(TorchDispatchMode):
-    """Dispatch mode that appends an :class:`OpRecord` per op; tensors are kept alive so ids stay unique."""
+    """Dispatch mode that appends an :class:`OpRecord` per op.
+
+    Tensors are identified by ``id()``; a weak reference drops the id when the tensor dies (before
+    CPython can reuse it), so activations are freed as in a plain forward instead of kept alive.
+    """
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -123,9 +128,8 @@ class _Recorder(TorchDispatchMode):
         self.owners = owners          # id(tensor) -> (module, attr, 'param'|'buffer')
         self.next_id = next_id        # shared counter so two traces of one graph never collide
         self.stack = stack            # module-name stack maintained by forward hooks
-        self.ids: dict[int, int] = {}  # id(tensor) -> current node id
-        self.keep: list[torch.Tensor] = []
-        self.objs: dict[int, torch.Tensor] = {}
+        self.ids: dict[int, int] = {}  # id(tensor) -> current node id, for live tensors
+        self.refs: dict[int, weakref.ref] = {}
         self.nodes: dict[int, Node] = {}
         self.ops: list[OpRecord] = []
 
@@ -139,16 +143,22 @@ class _Recorder(TorchDispatchMode):
         if owner is not None:
             kind = owner[2]
         self.nodes[nid] = Node(nid, tuple(t.shape), kind, owner[:2] if owner else None, dtype=t.dtype)
-        self.ids[key] = nid
-        self.keep.append(t)
-        self.objs[nid] = t
+        self._track(t, nid)
         if t.dtype in _INDEX_DTYPES and t.numel() <= _MAX_VALUES:
             self.nodes[nid].value = t.detach().cpu().numpy().copy()
         return nid
 
-    def keep_obj(self, key: int) -> torch.Tensor | None:
-        nid = self.ids.get(key)
-        return self.objs.get(nid) if nid is not None else None
+    def _track(self, t: torch.Tensor, nid: int) -> None:
+        key = id(t)
+        if key not in self.ids:
+            ids, refs = self.ids, self.refs
+
+            def gone(_ref: weakref.ref, key: int = key) -> None:
+                ids.pop(key, None)
+                refs.pop(key, None)
+
+            refs[key] = weakref.ref(t, gone)
+        self.ids[key] = nid
 
     def _mutate_base(self, view: torch.Tensor) -> None:
         """A write into a view changes its base: record it as an op with no rule (blocks both)."""
@@ -163,9 +173,7 @@ class _Recorder(TorchDispatchMode):
         nid = self.next_id[0]
         self.next_id[0] += 1
         self.nodes[nid] = Node(nid, tuple(t.shape), "act", dtype=t.dtype)
-        self.ids[id(t)] = nid
-        self.keep.append(t)
-        self.objs[nid] = t
+        self._track(t, nid)
         return nid
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -191,13 +199,13 @@ class _Recorder(TorchDispatchMode):
                 v = sa.default_value if sa.has_default_value() else None
             rec_args.append(_map(ref, v))
         mutated_pos = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-        mutated_objs = set()
+        mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
             v = args[i] if i < len(args) else kwargs.get(schema.arguments[i].name)
             if isinstance(v, torch.Tensor):
-                mutated_objs.add(id(v))
-        mutated_views = [self.keep_obj(i) for i in mutated_objs]
-        mutated_views = [t for t in mutated_views if t is not None and t._is_view() and id(t._base) in self.ids]
+                mutated_objs[id(v)] = v
+        mutated_views = [t for k, t in mutated_objs.items()
+                         if k in self.ids and t._is_view() and id(t._base) in self.ids]
         outputs, mutated = [], []
         for o in flat_tensors(out):
             if id(o) in mutated_objs or id(o) in self.ids:
