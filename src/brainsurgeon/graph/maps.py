@@ -284,5 +284,5 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
         on = arr >= 0
         res[on] = remap[lab.find(arr[on])]
         out[k] = res
-    inexact = [(k, edges.inexact[k]) for k in out if k in edges.inexact]
+    inexact = [(k, edges.inexact[k]) for k in lab.lab if k in edges.inexact]   # atoms too (head_dim scale)
     return Closure(out, len(order), blocked, inexact)

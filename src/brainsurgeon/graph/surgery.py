@@ -163,13 +163,26 @@ _BY_NAME: dict[str, Fixer] = {"torchvision.models.vision_transformer.VisionTrans
                               "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention}
 
 
+_HEAD_DIM_ATTRS = ("attention_head_size", "head_dim")
+
+
 def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
-    """transformers attention modules: heads from the query projection, head_dim kept."""
-    q = next((getattr(m, n) for n in ("query", "q_proj", "q") if isinstance(getattr(m, n, None), nn.Module)), None)
+    """transformers attention modules: heads from the query projection; head_dim kept when whole heads go,
+    reduced when the same number of dims went from every head (``scaling`` is kept: outputs stay exact)."""
+    qname = next((n for n in ("query", "q_proj", "q") if isinstance(getattr(m, n, None), nn.Module)), None)
+    q = getattr(m, qname) if qname else None
     if q is None or not hasattr(q, "weight"):
         return
     width = q.weight.shape[0]
-    head = getattr(m, "attention_head_size", getattr(m, "head_dim", None))
+    head = next((getattr(m, a) for a in _HEAD_DIM_ATTRS if isinstance(getattr(m, a, None), int)), None)
+    r = removed.get(f"{qname}.weight", {}).get(0, np.zeros(0, dtype=np.int64))
+    if head and len(r):
+        counts = np.bincount(r // head, minlength=(width + len(r)) // head)
+        if counts.min() == counts.max() and 0 < counts[0] < head:   # within-head dims
+            head = head - int(counts[0])
+            for a in _HEAD_DIM_ATTRS:
+                if isinstance(getattr(m, a, None), int):
+                    setattr(m, a, head)
     if head:
         for attr in ("num_attention_heads", "num_heads"):
             if isinstance(getattr(m, attr, None), int):
@@ -251,11 +264,13 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
                 modules.setdefault(mname, {}).setdefault(tname, {}).update(dims)
         _set_mirrored_attrs(model, attrs or {}, undo)
         for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
-            parts = mname.split(".")
+            parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):
                 parent = ".".join(parts[:i])
-                if parent not in modules and find_fixer(model.get_submodule(parent)) in _CONTAINER_FIXERS:
-                    modules[parent] = {}
+                if find_fixer(model.get_submodule(parent)) in _CONTAINER_FIXERS:
+                    rel = ".".join(parts[i:])   # the container sees its children's removals as 'child.tensor'
+                    for tname, dims in list(modules[mname].items()):
+                        modules.setdefault(parent, {})[f"{rel}.{tname}"] = dims
         for mname, removed in modules.items():
             m = model.get_submodule(mname)
             fixer = find_fixer(m)

@@ -12,6 +12,7 @@ reconstruction).
 from .api import PruneRow, prune_
 from .config import ChannelPruning
 from .costs import Costs, measure
+from .heads import attention_roots, head_dim_sets, pair_groups
 from .importance import (
     Stats,
     importance_needs,
@@ -27,8 +28,8 @@ from .stats import collect_stats
 from .table import prune_table
 
 __all__ = [
-    "BNL1", "ChannelPruning", "Costs", "GroupNormRegularizer", "PruneRow", "Stats", "collect_stats",
-    "importance_needs", "keep_count", "measure", "obs_saliency", "prune_", "prune_table", "reconstruct_",
-    "register_importance", "registered_importances", "score", "select_global", "select_local",
-    "solve_reconstruction",
+    "BNL1", "ChannelPruning", "Costs", "GroupNormRegularizer", "PruneRow", "Stats", "attention_roots",
+    "collect_stats", "head_dim_sets", "importance_needs", "keep_count", "measure", "obs_saliency",
+    "pair_groups", "prune_", "prune_table", "reconstruct_", "register_importance", "registered_importances",
+    "score", "select_global", "select_local", "solve_reconstruction",
 ]

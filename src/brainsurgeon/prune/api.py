@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..report import CompressionReport, LayerRow
 from .config import ChannelPruning
 from .costs import Costs, measure
+from .heads import head_dim_sets, pair_groups
 from .importance import consumers, importance_needs, score
 from .reconstruct import reconstruct_
 from .select import select_global, select_local
@@ -134,6 +135,34 @@ def _rows(before: Costs, after: Costs, model: nn.Module, cfg: ChannelPruning,
     return out
 
 
+def _prune_head_dims(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: Any,
+                     report: CompressionReport) -> None:
+    """Remove ``cfg.head_dim_ratio`` of the dims inside every attention head (weakest first, by
+    ``cfg.importance``; q/k and v/o groups paired so every head keeps one head_dim)."""
+    from ..graph import DependencyGraph
+
+    graph = DependencyGraph(model, example_inputs)
+    sets = head_dim_sets(graph)
+    if not sets:
+        report.notes.append("head_dim_ratio: no attention module with prunable within-head dims was found")
+        return
+    stats = collect_stats(model, [g for s in sets for g in s], importance_needs(cfg.importance), calib,
+                          cfg.calib_batches)
+    chosen = []
+    for groups in sets:
+        scores = [score(cfg.importance, g, stats, cfg) for g in groups]
+        if any(s is None for s in scores):
+            report.notes.append(f"head dims: {cfg.importance} does not apply to {groups[0].root.module}; left whole")
+            continue
+        joint, _ = pair_groups(groups, scores)
+        k = min(int(round(cfg.head_dim_ratio * joint.n)), joint.n - 1)
+        if k:
+            chosen.append(joint.select(torch.arange(k)))   # joint rows ascend by summed score
+            log.info("head dims: %s %d -> %d rows per head", joint.root.module, joint.n, joint.n - k)
+    for grp, why in graph.prune(chosen, skip_failed=True) if chosen else []:
+        report.notes.append(f"head dims of {grp.root.module} failed verification and were left whole: {why[:300]}")
+
+
 def _check_inputs(cfg: Any, example_inputs: Any, calib: Any) -> None:
     if not isinstance(cfg, ChannelPruning):
         raise ConfigError(f"prune_ needs a ChannelPruning config (e.g. ChannelPruning(ratio=0.5)), got {cfg!r}")
@@ -203,6 +232,8 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
                                                cfg.calib_batches):
                     recon[name] = (recon.get(name, (b, a))[0], a)
+        if cfg.head_dim_ratio > 0:
+            _prune_head_dims(model, cfg, example_inputs, calib, report)
         after = measure(model, example_inputs)
     except BaseException:
         _restore_(model, backup, originals)

@@ -37,6 +37,10 @@ class ChannelPruning(Config):
     of this. ``ignore``: module-name regexes whose output channels are never pruned.
     Attention heads, GQA groups and conv channel-groups are pruned as whole units: the graph's
     rows already are whole units (and a group with ``unit > 1`` is ranked unit by unit).
+    ``head_dim_ratio``: after the channel steps, also remove this fraction of the dims *inside* every
+    attention head (the same dims count from every head, so head_dim stays uniform; q/k coupled through
+    QK^T, v/o coupled, both losing the same count; GQA kv heads shared by their query heads), for
+    ``nn.MultiheadAttention``, torchvision ViT and transformers attention (see ``prune/heads.py``).
     ``reconstruct="obs"``: after removal, re-solve each consumer layer's remaining input weights
     by least squares on calibration inputs (needs ``calib``). ``seed``: for ``random``.
 
@@ -58,6 +62,7 @@ class ChannelPruning(Config):
     damp: float = 0.01
     calib_batches: int = 0
     seed: int = 0
+    head_dim_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         from .importance import registered_importances
@@ -77,6 +82,9 @@ class ChannelPruning(Config):
                f"ratio={self.ratio} exceeds max_layer_ratio={self.max_layer_ratio} with scope='local'; "
                f"raise max_layer_ratio or lower ratio")
         _check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
+        _check(isinstance(self.head_dim_ratio, (int, float)) and 0.0 <= self.head_dim_ratio < 1.0,
+               f"head_dim_ratio (fraction of the dims inside every attention head removed) must be in [0, 1), "
+               f"got {self.head_dim_ratio!r}; e.g. head_dim_ratio=0.25")
         _check(isinstance(self.round_to, int) and self.round_to >= 1,
                f"round_to must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
         _check(isinstance(self.ignore, tuple) and all(isinstance(p, str) for p in self.ignore),
@@ -104,4 +112,5 @@ class ChannelPruning(Config):
 
     def describe(self) -> str:
         rec = " +obs-recon" if self.reconstruct == "obs" else ""
-        return f"ChannelPruning {self.ratio:.0%} {self.importance} {self.scope}{rec}"
+        hd = f" +{self.head_dim_ratio:.0%} head dims" if self.head_dim_ratio else ""
+        return f"ChannelPruning {self.ratio:.0%} {self.importance} {self.scope}{hd}{rec}"
