@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SurgeryError
@@ -159,6 +160,33 @@ class _Checker(TorchDispatchMode):
         return out
 
 
+class _CatchComposite(TorchFunctionMode):
+    """Collect mode, one level up: composite ops (``reshape``) check sizes *before* dispatching, so a
+    hard-coded size fails there; substitute the planned output of the view the trace has next."""
+
+    def __init__(self, checker: _Checker) -> None:
+        super().__init__()
+        self.c = checker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        try:
+            return func(*args, **(kwargs or {}))
+        except VerifyError:
+            raise
+        except Exception as e:
+            c = self.c
+            j = c.j
+            while c.matched and j < len(c.ops) and c.ops[j].name in ("aten.clone", "aten.contiguous") and j - c.j < 2:
+                j += 1
+            if not (c.matched and j < len(c.ops) and c.ops[j].name in _SIZED_BY_ARGS and len(c.ops[j].outputs) == 1):
+                raise
+            c.failures.append((j, f"{c.mode}-mode forward failed after pruning, in {getattr(func, '__name__', func)} "
+                                  f"(op {j}): {type(e).__name__}: {str(e)[:300]}; the model was restored"))
+            c.j = j + 1
+            nid = c.ops[j].outputs[0]
+            return torch.zeros(c.expected(nid), dtype=c.nodes[nid].dtype or torch.float32)
+
+
 def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
                    nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> None:
     """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``.
@@ -172,8 +200,12 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     rec = _Checker(trace, removed, nodes, mode, collect)
     try:
         model.train(mode == "train")
-        with torch.no_grad(), rec:
-            out = run_model(model, example_inputs)
+        if collect:
+            with torch.no_grad(), _CatchComposite(rec), rec:
+                out = run_model(model, example_inputs)
+        else:
+            with torch.no_grad(), rec:
+                out = run_model(model, example_inputs)
     except VerifyError:
         raise
     except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
