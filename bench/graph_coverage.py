@@ -1,18 +1,25 @@
 """Structural-pruning coverage on torchvision: brainsurgeon's DependencyGraph vs Torch-Pruning, same run.
 
     python bench/graph_coverage.py --quick              # ~10 representative models; exit 1 if a bound fails
-    python bench/graph_coverage.py                      # the 107 models (quantized_* and raft_* excluded)
+    python bench/graph_coverage.py --full               # every model of torchvision.models.list_models()
     python bench/graph_coverage.py --models resnet50 swin_t --no-tp
-    python bench/graph_coverage.py --chunk 0/4 --jsonl out/cov.jsonl   # a quarter of the sweep, appended
+    python bench/graph_coverage.py --full --out out/graph_coverage   # also writes results.jsonl/.csv/.md
 
-Every model: weights=None (weights_backbone=None for detection/segmentation), a small input
-(1x3x64x64 where the model allows), 50 % of the channels of every prunable group removed by L2
-magnitude (sum of squares over the whole group, DepGraph-style), the final prediction layers ignored.
-Columns: ok (eval and train-mode forward after pruning, output shapes kept), params and MACs before/after,
-build+prune seconds; the same for torch-pruning (MagnitudePruner, L2, same ratio and ignored layers).
-Each model runs in a fresh subprocess (memory; both tools in it, ours first), with torch.set_num_threads(1).
-Seconds are wall time of build + prune (ours: DependencyGraph + groups + L2 scores + verified prune;
-torch-pruning: MagnitudePruner construction + step), not the model build, MAC counting or checks.
+Every model: weights=None (weights_backbone=None for detection/segmentation; quantize=False for the
+quantizable models: their float form), a small input (1x3x64x64 where the model allows), 50 % of the
+channels of every prunable group removed by L2 magnitude (sum of squares over the whole group,
+DepGraph-style), the final prediction layers ignored. Columns: ok (eval and train-mode forward after
+pruning, output shapes kept), params and MACs before/after, build+prune seconds; the same for
+torch-pruning (MagnitudePruner, L2, same ratio and ignored layers).
+
+Each tool runs in its own worker process (torch.set_num_threads(1)), models one after another, with a
+timeout and a memory guard (resident set size) per model; a worker that passes either, or crashes, is
+killed and replaced, so one model's failure never voids another's result. Seconds are *process CPU
+time* of build + prune (ours: DependencyGraph + groups + L2 scores + verified prune; torch-pruning:
+MagnitudePruner construction + step), not the model construction, MAC counting or checks; ``fwd`` is
+the CPU time of one plain eval forward of the model.
+The tools run one after the other over the whole list (ours first), so each tool's timings are taken
+under the same machine load.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -35,14 +43,16 @@ HEADS = ("fc", "classifier", "head", "heads", "cls_logits", "bbox_pred", "box_pr
 
 
 def all_models() -> list[str]:
+    """Every model torchvision lists (quantized_* built in float form, raft_* on two frames)."""
     import torchvision
-    return [m for m in torchvision.models.list_models() if not m.startswith(("quantized_", "raft_"))]
+    return list(torchvision.models.list_models())
 
 
 def family(name: str) -> str:
     import torchvision
     for fam, mod in (("detection", torchvision.models.detection), ("segmentation", torchvision.models.segmentation),
-                     ("video", torchvision.models.video)):
+                     ("video", torchvision.models.video), ("optical_flow", torchvision.models.optical_flow),
+                     ("quantization", torchvision.models.quantization)):
         if name in torchvision.models.list_models(module=mod):
             return fam
     return "classification"
@@ -54,7 +64,9 @@ def build(name: str) -> Any:
     kw: dict[str, Any] = {"weights": None}
     if fam in ("detection", "segmentation"):
         kw["weights_backbone"] = None
-    if name in ("googlenet", "inception_v3"):
+    if fam == "quantization":
+        kw["quantize"] = False
+    if name.removeprefix("quantized_") in ("googlenet", "inception_v3"):
         kw.update(aux_logits=True, init_weights=True)
     return torchvision.models.get_model(name, **kw).eval()
 
@@ -65,6 +77,8 @@ def inputs(name: str) -> Any:
     g = torch.Generator().manual_seed(0)
     if fam == "detection":
         return ([torch.rand(3, 128, 128, generator=g)],)
+    if fam == "optical_flow":
+        return (torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g))
     if fam == "video":
         if name.startswith("mvit"):
             return (torch.rand(1, 3, 16, 224, 224, generator=g),)
@@ -73,9 +87,9 @@ def inputs(name: str) -> Any:
         return (torch.rand(1, 3, 4, 64, 64, generator=g),)
     if name.startswith(("vit_", "maxvit")):
         return (torch.rand(1, 3, 224, 224, generator=g),)
-    if name == "inception_v3":
+    if name in ("inception_v3", "quantized_inception_v3"):
         return (torch.rand(2, 3, 96, 96, generator=g),)
-    return (torch.rand(2 if fam == "classification" else 1, 3, 64, 64, generator=g),)
+    return (torch.rand(2 if fam in ("classification", "quantization") else 1, 3, 64, 64, generator=g),)
 
 
 def head_modules(model: Any) -> list[Any]:
@@ -92,13 +106,23 @@ def head_modules(model: Any) -> list[Any]:
     return out
 
 
-def count(model: Any, x: Any) -> tuple[int, int]:
+def count(model: Any, x: Any) -> tuple[int, int, list[tuple[int, ...]]]:
+    """Parameters, MACs of one eval forward, and the output shapes."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from brainsurgeon.graph.trace import flat_tensors
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(*x)
-    return params, fc.get_total_flops() // 2
+        out = model(*x)
+    return params, fc.get_total_flops() // 2, [tuple(t.shape) for t in flat_tensors(out)]
+
+
+def shapes_kept(name: str, before: list[tuple[int, ...]], after: list[tuple[int, ...]]) -> bool:
+    """Output shapes unchanged (detection: the number of boxes is data-dependent, so only ranks)."""
+    if family(name) == "detection":
+        return len(before) == len(after) and all(len(a) == len(b) for a, b in zip(before, after, strict=True))
+    return before == after
 
 
 def train_forward_ok(model: Any, x: Any) -> bool:
@@ -120,148 +144,326 @@ def train_forward_ok(model: Any, x: Any) -> bool:
                 b.copy_(v)
 
 
-def run_ours(name: str) -> dict[str, Any]:
+def l2_half(model: Any, groups: list[Any]) -> list[Any]:
+    """Half of every group's rows by L2 magnitude summed over the whole group (DepGraph's group norm)."""
     import torch
-
-    from brainsurgeon.graph import DependencyGraph
-    model, x = build(name), inputs(name)
-    p0, m0 = count(model, x)
-    train_before = train_forward_ok(model, x)
-    t0 = time.perf_counter()
-    g = DependencyGraph(model, x, ignore=head_modules(model))
-    t1 = time.perf_counter()
-    groups = g.groups()
     chosen = []
     for grp in groups:
         score = torch.zeros(grp.n, dtype=torch.float64)
         for s in grp.slices:
             t = getattr(model.get_submodule(s.module), s.tensor).detach()
-            flat = t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1)
-            score += flat.pow(2).sum(1)[s.idxs].sum(1).double()
+            per = t.pow(2).sum([d for d in range(t.dim()) if d != s.dim]) if t.dim() > 1 else t.pow(2)
+            score += per[s.idxs].sum(1).double()
         k = grp.n // 2
         if k:
             chosen.append(grp.select(torch.argsort(score)[:k]))
-    failed = len(g.prune(chosen, skip_failed=True))
-    t2 = time.perf_counter()
-    p1, m1 = count(model, x)
-    return {"build_s": t1 - t0, "prune_s": t2 - t1, "params": [p0, p1], "macs": [m0, m1], "groups": len(groups),
-            "failed_groups": failed, "train_ok": (not train_before) or train_forward_ok(model, x),
-            "trace_s": sum(t.seconds for t in g.traces)}
+    return chosen
+
+
+def run_ours(name: str) -> dict[str, Any]:
+    """Build ``name``, prune 50 % of every group by L2 (heads ignored), verified; sizes, seconds, checks."""
+    import torch
+
+    from brainsurgeon.graph import DependencyGraph
+    model, x = build(name), inputs(name)
+    p0, m0, s0 = count(model, x)            # (also the warm-up for the forward timing)
+    with torch.no_grad():
+        t0 = time.process_time()
+        model(*x)
+        fwd_s = time.process_time() - t0
+    train_before = train_forward_ok(model, x)
+    t0 = time.process_time()
+    g = DependencyGraph(model, x, ignore=head_modules(model))
+    t1 = time.process_time()
+    groups = g.groups()
+    failed = len(g.prune(l2_half(model, groups), skip_failed=True))
+    t2 = time.process_time()
+    p1, m1, s1 = count(model, x)
+    return {"build_s": t1 - t0, "prune_s": t2 - t1, "seconds": t2 - t0, "params": [p0, p1], "macs": [m0, m1],
+            "groups": len(groups), "failed_groups": failed, "train_before": train_before,
+            "train_ok": (not train_before) or train_forward_ok(model, x), "shape_ok": shapes_kept(name, s0, s1),
+            "fwd_s": fwd_s}
 
 
 def run_tp(name: str) -> dict[str, Any]:
     import torch
     import torch_pruning as tp
     model, x = build(name), inputs(name)
-    p0, m0 = count(model, x)
+    p0, m0, s0 = count(model, x)
     train_before = train_forward_ok(model, x)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     pruner = tp.pruner.MagnitudePruner(model, example_inputs=x if len(x) > 1 else x[0],
                                        importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
                                        ignored_layers=head_modules(model))
     pruner.step()
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     with torch.no_grad():
         model.eval()
         model(*x)
-    p1, m1 = count(model, x)
-    return {"seconds": t1 - t0, "params": [p0, p1], "macs": [m0, m1],
-            "train_ok": (not train_before) or train_forward_ok(model, x)}
+    p1, m1, s1 = count(model, x)
+    return {"seconds": t1 - t0, "params": [p0, p1], "macs": [m0, m1], "train_before": train_before,
+            "train_ok": (not train_before) or train_forward_ok(model, x), "shape_ok": shapes_kept(name, s0, s1)}
 
 
 def one(name: str, tool: str) -> dict[str, Any]:
+    """One tool on one model in this process (1 thread); never raises."""
     import torch
     torch.set_num_threads(1)
-    out = {}
-    for t in (("ours", "tp") if tool == "both" else (tool,)):
-        torch.manual_seed(0)
-        try:
-            res = run_ours(name) if t == "ours" else run_tp(name)
-            res["ok"] = bool(res["train_ok"])
-            if not res["ok"]:
-                res["error"] = "train-mode forward fails after pruning"
-        except Exception as e:  # noqa: BLE001
-            res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"}
-        out[t] = res
-    return out
-
-
-def run_subprocess(name: str, tool: str, timeout: float) -> dict[str, Any]:
-    """Both tools in one fresh process (one torchvision import); {'ours': ..., 'tp': ...}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--tool", tool]
-    err = None
+    torch.manual_seed(0)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        for line in reversed(p.stdout.splitlines()):
-            if line.startswith("{"):
-                return json.loads(line)
-        err = f"crashed (rc={p.returncode}): {p.stderr.strip().splitlines()[-1:]}"
-    except subprocess.TimeoutExpired:
-        err = f"timeout > {timeout:.0f}s"
-    return {t: {"ok": False, "error": err} for t in (("ours", "tp") if tool == "both" else (tool,))}
+        res = run_ours(name) if tool == "ours" else run_tp(name)
+        res["ok"] = bool(res["train_ok"] and res["shape_ok"])
+        if not res["train_ok"]:
+            res["error"] = "train-mode forward fails after pruning"
+        elif not res["shape_ok"]:
+            res["error"] = "output shapes changed"
+    except Exception as e:  # noqa: BLE001
+        res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+    return res
 
 
-def fmt_row(name: str, ours: dict[str, Any], tp: dict[str, Any] | None) -> str:
-    def side(r: dict[str, Any] | None, secs: float | None) -> str:
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Worker:
+    """A child process running ``one(name, tool)`` for one model after another (one torch import), killed
+    and replaced when a model passes ``timeout`` seconds or ``max_rss_gb`` resident memory, or crashes."""
+
+    def __init__(self, tool: str, timeout: float, max_rss_gb: float) -> None:
+        self.tool, self.timeout, self.max_rss = tool, timeout, max_rss_gb * 2**30
+        self.p: subprocess.Popen[str] | None = None
+
+    def _start(self) -> subprocess.Popen[str]:
+        if self.p is None or self.p.poll() is not None:
+            self.err = tempfile.TemporaryFile("w+")
+            self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--tool", self.tool],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                      bufsize=1)
+            assert self.p.stdout is not None
+            self.p.stdout.readline()   # "ready": imports done, so they never count against a model's timeout
+        return self.p
+
+    def close(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self.p = None
+
+    def run(self, name: str) -> dict[str, Any]:
+        import selectors
+        p = self._start()
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(name + "\n")
+        p.stdin.flush()
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        t0, peak, why = time.monotonic(), 0, None
+        try:
+            while True:
+                if sel.select(timeout=0.2):
+                    line = p.stdout.readline()
+                    if not line:
+                        self.err.seek(0)
+                        why = f"crashed (rc={p.wait()}): {self.err.read().strip().splitlines()[-1:]}"
+                        break
+                    if line.startswith("{"):
+                        res = json.loads(line)
+                        res["peak_rss_gb"] = round(peak / 2**30, 2)
+                        return res
+                    continue
+                peak = max(peak, _rss_bytes(p.pid))
+                if peak > self.max_rss:
+                    why = f"memory guard: resident > {self.max_rss / 2**30:.0f} GB"
+                elif time.monotonic() - t0 > self.timeout:
+                    why = f"timeout > {self.timeout:.0f}s"
+                if why:
+                    break
+        finally:
+            sel.close()
+        self.close()
+        return {"ok": False, "error": why}
+
+
+def worker(tool: str) -> None:
+    """``--worker``: read model names from stdin, print one JSON result line each."""
+    import gc
+
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import brainsurgeon.graph  # noqa: F401
+    if tool == "tp":
+        import torch_pruning  # noqa: F401
+    print("ready", flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if name:
+            print(json.dumps(one(name, tool)), flush=True)
+            gc.collect()
+
+
+def fmt_row(name: str, ours: dict[str, Any] | None, tp: dict[str, Any] | None) -> str:
+    def side(r: dict[str, Any] | None) -> str:
         if r is None:
             return f"{'-':>4} {'':>17} {'':>17} {'':>7}"
         if not r["ok"]:
             return f"{'ERR':>4} {r.get('error', '')[:44]:<44}"
         p, m = r["params"], r["macs"]
         return (f"{'ok':>4} {p[0] / 1e6:7.2f}->{p[1] / 1e6:7.2f}M {m[0] / 1e9:7.3f}->{m[1] / 1e9:7.3f}G "
-                f"{secs:7.2f}")
-    s_ours = ours.get("build_s", 0) + ours.get("prune_s", 0) if ours.get("ok") else None
-    return f"{name:<38} {side(ours, s_ours)} | {side(tp, tp.get('seconds') if tp else None)}"
+                f"{r['seconds']:7.2f}")
+    fwd = f"{ours['fwd_s']:6.2f}" if ours and "fwd_s" in ours else f"{'':>6}"
+    return f"{name:<34} {fwd} {side(ours)} | {side(tp)}"
+
+
+def summary(rows: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]) -> tuple[str, dict[str, Any]]:
+    """One line per tool: ok count, median and worst seconds over its ok models; plus who does what."""
+    stats: dict[str, Any] = {"models": len(rows)}
+    parts = []
+    for i, tool in ((1, "ours"), (2, "torch-pruning")):
+        ran = [r for r in rows if r[i] is not None]
+        if not ran:
+            continue
+        ok = [r for r in ran if r[i]["ok"]]
+        secs = [r[i]["seconds"] for r in ok]
+        stats[tool] = {"ok": len(ok), "ran": len(ran), "median_s": statistics.median(secs) if secs else None,
+                       "worst_s": max(secs) if secs else None,
+                       "worst_model": max(ok, key=lambda r: r[i]["seconds"])[0] if ok else None}
+        line = f"{tool}: {len(ok)}/{len(ran)} ok"
+        if secs:
+            line += f", median {statistics.median(secs):.2f}s, worst {max(secs):.2f}s ({stats[tool]['worst_model']})"
+        parts.append(line)
+    both = [r for r in rows if r[1] is not None and r[2] is not None]
+    if both:
+        stats["only_ours"] = [r[0] for r in both if r[1]["ok"] and not r[2]["ok"]]
+        stats["only_tp"] = [r[0] for r in both if r[2]["ok"] and not r[1]["ok"]]
+        same = [r for r in both if r[1]["ok"] and r[2]["ok"]]
+        if same:
+            a = statistics.median([r[1]["seconds"] for r in same])
+            b = statistics.median([r[2]["seconds"] for r in same])
+            parts.append(f"on the {len(same)} both prune: median ours {a:.2f}s, torch-pruning {b:.2f}s")
+            stats["both"] = {"n": len(same), "median_ours_s": a, "median_tp_s": b}
+    return " | ".join(parts), stats
+
+
+def write_tables(out_dir: str, rows: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]],
+                 line: str) -> None:
+    """results.csv and results.md (one row per model, both tools) under ``out_dir``."""
+    import csv
+    os.makedirs(out_dir, exist_ok=True)
+    cols = ["ok", "error", "params_before", "params_after", "macs_before", "macs_after", "seconds"]
+
+    def flat(r: dict[str, Any] | None) -> list[Any]:
+        if r is None:
+            return [""] * len(cols)
+        p, m = r.get("params", ["", ""]), r.get("macs", ["", ""])
+        sec = f"{r['seconds']:.3f}" if "seconds" in r else ""
+        return [r["ok"], r.get("error", ""), p[0], p[1], m[0], m[1], sec]
+
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "family", "fwd_s", "build_s", "prune_s", "groups", "failed_groups"]
+                   + [f"ours_{c}" for c in cols] + [f"tp_{c}" for c in cols])
+        for name, o, t in rows:
+            w.writerow([name, family(name), *(f"{o[k]:.3f}" if o and k in o else "" for k in ("fwd_s", "build_s",
+                                                                                             "prune_s")),
+                        o.get("groups", "") if o else "", o.get("failed_groups", "") if o else ""] + flat(o) + flat(t))
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "- | | | "
+        if not r["ok"]:
+            return f"ERR: {r.get('error', '')[:70].replace('|', '/')} | | | "
+        p, m = r["params"], r["macs"]
+        return f"ok | {p[0] / 1e6:.2f} -> {p[1] / 1e6:.2f} | {m[0] / 1e9:.3f} -> {m[1] / 1e9:.3f} | {r['seconds']:.2f}"
+
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"# graph_coverage: {len(rows)} torchvision models, 50 % channels, L2\n\n{line}\n\n"
+                "Seconds: process CPU time, 1 thread, build+prune; fwd: one eval forward.\n\n"
+                "| model | fwd s | ours | params M | MACs G | s | torch-pruning | params M | MACs G | s |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
+        for name, o, t in rows:
+            fwd = f"{o['fwd_s']:.2f}" if o and "fwd_s" in o else ""
+            f.write(f"| {name} | {fwd} | {cell(o)} | {cell(t)} |\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    ap.add_argument("--full", action="store_true", help="every model of torchvision.models.list_models() (default)")
     ap.add_argument("--models", nargs="*", help="explicit model names")
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--chunk", default=None, help="i/n: run the i-th of n interleaved chunks of the list")
-    ap.add_argument("--jsonl", default=None, help="append one JSON line per model to this file")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model and tool")
+    ap.add_argument("--out", default=None, help="folder for results.jsonl (appended), results.csv, results.md")
+    ap.add_argument("--resume", action="store_true", help="skip (model, tool) pairs already in --out/results.jsonl")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model and tool")
+    ap.add_argument("--max-rss-gb", type=float, default=8.0, help="memory guard per model and tool")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tool", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         print(json.dumps(one(a.one, a.tool)))
         return 0
+    if a.worker:
+        worker(a.tool)
+        return 0
     names = a.models or (QUICK if a.quick else all_models())
     if a.chunk:
         i, n = (int(v) for v in a.chunk.split("/"))
         names = names[i::n]
-    print(f"{'model':<38} {'ours':>4} {'params':>17} {'MACs':>17} {'sec':>7} | torch-pruning 1.6")
-    rows = []
-    for name in names:
-        # one fresh process per tool: a crash or memory blow-up of one (Torch-Pruning's group expansion
-        # on Swin) must not void the other's result
-        ours = run_subprocess(name, "ours", a.timeout)["ours"]
-        tp = None if a.no_tp else run_subprocess(name, "tp", a.timeout)["tp"]
-        rows.append((name, ours, tp))
-        print(fmt_row(name, ours, tp), flush=True)
-        if a.jsonl:
-            with open(a.jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"model": name, "ours": ours, "tp": tp}) + "\n")
-    ok = [r for r in rows if r[1]["ok"]]
-    secs = [r[1]["build_s"] + r[1]["prune_s"] for r in ok]
-    line = f"ours: {len(ok)}/{len(rows)} ok"
-    if secs:
-        line += f", median {statistics.median(secs):.2f}s, worst {max(secs):.2f}s"
-    if not a.no_tp:
-        tok = [r for r in rows if r[2] and r[2]["ok"]]
-        tsecs = [r[2]["seconds"] for r in tok]
-        line += f" | torch-pruning: {len(tok)}/{len(rows)} ok"
-        if tsecs:
-            line += f", median {statistics.median(tsecs):.2f}s, worst {max(tsecs):.2f}s"
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    jsonl = os.path.join(a.out, "results.jsonl") if a.out else None
+    if jsonl and a.resume and os.path.exists(jsonl):
+        with open(jsonl, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["model"], r["tool"])] = r["result"]
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+    tools = ["ours"] + ([] if a.no_tp else ["tp"])
+    results: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in tools}
+    for tool in tools:   # one tool over the whole list, then the other: same load for all of a tool's rows
+        print(f"== {tool}: {len(names)} models", flush=True)
+        w = Worker(tool, a.timeout, a.max_rss_gb)
+        for name in names:
+            res = done.get((name, tool))
+            if res is None:
+                res = w.run(name)
+                if jsonl:
+                    with open(jsonl, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"model": name, "tool": tool, "result": res}) + "\n")
+            results[tool][name] = res
+            print(fmt_row(name, res if tool == "ours" else None, res if tool == "tp" else None), flush=True)
+        w.close()
+    rows = [(n, results["ours"].get(n), results["tp"].get(n) if "tp" in results else None) for n in names]
+    print(f"\n{'model':<34} {'fwd':>6} {'ours':>4} {'params':>17} {'MACs':>17} {'sec':>7} | torch-pruning 1.6")
+    for r in rows:
+        print(fmt_row(*r))
+    line, stats = summary(rows)
     print(line)
-    if a.quick:
-        bad = [r[0] for r in rows if not r[1]["ok"]]
-        slow = [s for s in secs if s > 10.0]
-        if bad or slow:
-            print(f"FAIL: not ok {bad}; over 10 s: {len(slow)}")
-            return 1
+    bad = [r[0] for r in rows if not (r[1] or {}).get("ok")]
+    slow = [r[0] for r in rows if (r[1] or {}).get("ok") and r[1]["seconds"] > 10.0]
+    if bad:
+        print("ours not ok: " + "; ".join(f"{r[0]}: {(r[1] or {}).get('error', '')[:120]}" for r in rows
+                                          if r[0] in bad))
+    if slow:
+        print("ours over 10 s: " + ", ".join(f"{n} ({results['ours'][n]['seconds']:.1f}s, forward "
+                                             f"{results['ours'][n].get('fwd_s', 0):.2f}s)" for n in slow))
+    if a.out:
+        write_tables(a.out, rows, line)
+        with open(os.path.join(a.out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+    if a.quick and (bad or slow):
+        print(f"FAIL: not ok {bad}; over 10 s: {slow}")
+        return 1
     return 0
 
 
