@@ -36,3 +36,38 @@ def test_bert_non_uniform_widths_are_recorded_per_layer():
     widths = cfg.brainsurgeon_layer_widths
     assert widths["encoder.layer.0.intermediate"]["intermediate_size"] == 18
     assert widths["encoder.layer.1.intermediate"]["intermediate_size"] == 24
+
+
+@pytest.mark.parametrize("name", ["TinyBERT", "TinyLlamaGQA"])
+def test_non_uniform_widths_round_trip_through_our_from_pretrained(tmp_path, name):
+    """Different heads/FFN widths per layer, a narrower hidden size and within-head dims in one layer's
+    set: the config cannot express them; brainsurgeon.export.from_pretrained rebuilds the exact model."""
+    from brainsurgeon.export import from_pretrained, save_pretrained
+    from brainsurgeon.prune import head_dim_sets, pair_groups
+
+    m, x = build(name)
+    g = DependencyGraph(m, x)
+    g.prune([grp.select(torch.arange(i % 2 + 1)) for i, grp in enumerate(g.groups()) if grp.n > 2])
+    ffn = {"TinyBERT": "encoder.layer.1.intermediate.dense", "TinyLlamaGQA": "model.layers.1.mlp.up_proj"}[name]
+    g.group(ffn, "out", range(3)).prune()                     # layer 1's FFN narrower than layer 0's
+    g = DependencyGraph(m, x)
+    first = head_dim_sets(g)[0]
+    joint, _ = pair_groups(first, [torch.arange(grp.n, dtype=torch.float32) for grp in first])
+    g.prune([joint.select([0])])
+    widths = m.config.brainsurgeon_layer_widths
+    per_field: dict[str, set] = {}
+    for w in widths.values():
+        for f, v in w.items():
+            if f != "inv_freq":
+                per_field.setdefault(f, set()).add(v)
+    assert any(len(vs) > 1 for vs in per_field.values())      # some width differs between layers
+    assert "head_dim" in per_field
+    with torch.no_grad():
+        ref = m(**x)
+    save_pretrained(m, str(tmp_path / "hf"))
+    again = from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        out = again(**x)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    torch.testing.assert_close(getattr(out, key), getattr(ref, key), rtol=0, atol=0)
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in m.parameters())

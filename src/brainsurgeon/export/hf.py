@@ -73,7 +73,55 @@ def build_hf_model(id_or_path: str, hf_config: dict[str, Any] | None = None,
         model = cls.from_config(config)
     else:
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    widths = getattr(config, "brainsurgeon_layer_widths", None)
+    weights = os.path.join(id_or_path, WEIGHTS) if isinstance(id_or_path, str) else ""
+    if widths and os.path.isfile(weights):
+        shrink_to_saved(model, weights, widths)
     return model.eval()
+
+
+def shrink_to_saved(model: nn.Module, weights: str, widths: dict[str, Any]) -> list[str]:
+    """Give every parameter/buffer the shape it has in the ``weights`` file, fix the owning modules'
+    attributes with the graph's fixers, and apply recorded non-persistent tables (``inv_freq``), so a model
+    rebuilt from a config that cannot express per-layer widths takes the pruned model's weights.
+    Returns the names of the tensors resized (their values are placeholders until the weights load).
+
+    >>> shrink_to_saved(model, "out/bert-pruned/model.safetensors", config.brainsurgeon_layer_widths)
+    """
+    import torch
+    from safetensors import safe_open
+
+    from ..graph.surgery import find_fixer
+
+    with safe_open(weights, framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    resized: list[str] = []
+    touched: set[str] = set()
+    for key, t in list(model.state_dict(keep_vars=True).items()):
+        want = shapes.get(key)
+        if want is None or tuple(t.shape) == want:
+            continue
+        prefix, _, _ = key.rpartition(".")
+        with torch.no_grad():
+            t.data = torch.zeros(want, dtype=t.dtype, device=t.device)
+        resized.append(key)
+        parts = prefix.split(".") if prefix else []
+        touched.update(".".join(parts[:i]) for i in range(len(parts), -1, -1))
+    for name in sorted(touched, key=lambda n: -n.count(".")):   # children before their containers
+        m = model.get_submodule(name)
+        fixer = find_fixer(m)
+        if fixer is not None:
+            fixer(m, {})
+    for name, w in widths.items():
+        inv = w.get("inv_freq") if isinstance(w, dict) else None
+        if inv is not None:
+            m = model.get_submodule(name)
+            buf = m.inv_freq
+            m.inv_freq = torch.tensor(inv, dtype=torch.float64).to(buf.dtype).to(buf.device)
+            if hasattr(m, "original_inv_freq"):
+                m.original_inv_freq = m.inv_freq
+    log.info("rebuilt %s at the saved per-layer widths: %d tensors resized", type(model).__name__, len(resized))
+    return resized
 
 
 def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any = None,
@@ -90,6 +138,9 @@ def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any
     check_target(folder)
     aliases = find_aliases(model)
     manifest = build_manifest(model, aliases, recipe, plan, history)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if manifest.get("hf_config") is not None and isinstance(attn, str):   # to_dict() drops it: same kernels
+        manifest["hf_config"].setdefault("attn_implementation", attn)
     tmp = temp_folder(folder)
     try:
         with _no_hf_progress():

@@ -438,16 +438,21 @@ def _native_mha(op: OpRecord, g: Ctx) -> None:
         g.block(o, None, f"{op.name} (attention weights)")
 
 
-@register_module_rule("torchvision.models.swin_transformer.ShiftedWindowAttention")
-def _swin_window_attention(name: str, m: object, node: object, g: Ctx) -> None:
+@register_module_rule("torchvision.models.swin_transformer.ShiftedWindowAttention",
+                      "torchvision.models.maxvit.RelativePositionalMultiHeadAttention")
+def _fused_qkv_tied_to_input(name: str, m: object, node: object, g: Ctx) -> None:
     """torchvision ``shifted_window_attention`` reshapes qkv to ``(3, num_heads, C // num_heads)`` and the
     heads back to ``C``, with ``C`` the block's *input* width: the q, k and v widths equal the input width
     by size arithmetic the trace cannot see. Tie q/k/v row ``j`` to input channel ``j`` (as for
     ``nn.MultiheadAttention``), so heads are removed together with residual channels and head_dim stays
     ``C // num_heads``. The relative-position bias (V1 table column, V2 ``cpb_mlp`` output, ``logit_scale``)
     follows the heads through the ordinary index/view rules; the fixer sets ``num_heads``.
+
+    MaxViT's ``RelativePositionalMultiHeadAttention`` is the same: ``to_qkv``'s chunks are reshaped to
+    ``(n_heads, head_dim)`` and the heads back to the input width ``D``.
     """
     w = node(f"{name}.qkv", "weight")
+    w = node(f"{name}.to_qkv", "weight") if w is None else w
     if w is None:
         return
     c3, c = g.shape(w)

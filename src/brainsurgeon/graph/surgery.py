@@ -159,8 +159,31 @@ def _swin_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> 
     m.num_heads = int(per_head)
 
 
+def _maxvit_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """torchvision MaxViT RelativePositionalMultiHeadAttention: heads from the bias table, head_dim from qkv."""
+    m.n_heads = int(m.relative_position_bias_table.shape[1])
+    m.head_dim = int(m.to_qkv.weight.shape[0]) // 3 // max(m.n_heads, 1)
+
+
+def _mvit_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """torchvision MViT MultiscaleAttention reshapes qkv with ``(num_heads, head_dim)`` and the result with
+    ``output_dim``; head_dim follows the per-dim tensors (relative positions, pooling convs) when present."""
+    per_dim = getattr(m, "rel_pos_h", None)
+    if per_dim is not None:
+        m.head_dim = int(per_dim.shape[1])
+    else:
+        convs = [getattr(p.pool, "weight", None) for p in (m.pool_q, m.pool_k, m.pool_v) if p is not None]
+        convs = [w for w in convs if w is not None]
+        if convs:
+            m.head_dim = int(convs[0].shape[0])
+    m.num_heads = int(m.qkv.weight.shape[0]) // 3 // m.head_dim
+    m.output_dim = m.num_heads * m.head_dim
+
+
 _BY_NAME: dict[str, Fixer] = {"torchvision.models.vision_transformer.VisionTransformer": _vit,
-                              "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention}
+                              "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention,
+                              "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _maxvit_attention,
+                              "torchvision.models.video.mvit.MultiscaleAttention": _mvit_attention}
 
 
 _HEAD_DIM_ATTRS = ("attention_head_size", "head_dim")
@@ -194,7 +217,7 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
         m.num_key_value_heads = k.weight.shape[0] // head
 
 
-_CONTAINER_FIXERS = (_hf_attention, _vit)
+_CONTAINER_FIXERS = (_hf_attention, _vit, _mvit_attention)
 
 
 def module_attrs(m: nn.Module) -> dict[str, Any]:
