@@ -439,6 +439,7 @@ def _native_mha(op: OpRecord, g: Ctx) -> None:
 
 
 @register_module_rule("torchvision.models.swin_transformer.ShiftedWindowAttention",
+                      "torchvision.models.video.swin_transformer.ShiftedWindowAttention3d",
                       "torchvision.models.maxvit.RelativePositionalMultiHeadAttention")
 def _fused_qkv_tied_to_input(name: str, m: object, node: object, g: Ctx) -> None:
     """torchvision ``shifted_window_attention`` reshapes qkv to ``(3, num_heads, C // num_heads)`` and the

@@ -182,6 +182,7 @@ def _mvit_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> 
 
 _BY_NAME: dict[str, Fixer] = {"torchvision.models.vision_transformer.VisionTransformer": _vit,
                               "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention,
+                              "torchvision.models.video.swin_transformer.ShiftedWindowAttention3d": _swin_attention,
                               "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _maxvit_attention,
                               "torchvision.models.video.mvit.MultiscaleAttention": _mvit_attention}
 
