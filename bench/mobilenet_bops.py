@@ -1,12 +1,14 @@
 """Mixed 2:4 + 4/8-bit weights under a BOP budget on MobileNetV2 (real ImageNet weights): DP vs uniform.
 
     python bench/mobilenet_bops.py            # 128 calibration crops, 256 evaluation crops, 4 budgets
-    python bench/mobilenet_bops.py --quick    # 32 / 64 crops, OBS-loss scores, budgets 1/8 and 1/12 (~2 min)
+    python bench/mobilenet_bops.py --quick    # 32 / 64 crops, OBS-loss scores, budgets 1/8 and 1/12
 
 Per layer the search space holds dense, 2:4, 8-bit, 4-bit, 2:4 + 8-bit and 2:4 + 4-bit (SparseGPT
-2:4, GPTQ weights; a layer whose input channels are not a multiple of 4 -- the first conv and the
-depthwise convs -- gets only the bit widths). Each entry's score is the measured model-output
-distortion with only that layer compressed (OBC's database; --quick: the relative OBS layer loss
+2:4, GPTQ weights on asymmetric per-channel grids as in OBC's CNN experiments; a layer whose input
+channels are not a multiple of 4 -- the first conv and the depthwise convs -- gets only the bit
+widths). Each entry's score is the measured model-output
+distortion with only that layer compressed, on 8 calibration crops (OBC's database; a forward
+of MobileNetV2 per entry, 264 entries; --quick: the relative OBS layer loss
 tr(dW H dW^T) / tr(W H W^T), which needs no forward per entry). BOPs = MACs x weight bits x
 activation bits with fp32 activations (dense = 32 x 32 per MAC); the budget is a fraction of the
 dense BOPs of all conv/linear layers. Plans are stitched from the database weights (OBC's
@@ -46,7 +48,7 @@ from brainsurgeon.search import (
 
 def space(quick: bool) -> SearchSpace:
     return SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=("2:4",), block_sparsities=(),
-                       bits=(8, 4), nm_bits=(8, 4), model_loss=not quick, model_loss_batches=1)
+                       bits=(8, 4), nm_bits=(8, 4), quant_sym=False, model_loss=not quick, model_loss_batches=1)
 
 
 def main() -> int:
@@ -60,7 +62,7 @@ def main() -> int:
     n_cal, n_eval = (32, 64) if args.quick else (128, 256)
     x_cal = crops(imgs[0::2], n_cal, seed=1)  # calibration and evaluation photos differ
     x_eval = crops(imgs[1::2], n_eval, seed=2)
-    calib = [x_cal[i:i + 32] for i in range(0, n_cal, 32)]
+    calib = [x_cal[i:i + 8] for i in range(0, n_cal, 8)]  # Hessians: all; each entry's distortion: the first 8
     ref = logits_of(net, x_eval)
     t0 = time.perf_counter()
     table = build_database(net, space(args.quick), calib, args.db + ("-quick" if args.quick else ""))

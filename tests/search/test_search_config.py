@@ -49,3 +49,9 @@ def test_geometric_levels_and_variant_grid():
     assert v["2:4+w4"].bits == 4 and v["2:4+w4"].sparsity == 0.5 and v["block4@0.7500"].pattern == "block4"
     sgpt = [v.name for v in layer_variants(SearchSpace(prune_method="SparseGPT", levels=0), in_channels=8)]
     assert not any(n.startswith("block") for n in sgpt)  # SparseGPT has no block pattern
+
+
+def test_quant_sym_false_gives_asymmetric_grids_to_every_quantized_variant():
+    vs = layer_variants(SearchSpace(levels=0, quant_sym=False), in_channels=16)
+    quant = [c for v in vs for c in v.configs if type(c).verb == "quantize"]
+    assert len(quant) == 7 and not any(c.sym for c in quant)  # w8/6/4/3/2 and 2:4+w8/w4

@@ -57,6 +57,7 @@ class SearchSpace(Config):
     bits: tuple[int, ...] = (8, 6, 4, 3, 2)
     nm_bits: tuple[int, ...] = (8, 4)
     act_bits: int = 32
+    quant_sym: bool = True  # symmetric grids; False: asymmetric per-channel (OBC's CNN setting)
     ignore: tuple[str, ...] = ()
     model_loss: bool = True
     model_loss_batches: int = 4

@@ -53,7 +53,7 @@ def _prune(space: SearchSpace, sparsity: float | None, pattern: str) -> Config:
 
 
 def _quant(space: SearchSpace, bits: int) -> Config:
-    d = {"type": space.quant_method, "bits": bits}
+    d = {"type": space.quant_method, "bits": bits, "sym": space.quant_sym}
     if space.quant_method != RTN.__name__:
         d["damp"] = space.damp
     return config_from_dict(d)
