@@ -55,19 +55,30 @@ def _set_layer_weight(module: nn.Module, W: torch.Tensor) -> None:
         set_weight_matrix_(module, W)
 
 
+def match_configs(names: Iterable[str], default: Config, ignore: Iterable[str] = (),
+                  overrides: Any = ()) -> dict[str, Config]:
+    """Name -> config for every name that no `ignore` regex fully matches: the config of the first
+    override whose regex fully matches the name, else `default`. overrides: an ordered
+    {regex: config} dict or (regex, config) pairs (the format recipes and the budget search use).
+    Every verb's planner (``plan_layers``, ``plan_factorization``, ``plan_sharing``) matches with it.
+
+    >>> match_configs(["conv1", "fc1", "fc2"], RTN(bits=4), ignore=("fc2",), overrides={"fc.*": RTN(bits=8)})
+    {'conv1': RTN(bits=4, ...), 'fc1': RTN(bits=8, ...)}
+    """
+    ign = [re.compile(p) for p in ignore]
+    over = [(re.compile(p), c) for p, c in (overrides.items() if isinstance(overrides, dict) else overrides)]
+    return {n: next((c for p, c in over if p.fullmatch(n)), default) for n in names
+            if not any(p.fullmatch(n) for p in ign)}
+
+
 def plan_layers(model: nn.Module, step: Step) -> dict[str, Config]:
     """Layer name -> config for one step: supported layers minus `ignore`, with overrides applied.
 
     >>> plan_layers(model, Step(ExactOBS(sparsity=0.5), ignore=("fc3",)))
     {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
     """
-    ign = [re.compile(p) for p in step.ignore]
-    over = [(re.compile(p), c) for p, c in step.overrides]
-    plan: dict[str, Config] = {}
-    for name, mod in model.named_modules():
-        if not name or not supported(mod) or any(p.fullmatch(name) for p in ign):
-            continue
-        plan[name] = next((c for p, c in over if p.fullmatch(name)), step.method)
+    names = [n for n, mod in model.named_modules() if n and supported(mod)]
+    plan = match_configs(names, step.method, step.ignore, step.overrides)
     if not plan:
         raise ConfigError(f"no supported layer (Linear, Conv1d/2d, HF Conv1D) is left to compress in "
                           f"{type(model).__name__} after ignore={list(step.ignore)}; loosen ignore")

@@ -13,7 +13,6 @@ failure every replaced module is put back.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from ..api import match_configs
 from ..calib import run_layerwise, weight_matrix
 from ..config import CalibOptions, Config
 from ..errors import ConfigError, UnsupportedModuleError
@@ -85,11 +85,8 @@ def plan_factorization(model: nn.Module, cfg: LowRank, ignore: Iterable[str] = (
     for pat, c in over:
         if not isinstance(c, LowRank):
             raise ConfigError(f"override {pat!r}: factorize_ overrides must be LowRank configs, got {c!r}")
-    ign = [re.compile(p) for p in ignore]
-    over_re = [(re.compile(p), c) for p, c in over]
     layers, notes = _eligible(model)
-    plan = {n: next((c for p, c in over_re if p.fullmatch(n)), cfg) for n in layers
-            if not any(p.fullmatch(n) for p in ign)}
+    plan: dict[str, LowRank] = match_configs(layers, cfg, ignore, over)  # type: ignore[assignment]
     if not plan:
         raise ConfigError(f"no Linear or Conv2d (groups=1) layer is left to factorize in {type(model).__name__} "
                           f"after ignore={list(ignore)}; loosen ignore")

@@ -12,7 +12,6 @@ size of the real file after a verified round trip.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from ..api import match_configs
 from ..calib import supported
 from ..config import Config
 from ..errors import ConfigError, UnsupportedModuleError
@@ -45,10 +45,8 @@ def plan_sharing(model: nn.Module, cfg: Config, ignore: Iterable[str] = (),
     for pat, c in over:
         if not isinstance(c, WeightSharing):
             raise ConfigError(f"override {pat!r}: share_ overrides must be WeightSharing configs, got {c!r}")
-    ign = [re.compile(p) for p in ignore]
-    over_re = [(re.compile(p), c) for p, c in over]
-    plan = {n: next((c for p, c in over_re if p.fullmatch(n)), cfg) for n, m in model.named_modules()
-            if n and supported(m) and not any(p.fullmatch(n) for p in ign)}
+    names = [n for n, m in model.named_modules() if n and supported(m)]
+    plan: dict[str, WeightSharing] = match_configs(names, cfg, ignore, over)  # type: ignore[assignment]
     if not plan:
         raise ConfigError(f"no Linear/Conv layer is left to share in {type(model).__name__} after "
                           f"ignore={list(ignore)}; loosen ignore")
