@@ -5,8 +5,9 @@
     python bench/graph_coverage.py --models resnet50 swin_t --no-tp
     python bench/graph_coverage.py --full --out out/graph_coverage   # also writes results.jsonl/.csv/.md
 
-Every model: weights=None (weights_backbone=None for detection/segmentation; quantize=False for the
-quantizable models: their float form), a small input (1x3x64x64 where the model allows), 50 % of the
+Every model: weights=None (weights_backbone=None for detection/segmentation, and min/max_size=128 for
+the R-CNN/RetinaNet/FCOS transforms; quantize=False for the quantizable models: their float form), a
+small input (1x3x64x64 where the model allows; detection 3x128x128), 50 % of the
 channels of every prunable group removed by L2 magnitude (sum of squares over the whole group,
 DepGraph-style), the final prediction layers ignored. Columns: ok (eval and train-mode forward after
 pruning, output shapes kept), params and MACs before/after, build+prune seconds; the same for
@@ -64,6 +65,8 @@ def build(name: str) -> Any:
     kw: dict[str, Any] = {"weights": None}
     if fam in ("detection", "segmentation"):
         kw["weights_backbone"] = None
+    if fam == "detection" and not name.startswith("ssd"):
+        kw.update(min_size=128, max_size=128)   # the R-CNN transform would upscale the input to 800 px
     if fam == "quantization":
         kw["quantize"] = False
     if name.removeprefix("quantized_") in ("googlenet", "inception_v3"):
