@@ -79,7 +79,7 @@ def fake_api(monkeypatch):
         calls.append(("quantize_", cfg.describe()))
         return _fake_verb(model, cfg, calib, **kw)
 
-    def compress(model, recipe, calib):
+    def compress(model, recipe, calib, *, data=None, val=None):
         calls.append(("compress", " + ".join(s.method.describe() for s in recipe.steps)))
         return _fake_compress(model, recipe, calib)
 

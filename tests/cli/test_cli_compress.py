@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from brainsurgeon.cli.main import main
 from brainsurgeon.config import load_recipe
@@ -54,3 +55,16 @@ def test_compress_writes_report_model_and_recipe(tmp_path, capsys, fake_api, rec
     assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.html", "report.json"]
     assert sorted(p.name for p in (out / "model").iterdir()) == ["manifest.json", "model.safetensors"]
     assert "<img" in (out / "report.html").read_text()  # the per-layer plot is embedded
+
+
+def test_compress_runs_a_recipe_with_a_kd_step_on_the_training_split(tmp_path, capsys):
+    """prune -> KD -> GPTQ through the CLI (the real api): the KD step gets the training split as data."""
+    out = tmp_path / "kd"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "digits-prune-kd-gptq4.yaml"
+    argv = ["compress", "--no-progress", "--model", "digits-cnn", "--recipe", str(recipe),
+            "--out", str(out), "--calib-samples", "128", "--format", "json"]
+    assert main(argv) == 0
+    acc = json.loads((out / "report.json").read_text())["metrics"]["accuracy"]
+    assert acc["after"] > 0.9  # pruned 50 % + 4 bits, recovered by KD (no KD: ~0.77, recipes/ header)
+    model = load(str(out / "model"), DigitsCNN)
+    assert model.conv2.out_channels < 32  # the pruned structure is what was saved
