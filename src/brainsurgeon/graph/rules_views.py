@@ -171,7 +171,12 @@ def _select(op: OpRecord, g: Ctx) -> None:
                "aten.chunk", "aten.unsafe_chunk", "aten.tensor_split", "aten.split_copy",
                "aten.split_with_sizes_copy")
 def _split(op: OpRecord, g: Ctx) -> None:
-    """Consecutive ranges of dim d; other dims identical."""
+    """Consecutive ranges of dim d; other dims identical.
+
+    ``chunk(n)`` and ``split(size)`` (an int) take their sizes from the tensor, so after pruning the
+    pieces stay equal only if each loses the same positions: position ``j`` of every equal piece is
+    coupled (ShuffleNet's ``x.chunk(2)``, gates). Explicit ``split_with_sizes`` lists keep plain ranges.
+    """
     x = op.args[0]
     sx = g.shape(x)
     d = _dim(op.get("dim", 0), len(sx))
@@ -184,6 +189,13 @@ def _split(op: OpRecord, g: Ctx) -> None:
         if n:
             g.gather(out, d, x, d, np.arange(off, off + n))
         off += n
+    sizes = {g.shape(o)[d] for o in op.outputs}
+    if op.name in _EQUAL_PIECES and isinstance(op.args[1], int) and len(op.outputs) > 1 and len(sizes) == 1:
+        for o in op.outputs[1:]:
+            g.link(op.outputs[0], d, o, d)
+
+
+_EQUAL_PIECES = {"aten.split", "aten.unsafe_split", "aten.split_copy", "aten.chunk", "aten.unsafe_chunk"}
 
 
 @register_rule("aten.unbind", "aten.unbind_copy")
