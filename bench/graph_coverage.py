@@ -7,7 +7,7 @@
 
 Every model: weights=None (weights_backbone=None for detection/segmentation, and min/max_size=128 for
 the R-CNN/RetinaNet/FCOS transforms; quantize=False for the quantizable models: their float form), a
-small input (1x3x64x64 where the model allows; detection 3x128x128), 50 % of the
+small input (1x3x64x64 where the model allows, ViTs built for it; detection 3x128x128), 50 % of the
 channels of every prunable group removed by L2 magnitude (sum of squares over the whole group,
 DepGraph-style), the final prediction layers ignored. Columns: ok (eval and train-mode forward after
 pruning, output shapes kept), params and MACs before/after, build+prune seconds; the same for
@@ -69,9 +69,16 @@ def build(name: str) -> Any:
         kw.update(min_size=128, max_size=128)   # the R-CNN transform would upscale the input to 800 px
     if fam == "quantization":
         kw["quantize"] = False
+    if name.startswith("vit_"):
+        kw["image_size"] = _vit_size(name)      # built for a small input (a constructor argument)
     if name.removeprefix("quantized_") in ("googlenet", "inception_v3"):
         kw.update(aux_logits=True, init_weights=True)
     return torchvision.models.get_model(name, **kw).eval()
+
+
+def _vit_size(name: str) -> int:
+    """ViTs take ``image_size`` at construction: 4x4 patches of 16, 2x2 of 32, 8x8 of 14."""
+    return 112 if name.endswith("_14") else 64
 
 
 def inputs(name: str) -> Any:
@@ -88,7 +95,9 @@ def inputs(name: str) -> Any:
         if name == "s3d":
             return (torch.rand(1, 3, 8, 64, 64, generator=g),)
         return (torch.rand(1, 3, 4, 64, 64, generator=g),)
-    if name.startswith(("vit_", "maxvit")):
+    if name.startswith("vit_"):
+        return (torch.rand(1, 3, _vit_size(name), _vit_size(name), generator=g),)
+    if name.startswith("maxvit"):
         return (torch.rand(1, 3, 224, 224, generator=g),)
     if name in ("inception_v3", "quantized_inception_v3"):
         return (torch.rand(2, 3, 96, 96, generator=g),)
