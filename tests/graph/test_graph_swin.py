@@ -47,8 +47,8 @@ def test_swin_heads_prune_with_residual_channels(v2):
     assert len(attn) == 2                                   # one per stage: heads x residual channels
     for grp in attn:
         names = {s.name for s in grp.slices}
-        per_head = "attn.logit_scale" if v2 else "attn.relative_position_bias_table"
-        assert any(n.endswith(per_head) for n in names)
+        per_head = ["attn.logit_scale", "attn.cpb_mlp.2.weight"] if v2 else ["attn.relative_position_bias_table"]
+        assert all(any(n.endswith(p) for n in names) for p in per_head)   # the per-head bias follows the heads
         assert any(n.endswith("attn.proj.weight") for n in names)
     m = copy.deepcopy(model)
     g = DependencyGraph(m, (x,), ignore=[m.head])
