@@ -36,6 +36,26 @@ def test_export_and_dispatch_tracers_agree(name):
     assert "tracer=aten-dispatch" in rep_d and "tracer=torch.export" in rep_e
 
 
+class _AuxHead(nn.Module):
+    """An auxiliary head that only runs in train mode (GoogLeNet-style): both tracers need the train trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return self.head(h) + self.aux(h) if self.training else self.head(h)
+
+
+def test_export_tracer_covers_train_only_branches():
+    model, x = _AuxHead().eval(), (torch.randn(2, 4),)
+    sig_d, n_d, _ = _prune_every_other(model, x, "dispatch")
+    sig_e, n_e, _ = _prune_every_other(model, x, "export")
+    assert sig_e == sig_d and n_e == n_d
+    assert any("aux.weight" in name for _, _, _, slices in sig_e for name, _ in slices)
+
+
 class _DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -149,6 +149,8 @@ def trace_model_export(model: nn.Module, example_inputs: Any, mode: str = "eval"
             if not isinstance(val, torch.Tensor):
                 continue
             kind, target = target_of.get(n.name, ("USER_INPUT", None))
+            if kind != "USER_INPUT" and not n.users:
+                continue   # export lifts every parameter; like the dispatch tracer, keep only those the forward used
             if kind in ("PARAMETER", "BUFFER") and target in by_name:
                 o = owners.get(id(by_name[target]))
                 ids[n.name] = [new(val, o[2] if o else kind.lower(), o[:2] if o else None, n.name)]
