@@ -65,6 +65,15 @@ class PruneMixin:
             except SurgeryError:
                 for r in reversed(records):
                     self._rollback(r)
+                if self._train_ok is None and not self._runs_in_train_mode():
+                    self._train_ok = False   # never ran in train mode (detection without targets): eval checks stand
+                    verify, self.verify = self.verify, False
+                    try:
+                        for r in records:
+                            self._prune(r["groups"], train=False)
+                    finally:
+                        self.verify = verify
+                    return failed
                 return self._skip(list(groups), [], train=True)
         return failed
 
@@ -133,7 +142,8 @@ class PruneMixin:
                                        f"group was built; call g.groups()/g.group() again")
                 plan[k] = np.union1d(plan.get(k, np.zeros(0, dtype=np.int64)), s.idxs.reshape(-1).numpy())
         record: dict[str, Any] = {"removed": self._removed, "touched": {k: self._touched.get(k) for k in plan},
-                                  "step": self._step, "dirty": self._dirty, "history": len(self.history)}
+                                  "step": self._step, "dirty": self._dirty, "history": len(self.history),
+                                  "groups": list(groups)}
         if not plan:
             return record
         removed = dict(self._removed)
