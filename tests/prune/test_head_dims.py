@@ -83,3 +83,15 @@ def test_mha_head_dims_shrink_embed_dim_in_every_head():
 def test_head_dim_ratio_is_validated():
     with pytest.raises(ConfigError, match="head_dim_ratio"):
         ChannelPruning(head_dim_ratio=1.0)
+
+
+def test_torchvision_vit_head_dims_follow_the_residual_stream():
+    vit = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=12,
+                                  num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    prune_(model, ChannelPruning(ratio=0.0, head_dim_ratio=0.5, ignore=("heads.head",)), x)
+    att = model.encoder.layers[1].self_attention
+    assert (att.num_heads, att.head_dim, att.embed_dim, model.hidden_dim) == (2, 2, 4, 4)
+    assert model(x).shape == (2, 3)
