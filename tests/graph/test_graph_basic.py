@@ -73,3 +73,17 @@ def test_model_that_cannot_run_in_train_mode_is_verified_in_eval_only():
     g.group(m[0], "out", [1]).prune()
     assert m[0].out_channels == 3 and m[1].num_features == 3 and m[3].in_channels == 3
     assert "one value per channel" in g.report() or "more than 1 value" in g.report()
+
+
+def test_group_rows_tie_indices_into_one_logical_channel():
+    m = _cnn()
+    x = torch.randn(2, 3, 4, 4)
+    g = DependencyGraph(m, (x,))
+    idxs = torch.arange(8)
+    grp = g.group(m[0], "out", idxs, rows=(idxs % 4).numpy())
+    assert grp.n == 4 and grp.root.idxs.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert next(s for s in grp.slices if s.name == "3.weight").idxs.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    grp.select([1]).prune()
+    assert m[0].out_channels == 6 and m[3].in_channels == 6 and m(x).shape == (2, 10)
+    with pytest.raises(ConfigError, match="one row per index"):
+        g.group(m[0], "out", [0, 1, 2], rows=[0, 2, 2])

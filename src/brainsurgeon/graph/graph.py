@@ -242,14 +242,17 @@ class DependencyGraph(PruneMixin):
 
     # ------------------------------------------------------------------ queries
     def group(self, module: nn.Module | str, dim: str | int = "out", idxs: Sequence[int] | torch.Tensor | None = None,
-              *, tensor: str | None = None) -> Group:
+              *, tensor: str | None = None, rows: Sequence[int] | np.ndarray | None = None) -> Group:
         """The closure of removing channels ``idxs`` of ``module`` along ``dim`` ('out', 'in' or an int).
 
+        ``rows`` gives the logical row of each index (default: one row per index); indices sharing a row
+        are removed together, e.g. the same within-head dim of every head: ``rows=idxs % head_dim``.
         Raises UnsupportedOpError (naming the op) if an op without a rule, a model input/output or an
         ignored module blocks the request, and ConfigError for bad indices or indices that split a unit
         (a conv group, an attention head).
 
         >>> grp = g.group("features.0", "out", [0, 1])
+        >>> per_dim = g.group("attn.qkv", "out", range(96), rows=np.arange(96) % 32)   # n == 32
         """
         self._refresh()
         name = self._name(module)
@@ -275,10 +278,14 @@ class DependencyGraph(PruneMixin):
                               f"got min {req.min()}, max {req.max()}")
         if len(np.unique(req)) != len(req):
             raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} contain duplicates; pass distinct indices")
+        lab = np.arange(len(req)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(lab) != len(req) or (rows is not None and not np.array_equal(np.unique(lab), np.arange(lab.max() + 1))):
+            raise ConfigError(f"group: rows for {name}.{tensor} dim {d} must give one row per index and use every "
+                              f"row 0..n-1; got {len(lab)} rows for {len(req)} idxs")
         key = (ids[0], d)
-        cl = closure(self.edges, key, req, np.arange(len(req)))
+        cl = closure(self.edges, key, req, lab)
         if not cl.blocked and int((cl.labels[key] >= 0).sum()) != len(req):   # a unit grew: try whole outer units
-            strict = closure(self.edges, key, req, np.arange(len(req)), prefer_fits=False)
+            strict = closure(self.edges, key, req, lab, prefer_fits=False)
             if not strict.blocked and int((strict.labels[key] >= 0).sum()) == len(req):
                 cl = strict
         if cl.blocked:
@@ -292,7 +299,7 @@ class DependencyGraph(PruneMixin):
                                      f"equal rows (ragged coupling, e.g. a channel shuffle); prune a coarser set")
         root_pos = grp.root.idxs.reshape(-1).numpy()
         if len(root_pos) != len(req):
-            strict = closure(self.edges, key, req, np.arange(len(req)), prefer_fits=False)
+            strict = closure(self.edges, key, req, lab, prefer_fits=False)
             alt = self._make_group(strict, (name, tensor, d)) if not strict.blocked else None
             grp = alt if alt is not None else grp          # suggest whole outer units (conv groups, heads)
             unit = grp.root.idxs.shape[1]
