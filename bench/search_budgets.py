@@ -247,6 +247,8 @@ def main() -> int:
                          "ok": plain, "ok_bn": bn, "acc": float(plain.float().mean()),
                          "acc_bn": float(bn.float().mean()), "t_solve": t_solve, "t_apply": t_apply,
                          "variants": ",".join(plan.variants)})
+            print(f"  {budget} {name}: cost {plan.info['cost']:.4f} acc {100 * rows[-1]['acc']:.2f} "
+                  f"+BN {100 * rows[-1]['acc_bn']:.2f} ({t_solve + t_apply:.0f}s)", flush=True)
     how = "stitched from the database" if args.quick else "applied with apply_plan_ (sequential re-solve)"
     print(f"\n{args.model}, dense test accuracy {100 * dense.float().mean():.2f}% / "
           f"{100 * dense_bn.float().mean():.2f}% with BN re-estimation ({len(test_ds)} test images); plans {how}")
