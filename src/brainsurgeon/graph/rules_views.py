@@ -173,9 +173,10 @@ def _select(op: OpRecord, g: Ctx) -> None:
 def _split(op: OpRecord, g: Ctx) -> None:
     """Consecutive ranges of dim d; other dims identical.
 
-    ``chunk(n)`` and ``split(size)`` (an int) take their sizes from the tensor, so after pruning the
-    pieces stay equal only if each loses the same positions: position ``j`` of every equal piece is
-    coupled (ShuffleNet's ``x.chunk(2)``, gates). Explicit ``split_with_sizes`` lists keep plain ranges.
+    ``chunk(n)`` and ``split(size)`` take their sizes from the tensor, so after pruning equal pieces
+    stay equal only if each loses the same positions: position ``j`` of every equal piece is coupled
+    (ShuffleNet's ``x.chunk(2)``, gates). Equal literal sizes get the same coupling: removing from them
+    fails verification either way, so the coupling only makes the groups coarser, never wrong.
     """
     x = op.args[0]
     sx = g.shape(x)
@@ -190,12 +191,9 @@ def _split(op: OpRecord, g: Ctx) -> None:
             g.gather(out, d, x, d, np.arange(off, off + n))
         off += n
     sizes = {g.shape(o)[d] for o in op.outputs}
-    if op.name in _EQUAL_PIECES and isinstance(op.args[1], int) and len(op.outputs) > 1 and len(sizes) == 1:
+    if len(op.outputs) > 1 and len(sizes) == 1:   # torch.export lowers chunk to split_with_sizes([n, n])
         for o in op.outputs[1:]:
             g.link(op.outputs[0], d, o, d)
-
-
-_EQUAL_PIECES = {"aten.split", "aten.unsafe_split", "aten.split_copy", "aten.chunk", "aten.unsafe_chunk"}
 
 
 @register_rule("aten.unbind", "aten.unbind_copy")
