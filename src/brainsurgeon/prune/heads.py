@@ -11,8 +11,9 @@ number of dims per head: :func:`pair_groups` joins them row by row, each in its 
     >>> joint, scores = pair_groups(sets[0], [score("l2", grp, stats, cfg) for grp in sets[0]])
     >>> g.prune([joint.select(torch.arange(2))])  # the 2 weakest dims of every head, verified
 
-Structured head-dimension pruning as in e.g. Kwon et al., "A Fast Post-Training Pruning Framework for
-Transformers" (NeurIPS 2022, per-head structures) and Sheared-LLaMA (Xia et al., ICLR 2024, head dims).
+The same structure as Torch-Pruning's ``prune_head_dims`` option (the code of Fang et al., "DepGraph:
+Towards Any Structural Pruning", CVPR 2023), here derived from the traced index maps instead of per-model
+attention specs, and paired across q/k and v/o by count.
 """
 
 from __future__ import annotations
