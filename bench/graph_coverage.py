@@ -159,13 +159,18 @@ def train_forward_ok(model: Any, x: Any) -> bool:
 def l2_half(model: Any, groups: list[Any]) -> list[Any]:
     """Half of every group's rows by L2 magnitude summed over the whole group (DepGraph's group norm)."""
     import torch
+    mods = dict(model.named_modules(remove_duplicate=False))
+    per_index: dict[tuple[str, str, int], torch.Tensor] = {}   # a tensor sits in many groups (DenseNet)
     chosen = []
     for grp in groups:
         score = torch.zeros(grp.n, dtype=torch.float64)
         for s in grp.slices:
-            t = getattr(model.get_submodule(s.module), s.tensor).detach()
-            per = t.pow(2).sum([d for d in range(t.dim()) if d != s.dim]) if t.dim() > 1 else t.pow(2)
-            score += per[s.idxs].sum(1).double()
+            key = (s.module, s.tensor, s.dim)
+            if key not in per_index:
+                t = getattr(mods[s.module], s.tensor).detach()
+                per_index[key] = (t.pow(2).sum([d for d in range(t.dim()) if d != s.dim]) if t.dim() > 1
+                                  else t.pow(2)).double()
+            score += per_index[key][s.idxs].sum(1)
         k = grp.n // 2
         if k:
             chosen.append(grp.select(torch.argsort(score)[:k]))

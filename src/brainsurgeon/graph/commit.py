@@ -131,7 +131,7 @@ class PruneMixin:
         """Apply, verify (eval, and train if ``train``), commit; returns the record for :meth:`_rollback`.
 
         ``collect``: find every failing op of the failing mode in one forward (for bisection)."""
-        plan: dict[tuple[str, str, int], np.ndarray] = {}
+        parts: dict[tuple[str, str, int], list[np.ndarray]] = {}
         for grp in groups:
             if grp.graph is not self:
                 raise SurgeryError("prune: this group belongs to another DependencyGraph")
@@ -140,7 +140,8 @@ class PruneMixin:
                 if self._touched.get(k, -1) >= grp.version:
                     raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
                                        f"group was built; call g.groups()/g.group() again")
-                plan[k] = np.union1d(plan.get(k, np.zeros(0, dtype=np.int64)), s.idxs.reshape(-1).numpy())
+                parts.setdefault(k, []).append(s.idxs.reshape(-1).numpy())
+        plan = {k: np.unique(np.concatenate(v)) if len(v) > 1 else np.unique(v[0]) for k, v in parts.items()}
         record: dict[str, Any] = {"removed": self._removed, "touched": {k: self._touched.get(k) for k in plan},
                                   "step": self._step, "dirty": self._dirty, "history": len(self.history),
                                   "groups": list(groups)}

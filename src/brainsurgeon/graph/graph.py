@@ -176,6 +176,7 @@ class DependencyGraph(PruneMixin):
                 if p is not None:
                     self.owners.setdefault(id(p), []).append((mn, pn))
         self._module_index = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self.build_seconds = time.perf_counter() - t0
         self._trace_step = self._step
         self._removed = {}
@@ -389,7 +390,7 @@ class DependencyGraph(PruneMixin):
             if counts.min() == 0 or counts.max() != counts.min():
                 return None
             idxs = on[np.argsort(rows, kind="stable")].reshape(cl.n, -1)
-            m = self.model.get_submodule(mn)
+            m = self._modules.get(mn) or self.model.get_submodule(mn)
             slices.append(Slice(mn, tn, d, torch.from_numpy(idxs.copy()), slice_role(m, tn, d)))
         slices.sort(key=lambda s: ((s.module, s.tensor, s.dim) != root, self._module_index.get(s.module, 0),
                                    s.tensor, s.dim))
