@@ -3,8 +3,6 @@ relative-position bias follows the heads, verification passes in eval and train 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -38,10 +36,10 @@ def _expected_numel(m: torch.nn.Module, groups: list) -> int:
     return total
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["swin", "swin_v2"])
 def test_swin_heads_prune_with_residual_channels(v2):
-    model, x = _tiny(v2), torch.randn(2, 3, 32, 32)
-    g = DependencyGraph(model, (x,), ignore=[model.head])
+    m, x = _tiny(v2), torch.randn(1, 3, 32, 32)          # stage 1: 8x8 tokens, shifted 4x4 windows
+    g = DependencyGraph(m, (x,), ignore=[m.head])
     groups = g.groups()
     attn = [grp for grp in groups if any(s.name.endswith("attn.qkv.weight") and s.dim == 0 for s in grp.slices)]
     assert len(attn) == 2                                   # one per stage: heads x residual channels
@@ -50,9 +48,7 @@ def test_swin_heads_prune_with_residual_channels(v2):
         per_head = ["attn.logit_scale", "attn.cpb_mlp.2.weight"] if v2 else ["attn.relative_position_bias_table"]
         assert all(any(n.endswith(p) for n in names) for p in per_head)   # the per-head bias follows the heads
         assert any(n.endswith("attn.proj.weight") for n in names)
-    m = copy.deepcopy(model)
-    g = DependencyGraph(m, (x,), ignore=[m.head])
-    chosen = [grp.select([0]) for grp in g.groups()]
+    chosen = [grp.select([0]) for grp in groups]
     want = _expected_numel(m, chosen)
     g.prune(chosen)                                         # verified in eval and train mode
     assert _numel(m) == want
@@ -61,13 +57,13 @@ def test_swin_heads_prune_with_residual_channels(v2):
     qkv = m.features[3][0].attn.qkv.weight
     assert qkv.shape[0] == 3 * qkv.shape[1]                 # head_dim = C // num_heads kept
     with torch.no_grad():
-        assert m(x).shape == (2, 5)
+        assert m(x).shape == (1, 5)
         m.train()
         m(x)
 
 
 def test_swin_mlp_hidden_is_exact():
-    model, x = _tiny(False), torch.randn(2, 3, 32, 32)
+    model, x = _tiny(False), torch.randn(1, 3, 32, 32)
     g = DependencyGraph(model, (x,), ignore=[model.head])
     grp = g.group("features.1.0.mlp.0", "out", [1, 3, 5])
     assert grp.exact
