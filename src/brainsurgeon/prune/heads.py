@@ -7,7 +7,7 @@ keys coupled through ``Q K^T`` (GQA: a kv head's dim is shared by its query head
 ``nn.MultiheadAttention`` reshape q, k and v with one ``head_dim``, so both groups must lose the same
 number of dims per head: :func:`pair_groups` joins them row by row, each in its own importance order::
 
-    >>> sets = head_dim_sets(g)                   # [[qk group, vo group, ...], ...] per coupled set
+    >>> sets = head_dim_sets(g)   # g.group(q_proj, "out", all, rows=j % hd) etc., one list per coupled set
     >>> joint, scores = pair_groups(sets[0], [score("l2", grp, stats, cfg) for grp in sets[0]])
     >>> g.prune([joint.select(torch.arange(2))])  # the 2 weakest dims of every head, verified
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError, UnsupportedOpError
 from ..graph.group import Group, Slice
-from ..graph.maps import closure
 
 _Q = ("q_proj", "query", "q")
 _V = ("v_proj", "value", "v")
@@ -55,18 +55,15 @@ def attention_roots(model: nn.Module) -> list[tuple[str, list[tuple[str, str, in
 
 
 def _dim_group(graph: Any, root: tuple[str, str, int], head: int) -> Group | None:
-    ids = graph._param_nodes.get(root[:2])
-    if not ids:
+    """Row ``d`` = dim ``d`` of every head of ``root`` (None when blocked, unused or a single row)."""
+    module, tensor, dim = root
+    size = getattr(graph.model.get_submodule(module), tensor).shape[dim]
+    pos = np.arange(size)
+    try:
+        grp = graph.group(module, dim, pos, tensor=tensor, rows=pos % head)
+    except (UnsupportedOpError, ConfigError):
         return None
-    key = (ids[0], root[2])
-    pos = np.arange(graph.nodes[ids[0]].shape[root[2]])
-    cl = closure(graph.edges, key, pos, pos % head)
-    if cl.blocked or cl.n < 2:
-        return None
-    grp = graph._make_group(cl, root)
-    if grp is None or grp.root.idxs.numel() != len(pos):
-        return None
-    return grp
+    return grp if grp.n >= 2 else None
 
 
 def head_dim_sets(graph: Any) -> list[list[Group]]:
@@ -76,7 +73,6 @@ def head_dim_sets(graph: Any) -> list[list[Group]]:
     module it reaches join its set. Modules whose dims are blocked (an op without a rule, a model
     output) are left out.
     """
-    graph._refresh()
     roots = attention_roots(graph.model)
     by_module: dict[str, list[Group | None]] = {}
     heads: dict[str, int] = {}
