@@ -87,3 +87,36 @@ def test_group_rows_tie_indices_into_one_logical_channel():
     assert m[0].out_channels == 6 and m[3].in_channels == 6 and m(x).shape == (2, 10)
     with pytest.raises(ConfigError, match="one row per index"):
         g.group(m[0], "out", [0, 1, 2], rows=[0, 2, 2])
+
+
+class _Hardcoded(nn.Module):
+    """conv a feeds a concat; conv d's output is reshaped with a hard-coded width (pruning d must fail)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.d = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.d(x).view(x.shape[0], 8, -1).mean(1)
+
+
+class _SharedConsumer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.m, self.b, self.c = _Hardcoded(), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, side = self.m(x)
+        return self.c(torch.cat([a, self.b(x)], 1)).flatten(1) + side.sum(1, keepdim=True)
+
+
+def test_skip_failed_shifts_indices_of_groups_sharing_a_consumer():
+    torch.manual_seed(0)
+    m = _SharedConsumer().eval()
+    x = torch.randn(2, 3, 4, 4)
+    g = DependencyGraph(m, (x,))
+    ga, gb, gd = (g.group(n, "out", [1, 2]) for n in ("m.a", "b", "m.d"))
+    failed = g.prune([ga, gb, gd], skip_failed=True)
+    assert [grp.root.name for grp, _ in failed] == ["m.d.weight"] and "pruned width" in failed[0][1]
+    assert (m.m.a.out_channels, m.b.out_channels, m.c.in_channels, m.m.d.out_channels) == (2, 2, 4, 8)
+    assert m(x).shape == (2, 80)

@@ -57,6 +57,15 @@ class PruneMixin:
         if not skip_failed:
             self._prune(groups)
             return []
+        # groups of one call may share a tensor dim (a concat's consumer): once one is committed, the others'
+        # indices are shifted to the remaining positions instead of being refused as stale
+        self._batch = {"pre": dict(self._touched), "gone": {}}
+        try:
+            return self._prune_skipping(groups)
+        finally:
+            self._batch = None
+
+    def _prune_skipping(self, groups: Sequence[Group]) -> list[tuple[Group, str]]:
         records: list[dict[str, Any]] = []
         failed = self._skip(list(groups), records, train=False)   # eval-mode checks while bisecting ...
         if records and self.verify:
@@ -131,20 +140,32 @@ class PruneMixin:
         """Apply, verify (eval, and train if ``train``), commit; returns the record for :meth:`_rollback`.
 
         ``collect``: find every failing op of the failing mode in one forward (for bisection)."""
+        batch = getattr(self, "_batch", None)
+        before = batch["pre"] if batch else self._touched
         parts: dict[tuple[str, str, int], list[np.ndarray]] = {}
         for grp in groups:
             if grp.graph is not self:
                 raise SurgeryError("prune: this group belongs to another DependencyGraph")
             for s in grp.slices:
                 k = (s.module, s.tensor, s.dim)
-                if self._touched.get(k, -1) >= grp.version:
+                if before.get(k, -1) >= grp.version:
                     raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
                                        f"group was built; call g.groups()/g.group() again")
                 parts.setdefault(k, []).append(s.idxs.reshape(-1).numpy())
-        plan = {k: np.unique(np.concatenate(v)) if len(v) > 1 else np.unique(v[0]) for k, v in parts.items()}
+        orig = {k: np.unique(np.concatenate(v)) if len(v) > 1 else np.unique(v[0]) for k, v in parts.items()}
+        plan = orig
+        if batch:   # positions removed earlier in this call: shift to the remaining ones
+            plan = {}
+            for k, idx in orig.items():
+                gone = batch["gone"].get(k)
+                if gone is not None and np.isin(idx, gone).any():
+                    raise SurgeryError(f"prune: {k[0]}.{k[1]} dim {k[2]}: indices overlap channels already removed "
+                                       f"by another group of this call")
+                plan[k] = idx if gone is None else idx - np.searchsorted(gone, idx)
         record: dict[str, Any] = {"removed": self._removed, "touched": {k: self._touched.get(k) for k in plan},
                                   "step": self._step, "dirty": self._dirty, "history": len(self.history),
-                                  "groups": list(groups)}
+                                  "groups": list(groups),
+                                  "gone": {k: batch["gone"].get(k) for k in plan} if batch else {}}
         if not plan:
             return record
         removed = dict(self._removed)
@@ -166,6 +187,10 @@ class PruneMixin:
                         return self._prune(groups, train=train, collect=collect)
                 raise
         record["undo"] = undo
+        if batch:
+            for k, idx in orig.items():
+                prev = batch["gone"].get(k)
+                batch["gone"][k] = idx if prev is None else np.union1d(prev, idx)
         self._removed = removed
         for k in plan:
             self._touched[k] = self._step
@@ -198,5 +223,12 @@ class PruneMixin:
             else:
                 self._touched[k] = v
         self._step, self._dirty = record["step"], record["dirty"]
+        batch = getattr(self, "_batch", None)
+        if batch:
+            for k, v in record.get("gone", {}).items():
+                if v is None:
+                    batch["gone"].pop(k, None)
+                else:
+                    batch["gone"][k] = v
         del self.history[record["history"]:]
         sync_hf_config(self.model)
