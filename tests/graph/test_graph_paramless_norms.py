@@ -64,3 +64,13 @@ def test_instancenorm_without_affine_updates_num_features(stats):
     DependencyGraph(m, (x,)).group(m[0], "out", [0, 7]).prune()
     assert m[1].num_features == 6
     assert m(x).shape == (2, 4, 4, 4)
+
+
+def test_groupnorm_with_affine_is_fixed_once():
+    """The fixer of a module with sliced tensors wins; mirrored attributes must not shrink num_groups twice."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    DependencyGraph(m, (x,)).group(m[0], "out", list(range(8))).prune()   # groups 0 and 1, whole
+    assert (m[1].num_groups, m[1].num_channels) == (2, 8)
+    assert m(x).shape == (2, 4, 4, 4)

@@ -286,7 +286,9 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
                 t.grad = None
             for mname, tname in owners.get(tid, []):
                 modules.setdefault(mname, {}).setdefault(tname, {}).update(dims)
-        _set_mirrored_attrs(model, attrs or {}, undo)
+        # modules whose own tensors were sliced are fixed by their fixers (from the tensors); the mirrored
+        # attributes are for modules without sliced tensors (a LayerNorm without affine)
+        _set_mirrored_attrs(model, {k: v for k, v in (attrs or {}).items() if k not in modules}, undo)
         for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
             parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):
