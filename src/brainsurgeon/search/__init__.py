@@ -1,8 +1,10 @@
 """Budgets and search: measured costs, a resumable per-layer database, DP/AMC/baseline solvers.
 
 Per-weight variants (unstructured levels, N:M, block, bit widths, N:M + bits) are solved with the
-OBS engine and stitched or re-applied with the verbs; structured channel-ratio variants (a space
-of their own) go through ``brainsurgeon.prune`` and are re-checked against the measured cost.
+OBS engine and stitched or re-applied with the verbs; low-rank variants (activation-aware SVD at a
+rank per ratio) are applied by the factorize verb; structured channel-ratio variants (a space of
+their own) go through ``brainsurgeon.prune`` and are re-checked against the measured cost (AMC
+walks a real model over them).
 
     >>> from brainsurgeon.search import SearchSpace, search, apply_plan_
     >>> plan = search(model, SearchSpace(), "flops=0.25", calib, db="db/")
@@ -14,6 +16,7 @@ of their own) go through ``brainsurgeon.prune`` and are re-checked against the m
 
 from .amc import AMC, AMCSearch
 from .api import SOLVERS, StitchedModel, apply_plan_, channel_cost_fn, plan_entries, search, stitch_
+from .channels import ChannelWalk
 from .config import Budget, SearchSpace, load_space
 from .costs import LayerProfile, profile_layers, variant_costs, weight_bytes
 from .database import Database, Entry, SearchTable, build_database
@@ -26,7 +29,8 @@ from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measur
 from .variants import Variant, layer_variants
 
 __all__ = [
-    "AMC", "AMCSearch", "Budget", "Database", "Entry", "InlineExecutor", "LatencyTable", "LayerProfile", "Plan",
+    "AMC", "AMCSearch", "Budget", "ChannelWalk", "Database", "Entry", "InlineExecutor", "LatencyTable",
+    "LayerProfile", "Plan",
     "RayExecutor", "SOLVERS", "SearchSpace", "SearchTable", "StitchedModel", "Variant", "apply_plan_",
     "build_database", "choose_variants", "dp_plan", "global_magnitude_plan", "layer_variants", "load_space",
     "machine_fingerprint", "make_executor", "plan_entries", "profile_layers", "search", "stitch_", "time_module",
