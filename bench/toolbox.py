@@ -1,8 +1,8 @@
 """The classic toolbox, measured (issue 5): Deep Compression, KD vs plain fine-tuning, activation-aware
 SVD, Tucker-2 on real 3x3 convs, QAT vs PTQ. Prints every table of the issue's Proof section.
 
-    python bench/toolbox.py                     # full tables (tens of CPU-minutes on 1 thread)
-    python bench/toolbox.py --quick             # reduced run; exit 1 when a stated bound fails
+    python bench/toolbox.py                     # full tables (about 20 CPU-minutes on 1 thread)
+    python bench/toolbox.py --quick             # reduced run (56 CPU s, 1 thread); exit 1 if a bound fails
     python bench/toolbox.py --only kd,qat --json out.json
 
 Parts (experiments live in bench/lowrank_share.py and bench/distill_qat.py; this file runs them,
