@@ -55,6 +55,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--db", default="out/mobilenet-bops-db")
+    ap.add_argument("--no-apply", action="store_true", help="full run without the apply_plan_ re-solve of DP plans")
     args = ap.parse_args()
     torch.set_num_threads(1 if args.quick else 2)
     t_start = time.perf_counter()
@@ -82,7 +83,7 @@ def main() -> int:
             m = stitch_(copy.deepcopy(net), plan, table)
             agree, kl = damage(ref, logits_of(m, x_eval))
             applied = ""
-            if not args.quick and name == "DP":
+            if not (args.quick or args.no_apply) and name == "DP":
                 m = copy.deepcopy(net)
                 apply_plan_(m, plan, calib, CalibOptions(bn_reestimate=False))
                 a2, k2 = damage(ref, logits_of(m.eval(), x_eval))
@@ -96,7 +97,7 @@ def main() -> int:
         if "DP" in got and "uniform" in got and got["DP"][1] < got["uniform"][1]:
             failures.append(f"{budget}: DP agreement {got['DP'][1]:.4f} < uniform {got['uniform'][1]:.4f}")
     print(f"\nMobileNetV2 (ImageNet weights), damage vs dense on {n_eval} real-photo crops; plans stitched "
-          f"from the database{'' if args.quick else ' (and DP applied with apply_plan_)'}")
+          f"from the database{'' if args.quick or args.no_apply else ' (and DP applied with apply_plan_)'}")
     print(f"{'budget':<14}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}  {'applied':<18} variants")
     for budget, name, res, applied, variants in rows:
         red = f"{1 / budget.fraction:.0f}x"
