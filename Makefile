@@ -45,7 +45,7 @@ test-slow: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 
 # Every benchmark's reduced run (each prints its table and exits non-zero when a stated bound fails);
 # run a script without --quick for the full table quoted in the issue notes.
-BENCHES := obs_layers graph_coverage prune_real speedups roundtrip toolbox search_budgets mobilenet_bops minilm
+BENCHES := obs_layers graph_coverage graph_attention graph_tracers prune_real speedups roundtrip toolbox search_budgets mobilenet_bops minilm
 bench: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 	set -e; for b in $(BENCHES); do echo "== bench/$$b.py --quick"; $(BIN)/python bench/$$b.py --quick; done
 
