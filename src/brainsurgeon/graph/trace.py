@@ -14,8 +14,10 @@ tensor, so the recorded program is in SSA form. Parameters and buffers are mappe
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,6 +246,28 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(*_as_tuple(example_inputs))
 
 
+@contextlib.contextmanager
+def in_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run the block with ``model`` in ``mode`` ('eval' or 'train'); on exit, also on error, restore
+    every module's train/eval flag and every buffer (a train-mode forward updates BatchNorm statistics).
+
+    >>> with in_mode(model, "train"):
+    ...     model(x)
+    """
+    was_training = {m: m.training for m in model.modules()}
+    saved = {id(b): b.detach().clone() for b in model.buffers()}
+    try:
+        model.train(mode == "train")
+        yield
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+        with torch.no_grad():
+            for b in model.buffers():
+                if id(b) in saved and b.shape == saved[id(b)].shape:
+                    b.copy_(saved[id(b)])
+
+
 def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
                 next_id: list[int] | None = None) -> Trace:
     """Record one forward of ``model`` in ``mode`` ('eval' or 'train') without gradients.
@@ -267,29 +291,21 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
         if stack:
             stack.pop()
 
-    was_training = {m: m.training for m in model.modules()}
-    saved = {id(b): b.detach().clone() for b in model.buffers()}
     rec = _Recorder(owners, counter, stack)
     handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
     handles += [m.register_forward_hook(post, always_call=True) for m in model.modules()]
     t0 = time.perf_counter()
     try:
-        model.train(mode == "train")
-        flat_in = flat_tensors(example_inputs)
-        in_ids = [rec.node_of(a, "input") for a in flat_in]
-        with torch.no_grad(), rec:
-            out = run_model(model, example_inputs)
-        flat_out = flat_tensors(out)
-        out_ids = [rec.ids[id(o)] if id(o) in rec.ids else rec.node_of(o) for o in flat_out]
+        with in_mode(model, mode):
+            flat_in = flat_tensors(example_inputs)
+            in_ids = [rec.node_of(a, "input") for a in flat_in]
+            with torch.no_grad(), rec:
+                out = run_model(model, example_inputs)
+            flat_out = flat_tensors(out)
+            out_ids = [rec.ids[id(o)] if id(o) in rec.ids else rec.node_of(o) for o in flat_out]
     finally:
         for h in handles:
             h.remove()
-        for m, flag in was_training.items():
-            m.training = flag
-        with torch.no_grad():
-            for b in model.buffers():
-                if id(b) in saved and b.shape == saved[id(b)].shape:
-                    b.copy_(saved[id(b)])
     seconds = time.perf_counter() - t0
     log.debug("traced %s (%s): %d ops in %.3fs", type(model).__name__, mode, len(rec.ops), seconds)
     return Trace(mode, rec.nodes, rec.ops, in_ids, out_ids, [tuple(o.shape) for o in flat_out], seconds)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import UnsupportedOpError
-from .trace import _INDEX_DTYPES, _MAX_VALUES, Node, OpRecord, Ref, Trace, _as_tuple, _owners, flat_tensors
+from .trace import _INDEX_DTYPES, _MAX_VALUES, Node, OpRecord, Ref, Trace, _as_tuple, _owners, flat_tensors, in_mode
 
 log = get_logger(__name__)
 
@@ -98,20 +98,10 @@ def trace_model_export(model: nn.Module, example_inputs: Any, mode: str = "eval"
     'aten.convolution'
     """
     counter = counter if counter is not None else [0]
-    was_training = {m: m.training for m in model.modules()}
-    saved = {id(b): b.detach().clone() for b in model.buffers()}
     t0 = time.perf_counter()
-    try:
-        model.train(mode == "train")
+    with in_mode(model, mode):
         ep = _export(model, example_inputs)
         values = _values(ep, model, example_inputs)
-    finally:
-        for m, flag in was_training.items():
-            m.training = flag
-        with torch.no_grad():
-            for b in model.buffers():
-                if id(b) in saved and b.shape == saved[id(b)].shape:
-                    b.copy_(saved[id(b)])
     owners = _owners(model)
     by_name: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     by_name.update({k: v for k, v in model.named_buffers(remove_duplicate=False) if v is not None})
