@@ -14,7 +14,6 @@ state if anything fails midway (the caller's model is untouched on failure).
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,7 +30,7 @@ from .calib import (
     supported,
     weight_matrix,
 )
-from .config import CalibOptions, Config, Recipe, Step, load_recipe
+from .config import CalibOptions, Config, Recipe, Step, load_recipe, match_configs
 from .errors import ConfigError, UnsupportedModuleError
 from .obs import compress_weight
 from .obs.engine import column_perm
@@ -53,22 +52,6 @@ def _set_layer_weight(module: nn.Module, W: torch.Tensor) -> None:
             module.weight.copy_(W)
     else:
         set_weight_matrix_(module, W)
-
-
-def match_configs(names: Iterable[str], default: Config, ignore: Iterable[str] = (),
-                  overrides: Any = ()) -> dict[str, Config]:
-    """Name -> config for every name that no `ignore` regex fully matches: the config of the first
-    override whose regex fully matches the name, else `default`. overrides: an ordered
-    {regex: config} dict or (regex, config) pairs (the format recipes and the budget search use).
-    Every verb's planner (``plan_layers``, ``plan_factorization``, ``plan_sharing``) matches with it.
-
-    >>> match_configs(["conv1", "fc1", "fc2"], RTN(bits=4), ignore=("fc2",), overrides={"fc.*": RTN(bits=8)})
-    {'conv1': RTN(bits=4, ...), 'fc1': RTN(bits=8, ...)}
-    """
-    ign = [re.compile(p) for p in ignore]
-    over = [(re.compile(p), c) for p, c in (overrides.items() if isinstance(overrides, dict) else overrides)]
-    return {n: next((c for p, c in over if p.fullmatch(n)), default) for n in names
-            if not any(p.fullmatch(n) for p in ign)}
 
 
 def plan_layers(model: nn.Module, step: Step) -> dict[str, Config]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -339,6 +340,22 @@ class Step:
             if type(cfg).verb != type(self.method).verb:
                 raise ConfigError(f"override {pat!r}: {type(cfg).__name__} is a {type(cfg).verb} "
                                   f"config but the step is {type(self.method).verb}")
+
+
+def match_configs(names: Iterable[str], default: Config, ignore: Iterable[str] = (),
+                  overrides: Any = ()) -> dict[str, Config]:
+    """Name -> config for every name that no `ignore` regex fully matches: the config of the first
+    override whose regex fully matches the name, else `default`. overrides: an ordered
+    {regex: config} dict or (regex, config) pairs (the format recipes and the budget search use).
+    Every verb's planner (``api.plan_layers``, ``plan_factorization``, ``plan_sharing``) matches with it.
+
+    >>> match_configs(["conv1", "fc1", "fc2"], RTN(bits=4), ignore=("fc2",), overrides={"fc.*": RTN(bits=8)})
+    {'conv1': RTN(bits=4, ...), 'fc1': RTN(bits=8, ...)}
+    """
+    ign = [re.compile(p) for p in ignore]
+    over = [(re.compile(p), c) for p, c in (overrides.items() if isinstance(overrides, dict) else overrides)]
+    return {n: next((c for p, c in over if p.fullmatch(n)), default) for n in names
+            if not any(p.fullmatch(n) for p in ign)}
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..api import match_configs
 from ..calib import run_layerwise, weight_matrix
-from ..config import CalibOptions, Config
+from ..config import CalibOptions, Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow
 from .config import LowRank

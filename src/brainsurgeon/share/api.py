@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..api import match_configs
 from ..calib import supported
-from ..config import Config
+from ..config import Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow
 from .codec import save_encoded
