@@ -113,8 +113,7 @@ def _store(model: Any, bits: float, sparse: bool, folder: str, model_fn: Any) ->
             except ConfigError:
                 kept.append(name)
                 continue
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            model.set_submodule(name, new)
             packed.append(name)
         fmt = (f"int{4 if bits <= 4 else 8} packed: {', '.join(packed) or 'none'}"
                + (f" ({', '.join(kept)} fp32: no kernel for its shape)" if kept else ""))

@@ -164,8 +164,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Any, cfg: KD | 
             check_structure(student, before, masks)
     except BaseException:
         for name in qat_layers:
-            head, _, leaf = name.rpartition(".")
-            setattr(student.get_submodule(head) if head else student, leaf, originals[name])
+            student.set_submodule(name, originals[name])
         student.load_state_dict(saved)
         raise
     finally:

@@ -152,10 +152,9 @@ def factorize_module(name: str, module: nn.Module, cfg: LowRank,
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, new)
+    """Put `new` at dotted `name`; returns the module it replaced."""
+    old = model.get_submodule(name)
+    model.set_submodule(name, new)
     return old
 
 

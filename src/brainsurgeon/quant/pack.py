@@ -135,10 +135,8 @@ def pack_(model: nn.Module, cfg: Pack | None = None, *, ignore: Iterable[str] = 
     rows = []
     for n, m in new.items():
         old = todo[n]
-        parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         m.train(old.training)
-        setattr(parent, child, m)
+        model.set_submodule(n, m)
         dense = sum(t.numel() * t.element_size() for t in old.state_dict().values())
         rows.append(PackedRow(n, type(m).format_name, m.kernel, dense, m.nbytes()))
     return rows

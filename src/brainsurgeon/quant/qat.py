@@ -150,11 +150,6 @@ def _fit_layer_grid(name: str, W: torch.Tensor, cfg: QAT) -> tuple[Grid | None, 
     return fit_grid(W.detach().float(), cfg.bits, cfg.sym, cfg.group_size, cfg.mse), "fit"
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    head, _, leaf = name.rpartition(".")
-    return (model.get_submodule(head) if head else model), leaf
-
-
 def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None, *,
                  ignore: Iterable[str] = (), max_batches: int = 8) -> dict[str, str]:
     """Replace every Linear/Conv1d/Conv2d of `model` (in place) by its fake-quant twin.
@@ -189,8 +184,7 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
                 continue
             fq = to_fake_quant(mod, grid.scale, grid.zero, cfg.bits, grid.group_size, cfg.act_bits,
                                cfg.learn_scale)
-            parent, leaf = _parent(model, name)
-            setattr(parent, leaf, fq)
+            model.set_submodule(name, fq)
             done.append((name, mod))
             inits[name] = how
         if not done:
@@ -200,8 +194,7 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
             _observe_inputs(model, [n for n, _ in done], calib, max_batches)  # type: ignore[arg-type]
     except BaseException:
         for name, mod in done:
-            parent, leaf = _parent(model, name)
-            setattr(parent, leaf, mod)
+            model.set_submodule(name, mod)
         raise
     fitted = [n for n, h in inits.items() if h == "fit"]
     if fitted and cfg.init == "auto":
@@ -291,8 +284,7 @@ def convert_qat_(model: nn.Module, *, packed: bool = False, compute_dtype: str =
     if dropped:
         log.warning("convert_qat_: activation fake-quant of %s is dropped (weights stay on grid)", dropped)
     for name, m in new.items():
-        parent, leaf = _parent(model, name)
-        setattr(parent, leaf, m)
+        model.set_submodule(name, m)
     return list(new)
 
 

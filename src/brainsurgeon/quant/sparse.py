@@ -198,8 +198,7 @@ def sparsify_storage_(model: nn.Module, format: str = "csr", *, block: int = 16,
             and float((m.weight == 0).float().mean()) >= min_sparsity}
     new = {n: SparseLinear.from_linear(m, format, block) for n, m in todo.items()}  # validate first
     for n, m in new.items():
-        parent_name, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, m)
+        model.set_submodule(n, m)
     return new
 
 

@@ -25,7 +25,7 @@ from .amc import AMC, AMCSearch
 from .channels import ChannelWalk, apply_channels_, measured_fraction
 from .config import Budget, SearchSpace, load_space
 from .database import Entry, SearchTable, _Distortion, build_database
-from .factored import factorized_module, replace_module_
+from .factored import factorized_module
 from .plan import Plan
 from .solve import layer_weight, set_layer_weight_
 from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
@@ -198,7 +198,7 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None)
     weights = [(e, modules[e.layer], table.db.weight(e)) for e in entries if e.shard]  # read all before writing
     for e, mod, W in weights:
         if e.variant.startswith("lr@"):  # low-rank: the factorized module itself (exact: W has that rank)
-            replace_module_(model, e.layer, factorized_module(mod, W.to(mod.weight.device), e.configs[0]["rank"]))
+            model.set_submodule(e.layer, factorized_module(mod, W.to(mod.weight.device), e.configs[0]["rank"]))
         else:
             set_layer_weight_(mod, W.to(mod.weight.device))
     return model

@@ -17,7 +17,6 @@ counted by ``torch.utils.flop_counter`` like every other variant.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -72,12 +71,3 @@ def lowrank_costs(prof: LayerProfile, new: nn.Module, act_bits: int = 32) -> dic
     macs = _dense_macs(new, x)
     params = float(sum(p.numel() for p in new.parameters()))
     return {"params": params, "bytes": 4.0 * params, "macs": macs, "flops": 2 * macs, "bops": macs * 32 * act_bits}
-
-
-def replace_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at dotted `name` in `model`; returns the module it replaced."""
-    parent, _, child = name.rpartition(".")
-    owner: Any = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, new)
-    return old
