@@ -247,15 +247,16 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def in_mode(model: nn.Module, mode: str) -> Iterator[None]:
+def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[None]:
     """Run the block with ``model`` in ``mode`` ('eval' or 'train'); on exit, also on error, restore
-    every module's train/eval flag and every buffer (a train-mode forward updates BatchNorm statistics).
+    every module's train/eval flag and, with `keep_buffers`, every buffer (a train-mode forward
+    updates BatchNorm statistics).
 
     >>> with in_mode(model, "train"):
     ...     model(x)
     """
     was_training = {m: m.training for m in model.modules()}
-    saved = {id(b): b.detach().clone() for b in model.buffers()}
+    saved = {id(b): b.detach().clone() for b in model.buffers()} if keep_buffers else {}
     try:
         model.train(mode == "train")
         yield

@@ -16,6 +16,7 @@ culprit after a single forward instead of one forward per failure::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SurgeryError
 from .maps import Key
-from .trace import Node, OpRecord, Trace, flat_tensors, run_model
+from .trace import Node, OpRecord, Trace, flat_tensors, in_mode, run_model
 
 
 class VerifyError(SurgeryError):
@@ -138,7 +139,7 @@ class _Checker(TorchDispatchMode):
         moved = [(nid, d, o.shape[d]) for nid, o in zip(op.outputs, flat, strict=False) for d in range(o.dim())
                  if removed.get((nid, d)) is None and o.shape[d] != nodes[nid].shape[d]]
         if moved:
-            inputs_as_planned = all(isinstance(a, torch.Tensor) is False or tuple(a.shape) == self.expected(nid)
+            inputs_as_planned = all(tuple(a.shape) == self.expected(nid)   # flat_tensors yields tensors only
                                     for a, nid in zip(flat_tensors(args), op.inputs, strict=False))
             if name not in _SIZED_BY_ARGS or not inputs_as_planned:
                 self.matched = False   # data-dependent sizes (nonzero, topk of a count): only final shapes checked
@@ -200,17 +201,12 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     every failing op.
     """
     mode = trace.mode if trace is not None else (mode or "eval")
-    was = {m: m.training for m in model.modules()}
-    saved = {id(b): b.detach().clone() for b in model.buffers()} if mode == "train" else {}
     rec = _Checker(trace, removed, nodes, mode, collect)
     try:
-        model.train(mode == "train")
-        if collect:
-            with torch.no_grad(), _CatchComposite(rec), rec:
-                out = run_model(model, example_inputs)
-        else:
-            with torch.no_grad(), rec:
-                out = run_model(model, example_inputs)
+        # buffers change only in train mode (BatchNorm statistics): snapshot them only then
+        with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad(), \
+                (_CatchComposite(rec) if collect else contextlib.nullcontext()), rec:
+            out = run_model(model, example_inputs)
     except VerifyError:
         raise
     except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
@@ -218,14 +214,6 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         fails = rec.failures + [(j, f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}"
                                     f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
         raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails]) from e
-    finally:
-        for m, f in was.items():
-            m.training = f
-        if saved:
-            with torch.no_grad():
-                for b in model.buffers():
-                    if id(b) in saved and b.shape == saved[id(b)].shape:
-                        b.copy_(saved[id(b)])
     if trace is None:
         return
     if rec.matched:
