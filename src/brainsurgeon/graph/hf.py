@@ -82,15 +82,13 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     old: dict[str, Any] = {}
     per_layer: dict[str, dict[str, Any]] = {}
     fields = {f for w in widths.values() for f in w}
-    for f in sorted(fields):
+    for f in sorted(fields - {"inv_freq"}):   # rotary tables: recorded below, only with sliced head dims
         values = {name: w[f] for name, w in widths.items() if f in w}
         if len(set(map(str, values.values()))) == 1 and getattr(cfg, f, None) == next(iter(values.values())):
             continue   # unchanged everywhere
         if f == "num_key_value_heads" and not hasattr(cfg, f):
             continue
         derived = f in ("num_attention_heads", "num_key_value_heads") and getattr(cfg, "head_dim", None) is None
-        if f == "inv_freq":
-            continue
         if f == "head_dim" and getattr(cfg, f, None) is None:   # BERT-style: derived from hidden / heads
             base = getattr(cfg, "hidden_size", 0) // max(1, getattr(cfg, "num_attention_heads", 1))
             if set(values.values()) == {base}:
