@@ -144,15 +144,20 @@ class _Labels:
         p = self.parent
         while True:
             px = p[x]
-            if np.array_equal(px, x):
+            if (px == x).all():
                 return x
             x = p[px]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.tolist(), b.tolist(), strict=True):
-            rx, ry = int(self.find(np.array([x]))[0]), int(self.find(np.array([y]))[0])
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
+        """Merge the sets of ``a[i]`` and ``b[i]`` for every ``i``, all pairs at once: each round links
+        every pair's larger root under its smaller one (a root written twice keeps one write; the next
+        round re-checks), so parents only ever point to smaller ids and the loop ends."""
+        p = self.parent
+        while len(a):
+            ra, rb = self.find(a), self.find(b)
+            ne = ra != rb
+            a, b = ra[ne], rb[ne]
+            p[np.maximum(a, b)] = np.minimum(a, b)
 
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
@@ -168,11 +173,7 @@ class _Labels:
         now = cur[pos]
         diff = now != labels
         if diff.any():
-            a, b = self.find(now[diff]), self.find(labels[diff])
-            ne = a != b
-            if ne.any():
-                pairs = np.unique(np.stack([a[ne], b[ne]], 1), axis=0)
-                self.union(pairs[:, 0], pairs[:, 1])
+            self.union(now[diff], labels[diff])
         return added
 
 

@@ -263,24 +263,26 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
     (from ``Edges.attr_updates``) updates attributes of parameter-less modules (LayerNorm without affine).
     """
     undo: dict[str, Any] = {"data": {}, "attrs": {}}
-    by_tensor: dict[int, tuple[torch.Tensor, dict[int, np.ndarray]]] = {}
+    by_tensor: dict[int, tuple[torch.Tensor, dict[int, list[np.ndarray]]]] = {}
+    mods = dict(model.named_modules(remove_duplicate=False))
     for (mname, tname, dim), idx in plan.items():
-        t = getattr(model.get_submodule(mname), tname)
-        by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, np.zeros(0, dtype=np.int64))
-        prev = by_tensor[id(t)][1][dim]
-        by_tensor[id(t)][1][dim] = np.union1d(prev, np.asarray(idx, dtype=np.int64))
+        t = getattr(mods[mname], tname)
+        by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, []).append(np.asarray(idx, dtype=np.int64))
     modules: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     try:
         for tid, (t, dims) in by_tensor.items():
             undo["data"][tid] = (t, t.data)
             new = t.data
-            for dim, idx in dims.items():
+            for dim, parts in dims.items():
                 n = new.shape[dim]
+                idx = np.concatenate(parts)
                 if len(idx) and (idx.min() < 0 or idx.max() >= n):
                     raise SurgeryError(f"indices {idx.min()}..{idx.max()} out of range for dim {dim} of size {n} "
                                        f"({owners.get(tid, [('?', '?')])[0]})")
-                keep = torch.as_tensor(np.setdiff1d(np.arange(n), idx), dtype=torch.int64, device=new.device)
-                new = new.index_select(dim, keep)
+                keep = np.ones(n, dtype=bool)
+                keep[idx] = False
+                dims[dim] = np.nonzero(~keep)[0]          # sorted, distinct: what the fixers expect
+                new = new.index_select(dim, torch.as_tensor(np.nonzero(keep)[0], device=new.device))
             t.data = new.contiguous()
             if getattr(t, "grad", None) is not None:
                 t.grad = None
@@ -293,12 +295,12 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
             parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):
                 parent = ".".join(parts[:i])
-                if find_fixer(model.get_submodule(parent)) in _CONTAINER_FIXERS:
+                if find_fixer(mods[parent]) in _CONTAINER_FIXERS:
                     rel = ".".join(parts[i:])   # the container sees its children's removals as 'child.tensor'
                     for tname, dims in list(modules[mname].items()):
                         modules.setdefault(parent, {})[f"{rel}.{tname}"] = dims
         for mname, removed in modules.items():
-            m = model.get_submodule(mname)
+            m = mods[mname]
             fixer = find_fixer(m)
             if fixer is not None:
                 undo["attrs"].setdefault(mname, (m, module_attrs(m)))
