@@ -20,8 +20,8 @@ time* of build + prune (ours: DependencyGraph + groups + L2 scores + verified pr
 MagnitudePruner construction + step), not the model construction, MAC counting or checks; ``fwd`` is
 the CPU time of one plain eval forward of the model. As in ``timeit``, Python's cyclic garbage collector
 is paused while a tool runs (for both tools; memory is still freed by reference counting).
-The tools run one after the other over the whole list (ours first), so each tool's timings are taken
-under the same machine load.
+The tools alternate model by model (ours, then torch-pruning, each in its own warm worker), so both
+tools' timings of a model are taken under the same machine load.
 """
 
 from __future__ import annotations
@@ -454,18 +454,19 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(a.out, exist_ok=True)
     tools = ["ours"] + ([] if a.no_tp else ["tp"])
     results: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in tools}
-    for tool in tools:   # one tool over the whole list, then the other: same load for all of a tool's rows
-        print(f"== {tool}: {len(names)} models", flush=True)
-        w = Worker(tool, a.timeout, a.max_rss_gb)
-        for name in names:
+    workers = {tool: Worker(tool, a.timeout, a.max_rss_gb) for tool in tools}
+    print(f"{len(names)} models; each model by ours, then by torch-pruning (same machine load for both)", flush=True)
+    for name in names:
+        for tool in tools:
             res = done.get((name, tool))
             if res is None:
-                res = w.run(name)
+                res = workers[tool].run(name)
                 if jsonl:
                     with open(jsonl, "a", encoding="utf-8") as f:
                         f.write(json.dumps({"model": name, "tool": tool, "result": res}) + "\n")
             results[tool][name] = res
-            print(fmt_row(name, res if tool == "ours" else None, res if tool == "tp" else None), flush=True)
+        print(fmt_row(name, results["ours"][name], results["tp"][name] if "tp" in results else None), flush=True)
+    for w in workers.values():
         w.close()
     rows = [(n, results["ours"].get(n), results["tp"].get(n) if "tp" in results else None) for n in names]
     print(f"\n{'model':<34} {'fwd':>6} {'ours':>4} {'params':>17} {'MACs':>17} {'sec':>7} | torch-pruning 1.6")

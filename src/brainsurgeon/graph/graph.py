@@ -351,8 +351,7 @@ class DependencyGraph(PruneMixin):
                     continue
                 for k, pos in self._positions(grp):
                     if k not in covered:
-                        t = getattr(self.model.get_submodule(k[0]), k[1])
-                        covered[k] = np.zeros(t.shape[k[2]], dtype=bool)
+                        covered[k] = np.zeros(self.nodes[self._param_nodes[k[:2]][0]].shape[k[2]], dtype=bool)
                     covered[k][pos] = True
                 if grp.n < 2:
                     self.left_out.append((f"{name}.{tensor} dim {d}", "a single unit"))

@@ -181,7 +181,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        schema = func._schema
+        name, argnames, defaults, mutated_pos = _schema_of(func)
         inputs: list[int] = []
 
         def ref(a: Any) -> Any:
@@ -191,37 +191,47 @@ class _Recorder(TorchDispatchMode):
                 return Ref(nid)
             return a
 
-        rec_args = []
-        for i, sa in enumerate(schema.arguments):
-            if i < len(args):
-                v = args[i]
-            elif sa.name in kwargs:
-                v = kwargs[sa.name]
-            else:
-                v = sa.default_value if sa.has_default_value() else None
-            rec_args.append(_map(ref, v))
-        mutated_pos = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        n_args = len(args)
+        rec_args = [_map(ref, args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i])
+                    for i, a in enumerate(argnames)]
         mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
-            v = args[i] if i < len(args) else kwargs.get(schema.arguments[i].name)
+            v = args[i] if i < n_args else kwargs.get(argnames[i])
             if isinstance(v, torch.Tensor):
                 mutated_objs[id(v)] = v
         mutated_views = [t for k, t in mutated_objs.items()
                          if k in self.ids and t._is_view() and id(t._base) in self.ids]
         outputs, mutated = [], []
-        for o in flat_tensors(out):
+        flat = flat_tensors(out)
+        for o in flat:
             if id(o) in mutated_objs or id(o) in self.ids:
                 mutated.append(self.ids.get(id(o), -1))
             outputs.append(self.new_node(o))
-        name = func.overloadpacket._qualified_op_name.replace("::", ".")
         self.ops.append(OpRecord(len(self.ops), name, func._overloadname, rec_args, inputs, outputs, mutated,
-                                 self.stack[-1] if self.stack else "", tuple(a.name for a in schema.arguments)))
-        for o in flat_tensors(out):
+                                 self.stack[-1] if self.stack else "", argnames))
+        for o in flat:
             if o.dtype in _INDEX_DTYPES and o.numel() <= _MAX_VALUES:
                 self.nodes[self.ids[id(o)]].value = o.detach().cpu().numpy().copy()
         for v_in in mutated_views:
             self._mutate_base(v_in)
         return out
+
+
+_SCHEMAS: dict[Any, tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...]]] = {}
+
+
+def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...]]:
+    """(name 'aten.add', argument names, defaults (None where none), positions written in place) of an
+    op overload; parsed once per overload, since reading ``func._schema`` costs more than most ops."""
+    got = _SCHEMAS.get(func)
+    if got is None:
+        args = func._schema.arguments
+        got = _SCHEMAS[func] = (
+            func.overloadpacket._qualified_op_name.replace("::", "."),
+            tuple(a.name for a in args),
+            tuple(a.default_value if a.has_default_value() else None for a in args),
+            tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write))
+    return got
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[str, str, str]]:

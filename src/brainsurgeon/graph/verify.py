@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SurgeryError
 from .maps import Key
-from .trace import Node, OpRecord, Trace, flat_tensors, in_mode, run_model
+from .trace import Node, OpRecord, Trace, _schema_of, flat_tensors, in_mode, run_model
 
 
 class VerifyError(SurgeryError):
@@ -107,7 +107,7 @@ class _Checker(TorchDispatchMode):
         return ts[0] if len(ts) == 1 else tuple(ts)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        name = _schema_of(func)[0]
         self.current = name
         if self.matched:
             self._skip_elided(name)
@@ -202,6 +202,13 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     """
     mode = trace.mode if trace is not None else (mode or "eval")
     rec = _Checker(trace, removed, nodes, mode, collect)
+    if trace is None:   # nothing to compare op by op: a plain forward, re-run checked only to name a failing op
+        try:
+            with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad():
+                run_model(model, example_inputs)
+            return
+        except Exception:  # noqa: BLE001
+            pass
     try:
         # buffers change only in train mode (BatchNorm statistics): snapshot them only then
         with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad(), \
