@@ -19,13 +19,16 @@ from .api import SOLVERS, StitchedModel, apply_plan_, channel_cost_fn, plan_entr
 from .channels import ChannelWalk
 from .config import Budget, SearchSpace, load_space
 from .costs import LayerProfile, profile_layers, variant_costs, weight_bytes
+from .damage import OutputDamage
 from .database import Database, Entry, SearchTable, build_database
 from .distributed import all_reduce_hessian, all_reduce_hessians, assign_owners
 from .dp import choose_variants
 from .executors import InlineExecutor, RayExecutor, make_executor
 from .latency import LatencyTable, machine_fingerprint, time_module
 from .plan import Plan
+from .scores import score_table
 from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
+from .spdy import SPDY, spdy_plan
 from .variants import Variant, layer_variants
 
 __all__ = [
@@ -35,5 +38,5 @@ __all__ = [
     "build_database", "choose_variants", "dp_plan", "global_magnitude_plan", "layer_variants", "load_space",
     "machine_fingerprint", "make_executor", "plan_entries", "profile_layers", "search", "stitch_", "time_module",
     "uniform_plan", "variant_costs", "weight_bytes", "channel_cost_fn", "within_measured_budget",
-    "all_reduce_hessian", "all_reduce_hessians", "assign_owners",
+    "all_reduce_hessian", "all_reduce_hessians", "assign_owners", "OutputDamage", "score_table", "SPDY", "spdy_plan",
 ]

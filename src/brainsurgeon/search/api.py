@@ -24,31 +24,35 @@ from ..report import CompressionReport
 from .amc import AMC, AMCSearch
 from .channels import ChannelWalk, apply_channels_, measured_fraction
 from .config import Budget, SearchSpace, load_space
-from .database import Entry, SearchTable, _Distortion, build_database
+from .damage import OutputDamage
+from .database import Entry, SearchTable, build_database
 from .factored import factorized_module
 from .plan import Plan
 from .solve import layer_weight, set_layer_weight_
 from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
+from .spdy import SPDY, spdy_plan
 
 log = get_logger(__name__)
-SOLVERS = ("dp", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy")
+SOLVERS = ("dp", "spdy", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy")
 
 
 class StitchedModel:
     """A private copy of the model whose searched layers take database weights; scores choices.
 
     ``error(entries)`` = 1 - eval_fn(model) if eval_fn is given (eval_fn returns accuracy-like,
-    higher is better), else the model-output distortion on the calibration batches. Channel
+    higher is better), else the output damage on the calibration batches (`metric`: "mse", the
+    relative distortion; "kl", the mean KL to the dense softmax, :mod:`.scores`). Channel
     entries are applied by pruning a fresh copy (``prune_``), weight entries by loading shards.
     """
 
     def __init__(self, model: nn.Module, table: SearchTable, calib: Any,
-                 eval_fn: Callable[[nn.Module], float] | None = None, batches: int = 4) -> None:
+                 eval_fn: Callable[[nn.Module], float] | None = None, batches: int = 4,
+                 metric: str = "mse") -> None:
         from ..calib import cache_batches
 
         self.table, self.eval_fn = table, eval_fn
-        self.batches = list(cache_batches(calib, batches))
-        self.dist = _Distortion(model, self.batches)
+        self.batches = cache_batches(calib, batches)
+        self.dist = OutputDamage(model, self.batches, metric)
         self.model, self.modules = self.dist.model, self.dist.modules
         self.base = copy.deepcopy(self.model)
         self.dense = {n: layer_weight(self.modules[n]).clone() for n in table.layers}
@@ -79,7 +83,7 @@ class StitchedModel:
     def model_error(self, model: nn.Module) -> float:
         """The error of any model (e.g. one AMC walked): 1 - eval_fn(model), or its output distortion."""
         if self.eval_fn is None:
-            return self.dist.model_error(model)
+            return self.dist.model_damage(model)
         return 1.0 - float(self.eval_fn(model))
 
 
@@ -127,13 +131,15 @@ def plan_entries(table: SearchTable, plan: Plan) -> list[Entry]:
 
 def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, calib: Any,
            eval_fn: Callable[[nn.Module], float] | None = None, solver: str = "dp", *,
-           db: str | None = None, executor: str | Executor = "inline", amc: AMC | None = None) -> Plan:
+           db: str | None = None, executor: str | Executor = "inline", amc: AMC | None = None,
+           spdy: SPDY | None = None) -> Plan:
     """Build (or resume) the per-layer database, then solve for a plan under `budget`.
 
     space: a SearchSpace or a YAML path; budget: a Budget or ``"flops=0.25"`` / ``"bops=8x"``;
-    calib: calibration batches; eval_fn(model) -> accuracy (AMC's reward; default: output
-    distortion on calib); solver: dp | uniform | global-magnitude | amc (= amc-resource) |
-    amc-accuracy; db: database folder (default: a fresh temporary one, not resumable);
+    calib: calibration batches; eval_fn(model) -> accuracy (AMC's reward and SPDY's objective;
+    default: output distortion on calib, KL for SPDY); solver: dp | spdy | uniform |
+    global-magnitude | amc (= amc-resource) | amc-accuracy; spdy: SPDY's settings;
+    db: database folder (default: a fresh temporary one, not resumable);
     executor: inline | process | ray | a concurrent.futures.Executor. The model is not modified.
 
     >>> plan = search(model, SearchSpace(levels=8), "flops=0.25", calib, db="db/")
@@ -159,6 +165,13 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
         plan = uniform_plan(table, budget, measure)
     elif solver == "global-magnitude":
         plan = global_magnitude_plan(model, table, budget)
+    elif solver == "spdy":
+        if structural:
+            raise ConfigError("search: solver 'spdy' stitches database weights, so it needs a per-weight space; "
+                              "for channel spaces use solver='dp' or 'amc'")
+        cfg_s = spdy or SPDY()
+        stitched = StitchedModel(model, table, calib, eval_fn, cfg_s.batches, cfg_s.metric)
+        plan = spdy_plan(table, budget, stitched.error, cfg_s)
     else:
         cfg = amc or AMC()
         if solver != "amc":

@@ -14,7 +14,6 @@ it stopped; one folder serves many budgets, models and calibration sets.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -33,16 +32,17 @@ from torch import nn
 from .._io import atomic_open
 from .._log import get_logger, progress
 from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
-from ..calib.data import model_device
+from ..calib.data import CachedBatches, model_device
 from ..calib.driver import _forward
 from ..errors import CalibrationError, ConfigError, FormatError
 from .channels import channel_costs, pruned_copy
 from .config import SearchSpace
 from .costs import LayerProfile, profile_layers, variant_costs
+from .damage import OutputDamage
 from .executors import InlineExecutor, make_executor
 from .factored import factorizable, factorized_module, lowrank_costs
 from .latency import LatencyTable
-from .solve import layer_weight, set_layer_weight_, solve_variant
+from .solve import layer_weight, solve_variant
 from .variants import Variant, layer_variants
 
 log = get_logger(__name__)
@@ -209,43 +209,6 @@ def _hessians(model: nn.Module, names: list[str], batches: list[Any]) -> dict[st
             m.training = mode
 
 
-class _Distortion:
-    """Model-output distortion sum ||y - y_dense||^2 / sum ||y_dense||^2 with one layer swapped in."""
-
-    def __init__(self, model: nn.Module, batches: list[Any]) -> None:
-        self.model, self.batches = copy.deepcopy(model).eval(), batches
-        self.modules = dict(self.model.named_modules())
-        with torch.no_grad():
-            self.dense = [self._out(b) for b in batches]
-
-    def _out(self, b: Any, model: nn.Module | None = None) -> torch.Tensor:
-        y = _forward(self.model if model is None else model, b)[1]
-        y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)
-        return y.detach().double()
-
-    def model_error(self, model: nn.Module) -> float:
-        """Distortion of any model (e.g. a structurally pruned copy) against the dense outputs."""
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            with torch.no_grad():
-                num = sum(float(((self._out(b, model) - d) ** 2).sum()) for b, d in zip(self.batches, self.dense,
-                                                                                    strict=True))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        return num / max(sum(float((d**2).sum()) for d in self.dense), 1e-300)
-
-    def __call__(self, layer: str, W_hat: torch.Tensor) -> float:
-        mod = self.modules[layer]
-        W0 = layer_weight(mod).clone()
-        try:
-            set_layer_weight_(mod, W_hat.to(W0.device))
-            return self.model_error(self.model)
-        finally:
-            set_layer_weight_(mod, W0)
-
-
 def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str | os.PathLike[str],
                    executor: str | Executor = "inline", workers: int = 2) -> SearchTable:
     """Compute (or resume) every variant of every searched layer; return this model's table.
@@ -294,7 +257,8 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
     layers = sorted({n for n, v, _ in todo if v.pattern != "channels"}, key=list(profiles).index)
     Hs = _hessians(model, layers, batches) if layers else {}
     modules = dict(model.named_modules())
-    distortion = _Distortion(model, batches[: space.model_loss_batches]) if space.model_loss else None
+    distortion = (OutputDamage(model, CachedBatches(batches[: space.model_loss_batches]), "mse")
+                  if space.model_loss else None)
     latency = LatencyTable(db.root, model_device(model) or "cpu") if space.latency else None
     ex = make_executor(executor, workers)
     inline = isinstance(ex, InlineExecutor)
@@ -309,7 +273,7 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
             costs = variant_costs(prof, W_hat, v, space.act_bits)
         if latency is not None:
             costs["latency"] = latency.measure(f"{mhash}|{layer}|{v.name}", mod, W_hat, v, prof.input_shape)
-        mloss = None if distortion is None else (0.0 if not v.configs else distortion(layer, W_hat))
+        mloss = None if distortion is None else (0.0 if not v.configs else distortion.layer_damage(layer, W_hat))
         shard = f"shards/{key}.safetensors" if v.configs else ""
         db.add(Entry(key, mhash, chash, layer, v.name, tuple(c.to_dict() for c in v.configs), v.sparsity,
                      v.bits, loss, rel, mloss, costs, shard, sec), W_hat if v.configs else None)
@@ -318,7 +282,7 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
         t0 = time.perf_counter()
         pruned = pruned_copy(model, layer, v.configs[0], example, batches, list(profiles))
         costs = channel_costs(profiles, pruned, layer, example, space.act_bits)
-        mloss = distortion.model_error(pruned) if distortion is not None else None
+        mloss = distortion.model_damage(pruned) if distortion is not None else None
         db.add(Entry(key, mhash, chash, layer, v.name, tuple(c.to_dict() for c in v.configs), v.sparsity, 32,
                      math.nan, math.nan, mloss, costs, "", time.perf_counter() - t0), None)
 
