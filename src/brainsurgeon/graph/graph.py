@@ -133,7 +133,9 @@ class DependencyGraph(PruneMixin):
         self.traces: list[Trace] = [trace_model(self.model, self.example_inputs, "eval", counter)]
         self.train_error: str | None = None
         used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
-        params = {(mn, pn) for mn, m in self.model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
+        named = list(self.model.named_modules(remove_duplicate=False))
+        distinct = list(self.model.named_modules())
+        params = {(mn, pn) for mn, m in distinct for pn, p in m._parameters.items() if p is not None}
         want_train = self.train_trace is True or (self.train_trace == "auto" and bool(params - used))
         if want_train:
             try:
@@ -171,12 +173,12 @@ class DependencyGraph(PruneMixin):
         for name in self.ignore:
             self._block_module(ctx, name, f"ignored module {name!r}")
         self.owners: dict[int, list[tuple[str, str]]] = {}
-        for mn, m in self.model.named_modules(remove_duplicate=False):
-            for pn, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+        for mn, m in named:
+            for pn, p in (*m._parameters.items(), *m._buffers.items()):
                 if p is not None:
                     self.owners.setdefault(id(p), []).append((mn, pn))
-        self._module_index = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
-        self._modules = dict(self.model.named_modules(remove_duplicate=False))
+        self._module_index = {n: i for i, (n, _) in enumerate(distinct)}
+        self._modules = dict(named)
         self.build_seconds = time.perf_counter() - t0
         self._trace_step = self._step
         self._removed = {}
