@@ -19,8 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-_Q = ("q_proj", "query", "q")
-_K = ("k_proj", "key", "k")
+# child names of the query/key/value projections in transformers attention modules (one list for the graph's
+# HF config sync, the HF attention fixer and head pruning)
+Q_NAMES = ("q_proj", "query", "q")
+K_NAMES = ("k_proj", "key", "k")
+V_NAMES = ("v_proj", "value", "v")
 _UP = ("up_proj", "fc1", "c_fc", "w1", "gate_proj")
 
 
@@ -43,7 +46,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
-        q, k = _child(m, _Q), _child(m, _K)
+        q, k = _child(m, Q_NAMES), _child(m, K_NAMES)
         head = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
         if q is not None and k is not None and isinstance(head, int) and head > 0:
             out[name] = {"num_attention_heads": _out_width(q) // head, "num_key_value_heads": _out_width(k) // head,

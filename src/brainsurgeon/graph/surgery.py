@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from .hf import Q_NAMES
 
 Fixer = Callable[[nn.Module, dict[str, dict[int, np.ndarray]]], None]
 _FIXERS: dict[type, Fixer] = {}
@@ -193,7 +194,7 @@ _HEAD_DIM_ATTRS = ("attention_head_size", "head_dim")
 def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
     """transformers attention modules: heads from the query projection; head_dim kept when whole heads go,
     reduced when the same number of dims went from every head (``scaling`` is kept: outputs stay exact)."""
-    qname = next((n for n in ("query", "q_proj", "q") if isinstance(getattr(m, n, None), nn.Module)), None)
+    qname = next((n for n in Q_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
     q = getattr(m, qname) if qname else None
     if q is None or not hasattr(q, "weight"):
         return

@@ -27,9 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedOpError
 from ..graph.group import Group, Slice
-
-_Q = ("q_proj", "query", "q")
-_V = ("v_proj", "value", "v")
+from ..graph.hf import Q_NAMES, V_NAMES
 
 
 def _child(m: nn.Module, names: tuple[str, ...]) -> str | None:
@@ -48,7 +46,7 @@ def attention_roots(model: nn.Module) -> list[tuple[str, list[tuple[str, str, in
             continue
         head = next((getattr(m, a) for a in ("head_dim", "attention_head_size")
                      if isinstance(getattr(m, a, None), int)), None)
-        q, v = _child(m, _Q), _child(m, _V)
+        q, v = _child(m, Q_NAMES), _child(m, V_NAMES)
         if head and q and v:
             out.append((name, [(pre + q, "weight", 0), (pre + v, "weight", 0)], int(head)))
     return out
