@@ -169,8 +169,8 @@ def l2_half(model: Any, groups: list[Any]) -> list[Any]:
             key = (s.module, s.tensor, s.dim)
             if key not in per_index:
                 t = getattr(mods[s.module], s.tensor).detach()
-                per_index[key] = (t.pow(2).sum([d for d in range(t.dim()) if d != s.dim]) if t.dim() > 1
-                                  else t.pow(2)).double()
+                dims = [d for d in range(t.dim()) if d != s.dim]
+                per_index[key] = (torch.linalg.vector_norm(t, dim=dims) ** 2 if dims else t.pow(2)).double()
             score += per_index[key][s.idxs].sum(1)
         k = grp.n // 2
         if k:

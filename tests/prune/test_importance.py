@@ -13,7 +13,7 @@ from prune_fixtures import (
 
 from brainsurgeon.errors import ConfigError
 from brainsurgeon.prune import ChannelPruning, Stats, collect_stats, importance_needs, registered_importances, score
-from brainsurgeon.prune.importance import obs_saliency, register_importance
+from brainsurgeon.prune.importance import obs_saliency, register_importance, slice_norms, slice_values
 from brainsurgeon.prune.reconstruct import ReconStats, output_error, solve_reconstruction
 
 MEANINGFUL = [n for n in registered_importances() if n != "random"]
@@ -52,6 +52,15 @@ def test_group_norm_normalisation_and_root_reduce():
     assert s.mean() == pytest.approx(1.0, rel=1e-5)
     raw = score("group_l2", group, Stats(model), ChannelPruning(normalize="none", reduce="root"))
     assert torch.allclose(raw, score("l2", group, Stats(model), ChannelPruning()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_group", [conv1_group, conv2_group])
+@pytest.mark.parametrize("p", [1, 2])
+def test_slice_norms_equal_the_gathered_slice_norms(make_group, p):
+    model, group = ConvBNConv(), make_group()
+    for s in group.slices:   # conv weights (4-D, both dims), BN vectors (1-D)
+        want = slice_values(model, s).abs().pow(p).sum(1)
+        assert torch.allclose(slice_norms(model, s, p), want, rtol=1e-5), s
 
 
 def test_lamp_of_largest_channel_is_one():

@@ -133,6 +133,19 @@ def slice_values(model: nn.Module, s: Any) -> torch.Tensor:
     return gather(slice_tensor(model, s), s).float()
 
 
+def slice_norms(model: nn.Module, s: Any, p: float) -> torch.Tensor:
+    """sum over each logical channel's entries of |w|^p, (n,) float32: one fused norm over the whole
+    tensor (no copy of the slice), then a gather of the channel's ``k`` indices.
+
+    >>> torch.allclose(slice_norms(model, s, 2), slice_values(model, s).pow(2).sum(1))
+    True
+    """
+    t = slice_tensor(model, s).detach().float()
+    dims = [d for d in range(t.dim()) if d != s.dim]
+    per = torch.linalg.vector_norm(t, p, dim=dims).pow(p) if dims else t.abs().pow(p)  # (D,)
+    return per[s.idxs.to(per.device)].sum(1)  # (n, k) -> (n,)
+
+
 def _param_slices(group: Any, model: nn.Module) -> list[Any]:
     return [s for s in group.slices if is_param(model, s) and torch.is_floating_point(slice_tensor(model, s))]
 
@@ -165,13 +178,13 @@ def normalize(s: torch.Tensor, how: str) -> torch.Tensor:
 @register_importance("l1")
 def l1(group: Any, stats: Stats, cfg: Any) -> torch.Tensor:
     """||w_c||_1 of the root slice only (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017)."""
-    return slice_values(stats.model, group.root).abs().sum(1)  # (n, k*rest) -> (n,)
+    return slice_norms(stats.model, group.root, 1)
 
 
 @register_importance("l2")
 def l2(group: Any, stats: Stats, cfg: Any) -> torch.Tensor:
     """||w_c||_2 of the root slice only (magnitude pruning with the L2 norm)."""
-    return slice_values(stats.model, group.root).pow(2).sum(1).sqrt()
+    return slice_norms(stats.model, group.root, 2).sqrt()
 
 
 def _group_norm(group: Any, stats: Stats, cfg: Any, p: int) -> torch.Tensor:
@@ -183,7 +196,7 @@ def _group_norm(group: Any, stats: Stats, cfg: Any, p: int) -> torch.Tensor:
     slices = _param_slices(group, stats.model)
     if cfg.reduce == "root" or not slices:
         slices = [group.root]
-    per = [slice_values(stats.model, s).abs().pow(p).sum(1) for s in slices]  # each (n,)
+    per = [slice_norms(stats.model, s, p) for s in slices]  # each (n,)
     red = _reduce(per, "sum" if cfg.reduce == "root" else cfg.reduce)
     return normalize(red.pow(1.0 / p), cfg.normalize)
 
@@ -205,7 +218,7 @@ def bn_scale(group: Any, stats: Stats, cfg: Any) -> torch.Tensor | None:
     """|gamma_c| of the group's norm layers (Liu et al., "Learning Efficient Convolutional Networks
     through Network Slimming", ICCV 2017); None when the group has no affine norm layer."""
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-    per = [slice_values(stats.model, s).abs().sum(1) for s in group.slices
+    per = [slice_norms(stats.model, s, 1) for s in group.slices
            if s.tensor == "weight" and isinstance(stats.model.get_submodule(s.module), norms)]
     return _reduce(per, "sum") if per else None
 
@@ -222,7 +235,7 @@ def random_scores(group: Any, stats: Stats, cfg: Any) -> torch.Tensor:
 def lamp(group: Any, stats: Stats, cfg: Any) -> torch.Tensor:
     """LAMP (Lee et al., "Layer-adaptive Sparsity for the Magnitude-based Pruning", ICLR 2021, eq. 2)
     on channel group norms v_c = ||w_c||^2: score_c = v_c / sum_{d: v_d >= v_c} v_d."""
-    per = [slice_values(stats.model, s).pow(2).sum(1) for s in _param_slices(group, stats.model) or [group.root]]
+    per = [slice_norms(stats.model, s, 2) for s in _param_slices(group, stats.model) or [group.root]]
     v = _reduce(per, "sum")  # (n,)
     order = torch.argsort(v)  # ascending
     tail = v[order].flip(0).cumsum(0).flip(0)  # tail[i] = sum of v[order[i:]]
