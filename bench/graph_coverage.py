@@ -160,6 +160,8 @@ def train_forward_ok(model: Any, x: Any) -> bool:
 def l2_half(model: Any, groups: list[Any]) -> list[Any]:
     """Half of every group's rows by L2 magnitude summed over the whole group (DepGraph's group norm)."""
     import torch
+
+    from brainsurgeon.prune.importance import channel_norms
     mods = dict(model.named_modules(remove_duplicate=False))
     per_index: dict[tuple[str, str, int], torch.Tensor] = {}   # a tensor sits in many groups (DenseNet)
     chosen = []
@@ -169,8 +171,7 @@ def l2_half(model: Any, groups: list[Any]) -> list[Any]:
             key = (s.module, s.tensor, s.dim)
             if key not in per_index:
                 t = getattr(mods[s.module], s.tensor).detach()
-                dims = [d for d in range(t.dim()) if d != s.dim]
-                per_index[key] = (torch.linalg.vector_norm(t, dim=dims) ** 2 if dims else t.pow(2)).double()
+                per_index[key] = channel_norms(t, s.dim, 2).double()
             score += per_index[key][s.idxs].sum(1)
         k = grp.n // 2
         if k:

@@ -13,7 +13,7 @@ from prune_fixtures import (
 
 from brainsurgeon.errors import ConfigError
 from brainsurgeon.prune import ChannelPruning, Stats, collect_stats, importance_needs, registered_importances, score
-from brainsurgeon.prune.importance import obs_saliency, register_importance, slice_norms, slice_values
+from brainsurgeon.prune.importance import channel_norms, obs_saliency, register_importance, slice_norms, slice_values
 from brainsurgeon.prune.reconstruct import ReconStats, output_error, solve_reconstruction
 
 MEANINGFUL = [n for n in registered_importances() if n != "random"]
@@ -61,6 +61,15 @@ def test_slice_norms_equal_the_gathered_slice_norms(make_group, p):
     for s in group.slices:   # conv weights (4-D, both dims), BN vectors (1-D)
         want = slice_values(model, s).abs().pow(p).sum(1)
         assert torch.allclose(slice_norms(model, s, p), want, rtol=1e-5), s
+
+
+@pytest.mark.parametrize("shape", [(7,), (300, 700), (16, 8, 3, 3), (1, 5, 1)])
+def test_channel_norms_reduce_every_other_dim(shape):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    for d in range(len(shape)):
+        for p in (1, 2):
+            want = t.movedim(d, 0).reshape(shape[d], -1).abs().pow(p).sum(1)
+            assert torch.allclose(channel_norms(t, d, p), want, rtol=1e-4), (d, p)
 
 
 def test_lamp_of_largest_channel_is_one():
