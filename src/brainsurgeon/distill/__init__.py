@@ -5,6 +5,7 @@
     >>> print(hist.to_table())
 """
 
+from .augment import shift_flip
 from .config import KD
 from .hints import ChannelAdapter, HintHooks
 from .history import DistillHistory, Period
@@ -14,5 +15,5 @@ from .structure import apply_masks_, masked_gradients, zero_masks
 
 __all__ = [
     "KD", "ChannelAdapter", "DistillHistory", "HintHooks", "Period", "apply_masks_", "distill",
-    "evaluate_metric", "hint_loss", "hinton_loss", "kd_loss", "masked_gradients", "zero_masks",
+    "evaluate_metric", "hint_loss", "hinton_loss", "kd_loss", "masked_gradients", "shift_flip", "zero_masks",
 ]

@@ -3,6 +3,7 @@
     >>> KD(temperature=4.0, alpha=0.9, epochs=2)                      # Hinton KD
     >>> KD(hints=(("conv2", "conv2"),), hint_weight=1.0)              # + FitNets hints
     >>> KD(epochs=1, qat=QAT(bits=4))                                # QAT: weights stay on a 4-bit grid
+    >>> KD(epochs=10, shift=2, flip=True, alpha=0.5, temperature=2)  # function matching on augmented views
     >>> config_from_dict(KD(qat=QAT(bits=3)).to_dict()) == KD(qat=QAT(bits=3))
     True
 """
@@ -41,6 +42,9 @@ class KD(Config):
     eval_every: evaluate every this many steps (0: at the end of every epoch).
     qat: a QAT config: the loop swaps in fake-quant layers, trains, and converts back, so
     quantized weights end on their grid.
+    shift, flip: augment every image batch (N, C, H, W) by a random translation of up to `shift`
+    pixels and a random left-right mirror; teacher and student see the same view ("function
+    matching", Beyer et al. CVPR 2022), and so does plain fine-tuning (no teacher) with the same seed.
     """
 
     verb: ClassVar[str] = "distill"
@@ -61,6 +65,8 @@ class KD(Config):
     grad_clip: float = 0.0  # max global grad norm; 0: off
     keep_zeros: bool = True
     qat: QAT | None = None
+    shift: int = 0  # max random translation in pixels; 0: off
+    flip: bool = False  # random left-right mirror
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,9 +87,10 @@ class KD(Config):
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        for f in ("max_steps", "eval_every", "patience"):
+        for f in ("max_steps", "eval_every", "patience", "shift"):
             _check(isinstance(getattr(self, f), int) and getattr(self, f) >= 0,
                    f"{f} must be an integer >= 0 (0 = off), got {getattr(self, f)!r}")
+        _check(isinstance(self.flip, bool), f"flip must be True or False, got {self.flip!r}")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
         _check(self.qat is None or isinstance(self.qat, QAT), f"qat must be None or a QAT config, got {self.qat!r}")
 
@@ -97,6 +104,9 @@ class KD(Config):
         parts = [f"KD T={self.temperature:g} a={self.alpha:g}", f"{self.epochs} ep"]
         if self.hints:
             parts.append(f"{len(self.hints)} hint(s)")
+        if self.shift or self.flip:
+            aug = ((f"shift {self.shift}", self.shift), ("flip", self.flip))
+            parts.append("aug " + "+".join(a for a, on in aug if on))
         if self.qat is not None:
             parts.append(self.qat.describe())
         return ", ".join(parts)

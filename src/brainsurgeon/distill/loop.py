@@ -28,6 +28,7 @@ from .._log import get_logger, progress
 from ..errors import ConfigError, NumericalError
 from ..quant.fakequant import FAKE_QUANT_TYPES
 from ..quant.qat import convert_qat_, prepare_qat_
+from .augment import shift_flip
 from .config import KD
 from .hints import HintHooks
 from .history import DistillHistory, Period
@@ -148,7 +149,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Any, cfg: KD | 
     t_mode = teacher.training if teacher is not None else False
     t_grads = [(p, p.requires_grad) for p in teacher.parameters()] if teacher is not None else []
     s_mode, qat_layers = student.training, []
-    hist = DistillHistory(method=cfg.describe() if teacher is not None else f"fine-tune, {cfg.epochs} ep")
+    aug = f", aug shift {cfg.shift} flip {cfg.flip}" if cfg.shift or cfg.flip else ""
+    hist = DistillHistory(method=cfg.describe() if teacher is not None else f"fine-tune, {cfg.epochs} ep{aug}")
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
@@ -223,6 +225,8 @@ def _train(student: nn.Module, teacher: nn.Module | None, loader: Iterable[Any],
         for epoch, batch, epoch_end in progress(_batches(loader, cfg), desc="distill", total=total):
             x, y = _split(batch)
             x = x.to(dev)
+            if cfg.shift or cfg.flip:  # one view for teacher and student (function matching)
+                x = shift_flip(x, cfg.shift, cfg.flip)
             out = _logits(student(x))
             if teacher is not None:
                 with torch.no_grad():
