@@ -10,7 +10,8 @@ the R-CNN/RetinaNet/FCOS transforms; quantize=False for the quantizable models: 
 small input (1x3x64x64 where the model allows, ViTs built for it; detection 3x128x128), 50 % of the
 channels of every prunable group removed by L2 magnitude (sum of squares over the whole group,
 DepGraph-style), the final prediction layers ignored. Columns: ok (eval and train-mode forward after
-pruning, output shapes kept), params and MACs before/after, build+prune seconds; the same for
+pruning, output shapes kept; detection models run train mode on synthetic box/mask/keypoint targets,
+passed to ours as ``train_inputs``), params and MACs before/after, build+prune seconds; the same for
 torch-pruning (MagnitudePruner, L2, same ratio and ignored layers).
 
 Each tool runs in its own worker process (torch.set_num_threads(1)), models one after another, with a
@@ -105,6 +106,22 @@ def inputs(name: str) -> Any:
     return (torch.rand(2 if fam in ("classification", "quantization") else 1, 3, 64, 64, generator=g),)
 
 
+def train_inputs(name: str) -> Any:
+    """Detection models need targets in train mode: the images plus one box per image (and the mask or
+    keypoints their heads train on); None for every other family (the eval inputs serve)."""
+    import torch
+    if family(name) != "detection":
+        return None
+    (images,) = inputs(name)
+    t: dict[str, Any] = {"boxes": torch.tensor([[16.0, 24.0, 80.0, 100.0]]), "labels": torch.tensor([1])}
+    if name.startswith("maskrcnn"):
+        t["masks"] = torch.zeros(1, 128, 128, dtype=torch.uint8)
+        t["masks"][0, 24:100, 16:80] = 1
+    if name.startswith("keypointrcnn"):
+        t["keypoints"] = torch.tensor([[[20.0 + 3 * i, 30.0 + 3 * i, 1.0] for i in range(17)]])
+    return (images, [t] * len(images))
+
+
 def head_modules(model: Any) -> list[Any]:
     """The final prediction layers: named heads plus every Linear/Conv whose width is the class count."""
     from torch import nn
@@ -184,15 +201,15 @@ def run_ours(name: str) -> dict[str, Any]:
     import torch
 
     from brainsurgeon.graph import DependencyGraph
-    model, x = build(name), inputs(name)
+    model, x, tx = build(name), inputs(name), train_inputs(name)
     p0, m0, s0 = count(model, x)            # (also the warm-up for the forward timing)
     with torch.no_grad():
         t0 = time.process_time()
         model(*x)
         fwd_s = time.process_time() - t0
-    train_before = train_forward_ok(model, x)
+    train_before = train_forward_ok(model, tx or x)
     t0 = time.process_time()
-    g = DependencyGraph(model, x, ignore=head_modules(model))
+    g = DependencyGraph(model, x, ignore=head_modules(model), train_inputs=tx)
     t1 = time.process_time()
     groups = g.groups()
     failed = len(g.prune(l2_half(model, groups), skip_failed=True))
@@ -200,16 +217,16 @@ def run_ours(name: str) -> dict[str, Any]:
     p1, m1, s1 = count(model, x)
     return {"build_s": t1 - t0, "prune_s": t2 - t1, "seconds": t2 - t0, "params": [p0, p1], "macs": [m0, m1],
             "groups": len(groups), "failed_groups": failed, "train_before": train_before,
-            "train_ok": (not train_before) or train_forward_ok(model, x), "shape_ok": shapes_kept(name, s0, s1),
+            "train_ok": (not train_before) or train_forward_ok(model, tx or x), "shape_ok": shapes_kept(name, s0, s1),
             "fwd_s": fwd_s}
 
 
 def run_tp(name: str) -> dict[str, Any]:
     import torch
     import torch_pruning as tp
-    model, x = build(name), inputs(name)
+    model, x, tx = build(name), inputs(name), train_inputs(name)
     p0, m0, s0 = count(model, x)
-    train_before = train_forward_ok(model, x)
+    train_before = train_forward_ok(model, tx or x)
     t0 = time.process_time()
     pruner = tp.pruner.MagnitudePruner(model, example_inputs=x if len(x) > 1 else x[0],
                                        importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
@@ -221,7 +238,7 @@ def run_tp(name: str) -> dict[str, Any]:
         model(*x)
     p1, m1, s1 = count(model, x)
     return {"seconds": t1 - t0, "params": [p0, p1], "macs": [m0, m1], "train_before": train_before,
-            "train_ok": (not train_before) or train_forward_ok(model, x), "shape_ok": shapes_kept(name, s0, s1)}
+            "train_ok": (not train_before) or train_forward_ok(model, tx or x), "shape_ok": shapes_kept(name, s0, s1)}
 
 
 def one(name: str, tool: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class PruneMixin:
 
     model: Any
     example_inputs: Any
+    train_inputs: Any
     verify: bool
     traces: list[Any]
     nodes: dict[int, Any]
@@ -207,9 +208,9 @@ class PruneMixin:
         if train or train_only:
             t = next((t for t in self.traces if t.mode == "train"), None)
             if t is not None:
-                verify_forward(self.model, self.example_inputs, t, removed, self.nodes, collect=collect)
+                verify_forward(self.model, self.train_inputs, t, removed, self.nodes, collect=collect)
             elif self._train_ok is not False:
-                verify_forward(self.model, self.example_inputs, None, removed, self.nodes, mode="train")
+                verify_forward(self.model, self.train_inputs, None, removed, self.nodes, mode="train")
                 self._train_ok = True
 
     def _rollback(self, record: dict[str, Any]) -> None:

@@ -80,6 +80,9 @@ class DependencyGraph(PruneMixin):
         verify: re-run the example input after every prune (eval and train mode) and restore on failure.
         tracer: ``"dispatch"`` (default: one eager forward under a TorchDispatchMode) or ``"export"``
             (``torch.export``'s ATen graph; slower and fails on data-dependent shapes).
+        train_inputs: the inputs for train-mode tracing and verification when they differ from
+            ``example_inputs`` (default: the same), e.g. ``(images, targets)`` for a torchvision detector,
+            whose train-mode forward needs targets.
 
     >>> g = DependencyGraph(model, (torch.randn(1, 3, 32, 32),), ignore=[model.fc])
     >>> print(g.report())
@@ -87,7 +90,7 @@ class DependencyGraph(PruneMixin):
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] = (),
                  keep_io: bool = True, train_trace: bool | str = "auto", verify: bool = True,
-                 tracer: str = "dispatch") -> None:
+                 tracer: str = "dispatch", train_inputs: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"DependencyGraph: model must be an nn.Module, got {type(model).__name__}")
         if train_trace not in (True, False, "auto"):
@@ -97,6 +100,7 @@ class DependencyGraph(PruneMixin):
         self.tracer = tracer
         self.model = model
         self.example_inputs = example_inputs
+        self.train_inputs = example_inputs if train_inputs is None else train_inputs
         self.keep_io = keep_io
         self.verify = verify
         self.train_trace = train_trace
@@ -139,7 +143,7 @@ class DependencyGraph(PruneMixin):
         want_train = self.train_trace is True or (self.train_trace == "auto" and bool(params - used))
         if want_train:
             try:
-                self.traces.append(trace_model(self.model, self.example_inputs, "train", counter))
+                self.traces.append(trace_model(self.model, self.train_inputs, "train", counter))
             except Exception as e:  # noqa: BLE001  (a model may not run in train mode without targets)
                 self.train_error = f"{type(e).__name__}: {e}"
                 log.info("train-mode trace failed (%s); only eval mode is covered", self.train_error)
@@ -190,7 +194,7 @@ class DependencyGraph(PruneMixin):
         try:
             self.model.train()
             with torch.no_grad():
-                run_model(self.model, self.example_inputs)
+                run_model(self.model, self.train_inputs)
             return True
         except Exception as e:  # noqa: BLE001
             self.train_error = f"{type(e).__name__}: {e}"

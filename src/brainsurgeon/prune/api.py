@@ -136,12 +136,12 @@ def _rows(before: Costs, after: Costs, model: nn.Module, cfg: ChannelPruning,
 
 
 def _prune_head_dims(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: Any,
-                     report: CompressionReport) -> None:
+                     report: CompressionReport, train_inputs: Any = None) -> None:
     """Remove ``cfg.head_dim_ratio`` of the dims inside every attention head (weakest first, by
     ``cfg.importance``; q/k and v/o groups paired so every head keeps one head_dim)."""
     from ..graph import DependencyGraph
 
-    graph = DependencyGraph(model, example_inputs)
+    graph = DependencyGraph(model, example_inputs, train_inputs=train_inputs)
     sets = head_dim_sets(graph)
     if not sets:
         report.notes.append("head_dim_ratio: no attention module with prunable within-head dims was found")
@@ -175,13 +175,16 @@ def _check_inputs(cfg: Any, example_inputs: Any, calib: Any) -> None:
                           f"batches, or choose a data-free criterion (l1, l2, group_l2, bn_scale, lamp, random)")
 
 
-def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: Any = None) -> CompressionReport:
+def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: Any = None, *,
+           train_inputs: Any = None) -> CompressionReport:
     """Remove channels from `model` in place and return a report with params/MACs before and after.
 
     Each of ``cfg.steps`` steps traces the model (:class:`~brainsurgeon.graph.DependencyGraph`),
     scores every coupled group with ``cfg.importance``, removes the weakest channels (per group
     or globally) and, with ``reconstruct="obs"``, re-solves each consumer layer against the dense
     model on `calib`. The model's train/eval mode is kept. On failure the model is restored.
+    ``train_inputs``: inputs for the train-mode checks when the model needs others there (a detector's
+    ``(images, targets)``); default ``example_inputs``.
 
     >>> rep = prune_(model, ChannelPruning(ratio=0.5, round_to=8), example_inputs=torch.randn(1, 3, 32, 32))
     >>> print(rep.to_table())
@@ -200,7 +203,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
         recon: dict[str, tuple[float, float]] = {}
         for step in range(1, cfg.steps + 1):
             ratio = cfg.ratio * step / cfg.steps
-            graph = DependencyGraph(model, example_inputs)
+            graph = DependencyGraph(model, example_inputs, train_inputs=train_inputs)
             groups = _prunable(graph, model, cfg)
             stats = collect_stats(model, groups, importance_needs(cfg.importance), calib, cfg.calib_batches)
             scored = [(g, score(cfg.importance, g, stats, cfg)) for g in groups]
@@ -233,7 +236,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                                                cfg.calib_batches):
                     recon[name] = (recon.get(name, (b, a))[0], a)
         if cfg.head_dim_ratio > 0:
-            _prune_head_dims(model, cfg, example_inputs, calib, report)
+            _prune_head_dims(model, cfg, example_inputs, calib, report, train_inputs)
         after = measure(model, example_inputs)
     except BaseException:
         _restore_(model, backup, originals)
