@@ -265,18 +265,18 @@ def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[
     >>> with in_mode(model, "train"):
     ...     model(x)
     """
-    was_training = {m: m.training for m in model.modules()}
-    saved = {id(b): b.detach().clone() for b in model.buffers()} if keep_buffers else {}
+    was_training = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if keep_buffers else []
     try:
         model.train(mode == "train")
         yield
     finally:
-        for m, flag in was_training.items():
+        for m, flag in was_training:
             m.training = flag
         with torch.no_grad():
-            for b in model.buffers():
-                if id(b) in saved and b.shape == saved[id(b)].shape:
-                    b.copy_(saved[id(b)])
+            for b, v in saved:
+                if b.shape == v.shape:
+                    b.copy_(v)
 
 
 def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
@@ -303,8 +303,9 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
             stack.pop()
 
     rec = _Recorder(owners, counter, stack)
-    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
-    handles += [m.register_forward_hook(post, always_call=True) for m in model.modules()]
+    mods = list(model.modules())
+    handles = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post, always_call=True)
+                                                                  for m in mods]
     t0 = time.perf_counter()
     try:
         with in_mode(model, mode):
