@@ -14,8 +14,8 @@ in [1 / spread, spread] around 1 and keeps the candidate if it lowers the loss; 
 layers, 100 tries). Plans already scored are not evaluated again.
 
     >>> plan = spdy_plan(table, Budget.parse("bops=8x"), stitched.error, SPDY(evals=120))
-    >>> plan.info["evals"], plan.info["dp_loss"] >= plan.info["score"]
-    (120, True)
+    >>> plan.info["evals"] <= 120, plan.info["score"] <= plan.info["dp_loss"]
+    (True, True)
 """
 
 from __future__ import annotations
