@@ -104,7 +104,7 @@ class DependencyGraph(PruneMixin):
         self.keep_io = keep_io
         self.verify = verify
         self.train_trace = train_trace
-        self.ignore = tuple(self._name(m) for m in ignore)
+        self.ignore = self._names(ignore)
         self.history: list[dict[str, Any]] = []
         self._step = 0
         self._trace_step = 0
@@ -114,7 +114,8 @@ class DependencyGraph(PruneMixin):
         self._build()
 
     # ------------------------------------------------------------------ building
-    def _name(self, m: nn.Module | str) -> str:
+    def _name(self, m: nn.Module | str, names: dict[int, str] | None = None) -> str:
+        """The name of a submodule given as a module or a name; ``names`` (id -> name) saves a model walk."""
         if isinstance(m, str):
             try:
                 self.model.get_submodule(m)
@@ -122,10 +123,16 @@ class DependencyGraph(PruneMixin):
                 raise ConfigError(f"no module named {m!r} in {type(self.model).__name__}; "
                                   f"use a name from model.named_modules()") from e
             return m
-        for n, mod in self.model.named_modules():
-            if mod is m:
-                return n
-        raise ConfigError(f"module {type(m).__name__} is not a submodule of {type(self.model).__name__}")
+        if names is None:
+            names = {id(mod): n for n, mod in self.model.named_modules()}
+        if id(m) not in names:
+            raise ConfigError(f"module {type(m).__name__} is not a submodule of {type(self.model).__name__}")
+        return names[id(m)]
+
+    def _names(self, mods: Iterable[nn.Module | str]) -> tuple[str, ...]:
+        mods = list(mods)
+        names = {id(mod): n for n, mod in self.model.named_modules()} if mods else {}
+        return tuple(self._name(m, names) for m in mods)
 
     def _build(self) -> None:
         t0 = time.perf_counter()
@@ -139,6 +146,7 @@ class DependencyGraph(PruneMixin):
         used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
         named = list(self.model.named_modules(remove_duplicate=False))
         distinct = list(self.model.named_modules())
+        self._modules = dict(named)
         params = {(mn, pn) for mn, m in distinct for pn, p in m._parameters.items() if p is not None}
         want_train = self.train_trace is True or (self.train_trace == "auto" and bool(params - used))
         if want_train:
@@ -174,15 +182,13 @@ class DependencyGraph(PruneMixin):
                     ctx.block(nid, None, "model input")
                 for nid in t.outputs:
                     ctx.block(nid, None, "model output")
-        for name in self.ignore:
-            self._block_module(ctx, name, f"ignored module {name!r}")
+        self._block_modules(ctx, self.ignore)
         self.owners: dict[int, list[tuple[str, str]]] = {}
         for mn, m in named:
             for pn, p in (*m._parameters.items(), *m._buffers.items()):
                 if p is not None:
                     self.owners.setdefault(id(p), []).append((mn, pn))
         self._module_index = {n: i for i, (n, _) in enumerate(distinct)}
-        self._modules = dict(named)
         self.build_seconds = time.perf_counter() - t0
         self._trace_step = self._step
         self._removed = {}
@@ -232,16 +238,22 @@ class DependencyGraph(PruneMixin):
                     ctx.gather(ids[0], 0, ids[0], 1, np.arange(3 * e) % e)
         apply_module_rules(self.model, self._param_nodes, ctx)
 
-    def _block_module(self, ctx: Ctx, name: str, reason: str) -> None:
-        prefix = name + "." if name else ""
+    def _block_modules(self, ctx: Ctx, names: tuple[str, ...]) -> None:
+        """Block every non-input dim of the parameters of ``names`` and their submodules (ignored modules)."""
+        if not names:
+            return
+        wanted = set(names)
         for (mn, pn), ids in self._param_nodes.items():
-            if mn != name and not mn.startswith(prefix):
+            parts = mn.split(".") if mn else []
+            owner = next((a for a in ("", *(".".join(parts[:i + 1]) for i in range(len(parts)))) if a in wanted),
+                         None)
+            if owner is None:
                 continue
-            m = self.model.get_submodule(mn)
+            m = self._modules[mn]
             for nid in ids:
                 for d in range(len(self.nodes[nid].shape)):
                     if slice_role(m, pn, d) != "in":
-                        ctx.block(nid, [d], reason)
+                        ctx.block(nid, [d], f"ignored module {owner!r}")
 
     def _refresh(self) -> None:
         if self._dirty:
@@ -326,7 +338,7 @@ class DependencyGraph(PruneMixin):
         ...     grp.select(torch.arange(grp.n // 2)).prune()
         """
         self._refresh()
-        ign = tuple(self._name(m) for m in ignore)
+        ign = self._names(ignore)
         covered: dict[tuple[str, str, int], np.ndarray] = {}   # positions already in a group
         out: list[Group] = []
         self.left_out: list[tuple[str, str]] = []

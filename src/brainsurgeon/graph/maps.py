@@ -233,16 +233,25 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
     n0 = int(root_rows.max()) + 1 if len(root_rows) else 0
     lab = _Labels(n0)
     lab.apply(root, edges.size[root], np.asarray(root_pos, dtype=np.int64), np.asarray(root_rows, dtype=np.int64))
-    work = deque([root])
-    queued = {root}
+    work: deque[Key] = deque()
+    queued: set[Key] = set()
     blocked: list[tuple[Key, str]] = []
-    while work:
+    def reach(k: Key) -> bool:
+        """Queue a key that gained labels; False when it is blocked and the caller stops at the first block."""
+        if stop_when_blocked and k in edges.blocked:
+            blocked.append((k, edges.blocked[k]))
+            return False
+        if k not in queued:
+            work.append(k)
+            queued.add(k)
+        return True
+
+    ok = reach(root)
+    while work and ok:
         key = work.popleft()
         queued.discard(key)
         if key in edges.blocked:
             blocked.append((key, edges.blocked[key]))
-            if stop_when_blocked:
-                break
         la = lab.lab[key]
         on = np.nonzero(la >= 0)[0]
         for other, pos, forward in edges.gathers.get(key, ()):
@@ -254,14 +263,14 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
                 lb = la[pos]
                 sel = np.nonzero(lb >= 0)[0]
                 tp, tl = sel, lb[sel]
-            if len(tp) and lab.apply(other, edges.size[other], tp, tl) and other not in queued:
-                work.append(other)
-                queued.add(other)
-        for parts in edges.splits.get(key, ()):
+            if len(tp) and lab.apply(other, edges.size[other], tp, tl) and not (ok := reach(other)):
+                break
+        for parts in edges.splits.get(key, ()) if ok else ():
             for atom, digit in _choose_atoms(lab, la, parts, edges, prefer_fits):
-                if lab.apply(atom, edges.size[atom], digit[on], la[on]) and atom not in queued:
-                    work.append(atom)
-                    queued.add(atom)
+                if lab.apply(atom, edges.size[atom], digit[on], la[on]) and not (ok := reach(atom)):
+                    break
+            if not ok:
+                break
     # canonical row ids: ordered by first appearance on the root
     roots = lab.find(np.arange(n0, dtype=np.int64)) if n0 else np.zeros(0, dtype=np.int64)
     rl = lab.lab[root]
