@@ -41,7 +41,7 @@ def main() -> int:
     for name in models:
         torch.manual_seed(0)
         model, x = gc.build(name), gc.inputs(name)
-        heads = {id(m) for m in gc.head_modules(model)}
+        heads = {id(m) for m in gc.head_modules(model, name)}
         ignore = tuple(re.escape(n) for n, m in model.named_modules() if id(m) in heads)
         t0 = time.process_time()
         rep = prune_(model, ChannelPruning(ratio=0.5, importance="l2", ignore=ignore), x)

@@ -122,16 +122,23 @@ def train_inputs(name: str) -> Any:
     return (images, [t] * len(images))
 
 
-def head_modules(model: Any) -> list[Any]:
-    """The final prediction layers: named heads plus every Linear/Conv whose width is the class count."""
+CLASSES = {"classification": (1000,), "quantization": (1000,), "video": (400,), "detection": (91, 17),
+           "segmentation": (21,), "optical_flow": ()}
+
+
+def head_modules(model: Any, name: str = "") -> list[Any]:
+    """The final prediction layers: named heads plus every Linear/Conv whose width is the class count of
+    the model's family (ImageNet 1000, Kinetics 400, COCO 91 / 17 keypoints, VOC 21; every count when
+    ``name`` is not given) -- so a regnet_x_400mf stage of 400 channels is not taken for a head."""
     from torch import nn
+    counts = CLASSES[family(name)] if name else tuple(c for v in CLASSES.values() for c in v)
     out = []
     for n, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
             continue
         width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
         last = n.split(".")[-1]
-        if width in (1000, 400, 91, 21, 17) or last in HEADS or n in HEADS or "predictor" in n:
+        if width in counts or last in HEADS or n in HEADS or "predictor" in n:
             out.append(m)
     return out
 
@@ -209,7 +216,7 @@ def run_ours(name: str) -> dict[str, Any]:
         fwd_s = time.process_time() - t0
     train_before = train_forward_ok(model, tx or x)
     t0 = time.process_time()
-    g = DependencyGraph(model, x, ignore=head_modules(model), train_inputs=tx)
+    g = DependencyGraph(model, x, ignore=head_modules(model, name), train_inputs=tx)
     t1 = time.process_time()
     groups = g.groups()
     failed = len(g.prune(l2_half(model, groups), skip_failed=True))
@@ -230,7 +237,7 @@ def run_tp(name: str) -> dict[str, Any]:
     t0 = time.process_time()
     pruner = tp.pruner.MagnitudePruner(model, example_inputs=x if len(x) > 1 else x[0],
                                        importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-                                       ignored_layers=head_modules(model))
+                                       ignored_layers=head_modules(model, name))
     pruner.step()
     t1 = time.process_time()
     with torch.no_grad():
