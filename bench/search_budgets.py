@@ -6,14 +6,17 @@
     python bench/search_budgets.py --model fashion-resnet20   # CIFAR-style ResNet-20 on Fashion-MNIST (10k test)
     python bench/search_budgets.py --quick    # reduced space, plans stitched from the database (< 1 min);
                                               # exit 1 if DP loses to uniform at any budget
+    python bench/search_budgets.py --model fashion-resnet20 --budgets flops=8x --stitch   # one budget, stitched
 
 For every budget (fraction of the dense model's FLOPs or BOPs over its conv/linear layers;
 BOPs = MACs x weight bits x activation bits, activations stay fp32) each solver returns a plan;
 the plan is applied (full: `apply_plan_`, i.e. the verbs re-solve each layer sequentially; quick:
 the database weights are stitched in) and test accuracy is measured before and after BatchNorm
-re-estimation on the calibration data. AMC's reward uses 512 held-out *training* images, never
-the test set. The database is built once per space (resumable) under --db. A Pareto plot
-(accuracy vs cost) is written to --out.
+re-estimation on the calibration data (--stitch: full runs stitch the database weights too).
+SPDY (full runs; Frantar & Alistarh, ICML 2022) searches per-layer weights of DP's scores by the
+stitched model's accuracy after BN re-estimation. AMC's reward and SPDY's objective use 512
+held-out *training* images, never the test set. The database is built once per space
+(resumable) under --db. A Pareto plot (accuracy vs cost) is written to --out.
 
 The check (exit 1), per budget and per column (without / with BN re-estimation): DP fails when
 uniform is *significantly* more accurate on the test set (one-sided exact McNemar test on the
@@ -41,6 +44,7 @@ from brainsurgeon.errors import BudgetInfeasibleError
 from brainsurgeon.models import calibration_loader, evaluate, pretrained
 from brainsurgeon.search import (
     AMC,
+    SPDY,
     AMCSearch,
     Budget,
     SearchSpace,
@@ -51,6 +55,7 @@ from brainsurgeon.search import (
     global_magnitude_plan,
     load_space,
     search,
+    spdy_plan,
     stitch_,
     uniform_plan,
 )
@@ -70,15 +75,17 @@ def spaces(quick: bool, model: str) -> SearchSpace:
     return space
 
 
-def solvers(quick: bool, model, table, stitched, episodes: int):
+def solvers(quick: bool, model, table, stitched, episodes: int, spdy_stitched=None):
     amc = AMC(episodes=40 if quick else episodes, warmup=10 if quick else episodes // 4)
+    extra = {} if spdy_stitched is None else {
+        "SPDY": lambda b: spdy_plan(table, b, spdy_stitched.error, SPDY(evals=100))}
     return {
         "uniform": lambda b: uniform_plan(table, b),
         "global-mag": lambda b: global_magnitude_plan(model, table, b),
         "DP": lambda b: dp_plan(table, b),
         "AMC-rc": lambda b: AMCSearch(amc, table, b, stitched.error).run(),
         "AMC-ag": lambda b: AMCSearch(AMC(**{**_fields(amc), "mode": "accuracy"}), table, b, stitched.error).run(),
-    }
+    } | extra
 
 
 def _fields(cfg):
@@ -117,6 +124,13 @@ def measure(model, plan, table, calib, test_ds, stitch: bool) -> tuple[torch.Ten
     plain = correct(m, test_ds)
     reestimate_batchnorm_(m, calib)
     return plain, correct(m, test_ds), sec
+
+
+def bn_copy(model, calib):
+    """A copy of `model` with BatchNorm statistics re-estimated on `calib` (SPDY's objective)."""
+    m = copy.deepcopy(model)
+    reestimate_batchnorm_(m, calib)
+    return m
 
 
 def verdict(dp: torch.Tensor, uni: torch.Tensor) -> str:
@@ -201,6 +215,8 @@ def main() -> int:
     ap.add_argument("--db", default=None, help="database folder (default out/search-db-MODEL)")
     ap.add_argument("--out", default=None, help="Pareto plot (default out/search/MODEL.png)")
     ap.add_argument("--amc-episodes", type=int, default=0, help="AMC episodes (default 200; 50 for ResNet-20)")
+    ap.add_argument("--budgets", default="", help="comma-separated budgets instead of the default list, e.g. flops=8x")
+    ap.add_argument("--stitch", action="store_true", help="full runs: stitch database weights instead of apply_plan_")
     ap.add_argument("--section", choices=("all", "weights", "channels"), default="all",
                     help="weights: per-weight variants (sparsity, N:M, bits); channels: structured channel ratios")
     args = ap.parse_args()
@@ -231,10 +247,14 @@ def main() -> int:
     print(f"database: {n_entries} entries over {len(table.layers)} layers ({table.computed} computed now) "
           f"in {time.perf_counter() - t0:.1f}s at {db}")
     stitched = StitchedModel(model, table, calib, eval_fn=lambda m: evaluate(m, held))
+    spdy_stitched = None if args.quick else StitchedModel(model, table, calib,
+                                                          eval_fn=lambda m: evaluate(bn_copy(m, calib), held))
     rows = []
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    if args.budgets:
+        budgets = [Budget.parse(b) for b in args.budgets.split(",")]
     for budget in budgets:
-        for name, solve in solvers(args.quick, model, table, stitched, episodes).items():
+        for name, solve in solvers(args.quick, model, table, stitched, episodes, spdy_stitched).items():
             t0 = time.perf_counter()
             try:
                 plan = solve(budget)
@@ -242,14 +262,15 @@ def main() -> int:
                 print(f"{budget} {name}: infeasible ({str(e)[:80]})")
                 continue
             t_solve = time.perf_counter() - t0
-            plain, bn, t_apply = measure(model, plan, table, calib, test_ds, stitch=args.quick)
+            plain, bn, t_apply = measure(model, plan, table, calib, test_ds, stitch=args.quick or args.stitch)
             rows.append({"metric": budget.metric, "budget": budget.fraction, "solver": name, "cost": plan.info["cost"],
                          "ok": plain, "ok_bn": bn, "acc": float(plain.float().mean()),
                          "acc_bn": float(bn.float().mean()), "t_solve": t_solve, "t_apply": t_apply,
                          "variants": ",".join(plan.variants)})
             print(f"  {budget} {name}: cost {plan.info['cost']:.4f} acc {100 * rows[-1]['acc']:.2f} "
                   f"+BN {100 * rows[-1]['acc_bn']:.2f} ({t_solve + t_apply:.0f}s)", flush=True)
-    how = "stitched from the database" if args.quick else "applied with apply_plan_ (sequential re-solve)"
+    how = ("stitched from the database" if args.quick or args.stitch
+           else "applied with apply_plan_ (sequential re-solve)")
     print(f"\n{args.model}, dense test accuracy {100 * dense.float().mean():.2f}% / "
           f"{100 * dense_bn.float().mean():.2f}% with BN re-estimation ({len(test_ds)} test images); plans {how}")
     print(f"{'budget':<12}{'solver':<12}{'cost':>8}{'acc':>8}{'acc+BN':>8}{'vs U':>6}{'solve s':>9}{'apply s':>9}"
