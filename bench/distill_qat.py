@@ -9,7 +9,7 @@ cross-entropy and with Hinton KD from its dense self, paired by seed (same batch
 optimizer, lr schedule and epochs; the arms differ only in the loss), each with and without function-
 matching augmentation (``KD(shift=2, flip=True)``: teacher and student see the same shifted/mirrored
 view; Beyer et al., CVPR 2022). Regimes: all 55k training labels for 1 epoch, and a fixed 6k of them
-for 10 epochs. The best state on the 5k validation split is kept; per regime and loss the variant
+for 20 epochs. The best state on the 5k validation split is kept; per regime and loss the variant
 (augmentation or not) with the higher mean *validation* accuracy is chosen, and its accuracy on the
 10k test split is reported (mean, standard deviation over seeds, per seed) with the paired KD - plain
 difference. The bound is checked in the 6k-label regime (see KD_REGIME).
@@ -44,7 +44,10 @@ from brainsurgeon.quant.qat import QAT, convert_qat_, prepare_qat_
 #                      KD T1/a1 91.89, T4/a.9 91.57, T1/a.5 (lr 3e-3) 91.99.
 #   55k labels, 3 ep, augmented, lr 3e-3: plain 91.38, KD 91.83.
 #   6k labels, 10 ep:  plain 90.88 (lr 3e-3: 90.57), augmented 90.49 (lr 3e-3: 90.34);
-#                      KD 91.61 (lr 3e-3: 91.63), augmented 91.75 (lr 3e-3: 91.80); KD alpha=1 augmented 91.61.
+#                      KD 91.61 (lr 3e-3: 91.63), augmented 91.75 (lr 3e-3: 91.80); KD alpha=1 augmented 91.61;
+#                      KD augmented + a FitNets hint at conv3 (learnable adapter, weight 1) 91.75 (no gain).
+#   6k labels, 20 ep, augmented: plain 90.70, KD 91.93 -- KD gains with epochs (Beyer's "patient teacher"),
+#                      so the bound is checked at 20 epochs.
 # So: T=2, alpha=0.5, Adam lr 1e-3 (plain's best; KD is flat in lr) with a cosine schedule for both arms;
 # augmentation shift 2 px + mirror (Fashion-MNIST clothes are left-right symmetric).
 KD_ARM = {"temperature": 2.0, "alpha": 0.5}
@@ -53,9 +56,12 @@ AUG = {"shift": 2, "flip": True}
 # (name, labelled training images (0: all 55k), epochs, seeds, augmentation variants tried); the bound is
 # checked in KD_REGIME.
 REGIMES = [("55k labels, 1 ep", 0, 1, [0, 1, 2, 3, 4], (False, True)),
-           ("6k labels, 10 ep", 6000, 10, [0, 1, 2, 3, 4], (False, True))]
+           ("6k labels, 20 ep", 6000, 20, [0, 1, 2, 3, 4], (False, True))]
 QUICK_REGIME = ("6k labels, 1 ep", 6000, 1, [0], (False,))  # 47 steps per arm; aug: tests/distill
 KD_REGIME = 1  # index in REGIMES
+# Full run (5 seeds, test): at 6k/20 ep KD beats plain by 0.66 pt on 5/5 seeds but ends 0.96 pt below dense, so the
+# within-0.5-pt part fails; at 55k/1 ep KD ties plain (+0.05 +- 0.08). Validation overstates the fine-tuned models
+# by 0.4-0.9 pt (best-of-epochs selection), so settings that looked 0.2-0.35 pt from dense on val are not on test.
 
 
 def subsets(train, val, test, quick: bool, n_test: int):

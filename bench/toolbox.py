@@ -1,7 +1,7 @@
 """The classic toolbox, measured (issue 5): Deep Compression, KD vs plain fine-tuning, activation-aware
 SVD, Tucker-2 on real 3x3 convs, QAT vs PTQ. Prints every table of the issue's Proof section.
 
-    python bench/toolbox.py                     # full tables (about 20 CPU-minutes on 1 thread)
+    python bench/toolbox.py                     # full tables (about 40 CPU-minutes on 1 thread; kd alone 23)
     python bench/toolbox.py --quick             # reduced run (56 CPU s, 1 thread); exit 1 if a bound fails
     python bench/toolbox.py --only kd,qat --json out.json
 
@@ -14,7 +14,7 @@ checks their bounds and reports time):
             Hinton KD (teacher: its dense self) vs plain cross-entropy, paired by seed, each with and
             without function-matching augmentation (shift + mirror, same view for teacher and student;
             the variant is chosen on validation), 5 seeds, with all 55k labels for 1 epoch and with 6k
-            labels for 10 epochs. Bounds (6k labels, 10 epochs): MACs <= 0.55x; KD test mean within
+            labels for 20 epochs. Bounds (6k labels, 20 epochs): MACs <= 0.55x; KD test mean within
             0.5 pt of dense; KD mean > plain mean and KD ahead on most seeds (quick: 6k labels, 1 epoch,
             one seed, no augmentation, 2k test images: KD within 1.5 pt of dense, KD > plain).
   minilm    all-MiniLM-L6-v2 FFN: activation-aware vs plain SVD at equal parameters (cosine to dense
