@@ -24,6 +24,14 @@ def test_kd_config_follows_the_recipe():
     assert cfg.keep_zeros and cfg.qat.bits == 4 and cfg.qat.init == "existing" and cfg.epochs == 2
 
 
+def test_augmentation_flags_reach_the_config():
+    cfg = cli.kd_config(load_recipe(str(RECIPE)), parse("--model", "digits-cnn", "--recipe", str(RECIPE),
+                                                       "--shift", "2", "--flip"))
+    assert (cfg.shift, cfg.flip) == (2, True)
+    plain = cli.kd_config(load_recipe(str(RECIPE)), parse("--model", "digits-cnn", "--recipe", str(RECIPE)))
+    assert (plain.shift, plain.flip) == (0, False)
+
+
 def test_dry_run_prints_config(capsys):
     args = parse("--model", "digits-cnn", "--recipe", str(RECIPE), "--dry-run", "--format", "json")
     assert cli.run(args) == 0

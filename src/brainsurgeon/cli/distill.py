@@ -50,6 +50,9 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default: 4)")
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft KD term (default: 0.9)")
     p.add_argument("--no-teacher", action="store_true", help="plain fine-tuning with labels only")
+    p.add_argument("--shift", type=int, default=0, metavar="PX",
+                   help="augment: random shift of up to PX pixels, the same view for teacher and student (default: 0)")
+    p.add_argument("--flip", action="store_true", help="augment: random left-right mirror (same view for both)")
     p.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration images (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration subset and training (default: 0)")
     p.add_argument("--dry-run", action="store_true", help="print the fine-tuning config; train nothing")
@@ -73,7 +76,7 @@ def kd_config(recipe: Recipe, args: argparse.Namespace) -> Any:
         q = quant[-1]
         qat = QAT(bits=q.bits, sym=q.sym, group_size=q.group_size, init="existing")
     return KD(temperature=args.temperature, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
-              keep_zeros=prunes, qat=qat, seed=args.seed)
+              keep_zeros=prunes, qat=qat, seed=args.seed, shift=args.shift, flip=args.flip)
 
 
 def run(args: argparse.Namespace) -> int:
