@@ -50,3 +50,14 @@ def test_search_writes_a_plan_recipe_within_budget(tmp_path, capsys):
         run(["--model", "digits-cnn", "--space", str(space), "--budget", "flops=0.5"])
     with pytest.raises(ConfigError, match="not found"):
         run(["--model", "digits-cnn", "--space", "nope.yaml", "--budget", "flops=0.5", "--dry-run"])
+
+
+def test_spdy_solver_from_the_command_line(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("prune_method: Magnitude\nquant_method: RTN\nlevels: 3\nnm: []\nblock_sparsities: []\n"
+                     "bits: [4]\nnm_bits: []\n")
+    assert run(["--model", "digits-cnn", "--space", str(space), "--budget", "flops=0.5", "--solver", "spdy",
+                "--db", str(tmp_path / "db"), "--out", str(tmp_path / "plan.yaml"), "--calib-samples", "128",
+                "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["info"]["cost"] <= 0.5 and d["info"]["solver"] == "spdy"

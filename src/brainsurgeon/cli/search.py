@@ -45,8 +45,9 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--budget", required=True, metavar="METRIC=X",
                    help="flops|bops|bytes|params|latency as a fraction of dense (flops=0.25) or a factor (bops=8x)")
     p.add_argument("--solver", default="dp",
-                   choices=("dp", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy"),
-                   help="dp (default), uniform, global-magnitude, amc (resource-constrained), amc-accuracy")
+                   choices=("dp", "spdy", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy"),
+                   help="dp (default), spdy (DP reweighted by a local search on the stitched model's calibration "
+                        "KL), uniform, global-magnitude, amc (resource-constrained), amc-accuracy")
     p.add_argument("--out", metavar="YAML", help="where to write the plan (required unless --dry-run)")
     p.add_argument("--db", metavar="DIR", help="database folder (default: out/search-db/<model>)")
     p.add_argument("--executor", default="inline", choices=("inline", "process", "ray"),
