@@ -41,3 +41,10 @@ def small_space(**kw) -> SearchSpace:
              nm_bits=(4,), quant_method="GPTQ", model_loss_batches=2)
     d.update(kw)
     return SearchSpace(**d)
+
+
+def realised(table, plan, metric: str) -> float:
+    """The plan's cost as a fraction of dense, from the database entries it picks (what the solvers budget)."""
+    from brainsurgeon.search import plan_entries
+    entries = plan_entries(table, plan)
+    return (sum(e.costs[metric] for e in entries) + table.fixed_cost(metric)) / table.dense_total(metric)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from search_fixtures import TinyNet, calib, small_space
+from search_fixtures import calib, realised, small_space
 
 from brainsurgeon.config import CalibOptions, dump_recipe, load_recipe
 from brainsurgeon.errors import BudgetInfeasibleError, ConfigError
@@ -12,7 +12,6 @@ from brainsurgeon.search import (
     Budget,
     Plan,
     apply_plan_,
-    build_database,
     dp_plan,
     global_magnitude_plan,
     plan_entries,
@@ -20,18 +19,6 @@ from brainsurgeon.search import (
     stitch_,
     uniform_plan,
 )
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model = TinyNet()
-    table = build_database(model, small_space(), calib(), tmp_path_factory.mktemp("db"))
-    return model, table
-
-
-def realised(table, plan, metric):
-    entries = plan_entries(table, plan)
-    return (sum(e.costs[metric] for e in entries) + table.fixed_cost(metric)) / table.dense_total(metric)
 
 
 @pytest.mark.parametrize("budget", ["flops=0.5", "flops=0.25", "bops=0.125", "bytes=0.2", "params=0.3"])

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from search_fixtures import TinyNet, calib, small_space
+from search_fixtures import TinyNet, calib, realised, small_space
 from torch import nn
 
 from brainsurgeon.errors import BudgetInfeasibleError, ConfigError
@@ -14,25 +14,12 @@ from brainsurgeon.search import (
     Budget,
     OutputDamage,
     StitchedModel,
-    build_database,
     dp_plan,
     plan_entries,
     score_table,
     search,
     spdy_plan,
 )
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model = TinyNet()
-    table = build_database(model, small_space(), calib(), tmp_path_factory.mktemp("db"))
-    return model, table
-
-
-def realised(table, plan, metric):
-    entries = plan_entries(table, plan)
-    return (sum(e.costs[metric] for e in entries) + table.fixed_cost(metric)) / table.dense_total(metric)
 
 
 @pytest.mark.parametrize("budget", ["flops=0.3", "bops=0.1"])
