@@ -30,7 +30,7 @@ from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
 from .rules import Ctx, apply_module_rules, find_rule, refs
-from .trace import Ref, Trace, run_model
+from .trace import Ref, Trace, in_mode, run_model
 
 log = get_logger(__name__)
 
@@ -195,23 +195,13 @@ class DependencyGraph(PruneMixin):
         self._dirty = False
 
     def _runs_in_train_mode(self) -> bool:
-        was = {m: m.training for m in self.model.modules()}
-        saved = {id(b): b.detach().clone() for b in self.model.buffers()}
         try:
-            self.model.train()
-            with torch.no_grad():
+            with in_mode(self.model, "train"), torch.no_grad():   # flags and BN statistics restored
                 run_model(self.model, self.train_inputs)
             return True
         except Exception as e:  # noqa: BLE001
             self.train_error = f"{type(e).__name__}: {e}"
             return False
-        finally:
-            for m, f in was.items():
-                m.training = f
-            with torch.no_grad():
-                for b in self.model.buffers():
-                    if id(b) in saved:
-                        b.copy_(saved[id(b)])
 
     def _apply_rule(self, op: Any, ctx: Ctx) -> None:
         rule = find_rule(op.name)
