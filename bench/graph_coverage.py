@@ -107,11 +107,11 @@ def inputs(name: str) -> Any:
 
 
 def train_inputs(name: str) -> Any:
-    """Detection models need targets in train mode: the images plus one box per image (and the mask or
-    keypoints their heads train on); None for every other family (the eval inputs serve)."""
+    """The inputs of a train-mode forward: for detection models the images plus targets, one box per image
+    (and the mask or keypoints their heads train on); for every other family the eval inputs."""
     import torch
     if family(name) != "detection":
-        return None
+        return inputs(name)
     (images,) = inputs(name)
     t: dict[str, Any] = {"boxes": torch.tensor([[16.0, 24.0, 80.0, 100.0]]), "labels": torch.tensor([1])}
     if name.startswith("maskrcnn"):
@@ -214,7 +214,7 @@ def run_ours(name: str) -> dict[str, Any]:
         t0 = time.process_time()
         model(*x)
         fwd_s = time.process_time() - t0
-    train_before = train_forward_ok(model, tx or x)
+    train_before = train_forward_ok(model, tx)
     t0 = time.process_time()
     g = DependencyGraph(model, x, ignore=head_modules(model, name), train_inputs=tx)
     t1 = time.process_time()
@@ -224,7 +224,7 @@ def run_ours(name: str) -> dict[str, Any]:
     p1, m1, s1 = count(model, x)
     return {"build_s": t1 - t0, "prune_s": t2 - t1, "seconds": t2 - t0, "params": [p0, p1], "macs": [m0, m1],
             "groups": len(groups), "failed_groups": failed, "train_before": train_before,
-            "train_ok": (not train_before) or train_forward_ok(model, tx or x), "shape_ok": shapes_kept(name, s0, s1),
+            "train_ok": (not train_before) or train_forward_ok(model, tx), "shape_ok": shapes_kept(name, s0, s1),
             "fwd_s": fwd_s}
 
 
@@ -233,7 +233,7 @@ def run_tp(name: str) -> dict[str, Any]:
     import torch_pruning as tp
     model, x, tx = build(name), inputs(name), train_inputs(name)
     p0, m0, s0 = count(model, x)
-    train_before = train_forward_ok(model, tx or x)
+    train_before = train_forward_ok(model, tx)
     t0 = time.process_time()
     pruner = tp.pruner.MagnitudePruner(model, example_inputs=x if len(x) > 1 else x[0],
                                        importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
@@ -245,7 +245,7 @@ def run_tp(name: str) -> dict[str, Any]:
         model(*x)
     p1, m1, s1 = count(model, x)
     return {"seconds": t1 - t0, "params": [p0, p1], "macs": [m0, m1], "train_before": train_before,
-            "train_ok": (not train_before) or train_forward_ok(model, tx or x), "shape_ok": shapes_kept(name, s0, s1)}
+            "train_ok": (not train_before) or train_forward_ok(model, tx), "shape_ok": shapes_kept(name, s0, s1)}
 
 
 def one(name: str, tool: str) -> dict[str, Any]:
