@@ -105,8 +105,12 @@ class KD(Config):
         if self.hints:
             parts.append(f"{len(self.hints)} hint(s)")
         if self.shift or self.flip:
-            aug = ((f"shift {self.shift}", self.shift), ("flip", self.flip))
-            parts.append("aug " + "+".join(a for a, on in aug if on))
+            parts.append(self.describe_aug())
         if self.qat is not None:
             parts.append(self.qat.describe())
         return ", ".join(parts)
+
+    def describe_aug(self) -> str:
+        """'aug shift 2+flip' (the augmentation part of :meth:`describe`; '' when off)."""
+        on = [a for a, used in ((f"shift {self.shift}", self.shift), ("flip", self.flip)) if used]
+        return "aug " + "+".join(on) if on else ""

@@ -149,8 +149,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Any, cfg: KD | 
     t_mode = teacher.training if teacher is not None else False
     t_grads = [(p, p.requires_grad) for p in teacher.parameters()] if teacher is not None else []
     s_mode, qat_layers = student.training, []
-    aug = f", aug shift {cfg.shift} flip {cfg.flip}" if cfg.shift or cfg.flip else ""
-    hist = DistillHistory(method=cfg.describe() if teacher is not None else f"fine-tune, {cfg.epochs} ep{aug}")
+    plain = ", ".join(p for p in (f"fine-tune, {cfg.epochs} ep", cfg.describe_aug()) if p)
+    hist = DistillHistory(method=cfg.describe() if teacher is not None else plain)
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
