@@ -22,6 +22,7 @@ from ..calib import cache_batches, move_to
 from ..calib.data import model_device
 from ..calib.driver import _forward
 from ..errors import ConfigError
+from ..graph.trace import in_mode
 from .solve import layer_weight, set_layer_weight_
 
 METRICS = ("kl", "mse")
@@ -90,15 +91,9 @@ class OutputDamage:
         self._acts: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     def model_damage(self, model: nn.Module) -> float:
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            with torch.no_grad():
-                total = sum(damage_of(output_of(model, b), d, self.metric)
-                            for b, d in zip(self.batches, self.dense, strict=True))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with in_mode(model, "eval", keep_buffers=False), torch.no_grad():   # train/eval flags restored
+            total = sum(damage_of(output_of(model, b), d, self.metric)
+                        for b, d in zip(self.batches, self.dense, strict=True))
         return total / self.norm
 
     def _inputs(self, seq: str, k: int) -> list[torch.Tensor]:
