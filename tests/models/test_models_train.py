@@ -47,3 +47,31 @@ def test_train_rejects_bad_arguments(digits):
 def test_mnist_cnn_reaches_99_percent(tmp_path):
     model, _train_ds, test_ds = pretrained("mnist-cnn", cache_dir=tmp_path)
     assert evaluate(model, test_ds) >= 0.985
+
+
+def test_augmented_training_is_deterministic_and_differs_from_plain(digits):
+    """shift/flip draw from the seeded RNG: same seed, same weights; the views differ from the plain run."""
+    train_ds = Subset(digits[0], range(256))
+    state = torch.random.get_rng_state()
+    a, b, plain = (train(build_model("digits-cnn", seed=0), train_ds, epochs=1, seed=5, shift=s, flip=f)
+                   for s, f in ((1, True), (1, True), (0, False)))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, plain.conv1.weight)
+
+
+def test_train_rejects_negative_shift_and_non_image_augmentation(digits):
+    with pytest.raises(ConfigError, match="shift >= 0"):
+        train(build_model("digits-cnn"), digits[0], shift=-1)
+    flat = torch.utils.data.TensorDataset(torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 10))
+    with pytest.raises(ConfigError, match=r"image batches \(N, C, H, W\)"):
+        train(mlp, flat, epochs=1, flip=True)
+
+
+def test_a_run_too_short_for_one_cycle_trains_at_constant_lr(digits):
+    """Under 8 steps the one-cycle schedule has no warm-up step (torch divides by zero); train() keeps lr flat."""
+    model = build_model("digits-cnn", seed=0)
+    before = model.conv1.weight.detach().clone()
+    train(model, Subset(digits[0], range(64)), epochs=1, batch_size=64)
+    assert not torch.equal(model.conv1.weight, before)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._log import get_logger, progress
+from ..distill.augment import shift_flip
 from ..errors import ConfigError
 
 log = get_logger(__name__)
@@ -28,24 +29,28 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def train(model: nn.Module, dataset: Dataset, epochs: int = 10, lr: float = 3e-3,
-          batch_size: int = 64, seed: int = 0) -> nn.Module:
+          batch_size: int = 64, seed: int = 0, shift: int = 0, flip: bool = False) -> nn.Module:
     """Train `model` in place on (x, y) pairs with Adam, a one-cycle LR schedule and cross-entropy.
 
-    Deterministic given `seed` (shuffle order and any randomness in the forward), without
-    changing the caller's global RNG state. Batches go to the device of the model's
+    shift, flip: augment every image batch by a random translation of up to `shift` pixels and
+    a random left-right mirror (:func:`brainsurgeon.distill.shift_flip`, the views KD uses).
+    Deterministic given `seed` (shuffle order, augmentation and any randomness in the forward),
+    without changing the caller's global RNG state. Batches go to the device of the model's
     parameters. Returns the same model, left in eval mode.
 
     >>> model = train(build_model("digits-cnn", seed=0), train_ds, epochs=1)
+    >>> model = train(build_model("fashion-cnn", seed=0), train_ds, epochs=30, shift=2, flip=True)
     """
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ConfigError(f"train: epochs and batch_size must be >= 1 and lr > 0, "
-                          f"got epochs={epochs}, batch_size={batch_size}, lr={lr}")
+    if epochs < 1 or batch_size < 1 or not lr > 0 or shift < 0:
+        raise ConfigError(f"train: epochs and batch_size must be >= 1, lr > 0 and shift >= 0, "
+                          f"got epochs={epochs}, batch_size={batch_size}, lr={lr}, shift={shift}")
     device = _device_of(model)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
     steps = epochs * len(loader)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25) if steps >= 8
+             else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))  # one-cycle needs >= 2 warm-up steps
 
     def batches() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for epoch in range(epochs):
@@ -61,6 +66,8 @@ def train(model: nn.Module, dataset: Dataset, epochs: int = 10, lr: float = 3e-3
                 log.info("epoch %d: train loss %.4f", last_epoch + 1, loss_sum / max(n_seen, 1))
                 loss_sum, n_seen, last_epoch = 0.0, 0, epoch
             x, y = x.to(device), y.to(device)
+            if shift or flip:
+                x = shift_flip(x, shift, flip)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -50,13 +50,17 @@ class TrainSpec:
     epochs: int
     lr: float
     batch_size: int
+    shift: int = 0  # augmentation: random translation up to this many pixels (see train())
+    flip: bool = False  # augmentation: random left-right mirror
     version: int = 1
 
 
 _SPECS: dict[str, TrainSpec] = {
     "digits-cnn": TrainSpec(load_digits_splits, epochs=10, lr=3e-3, batch_size=64),
     "mnist-cnn": TrainSpec(_mnist_train_test, epochs=2, lr=3e-3, batch_size=128),
-    "fashion-cnn": TrainSpec(_fashion_train_test, epochs=3, lr=3e-3, batch_size=128),
+    # v2: 30 augmented epochs (val 93.28 %, test 93.30 %); v1 was 3 plain epochs (val 92.10 %), 8 plain epochs
+    # reach val 93.06 %, 15 overfit (92.56 %, 99.9 % train accuracy): chosen on the 5k validation split.
+    "fashion-cnn": TrainSpec(_fashion_train_test, epochs=30, lr=3e-3, batch_size=128, shift=2, flip=True, version=2),
     "mnist-resnet20": TrainSpec(_mnist_train_test, epochs=2, lr=3e-3, batch_size=128),
     "fashion-resnet20": TrainSpec(_fashion_train_test, epochs=4, lr=3e-3, batch_size=128),
 }
@@ -93,7 +97,8 @@ def pretrained(name: str, cache_dir: str | os.PathLike[str] | None = None,
                seed: int = 0) -> tuple[nn.Module, TensorDataset, TensorDataset]:
     """A trained built-in model in eval mode plus its (train, test) data sets.
 
-    Trains on first use (digits-cnn: seconds; mnist-cnn: about a minute on 2 cores) and caches
+    Trains on first use (digits-cnn: seconds; mnist-cnn: about a minute on 2 cores; fashion-cnn,
+    30 augmented epochs: about 7 CPU minutes) and caches
     the state_dict under `cache_dir` (default :func:`default_cache_dir`); later calls load it.
 
     >>> model, train_ds, test_ds = pretrained("digits-cnn")
@@ -113,7 +118,8 @@ def pretrained(name: str, cache_dir: str | os.PathLike[str] | None = None,
         except RuntimeError as e:  # shape/key mismatch: stale cache from another model definition
             log.warning("cached weights %s do not fit %s (%s); retraining", path, name, e)
     log.info("training %s (%d epochs); the weights will be cached at %s", name, spec.epochs, path)
-    train(model, train_ds, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=seed)
+    train(model, train_ds, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=seed, shift=spec.shift,
+          flip=spec.flip)
     save_atomic(model.state_dict(), path)
     return model.eval(), train_ds, test_ds
 
