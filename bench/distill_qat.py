@@ -129,7 +129,6 @@ def _data(quick: bool):
 
 def _job(dense_name: str, kd: bool, seed: int, regime: tuple, quick: bool) -> tuple[float, float, float]:
     """(validation, test accuracy, CPU s) of one arm and seed; runs in a worker process or in-process."""
-    torch.set_num_threads(1)
     t0 = time.process_time()
     _, n, epochs, _, aug = regime
     train, val, test = _data(quick)
@@ -158,7 +157,7 @@ def kd_vs_finetune(b) -> None:
     jobs = [(d, kd, seed) for d in denses for kd in (False, True) for seed in seeds]
     if b.workers > 1:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(b.workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(b.workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = [pool.submit(_job, d, kd, seed, regime, b.quick) for d, kd, seed in jobs]
             results = dict(zip(jobs, (f.result() for f in futures), strict=True))
     else:
@@ -181,7 +180,8 @@ def kd_vs_finetune(b) -> None:
             t = d_mean / (d_sd / len(diff) ** 0.5) if d_sd > 0 else float("nan")  # paired t, len(seeds) - 1 dof
             rows.append([f"{d}, {'KD' if kd else 'plain CE'}", f"{100 * statistics.fmean(vals):.2f}",
                          f"{100 * mean:.2f}", f"{100 * sd:.2f}" if len(seeds) > 1 else "-",
-                         f"{100 * d_mean:+.2f} ± {100 * d_sd:.2f}, t {t:.1f}" if kd else "", f"{cpu:.0f}",
+                         (f"{100 * d_mean:+.2f} ± {100 * d_sd:.2f}" + (f", t {t:.1f}" if len(seeds) > 1 else ""))
+                         if kd else "", f"{cpu:.0f}",
                          _pct(tests[kd])])
         out[d] = {"dense": acc_dense, "pruned": acc_pruned, "macs": [m_dense, m_pruned], "test": tests}
         bounds.append((m_pruned <= 0.55 * m_dense, f"{d}: pruned MACs {m_pruned / m_dense:.2f}x <= 0.55x dense"))
