@@ -66,6 +66,9 @@ AUG = {"shift": 2, "flip": True}
 DENSES = {"zoo": "pretrained('fashion-cnn'): 30 epochs, shift+mirror",
           "plain8": "8 epochs, no augmentation"}
 REGIME = ("55k labels, 16 ep, aug", 0, 16, [0, 1, 2, 3, 4], True)  # (name, labels (0: all), epochs, seeds, aug)
+# Full run (test, 5 seeds): zoo KD 92.88 vs plain 92.74 (+0.14, paired t 2.1), dense 93.28; plain8 KD 92.55 vs
+# plain 92.36 (t 3.4), dense 92.43. Seeds 5-9 of the zoo pair, run once more: KD 92.85 vs plain 92.77, ahead 5/5;
+# all 10 seeds: +0.11 +- 0.12, t 3.1 (9 dof), KD ahead on 9/10.
 # Quick: a smoke check of the same machinery on one seed. KD needs epochs to pull ahead: at 1 epoch on 55k
 # labels it trails plain by 0.05 (zoo) / 0.15 pt (plain8) on the 2k test images, so quick uses 6k labels x 6.
 QUICK_REGIME = ("6k labels, 6 ep, aug", 6000, 6, [0], True)
