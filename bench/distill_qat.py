@@ -148,14 +148,14 @@ def _pct(accs: list[float]) -> str:
 
 def kd_vs_finetune(b) -> None:
     regime = QUICK_REGIME if b.quick else REGIME
-    name, _, _, seeds, _ = regime
+    name, _, _, seeds, aug = regime
     denses = QUICK_DENSES if b.quick else tuple(DENSES)
     train, val, test = _data(b.quick)
     models = {d: dense_model(d) for d in denses}  # trains/caches plain8 before any worker starts
     print(f"structured-pruned Fashion-MNIST CNN: plain CE vs KD (T={KD_ARM['temperature']:g}, "
           f"alpha={KD_ARM['alpha']:g}, teacher: its dense self) fine-tuning, paired by seed, {name} (Adam lr {LR:g}, "
           f"cosine, batch 128" + (f"; aug = shift {AUG['shift']} px + mirror, the same view for teacher and student"
-                                  if regime[4] else "") +
+                                  if aug else "") +
           f"); best state on {len(val)} val; {len(test)} test images; {b.workers} worker(s)")
     jobs = [(d, kd, seed) for d in denses for kd in (False, True) for seed in seeds]
     if b.workers > 1:
@@ -174,22 +174,22 @@ def kd_vs_finetune(b) -> None:
         print(f"  {d} ({DENSES[d]}): {m_dense:,} MACs, test {acc_dense:.2%} (val {evaluate(dense, val):.2%}); "
               f"pruned: {m_pruned:,} MACs ({m_pruned / m_dense:.2f}x), test {acc_pruned:.2%} before fine-tuning")
         tests = {kd: [results[(d, kd, s)][1] for s in seeds] for kd in (False, True)}
+        diff = [k - p for k, p in zip(tests[True], tests[False], strict=True)]  # paired by seed
+        d_mean, d_sd = _stats(diff)
+        paired = f"{100 * d_mean:+.2f} ± {100 * d_sd:.2f}"
+        if d_sd > 0:
+            paired += f", t {d_mean / (d_sd / len(diff) ** 0.5):.1f}"  # paired t, len(seeds) - 1 dof
         for kd in (False, True):
             vals = [results[(d, kd, s)][0] for s in seeds]
             cpu = sum(results[(d, kd, s)][2] for s in seeds)
-            diff = [k - p for k, p in zip(tests[True], tests[False], strict=True)]
             mean, sd = _stats(tests[kd])
-            d_mean, d_sd = _stats(diff)
-            t = d_mean / (d_sd / len(diff) ** 0.5) if d_sd > 0 else float("nan")  # paired t, len(seeds) - 1 dof
             rows.append([f"{d}, {'KD' if kd else 'plain CE'}", f"{100 * statistics.fmean(vals):.2f}",
-                         f"{100 * mean:.2f}", f"{100 * sd:.2f}" if len(seeds) > 1 else "-",
-                         (f"{100 * d_mean:+.2f} ± {100 * d_sd:.2f}" + (f", t {t:.1f}" if len(seeds) > 1 else ""))
-                         if kd else "", f"{cpu:.0f}",
-                         _pct(tests[kd])])
+                         f"{100 * mean:.2f}", f"{100 * sd:.2f}" if len(seeds) > 1 else "-", paired if kd else "",
+                         f"{cpu:.0f}", _pct(tests[kd])])
         out[d] = {"dense": acc_dense, "pruned": acc_pruned, "macs": [m_dense, m_pruned], "test": tests}
         bounds.append((m_pruned <= 0.55 * m_dense, f"{d}: pruned MACs {m_pruned / m_dense:.2f}x <= 0.55x dense"))
         kd_mean, plain_mean = statistics.fmean(tests[True]), statistics.fmean(tests[False])
-        wins = sum(k > p for k, p in zip(tests[True], tests[False], strict=True))
+        wins = sum(x > 0 for x in diff)
         tol = 0.015 if b.quick else 0.005
         bounds += [(kd_mean >= acc_dense - tol,
                     f"{d}, {name}: KD within {100 * tol:.1f} pt of dense ({kd_mean:.2%} vs {acc_dense:.2%})"),
