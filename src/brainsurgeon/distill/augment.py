@@ -31,8 +31,9 @@ def shift_flip(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generat
     True
     """
     if x.dim() != 4:
-        raise ConfigError(f"KD(shift=..., flip=...) augments image batches (N, C, H, W), got a batch of shape "
-                          f"{tuple(x.shape)}; set shift=0 and flip=False for non-image inputs")
+        raise ConfigError(f"shift/flip augmentation (KD(shift=, flip=), train(shift=, flip=)) needs image batches "
+                          f"(N, C, H, W), got a batch of shape {tuple(x.shape)}; set shift=0 and flip=False for "
+                          f"non-image inputs")
     n, _, h, w = x.shape
     if shift:
         p = shift
