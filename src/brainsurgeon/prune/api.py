@@ -55,14 +55,24 @@ class KeptIndex:
         return {(s.module, s.tensor, s.dim): getattr(self.model.get_submodule(s.module), s.tensor).shape[s.dim]
                 for s in group.slices}
 
-    def record(self, group: Any, rows: torch.Tensor, sizes: dict[tuple[str, str, int], int] | None = None) -> None:
-        """Note that `rows` of `group` are removed (`sizes`: the dims' sizes before, default: now)."""
-        sizes = sizes if sizes is not None else self.sizes(group)
-        for s in group.slices:
-            key = (s.module, s.tensor, s.dim)
-            cur = self.kept.get(key, torch.arange(sizes[key]))
+    def record(self, removals: list[tuple[Any, torch.Tensor, dict[tuple[str, str, int], int]]]) -> None:
+        """Note every ``(group, rows, sizes)`` removed by one step (``sizes``: the dims' sizes before it).
+
+        Every group's positions index the state *before* the step, so removals are collected per
+        (module, tensor, dim) over all groups first and applied once: groups that share a dim (two
+        branches feeding one ``torch.cat`` consumer) never see each other's shrunk bookkeeping.
+        """
+        gone: dict[tuple[str, str, int], list[torch.Tensor]] = {}
+        size: dict[tuple[str, str, int], int] = {}
+        for group, rows, sizes in removals:
+            for s in group.slices:
+                key = (s.module, s.tensor, s.dim)
+                gone.setdefault(key, []).append(s.idxs[rows.to(s.idxs.device)].reshape(-1).cpu())
+                size.setdefault(key, sizes[key])
+        for key, parts in gone.items():
+            cur = self.kept.get(key, torch.arange(size[key]))
             mask = torch.ones(cur.shape[0], dtype=torch.bool)
-            mask[s.idxs[rows.to(s.idxs.device)].reshape(-1).cpu()] = False
+            mask[torch.cat(parts)] = False
             self.kept[key] = cur[mask]
 
     def rows(self, module: str) -> torch.Tensor | None:
@@ -225,12 +235,12 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                 report.notes.append(f"step {step}: the group rooted at {grp.root.module}.{grp.root.tensor} "
                                     f"failed verification and was left unpruned: {why[:300]}")
                 log.info("step %d: %s left unpruned (%s)", step, grp.root.module, why[:120])
-            for g, rows, sel, sizes in chosen:
-                if all(sel is not f for f, _ in failed):
-                    touched |= {name for name, _ in consumers(g, model)}
-                    kept.record(g, rows, sizes)
-                    log.info("step %d: %s.%s %d -> %d channels", step, g.root.module, g.root.tensor,
-                             g.n, g.n - rows.numel())
+            done = [(g, rows, sizes) for g, rows, sel, sizes in chosen if all(sel is not f for f, _ in failed)]
+            for g, rows, _ in done:
+                touched |= {name for name, _ in consumers(g, model)}
+                log.info("step %d: %s.%s %d -> %d channels", step, g.root.module, g.root.tensor,
+                         g.n, g.n - rows.numel())
+            kept.record(done)
             if cfg.reconstruct == "obs" and touched:
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
                                                cfg.calib_batches):
