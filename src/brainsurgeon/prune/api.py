@@ -207,13 +207,14 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
     backup = copy.deepcopy(model)
     report = CompressionReport()
     try:
-        before = measure(model, example_inputs)
+        before = None
         kept = KeptIndex(model)
         widths: dict[tuple[str, str, int], int] = {}
         recon: dict[str, tuple[float, float]] = {}
         for step in range(1, cfg.steps + 1):
             ratio = cfg.ratio * step / cfg.steps
             graph = DependencyGraph(model, example_inputs, train_inputs=train_inputs)
+            before = before or measure(model, example_inputs, trace=graph.traces[0])   # MACs from the trace
             groups = _prunable(graph, model, cfg)
             stats = collect_stats(model, groups, importance_needs(cfg.importance), calib, cfg.calib_batches)
             scored = [(g, score(cfg.importance, g, stats, cfg)) for g in groups]
