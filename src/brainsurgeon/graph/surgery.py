@@ -252,7 +252,7 @@ def _set_mirrored_attrs(model: nn.Module, attrs: AttrPlan, undo: dict[str, Any])
                 value = cur * new[0] // old[0]
             else:
                 continue
-            undo["attrs"].setdefault(mname, (m, module_attrs(m)))
+            undo["attrs"].setdefault(id(m), (m, module_attrs(m)))
             setattr(m, attr, value)
 
 
@@ -266,6 +266,7 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
     undo: dict[str, Any] = {"data": {}, "attrs": {}}
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, list[np.ndarray]]]] = {}
     mods = dict(model.named_modules(remove_duplicate=False))
+    canon = {id(m): n for n, m in model.named_modules()}   # one name per module object
     for (mname, tname, dim), idx in plan.items():
         t = getattr(mods[mname], tname)
         by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, []).append(np.asarray(idx, dtype=np.int64))
@@ -287,8 +288,11 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
             t.data = new.contiguous()
             if getattr(t, "grad", None) is not None:
                 t.grad = None
+            seen: set[int] = set()   # a module registered under two names (aliases) is fixed once
             for mname, tname in owners.get(tid, []):
-                modules.setdefault(mname, {}).setdefault(tname, {}).update(dims)
+                if id(mods[mname]) not in seen:
+                    seen.add(id(mods[mname]))
+                    modules.setdefault(canon[id(mods[mname])], {}).setdefault(tname, {}).update(dims)
         # modules whose own tensors were sliced are fixed by their fixers (from the tensors); the mirrored
         # attributes are for modules without sliced tensors (a LayerNorm without affine)
         _set_mirrored_attrs(model, {k: v for k, v in (attrs or {}).items() if k not in modules}, undo)
@@ -304,7 +308,7 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
             m = mods[mname]
             fixer = find_fixer(m)
             if fixer is not None:
-                undo["attrs"].setdefault(mname, (m, module_attrs(m)))
+                undo["attrs"].setdefault(id(m), (m, module_attrs(m)))
                 try:
                     fixer(m, removed)
                 except SurgeryError:
@@ -319,7 +323,8 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
 
 
 def undo_plan(undo: dict[str, Any]) -> None:
-    """Put back the tensors and attributes recorded by :func:`apply_plan`."""
+    """Put back the tensors and attributes recorded by :func:`apply_plan` (keyed by object, so a module
+    registered under two names is restored once, from its state before the plan)."""
     for t, data in undo["data"].values():
         t.data = data
     for m, attrs in undo["attrs"].values():

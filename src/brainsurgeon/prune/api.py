@@ -7,7 +7,8 @@
     ...                 example_inputs=x, calib=loader)
 
 In place (documented): the model is physically smaller afterwards. On any failure every
-module's parameters, buffers and attributes are restored and the error is re-raised.
+module's parameters, buffers and attributes are restored in place (same objects, from an undo log,
+no copy of the model) and the error is re-raised.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .importance import consumers, importance_needs, score
 from .reconstruct import reconstruct_
 from .select import select_global, select_local
 from .stats import collect_stats
+from .undo import UndoLog
 
 log = get_logger(__name__)
 
@@ -108,26 +110,6 @@ def _plan(groups: list[Any], scores: list[torch.Tensor], cfg: ChannelPruning, ra
             for s, u, no in zip(scores, units, n_orig, strict=True)]
 
 
-def _restore_(model: nn.Module, backup: nn.Module, originals: dict[tuple[str, str], nn.Parameter]) -> None:
-    """Put back every parameter (same objects), buffer and plain attribute from `backup`."""
-    saved = dict(backup.named_modules())
-    for name, mod in model.named_modules():
-        b = saved.get(name)
-        if b is None:
-            continue
-        for k, p in b._parameters.items():
-            orig = originals.get((name, k))
-            if orig is not None and p is not None:
-                orig.data = p.data
-                p = orig
-            mod._parameters[k] = p
-        for k, v in b._buffers.items():
-            mod._buffers[k] = v
-        for k, v in vars(b).items():
-            if not k.startswith("_") and k != "training":
-                mod.__dict__[k] = v
-
-
 def _rows(before: Costs, after: Costs, model: nn.Module, cfg: ChannelPruning,
           recon: dict[str, tuple[float, float]]) -> list[PruneRow]:
     out = []
@@ -203,8 +185,8 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
 
     _check_inputs(cfg, example_inputs, calib)
     t0 = time.perf_counter()
-    originals = {(n, k): p for n, m in model.named_modules() for k, p in m._parameters.items() if p is not None}
-    backup = copy.deepcopy(model)
+    undo = UndoLog(model)   # references, no copy: surgery replaces .data, it never writes into it
+    backup = copy.deepcopy(model) if cfg.reconstruct == "obs" else None   # the dense reference
     report = CompressionReport()
     try:
         before = None
@@ -242,7 +224,9 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                 log.info("step %d: %s.%s %d -> %d channels", step, g.root.module, g.root.tensor,
                          g.n, g.n - rows.numel())
             kept.record(done)
-            if cfg.reconstruct == "obs" and touched:
+            if cfg.reconstruct == "obs" and touched:   # writes weights, biases and BN means in place
+                undo.keep_values([t for n in touched for t in model.get_submodule(n).parameters()]
+                                 + list(model.buffers()))
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
                                                cfg.calib_batches):
                     recon[name] = (recon.get(name, (b, a))[0], a)
@@ -250,8 +234,9 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             _prune_head_dims(model, cfg, example_inputs, calib, report, train_inputs)
         after = measure(model, example_inputs)
     except BaseException:
-        _restore_(model, backup, originals)
+        undo.restore()
         raise
+    undo.restore_flags()   # every submodule's train/eval flag, not only the root's
     seconds = time.perf_counter() - t0
     for row in _rows(before, after, model, cfg, recon):
         report.add_row(row)

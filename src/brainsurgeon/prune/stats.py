@@ -87,6 +87,8 @@ def _grad_stats(model: nn.Module, groups: list[Any], calib: Any, max_batches: in
             if is_param(model, s):
                 params[_key(s)] = getattr(model.get_submodule(s.module), s.tensor)
     flags = {k: p.requires_grad for k, p in params.items()}
+    every = list(model.parameters())   # backward also writes .grad of parameters outside the groups
+    saved_all = [p.grad for p in every]
     saved = {k: p.grad for k, p in params.items()}
     device = model_device(model)
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
@@ -106,6 +108,8 @@ def _grad_stats(model: nn.Module, groups: list[Any], calib: Any, max_batches: in
                     sq[k] += p.grad.float().pow(2)
             n += 1
     finally:
+        for p, grad in zip(every, saved_all, strict=True):
+            p.grad = grad
         for k, p in params.items():
             p.grad = saved[k]
             p.requires_grad_(flags[k])
