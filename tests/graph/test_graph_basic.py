@@ -120,3 +120,34 @@ def test_skip_failed_shifts_indices_of_groups_sharing_a_consumer():
     assert [grp.root.name for grp, _ in failed] == ["m.d.weight"] and "pruned width" in failed[0][1]
     assert (m.m.a.out_channels, m.b.out_channels, m.c.in_channels, m.m.d.out_channels) == (2, 2, 4, 8)
     assert m(x).shape == (2, 80)
+
+
+def test_group_refuses_non_integer_idxs():
+    m = _cnn()
+    g = DependencyGraph(m, (torch.randn(2, 3, 4, 4),))
+    with pytest.raises(ConfigError, match="must be integers"):
+        g.group(m[0], "out", [0.5])
+    with pytest.raises(ConfigError, match="must be integers"):
+        g.group(m[0], "out", torch.tensor([1.0, 2.0]))
+    with pytest.raises(ConfigError, match="sequence of ints"):
+        g.group(m[0], "out", ["a"])
+
+
+def test_graph_modules_import_one_way():
+    """graph.py -> commit.py -> group.py must not lead back to graph.py (issue 13, one-way dependencies)."""
+    import ast
+    import pathlib
+
+    import brainsurgeon.graph as pkg
+
+    root = pathlib.Path(pkg.__file__).parent
+    deps = {}
+    for f in root.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        deps[f.stem] = {a.module.lstrip(".") for a in ast.walk(tree)
+                        if isinstance(a, ast.ImportFrom) and a.level == 1 and a.module}
+
+    def reaches(src, dst, seen=()):
+        return any(d == dst or (d not in seen and reaches(d, dst, (*seen, d))) for d in deps.get(src, ()))
+
+    assert not [m for m in deps if reaches(m, m)]

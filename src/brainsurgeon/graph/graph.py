@@ -279,7 +279,7 @@ class DependencyGraph(PruneMixin):
             raise UnsupportedOpError(f"{name}.{tensor} was not used by the example inputs (eval or train mode), "
                                      f"so its dependencies are unknown; pass inputs that run {name!r}")
         size = self.nodes[ids[0]].shape[d]
-        req = np.arange(size) if idxs is None else np.asarray(torch.as_tensor(idxs).reshape(-1).cpu(), dtype=np.int64)
+        req = np.arange(size) if idxs is None else _int_indices(idxs, f"{name}.{tensor} dim {d}")
         if len(req) == 0:
             raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} is empty; pass at least one index")
         if req.min() < 0 or req.max() >= size:
@@ -427,3 +427,15 @@ class DependencyGraph(PruneMixin):
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") or p == "" for p in prefixes)
+
+
+def _int_indices(idxs: Any, what: str) -> np.ndarray:
+    """``idxs`` as int64, refusing non-integers (0.5 would silently truncate to 0)."""
+    try:
+        t = torch.as_tensor(idxs).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"group: idxs for {what} must be a sequence of ints; got {idxs!r} ({e})") from e
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ConfigError(f"group: idxs for {what} must be integers; got {t.dtype} values "
+                          f"{t.tolist()[:5]}; pass channel indices such as [0, 2, 5]")
+    return np.asarray(t, dtype=np.int64)

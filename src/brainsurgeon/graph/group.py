@@ -18,14 +18,22 @@ Rows are already whole units (conv groups, attention heads, GQA groups), so ``un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from .graph import DependencyGraph
-    from .maps import Key
+from .maps import Key
+
+
+class GraphLike(Protocol):
+    """What a group needs from its graph (:class:`~brainsurgeon.graph.DependencyGraph`): the model and
+    ``prune``. A protocol, so that this module does not import ``graph.py`` (which imports it)."""
+
+    model: nn.Module
+
+    def prune(self, groups: Any, *, skip_failed: bool = False) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class Group:
     slices: tuple[Slice, ...]
     n: int
     root: Slice
-    graph: DependencyGraph | None = field(default=None, repr=False)
+    graph: GraphLike | None = field(default=None, repr=False)
     exact: bool = True
     inexact_by: tuple[str, ...] = ()
     unit: int = 1
