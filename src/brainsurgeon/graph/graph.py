@@ -31,6 +31,7 @@ from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
 from .rules import Ctx, apply_module_rules, find_rule, refs
 from .trace import Ref, Trace, in_mode, run_model
+from .untraced import untraced_hit, untraced_widths
 
 log = get_logger(__name__)
 
@@ -159,6 +160,7 @@ class DependencyGraph(PruneMixin):
         self._train_ok: bool | None = True if any(t.mode == "train" for t in self.traces) else (
             False if want_train else None)
         self.nodes = {k: v for t in self.traces for k, v in t.nodes.items()}
+        self.untraced = untraced_widths(self.model, {n.owner for n in self.nodes.values() if n.owner})
         self.edges = Edges()
         ctx = Ctx(self.edges, self.nodes)
         self.unsupported: Counter[str] = Counter()
@@ -306,6 +308,9 @@ class DependencyGraph(PruneMixin):
         if grp is None:
             raise UnsupportedOpError(f"pruning {name}.{tensor} dim {d}: the coupled slices do not split into "
                                      f"equal rows (ragged coupling, e.g. a channel shuffle); prune a coarser set")
+        why = self._untraced(grp)
+        if why:
+            raise UnsupportedOpError(f"pruning {name}.{tensor} dim {d} is blocked by {why}")
         root_pos = grp.root.idxs.reshape(-1).numpy()
         if len(root_pos) != len(req):
             strict = closure(self.edges, key, req, lab, prefer_fits=False)
@@ -367,8 +372,19 @@ class DependencyGraph(PruneMixin):
                 if any(_under(s.module, ign) and s.role != "in" for s in grp.slices):
                     self.left_out.append((f"{name}.{tensor} dim {d}", "touches an ignored module"))
                     continue
+                why = self._untraced(grp)
+                if why:
+                    self.left_out.append((f"{name}.{tensor} dim {d}", why))
+                    continue
                 out.append(grp)
         return out
+
+    def _untraced(self, grp: Group) -> str | None:
+        if not self.untraced:
+            return None
+        sizes = {(s.module, s.tensor, s.dim): self.nodes[self._param_nodes[(s.module, s.tensor)][0]].shape[s.dim]
+                 for s in grp.slices}
+        return untraced_hit(grp.slices, sizes, self.untraced)
 
     @staticmethod
     def _positions(grp: Group) -> list[tuple[tuple[str, str, int], np.ndarray]]:
@@ -413,6 +429,9 @@ class DependencyGraph(PruneMixin):
                  f"build {self.build_seconds:.3f}s"]
         if self.train_error:
             lines.append(f"train mode not traced/verified: {self.train_error[:200]}")
+        if self.untraced:
+            lines.append("modules never reached by the example inputs (block the sets of their widths): "
+                         + ", ".join(f"{n} {sorted(w)}" for n, w in sorted(self.untraced.items())))
         if self.unsupported:
             lines.append("ops without a rule (block every dim of their tensors):")
             lines += [f"  {name} x{c}" for name, c in self.unsupported.most_common()]

@@ -198,6 +198,9 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             graph = DependencyGraph(model, example_inputs, train_inputs=train_inputs)
             before = before or measure(model, example_inputs, trace=graph.traces[0])   # MACs from the trace
             groups = _prunable(graph, model, cfg)
+            if step == 1 and graph.untraced:
+                report.notes.append("modules never reached by example_inputs (their widths' groups are left "
+                                    f"unpruned, see DependencyGraph.report()): {', '.join(sorted(graph.untraced))}")
             stats = collect_stats(model, groups, importance_needs(cfg.importance), calib, cfg.calib_batches)
             scored = [(g, score(cfg.importance, g, stats, cfg)) for g in groups]
             for g, s in scored:
