@@ -289,14 +289,15 @@ class Worker:
     """A child process running ``one(name, tool)`` for one model after another (one torch import), killed
     and replaced when a model passes ``timeout`` seconds or ``max_rss_gb`` resident memory, or crashes."""
 
-    def __init__(self, tool: str, timeout: float, max_rss_gb: float) -> None:
+    def __init__(self, tool: str, timeout: float, max_rss_gb: float, script: str | None = None) -> None:
         self.tool, self.timeout, self.max_rss = tool, timeout, max_rss_gb * 2**30
+        self.script = script or os.path.abspath(__file__)   # the bench whose --worker mode runs the models
         self.p: subprocess.Popen[str] | None = None
 
     def _start(self) -> subprocess.Popen[str]:
         if self.p is None or self.p.poll() is not None:
             self.err = tempfile.TemporaryFile("w+")
-            self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--tool", self.tool],
+            self.p = subprocess.Popen([sys.executable, self.script, "--worker", "--tool", self.tool],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                       bufsize=1)
             assert self.p.stdout is not None
