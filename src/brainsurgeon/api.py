@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._log import get_logger
+from ._state import ModelSnapshot
 from .calib import (
     correct_mean_std_,
     num_groups,
@@ -188,19 +189,13 @@ def _run_distill_step(model: nn.Module, step: Step, teacher: nn.Module, data: An
     report.notes.append(note)
 
 
-def _restore_model_(model: nn.Module, backup: nn.Module) -> None:
-    """Put `backup`'s modules, parameters, buffers and attributes back into `model` (same object)."""
-    model.__dict__.clear()
-    model.__dict__.update(backup.__dict__)
-
-
 def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions,
                     data: Any = None, val: Any = None) -> CompressionReport:
     """Run steps in place; on any failure restore the model as it was, then re-raise.
 
-    Recipes of weight-value steps only (sparsify/quantize) restore from a CPU copy of the
-    state_dict; a recipe with a structural step (prune/factorize/share/pack) or a distill step
-    keeps a deep copy, which is also the distill steps' teacher (the model before the recipe).
+    The rollback restores in place (:class:`~brainsurgeon._state.ModelSnapshot`): the caller's
+    Parameter and Module objects, hooks, flags and grads survive a failure. A recipe with a distill
+    step also keeps a deep copy, the distill steps' teacher (the model before the recipe).
     """
     steps = list(steps)
     for i, step in enumerate(steps, 1):
@@ -212,15 +207,15 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
         if verb == "distill":
             _check_distill_step(i, step, data)
     structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
-    backup = copy.deepcopy(model) if structural else None  # also the teacher of distill steps
-    saved = None if structural else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
+    snapshot = ModelSnapshot(model, to_cpu=not structural)
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     try:
         names: list[str] = []
         for step in steps:
             if type(step.method).verb == "distill":
-                _run_distill_step(model, step, backup, data, val, report)  # type: ignore[arg-type]
+                _run_distill_step(model, step, teacher, data, val, report)  # type: ignore[arg-type]
             elif type(step.method).verb in STRUCTURAL_VERBS:
                 _run_structural_step(model, step, calib, report)
             else:
@@ -229,12 +224,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
             report.notes.append("mean/std correction skipped: the recipe changes layer shapes")
         _recalibrate(model, dense, names, calib, options, report)
     except BaseException:
-        if backup is not None:
-            _restore_model_(model, backup)
-        else:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    v.copy_(saved[k])
+        snapshot.restore_()
         raise
     return report
 
