@@ -31,7 +31,7 @@ from .calib import (
     supported,
     weight_matrix,
 )
-from .config import CalibOptions, Config, Recipe, Step, load_recipe, match_configs
+from .config import CalibOptions, Config, Recipe, Step, _as_overrides, as_patterns, load_recipe, match_configs
 from .errors import ConfigError, UnsupportedModuleError
 from .obs import compress_weight
 from .obs.engine import column_perm
@@ -62,7 +62,8 @@ def plan_layers(model: nn.Module, step: Step) -> dict[str, Config]:
     {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
     """
     names = [n for n, mod in model.named_modules() if n and supported(mod)]
-    plan = match_configs(names, step.method, step.ignore, step.overrides)
+    plan = match_configs(names, step.method, step.ignore, step.overrides,
+                         known=[n for n, _ in model.named_modules() if n])
     if not plan:
         raise ConfigError(f"no supported layer (Linear, Conv1d/2d, HF Conv1D) is left to compress in "
                           f"{type(model).__name__} after ignore={list(step.ignore)}; loosen ignore")
@@ -234,8 +235,7 @@ def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) ->
         raise ConfigError(f"{verb}_ needs a {verb} config (e.g. "
                           f"{'ExactOBS(sparsity=0.5)' if verb == 'sparsify' else 'OBQ(bits=4)'}), "
                           f"got {cfg!r}")
-    over = tuple(overrides.items()) if isinstance(overrides, dict) else tuple(overrides)
-    return Step(cfg, tuple(ignore), over)
+    return Step(cfg, as_patterns(ignore), _as_overrides(overrides))
 
 
 def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
