@@ -129,3 +129,57 @@ def test_recipe_files_that_cannot_be_read(tmp_path):
         bs.load_recipe(str(p))
     with pytest.raises(ConfigError, match="expected a YAML file path or YAML text"):
         bs.load_recipe(3)
+
+
+# ----------------------------------------------------------------- 13.#4 tied and shared weights
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.body, self.head = nn.Embedding(32, 16), nn.Linear(16, 16), nn.Linear(16, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.embed(ids))))
+
+
+class SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_head_tied_to_the_embedding_is_left_unchanged_with_a_note():
+    m = TiedEmbedding()
+    emb = m.embed.weight.detach().clone()
+    rep = bs.sparsify_(m, bs.SparseGPT(sparsity=0.5), [torch.randint(0, 32, (4, 8)) for _ in range(2)])
+    assert torch.equal(m.embed.weight, emb) and m.head.weight is m.embed.weight
+    assert [r.name for r in rep.rows] == ["body"]
+    assert any("head.weight is tied to embed.weight (Embedding)" in n and "untie it" in n for n in rep.notes)
+
+
+def test_a_weight_shared_by_two_linears_is_solved_once():
+    m = SharedLinear()
+    rep = bs.quantize_(m, bs.GPTQ(bits=2), [torch.randn(16, 16) for _ in range(2)])
+    assert [r.name for r in rep.rows] == ["a"] and m.b.weight is m.a.weight
+    assert any("a.weight is the same tensor as b.weight" in n and "solved once" in n for n in rep.notes)
+    assert rep.rows[0].levels <= 4  # solved once: still on one 2-bit grid per row
+
+
+def test_tiny_llama_with_tied_embeddings_keeps_its_embedding():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    llm = transformers.LlamaForCausalLM(cfg).eval()
+    emb = llm.model.embed_tokens.weight.detach().clone()
+    rep = bs.sparsify_(llm, bs.SparseGPT(sparsity=0.5), [torch.randint(0, 64, (2, 8)) for _ in range(2)])
+    assert torch.equal(llm.model.embed_tokens.weight, emb)
+    assert "lm_head" not in [r.name for r in rep.rows] and any("lm_head.weight is tied" in n for n in rep.notes)
