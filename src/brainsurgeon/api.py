@@ -86,14 +86,14 @@ def untie_plan_(model: nn.Module, plan: dict[str, Config], notes: list[str]) -> 
         others = [(n, p, m) for n, p, m in share if id(m) not in planned]
         where = ", ".join(f"{n}.{p} ({type(m).__name__})" for n, p, m in share[:4])
         if others:
-            for n, _, m in share:
+            for _, _, m in share:
                 plan.pop(planned.get(id(m), ""), None)
             plan.pop(name)
             notes.append(f"{name}.weight is tied to {where}, which this step does not compress: left "
                          f"unchanged so the tie holds; untie it first (e.g. "
                          f"{name}.weight = nn.Parameter({name}.weight.detach().clone())) to compress it")
         else:
-            for n, _, m in share:
+            for _, _, m in share:
                 if planned.get(id(m)) in plan:
                     plan.pop(planned[id(m)])
             notes.append(f"{name}.weight is the same tensor as {where}: solved once, as {name}")
