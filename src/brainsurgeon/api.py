@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._log import get_logger
+from ._state import ModelSnapshot
 from .calib import (
     correct_mean_std_,
     num_groups,
@@ -30,7 +31,7 @@ from .calib import (
     supported,
     weight_matrix,
 )
-from .config import CalibOptions, Config, Recipe, Step, load_recipe, match_configs
+from .config import CalibOptions, Config, Recipe, Step, _as_overrides, as_patterns, load_recipe, match_configs
 from .errors import ConfigError, UnsupportedModuleError
 from .obs import compress_weight
 from .obs.engine import column_perm
@@ -54,17 +55,71 @@ def _set_layer_weight(module: nn.Module, W: torch.Tensor) -> None:
         set_weight_matrix_(module, W)
 
 
-def plan_layers(model: nn.Module, step: Step) -> dict[str, Config]:
+def _weight_key(w: torch.Tensor) -> Any:
+    """Two weights with the same key are one tensor (the same Parameter, or views of one storage)."""
+    if w.is_meta or w.numel() == 0:
+        return id(w)
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape))
+
+
+def untie_plan_(model: nn.Module, plan: dict[str, Config], notes: list[str]) -> None:
+    """Drop planned layers whose weight another module also uses, with a note for each (in place).
+
+    A weight shared by several planned layers is solved once, as the first of them; a weight tied
+    to a module the step does not compress (``lm_head`` tied to the input embedding, an ignored
+    layer) is left unchanged, because changing it would silently change that module too.
+    """
+    users: dict[Any, list[tuple[str, str, nn.Module]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, t in mod._parameters.items():
+            if t is not None:
+                users.setdefault(_weight_key(t), []).append((mname, pname, mod))
+    modules = dict(model.named_modules())
+    planned = {id(modules[n]): n for n in plan}
+    for name in list(plan):
+        if name not in plan:
+            continue
+        mod = modules[name]
+        share = [(n, p, m) for n, p, m in users.get(_weight_key(mod.weight), []) if m is not mod]
+        if not share:
+            continue
+        others = [(n, p, m) for n, p, m in share if id(m) not in planned]
+        where = ", ".join(f"{n}.{p} ({type(m).__name__})" for n, p, m in share[:4])
+        if others:
+            for _, _, m in share:
+                plan.pop(planned.get(id(m), ""), None)
+            plan.pop(name)
+            notes.append(f"{name}.weight is tied to {where}, which this step does not compress: left "
+                         f"unchanged so the tie holds; untie it first (e.g. "
+                         f"{name}.weight = nn.Parameter({name}.weight.detach().clone())) to compress it")
+        else:
+            for _, _, m in share:
+                if planned.get(id(m)) in plan:
+                    plan.pop(planned[id(m)])
+            notes.append(f"{name}.weight is the same tensor as {where}: solved once, as {name}")
+        log.info(notes[-1])
+
+
+def plan_layers(model: nn.Module, step: Step, notes: list[str] | None = None) -> dict[str, Config]:
     """Layer name -> config for one step: supported layers minus `ignore`, with overrides applied.
+
+    Tied/shared weights are solved once or left unchanged (see :func:`untie_plan_`); why goes
+    into `notes` when given.
 
     >>> plan_layers(model, Step(ExactOBS(sparsity=0.5), ignore=("fc3",)))
     {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
     """
     names = [n for n, mod in model.named_modules() if n and supported(mod)]
-    plan = match_configs(names, step.method, step.ignore, step.overrides)
+    plan = match_configs(names, step.method, step.ignore, step.overrides,
+                         known=[n for n, _ in model.named_modules() if n])
+    tie_notes: list[str] = []
+    untie_plan_(model, plan, tie_notes)
+    if notes is not None:
+        notes += tie_notes
     if not plan:
         raise ConfigError(f"no supported layer (Linear, Conv1d/2d, HF Conv1D) is left to compress in "
-                          f"{type(model).__name__} after ignore={list(step.ignore)}; loosen ignore")
+                          f"{type(model).__name__} after ignore={list(step.ignore)}"
+                          f"{' and tied weights (' + '; '.join(tie_notes) + ')' if tie_notes else ''}; loosen ignore")
     modules = dict(model.named_modules())
     for name, cfg in plan.items():  # validate before any change
         W = _layer_weight(modules[name])
@@ -88,7 +143,7 @@ def _levels(W: torch.Tensor, group_size: int) -> int:
 
 def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
               report: CompressionReport) -> list[str]:
-    plan = plan_layers(model, step)
+    plan = plan_layers(model, step, report.notes)
 
     def solve(name: str, module: nn.Module, H: torch.Tensor) -> None:
         cfg = plan[name]
@@ -188,19 +243,13 @@ def _run_distill_step(model: nn.Module, step: Step, teacher: nn.Module, data: An
     report.notes.append(note)
 
 
-def _restore_model_(model: nn.Module, backup: nn.Module) -> None:
-    """Put `backup`'s modules, parameters, buffers and attributes back into `model` (same object)."""
-    model.__dict__.clear()
-    model.__dict__.update(backup.__dict__)
-
-
 def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions,
                     data: Any = None, val: Any = None) -> CompressionReport:
     """Run steps in place; on any failure restore the model as it was, then re-raise.
 
-    Recipes of weight-value steps only (sparsify/quantize) restore from a CPU copy of the
-    state_dict; a recipe with a structural step (prune/factorize/share/pack) or a distill step
-    keeps a deep copy, which is also the distill steps' teacher (the model before the recipe).
+    The rollback restores in place (:class:`~brainsurgeon._state.ModelSnapshot`): the caller's
+    Parameter and Module objects, hooks, flags and grads survive a failure. A recipe with a distill
+    step also keeps a deep copy, the distill steps' teacher (the model before the recipe).
     """
     steps = list(steps)
     for i, step in enumerate(steps, 1):
@@ -212,15 +261,15 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
         if verb == "distill":
             _check_distill_step(i, step, data)
     structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
-    backup = copy.deepcopy(model) if structural else None  # also the teacher of distill steps
-    saved = None if structural else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
+    snapshot = ModelSnapshot(model, to_cpu=not structural)
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     try:
         names: list[str] = []
         for step in steps:
             if type(step.method).verb == "distill":
-                _run_distill_step(model, step, backup, data, val, report)  # type: ignore[arg-type]
+                _run_distill_step(model, step, teacher, data, val, report)  # type: ignore[arg-type]
             elif type(step.method).verb in STRUCTURAL_VERBS:
                 _run_structural_step(model, step, calib, report)
             else:
@@ -229,12 +278,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
             report.notes.append("mean/std correction skipped: the recipe changes layer shapes")
         _recalibrate(model, dense, names, calib, options, report)
     except BaseException:
-        if backup is not None:
-            _restore_model_(model, backup)
-        else:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    v.copy_(saved[k])
+        snapshot.restore_()
         raise
     return report
 
@@ -244,8 +288,7 @@ def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) ->
         raise ConfigError(f"{verb}_ needs a {verb} config (e.g. "
                           f"{'ExactOBS(sparsity=0.5)' if verb == 'sparsify' else 'OBQ(bits=4)'}), "
                           f"got {cfg!r}")
-    over = tuple(overrides.items()) if isinstance(overrides, dict) else tuple(overrides)
-    return Step(cfg, tuple(ignore), over)
+    return Step(cfg, as_patterns(ignore), _as_overrides(overrides))
 
 
 def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),

@@ -32,8 +32,105 @@ def register_config(cls: type[Config]) -> type[Config]:
     """Class decorator: make `cls` loadable from dicts/recipes under its class name."""
     if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
         raise TypeError(f"{cls.__name__} must be a frozen dataclass to be registered")
+    own = cls.__post_init__
+
+    def __post_init__(self: Config) -> None:
+        try:
+            check_field_types(self)  # every registered config: types first, then the class's own ranges
+        except ConfigError as type_error:
+            field_name = str(type_error).split(".", 1)[1].split(" ", 1)[0]
+            try:  # the class's own message also states the allowed range: prefer it when it names the field
+                own(self)
+            except ConfigError as e:
+                if field_name in str(e):
+                    raise e from None
+            except Exception:  # noqa: BLE001 - the class check choked on the wrong type: the type error says it
+                pass
+            raise
+        own(self)
+
+    cls.__post_init__ = __post_init__  # type: ignore[method-assign]
     _REGISTRY[cls.__name__] = cls
     return cls
+
+
+_PRIMITIVE_NAMES = {bool: "a bool (True/False)", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(value fits `tp`, the value to store): numpy scalars become Python ones, lists become tuples."""
+    import numbers
+    import types
+    import typing
+
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value
+    if tp is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, (value if isinstance(value, int | float) else float(value)) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None) and value is None:
+                return True, value
+        for a in args:
+            if a is not type(None):
+                ok, v = _type_ok(value, a)
+                if ok:
+                    return ok, v
+        return not any(a in _PRIMITIVE_NAMES or a is type(None) for a in args) or value is None, value
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False, value
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        out = []
+        for v in value:
+            ok, v2 = _type_ok(v, item) if item is not None else (True, v)
+            if not ok:
+                return False, value
+            out.append(v2)
+        return True, tuple(tuple(v) if isinstance(v, list) else v for v in out)
+    return True, value  # nested configs, dicts: the class checks them itself
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+
+    if tp in _PRIMITIVE_NAMES:
+        return _PRIMITIVE_NAMES[tp]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args:
+        return f"a list of {_type_name(args[0])} values"
+    return " or ".join(_type_name(a) if a is not type(None) else "None" for a in args) or str(tp)
+
+
+def check_field_types(cfg: Config) -> None:
+    """Raise ConfigError naming the field and the expected type for every wrongly typed field.
+
+    >>> ExactOBS(sparsity=0.5, damp="0.01")
+    ConfigError: ExactOBS.damp must be a number, got '0.01' (str); e.g. damp=0.01
+    """
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        tp = hints.get(f.name)
+        if tp is None:
+            continue
+        ok, stored = _type_ok(value, tp)
+        if not ok:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            eg = f"; e.g. {f.name}={default!r} (the default)" if default is not None else ""
+            raise ConfigError(f"{type(cfg).__name__}.{f.name} must be {_type_name(tp)}, got {value!r} "
+                              f"({type(value).__name__}){eg}")
+        if stored is not value:
+            object.__setattr__(cfg, f.name, stored)
 
 
 def registered_configs() -> list[str]:
@@ -46,6 +143,9 @@ class Config:
     """Base of all method configs: dict round trip with a type tag and version."""
 
     verb: ClassVar[str] = ""  # "sparsify" or "quantize": which verb applies this config
+
+    def __post_init__(self) -> None:
+        """Validate the fields (subclasses add range checks); registration adds the type checks."""
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML-safe dict with ``type`` and ``version`` keys."""
@@ -336,24 +436,107 @@ class Step:
     overrides: tuple[tuple[str, Config], ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, Config):
+            raise ConfigError(f"a recipe step's method must be a config (e.g. ExactOBS(sparsity=0.5)), "
+                              f"got {self.method!r}")
+        object.__setattr__(self, "ignore", as_patterns(self.ignore))
+        object.__setattr__(self, "overrides", _as_overrides(self.overrides))
+        compile_patterns(self.ignore)
+        compile_patterns([p for p, _ in self.overrides], what="overrides")
         for pat, cfg in self.overrides:
             if type(cfg).verb != type(self.method).verb:
                 raise ConfigError(f"override {pat!r}: {type(cfg).__name__} is a {type(cfg).verb} "
                                   f"config but the step is {type(self.method).verb}")
 
 
+def as_patterns(patterns: Any, what: str = "ignore") -> tuple[str, ...]:
+    """Module-name regexes as a tuple: a plain string is ONE pattern (never its characters).
+
+    >>> as_patterns("fc1"), as_patterns(["fc.*", "conv1"])
+    (('fc1',), ('fc.*', 'conv1'))
+    """
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        return (patterns,)
+    if isinstance(patterns, dict) or not isinstance(patterns, Iterable):
+        raise ConfigError(f"{what} must be a module-name regex or a list of them, got {patterns!r}; "
+                          f"e.g. {what}=['fc3'] or {what}='fc.*'")
+    out = tuple(patterns)
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        raise ConfigError(f"{what}: every pattern must be a string (a module-name regex), got {bad[0]!r}; "
+                          f"e.g. {what}=['fc3']")
+    return out
+
+
+def compile_patterns(patterns: Any, known: Iterable[str] | None = None, what: str = "ignore",
+                     candidates: Iterable[str] | None = None) -> list[re.Pattern[str]]:
+    """Compile module-name regexes (full match); with `known`, each must match one of those names.
+
+    A pattern that matches nothing is almost always a typo that would silently compress the layer
+    the user meant to protect, so it is a ConfigError that lists the candidate names.
+
+    >>> compile_patterns(["fc3"], ["conv1", "fc1"])
+    ConfigError: ignore pattern 'fc3' matches no module; ... candidates: ['conv1', 'fc1'] ...
+    """
+    import difflib
+
+    out = []
+    for p in as_patterns(patterns, what):
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"{what} pattern {p!r} is not a valid regular expression ({e}); patterns are "
+                              f"full-match Python regexes, e.g. 'fc1' or 'layers\\.[0-3]\\..*'") from e
+    if known is not None:
+        known = list(known)
+        for c in out:
+            if not any(c.fullmatch(n) for n in known):
+                cands = list(candidates) if candidates is not None else known
+                close = difflib.get_close_matches(c.pattern, cands, n=3)
+                hint = f"did you mean {close}? " if close else ""
+                raise ConfigError(f"{what} pattern {c.pattern!r} matches no module of the model; {hint}"
+                                  f"candidates: {cands[:20]}{' ...' if len(cands) > 20 else ''}. Patterns are "
+                                  f"full-match regexes (use '{c.pattern}.*' for a prefix)")
+    return out
+
+
+def _as_overrides(overrides: Any) -> tuple[tuple[str, Config], ...]:
+    """Per-layer overrides as ((regex, config), ...) from a {regex: config} dict or pairs."""
+    if overrides is None:
+        return ()
+    if isinstance(overrides, dict):
+        overrides = overrides.items()
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Iterable):
+        raise ConfigError(f"overrides must be an ordered {{regex: config}} dict or (regex, config) pairs, "
+                          f"got {overrides!r}; e.g. overrides={{'fc.*': RTN(bits=8)}}")
+    out = []
+    for item in overrides:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], Config)):
+            raise ConfigError(f"overrides: each entry must be (module-name regex, config), got {item!r}; "
+                              f"e.g. overrides={{'fc.*': RTN(bits=8)}}")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
 def match_configs(names: Iterable[str], default: Config, ignore: Iterable[str] = (),
-                  overrides: Any = ()) -> dict[str, Config]:
+                  overrides: Any = (), known: Iterable[str] | None = None) -> dict[str, Config]:
     """Name -> config for every name that no `ignore` regex fully matches: the config of the first
     override whose regex fully matches the name, else `default`. overrides: an ordered
     {regex: config} dict or (regex, config) pairs (the format recipes and the budget search use).
     Every verb's planner (``api.plan_layers``, ``plan_factorization``, ``plan_sharing``) matches with it.
+    A plain string `ignore` is one pattern; every ignore pattern must fully match one of `known`
+    (default `names`: pass every module name of the model), else a ConfigError lists the candidates.
 
     >>> match_configs(["conv1", "fc1", "fc2"], RTN(bits=4), ignore=("fc2",), overrides={"fc.*": RTN(bits=8)})
     {'conv1': RTN(bits=4, ...), 'fc1': RTN(bits=8, ...)}
     """
-    ign = [re.compile(p) for p in ignore]
-    over = [(re.compile(p), c) for p, c in (overrides.items() if isinstance(overrides, dict) else overrides)]
+    names = list(names)
+    ign = compile_patterns(ignore, names if known is None else known, "ignore", candidates=names)
+    pairs = overrides.items() if isinstance(overrides, dict) else overrides
+    over = [(compile_patterns([p], None, "overrides")[0], c) for p, c in pairs]
     return {n: next((c for p, c in over if p.fullmatch(n)), default) for n in names
             if not any(p.fullmatch(n) for p in ign)}
 
@@ -388,6 +571,10 @@ class Recipe:
         if unknown:
             raise ConfigError(f"recipe: unknown top-level key(s) {unknown}; allowed: steps, calib")
         steps = []
+        if not isinstance(d.get("steps") or [], list):
+            raise ConfigError(f"recipe: 'steps' must be a list of steps, got {d.get('steps')!r}")
+        if not isinstance(d.get("calib") or {}, dict):
+            raise ConfigError(f"recipe: 'calib' must be a mapping of CalibOptions fields, got {d.get('calib')!r}")
         for i, s in enumerate(d.get("steps") or []):
             if not isinstance(s, dict) or "method" not in s:
                 raise ConfigError(f"recipe step {i}: must be a mapping with a 'method' key")
@@ -395,8 +582,21 @@ class Recipe:
             if extra:
                 raise ConfigError(f"recipe step {i}: unknown key(s) {extra}; "
                                   f"allowed: method, ignore, overrides")
-            over = tuple((o["match"], config_from_dict(o["method"])) for o in s.get("overrides", []))
-            steps.append(Step(config_from_dict(s["method"]), tuple(s.get("ignore", [])), over))
+            overs = s.get("overrides") or []
+            if not isinstance(overs, list):
+                raise ConfigError(f"recipe step {i}: overrides must be a list of {{match: regex, method: "
+                                  f"{{type: ...}}}} entries (in order, first match wins), got {overs!r}")
+            for j, o in enumerate(overs):
+                if not isinstance(o, dict) or set(o) != {"match", "method"} or not isinstance(o["match"], str):
+                    raise ConfigError(f"recipe step {i}, override {j}: must be a mapping with exactly the keys "
+                                      f"'match' (a module-name regex) and 'method' (a config), got {o!r}; e.g. "
+                                      f"{{match: 'fc.*', method: {{type: RTN, bits: 8}}}}")
+            over = tuple((o["match"], config_from_dict(o["method"])) for o in overs)
+            ignore = s.get("ignore") or []
+            if not (isinstance(ignore, str) or isinstance(ignore, list) and all(isinstance(p, str) for p in ignore)):
+                raise ConfigError(f"recipe step {i}: ignore must be a module-name regex or a list of them, "
+                                  f"got {ignore!r}; e.g. ignore: [fc3]")
+            steps.append(Step(config_from_dict(s["method"]), as_patterns(ignore), over))
         if not steps:
             raise ConfigError("recipe: 'steps' is empty; add e.g. "
                               "steps: [{method: {type: ExactOBS, sparsity: 0.5}}]")
@@ -414,10 +614,22 @@ def read_yaml(path_or_text: str, what: str) -> Any:
 
     import yaml
 
-    text = path_or_text
-    if os.path.exists(path_or_text):
-        with open(path_or_text, encoding="utf-8") as f:
-            text = f.read()
+    if not isinstance(path_or_text, str | os.PathLike):
+        raise ConfigError(f"{what}: expected a YAML file path or YAML text, got {type(path_or_text).__name__}")
+    text = os.fspath(path_or_text)
+    looks_like_path = "\n" not in text and text.lower().endswith((".yaml", ".yml", ".json"))
+    if os.path.isdir(text):
+        raise ConfigError(f"{what} {text!r} is a directory; pass the YAML file inside it")
+    if os.path.exists(text):
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what} file {path_or_text!r} is not UTF-8 text ({e}); save it as UTF-8 YAML") from e
+        except OSError as e:
+            raise ConfigError(f"{what} file {path_or_text!r} cannot be read ({e})") from e
+    elif looks_like_path:
+        raise ConfigError(f"{what} file {text!r} not found (current folder {os.getcwd()!r}); check the path")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch.nn.utils import parametrize, prune
 
 from .._log import get_logger
 from ..errors import FormatError
+from .folder import check_target, commit_folder, recover, temp_folder
 from .manifest import (
     CHECKPOINT_VERSION,
     MANIFEST,
@@ -127,44 +127,6 @@ def build_manifest(model: nn.Module, aliases: dict[str, str], recipe: Any, plan:
             "hf_config": _hf_config(model)}
 
 
-def check_target(folder: str) -> None:
-    """Refuse to write over a file or over a non-empty folder that is not a brainsurgeon checkpoint."""
-    if os.path.isfile(folder):
-        raise FormatError(f"{folder!r} is a file; save() writes a folder. Pass a new or checkpoint folder path")
-    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST)):
-        raise FormatError(f"{folder!r} exists, is not empty and is not a brainsurgeon checkpoint; refusing to "
-                          f"replace it. Pass a new folder path or delete it first")
-
-
-def commit_folder(tmp: str, folder: str) -> None:
-    """Move a fully written temp folder to `folder`, replacing an older checkpoint there.
-
-    Replacing takes two renames (old -> .old-*, temp -> folder); a crash between them leaves the
-    previous checkpoint intact under ``.old-*`` beside `folder`.
-    """
-    old = None
-    if os.path.isdir(folder):
-        old = os.path.join(os.path.dirname(folder), f".old-{uuid.uuid4().hex[:8]}-{os.path.basename(folder)}")
-        os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        if old is not None:
-            os.replace(old, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_folder(folder: str) -> str:
-    """A fresh hidden temp folder beside `folder` (same file system, so the final rename is atomic)."""
-    folder = os.path.abspath(folder)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(folder), f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(folder)}")
-    os.mkdir(tmp)
-    return tmp
-
-
 def write_manifest(tmp: str, manifest: dict[str, Any]) -> None:
     """Fill in the weights file's size and SHA-256 and write ``manifest.json`` into `tmp`."""
     w = os.path.join(tmp, manifest["weights"]["file"])
@@ -223,7 +185,7 @@ def _is_pickle(path: str) -> bool:
 
 def _build(model_fn: ModelFn, manifest: dict[str, Any] | None) -> nn.Module:
     if isinstance(model_fn, str):
-        from .hf import build_hf_model
+        from .hf_build import build_hf_model
 
         manifest = manifest or {}
         return build_hf_model(model_fn, manifest.get("hf_config"), manifest.get("model_class"))
@@ -345,7 +307,10 @@ def load(folder: str, model_fn: ModelFn, *, verify: bool = True, allow_pickle: b
             _refuse_pickle(folder)
         return _load_pickle(folder, model_fn)
     if not os.path.isdir(folder):
-        raise FormatError(f"checkpoint folder {folder!r} not found; pass the folder written by save()")
+        found = recover(folder)  # a save interrupted between its two renames left it in a sibling
+        if found is None:
+            raise FormatError(f"checkpoint folder {folder!r} not found; pass the folder written by save()")
+        folder = found
     if not os.path.isfile(os.path.join(folder, MANIFEST)):
         pickles = sorted(f for f in os.listdir(folder) if f.endswith(_PICKLE_EXT))
         if pickles and not os.path.isfile(os.path.join(folder, WEIGHTS)):

@@ -85,7 +85,8 @@ def plan_factorization(model: nn.Module, cfg: LowRank, ignore: Iterable[str] = (
         if not isinstance(c, LowRank):
             raise ConfigError(f"override {pat!r}: factorize_ overrides must be LowRank configs, got {c!r}")
     layers, notes = _eligible(model)
-    plan: dict[str, LowRank] = match_configs(layers, cfg, ignore, over)  # type: ignore[assignment]
+    plan: dict[str, LowRank] = match_configs(layers, cfg, ignore, over,  # type: ignore[assignment]
+                                             known=[n for n, _ in model.named_modules() if n])
     if not plan:
         raise ConfigError(f"no Linear or Conv2d (groups=1) layer is left to factorize in {type(model).__name__} "
                           f"after ignore={list(ignore)}; loosen ignore")

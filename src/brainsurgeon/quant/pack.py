@@ -14,14 +14,13 @@ untouched.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from ..config import Config, register_config
+from ..config import Config, compile_patterns, register_config
 from ..errors import ConfigError
 from .dynamic import DynamicInt8Linear
 from .packed import COMPUTE_DTYPES, Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -124,8 +123,9 @@ def pack_(model: nn.Module, cfg: Pack | None = None, *, ignore: Iterable[str] = 
     >>> rows = pack_(model, Pack(bits=4, group_size=128), ignore=("lm_head",))
     """
     cfg = cfg or Pack()
-    ign = [re.compile(p) for p in ignore]
     kinds = (nn.Linear, nn.Conv2d) if cfg.convs else (nn.Linear,)
+    ign = compile_patterns(ignore, [n for n, _ in model.named_modules() if n],
+                           candidates=[n for n, m in model.named_modules() if n and type(m) in kinds])
     todo = {n: m for n, m in model.named_modules()
             if n and type(m) in kinds and not any(p.fullmatch(n) for p in ign)}
     if not todo:

@@ -14,7 +14,6 @@ equals the quantized model's forward; layers that are not on a grid get a fresh
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..config import Config, register_config
+from ..config import Config, compile_patterns, register_config
 from ..errors import CalibrationError, ConfigError
 from .fakequant import FAKE_QUANT_TYPES, _FakeQuantMixin, rebuild_layer, to_fake_quant
 from .grid import Grid, fit_grid
@@ -168,7 +167,8 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
     if cfg.act_bits and calib is None:
         raise ConfigError(f"QAT(act_bits={cfg.act_bits}) needs calibration batches to set the input "
                           f"ranges: pass calib=loader, or act_bits=0 for weight-only QAT")
-    ign = [re.compile(p) for p in ignore]
+    ign = compile_patterns(ignore, [n for n, _ in model.named_modules() if n],
+                           candidates=[n for n, m in model.named_modules() if n and type(m) in FAKE_QUANT_TYPES])
     todo = [(n, m) for n, m in model.named_modules()
             if n and type(m) in FAKE_QUANT_TYPES and not any(p.fullmatch(n) for p in ign)]
     if not todo:

@@ -45,7 +45,8 @@ def plan_sharing(model: nn.Module, cfg: Config, ignore: Iterable[str] = (),
         if not isinstance(c, WeightSharing):
             raise ConfigError(f"override {pat!r}: share_ overrides must be WeightSharing configs, got {c!r}")
     names = [n for n, m in model.named_modules() if n and supported(m)]
-    plan: dict[str, WeightSharing] = match_configs(names, cfg, ignore, over)  # type: ignore[assignment]
+    plan: dict[str, WeightSharing] = match_configs(names, cfg, ignore, over,  # type: ignore[assignment]
+                                                   known=[n for n, _ in model.named_modules() if n])
     if not plan:
         raise ConfigError(f"no Linear/Conv layer is left to share in {type(model).__name__} after "
                           f"ignore={list(ignore)}; loosen ignore")

@@ -1,0 +1,59 @@
+"""Bug 13.#1: a failed compress() restores the model in place, keeping every object the caller holds."""
+
+import pytest
+import torch
+from reliability_state import assert_untouched, capture
+from torch import nn
+
+import brainsurgeon as bs
+from brainsurgeon.errors import BrainsurgeonError
+
+
+class Net(nn.Module):
+    """conv1 has 3 input channels: a 2:4 pattern cannot split its 3*3*3 = 27 columns into fours."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def calib():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
+
+
+RECIPE = bs.Recipe((bs.config.Step(bs.ChannelPruning(ratio=0.5)), bs.config.Step(bs.ExactOBS(pattern="2:4"))))
+
+
+def test_failed_compress_keeps_parameter_and_module_objects():
+    m = Net().eval()
+    w, conv1, bn1 = m.conv1.weight, m.conv1, m.bn1
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(calib()[0]).sum().backward()  # grads set: they must survive too
+    m.conv2.register_forward_hook(lambda *a: None)
+    before = capture(m)
+    with pytest.raises(BrainsurgeonError, match="conv1"):
+        bs.compress(m, RECIPE, calib())
+    assert m.conv1 is conv1 and m.bn1 is bn1 and m.conv1.weight is w
+    assert_untouched(m, before)
+    w0 = w.detach().clone()
+    opt.step()  # the optimizer built before the call still updates the model
+    assert not torch.equal(m.conv1.weight, w0)
+
+
+def test_failed_weight_only_recipe_keeps_objects():
+    m = Net().eval()
+    before = capture(m)
+    recipe = bs.Recipe((bs.config.Step(bs.RTN(bits=4)), bs.config.Step(bs.ExactOBS(pattern="2:4"))))
+    with pytest.raises(BrainsurgeonError, match="conv1"):
+        bs.compress(m, recipe, calib())
+    assert_untouched(m, before)
