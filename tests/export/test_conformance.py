@@ -63,14 +63,17 @@ def _factories() -> dict[str, Callable[[], nn.Module]]:
         f["act_quant_linear"] = lambda: _act(_lin(), "tensor")
         f["act_quant_conv2d"] = lambda: _act(_conv(), "channel")
         f["act_quant_conv1d"] = lambda: _act(nn.Conv1d(4, 8, 3, padding=1), "tensor")
+    if "static_int8_linear" in names:
+        f["static_int8_linear"] = lambda: module_format("static_int8_linear").from_act_linear(
+            _act(_lin(), "tensor", bits=8), rtn=True)
     return f
 
 
-def _act(layer: nn.Module, granularity: str) -> nn.Module:
+def _act(layer: nn.Module, granularity: str, bits: int = 6) -> nn.Module:
     from brainsurgeon.config import ActQuant
     from brainsurgeon.quant.act import with_act_quant
 
-    m = with_act_quant(layer, ActQuant(bits=6, granularity=granularity))
+    m = with_act_quant(layer, ActQuant(bits=bits, granularity=granularity))
     with torch.no_grad():  # calibrated-looking scales, not the defaults
         m.input_quantizer.scale.uniform_(0.02, 0.1, generator=torch.Generator().manual_seed(1))
         m.input_quantizer.zero.fill_(21.0)

@@ -200,6 +200,12 @@ class _ActQuantMixin:
         layer["bias"] = self.bias is not None  # type: ignore[attr-defined]
         return {"layer": layer, "quantizer": self.input_quantizer.spec()}
 
+    def qdq_module(self) -> nn.Module | None:
+        """The QuantizeLinear/DequantizeLinear form for ONNX (8-bit per-tensor static only; else None)."""
+        from .static import qdq_module
+
+        return qdq_module(self)
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> nn.Module:
         """An empty layer with its quantizer, every tensor at its saved shape."""
