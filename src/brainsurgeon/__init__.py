@@ -15,6 +15,8 @@ from .config import (
     GPTQ,
     OBQ,
     RTN,
+    W8A8,
+    ActQuant,
     CalibOptions,
     ExactOBS,
     Magnitude,
@@ -53,7 +55,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 __all__ = [
     # layer-wise OBS compression (OBC, SparseGPT, GPTQ) and recipes
-    "GPTQ", "OBQ", "RTN", "CalibOptions", "ExactOBS", "Magnitude", "Recipe", "SparseGPT", "Step",
+    "GPTQ", "OBQ", "RTN", "W8A8", "ActQuant", "CalibOptions", "ExactOBS", "Magnitude", "Recipe", "SparseGPT", "Step",
     "compress", "dump_recipe", "load_recipe", "plan_layers", "quantize_", "sparsify_",
     # structural pruning (DepGraph)
     "BNL1", "ChannelPruning", "DependencyGraph", "Group", "GroupNormRegularizer", "Slice", "prune_",

@@ -254,7 +254,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     steps = list(steps)
     for i, step in enumerate(steps, 1):
         verb = type(step.method).verb
-        if verb not in ("sparsify", "quantize", "distill") + STRUCTURAL_VERBS:
+        if verb not in ("sparsify", "quantize", "distill", "actquant") + STRUCTURAL_VERBS:
             raise ConfigError(f"{type(step.method).__name__} is a {verb!r} config, which a recipe step cannot "
                               f"run; recipe steps take sparsify, quantize, prune, factorize, share, pack or "
                               f"distill configs")
@@ -267,7 +267,11 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     report = CompressionReport()
     try:
         names: list[str] = []
+        for step in [s for s in steps if type(s.method).verb == "actquant"]:  # first: later Hessians see X_q
+            _run_act_step(model, step, calib, options, report)
         for step in steps:
+            if type(step.method).verb == "actquant":
+                continue
             if type(step.method).verb == "distill":
                 _run_distill_step(model, step, teacher, data, val, report)  # type: ignore[arg-type]
             elif type(step.method).verb in STRUCTURAL_VERBS:
@@ -283,8 +287,25 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     return report
 
 
+def _run_act_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
+                  report: CompressionReport) -> None:
+    """Input quantizers on the step's layers, calibrated on `calib` (see :mod:`brainsurgeon.quant.act`)."""
+    from .quant.act import insert_act_quant_
+
+    names = [n for n, mod in model.named_modules() if n and supported(mod)]
+    plan = match_configs(names, step.method, step.ignore, step.overrides)
+    if not plan:
+        raise ConfigError(f"ActQuant: no Linear/Conv layer is left in {type(model).__name__} after "
+                          f"ignore={list(step.ignore)}; loosen ignore")
+    done = insert_act_quant_(model, plan, calib, options.max_batches)  # type: ignore[arg-type]
+    kinds = sorted({c.describe() for c in plan.values()})
+    report.notes.append(f"{', '.join(kinds)}: inputs of {len(done)} layers quantized before the weight steps "
+                        f"(their Hessians are built from the quantized inputs)")
+
+
 def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) -> Step:
-    if not isinstance(cfg, Config) or type(cfg).verb != verb:
+    ok = (verb, "actquant") if verb == "quantize" else (verb,)
+    if not isinstance(cfg, Config) or type(cfg).verb not in ok:
         raise ConfigError(f"{verb}_ needs a {verb} config (e.g. "
                           f"{'ExactOBS(sparsity=0.5)' if verb == 'sparsify' else 'OBQ(bits=4)'}), "
                           f"got {cfg!r}")
@@ -306,12 +327,14 @@ def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
 
 def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
               overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
-    """Quantize the weights of every supported layer in place (OBQ, GPTQ, RTN).
+    """Quantize the weights of every supported layer in place (OBQ, GPTQ, RTN), or with an
+    :class:`~brainsurgeon.config.ActQuant` config their inputs (calibrated input quantizers).
 
     Weights stay float tensors whose values lie on the grid (2^bits levels per row or group);
     zeros of an already pruned layer stay zero.
 
     >>> rep = quantize_(model, OBQ(bits=4), calib=loader)
+    >>> rep = quantize_(model, ActQuant(bits=8, observer="mse"), calib=loader)   # then GPTQ sees X_q
     """
     options = options or CalibOptions()
     return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options)

@@ -395,6 +395,57 @@ class GPTQ(_QuantConfig):
         _check(self.blocksize >= 1, "GPTQ", f"blocksize must be >= 1, got {self.blocksize}")
 
 
+ACT_GRANULARITIES = ("tensor", "token", "channel")
+ACT_OBSERVERS = ("minmax", "percentile", "mse", "ema")
+
+
+@register_config
+@dataclass(frozen=True)
+class ActQuant(Config):
+    """Activation quantization at the inputs of Linear/Conv layers (fake-quant; real int8 kernels by
+    :func:`brainsurgeon.quant.static.convert_static_int8_`).
+
+    granularity: ``tensor`` (one static scale per layer input), ``channel`` (one static scale per
+    input channel) or ``token`` (dynamic: one scale per row, computed at run time).
+    observer (static scales, on the calibration data): ``minmax``, ``percentile`` (the
+    `percentile`-th and (100 - `percentile`)-th values), ``mse`` (the clipping of the min-max range
+    minimising the squared quantization error), ``ema`` (min/max averaged over batches with `ema_decay`).
+    In a recipe or with ``quantize_`` it is applied before the weight steps, so their Hessians are
+    built from the quantized inputs (OBC's joint setting).
+
+    >>> ActQuant(bits=8); ActQuant(bits=4, observer="mse"); ActQuant(bits=8, granularity="token", sym=True)
+    """
+
+    verb: ClassVar[str] = "actquant"
+
+    bits: int = 8
+    granularity: str = "tensor"
+    observer: str = "minmax"
+    sym: bool = False
+    percentile: float = 99.99
+    ema_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "ActQuant",
+               f"bits must be an integer in [2, 8], got {self.bits!r}")
+        _check(self.granularity in ACT_GRANULARITIES, "ActQuant",
+               f"granularity must be one of {list(ACT_GRANULARITIES)}, got {self.granularity!r}")
+        _check(self.observer in ACT_OBSERVERS, "ActQuant",
+               f"observer must be one of {list(ACT_OBSERVERS)}, got {self.observer!r}")
+        _check(50.0 < self.percentile <= 100.0, "ActQuant",
+               f"percentile must be in (50, 100], e.g. 99.99, got {self.percentile!r}")
+        _check(0.0 <= self.ema_decay < 1.0, "ActQuant", f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
+    @property
+    def dynamic(self) -> bool:
+        """Per-token scales are computed at run time (no calibration)."""
+        return self.granularity == "token"
+
+    def describe(self) -> str:
+        obs = "dynamic" if self.dynamic else self.observer
+        return f"ActQuant a{self.bits} {self.granularity} {obs}{' sym' if self.sym else ''}"
+
+
 @register_config
 @dataclass(frozen=True)
 class CalibOptions(Config):
@@ -602,6 +653,22 @@ class Recipe:
                               "steps: [{method: {type: ExactOBS, sparsity: 0.5}}]")
         cal = config_from_dict({"type": "CalibOptions", **(d.get("calib") or {})})
         return Recipe(tuple(steps), cal)  # type: ignore[arg-type]
+
+
+def W8A8(weights: str = "GPTQ", observer: str = "minmax", granularity: str = "tensor",
+         options: CalibOptions | None = None) -> Recipe:
+    """Shorthand recipe: 8-bit static activations (per tensor, asymmetric) and 8-bit symmetric
+    per-channel weights by `weights` (GPTQ, OBQ or RTN), solved on the quantized inputs.
+
+    >>> rep = compress(model, W8A8(), calib=loader)
+    >>> W8A8("RTN", granularity="token").steps[0].method.dynamic
+    True
+    """
+    cls = _REGISTRY.get(weights)
+    if cls is None or cls.verb != "quantize":
+        raise ConfigError(f"W8A8: weights={weights!r} is not a weight quantizer; use 'GPTQ', 'OBQ' or 'RTN'")
+    act = ActQuant(bits=8, granularity=granularity, observer=observer, sym=granularity == "token")
+    return Recipe((Step(act), Step(cls(bits=8, sym=True))), options or CalibOptions())
 
 
 def read_yaml(path_or_text: str, what: str) -> Any:

@@ -59,7 +59,25 @@ def _factories() -> dict[str, Callable[[], nn.Module]]:
         f["lowrank_conv2d"] = lambda: module_format("lowrank_conv2d")(4, 8, 3, kernel_size=(3, 3), padding=(1, 1))
         f["tucker2_conv2d"] = lambda: module_format("tucker2_conv2d")(4, 8, 2, 3, kernel_size=(3, 3),
                                                                        padding=(1, 1))
+    if "act_quant_linear" in names:
+        f["act_quant_linear"] = lambda: _act(_lin(), "tensor")
+        f["act_quant_conv2d"] = lambda: _act(_conv(), "channel")
+        f["act_quant_conv1d"] = lambda: _act(nn.Conv1d(4, 8, 3, padding=1), "tensor")
+    if "static_int8_linear" in names:
+        f["static_int8_linear"] = lambda: module_format("static_int8_linear").from_act_linear(
+            _act(_lin(), "tensor", bits=8), rtn=True)
     return f
+
+
+def _act(layer: nn.Module, granularity: str, bits: int = 6) -> nn.Module:
+    from brainsurgeon.config import ActQuant
+    from brainsurgeon.quant.act import with_act_quant
+
+    m = with_act_quant(layer, ActQuant(bits=bits, granularity=granularity))
+    with torch.no_grad():  # calibrated-looking scales, not the defaults
+        m.input_quantizer.scale.uniform_(0.02, 0.1, generator=torch.Generator().manual_seed(1))
+        m.input_quantizer.zero.fill_(21.0)
+    return m
 
 
 FACTORIES = _factories()
@@ -69,6 +87,8 @@ def _input(m: nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     if hasattr(m, "in_features"):
         return torch.randn(3, m.in_features, generator=g)
+    if isinstance(m, nn.Conv1d):
+        return torch.randn(2, m.in_channels, 8, generator=g)
     return torch.randn(2, m.in_channels, 8, 8, generator=g)
 
 

@@ -88,6 +88,12 @@ def densify(model: nn.Module, qdq: bool = False) -> tuple[nn.Module, list[str], 
     dequantized: list[str] = []
     qdq_names: list[str] = []
     for name, m in list(model.named_modules()):
+        if qdq and name and callable(getattr(m, "qdq_module", None)):  # static int8 activations + weights
+            new_qdq = m.qdq_module()
+            if new_qdq is not None:
+                model.set_submodule(name, new_qdq.train(m.training))
+                qdq_names.append(name)
+                continue
         if not name or getattr(type(m), "format_name", None) is None or next(m.children(), None) is not None:
             continue
         new = qdq_equivalent(m) if qdq else None
