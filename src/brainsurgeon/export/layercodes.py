@@ -1,0 +1,160 @@
+"""The integer codes the quantizers left in a model, read once for every serving-format writer.
+
+A serving format (compressed-tensors, GPTQ, GGUF) stores ``W = scale * (q - zero)`` per (row,
+group of input columns). The writers never quantize: they take the codes the model already holds.
+
+- a packed module (:class:`~brainsurgeon.quant.packed.Int4WeightOnlyLinear`, ``Int8WeightOnlyLinear``)
+  holds the codes, scales and zeros as buffers: they are read as they are;
+- a float ``nn.Linear`` left on a grid by ``quantize_`` (RTN/GPTQ/OBQ) has its codes read back with
+  :func:`~brainsurgeon.quant.codes.recover_codes` for the grid the caller names (``quant=``, the
+  config it quantized with), and the round trip ``scale * (q - zero) == W`` is checked bit for bit
+  before anything is written; a layer that is not exactly on that grid is refused.
+
+    >>> bs.quantize_(lm, bs.GPTQ(bits=4, group_size=128), calib, ignore=("lm_head",))
+    >>> layers = collect_codes(lm, quant=bs.GPTQ(bits=4, group_size=128), ignore=("lm_head",))
+    >>> layers["model.layers.0.mlp.up_proj"].codes.q.shape     # rows x cols int32 codes
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._log import get_logger
+from ..errors import ConfigError, FormatError
+from ..quant.codes import GridCodes, check_group_size, recover_codes
+from ..quant.packed import _PackedLinear
+
+log = get_logger(__name__)
+ULP_TOL = 2.0**-22  # relative: float32 rounding of a float64 grid point (1 ulp = 2^-23 .. 2^-22)
+
+
+@dataclass
+class LayerCodes:
+    """One Linear as a serving format sees it: its codes (None: stored dense), bias and zero count."""
+
+    name: str
+    codes: GridCodes | None
+    weight: torch.Tensor  # rows x cols float32: the dequantized (or dense) weight, as our model runs it
+    bias: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+
+def _scheme(quant: Any) -> tuple[int, int, bool] | None:
+    """(bits, group_size, sym) of a quantization config (GPTQ/OBQ/RTN/Pack) or None."""
+    if quant is None:
+        return None
+    try:
+        return int(quant.bits), int(quant.group_size), bool(getattr(quant, "sym", True))
+    except AttributeError as e:
+        raise ConfigError(f"quant={quant!r} has no bits/group_size; pass the config the model was quantized "
+                          f"with, e.g. quant=bs.GPTQ(bits=4, group_size=128)") from e
+
+
+def exact_codes(W: torch.Tensor, bits: int, group_size: int, sym: bool, name: str) -> GridCodes:
+    """Codes of a float weight on a `bits`-bit grid, checked: ``scale * (q - zero)`` reproduces W.
+
+The codes are exact integers; the float32 scale reproduces every weight to float32 rounding.
+
+    >>> c = exact_codes(lin.weight.detach(), 4, 128, True, "fc1")
+    """
+    W = W.detach().to("cpu", torch.float32)
+    try:
+        codes = recover_codes(W, bits, group_size, name)
+    except ConfigError as e:
+        raise FormatError(f"cannot export: {e}") from e
+    back = codes.dequantize()
+    # the solvers fit the grid in float64 and round the result to float32, so one float32 scale per
+    # group reproduces the weights to within float32 rounding (<= 1 ulp), never more: allow 2^-22 relative
+    off = (back - W).abs() > ULP_TOL * W.abs()
+    if bool(off.any()):
+        n = int(off.sum())
+        err = float((back - W).abs().max())
+        raise FormatError(f"layer {name}: the {bits}-bit codes read back from the weight do not reproduce it "
+                          f"({n} of {W.numel()} values differ by more than float32 rounding, max |diff| "
+                          f"{err:.3g}); the weight is not on a {bits}-bit grid with groups of {group_size}, "
+                          f"and a serving format would store a different model. Quantize it with quantize_(..., "
+                          f"bits={bits}, group_size={group_size}) or pass the quant config it was quantized with")
+    if sym and bool((codes.zero != 2 ** (bits - 1)).any()):
+        raise FormatError(f"layer {name}: quant says sym=True but the weight is on an asymmetric grid "
+                          f"(zero points other than {2 ** (bits - 1)}); pass quant with sym=False, or "
+                          f"quantize with sym=True")
+    return codes
+
+
+def _packed_codes(m: _PackedLinear) -> GridCodes:
+    return GridCodes(m.codes().cpu(), m.scale.detach().float().cpu(), m.zero.detach().float().cpu(),
+                     m.bits, m.group_size)
+
+
+def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = ("lm_head",)) -> dict[str, LayerCodes]:
+    """name -> :class:`LayerCodes` for every Linear (float or packed) of `model`, in module order.
+
+    quant: the grid float Linears were quantized to (a GPTQ/OBQ/RTN config); None writes float
+    Linears dense. Packed modules always give their own codes. ignore: regexes of Linears kept dense.
+    Raises FormatError naming the layer if a float layer is not exactly on the named grid.
+    """
+    scheme = _scheme(quant)
+    ign = [re.compile(p) for p in ignore]
+    out: dict[str, LayerCodes] = {}
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        skip = any(p.fullmatch(name) for p in ign)
+        if isinstance(m, _PackedLinear):
+            if skip:
+                raise FormatError(f"layer {name} is packed ({type(m).__name__}) but matches ignore={list(ignore)}; "
+                                  f"a packed layer cannot be written dense: drop it from ignore")
+            c = _packed_codes(m)
+            b = m.bias.detach().float().cpu() if m.bias is not None else None
+            out[name] = LayerCodes(name, c, c.dequantize(), b)
+        elif isinstance(m, nn.Linear):
+            W = m.weight.detach().to("cpu", torch.float32)
+            b = m.bias.detach().float().cpu() if m.bias is not None else None
+            codes = None
+            if scheme is not None and not skip:
+                bits, gs, sym = scheme
+                check_group_size(W.shape[1], gs, name)
+                codes = exact_codes(W, bits, gs, sym, name)
+            out[name] = LayerCodes(name, codes, W, b)
+    n_q = sum(lc.codes is not None for lc in out.values())
+    log.info("collected %d Linear layers (%d with codes, %d dense)", len(out), n_q, len(out) - n_q)
+    return out
+
+
+def check_hf_shapes(model: nn.Module, fmt: str) -> None:
+    """Refuse a model whose tensors the HF config cannot rebuild (pruned widths, dropped heads).
+
+    Builds the config's architecture on the meta device and compares every state_dict shape.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "model_type"):
+        raise FormatError(f"format {fmt!r} writes a Hugging Face model folder; {type(model).__name__} has no HF "
+                          f"config (model.config). Use format='brainsurgeon' (or 'onnx') for this model")
+    with torch.device("meta"):
+        ref = type(model)(cfg)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, _PackedLinear):
+            got = {f"{name}.weight": (m.out_features, m.in_features)}
+            if m.bias is not None:
+                got[f"{name}.bias"] = (m.out_features,)
+        elif next(m.children(), None) is None:
+            got = {f"{name}.{k}" if name else k: tuple(v.shape) for k, v in m.state_dict().items()}
+        else:
+            continue
+        bad += [f"{k}: {g} vs config {want.get(k)}" for k, g in got.items() if want.get(k) != g]
+    if bad:
+        raise FormatError(f"format {fmt!r}: {len(bad)} tensors do not have the shapes {type(model).__name__}'s "
+                          f"config builds ({'; '.join(bad[:3])}); a pruned width or dropped head cannot be "
+                          f"expressed by an HF config. Save with format='brainsurgeon' or 'hf' (our "
+                          f"manifest rebuilds the widths), or prune uniformly")
