@@ -59,6 +59,11 @@ def _factories() -> dict[str, Callable[[], nn.Module]]:
         f["lowrank_conv2d"] = lambda: module_format("lowrank_conv2d")(4, 8, 3, kernel_size=(3, 3), padding=(1, 1))
         f["tucker2_conv2d"] = lambda: module_format("tucker2_conv2d")(4, 8, 2, 3, kernel_size=(3, 3),
                                                                        padding=(1, 1))
+    if "spatial_separable_conv2d" in names:  # compact-design transforms (lowrank/compact.py)
+        f["spatial_separable_conv2d"] = lambda: module_format("spatial_separable_conv2d")(
+            4, 8, 3, kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
+        f["depthwise_separable_conv2d"] = lambda: module_format("depthwise_separable_conv2d")(
+            4, 8, 2, kernel_size=(3, 3), padding=(1, 1))
     return f
 
 
