@@ -40,7 +40,7 @@ from .errors import (
 )
 from .export import export_onnx, from_pretrained, load, save, save_pretrained
 from .graph import DependencyGraph, Group, Slice
-from .lowrank import LowRank, factorize_
+from .lowrank import LowRank, Separable, factorize_, transform_
 from .prune import BNL1, ChannelPruning, GroupNormRegularizer, prune_
 from .quant import Pack, pack_
 from .quant.qat import QAT, convert_qat_, prepare_qat_
@@ -62,6 +62,8 @@ __all__ = [
     # the classic toolbox
     "KD", "QAT", "LowRank", "Pack", "WeightSharing", "convert_qat_", "distill", "factorize_", "pack_",
     "prepare_qat_", "share_",
+    # compact-design transforms (spatial / depthwise separable, bottleneck)
+    "Separable", "transform_",
     # budgets and search
     "AMC", "Budget", "Plan", "SearchSpace", "apply_plan_", "search",
     # saving, loading, export, reports

@@ -182,7 +182,7 @@ def _recalibrate(model: nn.Module, dense: nn.Module | None, names: list[str], ca
 
 # Verbs that change module types or shapes (not only weight values): each is its own in-place
 # function with its own rollback; compress() snapshots the whole model around them.
-STRUCTURAL_VERBS = ("prune", "factorize", "share", "pack")
+STRUCTURAL_VERBS = ("prune", "factorize", "share", "pack", "transform")
 
 
 def _run_structural_step(model: nn.Module, step: Step, calib: Any, report: CompressionReport) -> None:
@@ -204,6 +204,10 @@ def _run_structural_step(model: nn.Module, step: Step, calib: Any, report: Compr
         from .lowrank import factorize_
 
         report.extend(factorize_(model, step.method, calib, ignore=step.ignore, overrides=step.overrides))
+    elif verb == "transform":  # compact-design transforms (Separable)
+        from .lowrank import transform_
+
+        report.extend(transform_(model, step.method, calib, ignore=step.ignore, overrides=step.overrides))
     elif verb == "share":
         from .share import share_
 
@@ -256,7 +260,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
         verb = type(step.method).verb
         if verb not in ("sparsify", "quantize", "distill", "actquant") + STRUCTURAL_VERBS:
             raise ConfigError(f"{type(step.method).__name__} is a {verb!r} config, which a recipe step cannot "
-                              f"run; recipe steps take sparsify, quantize, prune, factorize, share, pack or "
+                              f"run; recipe steps take sparsify, quantize, prune, factorize, transform, share, pack or "
                               f"distill configs")
         if verb == "distill":
             _check_distill_step(i, step, data)

@@ -66,6 +66,11 @@ def _factories() -> dict[str, Callable[[], nn.Module]]:
     if "static_int8_linear" in names:
         f["static_int8_linear"] = lambda: module_format("static_int8_linear").from_act_linear(
             _act(_lin(), "tensor", bits=8), rtn=True)
+    if "spatial_separable_conv2d" in names:  # compact-design transforms (lowrank/compact.py)
+        f["spatial_separable_conv2d"] = lambda: module_format("spatial_separable_conv2d")(
+            4, 8, 3, kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
+        f["depthwise_separable_conv2d"] = lambda: module_format("depthwise_separable_conv2d")(
+            4, 8, 2, kernel_size=(3, 3), padding=(1, 1))
     return f
 
 

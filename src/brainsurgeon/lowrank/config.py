@@ -77,3 +77,51 @@ class LowRank(Config):
         rule = next(f"{k}={v:g}" for k, v in (("rank", self.rank), ("rank_ratio", self.rank_ratio),
                                               ("param_ratio", self.param_ratio), ("energy", self.energy)) if v)
         return f"{'ASVD' if self.activation_aware else 'SVD'} {rule}"
+
+
+@register_config
+@dataclass(frozen=True)
+class Separable(Config):
+    """A compact-design transform of every k x k conv (groups=1): ``spatial`` (k x 1 then 1 x k; Jaderberg
+    et al., BMVC 2014), ``depthwise`` (depthwise k x k with m filters per channel, then 1x1; MobileNets,
+    Howard et al. 2017) or ``bottleneck`` (1x1 reduce, k x k, 1x1 expand; the Tucker-2 structure).
+
+    ratio: fraction of the layer's weights kept (= of its MACs at stride 1); the rank is the largest
+    that fits. data_aware: fit the layer OUTPUT on calibration data by ALS from the weight-space fit
+    (needs calib), else the closed-form weight-space fit (SVD / HOOI). sweeps, cg_iters: ALS sweeps and
+    conjugate-gradient steps per factor; damp: relative dampening of X X^T in the normal equations.
+
+    >>> Separable(kind="depthwise", ratio=0.25)
+    """
+
+    verb: ClassVar[str] = "transform"
+
+    kind: str = "spatial"
+    ratio: float = 0.5
+    data_aware: bool = True
+    sweeps: int = 10
+    cg_iters: int = 50
+    damp: float = 0.01
+    tucker_sweeps: int = 2
+    skip_larger: bool = True
+
+    def __post_init__(self) -> None:
+        def fail(field: str, msg: str) -> None:
+            raise ConfigError(f"Separable: {field} {msg}")
+
+        if self.kind not in ("spatial", "depthwise", "bottleneck"):
+            fail("kind", f"must be 'spatial', 'depthwise' or 'bottleneck', got {self.kind!r}")
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+            fail("ratio", f"(fraction of the layer's weights kept) must be in (0, 1), got {self.ratio!r}; "
+                          f"e.g. ratio=0.5 for 2x fewer MACs")
+        if not isinstance(self.data_aware, bool):
+            fail("data_aware", f"must be True or False, got {self.data_aware!r}")
+        for f, hi in (("sweeps", 1000), ("cg_iters", 10000), ("tucker_sweeps", 100)):
+            v = getattr(self, f)
+            if not isinstance(v, int) or not 0 <= v <= hi:
+                fail(f, f"must be an integer in [0, {hi}], got {v!r}")
+        if not isinstance(self.damp, (int, float)) or not 0.0 <= self.damp < 1.0:
+            fail("damp", f"(relative dampening of X X^T) must be in [0, 1), got {self.damp!r}")
+
+    def describe(self) -> str:
+        return f"Separable {self.kind} {self.ratio:.0%} {'data-aware' if self.data_aware else 'weight-space'}"

@@ -1,0 +1,170 @@
+"""The verb ``transform_``: replace k x k convs by compact designs fitted to their outputs.
+
+    >>> rep = transform_(model, Separable(kind="depthwise", ratio=0.5), calib=loader)   # data-aware
+    >>> rep = transform_(model, Separable(kind="spatial", ratio=0.25, data_aware=False))  # weight-space
+    >>> print(rep.to_table())
+
+Every Conv2d with groups=1 and a kernel larger than 1x1 (both sides > 1 for ``spatial``) is replaced in
+place by a :class:`SpatialSeparableConv2d`, :class:`DepthwiseSeparableConv2d` or (``bottleneck``)
+:class:`Tucker2Conv2d` with the same input/output channels, so the BatchNorm and activation after it
+stay where they are. With calibration data, each layer's input Hessian comes from the layer-by-layer
+driver (sequential by default: a layer is fitted on the outputs of the already transformed layers
+before it), and the rows report the relative output error ``tr(dW H dW^T) / tr(W H W^T)`` (for
+``data_aware=False`` too, then measured, not minimised); without calib, the kernel error. On any
+failure every replaced module is put back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._log import get_logger
+from ..calib import run_layerwise
+from ..config import CalibOptions, Config, match_configs
+from ..errors import ConfigError, UnsupportedModuleError
+from ..report import CompressionReport, LayerRow
+from .api import _row, _swap
+from .compact import COMPACT, DepthwiseSeparableConv2d, SpatialSeparableConv2d
+from .config import Separable
+from .modules import FACTORIZED, Tucker2Conv2d
+from .separable import dense_kernel, design_params, design_rank, fit_separable, output_loss
+
+log = get_logger(__name__)
+
+
+def _why_not(mod: nn.Conv2d, kind: str) -> str:
+    """'' when `mod` can take the design `kind`, else the reason it stays dense."""
+    kh, kw = mod.kernel_size
+    if mod.groups != 1:
+        return f"grouped/depthwise conv (groups={mod.groups})"
+    if kh * kw == 1:
+        return "1x1 kernel (use LowRank / factorize_ for 1x1 convs)"
+    if isinstance(mod.padding, str):
+        return f"padding={mod.padding!r} (give explicit padding)"
+    if kind == "spatial" and (kh == 1 or kw == 1):
+        return f"kernel {kh}x{kw} is already one-dimensional"
+    if kind == "spatial" and mod.padding_mode != "zeros":
+        return f"padding_mode={mod.padding_mode!r}: a (k x 1, 1 x k) pair equals the conv only with zero padding"
+    return ""
+
+
+def plan_transform(model: nn.Module, cfg: Separable, ignore: Iterable[str] = (),
+                   overrides: Any = ()) -> tuple[dict[str, Separable], list[str]]:
+    """Layer name -> Separable config (first full-match override wins), and notes on convs kept dense.
+
+    >>> plan, notes = plan_transform(model, Separable(kind="spatial", ratio=0.5), ignore=("conv1",))
+    """
+    if not isinstance(cfg, Separable):
+        raise ConfigError(f"transform_ needs a Separable config, e.g. Separable(kind='depthwise', ratio=0.5); "
+                          f"got {cfg!r}")
+    over = list(overrides.items()) if isinstance(overrides, dict) else list(overrides)
+    for pat, c in over:
+        if not isinstance(c, Separable):
+            raise ConfigError(f"override {pat!r}: transform_ overrides must be Separable configs, got {c!r}")
+    inside: set[int] = set()
+    convs, notes = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (*FACTORIZED, *COMPACT)):
+            inside.update(id(m) for m in mod.modules() if m is not mod)
+        elif name and id(mod) not in inside and isinstance(mod, nn.Conv2d):
+            convs[name] = mod
+    plan: dict[str, Separable] = match_configs(list(convs), cfg, ignore, over)  # type: ignore[assignment]
+    for name in list(plan):
+        why = _why_not(convs[name], plan[name].kind)
+        if why:
+            notes.append(f"{name}: {why}; kept dense")
+            del plan[name]
+        elif not torch.is_floating_point(convs[name].weight) or convs[name].weight.device.type == "meta":
+            raise UnsupportedModuleError(f"layer {name}: weight {convs[name].weight.dtype} on "
+                                         f"{convs[name].weight.device} cannot be transformed; pass "
+                                         f"ignore=['{name}'] or load/dequantize the weights first")
+    if not plan:
+        raise ConfigError(f"no k x k Conv2d (groups=1) is left to transform in {type(model).__name__} after "
+                          f"ignore={list(ignore)} ({'; '.join(notes) or 'no conv layers'}); loosen ignore")
+    return plan, notes
+
+
+def transform_module(name: str, conv: nn.Conv2d, cfg: Separable,
+                     H: torch.Tensor | None = None) -> tuple[nn.Module | None, LayerRow]:
+    """The compact replacement of one conv (None when it would not be smaller) and its report row.
+
+    H: the layer's input Hessian (cols, cols); the fit is data-aware when ``cfg.data_aware``, and the
+    row's loss is the output error on H whenever H is given.
+
+    >>> new, row = transform_module("conv2", model.conv2, Separable(kind="depthwise", ratio=0.5), H)
+    """
+    t0 = time.perf_counter()
+    W4 = conv.weight.detach()
+    shape = tuple(W4.shape)
+    rank = design_rank(cfg.kind, shape, cfg.ratio)
+    fit = fit_separable(W4, H if cfg.data_aware else None, cfg.kind, rank, cfg.sweeps, cfg.cg_iters, cfg.damp,
+                        cfg.tucker_sweeps)
+    Wm = W4.to(torch.float64).reshape(shape[0], -1)
+    loss = output_loss(Wm, dense_kernel(cfg.kind, fit.factors, shape).reshape(shape[0], -1), H)
+    total = output_loss(Wm, torch.zeros_like(Wm), H)
+    before, after = W4.numel(), design_params(cfg.kind, shape, rank)
+    fs = [f.to(W4.dtype).to(W4.device) for f in fit.factors]
+    new: nn.Module | None
+    if cfg.kind == "spatial":
+        new, label = SpatialSeparableConv2d.from_factors(conv, *fs), f"spatial r{rank}"
+    elif cfg.kind == "depthwise":
+        new, label = DepthwiseSeparableConv2d.from_factors(conv, *fs), f"depthwise x{rank}"
+    else:
+        new, label = Tucker2Conv2d.from_factors(conv, *fs), f"bottleneck {rank}"
+    label += " data-aware" if cfg.data_aware and H is not None else " weight-space"
+    if cfg.skip_larger and after >= before:
+        new, after, loss, label = None, before, 0.0, label + " kept dense"
+    if new is not None:
+        new.train(conv.training)
+        for p in new.parameters():
+            p.requires_grad_(conv.weight.requires_grad)
+    return new, _row(name, label, shape, before, after, loss, total, time.perf_counter() - t0, 0,
+                     float(torch.finfo(W4.dtype).bits))
+
+
+def transform_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iterable[str] = (),
+               overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
+    """Replace every k x k Conv2d (groups=1) of `model` in place by a compact design (see :class:`Separable`).
+
+    calib is required when a config has ``data_aware=True``; with calib every row reports the relative
+    output error on the calibration inputs. options: the calibration driver's mode (default sequential).
+
+    >>> rep = transform_(model, Separable(kind="bottleneck", ratio=0.5), calib=loader)
+    >>> print(rep.to_table())
+    """
+    plan, notes = plan_transform(model, cfg, ignore, overrides)  # type: ignore[arg-type]
+    aware = [n for n, c in plan.items() if c.data_aware]
+    if aware and calib is None:
+        raise ConfigError(f"Separable(data_aware=True) fits layer outputs and needs calibration data for "
+                          f"{aware[:3]}; pass calib=loader, or use Separable(..., data_aware=False)")
+    modules = dict(model.named_modules())
+    report = CompressionReport(notes=list(notes))
+    swapped: list[tuple[str, nn.Module]] = []
+
+    def apply(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
+        new, row = transform_module(name, module, plan[name], H)  # type: ignore[arg-type]
+        report.add_row(row)
+        if new is not None:
+            swapped.append((name, _swap(model, name, new)))
+        log.info("%s: %s rel.err %.3e", name, row.method, row.rel_loss)
+
+    try:
+        if calib is not None:
+            run_layerwise(model, list(plan), calib, apply, options or CalibOptions())
+        else:
+            for name in plan:
+                apply(name, modules[name], None)
+    except BaseException:
+        for name, old in reversed(swapped):
+            _swap(model, name, old)
+        raise
+    before = sum(modules[n].weight.numel() for n in plan)
+    after = sum(r.params for r in report.rows)
+    report.notes.append(f"transformed {len(swapped)} of {len(plan)} convs ({cfg.describe()}): {before} -> "
+                        f"{after} weights ({after / max(before, 1):.1%})")
+    return report
