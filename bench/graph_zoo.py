@@ -76,9 +76,7 @@ def _roundtrip(model: Any, x: Any) -> str:
                 again = from_pretrained(os.path.join(d, "m"))
             else:
                 model.save_pretrained(d)
-                again = type(model).from_pretrained(d)
-                if hasattr(again.config, "_attn_implementation"):
-                    again.config._attn_implementation = model.config._attn_implementation
+                again = type(model).from_pretrained(d, attn_implementation=model.config._attn_implementation)
             again.eval()
             with torch.no_grad():
                 out = _outs(run_model(again, x))
