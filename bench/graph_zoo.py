@@ -89,9 +89,7 @@ def _roundtrip(model: Any, x: Any) -> str:
 
 
 def run(name: str, tool: str) -> dict[str, Any]:
-    import torch
     from _zoo_models import build
-    from torch import nn
 
     case = build(name)
     model, x = case.model, case.inputs
@@ -124,7 +122,6 @@ def run(name: str, tool: str) -> dict[str, Any]:
     res["ok"] = "error" not in res
     if case.hf and tool == "ours" and res["ok"]:
         res["roundtrip"] = _roundtrip(model, x)
-    del nn
     return res
 
 
