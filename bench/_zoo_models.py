@@ -129,7 +129,7 @@ def _hf_specs() -> dict[str, Any]:
         "deberta_v2": (tf.DebertaV2Config, tf.DebertaV2ForSequenceClassification, txt_cls, "ids", ["classifier"]),
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4,
                                                       "n_positions": 64}, "ids", lm),
-        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, _TXT, "ids", ["embed_out"]),
+        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, _TXT, "ids", lm),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM, {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
                                                    "num_attention_heads": 4, "ffn_dim": 128,
                                                    "max_position_embeddings": 64, "word_embed_proj_dim": 64},

@@ -76,9 +76,7 @@ def _roundtrip(model: Any, x: Any) -> str:
                 again = from_pretrained(os.path.join(d, "m"))
             else:
                 model.save_pretrained(d)
-                again = type(model).from_pretrained(d)
-                if hasattr(again.config, "_attn_implementation"):
-                    again.config._attn_implementation = model.config._attn_implementation
+                again = type(model).from_pretrained(d, attn_implementation=model.config._attn_implementation)
             again.eval()
             with torch.no_grad():
                 out = _outs(run_model(again, x))
@@ -91,9 +89,7 @@ def _roundtrip(model: Any, x: Any) -> str:
 
 
 def run(name: str, tool: str) -> dict[str, Any]:
-    import torch
     from _zoo_models import build
-    from torch import nn
 
     case = build(name)
     model, x = case.model, case.inputs
@@ -126,7 +122,6 @@ def run(name: str, tool: str) -> dict[str, Any]:
     res["ok"] = "error" not in res
     if case.hf and tool == "ours" and res["ok"]:
         res["roundtrip"] = _roundtrip(model, x)
-    del nn
     return res
 
 

@@ -112,5 +112,14 @@ def shrink_to_saved(model: nn.Module, weights: str, widths: dict[str, Any]) -> l
             m.inv_freq = torch.tensor(inv, dtype=torch.float64).to(buf.dtype).to(buf.device)
             if hasattr(m, "original_inv_freq"):
                 m.original_inv_freq = m.inv_freq
+        m = model.get_submodule(name)
+        for k, v in (w.items() if isinstance(w, dict) else ()):   # recorded scalars the config cannot express
+            cur = getattr(m, k, None)
+            if k == "embed_scale" and isinstance(cur, torch.Tensor):   # Gemma: sqrt(the unpruned hidden size)
+                m.embed_scale = torch.tensor(v, dtype=cur.dtype, device=cur.device)
+                if hasattr(m, "scalar_embed_scale"):
+                    m.scalar_embed_scale = v
+            elif isinstance(cur, int) and not isinstance(cur, bool) and isinstance(v, int):   # e.g. Falcon head_dim
+                setattr(m, k, v)
     log.info("rebuilt %s at the saved per-layer widths: %d tensors resized", type(model).__name__, len(resized))
     return resized

@@ -50,18 +50,25 @@ def _root_spec(m: nn.Module, dim: str) -> tuple[str, int]:
         return ("weight_hh_l0", 1) if dim == "out" else ("weight_ih_l0", 1)
     if isinstance(m, nn.MultiheadAttention):
         return ("in_proj_weight", 1) if m.in_proj_weight is not None else ("q_proj_weight", 1)
+    if _is_conv1d(m):   # transformers' Conv1D (GPT-2): a Linear with the weight stored [in, out]
+        return "weight", 1 if dim == "out" else 0
     if dim == "out":
         return "weight", 0
     return "weight", 1
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D, recognised by name (importing transformers is not a graph dependency)."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+
+
 def slice_role(m: nn.Module, tensor: str, dim: int) -> str:
     """'out' (channels produced here), 'in' (consumed here) or 'param' (everything else)."""
-    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or type(m).__name__ == "Conv1D":
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or _is_conv1d(m):
         if tensor == "bias":
             return "out"
         if tensor == "weight":
-            out = 1 if getattr(m, "transposed", False) or type(m).__name__ == "Conv1D" else 0
+            out = 1 if getattr(m, "transposed", False) or _is_conv1d(m) else 0
             return "out" if dim == out else "in" if dim == 1 - out else "param"
     if isinstance(m, nn.RNNBase):
         return "in" if tensor.startswith("weight_ih") and dim == 1 else "out"
@@ -338,7 +345,7 @@ class DependencyGraph(PruneMixin):
         out: list[Group] = []
         self.left_out: list[tuple[str, str]] = []
         for name, m in self.model.named_modules():
-            if not isinstance(m, root_types):
+            if not (isinstance(m, root_types) or (root_types is DEFAULT_ROOTS and _is_conv1d(m))):
                 continue
             for which in ("out", "in"):
                 tensor, d = _root_spec(m, which)

@@ -21,10 +21,15 @@ from torch import nn
 
 # child names of the query/key/value projections in transformers attention modules (one list for the graph's
 # HF config sync, the HF attention fixer and head pruning)
-Q_NAMES = ("q_proj", "query", "q")
-K_NAMES = ("k_proj", "key", "k")
-V_NAMES = ("v_proj", "value", "v")
-_UP = ("up_proj", "fc1", "c_fc", "w1", "gate_proj")
+Q_NAMES = ("q_proj", "query", "q", "q_lin")
+K_NAMES = ("k_proj", "key", "k", "k_lin")
+V_NAMES = ("v_proj", "value", "v", "v_lin")
+_UP = ("up_proj", "fc1", "c_fc", "w1", "gate_proj", "lin1", "wi", "wi_0", "dense_h_to_4h", "gate_up_proj")
+_FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")
+_DOWN = ("down_proj", "fc2", "c_proj", "w2", "lin2", "wo", "dense_4h_to_h")
+# where configs keep the FFN width (BERT/LLaMA, OPT, BART, T5, DistilBERT, GPT-2, Falcon)
+FFN_FIELDS = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "hidden_dim", "n_inner",
+              "ffn_hidden_size")
 
 
 def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
@@ -47,21 +52,37 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
         q, k = _child(m, Q_NAMES), _child(m, K_NAMES)
-        head = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+        head = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None) or getattr(m, "head_size", None)
         if q is not None and k is not None and isinstance(head, int) and head > 0:
             out[name] = {"num_attention_heads": _out_width(q) // head, "num_key_value_heads": _out_width(k) // head,
                          "head_dim": head}
+        elif isinstance(head, int) and head > 0 and _child(m, _FUSED_QKV) is not None:   # Phi3, Falcon, GPT-2
+            out[name] = {"head_dim": head}
+            if type(_child(m, _FUSED_QKV)).__name__ == "Conv1D" and isinstance(getattr(m, "num_heads", None), int):
+                out[name]["num_attention_heads"] = m.num_heads
         inv = getattr(m, "inv_freq", None)   # rotary tables are not saved (non-persistent): keep the kept values
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
         up = _child(m, _UP)
-        if up is not None and (_child(m, ("down_proj", "fc2", "c_proj", "w2")) is not None or name.endswith("mlp")):
-            out.setdefault(name, {})["intermediate_size"] = _out_width(up)
+        if up is not None and (_child(m, _DOWN) is not None or name.endswith("mlp")):
+            width = _out_width(up) // (2 if _child(m, ("gate_up_proj",)) is up else 1)   # Phi3: gate and up fused
+            out.setdefault(name, {})["intermediate_size"] = width
+        scale = getattr(m, "embed_scale", None)   # Gemma: sqrt(hidden_size) at build time, not saved
+        if isinstance(scale, torch.Tensor) and "embed_scale" in getattr(m, "_non_persistent_buffers_set", ()):
+            out.setdefault(name, {})["embed_scale"] = float(scale)
         if name.endswith("intermediate") and hasattr(m, "dense"):
             out.setdefault(name, {})["intermediate_size"] = _out_width(m.dense)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:   # vision/audio models (ConvNext, CLIP, MobileViT, Wav2Vec2) raise NotImplementedError here
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        emb = None
     if cfg is not None and isinstance(emb, nn.Embedding):
         out[""] = {"hidden_size": int(emb.weight.shape[1])}
+    elif cfg is not None and isinstance(getattr(cfg, "hidden_size", None), int):   # ViT-like: the norms' width
+        norms = {int(m.weight.shape[0]) for m in model.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+                 and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1}
+        if len(norms) == 1:
+            out[""] = {"hidden_size": norms.pop()}
     return out
 
 
@@ -85,16 +106,38 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     old: dict[str, Any] = {}
     per_layer: dict[str, dict[str, Any]] = {}
     fields = {f for w in widths.values() for f in w}
-    for f in sorted(fields - {"inv_freq"}):   # rotary tables: recorded below, only with sliced head dims
+    hidden0 = getattr(cfg, "hidden_size", None)
+    # hidden_size first: some configs derive other fields from it (Falcon's head_dim property)
+    for f in sorted(fields - {"inv_freq", "embed_scale"}, key=lambda f: (f != "hidden_size", f)):
         values = {name: w[f] for name, w in widths.items() if f in w}
-        if len(set(map(str, values.values()))) == 1 and getattr(cfg, f, None) == next(iter(values.values())):
+        uniform = len(set(map(str, values.values()))) == 1
+        v0 = next(iter(values.values()))
+        if f == "intermediate_size" and uniform and not hasattr(cfg, f) and _ffn_fields(cfg):
+            for alias in _ffn_fields(cfg):   # the family's own FFN field(s)
+                if getattr(cfg, alias, None) != v0:
+                    old[alias] = getattr(cfg, alias)
+                    setattr(cfg, alias, v0)
+                    changed[alias] = v0
+            continue
+        if f == "head_dim" and uniform and getattr(cfg, f, None) != v0 and \
+                (getattr(cfg, f, None) is not None or _rope(model)):
+            try:   # explicit: rotary tables and attention read config.head_dim first
+                prev = getattr(cfg, f, None)
+                setattr(cfg, f, v0)
+                old[f], changed[f] = prev, v0
+            except AttributeError:   # a read-only property (Falcon): per layer, with the rotary tables
+                for name, v in values.items():
+                    per_layer.setdefault(name, {})[f] = v
+            continue
+        if uniform and getattr(cfg, f, None) == v0:
             continue   # unchanged everywhere
         if f == "num_key_value_heads" and not hasattr(cfg, f):
             continue
         derived = f in ("num_attention_heads", "num_key_value_heads") and getattr(cfg, "head_dim", None) is None
         if f == "head_dim" and getattr(cfg, f, None) is None:   # BERT-style: derived from hidden / heads
-            base = getattr(cfg, "hidden_size", 0) // max(1, getattr(cfg, "num_attention_heads", 1))
-            if set(values.values()) == {base}:
+            heads = getattr(cfg, "num_attention_heads", 1)
+            hidden = getattr(cfg, "hidden_size", 0)
+            if isinstance(heads, int) and isinstance(hidden, int) and set(values.values()) == {hidden // max(1, heads)}:
                 continue
         derived = derived or not hasattr(cfg, f)            # e.g. head_dim of a BERT config: per layer
         if len(set(values.values())) == 1 and not derived:   # BERT-style configs derive head size from heads
@@ -106,6 +149,10 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
         else:
             for name, v in values.items():
                 per_layer.setdefault(name, {})[f] = v
+    if "hidden_size" in changed and getattr(cfg, "word_embed_proj_dim", None) == hidden0:   # OPT: no projection
+        old["word_embed_proj_dim"] = hidden0
+        cfg.word_embed_proj_dim = changed["hidden_size"]
+        changed["word_embed_proj_dim"] = changed["hidden_size"]
     if changed and not _valid(cfg):   # e.g. hidden_size no longer a multiple of the heads: keep it per layer
         for f in list(changed):
             setattr(cfg, f, old[f])
@@ -113,6 +160,10 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
             for name, w in widths.items():
                 if f in w:
                     per_layer.setdefault(name, {})[f] = w[f]
+    if "hidden_size" in changed or "hidden_size" in per_layer.get("", {}):   # values derived from the old width
+        for name, w in widths.items():
+            if "embed_scale" in w:
+                per_layer.setdefault(name, {})["embed_scale"] = w["embed_scale"]
     before = getattr(cfg, "brainsurgeon_layer_widths", None) or {}
     if "head_dim" in changed or any("head_dim" in w for w in per_layer.values()) or \
             any("inv_freq" in w for w in before.values()):   # rotary tables sliced with the head dims
@@ -125,3 +176,49 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     elif hasattr(cfg, "brainsurgeon_layer_widths"):
         del cfg.brainsurgeon_layer_widths
     return changed
+
+
+def _ffn_fields(cfg: Any) -> list[str]:
+    keys = cfg.to_dict()
+    return [f for f in FFN_FIELDS if f in keys]
+
+
+def _rope(model: nn.Module) -> bool:
+    """Whether the model has rotary tables (they are sized from ``config.head_dim`` when it is set)."""
+    return any(isinstance(getattr(m, "inv_freq", None), torch.Tensor) for m in model.modules())
+
+
+def rebuild_mismatches(model: nn.Module) -> list[str]:
+    """State-dict keys whose shape differs in ``type(model)(model.config)`` (built on the meta device):
+    what HF's own ``from_pretrained`` could not load. Empty when the config expresses every width.
+
+    >>> rebuild_mismatches(pruned_bloom)   # Bloom's MLP is always 4 x hidden_size
+    ['transformer.h.0.mlp.dense_h_to_4h.weight', ...]
+    """
+    import copy
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not type(model).__module__.startswith("transformers."):
+        return []
+    try:
+        clean = copy.deepcopy(cfg)
+        if hasattr(clean, "brainsurgeon_layer_widths"):
+            del clean.brainsurgeon_layer_widths
+        with torch.device("meta"):
+            fresh = type(model)(clean)
+    except Exception:  # noqa: BLE001  (a config this class cannot build from: nothing HF's loader can do either)
+        return ["<config does not rebuild the model>"]
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return [k for k, v in model.state_dict().items() if k in want and want[k] != tuple(v.shape)]
+
+
+def mark_rebuild_(model: nn.Module) -> list[str]:
+    """After pruning: when the config cannot rebuild the pruned shapes, make sure a per-layer record exists,
+    so ``brainsurgeon.export.from_pretrained`` resizes every tensor to the saved one. Returns the keys."""
+    bad = rebuild_mismatches(model)
+    cfg = getattr(model, "config", None)
+    if bad and cfg is not None:
+        rec = dict(getattr(cfg, "brainsurgeon_layer_widths", None) or {})
+        rec.setdefault("", {})["rebuild_from_weights"] = len(bad)
+        cfg.brainsurgeon_layer_widths = rec
+    return bad

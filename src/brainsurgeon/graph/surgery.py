@@ -196,6 +196,10 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
     reduced when the same number of dims went from every head (``scaling`` is kept: outputs stay exact)."""
     qname = next((n for n in Q_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
     q = getattr(m, qname) if qname else None
+    if q is None and isinstance(getattr(m, "c_attn", None), nn.Module) and isinstance(getattr(m, "split_size", None),
+                                                                                      int):
+        _gpt2_attention(m)
+        return
     if q is None or not hasattr(q, "weight"):
         return
     width = q.weight.shape[0]
@@ -209,7 +213,7 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
                 if isinstance(getattr(m, a, None), int):
                     setattr(m, a, head)
     if head:
-        for attr in ("num_attention_heads", "num_heads"):
+        for attr in ("num_attention_heads", "num_heads", "n_heads"):
             if isinstance(getattr(m, attr, None), int):
                 setattr(m, attr, width // head)
     if isinstance(getattr(m, "all_head_size", None), int):
@@ -219,6 +223,20 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
         m.num_key_value_heads = k.weight.shape[0] // head
 
 
+def _gpt2_attention(m: nn.Module) -> None:
+    """GPT-2 attention: one fused ``c_attn`` (Conv1D, out = 3 x q width) split by ``split_size``."""
+    width = int(m.c_attn.weight.shape[1]) // 3
+    m.split_size = m.embed_dim = width
+    if isinstance(getattr(m, "head_dim", None), int) and m.head_dim:
+        m.num_heads = width // m.head_dim
+
+
+def _hf_conv1d(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """transformers Conv1D (GPT-2): weight [nx, nf], forward reshapes to ``nf``."""
+    m.nx, m.nf = (int(v) for v in m.weight.shape)
+
+
+_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
 _CONTAINER_FIXERS = (_hf_attention, _vit, _mvit_attention)
 
 

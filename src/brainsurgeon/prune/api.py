@@ -24,6 +24,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import ConfigError
+from ..graph.hf import mark_rebuild_
 from ..report import CompressionReport, LayerRow
 from .config import ChannelPruning
 from .costs import Costs, measure
@@ -235,6 +236,10 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                     recon[name] = (recon.get(name, (b, a))[0], a)
         if cfg.head_dim_ratio > 0:
             _prune_head_dims(model, cfg, example_inputs, calib, report, train_inputs)
+        if mark_rebuild_(model):   # HF: the config alone cannot rebuild these widths
+            report.notes.append("the HF config cannot express every pruned width (e.g. a width derived from "
+                                "hidden_size): reload with brainsurgeon.export.from_pretrained, which resizes "
+                                "from the saved weights, not with the class's own from_pretrained")
         after = measure(model, example_inputs)
     except BaseException:
         undo.restore()

@@ -1,0 +1,92 @@
+"""Pruned HF models of many families reload with exactly the same outputs (issue 14 #4, #5).
+
+Each family is built from a tiny random config, pruned by ``prune_`` (50 %, head ignored), saved with
+``save_pretrained`` and loaded back: with the family's own ``from_pretrained`` when the config expresses
+every width, else with ``brainsurgeon.export.from_pretrained`` (per-layer widths). Logits must be equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import brainsurgeon as bs  # noqa: E402
+
+DEC = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+       "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64}
+FAMILIES = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**DEC, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**DEC, "head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**DEC, "pad_token_id": 0}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DEC),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
+                                            "num_attention_heads": 4, "ffn_dim": 128, "max_position_embeddings": 64,
+                                            "word_embed_proj_dim": 64}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
+                                                     "num_attention_heads": 4}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                               "n_positions": 64}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"vocab_size": 128, "hidden_size": 64, "n_layer": 2, "n_head": 4}),
+    "t5": ("T5Config", "T5ForConditionalGeneration", {"vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128,
+                                                      "num_layers": 2, "num_heads": 4}),
+}
+
+
+def _build(fam):
+    cfg_name, cls_name, kw = FAMILIES[fam]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(**kw)
+    cfg._attn_implementation = "eager"
+    model = getattr(transformers, cls_name)(cfg).eval()
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "decoder_input_ids": ids[:, :6]} if fam == "t5" else {"input_ids": ids}
+    return model, x
+
+
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_pruned_family_reloads_with_identical_logits(tmp_path, fam):
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    m, x = _build(fam)
+    n0 = sum(p.numel() for p in m.parameters())
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
+    assert sum(p.numel() for p in m.parameters()) < 0.75 * n0
+    with torch.no_grad():
+        ref = m(**x).logits
+    if getattr(m.config, "brainsurgeon_layer_widths", None):
+        save_pretrained(m, str(tmp_path / "m"))
+        again = from_pretrained(str(tmp_path / "m"))
+    else:
+        m.save_pretrained(tmp_path)
+        again = type(m).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, ref)
+
+
+def test_config_fields_the_families_derive_are_explicit():
+    m, x = _build("qwen2")
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
+    assert m.config.hidden_size == 32 and m.config.head_dim == 16       # rotary tables sized by head_dim
+    m, x = _build("opt")
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
+    assert m.config.word_embed_proj_dim == m.config.hidden_size == 32 and m.config.ffn_dim == 64
+
+
+def test_vision_and_audio_models_need_no_input_embeddings():
+    cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=3)
+    m = transformers.ConvNextForImageClassification(cfg).eval()
+    x = {"pixel_values": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    n0 = sum(p.numel() for p in m.parameters())
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("classifier",)), example_inputs=x)
+    assert sum(p.numel() for p in m.parameters()) < 0.75 * n0 and m(**x).logits.shape == (1, 3)
+
+
+def test_swin_per_stage_heads():
+    cfg = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                  window_size=4, num_labels=3)
+    m = transformers.SwinForImageClassification(cfg).eval()
+    x = {"pixel_values": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("classifier",)), example_inputs=x)
+    assert m(**x).logits.shape == (1, 3)
