@@ -25,6 +25,7 @@ from ._state import ModelSnapshot
 from .calib import (
     correct_mean_std_,
     num_groups,
+    prepare_calibration,
     reestimate_batchnorm_,
     run_layerwise,
     set_weight_matrix_,
@@ -244,7 +245,7 @@ def _run_distill_step(model: nn.Module, step: Step, teacher: nn.Module, data: An
 
 
 def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions,
-                    data: Any = None, val: Any = None) -> CompressionReport:
+                    data: Any = None, val: Any = None, verb_name: str = "compress") -> CompressionReport:
     """Run steps in place; on any failure restore the model as it was, then re-raise.
 
     The rollback restores in place (:class:`~brainsurgeon._state.ModelSnapshot`): the caller's
@@ -260,11 +261,22 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
                               f"distill configs")
         if verb == "distill":
             _check_distill_step(i, step, data)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{verb_name} needs an nn.Module as model, got {type(model).__name__}")
+    if not isinstance(options, CalibOptions):
+        raise ConfigError(f"{verb_name}: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
+                          f"got {options!r}")
+    calib_notes: list[str] = []
+    if calib is not None or any(type(s.method).verb in ("sparsify", "quantize", "prune") for s in steps):
+        stop = [m for m in model.modules() if supported(m)] if options.blocks else None
+        calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
+                                                 stop_after=stop)
     structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
     teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
     snapshot = ModelSnapshot(model, to_cpu=not structural)
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
+    report.notes += calib_notes
     try:
         names: list[str] = []
         for step in steps:
@@ -301,7 +313,8 @@ def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = sparsify_(model, ExactOBS(sparsity=0.75), calib=loader, ignore=("fc3",))
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "sparsify", ignore, overrides)], calib, options)
+    return _compress_steps(model, [_verb_step(cfg, "sparsify", ignore, overrides)], calib, options,
+                           verb_name="sparsify_")
 
 
 def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
@@ -314,7 +327,8 @@ def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = quantize_(model, OBQ(bits=4), calib=loader)
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options)
+    return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options,
+                           verb_name="quantize_")
 
 
 def compress(model: nn.Module, recipe: Recipe | str, calib: Any, *, data: Any = None,
