@@ -164,6 +164,9 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
             nonzeros=int((W_hat != 0).sum()), bits=bits, loss=loss, rel_loss=rel,
             seconds=sum(p.seconds for p in parts), damp_retries=sum(p.info["damp_retries"] for p in parts),
             dead_inputs=sum(p.info["dead_inputs"] for p in parts), levels=levels))
+        for w in dict.fromkeys(p.info.get("warning", "") for p in parts):
+            if w:
+                report.notes.append(w)
         log.info("%s: %s rel.err %.3e in %.2fs", name, cfg.describe(), rel, report.rows[-1].seconds)
 
     run_layerwise(model, list(plan), calib, solve, options)

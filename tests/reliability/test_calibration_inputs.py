@@ -87,3 +87,32 @@ def test_an_exhausted_generator_is_a_calibration_error():
     with pytest.raises(CalibrationError, match="calibration data is empty"):
         bs.sparsify_(m, bs.ExactOBS(sparsity=0.5), g)
     assert_untouched(m, before)
+
+
+# ----------------------------------------------------------------- 13.#9 degenerate calibration
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+@pytest.mark.parametrize("cfg", [bs.GPTQ(bits=4), bs.OBQ(bits=4), bs.ExactOBS(sparsity=0.5), bs.SparseGPT(sparsity=0.5)])
+def test_all_zero_inputs_never_give_a_silent_zero_layer(cfg):
+    m = _mlp().eval()
+    verb = bs.quantize_ if cfg.verb == "quantize" else bs.sparsify_
+    rep = verb(m, cfg, [torch.zeros(8, 16) for _ in range(2)])
+    W = m[0].weight
+    if cfg.verb == "quantize":
+        assert (W != 0).float().mean() > 0.5 and rep.rows[0].levels <= 16
+    else:
+        assert (W == 0).float().mean() == 0.5
+    assert any("layer 0: every one of its 16 inputs is zero" in n and "instead" in n for n in rep.notes)
+
+
+def test_mostly_dead_inputs_warn_in_the_report():
+    m = _mlp().eval()
+    x = torch.randn(8, 16)
+    x[:, 4:] = 0  # 75 % of the inputs are dead
+    rep = bs.quantize_(m, bs.GPTQ(bits=4), [x, x])
+    assert any("layer 0: 75% of its 16 inputs are zero on the calibration data" in n for n in rep.notes)
