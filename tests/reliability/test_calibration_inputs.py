@@ -97,7 +97,8 @@ def _mlp():
     return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
 
 
-@pytest.mark.parametrize("cfg", [bs.GPTQ(bits=4), bs.OBQ(bits=4), bs.ExactOBS(sparsity=0.5), bs.SparseGPT(sparsity=0.5)])
+@pytest.mark.parametrize("cfg", [bs.GPTQ(bits=4), bs.OBQ(bits=4), bs.ExactOBS(sparsity=0.5),
+                                 bs.SparseGPT(sparsity=0.5)])
 def test_all_zero_inputs_never_give_a_silent_zero_layer(cfg):
     m = _mlp().eval()
     verb = bs.quantize_ if cfg.verb == "quantize" else bs.sparsify_
