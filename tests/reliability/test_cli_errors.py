@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from brainsurgeon.cli.main import main
 
 
