@@ -25,111 +25,27 @@ from ._state import ModelSnapshot
 from .calib import (
     correct_mean_std_,
     num_groups,
+    prepare_calibration,
     reestimate_batchnorm_,
     run_layerwise,
-    set_weight_matrix_,
     supported,
-    weight_matrix,
 )
-from .config import CalibOptions, Config, Recipe, Step, _as_overrides, as_patterns, load_recipe, match_configs
-from .errors import ConfigError, UnsupportedModuleError
+from .config import (
+    CalibOptions,
+    Config,
+    Recipe,
+    Step,
+    _as_overrides,
+    as_patterns,
+    load_recipe,
+    match_configs,  # noqa: F401 - re-exported (planners and tests import it from here)
+)
+from .errors import ConfigError
 from .obs import compress_weight
-from .obs.engine import column_perm
+from .planning import _layer_weight, _set_layer_weight, check_step, plan_layers  # noqa: F401 - re-exported
 from .report import CompressionReport, LayerRow
 
 log = get_logger(__name__)
-
-
-def _layer_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as the solvers see it: conv kernels keep their shape, Linear/Conv1D rows x cols."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.weight.detach()
-    return weight_matrix(module).detach()
-
-
-def _set_layer_weight(module: nn.Module, W: torch.Tensor) -> None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        with torch.no_grad():
-            module.weight.copy_(W)
-    else:
-        set_weight_matrix_(module, W)
-
-
-def _weight_key(w: torch.Tensor) -> Any:
-    """Two weights with the same key are one tensor (the same Parameter, or views of one storage)."""
-    if w.is_meta or w.numel() == 0:
-        return id(w)
-    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape))
-
-
-def untie_plan_(model: nn.Module, plan: dict[str, Config], notes: list[str]) -> None:
-    """Drop planned layers whose weight another module also uses, with a note for each (in place).
-
-    A weight shared by several planned layers is solved once, as the first of them; a weight tied
-    to a module the step does not compress (``lm_head`` tied to the input embedding, an ignored
-    layer) is left unchanged, because changing it would silently change that module too.
-    """
-    users: dict[Any, list[tuple[str, str, nn.Module]]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, t in mod._parameters.items():
-            if t is not None:
-                users.setdefault(_weight_key(t), []).append((mname, pname, mod))
-    modules = dict(model.named_modules())
-    planned = {id(modules[n]): n for n in plan}
-    for name in list(plan):
-        if name not in plan:
-            continue
-        mod = modules[name]
-        share = [(n, p, m) for n, p, m in users.get(_weight_key(mod.weight), []) if m is not mod]
-        if not share:
-            continue
-        others = [(n, p, m) for n, p, m in share if id(m) not in planned]
-        where = ", ".join(f"{n}.{p} ({type(m).__name__})" for n, p, m in share[:4])
-        if others:
-            for _, _, m in share:
-                plan.pop(planned.get(id(m), ""), None)
-            plan.pop(name)
-            notes.append(f"{name}.weight is tied to {where}, which this step does not compress: left "
-                         f"unchanged so the tie holds; untie it first (e.g. "
-                         f"{name}.weight = nn.Parameter({name}.weight.detach().clone())) to compress it")
-        else:
-            for _, _, m in share:
-                if planned.get(id(m)) in plan:
-                    plan.pop(planned[id(m)])
-            notes.append(f"{name}.weight is the same tensor as {where}: solved once, as {name}")
-        log.info(notes[-1])
-
-
-def plan_layers(model: nn.Module, step: Step, notes: list[str] | None = None) -> dict[str, Config]:
-    """Layer name -> config for one step: supported layers minus `ignore`, with overrides applied.
-
-    Tied/shared weights are solved once or left unchanged (see :func:`untie_plan_`); why goes
-    into `notes` when given.
-
-    >>> plan_layers(model, Step(ExactOBS(sparsity=0.5), ignore=("fc3",)))
-    {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
-    """
-    names = [n for n, mod in model.named_modules() if n and supported(mod)]
-    plan = match_configs(names, step.method, step.ignore, step.overrides,
-                         known=[n for n, _ in model.named_modules() if n])
-    tie_notes: list[str] = []
-    untie_plan_(model, plan, tie_notes)
-    if notes is not None:
-        notes += tie_notes
-    if not plan:
-        raise ConfigError(f"no supported layer (Linear, Conv1d/2d, HF Conv1D) is left to compress in "
-                          f"{type(model).__name__} after ignore={list(step.ignore)}"
-                          f"{' and tied weights (' + '; '.join(tie_notes) + ')' if tie_notes else ''}; loosen ignore")
-    modules = dict(model.named_modules())
-    for name, cfg in plan.items():  # validate before any change
-        W = _layer_weight(modules[name])
-        if not torch.is_floating_point(W):
-            raise UnsupportedModuleError(f"layer {name}: weight dtype {W.dtype} is not floating point; "
-                                         f"pass ignore=['{name}'] or dequantize it first")
-        g = num_groups(modules[name])
-        shape = (W.shape[0] // g, *W.shape[1:])
-        column_perm(shape, cfg.parsed if hasattr(cfg, "parsed") else None, name)
-    return plan
 
 
 def _levels(W: torch.Tensor, group_size: int) -> int:
@@ -163,6 +79,9 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
             nonzeros=int((W_hat != 0).sum()), bits=bits, loss=loss, rel_loss=rel,
             seconds=sum(p.seconds for p in parts), damp_retries=sum(p.info["damp_retries"] for p in parts),
             dead_inputs=sum(p.info["dead_inputs"] for p in parts), levels=levels))
+        for w in dict.fromkeys(p.info.get("warning", "") for p in parts):
+            if w:
+                report.notes.append(w)
         log.info("%s: %s rel.err %.3e in %.2fs", name, cfg.describe(), rel, report.rows[-1].seconds)
 
     run_layerwise(model, list(plan), calib, solve, options)
@@ -248,7 +167,7 @@ def _run_distill_step(model: nn.Module, step: Step, teacher: nn.Module, data: An
 
 
 def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options: CalibOptions,
-                    data: Any = None, val: Any = None) -> CompressionReport:
+                    data: Any = None, val: Any = None, verb_name: str = "compress") -> CompressionReport:
     """Run steps in place; on any failure restore the model as it was, then re-raise.
 
     The rollback restores in place (:class:`~brainsurgeon._state.ModelSnapshot`): the caller's
@@ -264,11 +183,22 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
                               f"distill configs")
         if verb == "distill":
             _check_distill_step(i, step, data)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{verb_name} needs an nn.Module as model, got {type(model).__name__}")
+    if not isinstance(options, CalibOptions):
+        raise ConfigError(f"{verb_name}: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
+                          f"got {options!r}")
+    calib_notes: list[str] = []
+    if calib is not None or any(type(s.method).verb in ("sparsify", "quantize", "prune") for s in steps):
+        stop = [m for m in model.modules() if supported(m)] if options.blocks else None
+        calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
+                                                 stop_after=stop)
     structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
     teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
     snapshot = ModelSnapshot(model, to_cpu=not structural)
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
+    report.notes += calib_notes
     try:
         names: list[str] = []
         for step in [s for s in steps if type(s.method).verb == "actquant"]:  # first: later Hessians see X_q
@@ -326,7 +256,8 @@ def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = sparsify_(model, ExactOBS(sparsity=0.75), calib=loader, ignore=("fc3",))
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "sparsify", ignore, overrides)], calib, options)
+    return _compress_steps(model, [_verb_step(cfg, "sparsify", ignore, overrides)], calib, options,
+                           verb_name="sparsify_")
 
 
 def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
@@ -341,7 +272,8 @@ def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = quantize_(model, ActQuant(bits=8, observer="mse"), calib=loader)   # then GPTQ sees X_q
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options)
+    return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options,
+                           verb_name="quantize_")
 
 
 def compress(model: nn.Module, recipe: Recipe | str, calib: Any, *, data: Any = None,

@@ -78,8 +78,10 @@ def test_unknown_module_format_lists_registered(ck):
     man = json.load(open(p))
     man["modules"]["fc1"] = {"format": "int3_magic", "spec": {}}
     json.dump(man, open(p, "w"))
+    with pytest.raises(FormatError, match=r"manifest\.json was changed after save"):
+        load(ck, fresh)  # verify=True: the manifest's own digest catches the edit first
     with pytest.raises(FormatError, match=r"unknown module format 'int3_magic'; registered: .*register_module_format"):
-        load(ck, fresh)
+        load(ck, fresh, verify=False)
 
 
 def test_mismatched_model_names_the_tensor_and_fix(ck):

@@ -8,7 +8,7 @@
 Leaf package: depends on torch and the package's errors/config/logging only.
 """
 
-from .data import CachedBatches, cache_batches, iter_batches, move_to
+from .data import CachedBatches, cache_batches, iter_batches, move_to, prepare_calibration
 from .driver import execution_order, run_layerwise
 from .hessian import (
     HessianAccumulator,
@@ -27,6 +27,6 @@ from .recalib import correct_mean_std_, reestimate_batchnorm_
 __all__ = [
     "CachedBatches", "HessianAccumulator", "cache_batches", "capture_hessians", "capture_layers",
     "correct_mean_std_", "execution_order", "iter_batches", "layer_columns", "move_to", "num_columns",
-    "num_groups", "reestimate_batchnorm_", "resolve_layers", "run_layerwise", "set_weight_matrix_",
-    "supported", "weight_matrix",
+    "num_groups", "prepare_calibration", "reestimate_batchnorm_", "resolve_layers", "run_layerwise",
+    "set_weight_matrix_", "supported", "weight_matrix",
 ]

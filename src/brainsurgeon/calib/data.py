@@ -41,6 +41,22 @@ class CachedBatches(list):
     """
 
 
+class MappedBatches:
+    """Batches of `source` converted to ``(args, kwargs)`` and passed through `fn`, on every pass.
+
+    Made by :func:`prepare_calibration` (e.g. to cast float batches to the model's dtype);
+    :func:`iter_batches` yields them as they are::
+
+        >>> cast = MappedBatches(loader, lambda b: cast_floats(b, torch.bfloat16))
+    """
+
+    def __init__(self, source: Any, fn: Any) -> None:
+        self.source, self.fn = source, fn
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self.fn(b) for b in iter_batches(self.source))
+
+
 def to_args_kwargs(batch: Any, index: int = 0) -> Batch:
     """Convert one batch to ``(args, kwargs)``.
 
@@ -86,14 +102,12 @@ def iter_batches(calib: Any, max_batches: int = 0) -> Iterator[Batch]:
     ...     model(*args, **kwargs)
     """
     count = 0
-    if isinstance(calib, CachedBatches):
-        source: Iterable[Any] = calib
-    else:
-        source = _source(calib)
+    converted = isinstance(calib, CachedBatches | MappedBatches)
+    source: Iterable[Any] = calib if converted else _source(calib)
     for i, batch in enumerate(source):
         if max_batches and i >= max_batches:
             break
-        yield batch if isinstance(calib, CachedBatches) else to_args_kwargs(batch, i)
+        yield batch if converted else to_args_kwargs(batch, i)
         count += 1
     if count == 0:
         raise CalibrationError(_EMPTY)
@@ -207,3 +221,133 @@ def restore_(undo: list[tuple[Any, ...]]) -> None:
         else:
             _, mod, bname, dev = item
             mod._buffers[bname] = mod._buffers[bname].to(dev)
+
+
+def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating-point tensor in nested tuples/lists/dicts to `dtype` (others are kept).
+
+    >>> cast_floats(((x16, ids), {}), torch.float32)      # x16 -> float32, integer ids unchanged
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if torch.is_floating_point(obj) and obj.dtype != dtype else obj
+    if isinstance(obj, tuple):
+        return tuple(cast_floats(v, dtype) for v in obj)
+    if isinstance(obj, list):
+        return [cast_floats(v, dtype) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
+    return [t for v in values for t in _tensors(v)]
+
+
+def describe_batch(batch: Batch) -> str:
+    """Shapes, dtypes and devices of a batch's tensors, for error messages.
+
+    >>> describe_batch(((torch.ones(2, 3),), {}))
+    '[(2, 3) float32 cpu]'
+    """
+    ts = _tensors(batch)
+    parts = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}" for t in ts[:4]]
+    return "[" + ", ".join(parts) + (", ..." if len(ts) > 4 else "") + "]"
+
+
+def _expects(model: nn.Module) -> str:
+    """What the model's first weight layer takes, for error messages (e.g. 'conv1: Conv2d with 3 input channels')."""
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or not name:
+            continue
+        dt = f"{str(w.dtype).replace('torch.', '')} on {w.device}"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return f"its first layer {name} is a {type(m).__name__} with {m.in_channels} input channels ({dt})"
+        if isinstance(m, nn.Linear):
+            return f"its first layer {name} is a Linear with {m.in_features} input features ({dt})"
+        if isinstance(m, nn.Embedding):
+            return f"its first layer {name} is an Embedding of {m.num_embeddings} token ids ({dt})"
+        return f"its first layer {name} is a {type(m).__name__} ({dt})"
+    return "it has no weight layer"
+
+
+class _StopProbe(Exception):
+    """Ends the probe forward after the first compressed layer ran (never escapes)."""
+
+
+def prepare_calibration(model: nn.Module, calib: Any, verb: str, *, max_batches: int = 0,
+                        stop_after: list[nn.Module] | None = None) -> tuple[Any, list[str]]:
+    """Check calibration data against the model BEFORE any work; return it ready to use, with notes.
+
+    * a one-shot iterator/generator is read once and kept (every later pass - Hessians, BatchNorm
+      re-estimation, mean/std correction, the next recipe step - reads the same batches);
+    * floating-point batches in another dtype than the model are cast to the model's dtype;
+    * the first batch is run through the model (up to the first layer of `stop_after`, if given,
+      else the whole forward): if the forward fails, a :class:`CalibrationError` names the verb, the
+      batch's shapes/dtypes/devices, what the model's first layer expects, the original error, and the fix.
+
+    >>> calib, notes = prepare_calibration(model, (b for b in batches), "sparsify_")
+    """
+    notes: list[str] = []
+    if is_one_shot(calib):
+        calib = cache_batches(calib, max_batches)
+        notes.append(f"calibration data is a one-shot iterator: its {len(calib)} batches were read once and "
+                     f"kept in memory, since the run reads them more than once (pass a list or a DataLoader "
+                     f"to avoid the copy)")
+    first = next(iter(iter_batches(calib, 1)))  # raises CalibrationError when empty
+    dtype = next((p.dtype for p in model.parameters() if torch.is_floating_point(p)), None)
+    floats = [t for t in _tensors(first) if torch.is_floating_point(t)]
+    if dtype is not None and any(t.dtype != dtype for t in floats):
+        got = sorted({str(t.dtype).replace("torch.", "") for t in floats if t.dtype != dtype})
+        calib = MappedBatches(calib, lambda b, d=dtype: cast_floats(b, d))
+        notes.append(f"calibration batches are {', '.join(got)} but the model is "
+                     f"{str(dtype).replace('torch.', '')}: cast to the model's dtype (pass batches in the "
+                     f"model's dtype, e.g. x.to({dtype}), to avoid the copy)")
+        first = cast_floats(first, dtype)
+    if any(p.is_meta for p in model.parameters()):
+        from ..errors import UnsupportedModuleError
+
+        meta = [n for n, p in model.named_parameters() if p.is_meta][:3]
+        raise UnsupportedModuleError(f"{verb}: the model's weights are on the meta device ({meta}...): they hold "
+                                     f"no values to compress. Load the weights first (e.g. "
+                                     f"model.to_empty(device='cpu') then load_state_dict, or from_pretrained)")
+    _probe(model, first, verb, stop_after)
+    return calib, notes
+
+
+def _probe(model: nn.Module, batch: Batch, verb: str, stop_after: list[nn.Module] | None) -> None:
+    """Run one batch (to the first of `stop_after`); wrap a failure in a CalibrationError with the fix."""
+    from ..errors import BrainsurgeonError
+
+    dev = model_device(model)
+    args, kwargs = move_to(batch, dev)
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+
+    def stop(*_: Any) -> None:
+        raise _StopProbe
+
+    try:
+        for m in stop_after or []:
+            handles.append(m.register_forward_hook(stop))
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except _StopProbe:
+        pass
+    except BrainsurgeonError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's forward failed on this data: say where and how to fix
+        raise CalibrationError(
+            f"{verb}: the model's forward failed on the first calibration batch {describe_batch(batch)}; "
+            f"{_expects(model)}. {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}. Fix the "
+            f"calibration data to match the model's input (shape, channel count, dtype, device), e.g. "
+            f"batches of shape (N, C, H, W) for a CNN or a tokenizer's dict for a transformer") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode

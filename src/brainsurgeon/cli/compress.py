@@ -78,11 +78,51 @@ def plan(model_name: str, recipe: Recipe) -> dict[str, Any]:
     model = build_model(model_name)
     layers = [{"name": n, "type": type(m).__name__, "shape": list(m.weight.shape)}
               for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    steps = [{"method": s.method.describe(), "ignore": list(s.ignore),
-              "overrides": [{"match": p, "method": c.describe()} for p, c in s.overrides]}
-             for s in recipe.steps]
+    steps, reshaped = [], 0
+    for i, s in enumerate(recipe.steps, 1):
+        step: dict[str, Any] = {"method": s.method.describe(), "ignore": list(s.ignore),
+                                "overrides": [{"match": p, "method": c.describe()} for p, c in s.overrides]}
+        step.update(_check_step(model, s, reshaped))
+        if type(s.method).verb in ("prune", "factorize", "share", "pack") and not reshaped:
+            reshaped = i
+        steps.append(step)
     return {"model": model_name, "params": sum(p.numel() for p in model.parameters()),
-            "layers": layers, "steps": steps, "calib": recipe.to_dict()["calib"]}
+            "layers": layers, "steps": steps, "calib": recipe.to_dict()["calib"],
+            "refusals": [r for st in steps for r in st["refusals"]]}
+
+
+def _check_step(model: Any, step: Any, reshaped: int) -> dict[str, Any]:
+    """The layers a step compresses and every refusal, planned exactly as the run plans them.
+
+    Weight steps use the run's own planner (:func:`brainsurgeon.planning.check_step`); after a step
+    that changes shapes (prune/factorize/share/pack) the plan uses the shapes before it (noted).
+    """
+    from ..errors import BrainsurgeonError
+    from ..planning import check_step
+
+    verb = type(step.method).verb
+    out: dict[str, Any] = {"layers": [], "notes": [], "refusals": []}
+    if reshaped:
+        out["notes"].append(f"planned on the layer shapes before step {reshaped}, which changes them")
+    try:
+        if verb in ("sparsify", "quantize"):
+            plan, notes, refusals = check_step(model, step)
+            out["layers"], out["notes"] = list(plan), out["notes"] + notes
+            out["refusals"] = [str(e) for e in refusals]
+        elif verb == "factorize":
+            from ..lowrank.api import plan_factorization
+
+            plan, notes = plan_factorization(model, step.method, step.ignore, step.overrides)
+            out["layers"], out["notes"] = list(plan), out["notes"] + notes
+        elif verb == "share":
+            from ..share.api import plan_sharing
+
+            out["layers"] = list(plan_sharing(model, step.method, step.ignore, step.overrides))
+        else:
+            out["notes"].append(f"the {verb} step chooses its layers when it runs")
+    except BrainsurgeonError as e:
+        out["refusals"].append(str(e))
+    return out
 
 
 def _format_plan(p: dict[str, Any]) -> str:
@@ -94,6 +134,10 @@ def _format_plan(p: dict[str, Any]) -> str:
         if s["ignore"]:
             lines.append(f"     ignore: {', '.join(s['ignore'])}")
         lines += [f"     override {o['match']}: {o['method']}" for o in s["overrides"]]
+        if s["layers"]:
+            lines.append(f"     layers: {', '.join(s['layers'])}")
+        lines += [f"     note: {n}" for n in s["notes"]]
+        lines += [f"     REFUSED: {r}" for r in s["refusals"]]
     lines.append("calib: " + ", ".join(f"{k}={v}" for k, v in p["calib"].items()))
     return "\n".join(lines)
 
@@ -104,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         p = plan(args.model, recipe)
         print(json.dumps(p, indent=2) if args.format == "json" else _format_plan(p))
+        if p["refusals"]:
+            print(f"error: the run would refuse {len(p['refusals'])} layer(s); see REFUSED above", file=sys.stderr)
+            return 2
         return 0
     if not args.out:
         raise ConfigError("compress: --out DIR is required (or pass --dry-run to only see the plan)")

@@ -28,15 +28,17 @@ from ..errors import FormatError
 from .folder import check_target, commit_folder, recover, temp_folder
 from .manifest import (
     CHECKPOINT_VERSION,
+    DIGEST,
     MANIFEST,
     WEIGHTS,
     check_weights_file,
+    manifest_digest,
     read_manifest,
     sha256_file,
     to_json,
     versions,
 )
-from .specs import build_module, jsonable, module_spec, same_structure
+from .specs import build_module, check_rebuildable, jsonable, module_spec, resize_like_, same_structure, spec_bytes
 
 log = get_logger(__name__)
 
@@ -100,8 +102,14 @@ def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
                               f"parametrize.remove_parametrizations(module, 'weight')")
         entry = module_spec(m)
         if entry is not None:
-            modules[name] = {**entry, "spec": jsonable(entry["spec"])}
-            continue
+            entry = {**entry, "spec": jsonable(entry["spec"])}
+            if "format" in entry and not entry["format"].startswith(("torch.", "hf.")):
+                modules[name] = entry  # registered compressed formats describe themselves
+                continue
+            check_rebuildable(name or type(model).__name__, m, entry)  # refuse before writing anything
+            modules[name] = entry
+            if "subclass" not in entry:
+                continue
         scal = {k: v for k, v in vars(m).items()
                 if not k.startswith("_") and k != "training" and (v is None or isinstance(v, (bool, int, float, str)))}
         if scal:
@@ -136,6 +144,7 @@ def write_manifest(tmp: str, manifest: dict[str, Any]) -> None:
     finally:
         os.close(fd)
     manifest["weights"].update(bytes=os.path.getsize(w), sha256=sha256_file(w))
+    manifest[DIGEST] = manifest_digest(manifest)  # verify=True refuses a manifest edited later
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, allow_nan=True)
         f.flush()
@@ -205,9 +214,24 @@ def apply_structure(model: nn.Module, manifest: dict[str, Any], device: torch.de
     Returns the number of modules rebuilt.
     """
     rebuilt = 0
+    limit = manifest.get("weights", {}).get("bytes")
     for name, entry in manifest.get("modules", {}).items():
         cur = _submodule(model, name)
         if same_structure(cur, entry):
+            continue
+        need = spec_bytes(entry)  # validated on the meta device: nothing is allocated yet
+        if need is not None and isinstance(limit, int) and need > 4 * limit + (1 << 20):
+            raise FormatError(f"module {name!r}: its spec {entry.get('spec')} would allocate {need:,} bytes, more "
+                              f"than the whole weights file ({limit:,} bytes) could fill; the manifest is damaged, "
+                              f"save the model again")
+        sub = entry.get("subclass")
+        if sub is not None:
+            if f"{type(cur).__module__}.{type(cur).__qualname__}" != sub:
+                raise FormatError(f"module {name!r} was saved as {sub} but model_fn built "
+                                  f"{type(cur).__module__}.{type(cur).__qualname__}; pass the model_fn that built "
+                                  f"the saved model")
+            resize_like_(cur, entry, device)  # keep the user's class (its forward), resize its tensors
+            rebuilt += 1
             continue
         new = build_module(entry)
         new.train(cur.training)

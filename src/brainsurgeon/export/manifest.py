@@ -100,8 +100,35 @@ def read_manifest(folder: str) -> dict[str, Any]:
     return m
 
 
+DIGEST = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest minus its own digest, over canonical JSON (sorted keys, no spaces).
+
+    Covers everything load() acts on: module specs, attrs, aliases, the weights' size and hash.
+    """
+    body = {k: v for k, v in manifest.items() if k != DIGEST}
+    text = json.dumps(json.loads(json.dumps(body, allow_nan=True)), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def check_manifest_digest(folder: str, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest edited after save (``verify=True``); older manifests without a digest pass."""
+    want = manifest.get(DIGEST)
+    if want is None:
+        return
+    if want != manifest_digest(manifest):
+        raise FormatError(f"{os.path.join(folder, MANIFEST)} was changed after save (its {DIGEST} does not match "
+                          f"its content): module specs, attrs or aliases may not be what was saved. Save the model "
+                          f"again, or pass verify=False to load it as it is")
+
+
 def check_weights_file(folder: str, manifest: dict[str, Any], verify: bool) -> str:
-    """Path of the weights file after size (truncation) and, if `verify`, SHA-256 (corruption) checks."""
+    """Path of the weights file after size (truncation) and, if `verify`, manifest digest and SHA-256 checks."""
+    if verify:
+        check_manifest_digest(folder, manifest)
     w = manifest.get("weights", {})
     name = w.get("file", WEIGHTS)
     if not isinstance(name, str) or os.path.basename(name) != name:

@@ -97,12 +97,19 @@ _TABLE: dict[str, tuple[type[nn.Module], Callable[[Any], Spec]]] = {
 
 def _table_name(m: nn.Module) -> str | None:
     for name, (cls, _) in _TABLE.items():
-        if type(m) is cls:  # exact type: a subclass may carry state the spec does not describe
+        if type(m) is cls:
+            return name
+    for name, (cls, _) in _TABLE.items():
+        if isinstance(m, cls):  # a user's subclass (e.g. a Conv2d padding in forward): resized in place
             return name
     conv1d = _hf_conv1d_cls() if type(m).__name__ == "Conv1D" else None
     if conv1d is not None and type(m) is conv1d:
         return "hf.Conv1D"
     return None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def module_spec(m: nn.Module) -> Spec | None:
@@ -119,8 +126,38 @@ def module_spec(m: nn.Module) -> Spec | None:
         nx, nf = m.weight.shape
         return {"format": name, "spec": {"nf": int(nf), "nx": int(nx)}}
     if name is not None:
-        return {"format": name, "spec": _TABLE[name][1](m)}
+        entry = {"format": name, "spec": _TABLE[name][1](m)}
+        if type(m) is not _TABLE[name][0]:
+            entry["subclass"] = _qualname(type(m))
+        return entry
     return None
+
+
+def _tensor_shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in list(m._parameters.items()) + list(m._buffers.items()) if t is not None}
+
+
+def check_rebuildable(name: str, m: nn.Module, entry: Spec) -> None:
+    """Refuse (before anything is written) a module whose spec would not rebuild its tensors' shapes.
+
+    The spec comes from the module's attributes (``out_channels``...); when they disagree with its
+    tensors (a hand-made surgery that forgot an attribute), load() could not rebuild the module. A
+    user's subclass of a supported type is rebuilt by resizing it in place (its extra tensors are
+    kept as model_fn builds them).
+    """
+    import torch
+
+    with torch.device("meta"):
+        plain = build_module({k: v for k, v in entry.items() if k != "subclass"})
+    want, have = _tensor_shapes(plain), _tensor_shapes(m)
+    diff = sorted(k for k in want if want[k] != have.get(k))  # a subclass's extra tensors are its own
+    if diff:
+        base = f"a subclass of {entry['format']}" if entry.get("subclass") else entry["format"]
+        raise FormatError(f"module {name!r} ({type(m).__name__}, {base}) holds tensors {diff} whose shapes "
+                          f"{[have.get(k) for k in diff]} its constructor spec does not describe "
+                          f"({[want.get(k) for k in diff]}); save() refuses it because load() could not rebuild "
+                          f"it. Keep its attributes in sync with its weights, or save model.state_dict() for "
+                          f"the exact architecture")
 
 
 def _import_format_module(entry: Spec) -> None:
@@ -148,6 +185,7 @@ def build_module(entry: Spec) -> nn.Module:
         if cls is None:
             raise FormatError("format 'hf.Conv1D' needs transformers; pip install transformers")
         return cls(spec["nf"], spec["nx"])
+    _check_sizes(fmt, spec)
     if fmt in _TABLE:
         cls = _TABLE[fmt][0]
         kw = dict(spec)
@@ -162,7 +200,72 @@ def build_module(entry: Spec) -> nn.Module:
             raise FormatError(f"cannot rebuild {fmt} from spec {spec}: {e}; the manifest does not match "
                               f"this torch version or is damaged") from e
     _import_format_module(entry)
-    return module_format(fmt).from_spec(spec)
+    fmt_cls = module_format(fmt)
+    try:
+        return fmt_cls.from_spec(spec)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise FormatError(f"cannot rebuild {fmt} from spec {spec}: {type(e).__name__}: {e}; the manifest is "
+                          f"damaged or was written by another version, save the model again") from e
+
+
+def _check_sizes(fmt: str, spec: Any) -> None:
+    """Every integer in a spec is a size, a count or a flag: none may be negative (no allocation yet)."""
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(x, int) and not isinstance(x, bool) and x < 0 and not path.endswith(("padding_idx", "dim")):
+            raise FormatError(f"{fmt} spec field {path.lstrip('.')} = {x} is negative; the manifest is damaged, "
+                              f"save the model again")
+    walk(spec, "")
+
+
+def spec_bytes(entry: Spec) -> int | None:
+    """Bytes the module `entry` describes would allocate, measured on the meta device (None if unknown).
+
+    >>> spec_bytes({"format": "torch.Linear", "spec": {"in_features": 4, "out_features": 2, "bias": False}})
+    32
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            m = build_module({k: v for k, v in entry.items() if k != "subclass"})
+    except FormatError:
+        if entry.get("format") in _TABLE or entry.get("format") == "hf.Conv1D":
+            raise
+        return None  # a registered format that cannot be built on meta: its real build is wrapped
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def resize_like_(cur: nn.Module, entry: Spec, device: Any = None) -> None:
+    """Give `cur` (a user's subclass of a supported type) the tensors and size attributes of `entry`,
+    keeping its class and every other attribute; the values are placeholders until the weights load.
+
+    >>> resize_like_(model.stem, {"format": "torch.Conv2d", "spec": {..., "out_channels": 23}, "subclass": ...})
+    """
+    import torch
+
+    with torch.device("meta"):
+        plain = build_module({k: v for k, v in entry.items() if k != "subclass"})
+    for k in list(entry["spec"]) + ["_reversed_padding_repeated_twice"]:
+        if k in vars(plain) and k in vars(cur):
+            vars(cur)[k] = vars(plain)[k]
+    for store in ("_parameters", "_buffers"):
+        mine, theirs = getattr(cur, store), getattr(plain, store)
+        for k, t in theirs.items():
+            old = mine.get(k)
+            if t is None:
+                mine[k] = None
+                continue
+            ref = old if old is not None else t
+            dev = device if device is not None else (old.device if old is not None else None)
+            new = torch.zeros(t.shape, dtype=ref.dtype, device=dev if dev is not None and dev.type != "meta" else None)
+            mine[k] = nn.Parameter(new, requires_grad=old.requires_grad if old is not None else True) \
+                if store == "_parameters" else new
 
 
 def same_structure(m: nn.Module, entry: Spec) -> bool:

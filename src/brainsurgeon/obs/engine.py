@@ -15,10 +15,13 @@ from collections.abc import Callable
 
 import torch
 
+from .._log import get_logger
 from ..config import Config, Pattern
 from ..errors import ConfigError, UnsupportedModuleError
 from .hessian import layer_loss
 from .result import LayerResult
+
+log = get_logger(__name__)
 
 # solver(W rows x cols float64, H cols x cols float64, cfg, perm, name) -> (W_hat, info)
 Solver = Callable[[torch.Tensor, torch.Tensor, Config, torch.Tensor, str], tuple[torch.Tensor, dict]]
@@ -73,6 +76,43 @@ def _validate(W: torch.Tensor, H: torch.Tensor, name: str) -> None:
                           f"and the calibration data")
 
 
+DEAD_WARN = 0.5  # warn (and note in the report) when more than this fraction of inputs is dead
+
+
+def _degenerate(H: torch.Tensor, cfg: Config, name: str) -> tuple[Config, str]:
+    """The config to solve with and a warning when the calibration gave (nearly) no information.
+
+    H_ii = 0 means input i was always zero on the calibration data ("dead"); OBS then zeroes its
+    weight column. With every input dead (or H below float32's smallest normal), OBS would return
+    an all-zero layer, so the layer gets the data-free baseline instead (RTN on the same grid, or
+    magnitude pruning with the same pattern), and a warning. Mostly dead inputs only warn.
+    """
+    from ..config import RTN, Magnitude
+
+    if isinstance(cfg, RTN | Magnitude):
+        return cfg, ""  # data-free baselines: H is not used
+    d = H.diagonal()
+    dead = d <= torch.finfo(torch.float32).tiny
+    frac = float(dead.float().mean()) if d.numel() else 0.0
+    label = f"layer {name or '?'}"
+    if frac == 1.0:
+        if hasattr(cfg, "bits"):
+            fb: Config = RTN(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, mse=cfg.mse)  # type: ignore[attr-defined]
+        elif hasattr(cfg, "parsed"):
+            fb = Magnitude(sparsity=cfg.sparsity, pattern=cfg.pattern)  # type: ignore[attr-defined]
+        else:
+            return cfg, f"{label}: every input is zero on the calibration data (H = 0); check the calibration data"
+        return fb, (f"{label}: every one of its {d.numel()} inputs is zero on the calibration data (H = 0), so "
+                    f"{cfg.describe()} has no information and would return an all-zero layer; applied "
+                    f"{fb.describe()} instead. Check that the calibration data reaches this layer with non-zero "
+                    f"inputs, or pass ignore=['{name}']")
+    if frac > DEAD_WARN:
+        return cfg, (f"{label}: {frac:.0%} of its {d.numel()} inputs are zero on the calibration data (dead); "
+                     f"their weight columns were zeroed. If the calibration data is not representative, use "
+                     f"more/other batches or pass ignore=['{name}']")
+    return cfg, ""
+
+
 def compress_weight(W: torch.Tensor, H: torch.Tensor, cfg: Config, name: str = "") -> LayerResult:
     """Compress one weight with the solver registered for `cfg`.
 
@@ -84,6 +124,9 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, cfg: Config, name: str = "
         raise ConfigError(f"no solver registered for {type(cfg).__name__}; registered: "
                           f"{sorted(t.__name__ for t in _SOLVERS)}")
     _validate(W, H, name)
+    cfg, warning = _degenerate(H, cfg, name)
+    if warning:
+        log.warning(warning)
     pattern = cfg.parsed if hasattr(cfg, "parsed") else None
     perm = column_perm(tuple(W.shape), pattern, name).to(W.device)
     W2 = W.reshape(W.shape[0], -1).to(torch.float64)
@@ -95,5 +138,5 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, cfg: Config, name: str = "
         raise ConfigError(f"layer {name or '?'}: {cfg.describe()} produced NaN/Inf; raise damp")
     loss, rel = layer_loss(W2, W_hat, H64)
     info = {"damp_retries": 0, "dead_inputs": 0, **info, "rel_loss": rel,
-            "nonzeros": int((W_hat != 0).sum())}
+            "nonzeros": int((W_hat != 0).sum()), "warning": warning}
     return LayerResult(W_hat.reshape(W.shape).to(W.dtype), loss, seconds, info)

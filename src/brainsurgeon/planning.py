@@ -1,0 +1,142 @@
+"""Which layers a weight step (sparsify/quantize) compresses, with which config, and what it refuses.
+
+    >>> plan_layers(model, Step(ExactOBS(sparsity=0.5), ignore=("fc3",)))
+    {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
+    >>> plan, notes, refusals = check_step(model, Step(ExactOBS(pattern="2:4")))   # every refusal
+
+The verbs (``api``) and ``compress --dry-run`` plan with the same function, so a dry run
+reports exactly what the real run would refuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._log import get_logger
+from .calib import num_groups, set_weight_matrix_, supported, weight_matrix
+from .config import Config, Step, match_configs
+from .errors import BrainsurgeonError, ConfigError, UnsupportedModuleError
+from .obs.engine import column_perm
+
+log = get_logger(__name__)
+
+
+def _layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as the solvers see it: conv kernels keep their shape, Linear/Conv1D rows x cols."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.weight.detach()
+    return weight_matrix(module).detach()
+
+
+def _set_layer_weight(module: nn.Module, W: torch.Tensor) -> None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        with torch.no_grad():
+            module.weight.copy_(W)
+    else:
+        set_weight_matrix_(module, W)
+
+
+def _weight_key(w: torch.Tensor) -> Any:
+    """Two weights with the same key are one tensor (the same Parameter, or views of one storage)."""
+    if w.is_meta or w.numel() == 0:
+        return id(w)
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape))
+
+
+def untie_plan_(model: nn.Module, plan: dict[str, Config], notes: list[str]) -> None:
+    """Drop planned layers whose weight another module also uses, with a note for each (in place).
+
+    A weight shared by several planned layers is solved once, as the first of them; a weight tied
+    to a module the step does not compress (``lm_head`` tied to the input embedding, an ignored
+    layer) is left unchanged, because changing it would silently change that module too.
+    """
+    users: dict[Any, list[tuple[str, str, nn.Module]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, t in mod._parameters.items():
+            if t is not None:
+                users.setdefault(_weight_key(t), []).append((mname, pname, mod))
+    modules = dict(model.named_modules())
+    planned = {id(modules[n]): n for n in plan}
+    for name in list(plan):
+        if name not in plan:
+            continue
+        mod = modules[name]
+        share = [(n, p, m) for n, p, m in users.get(_weight_key(mod.weight), []) if m is not mod]
+        if not share:
+            continue
+        others = [(n, p, m) for n, p, m in share if id(m) not in planned]
+        where = ", ".join(f"{n}.{p} ({type(m).__name__})" for n, p, m in share[:4])
+        if others:
+            for _, _, m in share:
+                plan.pop(planned.get(id(m), ""), None)
+            plan.pop(name)
+            notes.append(f"{name}.weight is tied to {where}, which this step does not compress: left "
+                         f"unchanged so the tie holds; untie it first (e.g. "
+                         f"{name}.weight = nn.Parameter({name}.weight.detach().clone())) to compress it")
+        else:
+            for _, _, m in share:
+                if planned.get(id(m)) in plan:
+                    plan.pop(planned[id(m)])
+            notes.append(f"{name}.weight is the same tensor as {where}: solved once, as {name}")
+        log.info(notes[-1])
+
+
+def check_step(model: nn.Module, step: Step) -> tuple[dict[str, Config], list[str], list[BrainsurgeonError]]:
+    """Plan one weight step exactly as the run will, collecting EVERY refusal instead of stopping at one.
+
+    Returns (plan, notes, refusals): layer name -> config, notes on tied weights, and one error
+    per layer the run would refuse (non-float weight, meta weight, pattern not dividing the columns).
+    ``compress --dry-run`` prints them all; :func:`plan_layers` raises the first.
+
+    >>> plan, notes, refusals = check_step(model, Step(ExactOBS(pattern="2:4")))
+    >>> [str(e) for e in refusals]
+    ["... conv1 ... is not divisible by the group size 4 ...; pass ignore=['conv1'] ..."]
+    """
+    names = [n for n, mod in model.named_modules() if n and supported(mod)]
+    plan = match_configs(names, step.method, step.ignore, step.overrides,
+                         known=[n for n, _ in model.named_modules() if n])
+    notes: list[str] = []
+    untie_plan_(model, plan, notes)
+    if not plan:
+        raise ConfigError(f"no supported layer (Linear, Conv1d/2d, HF Conv1D) is left to compress in "
+                          f"{type(model).__name__} after ignore={list(step.ignore)}"
+                          f"{' and tied weights (' + '; '.join(notes) + ')' if notes else ''}; loosen ignore")
+    modules = dict(model.named_modules())
+    refusals: list[BrainsurgeonError] = []
+    for name, cfg in plan.items():  # validate before any change
+        W = _layer_weight(modules[name])
+        if not torch.is_floating_point(W):
+            refusals.append(UnsupportedModuleError(f"layer {name}: weight dtype {W.dtype} is not floating point; "
+                                                   f"pass ignore=['{name}'] or dequantize it first"))
+            continue
+        if W.is_meta:
+            refusals.append(UnsupportedModuleError(f"layer {name}: weight is on the meta device (no values); "
+                                                   f"load the weights first or pass ignore=['{name}']"))
+            continue
+        g = num_groups(modules[name])
+        shape = (W.shape[0] // g, *W.shape[1:])
+        try:
+            column_perm(shape, cfg.parsed if hasattr(cfg, "parsed") else None, name)
+        except BrainsurgeonError as e:
+            refusals.append(e)
+    return plan, notes, refusals
+
+
+def plan_layers(model: nn.Module, step: Step, notes: list[str] | None = None) -> dict[str, Config]:
+    """Layer name -> config for one step: supported layers minus `ignore`, with overrides applied.
+
+    Tied/shared weights are solved once or left unchanged (see :func:`untie_plan_`); why goes
+    into `notes` when given. Raises the first refusal of :func:`check_step`.
+
+    >>> plan_layers(model, Step(ExactOBS(sparsity=0.5), ignore=("fc3",)))
+    {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
+    """
+    plan, tie_notes, refusals = check_step(model, step)
+    if refusals:
+        raise refusals[0]
+    if notes is not None:
+        notes += tie_notes
+    return plan
