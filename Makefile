@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench lint clean peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,17 @@ test-slow: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 BENCHES := obs_layers graph_coverage graph_attention graph_tracers prune_real speedups roundtrip toolbox search_budgets minilm mobilenet_bops
 bench: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 	set -e; for b in $(BENCHES); do echo "== bench/$$b.py --quick"; $(BIN)/python bench/$$b.py --quick; done
+
+# The peer tools for bench/llm_peers.py in their own venv: llm-compressor 0.14 pins torch<=2.14.0 and
+# transformers<=5.17, so it must never go into .venv (pip fetches its own torch wheel from PyPI here).
+PEERS := .venv-peers
+$(PEERS)/.installed:
+	$(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q "llmcompressor==0.14.*" gguf accelerate
+	touch $@
+
+peers: $(PEERS)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

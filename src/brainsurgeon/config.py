@@ -453,15 +453,20 @@ class CalibOptions(Config):
 
     mode: ``sequential`` (GPTQ style: each layer sees the already-compressed layers' outputs)
     or ``dense`` (OBC style: every Hessian from the dense model).
+    hessian_dtype: accumulation precision of H (float32: half the memory and time; solvers
+    factor it in float64). true_sequential: in block mode, calibrate the layers of a block group
+    by group (q/k/v, then o, ...), each on inputs through the already-compressed earlier groups,
+    at one block forward per group; the default takes every Hessian of a block from one forward.
     """
 
     mode: str = "sequential"
     max_batches: int = 0  # 0: all batches
-    hessian_dtype: str = "float64"
+    hessian_dtype: str = "float32"
     blocks: str = ""  # dotted path of a ModuleList of blocks (e.g. "model.layers"); "" = per layer
     offload: bool = False  # keep only the current block on the compute device
     bn_reestimate: bool = False
     correct_mean_std: bool = False
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",

@@ -5,8 +5,11 @@ The caller passes ``solve(name, module, H)``, which compresses the module's weig
 * ``mode="dense"`` (OBC): every Hessian from the dense model in one pass, then every solve.
 * ``mode="sequential"`` (GPTQ): layers in execution order; each Hessian is collected with the
   earlier layers already compressed (forwards stop early at the layer).
-* ``blocks="model.layers"``: block by block over cached block inputs (one pass over the data);
-  ``offload=True`` keeps only the current block on the compute device (the inputs' device).
+* ``blocks="model.layers"``: block by block over cached block inputs (one pass over the data).
+  Sequential: every Hessian of a block from one forward over its inputs, then one forward of the
+  compressed block makes the next block's inputs (``true_sequential=True``: one forward per group
+  of layers, each seeing the block's earlier groups compressed). ``offload=True`` keeps only the
+  current block on the compute device (the inputs' device).
 
     >>> def solve(name, module, H):
     ...     set_weight_matrix_(module, my_solver(weight_matrix(module), H))
@@ -253,8 +256,10 @@ def _run_blocks(model: nn.Module, layers: dict[str, nn.Module], batches: Batches
             if options.mode == "dense":  # next inputs: dense outputs, computed before solving
                 outs = _solve_dense(block, local, lambda c=cache: c, solve, dtype, keep_outputs=True)
             else:
-                if local:
+                if local and options.true_sequential:  # one block forward per group of layers
                     _solve_sequential(block, local, lambda c=cache: c, solve, dtype)
+                elif local:  # every Hessian of the block from one forward
+                    _solve_dense(block, local, lambda c=cache: c, solve, dtype)
                 outs = [_forward(block, b)[1] for b in cache] if i < last else []
         finally:
             restore_(undo)
@@ -267,7 +272,7 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
                   options: CalibOptions) -> None:
     """Collect each named layer's Hessian from `calib` and call ``solve(name, module, H)``.
 
-    H is float64 by default (``options.hessian_dtype``), (cols, cols) or (g, cols, cols) for
+    H is float32 by default (``options.hessian_dtype``), (cols, cols) or (g, cols, cols) for
     grouped convs. Runs under ``torch.no_grad()`` in eval mode; hooks and train/eval modes are
     restored on exit, also on error. See the module docstring for the modes.
 

@@ -182,25 +182,35 @@ class HessianAccumulator:
             layout = "(g, n, cols)" if self.groups > 1 else "(n, cols)"
             raise CalibrationError(f"layer {self.name!r}: input columns of shape {tuple(x_cols.shape)} do "
                                    f"not match the layer ({layout} with cols={self.cols}, g={self.groups})")
-        if not torch.isfinite(x_cols).all():
-            raise CalibrationError(f"layer {self.name!r} received non-finite activations (NaN or Inf) in "
-                                   f"calibration batch {self.batches}; check the data and the layers "
-                                   f"before it, run calibration in float32 (fp16 overflow), or pass "
-                                   f"ignore=[{self.name!r}]")
         b = x_cols.shape[-2]
         self.batches += 1
         if b == 0:
             return
         w = self.module.weight
         device = x_cols.device if w.device.type == "meta" else w.device
-        X = x_cols.to(device=device, dtype=self.dtype)
+        X = x_cols.to(device=device, dtype=self.dtype)  # no copy when it already fits
         if self._H is None:
             shape = (self.cols, self.cols) if self.groups == 1 else (self.groups, self.cols, self.cols)
             self._H = torch.zeros(shape, dtype=self.dtype, device=device)
-        self._H.mul_(self.n / (self.n + b))
-        X = X * (2.0 / (self.n + b)) ** 0.5
-        self._H.add_(X.transpose(-1, -2) @ X)  # (.., cols, b) @ (.., b, cols)
-        self.n += b
+        n = self.n + b
+        # H <- n_old/n * H + 2/n * X^T X in one GEMM, no scaled copy of X
+        if self.groups == 1:
+            self._H.addmm_(X.t(), X, beta=self.n / n, alpha=2.0 / n)
+        else:
+            self._H.baddbmm_(X.transpose(1, 2), X, beta=self.n / n, alpha=2.0 / n)
+        self.n = n
+        if not bool(torch.isfinite(self._H.diagonal(dim1=-2, dim2=-1)).all()):  # diag = sums of squares
+            self._raise_non_finite(x_cols)
+
+    def _raise_non_finite(self, x_cols: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x_cols).all()):
+            raise CalibrationError(f"layer {self.name!r} received non-finite activations (NaN or Inf) in "
+                                   f"calibration batch {self.batches - 1}; check the data and the layers "
+                                   f"before it, run calibration in float32 (fp16 overflow), or pass "
+                                   f"ignore=[{self.name!r}]")
+        raise CalibrationError(f"layer {self.name!r}: the {self.dtype} Hessian overflowed at calibration "
+                               f"batch {self.batches - 1} (inputs up to {float(x_cols.abs().max()):.3g}); use "
+                               f"CalibOptions(hessian_dtype='float64') or pass ignore=[{self.name!r}]")
 
     @property
     def H(self) -> torch.Tensor:

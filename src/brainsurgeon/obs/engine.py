@@ -60,6 +60,11 @@ def column_perm(shape: tuple[int, ...], pattern: Pattern | None, name: str = "")
     return perm
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of `t` is finite: one reduction, the elementwise test only if the sum is not."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _validate(W: torch.Tensor, H: torch.Tensor, name: str) -> None:
     if not torch.is_floating_point(W):
         raise UnsupportedModuleError(f"layer {name or '?'}: weight dtype {W.dtype} is not floating point; "
@@ -71,7 +76,7 @@ def _validate(W: torch.Tensor, H: torch.Tensor, name: str) -> None:
     if H.shape != (cols, cols):
         raise ConfigError(f"layer {name or '?'}: Hessian shape {tuple(H.shape)} does not match the "
                           f"weight's {cols} input columns; expected ({cols}, {cols})")
-    if not torch.isfinite(H).all() or not torch.isfinite(W).all():
+    if not all_finite(H) or not all_finite(W):
         raise ConfigError(f"layer {name or '?'}: weight or Hessian contains NaN/Inf; check the model "
                           f"and the calibration data")
 
@@ -134,9 +139,9 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, cfg: Config, name: str = "
     t0 = time.perf_counter()
     W_hat, info = _SOLVERS[type(cfg)](W2, H64, cfg, perm, name)
     seconds = time.perf_counter() - t0
-    if not torch.isfinite(W_hat).all():
+    if not all_finite(W_hat):
         raise ConfigError(f"layer {name or '?'}: {cfg.describe()} produced NaN/Inf; raise damp")
-    loss, rel = layer_loss(W2, W_hat, H64)
+    loss, rel = layer_loss(W2, W_hat, H)  # in H's precision (float32 from the driver)
     info = {"damp_retries": 0, "dead_inputs": 0, **info, "rel_loss": rel,
             "nonzeros": int((W_hat != 0).sum()), "warning": warning}
     return LayerResult(W_hat.reshape(W.shape).to(W.dtype), loss, seconds, info)

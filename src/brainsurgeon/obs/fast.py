@@ -16,58 +16,68 @@ import torch
 from ..config import GPTQ, SparseGPT
 from ..quant.grid import fit_grid, fit_rows, quantize
 from .engine import register_solver
-from .hessian import Prepared, prepare
+from .hessian import Prepared, inverse_factor, prepare
 from .refine import refine_on_grid
 from .resolve import resolve_masked
 
-# target(i1, j, W1, U1) -> the value column i1 + j is fixed to (rows,), W1/U1 the current block
-Target = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+# target(i1, j, W1) -> the value column i1 + j is fixed to (rows,); W1 is the current block,
+# transposed (block columns x rows), so column i1 + j of W is the contiguous row W1[j]
+Target = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+WALK_DTYPE = torch.float32  # precision of the factorisation and the walk (the reference code's); see prepare
 
 
 def blocked_walk(W: torch.Tensor, U: torch.Tensor, blocksize: int, target: Target) -> torch.Tensor:
-    """Fix the columns of W (rows x cols) left to right to `target`, compensating with U."""
-    W = W.clone()
-    cols = W.shape[1]
+    """Fix the columns of W (rows x cols) left to right to `target`, compensating with U.
+
+    Works on W^T (cols x rows, contiguous) so every column is one contiguous row, and on U with
+    each row divided by its diagonal: fixing column j to q_j subtracts (w_j - q_j) U_j,j: / U_jj
+    from the later columns, one rank-1 update inside the block and one GEMM after it.
+    """
+    Wt = W.t().contiguous()  # (rows, cols) -> (cols, rows)
+    Un = U / torch.diagonal(U)[:, None]  # unit diagonal: row j of U over U_jj
+    cols = Wt.shape[0]
+    E = torch.empty_like(Wt[:blocksize])  # (block, rows): w_j - q_j of the block's columns
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        W1, U1, E1 = Wt[i1:i2], Un[i1:i2, i1:i2], E[:i2 - i1]
         for j in range(i2 - i1):
-            q = target(i1, j, W1, U1)
-            err = (W1[:, j] - q) / U1[j, j]
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            Q1[:, j], E1[:, j] = q, err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return W
+            w = W1[j]
+            q = target(i1, j, W1)
+            torch.sub(w, q, out=E1[j])
+            w.copy_(q)
+            W1[j + 1:].addr_(U1[j, j + 1:], E1[j], alpha=-1.0)  # (B-j-1, rows) -= u (x) e
+        if i2 < cols:
+            Wt[i2:].addmm_(Un[i1:i2, i2:].t(), E1, alpha=-1.0)  # (cols-i2, B) @ (B, rows)
+    return Wt.t()
 
 
 def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT in column order `perm` (N:M groups consecutive); returns (W_hat, keep mask)."""
-    W = prep.W[:, perm]
-    U = torch.linalg.cholesky(prep.Hinv[perm][:, perm], upper=True)
+    W = prep.W[:, perm].to(WALK_DTYPE)
+    U = inverse_factor(prep, perm)
+    d2 = (torch.diagonal(U) ** 2).to(WALK_DTYPE)[:, None]  # [H^-1]_jj in the walk's current order
     pat = cfg.parsed
-    keep = torch.ones_like(W, dtype=torch.bool)
+    keep = torch.ones(W.shape[1], W.shape[0], dtype=torch.bool, device=W.device)  # transposed, like W1
 
-    def target(i1: int, j: int, W1: torch.Tensor, U1: torch.Tensor) -> torch.Tensor:
-        score = W1**2 / torch.diagonal(U1)[None, :] ** 2  # OBS saliency w^2 / [H^-1]_jj
+    def target(i1: int, j: int, W1: torch.Tensor) -> torch.Tensor:
+        B = W1.shape[0]
         if pat.kind == "nm":
             if j % pat.m == 0:  # choose M - N of the next M columns of every row
-                s = score[:, j:j + pat.m]
-                drop = torch.topk(s, pat.m - pat.n, dim=1, largest=False).indices + j
-                keep[:, i1:i1 + W1.shape[1]].scatter_(1, drop, False)
+                s = W1[j:j + pat.m] ** 2 / d2[i1 + j:i1 + j + pat.m]  # OBS saliency w^2 / [H^-1]_jj
+                drop = torch.topk(s, pat.m - pat.n, dim=0, largest=False).indices + j
+                keep[i1:i1 + B].scatter_(0, drop, False)
         elif j == 0:  # adaptive mask for the whole block, ranked over all its weights
-            k = round(cfg.target_sparsity * score.numel())
+            k = round(cfg.target_sparsity * W1.numel())
             if k:
-                m1 = torch.ones_like(score, dtype=torch.bool)
-                m1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = False
-                keep[:, i1:i1 + W1.shape[1]] = m1
-        return W1[:, j] * keep[:, i1 + j]
+                score = W1**2 / d2[i1:i1 + B]
+                keep[i1:i1 + B].view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = False
+        return W1[j] * keep[i1 + j]
 
     B = cfg.blocksize if pat.kind != "nm" else max(pat.m, cfg.blocksize // pat.m * pat.m)
-    Wp = blocked_walk(W, U, B, target)
-    out, mask = torch.empty_like(Wp), torch.empty_like(keep)
-    out[:, perm], mask[:, perm] = Wp, keep
+    Wp = blocked_walk(W, U.to(WALK_DTYPE), B, target).to(prep.W.dtype)
+    out, mask = torch.empty_like(Wp), torch.empty_like(keep.t())
+    out[:, perm], mask[:, perm] = Wp, keep.t()
     return out, mask
 
 
@@ -81,27 +91,32 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
     W, H = prep.W, prep.H
     cols = W.shape[1]
     perm = torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    U = torch.linalg.cholesky(prep.Hinv[perm][:, perm], upper=True)
+    U = inverse_factor(prep, perm)
     maxq = 2**cfg.bits - 1
     g = cfg.group_size if 0 < cfg.group_size < cols else 0
     grid = fit_grid(W, cfg.bits, cfg.sym, g, cfg.mse)
     scale, zero = (t.to(W.dtype) for t in grid.columns(cols))  # rows x cols, original order
     scale, zero = scale[:, perm].clone(), zero[:, perm].clone()
+    # walk-order, transposed copies: q = s * clamp(round(w / s), -z, maxq - z) is quantize() exactly
+    st, zt = scale.t().to(WALK_DTYPE).contiguous(), zero.t().to(WALK_DTYPE).contiguous()
+    lo, hi = -zt, maxq - zt
     lazy_groups = g and not cfg.act_order
-    frozen = (W == 0)[:, perm]  # zeros of an already pruned layer stay zero
+    frozen = (W == 0)[:, perm].t().contiguous()  # zeros of an already pruned layer stay zero
+    any_frozen = bool(frozen.any())
 
-    def target(i1: int, j: int, W1: torch.Tensor, U1: torch.Tensor) -> torch.Tensor:
+    def target(i1: int, j: int, W1: torch.Tensor) -> torch.Tensor:
         c = i1 + j
         if lazy_groups and c % g == 0:  # fit this group's grid on the current (updated) weights
-            s, z = fit_rows(W1[:, j:j + g], cfg.bits, cfg.sym, cfg.mse)
+            s, z = fit_rows(W1[j:j + g].t().to(W.dtype), cfg.bits, cfg.sym, cfg.mse)
             scale[:, c:c + g], zero[:, c:c + g] = s[:, None], z[:, None]
-        q = quantize(W1[:, j], scale[:, c], zero[:, c], maxq)
-        return q.masked_fill_(frozen[:, c], 0.0)
+            st[c:c + g], lo[c:c + g], hi[c:c + g] = s.to(WALK_DTYPE), -z.to(WALK_DTYPE), maxq - z.to(WALK_DTYPE)
+        q = torch.div(W1[j], st[c]).round_().clamp_(lo[c], hi[c]).mul_(st[c])
+        return q.masked_fill_(frozen[c], 0.0) if any_frozen else q
 
     B = max(g, cfg.blocksize // g * g) if lazy_groups else cfg.blocksize
-    Wq = blocked_walk(W[:, perm], U, B, target)
+    Wq = blocked_walk(W[:, perm].to(WALK_DTYPE), U.to(WALK_DTYPE), B, target).to(W.dtype)
     if cfg.refine:
-        Wq = refine_on_grid(W[:, perm], Wq, prep.H[perm][:, perm], scale, zero, maxq, cfg.refine, frozen)
+        Wq = refine_on_grid(W[:, perm], Wq, prep.H[perm][:, perm], scale, zero, maxq, cfg.refine, frozen.t())
     out = torch.empty_like(Wq)
     out[:, perm] = Wq
     return out, {"perm": perm}
@@ -109,14 +124,14 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
 
 @register_solver(SparseGPT)
 def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: torch.Tensor, name: str):
-    prep = prepare(W, H, cfg.damp, name=name)
+    prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name)
     Wp, keep = sparsegpt(prep, cfg, perm)
-    if cfg.resolve:  # fast mask, exact weights: masked least squares per row
-        Wp = resolve_masked(prep.W, prep.H, keep)
+    if cfg.resolve:  # fast mask, exact weights: masked least squares per row (float64)
+        Wp = resolve_masked(prep.W.double(), prep.H.double(), keep)
     return Wp, prep.info()
 
 
 @register_solver(GPTQ)
 def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor, name: str):
-    prep = prepare(W, H, cfg.damp, name=name)
+    prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name)
     return gptq(prep, cfg)[0], prep.info()

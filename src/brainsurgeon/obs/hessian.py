@@ -63,7 +63,12 @@ def damped_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torch
 
 def prepare(W: torch.Tensor, H: torch.Tensor, damp: float, dtype: torch.dtype = torch.float64,
             name: str = "") -> Prepared:
-    """Cast, zero dead columns, damp and factor. Never modifies the caller's tensors."""
+    """Cast, zero dead columns, damp and factor. Never modifies the caller's tensors.
+
+    With ``dtype=torch.float32`` the factorisation is tried in float32 first (the GPTQ reference's
+    precision, half the time) and redone in float64 when float32 is not positive definite at `damp`,
+    so float32 never raises the damping.
+    """
     W = W.to(dtype=dtype, copy=True)
     H = H.to(device=W.device, dtype=dtype, copy=True)
     dead = H.diagonal() == 0
@@ -72,16 +77,39 @@ def prepare(W: torch.Tensor, H: torch.Tensor, damp: float, dtype: torch.dtype = 
         W[:, dead] = 0.0
         log.info("layer %s: %d dead input(s) (H_ii = 0); their weight columns are zeroed",
                  name or "?", int(dead.sum()))
+    if dtype != torch.float64:
+        lam = damp * H.diagonal().mean().item()
+        H.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
+            return Prepared(W, H, L, dead, lam, 0)
+        log.debug("layer %s: float32 Cholesky failed at damping %.3g; factoring in float64", name or "?", lam)
+        H.diagonal().sub_(lam)
+        W, H = W.double(), H.double()
     L, lam, retries = damped_cholesky(H, damp, name)
     H.diagonal().add_(lam)
     return Prepared(W, H, L, dead, lam, retries)
 
 
+def inverse_factor(prep: Prepared, perm: torch.Tensor) -> torch.Tensor:
+    """U upper with U^T U = (H^-1)[perm][:, perm]: the Cholesky of the inverse that GPTQ/SparseGPT walk.
+
+    In prep's precision; redone in float64 when that is not positive definite (float32 round-off).
+    """
+    Hinv = prep.Hinv
+    U, info = torch.linalg.cholesky_ex(Hinv[perm[:, None], perm], upper=True)
+    if int(info) == 0 and bool(torch.isfinite(U.diagonal()).all()):
+        return U
+    L64 = torch.linalg.cholesky(prep.H.double())
+    return torch.linalg.cholesky(torch.cholesky_inverse(L64)[perm[:, None], perm], upper=True).to(Hinv.dtype)
+
+
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
-    """(tr(dW H dW^T), tr(dW H dW^T) / tr(W H W^T)) in float64 with the caller's H."""
-    H = H.to(device=W.device, dtype=torch.float64)
-    W64 = W.reshape(W.shape[0], -1).double()
-    D = W_hat.reshape(W64.shape).double() - W64
+    """(tr(dW H dW^T), tr(dW H dW^T) / tr(W H W^T)) with the caller's H, in its precision (>= float32)."""
+    dt = torch.promote_types(H.dtype, torch.float32)
+    H = H.to(device=W.device, dtype=dt)
+    W2 = W.reshape(W.shape[0], -1).to(dt)
+    D = W_hat.reshape(W2.shape).to(dt) - W2
     loss = torch.sum((D @ H) * D).item()
-    ref = torch.sum((W64 @ H) * W64).item()
+    ref = torch.sum((W2 @ H) * W2).item()
     return loss, loss / ref if ref > 0 else 0.0
