@@ -24,6 +24,7 @@ writes and onnxruntime fuses into QLinearConv / QLinearMatMul.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,6 +86,9 @@ class StaticInt8Linear(nn.Module):
                               f"{q.cfg.describe()}; per-channel scales cannot leave the sum (fold them into the "
                               f"weights with SmoothQuant, quant.smooth) or use granularity='tensor'")
         codes = weight_codes(layer, 8, 0, rtn, True, name, mse=False)
+        k = codes.q - codes.zero.to(torch.int32)  # (N, K) signed levels
+        if int(k.min()) >= -128 and int(k.max()) <= 127:  # re-centre on zero 128: no weight-zero term in the GEMM
+            codes = type(codes)(k + 128, codes.scale, torch.full_like(codes.zero, 128.0), 8, codes.group_size)
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, q.cfg.dynamic, q.cfg.sym)
         m.to(layer.weight.device)
         m.qweight.copy_((codes.q - 128).to(torch.int8))
@@ -132,14 +136,19 @@ class StaticInt8Linear(nn.Module):
         return self._cache
 
     def _quantize_x(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int8 codes - 128 (M, K) and the scale, zero (shifted) used."""
+        """int8 codes - 128 (M, K) and the scale, zero (shifted) used (fake_quantize's rounding)."""
         if self.dynamic:
             lo = torch.clamp(x.amin(dim=1, keepdim=True), max=0)
             hi = torch.clamp(x.amax(dim=1, keepdim=True), min=0)
             s, z = _minmax_params(lo, hi, 255, self.sym_act)  # (M, 1) each
         else:
             s, z = self.a_scale, self.a_zero
-        x8 = (torch.clamp(torch.round(x / s) + z, 0, 255) - 128).to(torch.int8)  # fake_quantize's rounding
+            if x.device.type == "cpu":  # one fused pass: round(x / s) + z - 128, clamped to int8
+                with warnings.catch_warnings():  # quantized tensors are deprecated in torch; the kernel is not
+                    warnings.simplefilter("ignore", UserWarning)
+                    q = torch.quantize_per_tensor(x, float(s), int(z) - 128, torch.qint8)
+                return q.int_repr(), s, z - 128
+        x8 = (x / s).round_().add_(z - 128).clamp_(-128, 127).to(torch.int8)
         return x8, s, z - 128
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,15 +156,15 @@ class StaticInt8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         c = self._consts()
         x8, s, za = self._quantize_x(x2)
-        acc = torch._int_mm(x8, c["wt"]).float()  # (M, N), exact int32 sums
+        y = torch._int_mm(x8, c["wt"]).to(torch.float32)  # (M, N), exact int32 sums
         if not self.dynamic:
-            y = acc * c["alpha"] + c["beta"]
+            y.mul_(c["alpha"]).add_(c["beta"])
             if not bool(c["sym_w"]):
                 y -= c["alpha"] * c["zw"] * x8.float().sum(1, keepdim=True)
         else:
             alpha = s * self.w_scale[:, 0]  # (M, N)
             corr = za * c["wsum"] + c["zw"] * (x8.float().sum(1, keepdim=True) - self.in_features * za)
-            y = alpha * (acc - corr)
+            y = alpha * (y - corr)
             if self.bias is not None:
                 y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
