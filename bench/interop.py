@@ -154,12 +154,12 @@ def main() -> int:
         tok, lm, evals, calib, src = smollm(n_eval=4, n_cal=8, cal_len=512)
         opts = bs.CalibOptions(blocks="model.layers")
     work = tempfile.mkdtemp(prefix="interop-")
-    dense_path = bs.save(lm, os.path.join(work, "dense"), format="hf")
+    dense_path = bs.save(lm, os.path.join(work, "dense"))  # (a GGUF-loaded model refuses save_pretrained)
     dense_bytes = weight_bytes(dense_path)
     ppl0, _ = score(lm, evals)
     print(f"{'SmolLM2-135M-Instruct' if not args.quick else 'tiny random Llama'}: {len(evals)} eval windows x "
           f"{evals[0].shape[1]} tokens, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(f"dense fp32: ppl {ppl0:.3f}, {dense_bytes / 1e6:.2f} MB (hf safetensors)\n")
+    print(f"dense fp32: ppl {ppl0:.3f}, {dense_bytes / 1e6:.2f} MB (safetensors)\n")
     head = f"{'method':<32} {'format':<19} {'MB':>7} {'x dense':>7} {'ppl mem':>9} {'ppl reload':>10} " \
            f"{'max|dlogit|':>11} {'load s':>7}"
     print(head + "\n" + "-" * len(head))

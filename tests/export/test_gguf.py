@@ -92,6 +92,7 @@ def test_names():
         gguf_name("model.layers.0.mlp.experts.0.weight")
 
 
+@pytest.mark.slow  # ~100 s: transformers converts the 49k-token GGUF vocabulary three times
 def test_tokenizer_round_trips_through_the_gguf_reader(tmp_path):
     """SmolLM2's tokenizer, written from the HF tokenizer or copied from the source .gguf, reads back equal."""
     import importlib.util
