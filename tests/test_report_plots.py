@@ -12,8 +12,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from brainsurgeon.plots import pareto_front, render_html
+from brainsurgeon.plots import pareto_front
 from brainsurgeon.report import CompressionReport, LayerRow
+from brainsurgeon.report_html import render_html
 
 pytest.importorskip("matplotlib")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -98,3 +99,50 @@ def test_html_renders_in_headless_chromium(tmp_path):
 
     blue, red = count((31, 119, 180)), count((214, 39, 40))  # matplotlib tab:blue bars, tab:red front
     assert blue > 2000 and red > 200  # the embedded bar chart and the Pareto front were drawn
+
+
+def test_units_a_person_reads():
+    from brainsurgeon.report_html import human_bytes, human_count, metric_cells
+
+    assert human_bytes(195017) == "190 KB" and human_bytes(33587) == "32.8 KB" and human_bytes(512) == "512 B"
+    assert human_bytes(3.5 * 1024**2) == "3.50 MB" and human_bytes(-162000) == "-158 KB"
+    assert human_count(476_000) == "476 k" and human_count(1.23e9) == "1.23 G" and human_count(640) == "640"
+    assert metric_cells("bytes_on_disk", 195017.0, 33587.0) == ["190 KB", "32.8 KB", "-158 KB (0.172x)"]
+    assert metric_cells("accuracy", 0.99444, 0.99167) == ["99.44 %", "99.17 %", "-0.28 pt"]
+
+
+def test_measured_cells_are_filled_and_ties_are_separated():
+    """Bytes/MACs show in human units once measured; runs carry interval, agreement and KL columns."""
+    rep = _rep(points=0, latency=False)
+    for r in rep.rows:
+        r.bytes, r.macs = 195017, 1_230_000
+    rep.add_point("RTN", cost=0.17, quality=0.9944, ci_low=0.98, ci_high=0.998, agreement=0.9972, kl=7.0e-4)
+    rep.add_point("OBQ", cost=0.17, quality=0.9944, ci_low=0.98, ci_high=0.998, agreement=1.0, kl=8.3e-5)
+    text = render_html(rep)
+    summary = text.split("<h2>Summary</h2>")[1].split("</table>")[0]
+    assert "1.12 MB" in summary and "7.38 M" in summary and ">-<" not in summary
+    runs = text.split("<h2>Runs</h2>")[1].split("</table>")[0]
+    assert "98.0 - 99.8 %" in runs and "99.72 %" in runs and "7.00e-04" in runs and "8.30e-05" in runs
+    assert ".0000<" not in text  # no four-decimal byte counts
+
+
+def test_pareto_labels_do_not_overlap():
+    """Runs at one point share a label; labels of nearby points are moved until no two boxes overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from brainsurgeon.plots import pareto_figure
+
+    pts = [{"label": n, "cost": c, "quality": q, "cost_name": "bytes / dense", "quality_name": "accuracy"}
+           for n, c, q in [("dense", 1.0, 0.9944), ("RTN 4-bit", 0.172, 0.9944), ("OBQ 4-bit", 0.172, 0.9944),
+                           ("ExactOBS 75% unstructured + OBQ 4-bit", 0.172, 0.9917), ("Magnitude", 0.51, 0.919),
+                           ("ExactOBS 75% unstructured", 0.509, 0.9944), ("ChannelPruning 50%", 0.271, 0.9889)]]
+    fig = pareto_figure(pts)
+    FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in texts) == sorted(["dense", "RTN 4-bit / OBQ 4-bit", "Magnitude",
+                                                          "ExactOBS 75% unstructured + OBQ 4-bit",
+                                                          "ExactOBS 75% unstructured", "ChannelPruning 50%"])
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

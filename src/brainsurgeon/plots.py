@@ -1,22 +1,19 @@
-"""The report's pictures: per-layer bars, the accuracy-vs-cost Pareto front, latency bars, one HTML page.
+"""The report's pictures: per-layer bars, the accuracy-vs-cost Pareto front, latency bars (HTML: report_html).
 
 matplotlib is imported inside the functions (``pip install 'brainsurgeon[plot]'``) and used through
 ``matplotlib.figure.Figure`` only: no pyplot, no global state, no display needed::
 
     >>> paths = plot_report(report, "out/plots")      # ['out/plots/layers.png', ...]
-    >>> write_html(report, "out/report.html")         # plots embedded as base64 PNGs, no network
     >>> pareto_front([{"cost": 1, "quality": .9}, {"cost": 2, "quality": .8}])
     [0]
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._io import atomic_open
 from .errors import MissingDataError
@@ -24,7 +21,19 @@ from .errors import MissingDataError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .report import CompressionReport
+
+class ReportLike(Protocol):
+    """What the plots read from a report (``report.CompressionReport`` is one; this module never imports it,
+    so the dependency runs one way: report -> plots)."""
+
+    rows: list[Any]
+    metrics: dict[str, dict[str, float]]
+    points: list[dict[str, Any]]
+    notes: list[str]
+
+    def final_rows(self) -> list[Any]: ...
+
+    def totals(self) -> dict[str, float]: ...
 
 
 def pareto_front(points: Sequence[dict[str, Any]]) -> list[int]:
@@ -49,7 +58,7 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def layers_figure(report: CompressionReport) -> Figure:
+def layers_figure(report: ReportLike) -> Figure:
     """Bars per layer (final state): sparsity %, bits per weight, and rank when any layer is factorized."""
     rows = report.final_rows()
     names = [r.name for r in rows]
@@ -70,27 +79,83 @@ def layers_figure(report: CompressionReport) -> Figure:
     return fig
 
 
+def _merged_labels(points: Sequence[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    """One label per distinct (cost, quality): runs that tie are named together ("RTN / OBQ")."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for p in points:
+        at.setdefault((round(p["cost"], 9), round(p["quality"], 9)), []).append(str(p.get("label", "")))
+    return [(c, q, " / ".join(n for n in names if n)) for (c, q), names in at.items()]
+
+
+# candidate label offsets in points (dx, dy, horizontal alignment), tried in order until one is free
+_OFFSETS = [(5, 5, "left"), (5, -12, "left"), (-5, 5, "right"), (-5, -12, "right"), (5, 16, "left"),
+            (5, -23, "left"), (-5, 16, "right"), (-5, -23, "right"), (5, 27, "left"), (5, -34, "left"),
+            (-5, 27, "right"), (-5, -34, "right")]
+
+
+def place_labels(ax: Any, labels: Sequence[tuple[float, float, str]], fontsize: float = 8) -> list[Any]:
+    """Annotate each (x, y, text) at the first offset whose text box overlaps no earlier label (greedy).
+
+    Boxes are measured with an Agg renderer after the layout is computed; a label with no free
+    offset keeps the first one. Returns the annotations.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ax.figure
+    FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    out = []
+    for x, y, text in sorted(labels, key=lambda t: (t[0], -t[1])):
+        ann = None
+        for dx, dy, ha in _OFFSETS:
+            if ann is not None:
+                ann.remove()
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=fontsize)
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.15)
+            inside = ax.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed) and inside.contains(box.x0, box.y0) \
+                    and inside.contains(box.x1, box.y1):
+                break
+        else:
+            ann.remove()
+            dx, dy, ha = _OFFSETS[0]
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=fontsize)
+            box = ann.get_window_extent(renderer)
+        placed.append(box)
+        out.append(ann)
+    return out
+
+
 def pareto_figure(points: Sequence[dict[str, Any]]) -> Figure:
-    """All points (cost vs quality) with the Pareto front drawn as a step line and labelled."""
+    """All points (cost vs quality) with the Pareto front drawn as a step line; labels never overlap.
+
+    Points carrying ``ci_low``/``ci_high`` (a confidence interval of the quality) get error bars.
+    """
     front = pareto_front(points)
-    fig = _figure(7, 4.5)
+    fig = _figure(7.5, 4.8)
     ax = fig.subplots()
-    ax.scatter([p["cost"] for p in points], [p["quality"] for p in points], color="0.6", label="runs")
+    xs, ys = [p["cost"] for p in points], [p["quality"] for p in points]
+    if all("ci_low" in p and "ci_high" in p for p in points):
+        err = [[q - p["ci_low"] for p, q in zip(points, ys, strict=True)],
+               [p["ci_high"] - q for p, q in zip(points, ys, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="0.75", capsize=3, label="95% interval")
+    ax.scatter(xs, ys, color="0.6", label="runs")
     fx, fy = [points[i]["cost"] for i in front], [points[i]["quality"] for i in front]
     ax.step(fx, fy, where="post", color="tab:red", label="Pareto front")
     ax.scatter(fx, fy, color="tab:red", zorder=3)
-    for p in points:
-        ax.annotate(p.get("label", ""), (p["cost"], p["quality"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
     ax.set_xlabel(points[0].get("cost_name", "cost"))
     ax.set_ylabel(points[0].get("quality_name", "quality"))
     ax.set_title("accuracy vs cost")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.margins(x=0.25, y=0.3)  # room for the labels inside the axes
+    ax.legend(loc="lower right", fontsize=8)
+    place_labels(ax, _merged_labels(points))
     return fig
 
 
-def latency_metrics(report: CompressionReport) -> dict[str, dict[str, float]]:
+def latency_metrics(report: ReportLike) -> dict[str, dict[str, float]]:
     """The report's metrics whose name contains "latency" (before and/or after)."""
     return {k: v for k, v in report.metrics.items() if "latency" in k.lower() and v}
 
@@ -112,7 +177,7 @@ def latency_figure(metrics: dict[str, dict[str, float]]) -> Figure:
     return fig
 
 
-def figures(report: CompressionReport) -> dict[str, Figure]:
+def figures(report: ReportLike) -> dict[str, Figure]:
     """name -> figure for every plot that applies to `report` (layers when it has rows)."""
     out: dict[str, Figure] = {}
     if report.rows:
@@ -132,7 +197,7 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def plot_report(report: CompressionReport, folder: str) -> list[str]:
+def plot_report(report: ReportLike, folder: str) -> list[str]:
     """Write ``<name>.png`` into `folder` (atomically, one file at a time) for every applicable plot."""
     os.makedirs(folder, exist_ok=True)
     paths = []
@@ -142,78 +207,6 @@ def plot_report(report: CompressionReport, folder: str) -> list[str]:
             f.write(png_bytes(fig))
         paths.append(path)
     return paths
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;"
-        "margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:2px 8px;text-align:right;font-size:13px}"
-        "th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}"
-        "figure{margin:1em 0}")
-
-
-def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    def cell(tag: str, i: int, v: Any) -> str:
-        cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
-
-    out = ["<table><tr>" + "".join(cell("th", i, h) for i, h in enumerate(head)) + "</tr>"]
-    out += ["<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows]
-    return "\n".join(out) + "</table>"
-
-
-def render_html(report: CompressionReport, title: str = "brainsurgeon compression report") -> str:
-    """The report as one self-contained HTML page: summary, metrics, embedded plots, per-layer table, notes."""
-    from . import __version__
-
-    t = report.totals()
-    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>", "<h2>Summary</h2>",
-             _table(["layers", "params", "nonzeros", "sparsity", "avg bits", "bytes", "MACs / sample", "seconds"],
-                    [[t["layers"], t["params"], t["nonzeros"], f"{t['sparsity']:.1%}", f"{t['avg_bits']:.2f}",
-                      t["bytes"] or "-", t["macs"] or "-", f"{t['seconds']:.2f}"]], left=0)]
-    if report.metrics:
-        parts.append("<h2>Metrics</h2>")
-        rows = []
-        for name, m in report.metrics.items():
-            b, a = m.get("before"), m.get("after")
-            rows.append([name, "-" if b is None else f"{b:.4f}", "-" if a is None else f"{a:.4f}",
-                         f"{a - b:+.4f}" if a is not None and b is not None else "-"])
-        parts.append(_table(["metric", "before", "after", "delta"], rows))
-    figs = figures(report)
-    if figs:
-        parts.append("<h2>Plots</h2>")
-        captions = {"layers": "Per-layer sparsity, bits (and rank) in the final state of each layer",
-                    "pareto": "Accuracy vs cost; the red step line is the Pareto front",
-                    "latency": "Measured latency before and after compression"}
-        for name, fig in figs.items():
-            data = base64.b64encode(png_bytes(fig)).decode("ascii")
-            parts.append(f"<figure id=\"{name}\"><img alt=\"{name} plot\" src=\"data:image/png;base64,{data}\">"
-                         f"<figcaption>{html.escape(captions[name])}</figcaption></figure>")
-    if report.points:
-        parts.append("<h2>Runs</h2>")
-        front = set(pareto_front(report.points))
-        parts.append(_table(["run", report.points[0]["cost_name"], report.points[0]["quality_name"], "Pareto"],
-                            [[p["label"], f"{p['cost']:.4g}", f"{p['quality']:.4f}", "yes" if i in front else ""]
-                             for i, p in enumerate(report.points)]))
-    if report.rows:
-        parts.append("<h2>Layers</h2>")
-        parts.append(_table(
-            ["layer", "method", "shape", "params", "sparsity", "bits", "rank", "bytes", "MACs", "loss", "rel.err",
-             "seconds", "damp retries"],
-            [[r.name, r.method, "x".join(map(str, r.shape)), r.params, f"{r.sparsity:.1%}", f"{r.bits:.1f}",
-              r.rank or "-", r.bytes or "-", r.macs or "-", f"{r.loss:.3e}", f"{r.rel_loss:.3e}", f"{r.seconds:.2f}",
-              r.damp_retries] for r in report.rows], left=2))
-    if report.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
-    parts.append(f"<footer><small>brainsurgeon {html.escape(__version__)}</small></footer></body></html>")
-    return "\n".join(parts)
-
-
-def write_html(report: CompressionReport, path: str, title: str = "brainsurgeon compression report") -> str:
-    """Write :func:`render_html` to `path` atomically; returns `path`."""
-    text = render_html(report, title)
-    with atomic_open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 def _module_macs(m: Any, out: Any) -> int:

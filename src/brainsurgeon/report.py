@@ -69,13 +69,19 @@ class CompressionReport:
             m["after"] = float(after)
 
     def add_point(self, label: str, cost: float, quality: float, cost_name: str = "relative cost",
-                  quality_name: str = "accuracy") -> None:
+                  quality_name: str = "accuracy", **measures: float) -> None:
         """Record one whole-model result for the accuracy-vs-cost (Pareto) plot.
 
+        measures: more numbers of the run shown beside it, e.g. ``ci_low``/``ci_high`` (a 95 %
+        interval of the quality, drawn as error bars), ``agreement`` (top-1 agreement with the dense
+        model), ``kl`` (mean KL(dense || run)): they separate runs whose accuracy ties.
+
         >>> rep.add_point("obs50+int4", cost=0.14, quality=0.972, cost_name="bytes / dense bytes")
+        >>> rep.add_point("obq4", cost=0.17, quality=0.994, ci_low=0.98, ci_high=0.998, agreement=0.997, kl=0.004)
         """
         self.points.append({"label": str(label), "cost": float(cost), "quality": float(quality),
-                            "cost_name": str(cost_name), "quality_name": str(quality_name)})
+                            "cost_name": str(cost_name), "quality_name": str(quality_name),
+                            **{k: float(v) for k, v in measures.items()}})
 
     def extend(self, other: CompressionReport) -> None:
         """Append another report's rows, metrics, notes and points (later values win)."""
@@ -197,7 +203,7 @@ class CompressionReport:
         >>> rep.to_html("out/report.html")
         'out/report.html'
         """
-        from .plots import write_html
+        from .report_html import write_html
 
         return write_html(self, path, title)
 

@@ -68,3 +68,11 @@ def test_compress_runs_a_recipe_with_a_kd_step_on_the_training_split(tmp_path, c
     assert acc["after"] > 0.9  # pruned 50 % + 4 bits, recovered by KD (no KD: ~0.77, recipes/ header)
     model = load(str(out / "model"), DigitsCNN)
     assert model.conv2.out_channels < 32  # the pruned structure is what was saved
+
+
+def test_save_format_hf_only_is_refused_before_compressing(tmp_path, capsys, fake_api, recipe_path):
+    argv = ["compress", "--no-progress", "--model", "digits-cnn", "--recipe", str(recipe_path),
+            "--out", str(tmp_path / "c"), "--save-format", "gguf"]
+    assert main(argv) == 2
+    assert "not one; use --save-format brainsurgeon or onnx" in capsys.readouterr().err
+    assert fake_api.calls == [] and not (tmp_path / "c").exists()

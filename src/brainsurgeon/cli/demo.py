@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     api = importlib.import_module("brainsurgeon.api")
     from .. import __version__
     from ..models import build_model, calibration_loader, evaluate, pretrained
+    from ..models.fidelity import fidelity
     from ..report import CompressionReport, write_atomic
 
     model_name = MODELS[args.dataset]
@@ -180,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
     size, _, _ = _store(copy.deepcopy(dense), 32.0, False, os.path.join(args.out, "models", "dense"), model_fn)
     rows, reports = [_dense_row(dense, dense_acc) | {"bytes_on_disk": size, "format": "fp32"}], {}
     summary, headline = CompressionReport(), "none"
-    summary.add_point("dense", cost=1.0, quality=dense_acc, cost_name="bytes on disk / dense")
+    f0 = fidelity(dense, dense, test_ds)
+    example = test_ds[0][0].unsqueeze(0)  # one input: MACs per sample of the stored model
+    summary.add_point("dense", cost=1.0, quality=dense_acc, cost_name="bytes on disk / dense",
+                      ci_low=f0.ci[0], ci_high=f0.ci[1], agreement=f0.agreement, kl=f0.kl)
     for i, (label, verb, cfg) in enumerate(methods(args.sparsity, args.bits, ignore, args.channels), 1):
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
@@ -195,7 +199,11 @@ def run(args: argparse.Namespace) -> int:
         size, reloaded, fmt = _store(copy.deepcopy(model), tot["avg_bits"], tot["nonzeros"] < tot["params"],
                                      os.path.join(args.out, "models", f"{i}"), model_fn)
         acc_stored = evaluate(reloaded, test_ds)  # the artifact on disk, not the in-memory model
+        fid = fidelity(dense, reloaded, test_ds)  # agreement and KL separate runs whose accuracies tie
+        report.measure(reloaded, example)  # bytes of the stored layers, MACs per sample
         report.add_metric("accuracy", before=dense_acc, after=acc)
+        report.add_metric("agreement_with_dense", before=f0.agreement, after=fid.agreement)
+        report.add_metric("kl_to_dense", before=f0.kl, after=fid.kl)
         report.add_metric("bytes_on_disk", before=rows[0]["bytes_on_disk"], after=size)
         errs = [r.rel_loss for r in report.rows]
         rows.append({"method": label, "accuracy": acc, "delta": acc - dense_acc, "accuracy_stored": acc_stored,
@@ -203,10 +211,12 @@ def run(args: argparse.Namespace) -> int:
                      "params": sum(p.numel() for p in model.parameters()),
                      "avg_bits": tot["avg_bits"] if quantized else 32.0, "seconds": tot["seconds"],
                      "wall_seconds": wall, "mean_rel_err": sum(errs) / max(len(errs), 1),
-                     "bytes_on_disk": size, "format": fmt})
+                     "bytes_on_disk": size, "format": fmt, "agreement_with_dense": fid.agreement,
+                     "kl_to_dense": fid.kl, "accuracy_ci95": list(fid.ci)})
         reports[label] = report.to_dict()
         summary.add_point(label, cost=size / rows[0]["bytes_on_disk"], quality=acc_stored,
-                          cost_name="bytes on disk / dense")
+                          cost_name="bytes on disk / dense", ci_low=fid.ci[0], ci_high=fid.ci[1],
+                          agreement=fid.agreement, kl=fid.kl)
         if " + " in label:  # the headline run (ExactOBS + OBQ) gives the page its per-layer rows and metrics
             headline = label
             summary.extend(report)

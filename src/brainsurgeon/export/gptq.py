@@ -1,0 +1,198 @@
+"""GPTQ-format checkpoints (``quant_method: gptq``, ``checkpoint_format: gptq``), as AutoGPTQ/GPTQModel write them.
+
+An HF folder whose quantized Linears ``L`` hold (N = out_features, K = in_features, b = bits,
+p = 32 / b codes per int32, G = K / group_size groups):
+
+================  ====================  =============================================================
+``L.qweight``     int32 K/p x N         unsigned codes ``q`` of ``W^T``, packed along K: word ``[i, n]``
+                                        holds ``q[n, i*p + j]`` at bits ``[j*b, (j+1)*b)``
+``L.qzeros``      int32 G x N/p         zero points minus one (the v1 format's offset), packed along N
+``L.scales``      float16 G x N         ``W[n, k] = scales[g, n] * (q[n, k] - (qzeros[g, n] + 1))``
+``L.g_idx``       int32 K               ``g_idx[k]`` = group of input column k (``k // group_size``)
+================  ====================  =============================================================
+
+The codes are the quantizers' own (:mod:`~brainsurgeon.export.layercodes`); the format's float16
+scales move each weight by float16 rounding of its scale (relative <= 2^-11, logged). Groups are
+contiguous (our act-order keeps static groups), so ``desc_act: false`` and a sorted ``g_idx``.
+
+    >>> save_gptq(lm, "out/gptq", quant=bs.GPTQ(bits=4, group_size=128), tokenizer=tok)
+    >>> again = load_gptq("out/gptq")                 # float Linears on the saved grid
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._log import get_logger
+from ..errors import FormatError
+from .checkpoint import check_target, commit_folder, split_tensors, temp_folder
+from .layercodes import LayerCodes, check_hf_shapes, collect_codes
+
+log = get_logger(__name__)
+
+BITS = (2, 4, 8)  # widths that tile an int32 exactly (3-bit GPTQ packing straddles words: not written)
+
+
+def pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (R x C, R divisible by 32/bits) -> int32 R*bits/32 x C, packed along rows (low bits first)."""
+    p = 32 // bits
+    v = v.to(torch.int64).reshape(v.shape[0] // p, p, v.shape[1])  # words x p x C
+    w = (v << (bits * torch.arange(p, dtype=torch.int64))[None, :, None]).sum(1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def unpack_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 words x C -> int64 codes words*32/bits x C."""
+    p = 32 // bits
+    u = w.to(torch.int64) & 0xFFFFFFFF
+    v = (u[:, None, :] >> (bits * torch.arange(p, dtype=torch.int64))[None, :, None]) & (2**bits - 1)
+    return v.reshape(-1, w.shape[1])
+
+
+def _check(model: nn.Module, layers: dict[str, LayerCodes]) -> tuple[int, int]:
+    check_hf_shapes(model, "gptq")
+    coded = [lc for lc in layers.values() if lc.codes is not None]
+    if not coded:
+        raise FormatError("gptq: no quantized Linear to write; pass quant= (the config the model was quantized "
+                          "with) or pack_ the model first")
+    bits_set = {lc.codes.bits for lc in coded}
+    grouped = {lc.codes.group_size for lc in coded if lc.codes.group_size < lc.shape[1]}
+    gs = grouped.pop() if len(grouped) == 1 else -1
+    per_row_wide = [lc.name for lc in coded if gs != -1 and lc.codes.group_size == lc.shape[1] > gs]
+    if len(bits_set) > 1 or grouped or per_row_wide:
+        raise FormatError(f"gptq: the layers use several grids (bits {sorted(bits_set)}, group sizes "
+                          f"{sorted({lc.codes.group_size for lc in coded})}); the GPTQ config has one bits and one "
+                          f"group_size. Quantize every layer alike or use format='compressed-tensors'")
+    bits = bits_set.pop()
+    if bits not in BITS:
+        raise FormatError(f"gptq: {bits}-bit codes; this writer packs {list(BITS)} bits (whole codes per int32). "
+                          f"Use format='compressed-tensors' (any width 2..8)")
+    p = 32 // bits
+    for n, lc in layers.items():
+        if lc.codes is not None and (lc.shape[0] % p or lc.shape[1] % p):
+            raise FormatError(f"layer {n}: shape {lc.shape} does not pack: GPTQ packs {p} {bits}-bit codes per int32 "
+                              f"along in_features and out_features, so both must be divisible by {p}; keep the "
+                              f"layer dense (ignore=[...]) or prune to a multiple of {p}")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and layers.get("lm_head") is not None and layers["lm_head"].codes is not None:
+        raise FormatError("lm_head is quantized but tied to the embeddings; keep it dense (ignore=['lm_head'])")
+    return bits, gs
+
+
+def _layer_tensors(lc: LayerCodes, bits: int) -> dict[str, torch.Tensor]:
+    c = lc.codes
+    cols = lc.shape[1]
+    out = {"qweight": pack_rows(c.q.t().contiguous(), bits),  # K/p x N
+           "qzeros": pack_rows(c.zero.to(torch.int64) - 1, bits).t().contiguous(),  # G x N/p
+           "scales": c.scale.t().contiguous().to(torch.float16),  # G x N
+           "g_idx": (torch.arange(cols) // c.group_size).to(torch.int32)}
+    if lc.bias is not None:
+        out["bias"] = lc.bias.to(torch.float16)
+    return out
+
+
+def gptq_config(bits: int, group_size: int, sym: bool) -> dict[str, Any]:
+    """The ``quantization_config`` of config.json (GPTQConfig / AutoGPTQ BaseQuantizeConfig fields)."""
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
+            "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
+            "pack_dtype": "int32", "meta": {"quantizer": ["brainsurgeon"]}}
+
+
+def save_gptq(model: nn.Module, folder: str, *, quant: Any = None, tokenizer: Any = None,
+              ignore: Iterable[str] = ("lm_head",)) -> str:
+    """Write `model` (an HF transformers model) as a GPTQ-format folder, atomically; returns the path.
+
+    quant: the grid the float Linears were quantized to (2, 4 or 8 bits, one group size for all);
+    packed layers carry their own codes. ignore: Linears kept dense (float).
+
+    >>> save_gptq(lm, "out/gptq", quant=bs.GPTQ(bits=4, group_size=128))
+    'out/gptq'
+    """
+    from safetensors.torch import save_file
+
+    layers = collect_codes(model, quant, ignore)
+    bits, gs = _check(model, layers)
+    check_target(folder)
+    sym = all(bool((lc.codes.zero == 2 ** (bits - 1)).all()) for lc in layers.values() if lc.codes is not None)
+    tensors, _ = split_tensors(model)
+    worst = 0.0
+    for n, lc in layers.items():
+        if lc.codes is None:
+            continue
+        for k in [k for k in tensors if k.startswith(n + ".")]:
+            del tensors[k]
+        tensors.update({f"{n}.{k}": t for k, t in _layer_tensors(lc, bits).items()})
+        s = lc.codes.scale
+        worst = max(worst, float(((s.half().float() - s).abs() / s.abs().clamp_min(1e-30)).max()))
+    tmp = temp_folder(folder)
+    try:
+        model.config.save_pretrained(tmp)
+        path = os.path.join(tmp, "config.json")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = gptq_config(bits, gs, sym)
+        cfg["architectures"] = [type(model).__name__]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        commit_folder(tmp, os.path.abspath(folder))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("gptq: wrote %d %d-bit layers to %s; float16 scales move weights by <= %.2g relative",
+             sum(lc.codes is not None for lc in layers.values()), bits, folder, worst)
+    return folder
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """The float32 weight N x K of one GPTQ (v1) layer."""
+    q = unpack_rows(qweight, bits)  # K x N
+    z = unpack_rows(qzeros.t().contiguous(), bits).t() + 1  # G x N
+    g = g_idx.long()
+    return (scales.float()[g] * (q - z[g]).float()).t().contiguous()
+
+
+def load_gptq(folder: str) -> nn.Module:
+    """Read a GPTQ-format folder into a plain transformers model with float Linears on the saved grid.
+
+    Needs transformers only (no GPTQ kernels). ``>>> lm = load_gptq("out/gptq")``
+    """
+    from safetensors.torch import load_file
+
+    from .hf import _transformers
+
+    transformers = _transformers()
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    qc = cfg.pop("quantization_config", None) or {}
+    if qc.get("quant_method") != "gptq" or qc.get("checkpoint_format", "gptq") != "gptq":
+        raise FormatError(f"{folder}: config.json is not a GPTQ (v1 'gptq' checkpoint_format) checkpoint")
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    cls = getattr(transformers, (config.architectures or ["AutoModel"])[0], None)
+    model = cls(config) if cls is not None and cls is not transformers.AutoModel else \
+        transformers.AutoModel.from_config(config)
+    sd = load_file(os.path.join(folder, "model.safetensors"))
+    for key in [k for k in sd if k.endswith(".qweight")]:
+        n = key[: -len(".qweight")]
+        sd[f"{n}.weight"] = dequantize_gptq(sd.pop(key), sd.pop(f"{n}.qzeros"), sd.pop(f"{n}.scales"),
+                                            sd.pop(f"{n}.g_idx"), int(qc["bits"]))
+        if f"{n}.bias" in sd:
+            sd[f"{n}.bias"] = sd[f"{n}.bias"].float()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise FormatError(f"{folder}: tensors do not match {type(model).__name__}: missing "
+                          f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
