@@ -16,7 +16,8 @@ channels per group, so the convs between pruned layers keep ~ratio of their MACs
 
 MNIST CNN (``pretrained("mnist-cnn")``): conv2 and conv3 (conv1 has one input channel); accuracy on MNIST
 test images. MobileNetV2 (ImageNet weights; its only non-depthwise k x k conv is the stem, 32x3x3x3): top-1
-agreement with the dense model and KL on crops of real photos (``bench/_vision.py``), no KD (no ImageNet training data ships).
+agreement with the dense model and KL on crops of real photos (``bench/_vision.py``), no KD (no ImageNet
+training data ships).
 ResNet-20 (full run only): its 18 block 3x3 convs on Fashion-MNIST.
 
 Bound (fixed before the first run): at every (model, design, budget) the data-aware fit's output error
