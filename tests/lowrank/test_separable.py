@@ -210,3 +210,20 @@ def test_recipe_step_runs_transform():
     recipe = bs.Recipe(steps=(bs.Step(Separable(kind="bottleneck", ratio=0.5)),))
     rep = bs.compress(model, recipe, calib=calib)
     assert isinstance(model.conv1, Tucker2Conv2d) and len(rep.rows) == 2
+
+
+def test_following_batchnorm_is_found_by_tensor_identity_and_weights_the_fit():
+    from brainsurgeon.lowrank.transform import following_batchnorm
+
+    model, calib = _model(), _calib()
+    scales = following_batchnorm(model, ["conv1", "conv2"], calib)
+    bn = model.bn2
+    assert torch.allclose(scales["conv2"], bn.weight / (bn.running_var + bn.eps).sqrt())
+    assert scales["conv1"].shape == (12,)
+    conv = model.conv2
+    H = _hessian(conv, [torch.randn(4, 12, 6, 6)])
+    s = torch.linspace(0.1, 3.0, 16)
+    fit = fit_separable(conv.weight, H, "depthwise", 2, row_scale=s)
+    W_hat = dense_kernel("depthwise", fit.factors, conv.weight.shape).reshape(16, -1)
+    Ws = conv.weight.detach().double().reshape(16, -1) * s.double()[:, None]
+    assert output_loss(Ws, W_hat * s.double()[:, None], H) == pytest.approx(fit.loss, rel=1e-9)

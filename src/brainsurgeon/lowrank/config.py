@@ -90,6 +90,9 @@ class Separable(Config):
     that fits. data_aware: fit the layer OUTPUT on calibration data by ALS from the weight-space fit
     (needs calib), else the closed-form weight-space fit (SVD / HOOI). sweeps, cg_iters: ALS sweeps and
     conjugate-gradient steps per factor; damp: relative dampening of X X^T in the normal equations.
+    bn_aware: with calib, weight each output channel's error by the square of the scale
+    ``gamma / sigma`` of the BatchNorm2d that reads the conv's output (both fits), i.e. fit the
+    BN-normalised output the next layer actually sees.
 
     >>> Separable(kind="depthwise", ratio=0.25)
     """
@@ -104,6 +107,7 @@ class Separable(Config):
     damp: float = 0.01
     tucker_sweeps: int = 2
     skip_larger: bool = True
+    bn_aware: bool = True
 
     def __post_init__(self) -> None:
         def fail(field: str, msg: str) -> None:

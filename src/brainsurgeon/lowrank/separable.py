@@ -123,17 +123,31 @@ def _cg_solve(apply_A: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, 
     return x
 
 
+OUT_FACTOR = {"spatial": 1, "depthwise": 1, "bottleneck": 0}  # the factor whose first dim is T (outputs)
+
+
 def fit_separable(W4: torch.Tensor, H: torch.Tensor | None, kind: str, rank: int | tuple[int, int],
                   sweeps: int = 10, cg_iters: int = 50, damp: float = 0.01,
-                  tucker_sweeps: int = 2) -> SeparableFit:
+                  tucker_sweeps: int = 2, row_scale: torch.Tensor | None = None) -> SeparableFit:
     """Fit one design to a conv kernel W4 (T, S, kh, kw); data-aware when H (S*kh*kw, S*kh*kw) is given.
 
     rank: R (spatial), m filters per channel (depthwise) or (r_out, r_in) (bottleneck). Without H (or
     with ``sweeps=0``) the weight-space fit is returned. The ALS normal equations use ``H + damp *
     mean(diag H) I``; every sweep is scored on H itself and the best (lowest output error) is kept.
+    row_scale (T,): weight output channel t by ``row_scale[t]^2`` in both errors (the BatchNorm that
+    follows the conv multiplies channel t by gamma_t / sigma_t): the kernel ``diag(row_scale) W`` is fitted
+    and the output-side factor divided back; losses are of the scaled kernel.
 
     >>> fit = fit_separable(torch.randn(8, 4, 3, 3), torch.eye(36), "spatial", rank=3)
     """
+    if row_scale is not None:
+        s = row_scale.detach().to(torch.float64).abs()
+        s = s.clamp_min(1e-6 * float(s.max().clamp_min(1e-30)))  # (T,)
+        fit = fit_separable(W4.to(torch.float64) * s[:, None, None, None], H, kind, rank, sweeps, cg_iters, damp,
+                            tucker_sweeps)
+        k = OUT_FACTOR[kind]
+        fit.factors[k] = fit.factors[k] / s.reshape(-1, *[1] * (fit.factors[k].dim() - 1))
+        return fit
     shape = tuple(W4.shape)
     T = shape[0]
     W = W4.detach().to(torch.float64).reshape(T, -1)  # (T, S*kh*kw)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..calib import run_layerwise
+from ..calib.data import cache_batches, is_one_shot, iter_batches
 from ..config import CalibOptions, Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow
@@ -89,12 +90,53 @@ def plan_transform(model: nn.Module, cfg: Separable, ignore: Iterable[str] = (),
     return plan, notes
 
 
-def transform_module(name: str, conv: nn.Conv2d, cfg: Separable,
-                     H: torch.Tensor | None = None) -> tuple[nn.Module | None, LayerRow]:
+def following_batchnorm(model: nn.Module, names: list[str], calib: Any) -> dict[str, torch.Tensor]:
+    """``gamma / sqrt(var + eps)`` (T,) of the eval-mode BatchNorm2d that directly consumes each named conv's
+    output, found by tensor identity on one calibration forward (convs feeding anything else are absent).
+
+    >>> following_batchnorm(model, ["conv1"], loader)["conv1"].shape
+    torch.Size([16])
+    """
+    outs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors stay alive, so no id is reused
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def conv_hook(name: str) -> Any:
+        return lambda m, args, out: outs.__setitem__(id(out), (name, out))
+
+    def bn_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        name = outs[id(args[0])][0] if id(args[0]) in outs else None
+        if name is not None and name not in found and m.running_var is not None:
+            w = m.weight.detach() if m.weight is not None else torch.ones_like(m.running_var)
+            found[name] = w / (m.running_var + m.eps).sqrt()
+
+    modules = dict(model.named_modules())
+    was = {m: m.training for m in model.modules()}
+    try:
+        for n in names:
+            hooks.append(modules[n].register_forward_hook(conv_hook(n)))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                hooks.append(m.register_forward_pre_hook(bn_hook))
+        model.eval()
+        args, kwargs = next(iter(iter_batches(calib, max_batches=1)))
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in was.items():
+            m.training = mode
+    return found
+
+
+def transform_module(name: str, conv: nn.Conv2d, cfg: Separable, H: torch.Tensor | None = None,
+                     row_scale: torch.Tensor | None = None) -> tuple[nn.Module | None, LayerRow]:
     """The compact replacement of one conv (None when it would not be smaller) and its report row.
 
     H: the layer's input Hessian (cols, cols); the fit is data-aware when ``cfg.data_aware``, and the
-    row's loss is the output error on H whenever H is given.
+    row's loss is the output error on H whenever H is given. row_scale (T,): per-output-channel weights
+    of the error (the scale of the BatchNorm after the conv; see :func:`fit_separable`).
 
     >>> new, row = transform_module("conv2", model.conv2, Separable(kind="depthwise", ratio=0.5), H)
     """
@@ -103,9 +145,14 @@ def transform_module(name: str, conv: nn.Conv2d, cfg: Separable,
     shape = tuple(W4.shape)
     rank = design_rank(cfg.kind, shape, cfg.ratio)
     fit = fit_separable(W4, H if cfg.data_aware else None, cfg.kind, rank, cfg.sweeps, cfg.cg_iters, cfg.damp,
-                        cfg.tucker_sweeps)
+                        cfg.tucker_sweeps, row_scale)
     Wm = W4.to(torch.float64).reshape(shape[0], -1)
-    loss = output_loss(Wm, dense_kernel(cfg.kind, fit.factors, shape).reshape(shape[0], -1), H)
+    if row_scale is not None:
+        Wm = Wm * row_scale.to(Wm).abs()[:, None]  # the loss the fit minimised: BN-scaled outputs
+    W_hat = dense_kernel(cfg.kind, fit.factors, shape).reshape(shape[0], -1)
+    if row_scale is not None:
+        W_hat = W_hat * row_scale.to(Wm).abs()[:, None]
+    loss = output_loss(Wm, W_hat, H)
     total = output_loss(Wm, torch.zeros_like(Wm), H)
     before, after = W4.numel(), design_params(cfg.kind, shape, rank)
     fs = [f.to(W4.dtype).to(W4.device) for f in fit.factors]
@@ -145,9 +192,16 @@ def transform_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
     modules = dict(model.named_modules())
     report = CompressionReport(notes=list(notes))
     swapped: list[tuple[str, nn.Module]] = []
+    scales: dict[str, torch.Tensor] = {}
+    if calib is not None:
+        if is_one_shot(calib):
+            calib = cache_batches(calib)  # read several times below
+        scales = {n: s for n, s in following_batchnorm(model, list(plan), calib).items() if plan[n].bn_aware}
+        if scales:
+            report.notes.append(f"errors weighted by the following BatchNorm's gamma/sigma for {len(scales)} convs")
 
     def apply(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
-        new, row = transform_module(name, module, plan[name], H)  # type: ignore[arg-type]
+        new, row = transform_module(name, module, plan[name], H, scales.get(name))  # type: ignore[arg-type]
         report.add_row(row)
         if new is not None:
             swapped.append((name, _swap(model, name, new)))
