@@ -124,8 +124,8 @@ def test_hessian_is_built_from_the_quantized_inputs(monkeypatch):
     for x in calib:
         acc_q.add_input(q(x))
         acc_f.add_input(x)
-    assert torch.allclose(seen["0"], acc_q.H, atol=1e-10)
-    assert not torch.allclose(seen["0"], acc_f.H, atol=1e-3)
+    assert torch.allclose(seen["0"].double(), acc_q.H.double(), rtol=1e-5, atol=1e-6)  # H may be accumulated in fp32
+    assert not torch.allclose(seen["0"].double(), acc_f.H.double(), atol=1e-3)
 
 
 def test_failure_leaves_the_model_untouched():

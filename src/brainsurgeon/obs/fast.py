@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import GPTQ, SparseGPT
-from ..quant.grid import fit_grid, fit_rows, quantize
+from ..quant.grid import fit_grid, fit_rows
 from .engine import register_solver
 from .hessian import Prepared, inverse_factor, prepare
 from .refine import refine_on_grid
