@@ -21,6 +21,7 @@ def _one_thread():
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    a, b = a + 0.0, b + 0.0  # -0.0 + 0.0 is +0.0: a signed zero is the same value
     return int((a.view(torch.int32).long() - b.view(torch.int32).long()).abs().max())
 
 
