@@ -188,6 +188,15 @@ def factorize_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
     if aware and calib is None:
         raise ConfigError(f"LowRank(activation_aware=True) needs calibration data for {aware[:3]}...; "
                           f"pass calib=loader, or use activation_aware=False")
+    if options is not None and not isinstance(options, CalibOptions):
+        raise ConfigError(f"factorize_: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
+                          f"got {options!r}")
+    if aware:  # checked against the model before any layer is replaced
+        from ..calib import prepare_calibration
+
+        calib, calib_notes = prepare_calibration(model, calib, "factorize_",
+                                                 max_batches=(options or CalibOptions()).max_batches)
+        notes = list(notes) + calib_notes
     report = CompressionReport(notes=list(notes))
     swapped: list[tuple[str, nn.Module]] = []
 
