@@ -105,7 +105,8 @@ def _type_name(tp: Any) -> str:
         return _PRIMITIVE_NAMES[tp]
     args = typing.get_args(tp)
     if typing.get_origin(tp) is tuple and args:
-        return f"a list of {_type_name(args[0])} values"
+        plural = {bool: "bools", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], 'pairs' if typing.get_origin(args[0]) is tuple else 'values')}"
     return " or ".join(_type_name(a) if a is not type(None) else "None" for a in args) or str(tp)
 
 
