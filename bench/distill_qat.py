@@ -252,6 +252,6 @@ def qat_vs_ptq(b) -> None:
 
 
 if __name__ == "__main__":
-    from toolbox import main
+    from _runner import run
 
-    sys.exit(main(parts=("kd", "qat")))
+    sys.exit(run({"kd": kd_vs_finetune, "qat": qat_vs_ptq}, doc=__doc__, prog="bench/distill_qat.py"))

@@ -314,6 +314,7 @@ def conv_factorization(b) -> None:
 
 
 if __name__ == "__main__":
-    from toolbox import main
+    from _runner import run
 
-    sys.exit(main(parts=("deepcomp", "minilm", "convs")))
+    sys.exit(run({"deepcomp": deep_compression, "minilm": minilm_svd, "convs": conv_factorization}, doc=__doc__,
+                 prog="bench/lowrank_share.py"))

@@ -35,43 +35,14 @@ on real data. Timing: CPU seconds of this process (--threads 1 by default) and w
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-
-@dataclass
-class Bench:
-    """What every part gets: the mode, the bound checker, the table printer and a dict for --json."""
-
-    quick: bool
-    workers: int = 1
-    out: dict = field(default_factory=dict)
-    fails: list[str] = field(default_factory=list)
-    passed: int = 0
-
-    def check(self, ok: bool, what: str) -> None:
-        print(f"  [{'ok' if ok else 'FAIL'}] {what}")
-        if ok:
-            self.passed += 1
-        else:
-            self.fails.append(what)
-
-    @staticmethod
-    def table(head: Sequence[str], rows: Sequence[Sequence], widths: Sequence[int]) -> None:
-        """First column left-aligned, the others right-aligned."""
-        for r in [head, *rows]:
-            cells = [f"{v!s:<{w}}" if i == 0 else f"{v!s:>{w}}" for i, (v, w) in enumerate(zip(r, widths, strict=True))]
-            print("  " + " ".join(cells))
+from _runner import Bench, run  # noqa: E402,F401 - Bench: the type every part receives
 
 
 def _parts() -> dict[str, Callable[[Bench], None]]:
@@ -85,39 +56,7 @@ def _parts() -> dict[str, Callable[[Bench], None]]:
 
 def main(argv: list[str] | None = None, parts: Sequence[str] | None = None) -> int:
     """Run the named parts (default: all) and return 1 when a bound failed."""
-    available = _parts()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced run; exit 1 when a stated bound fails")
-    ap.add_argument("--only", default=",".join(parts or available), help=f"comma-separated parts of {list(available)}")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    ap.add_argument("--workers", type=int, default=1, help="processes for the kd part's independent runs (default 1)")
-    ap.add_argument("--json", metavar="PATH", help="also write the tables as JSON")
-    args = ap.parse_args(argv)
-    chosen = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in available]
-    if unknown:
-        ap.error(f"unknown part(s) {unknown}; choose from {list(available)}")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    load = os.getloadavg()[0]
-    print(f"bench/toolbox.py{' --quick' if args.quick else ''}: torch {torch.__version__}, {args.threads} "
-          f"thread(s), load average {load:.1f} on {os.cpu_count()} cores (wall seconds inflate with load)")
-    b = Bench(args.quick, max(1, args.workers))
-    times = []
-    for name in chosen:
-        w0, c0 = time.perf_counter(), time.process_time()
-        print(f"\n== {name}")
-        available[name](b)
-        times.append((name, time.perf_counter() - w0, time.process_time() - c0))
-    print("\n== time (CPU: this process, all threads)")
-    b.table(["part", "wall s", "CPU s"], [[n, f"{w:.0f}", f"{c:.0f}"] for n, w, c in times]
-            + [["total", f"{sum(t[1] for t in times):.0f}", f"{time.process_time():.0f}"]], [10, 7, 7])
-    print(f"\n{b.passed} bound(s) ok, {len(b.fails)} failed" + "".join(f"\n  FAILED: {f}" for f in b.fails))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"quick": args.quick, "parts": b.out, "times": times, "failed": b.fails}, f, indent=1,
-                      default=str)
-    return 1 if b.fails else 0
+    return run(_parts(), argv, parts, __doc__)
 
 
 if __name__ == "__main__":

@@ -85,9 +85,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
                     return ok, v
         return not any(a in _PRIMITIVE_NAMES or a is type(None) for a in args) or value is None, value
     if origin is tuple:
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item is str and isinstance(value, str):
+            return True, (value,)  # a plain string is one item (one pattern), never its characters
         if not isinstance(value, tuple | list):
             return False, value
-        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
         out = []
         for v in value:
             ok, v2 = _type_ok(v, item) if item is not None else (True, v)
@@ -105,7 +107,8 @@ def _type_name(tp: Any) -> str:
         return _PRIMITIVE_NAMES[tp]
     args = typing.get_args(tp)
     if typing.get_origin(tp) is tuple and args:
-        return f"a list of {_type_name(args[0])} values"
+        plural = {bool: "bools", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], 'pairs' if typing.get_origin(args[0]) is tuple else 'values')}"
     return " or ".join(_type_name(a) if a is not type(None) else "None" for a in args) or str(tp)
 
 

@@ -16,7 +16,8 @@ from brainsurgeon.prune import ChannelPruning
     ({"ratio": 0.95, "max_layer_ratio": 0.9}, r"raise max_layer_ratio or lower ratio"),
     ({"steps": 0}, r"steps must be an integer >= 1"),
     ({"round_to": 0}, r"round_to must be an integer >= 1"),
-    ({"ignore": "fc"}, r"ignore must be a tuple of module-name regexes"),
+    ({"ignore": 3}, r"ignore must be a module-name regex or a list of them"),
+    ({"ignore": ["("]}, r"ChannelPruning.ignore pattern '\(' is not a valid regular expression"),
     ({"normalize": "l2"}, r"normalize must be one of"),
     ({"reconstruct": "yes"}, r"reconstruct must be one of \['none', 'obs'\]"),
     ({"importance": "magnitude"}, r"unknown importance 'magnitude'; registered: .*@register_importance"),
@@ -24,6 +25,10 @@ from brainsurgeon.prune import ChannelPruning
 def test_invalid_fields_are_named(kw, match):
     with pytest.raises(ConfigError, match=match):
         ChannelPruning(**kw)
+
+
+def test_a_plain_string_ignore_is_one_pattern():
+    assert ChannelPruning(ratio=0.5, ignore="fc").ignore == ("fc",)
 
 
 def test_global_scope_may_exceed_the_layer_guard_ratio():

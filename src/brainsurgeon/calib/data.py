@@ -318,6 +318,20 @@ def prepare_calibration(model: nn.Module, calib: Any, verb: str, *, max_batches:
     return calib, notes
 
 
+def check_first_batch(model: nn.Module, data: Any, verb: str) -> None:
+    """Run the first batch of `data` through the model and wrap a failure like :func:`prepare_calibration`,
+    without changing `data` (for training data whose labels the caller needs). One-shot iterators are
+    not probed (that would consume a batch).
+
+    >>> check_first_batch(model, train_loader, "share_")
+    """
+    if is_one_shot(data):
+        return
+    first = next(iter(iter_batches(data, 1)))
+    dtype = next((p.dtype for p in model.parameters() if torch.is_floating_point(p)), None)
+    _probe(model, cast_floats(first, dtype) if dtype is not None else first, verb, None)
+
+
 def _probe(model: nn.Module, batch: Batch, verb: str, stop_after: list[nn.Module] | None) -> None:
     """Run one batch (to the first of `stop_after`); wrap a failure in a CalibrationError with the fix."""
     from ..errors import BrainsurgeonError

@@ -58,7 +58,6 @@ def _shape(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
 
 def load_model(spec: str, input_shape: str | None) -> tuple[Any, tuple[Any, ...]]:
     """(model, example inputs) for a built-in name or ``torchvision:NAME``."""
-    import torch
 
     if spec.startswith("torchvision:"):
         try:
@@ -69,21 +68,76 @@ def load_model(spec: str, input_shape: str | None) -> tuple[Any, tuple[Any, ...]
         if name not in torchvision.models.list_models():
             raise ConfigError(f"analyze: unknown torchvision model {name!r}; see torchvision.models.list_models()")
         model = torchvision.models.get_model(name, weights=None)
-        return model.eval(), (torch.rand(_shape(input_shape, (1, 3, 64, 64))),)
+        return model.eval(), (_example(_shape(input_shape, (1, 3, 64, 64))),)
     from ..models import build_model, registered_models
 
     if spec not in registered_models():
         raise ConfigError(f"analyze: unknown model {spec!r}; built-in: {registered_models()}, "
                           f"or torchvision:NAME")
     model = build_model(spec).eval()
-    return model, (torch.rand(_shape(input_shape, _BUILTIN_SHAPES.get(spec, (1, 1, 28, 28)))),)
+    return model, (_example(_shape(input_shape, _BUILTIN_SHAPES.get(spec, (1, 1, 28, 28)))),)
+
+
+def _example(shape: tuple[int, ...]) -> Any:
+    """A random input of `shape`, allocated lazily: an expanded batch-1 tensor (no N-fold memory)."""
+    import torch
+
+    return torch.rand((1, *shape[1:])).expand(shape)
+
+
+def check_example(model: Any, x: Any, flag: str = "--input-shape", hint: tuple[int, ...] = (1, 3, 64, 64)) -> None:
+    """Refuse an input the model cannot take, or one too large for this machine, with a clear error.
+
+    A batch-1 forward measures the activations per sample; the full batch needs about N times that.
+    """
+    import os
+
+    import torch
+
+    from ..calib.data import _expects, describe_batch
+    from ..errors import CalibrationError
+
+    n = int(x.shape[0])
+    one = x[:1]
+    acts = [0]
+
+    def count(_m: Any, _i: Any, out: Any) -> None:
+        acts[0] += sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple | list) else [out])
+                       if isinstance(t, torch.Tensor))
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(one)
+    except Exception as e:  # noqa: BLE001 - the model cannot take this shape: say which and why
+        raise CalibrationError(f"{flag} {','.join(map(str, x.shape))}: the model's forward fails on an input of "
+                               f"shape {describe_batch(((one,), {}))} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); {_expects(model)}. Pass the "
+                               f"shape the model takes, e.g. {flag} {','.join(map(str, hint))}") from e
+    finally:
+        for h in handles:
+            h.remove()
+    need = n * (one.numel() * one.element_size() + acts[0])
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 << 30
+    if need > avail // 2:
+        raise CalibrationError(f"{flag} {','.join(map(str, x.shape))}: a forward at this batch size needs about "
+                               f"{need / 2**30:.1f} GiB (input plus activations, measured at batch 1 x {n}) but "
+                               f"{avail / 2**30:.1f} GiB is available; use a smaller batch, e.g. {flag} "
+                               f"1,{','.join(map(str, x.shape[1:]))}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Analyze and print the groups."""
+    from ..config import compile_patterns
     from ..graph.analyze import analyze, format_analysis
 
     model, x = load_model(args.model, args.input_shape)
+    compile_patterns(args.ignore, [n for n, _ in model.named_modules() if n], "--ignore")
+    check_example(model, x[0], hint=_BUILTIN_SHAPES.get(args.model, (1, 3, 64, 64)))
+    x = (x[0].contiguous(),)
     info = analyze(model, x, ignore=tuple(args.ignore))
     if args.format == "json":
         info.pop("report")

@@ -164,9 +164,12 @@ def run(args: argparse.Namespace) -> int:
     recipe = read_recipe(args.recipe)
     if args.dry_run:
         p = plan(args.model, recipe)
+        msg = f"the run would refuse {len(p['refusals'])} layer(s): " + " | ".join(p["refusals"])
+        if p["refusals"]:
+            p["error"] = {"type": "ConfigError", "message": msg, "exit_code": 2}
         print(json.dumps(p, indent=2) if args.format == "json" else _format_plan(p))
         if p["refusals"]:
-            print(f"error: the run would refuse {len(p['refusals'])} layer(s); see REFUSED above", file=sys.stderr)
+            print(f"error: {msg}", file=sys.stderr)
             return 2
         return 0
     if not args.out:

@@ -5,13 +5,16 @@
     $ brainsurgeon compress --model digits-cnn --recipe recipes/digits-obs75-obq4.yaml --out out/c
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args)``.
-A :class:`~brainsurgeon.errors.BrainsurgeonError` is printed as ``error: <message>`` on stderr
-with exit code 2 and no traceback (``--log-level debug`` shows the traceback).
+A :class:`~brainsurgeon.errors.BrainsurgeonError` or a usage error is printed as ``error: <message>``
+on stderr with exit code 2 and no traceback (``--log-level debug`` shows the traceback); any other
+exception exits 1 with its traceback logged. With ``--format json`` every failure also prints
+``{"error": {"type", "message", "exit_code"}}`` on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,6 +38,27 @@ EPILOG = """examples:
 """
 
 
+class _UsageError(Exception):
+    """argparse's complaint (bad flag/value), raised instead of exiting so main() can format it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(self, message)
+
+
+def _fail(kind: str, message: str, json_out: bool, rc: int) -> int:
+    """Print one error: ``error: ...`` on stderr, and with --format json a JSON object on stdout."""
+    print(f"error: {message}", file=sys.stderr)
+    if json_out:
+        print(json.dumps({"error": {"type": kind, "message": message, "exit_code": rc}}))
+    return rc
+
+
 def _add_global_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
     """The flags accepted before and after the subcommand name.
 
@@ -53,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     >>> build_parser().parse_args(["env", "--format", "json"]).format
     'json'
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="brainsurgeon", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compress trained PyTorch models (OBS pruning/quantization, structural pruning, low-rank, "
                     "weight sharing, distillation, budget search) and measure it.")
@@ -75,7 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["env", "--format", "json"])
     0
     """
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_out = any(a == "--format=json" or (a == "--format" and nxt == "json")
+                   for a, nxt in zip(argv, argv[1:] + [""], strict=True))
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        if not json_out:
+            e.parser.print_usage(sys.stderr)
+        return _fail("UsageError", f"{e.parser.prog}: {e}", json_out, 2)
+    json_out = getattr(args, "format", None) == "json"
     show_progress = not args.no_progress and os.environ.get("CI", "").lower() not in ("true", "1")
     prev_progress = _log.progress_enabled()
     logger = logging.getLogger("brainsurgeon")
@@ -90,11 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrainsurgeonError as e:
         if args.log_level == "debug":
             logger.exception("traceback")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(type(e).__name__, str(e), json_out, 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail("KeyboardInterrupt", "interrupted", json_out, 130)
+    except Exception as e:  # noqa: BLE001 - a bug or the user's own code: keep the traceback, say where
+        logger.exception("unexpected error in `brainsurgeon %s`", args.command)
+        return _fail(type(e).__name__, f"unexpected {type(e).__name__} in `brainsurgeon {args.command}`: {e} "
+                     f"(the traceback is above; please report it with `brainsurgeon env`)", json_out, 1)
     finally:
         _log.set_progress(prev_progress)
         logger.removeHandler(handler)

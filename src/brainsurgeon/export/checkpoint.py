@@ -163,6 +163,12 @@ def save(model: nn.Module, folder: str, recipe: Any = None, plan: Any = None, hi
     """
     from safetensors.torch import save_file
 
+    if not isinstance(model, nn.Module):
+        raise FormatError(f"save() writes an nn.Module, got {type(model).__name__}; for a bare state_dict use "
+                          f"safetensors.torch.save_file")
+    if not isinstance(folder, str | os.PathLike):
+        raise FormatError(f"save(): folder must be a path, got {folder!r}")
+    folder = os.fspath(folder)
     check_target(folder)
     tensors, aliases = split_tensors(model)
     manifest = build_manifest(model, aliases, recipe, plan, history)
@@ -324,6 +330,9 @@ def load(folder: str, model_fn: ModelFn, *, verify: bool = True, allow_pickle: b
     >>> model = load("out/ckpt", DigitsCNN)
     >>> model = load("out/tiny-llama", "path/or/hf-id")
     """
+    if not isinstance(folder, str | os.PathLike):
+        raise FormatError(f"load(): folder must be the path of a checkpoint folder, got {folder!r}")
+    folder = os.fspath(folder)
     if os.path.isfile(folder):
         if not _is_pickle(folder):
             raise FormatError(f"{folder} is a file; load() reads a checkpoint folder written by save()")

@@ -72,6 +72,9 @@ def _eligible(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
     return out, notes
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def plan_factorization(model: nn.Module, cfg: LowRank, ignore: Iterable[str] = (),
                        overrides: Any = ()) -> tuple[dict[str, LowRank], list[str]]:
     """Layer name -> LowRank config (first full-match override wins), and notes on skipped layers.
@@ -87,9 +90,17 @@ def plan_factorization(model: nn.Module, cfg: LowRank, ignore: Iterable[str] = (
     layers, notes = _eligible(model)
     plan: dict[str, LowRank] = match_configs(layers, cfg, ignore, over,  # type: ignore[assignment]
                                              known=[n for n, _ in model.named_modules() if n])
+    for name in list(plan):
+        hooks = {k: len(getattr(layers[name], k, {})) for k in _HOOK_DICTS}
+        if any(hooks.values()):
+            plan.pop(name)
+            notes.append(f"{name}: kept dense because it carries {sum(hooks.values())} hook(s) of yours "
+                         f"({', '.join(k.strip('_') for k, v in hooks.items() if v)}); factorizing replaces the "
+                         f"module and would drop them. Remove the hooks first, or pass ignore=['{name}']")
+            log.info(notes[-1])
     if not plan:
         raise ConfigError(f"no Linear or Conv2d (groups=1) layer is left to factorize in {type(model).__name__} "
-                          f"after ignore={list(ignore)}; loosen ignore")
+                          f"after ignore={list(ignore)}; loosen ignore" + (f" ({'; '.join(notes)})" if notes else ""))
     for name in plan:
         W = layers[name].weight
         if not torch.is_floating_point(W) or W.device.type == "meta":
@@ -177,6 +188,15 @@ def factorize_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
     if aware and calib is None:
         raise ConfigError(f"LowRank(activation_aware=True) needs calibration data for {aware[:3]}...; "
                           f"pass calib=loader, or use activation_aware=False")
+    if options is not None and not isinstance(options, CalibOptions):
+        raise ConfigError(f"factorize_: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
+                          f"got {options!r}")
+    if aware:  # checked against the model before any layer is replaced
+        from ..calib import prepare_calibration
+
+        calib, calib_notes = prepare_calibration(model, calib, "factorize_",
+                                                 max_batches=(options or CalibOptions()).max_batches)
+        notes = list(notes) + calib_notes
     report = CompressionReport(notes=list(notes))
     swapped: list[tuple[str, nn.Module]] = []
 

@@ -65,10 +65,11 @@ class ChannelPruning(Config):
     head_dim_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        from ..config import as_patterns, compile_patterns
         from .importance import registered_importances
 
-        if isinstance(self.ignore, list):  # from YAML
-            object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "ignore", as_patterns(self.ignore))  # a plain string is one pattern
+        compile_patterns(self.ignore, what="ChannelPruning.ignore")  # a bad regex is a ConfigError here
 
         _check(isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0,
                f"ratio (fraction of channels removed) must be in [0, 1), got {self.ratio!r}; e.g. ratio=0.5")

@@ -122,7 +122,11 @@ def pack_(model: nn.Module, cfg: Pack | None = None, *, ignore: Iterable[str] = 
     >>> quantize_(model, GPTQ(bits=4, group_size=128), calib=loader)
     >>> rows = pack_(model, Pack(bits=4, group_size=128), ignore=("lm_head",))
     """
-    cfg = cfg or Pack()
+    cfg = Pack() if cfg is None else cfg
+    if not isinstance(cfg, Pack):
+        raise ConfigError(f"pack_ needs a Pack config (e.g. Pack(bits=4, group_size=128)), got {cfg!r}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"pack_ needs an nn.Module as model, got {type(model).__name__}")
     kinds = (nn.Linear, nn.Conv2d) if cfg.convs else (nn.Linear,)
     ign = compile_patterns(ignore, [n for n, _ in model.named_modules() if n],
                            candidates=[n for n, m in model.named_modules() if n and type(m) in kinds])

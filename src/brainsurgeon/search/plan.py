@@ -92,19 +92,22 @@ class Plan:
         head += [f"# {n}: {v}" for (n, _), v in zip(self.layers, self.variants, strict=False)]
         head += [f"# skipped (dense): {n}" for n in self.skipped]
         if not self.to_recipe().steps:
-            raise ConfigError("Plan: every layer stays dense, so there is no recipe to write; "
-                              "loosen the budget or widen the search space")
+            raise ConfigError("Plan: every layer stays dense (the budget allows the dense model), so there is no "
+                              "recipe to write; Plan.save() writes it in the plan format, or use a tighter budget")
         return "\n".join(head) + "\n" + dump_recipe(self.to_recipe(options))
 
     def save(self, path: str) -> None:
         """Write :meth:`to_yaml` atomically; ``brainsurgeon compress --recipe PATH`` applies it.
 
-        A plan with structural channel choices (no recipe can express ``prune_`` yet) is written
-        in the plan format (:meth:`to_dict`); apply it with :func:`apply_plan_`.
+        A plan with structural channel choices (no recipe can express ``prune_`` yet), or the dense
+        plan (a budget the dense model meets), is written in the plan format (:meth:`to_dict`); apply
+        it with :func:`apply_plan_` (a no-op for the dense plan).
         """
         import yaml
 
-        text = self.to_yaml() if not self.channel_items() else yaml.safe_dump(self.to_dict(), sort_keys=False)
+        dense = not self.to_recipe().steps  # a budget the dense model meets: the dense plan, nothing to apply
+        plain = self.channel_items() or dense
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if plain else self.to_yaml()
         with atomic_open(path, "w") as f:
             f.write(text)
 

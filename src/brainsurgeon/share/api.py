@@ -80,6 +80,10 @@ def share_(model: nn.Module, cfg: Config, data: Any = None, *, ignore: Iterable[
     if steps and data is None:
         raise ConfigError("WeightSharing(finetune_steps > 0) needs data: pass share_(..., data=train_loader) "
                           "or set finetune_steps=0")
+    if steps and data is not None:
+        from ..calib.data import check_first_batch
+
+        check_first_batch(model, data, "share_")  # a mis-shaped batch fails here, before any change
     saved = {n: modules[n].weight.detach().clone() for n in plan}
     report = CompressionReport()
     try:
