@@ -67,6 +67,9 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
         if up is not None and (_child(m, _DOWN) is not None or name.endswith("mlp")):
             width = _out_width(up) // (2 if _child(m, ("gate_up_proj",)) is up else 1)   # Phi3: gate and up fused
             out.setdefault(name, {})["intermediate_size"] = width
+        experts = getattr(m, "gate_up_proj", None)   # MoE experts as one tensor [E, 2 x intermediate, hidden]
+        if isinstance(experts, nn.Parameter) and experts.dim() == 3:
+            out.setdefault(name, {})["intermediate_size"] = int(experts.shape[1]) // 2
         scale = getattr(m, "embed_scale", None)   # Gemma: sqrt(hidden_size) at build time, not saved
         if isinstance(scale, torch.Tensor) and "embed_scale" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["embed_scale"] = float(scale)
@@ -107,6 +110,7 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     per_layer: dict[str, dict[str, Any]] = {}
     fields = {f for w in widths.values() for f in w}
     hidden0 = getattr(cfg, "hidden_size", None)
+    explicit_only: set[str] = set()
     # hidden_size first: some configs derive other fields from it (Falcon's head_dim property)
     for f in sorted(fields - {"inv_freq", "embed_scale"}, key=lambda f: (f != "hidden_size", f)):
         values = {name: w[f] for name, w in widths.items() if f in w}
@@ -125,6 +129,11 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
                 prev = getattr(cfg, f, None)
                 setattr(cfg, f, v0)
                 old[f], changed[f] = prev, v0
+                heads0 = getattr(cfg, "num_attention_heads", None)
+                derived = prev if prev is not None else (hidden0 // heads0 if isinstance(hidden0, int) and
+                                                         isinstance(heads0, int) and heads0 else None)
+                if derived == v0:
+                    explicit_only.add(f)   # the same value, now written: the rotary tables are unchanged
             except AttributeError:   # a read-only property (Falcon): per layer, with the rotary tables
                 for name, v in values.items():
                     per_layer.setdefault(name, {})[f] = v
@@ -165,7 +174,8 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
             if "embed_scale" in w:
                 per_layer.setdefault(name, {})["embed_scale"] = w["embed_scale"]
     before = getattr(cfg, "brainsurgeon_layer_widths", None) or {}
-    if "head_dim" in changed or any("head_dim" in w for w in per_layer.values()) or \
+    sliced = "head_dim" in changed and "head_dim" not in explicit_only
+    if sliced or any("head_dim" in w for w in per_layer.values()) or \
             any("inv_freq" in w for w in before.values()):   # rotary tables sliced with the head dims
         for name, w in widths.items():
             if "inv_freq" in w:
