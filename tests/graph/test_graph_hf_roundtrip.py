@@ -26,6 +26,7 @@ FAMILIES = {
                                             "word_embed_proj_dim": 64}),
     "falcon": ("FalconConfig", "FalconForCausalLM", {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
                                                      "num_attention_heads": 4}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {k: v for k, v in DEC.items() if k != "num_key_value_heads"}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4,
                                                "n_positions": 64}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"vocab_size": 128, "hidden_size": 64, "n_layer": 2, "n_head": 4}),

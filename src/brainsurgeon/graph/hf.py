@@ -58,8 +58,12 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
                          "head_dim": head}
         elif isinstance(head, int) and head > 0 and _child(m, _FUSED_QKV) is not None:   # Phi3, Falcon, GPT-2
             out[name] = {"head_dim": head}
-            if type(_child(m, _FUSED_QKV)).__name__ == "Conv1D" and isinstance(getattr(m, "num_heads", None), int):
+            fused = _child(m, _FUSED_QKV)
+            if type(fused).__name__ == "Conv1D" and isinstance(getattr(m, "num_heads", None), int):
                 out[name]["num_attention_heads"] = m.num_heads
+            elif isinstance(getattr(m, "query_key_value", None), nn.Module) and \
+                    isinstance(getattr(m, "head_size", None), int):
+                out[name]["num_attention_heads"] = _out_width(fused) // (3 * head)   # GPT-NeoX: [heads, 3, head]
         inv = getattr(m, "inv_freq", None)   # rotary tables are not saved (non-persistent): keep the kept values
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
