@@ -266,9 +266,9 @@ def _hand_specs() -> dict[str, Any]:
 
         def forward(self, x):
             x = self.inp(x)
-            b, t, d = x.shape
-            q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
             x = x + self.o(a)
             x = x + self.w2(F.gelu(torch.einsum("btd,df->btf", x, self.w1)))
             return self.head(x.mean(1))

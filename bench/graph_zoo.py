@@ -10,7 +10,8 @@ Every model: random weights (seed 0), one example input (timm: its default size,
 unless the model's size is fixed; HF: tiny configs, 16 tokens / 32-64 px / 0.1 s of audio).
 Ours: ``bs.prune_(model, bs.ChannelPruning(ratio=0.5, ignore=heads), example_inputs=x)`` (L2 group
 magnitude, verified, MACs counted, exactly the public verb). Torch-Pruning 1.6.1: ``MagnitudePruner``
-(L2, ratio 0.5, the same ignored heads) and ``step()``. A model counts as **pruned & runs** only if its
+(L2, ratio 0.5, the same ignored heads, ``output_transform`` = the sum of every output tensor, so that
+HF ModelOutputs trace) and ``step()``. A model counts as **pruned & runs** only if its
 parameters drop by at least 25 % and it runs in eval and in train mode with the output shapes it had
 before. HF models pruned by ours are also saved with ``save_pretrained`` and loaded with the family's
 own ``from_pretrained`` (``brainsurgeon.export`` when per-layer widths differ); ``rt`` is exact when
@@ -88,6 +89,11 @@ def _roundtrip(model: Any, x: Any) -> str:
     return "exact" if diff == 0 else f"max diff {diff:.3g}"
 
 
+def _tp_output(out: Any) -> Any:
+    """Torch-Pruning traces back from one tensor: the sum of every output (HF ModelOutputs, tuples)."""
+    return sum(t.float().sum() for t in _outs(out) if t.is_floating_point())
+
+
 def run(name: str, tool: str) -> dict[str, Any]:
     from _zoo_models import build
 
@@ -107,7 +113,8 @@ def run(name: str, tool: str) -> dict[str, Any]:
         pruner = tp.pruner.MagnitudePruner(model, example_inputs=x if isinstance(x, dict) else
                                            (x[0] if len(x) == 1 else x),
                                            importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-                                           ignored_layers=[mods[n] for n in case.ignore if n in mods])
+                                           ignored_layers=[mods[n] for n in case.ignore if n in mods],
+                                           output_transform=_tp_output)
         pruner.step()
     secs = time.process_time() - t0
     p1 = sum(p.numel() for p in model.parameters())

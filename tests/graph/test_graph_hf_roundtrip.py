@@ -26,9 +26,11 @@ FAMILIES = {
                                             "word_embed_proj_dim": 64}),
     "falcon": ("FalconConfig", "FalconForCausalLM", {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
                                                      "num_attention_heads": 4}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {k: v for k, v in DEC.items() if k != "num_key_value_heads"}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4,
                                                "n_positions": 64}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"vocab_size": 128, "hidden_size": 64, "n_layer": 2, "n_head": 4}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**DEC, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "t5": ("T5Config", "T5ForConditionalGeneration", {"vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128,
                                                       "num_layers": 2, "num_heads": 4}),
 }

@@ -52,6 +52,8 @@ def _root_spec(m: nn.Module, dim: str) -> tuple[str, int]:
         return ("in_proj_weight", 1) if m.in_proj_weight is not None else ("q_proj_weight", 1)
     if _is_conv1d(m):   # transformers' Conv1D (GPT-2): a Linear with the weight stored [in, out]
         return "weight", 1 if dim == "out" else 0
+    if _is_experts(m):   # MoE experts stored as one [E, 2I, H] tensor (Mixtral): the FFN width of every expert
+        return "gate_up_proj", 1 if dim == "out" else 2
     if dim == "out":
         return "weight", 0
     return "weight", 1
@@ -60,6 +62,12 @@ def _root_spec(m: nn.Module, dim: str) -> tuple[str, int]:
 def _is_conv1d(m: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D, recognised by name (importing transformers is not a graph dependency)."""
     return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+
+
+def _is_experts(m: nn.Module) -> bool:
+    """A transformers MoE experts module: ``gate_up_proj`` [experts, 2 x intermediate, hidden] (+ ``down_proj``)."""
+    w = getattr(m, "gate_up_proj", None)
+    return isinstance(w, nn.Parameter) and w.dim() == 3 and isinstance(getattr(m, "down_proj", None), nn.Parameter)
 
 
 def slice_role(m: nn.Module, tensor: str, dim: int) -> str:
@@ -345,7 +353,7 @@ class DependencyGraph(PruneMixin):
         out: list[Group] = []
         self.left_out: list[tuple[str, str]] = []
         for name, m in self.model.named_modules():
-            if not (isinstance(m, root_types) or (root_types is DEFAULT_ROOTS and _is_conv1d(m))):
+            if not (isinstance(m, root_types) or (root_types is DEFAULT_ROOTS and (_is_conv1d(m) or _is_experts(m)))):
                 continue
             for which in ("out", "in"):
                 tensor, d = _root_spec(m, which)

@@ -58,8 +58,12 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
                          "head_dim": head}
         elif isinstance(head, int) and head > 0 and _child(m, _FUSED_QKV) is not None:   # Phi3, Falcon, GPT-2
             out[name] = {"head_dim": head}
-            if type(_child(m, _FUSED_QKV)).__name__ == "Conv1D" and isinstance(getattr(m, "num_heads", None), int):
+            fused = _child(m, _FUSED_QKV)
+            if type(fused).__name__ == "Conv1D" and isinstance(getattr(m, "num_heads", None), int):
                 out[name]["num_attention_heads"] = m.num_heads
+            elif isinstance(getattr(m, "query_key_value", None), nn.Module) and \
+                    isinstance(getattr(m, "head_size", None), int):
+                out[name]["num_attention_heads"] = _out_width(fused) // (3 * head)   # GPT-NeoX: [heads, 3, head]
         inv = getattr(m, "inv_freq", None)   # rotary tables are not saved (non-persistent): keep the kept values
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
@@ -67,6 +71,9 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
         if up is not None and (_child(m, _DOWN) is not None or name.endswith("mlp")):
             width = _out_width(up) // (2 if _child(m, ("gate_up_proj",)) is up else 1)   # Phi3: gate and up fused
             out.setdefault(name, {})["intermediate_size"] = width
+        experts = getattr(m, "gate_up_proj", None)   # MoE experts as one tensor [E, 2 x intermediate, hidden]
+        if isinstance(experts, nn.Parameter) and experts.dim() == 3:
+            out.setdefault(name, {})["intermediate_size"] = int(experts.shape[1]) // 2
         scale = getattr(m, "embed_scale", None)   # Gemma: sqrt(hidden_size) at build time, not saved
         if isinstance(scale, torch.Tensor) and "embed_scale" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["embed_scale"] = float(scale)
@@ -107,6 +114,7 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     per_layer: dict[str, dict[str, Any]] = {}
     fields = {f for w in widths.values() for f in w}
     hidden0 = getattr(cfg, "hidden_size", None)
+    explicit_only: set[str] = set()
     # hidden_size first: some configs derive other fields from it (Falcon's head_dim property)
     for f in sorted(fields - {"inv_freq", "embed_scale"}, key=lambda f: (f != "hidden_size", f)):
         values = {name: w[f] for name, w in widths.items() if f in w}
@@ -125,6 +133,11 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
                 prev = getattr(cfg, f, None)
                 setattr(cfg, f, v0)
                 old[f], changed[f] = prev, v0
+                heads0 = getattr(cfg, "num_attention_heads", None)
+                derived = prev if prev is not None else (hidden0 // heads0 if isinstance(hidden0, int) and
+                                                         isinstance(heads0, int) and heads0 else None)
+                if derived == v0:
+                    explicit_only.add(f)   # the same value, now written: the rotary tables are unchanged
             except AttributeError:   # a read-only property (Falcon): per layer, with the rotary tables
                 for name, v in values.items():
                     per_layer.setdefault(name, {})[f] = v
@@ -165,7 +178,8 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
             if "embed_scale" in w:
                 per_layer.setdefault(name, {})["embed_scale"] = w["embed_scale"]
     before = getattr(cfg, "brainsurgeon_layer_widths", None) or {}
-    if "head_dim" in changed or any("head_dim" in w for w in per_layer.values()) or \
+    sliced = "head_dim" in changed and "head_dim" not in explicit_only
+    if sliced or any("head_dim" in w for w in per_layer.values()) or \
             any("inv_freq" in w for w in before.values()):   # rotary tables sliced with the head dims
         for name, w in widths.items():
             if "inv_freq" in w:

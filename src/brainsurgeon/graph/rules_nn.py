@@ -49,6 +49,27 @@ def _addmm(op: OpRecord, g: Ctx) -> None:
     g.broadcast(bias, op.outputs[0])
 
 
+@register_rule("aten._grouped_mm")
+def _grouped_mm(op: OpRecord, g: Ctx) -> None:
+    """MoE experts: a[T, k] with b[E, k, n] (rows of a split over experts by ``offs``) -> out[T, n]; a[E, T, k]
+    with b[E, k, n] is a batched mm. The expert dim of b is not a channel dim: it blocks."""
+    a, b = op.args[0], op.args[1]
+    out = op.outputs[0]
+    sa, sb = g.shape(a), g.shape(b)
+    if len(sb) != 3 or len(sa) not in (2, 3):
+        g.block(a, None, "aten._grouped_mm (layout)")
+        g.block(b, None, "aten._grouped_mm (layout)")
+        g.block(out, None, "aten._grouped_mm (layout)")
+        return
+    g.link(a, -1, b, 1)
+    g.link(b, 2, out, -1)
+    g.link(a, -2, out, -2)
+    if len(sa) == 3:
+        g.link(a, 0, b, 0)
+        g.link(b, 0, out, 0)
+    g.block(b, [0], "aten._grouped_mm (expert dim)")
+
+
 @register_rule("aten.linear")
 def _linear(op: OpRecord, g: Ctx) -> None:
     """linear(x[..., k], w[n, k], b[n]) -> out[..., n]."""

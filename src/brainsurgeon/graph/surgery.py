@@ -194,6 +194,7 @@ _HEAD_DIM_ATTRS = ("attention_head_size", "head_dim")
 def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
     """transformers attention modules: heads from the query projection; head_dim kept when whole heads go,
     reduced when the same number of dims went from every head (``scaling`` is kept: outputs stay exact)."""
+    _hf_moe(m)
     qname = next((n for n in Q_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
     q = getattr(m, qname) if qname else None
     if q is None and isinstance(getattr(m, "c_attn", None), nn.Module) and isinstance(getattr(m, "split_size", None),
@@ -221,6 +222,19 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
     k = getattr(m, "k_proj", None)
     if head and isinstance(k, nn.Linear) and isinstance(getattr(m, "num_key_value_heads", None), int):
         m.num_key_value_heads = k.weight.shape[0] // head
+
+
+def _hf_moe(m: nn.Module) -> None:
+    """MoE router (``weight`` [experts, hidden], reshapes with ``hidden_dim``) and experts stored as one tensor
+    (``gate_up_proj`` [E, 2 x intermediate, hidden])."""
+    w, experts = getattr(m, "weight", None), getattr(m, "gate_up_proj", None)
+    if isinstance(experts, torch.Tensor) and experts.dim() == 3:
+        if isinstance(getattr(m, "hidden_dim", None), int):
+            m.hidden_dim = int(experts.shape[2])
+        if isinstance(getattr(m, "intermediate_dim", None), int):
+            m.intermediate_dim = int(experts.shape[1]) // 2
+    elif isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(getattr(m, "hidden_dim", None), int):
+        m.hidden_dim = int(w.shape[1])
 
 
 def _gpt2_attention(m: nn.Module) -> None:
