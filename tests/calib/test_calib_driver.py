@@ -222,7 +222,7 @@ def test_block_mode_runs_two_block_forwards_per_batch_true_sequential_one_per_gr
     for opts, per_block in ((CalibOptions(blocks="layers"), 2), (CalibOptions(mode="dense", blocks="layers"), 1),
                             (CalibOptions(blocks="layers", true_sequential=True), 4 + 1)):
         calls = [0]
-        h = model.layers[1].register_forward_pre_hook(lambda m, a, c=calls: c.__setitem__(0, c[0] + 1))
+        h = model.layers[1].register_forward_pre_hook(lambda m, a, calls=calls: calls.__setitem__(0, calls[0] + 1))
         try:
             run_layerwise(model, LM_NAMES, calib, lambda *a: None, opts)
         finally:

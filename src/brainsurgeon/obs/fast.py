@@ -20,9 +20,10 @@ from .hessian import Prepared, inverse_factor, prepare
 from .refine import refine_on_grid
 from .resolve import resolve_masked
 
-# target(i1, j, W1) -> the value column i1 + j is fixed to (rows,); W1 is the current block,
-# transposed (block columns x rows), so column i1 + j of W is the contiguous row W1[j]
-Target = Callable[[int, int, torch.Tensor], torch.Tensor]
+# target(i1, j, W1, out) -> the value column i1 + j is fixed to (rows,), written into `out` (or
+# returned); W1 is the current block transposed (block columns x rows), so column i1 + j of W is
+# the contiguous row W1[j]
+Target = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 WALK_DTYPE = torch.float32  # precision of the factorisation and the walk (the reference code's); see prepare
 
@@ -38,15 +39,18 @@ def blocked_walk(W: torch.Tensor, U: torch.Tensor, blocksize: int, target: Targe
     Un = U / torch.diagonal(U)[:, None]  # unit diagonal: row j of U over U_jj
     cols = Wt.shape[0]
     E = torch.empty_like(Wt[:blocksize])  # (block, rows): w_j - q_j of the block's columns
+    Q = torch.empty_like(E)  # (block, rows): q_j
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1, E1 = Wt[i1:i2], Un[i1:i2, i1:i2], E[:i2 - i1]
+        W1, U1, E1, Q1 = Wt[i1:i2], Un[i1:i2, i1:i2], E[:i2 - i1], Q[:i2 - i1]
+        w_rows, u_rows, e_rows, q_rows = W1.unbind(0), U1.unbind(0), E1.unbind(0), Q1.unbind(0)
         for j in range(i2 - i1):
-            w = W1[j]
-            q = target(i1, j, W1)
-            torch.sub(w, q, out=E1[j])
-            w.copy_(q)
-            W1[j + 1:].addr_(U1[j, j + 1:], E1[j], alpha=-1.0)  # (B-j-1, rows) -= u (x) e
+            q = target(i1, j, W1, q_rows[j])
+            torch.sub(w_rows[j], q, out=e_rows[j])
+            W1[j + 1:].addr_(u_rows[j][j + 1:], e_rows[j], alpha=-1.0)  # (B-j-1, rows) -= u (x) e
+            if q is not q_rows[j]:
+                q_rows[j].copy_(q)
+        W1.copy_(Q1)
         if i2 < cols:
             Wt[i2:].addmm_(Un[i1:i2, i2:].t(), E1, alpha=-1.0)  # (cols-i2, B) @ (B, rows)
     return Wt.t()
@@ -60,7 +64,7 @@ def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor) -> tuple[torch
     pat = cfg.parsed
     keep = torch.ones(W.shape[1], W.shape[0], dtype=torch.bool, device=W.device)  # transposed, like W1
 
-    def target(i1: int, j: int, W1: torch.Tensor) -> torch.Tensor:
+    def target(i1: int, j: int, W1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B = W1.shape[0]
         if pat.kind == "nm":
             if j % pat.m == 0:  # choose M - N of the next M columns of every row
@@ -72,7 +76,7 @@ def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor) -> tuple[torch
             if k:
                 score = W1**2 / d2[i1:i1 + B]
                 keep[i1:i1 + B].view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = False
-        return W1[j] * keep[i1 + j]
+        return torch.mul(W1[j], keep[i1 + j], out=out)
 
     B = cfg.blocksize if pat.kind != "nm" else max(pat.m, cfg.blocksize // pat.m * pat.m)
     Wp = blocked_walk(W, U.to(WALK_DTYPE), B, target).to(prep.W.dtype)
@@ -95,27 +99,29 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
     maxq = 2**cfg.bits - 1
     g = cfg.group_size if 0 < cfg.group_size < cols else 0
     grid = fit_grid(W, cfg.bits, cfg.sym, g, cfg.mse)
-    scale, zero = (t.to(W.dtype) for t in grid.columns(cols))  # rows x cols, original order
-    scale, zero = scale[:, perm].clone(), zero[:, perm].clone()
-    # walk-order, transposed copies: q = s * clamp(round(w / s), -z, maxq - z) is quantize() exactly
-    st, zt = scale.t().to(WALK_DTYPE).contiguous(), zero.t().to(WALK_DTYPE).contiguous()
-    lo, hi = -zt, maxq - zt
+    # one row per group (groups x rows): q = s * clamp(round(w / s), -z, maxq - z) is quantize() exactly
+    S, Z = grid.scale.t().to(WALK_DTYPE).contiguous(), grid.zero.t().to(WALK_DTYPE).contiguous()
+    LO, HI = -Z, maxq - Z
+    s_rows, lo_rows, hi_rows = S.unbind(0), LO.unbind(0), HI.unbind(0)
+    group = (perm // g).tolist() if g else [0] * cols  # group of the column the walk fixes c-th
     lazy_groups = g and not cfg.act_order
-    frozen = (W == 0)[:, perm].t().contiguous()  # zeros of an already pruned layer stay zero
-    any_frozen = bool(frozen.any())
+    frozen = (W == 0)[:, perm].t()  # zeros of an already pruned layer stay zero
+    frozen_rows = frozen.contiguous().unbind(0) if bool(frozen.any()) else None
 
-    def target(i1: int, j: int, W1: torch.Tensor) -> torch.Tensor:
+    def target(i1: int, j: int, W1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         c = i1 + j
+        k = group[c]
         if lazy_groups and c % g == 0:  # fit this group's grid on the current (updated) weights
-            s, z = fit_rows(W1[j:j + g].t().to(W.dtype), cfg.bits, cfg.sym, cfg.mse)
-            scale[:, c:c + g], zero[:, c:c + g] = s[:, None], z[:, None]
-            st[c:c + g], lo[c:c + g], hi[c:c + g] = s.to(WALK_DTYPE), -z.to(WALK_DTYPE), maxq - z.to(WALK_DTYPE)
-        q = torch.div(W1[j], st[c]).round_().clamp_(lo[c], hi[c]).mul_(st[c])
-        return q.masked_fill_(frozen[c], 0.0) if any_frozen else q
+            s, z = fit_rows(W1[j:j + g].t(), cfg.bits, cfg.sym, cfg.mse)
+            S[k], LO[k], HI[k] = s, -z, maxq - z
+        q = torch.div(W1[j], s_rows[k], out=out).round_().clamp_(lo_rows[k], hi_rows[k]).mul_(s_rows[k])
+        return q.masked_fill_(frozen_rows[c], 0.0) if frozen_rows is not None else q
 
     B = max(g, cfg.blocksize // g * g) if lazy_groups else cfg.blocksize
-    Wq = blocked_walk(W[:, perm].to(WALK_DTYPE), U.to(WALK_DTYPE), B, target).to(W.dtype)
+    Wq = blocked_walk(W[:, perm].to(WALK_DTYPE), U.to(WALK_DTYPE), B, target).to(W.dtype).add_(0.0)  # -0 -> +0
     if cfg.refine:
+        idx = torch.tensor(group, device=W.device)
+        scale, zero = S.t()[:, idx].to(W.dtype), Z.t()[:, idx].to(W.dtype)  # rows x cols, walk order
         Wq = refine_on_grid(W[:, perm], Wq, prep.H[perm][:, perm], scale, zero, maxq, cfg.refine, frozen.t())
     out = torch.empty_like(Wq)
     out[:, perm] = Wq
@@ -124,7 +130,7 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
 
 @register_solver(SparseGPT)
 def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: torch.Tensor, name: str):
-    prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name)
+    prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
     Wp, keep = sparsegpt(prep, cfg, perm)
     if cfg.resolve:  # fast mask, exact weights: masked least squares per row (float64)
         Wp = resolve_masked(prep.W.double(), prep.H.double(), keep)
@@ -133,5 +139,5 @@ def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: tor
 
 @register_solver(GPTQ)
 def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor, name: str):
-    prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name)
+    prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
     return gptq(prep, cfg)[0], prep.info()

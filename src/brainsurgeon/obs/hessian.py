@@ -28,14 +28,18 @@ class Prepared:
     """W with dead columns zeroed, the damped H, its inverse and the Cholesky of the inverse."""
 
     W: torch.Tensor  # rows x cols, working dtype
-    H: torch.Tensor  # cols x cols, dead inputs fixed, damped
-    L: torch.Tensor  # lower Cholesky factor of H
+    H: torch.Tensor  # cols x cols, dead inputs fixed, damped (once factored)
+    L: torch.Tensor | None  # lower Cholesky factor of H; None until inverse_factor damps and factors
     dead: torch.Tensor  # cols, bool
     lam: float  # absolute dampening added to diag(H)
     retries: int
+    damp: float = 0.0  # the relative dampening asked for
+    name: str = ""
 
     @property
     def Hinv(self) -> torch.Tensor:
+        if self.L is None:
+            raise ValueError("prepare(..., factor=False) has no Cholesky factor; use inverse_factor")
         return torch.cholesky_inverse(self.L)
 
     def info(self) -> dict:
@@ -62,12 +66,11 @@ def damped_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torch
 
 
 def prepare(W: torch.Tensor, H: torch.Tensor, damp: float, dtype: torch.dtype = torch.float64,
-            name: str = "") -> Prepared:
+            name: str = "", factor: bool = True) -> Prepared:
     """Cast, zero dead columns, damp and factor. Never modifies the caller's tensors.
 
-    With ``dtype=torch.float32`` the factorisation is tried in float32 first (the GPTQ reference's
-    precision, half the time) and redone in float64 when float32 is not positive definite at `damp`,
-    so float32 never raises the damping.
+    ``factor=False`` (GPTQ/SparseGPT) leaves damping and factoring to :func:`inverse_factor`, which
+    needs a Cholesky of the permuted H rather than of H.
     """
     W = W.to(dtype=dtype, copy=True)
     H = H.to(device=W.device, dtype=dtype, copy=True)
@@ -77,31 +80,38 @@ def prepare(W: torch.Tensor, H: torch.Tensor, damp: float, dtype: torch.dtype = 
         W[:, dead] = 0.0
         log.info("layer %s: %d dead input(s) (H_ii = 0); their weight columns are zeroed",
                  name or "?", int(dead.sum()))
-    if dtype != torch.float64:
-        lam = damp * H.diagonal().mean().item()
-        H.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
-            return Prepared(W, H, L, dead, lam, 0)
-        log.debug("layer %s: float32 Cholesky failed at damping %.3g; factoring in float64", name or "?", lam)
-        H.diagonal().sub_(lam)
-        W, H = W.double(), H.double()
+    if not factor:
+        return Prepared(W, H, None, dead, 0.0, 0, damp, name)
     L, lam, retries = damped_cholesky(H, damp, name)
     H.diagonal().add_(lam)
-    return Prepared(W, H, L, dead, lam, retries)
+    return Prepared(W, H, L, dead, lam, retries, damp, name)
 
 
 def inverse_factor(prep: Prepared, perm: torch.Tensor) -> torch.Tensor:
-    """U upper with U^T U = (H^-1)[perm][:, perm]: the Cholesky of the inverse that GPTQ/SparseGPT walk.
+    """U upper with U^T U = (H^-1)[perm][:, perm], the Cholesky of the inverse that GPTQ/SparseGPT walk.
 
-    In prep's precision; redone in float64 when that is not positive definite (float32 round-off).
+    With J the reversal, J Hp J = M M^T (Hp = H[perm][:, perm]) gives Hp = K K^T with K = J M J
+    upper, so U = K^-1 = J M^-1 J: one Cholesky and one triangular solve (no explicit inverse,
+    30 % less work and half the round-off of inverting then factoring). The Cholesky is the
+    positive-definiteness test: an unfactored `prep` is damped here (prep.H, lam, retries updated),
+    in its precision first and in float64 when float32 round-off is what fails.
     """
-    Hinv = prep.Hinv
-    U, info = torch.linalg.cholesky_ex(Hinv[perm[:, None], perm], upper=True)
-    if int(info) == 0 and bool(torch.isfinite(U.diagonal()).all()):
-        return U
-    L64 = torch.linalg.cholesky(prep.H.double())
-    return torch.linalg.cholesky(torch.cholesky_inverse(L64)[perm[:, None], perm], upper=True).to(Hinv.dtype)
+    rev = perm.flip(0)
+    Hp = prep.H[rev[:, None], rev]  # J Hp J in one gather
+    if prep.L is not None:  # already damped and known positive definite
+        M = torch.linalg.cholesky(Hp)
+    else:
+        lam = prep.damp * Hp.diagonal().mean().item()
+        Hp.diagonal().add_(lam)
+        M, info = torch.linalg.cholesky_ex(Hp)
+        retries = 0
+        if int(info) != 0 or not bool(torch.isfinite(M.diagonal()).all()):
+            Hp.diagonal().sub_(lam)
+            M, lam, retries = damped_cholesky(Hp.double(), prep.damp, prep.name)
+        prep.H.diagonal().add_(lam)
+        prep.lam, prep.retries = lam, retries
+    eye = torch.eye(len(M), dtype=M.dtype, device=M.device)
+    return torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1).to(prep.H.dtype)
 
 
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
