@@ -110,3 +110,49 @@ def test_dp_plan_stitches_and_applies_with_activation_quantizers(joint_table):
     assert set(act_quant_layers(applied)) == {e.layer for e in entries}
     x = calib(1, seed=7)[0]
     assert torch.isfinite(applied(x)).all()
+
+
+def test_cli_search_takes_joint_spaces_and_bops_obc_budgets(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    import argparse
+    import json
+
+    from brainsurgeon.cli import search as cli_search
+    from brainsurgeon.config import load_recipe
+
+    folder = tmp_path_factory.getbasetemp() / "weights-cache"  # shared with tests/cli: digits trains once
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setenv("BRAINSURGEON_CACHE", str(folder))
+
+    def run(argv):
+        parser = argparse.ArgumentParser()
+        cli_search.add_parser(parser.add_subparsers())
+        args = parser.parse_args(["search", *argv])
+        return args.func(args)
+
+    assert run(["--model", "digits-cnn", "--space", "recipes/search-joint.yaml", "--budget", "bops_obc=12x",
+                "--dry-run", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["layers"][0]["variants"] == ["dense", "8w8a", "4w4a"]  # conv1: 1 input channel, no 2:4
+    assert d["layers"][1]["variants"] == ["dense", *JOINT]
+    space = tmp_path / "space.yaml"
+    space.write_text("prune_method: Magnitude\nquant_method: RTN\nlevels: 0\nnm: []\nblock_sparsities: []\n"
+                     "bits: []\nnm_bits: []\njoint: ['8w8a', '4w4a']\nmodel_loss: false\n")
+    out = tmp_path / "plan.yaml"
+    assert run(["--model", "digits-cnn", "--space", str(space), "--budget", "bops_obc=6x", "--out", str(out),
+                "--calib-samples", "64", "--db", str(tmp_path / "db")]) == 0
+    recipe = load_recipe(str(out))
+    assert "ActQuant" in [type(s.method).__name__ for s in recipe.steps]
+
+
+def test_recipe_2of4_gptq4_a8_loads_and_runs():
+    from brainsurgeon.config import load_recipe
+
+    recipe = load_recipe("recipes/2of4-gptq4-a8.yaml")
+    assert [type(s.method).__name__ for s in recipe.steps] == ["SparseGPT", "GPTQ", "ActQuant"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    rep = bs.compress(model, recipe, [torch.randn(32, 16) for _ in range(2)])
+    assert set(act_quant_layers(model)) == {"0", "2"}
+    assert float((model[0].weight == 0).float().mean()) == 0.5
+    assert any("quantized before the weight steps" in n for n in rep.notes)
+    assert bs.W8A8().to_dict() == load_recipe("recipes/w8a8.yaml").to_dict()
