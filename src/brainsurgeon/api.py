@@ -211,15 +211,17 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
                               f"distill configs")
         if verb == "distill":
             _check_distill_step(i, step, data)
-    structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill", "actquant") for s in steps)
+    shaping = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
+    structural = shaping or any(type(s.method).verb == "actquant" for s in steps)  # actquant swaps layer types
     backup = copy.deepcopy(model) if structural else None  # also the teacher of distill steps
     saved = None if structural else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
+    dense = (backup if backup is not None else copy.deepcopy(model)) if options.correct_mean_std and not shaping \
+        else None
     report = CompressionReport()
     try:
         names: list[str] = []
         for step in [s for s in steps if type(s.method).verb == "actquant"]:  # first: later Hessians see X_q
-            _run_act_step(model, step, calib, options, report)
+            names += [n for n in _run_act_step(model, step, calib, options, report) if n not in names]
         for step in steps:
             if type(step.method).verb == "actquant":
                 continue
@@ -229,7 +231,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
                 _run_structural_step(model, step, calib, report)
             else:
                 names += [n for n in _run_step(model, step, calib, options, report) if n not in names]
-        if structural and options.correct_mean_std:
+        if shaping and options.correct_mean_std:
             report.notes.append("mean/std correction skipped: the recipe changes layer shapes")
         _recalibrate(model, dense, names, calib, options, report)
     except BaseException:
@@ -244,7 +246,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
 
 
 def _run_act_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
-                  report: CompressionReport) -> None:
+                  report: CompressionReport) -> list[str]:
     """Input quantizers on the step's layers, calibrated on `calib` (see :mod:`brainsurgeon.quant.act`)."""
     from .quant.act import insert_act_quant_
 
@@ -253,10 +255,21 @@ def _run_act_step(model: nn.Module, step: Step, calib: Any, options: CalibOption
     if not plan:
         raise ConfigError(f"ActQuant: no Linear/Conv layer is left in {type(model).__name__} after "
                           f"ignore={list(step.ignore)}; loosen ignore")
+    alphas = {c.smooth for c in plan.values()}  # type: ignore[attr-defined]
+    if alphas - {0.0}:
+        from .quant.smooth import smooth_quant_
+
+        if len(alphas) > 1:
+            raise ConfigError(f"ActQuant: one SmoothQuant strength per step, got smooth={sorted(alphas)}; "
+                              f"use one value")
+        pairs = smooth_quant_(model, calib, alphas.pop(), names=list(plan), max_batches=options.max_batches)
+        report.notes.append(f"SmoothQuant: {len(pairs)} norms folded into {sum(map(len, pairs.values()))} "
+                            f"Linear layers")
     done = insert_act_quant_(model, plan, calib, options.max_batches)  # type: ignore[arg-type]
     kinds = sorted({c.describe() for c in plan.values()})
     report.notes.append(f"{', '.join(kinds)}: inputs of {len(done)} layers quantized before the weight steps "
                         f"(their Hessians are built from the quantized inputs)")
+    return done
 
 
 def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) -> Step:
