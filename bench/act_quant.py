@@ -189,11 +189,40 @@ def latency_rows(net, calib, x_eval, quick, failures) -> None:
                 failures.append(f"MobileNetV2 ORT int8 not faster than fp32 at batch 32 ({med['int8']:.1f} ms)")
 
 
+def smollm_rows(quick: bool) -> None:
+    """SmolLM2-135M: perplexity of W8A8 (RTN weights) per-token dynamic and static per-tensor activations,
+    with and without SmoothQuant (alpha 0.5), and W4A8 (GPTQ 4-bit g0 + static 8-bit), vs dense."""
+    from _text import load_smollm, perplexity, token_windows
+
+    tok, lm = load_smollm()
+    n_cal, n_eval, length = (4, 2, 256) if quick else (16, 8, 512)
+    cal = [{"input_ids": w} for w in token_windows(tok, n_cal, length, from_end=True)]
+    evals = token_windows(tok, n_eval, length)
+    say(f"\n5. SmolLM2-135M perplexity, {n_cal} x {length} calibration tokens, {n_eval} x {length} evaluation "
+        f"tokens (lm_head kept float)")
+    say(f"{'method':<42}{'ppl':>9}{'cpu s':>7}")
+    say(f"{'dense':<42}{perplexity(lm, evals):>9.2f}")
+    opts = bs.CalibOptions(mode="dense")
+    for name, recipe in [
+        ("W8A8 per-token dynamic", bs.W8A8("RTN", granularity="token", options=opts)),
+        ("W8A8 static per-tensor", bs.W8A8("RTN", options=opts)),
+        ("W8A8 static per-tensor + SmoothQuant 0.5", bs.W8A8("RTN", options=opts, smooth=0.5)),
+        ("W4A8 static (GPTQ 4-bit) + SmoothQuant 0.5",
+         bs.Recipe((bs.Step(bs.ActQuant(bits=8, smooth=0.5)), bs.Step(bs.GPTQ(bits=4, group_size=128))), opts)),
+    ]:
+        m = copy.deepcopy(lm)
+        t0 = time.process_time()
+        recipe = bs.Recipe(tuple(bs.Step(st.method, ignore=("lm_head",)) for st in recipe.steps), recipe.calib)
+        bs.compress(m, recipe, cal)
+        say(f"{name:<42}{perplexity(m, evals):>9.2f}{time.process_time() - t0:>7.0f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--db", default="out/act-quant-db")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: ptq,joint,latency")
+    ap.add_argument("--smollm", action="store_true", help="also SmolLM2-135M W8A8 +- SmoothQuant (slow)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -214,6 +243,8 @@ def main() -> int:
         joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures)
     if "latency" not in skip:
         latency_rows(net, calib, x_eval, args.quick, failures)
+    if args.smollm:
+        smollm_rows(args.quick)
     say(f"\ntotal {time.perf_counter() - t_start:.0f} s wall, {time.process_time() - c_start:.0f} s cpu")
     for f in failures:
         say("FAIL", f)
