@@ -202,7 +202,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     try:
         names: list[str] = []
         for step in [s for s in steps if type(s.method).verb == "actquant"]:  # first: later Hessians see X_q
-            _run_act_step(model, step, calib, options, report)
+            names += [n for n in _run_act_step(model, step, calib, options, report) if n not in names]
         for step in steps:
             if type(step.method).verb == "actquant":
                 continue
@@ -222,7 +222,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
 
 
 def _run_act_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
-                  report: CompressionReport) -> None:
+                  report: CompressionReport) -> list[str]:
     """Input quantizers on the step's layers, calibrated on `calib` (see :mod:`brainsurgeon.quant.act`)."""
     from .quant.act import insert_act_quant_
 
@@ -231,10 +231,21 @@ def _run_act_step(model: nn.Module, step: Step, calib: Any, options: CalibOption
     if not plan:
         raise ConfigError(f"ActQuant: no Linear/Conv layer is left in {type(model).__name__} after "
                           f"ignore={list(step.ignore)}; loosen ignore")
+    alphas = {c.smooth for c in plan.values()}  # type: ignore[attr-defined]
+    if alphas - {0.0}:
+        from .quant.smooth import smooth_quant_
+
+        if len(alphas) > 1:
+            raise ConfigError(f"ActQuant: one SmoothQuant strength per step, got smooth={sorted(alphas)}; "
+                              f"use one value")
+        pairs = smooth_quant_(model, calib, alphas.pop(), names=list(plan), max_batches=options.max_batches)
+        report.notes.append(f"SmoothQuant: {len(pairs)} norms folded into {sum(map(len, pairs.values()))} "
+                            f"Linear layers")
     done = insert_act_quant_(model, plan, calib, options.max_batches)  # type: ignore[arg-type]
     kinds = sorted({c.describe() for c in plan.values()})
     report.notes.append(f"{', '.join(kinds)}: inputs of {len(done)} layers quantized before the weight steps "
                         f"(their Hessians are built from the quantized inputs)")
+    return done
 
 
 def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) -> Step:

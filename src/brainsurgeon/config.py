@@ -414,7 +414,8 @@ class ActQuant(Config):
     `percentile`-th and (100 - `percentile`)-th values), ``mse`` (the clipping of the min-max range
     minimising the squared quantization error), ``ema`` (min/max averaged over batches with `ema_decay`).
     In a recipe or with ``quantize_`` it is applied before the weight steps, so their Hessians are
-    built from the quantized inputs (OBC's joint setting).
+    built from the quantized inputs (OBC's joint setting). smooth: SmoothQuant's alpha (Xiao et al.
+    2023), folded into the norms before the Linear layers first (:mod:`brainsurgeon.quant.smooth`).
 
     >>> ActQuant(bits=8); ActQuant(bits=4, observer="mse"); ActQuant(bits=8, granularity="token", sym=True)
     """
@@ -427,8 +428,11 @@ class ActQuant(Config):
     sym: bool = False
     percentile: float = 99.99
     ema_decay: float = 0.9
+    smooth: float = 0.0  # SmoothQuant migration strength alpha (0 = off), folded into the preceding norms
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.smooth <= 1.0, "ActQuant",
+               f"smooth (SmoothQuant alpha; 0 = off) must be in [0, 1], e.g. 0.5, got {self.smooth!r}")
         _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "ActQuant",
                f"bits must be an integer in [2, 8], got {self.bits!r}")
         _check(self.granularity in ACT_GRANULARITIES, "ActQuant",
@@ -446,7 +450,8 @@ class ActQuant(Config):
 
     def describe(self) -> str:
         obs = "dynamic" if self.dynamic else self.observer
-        return f"ActQuant a{self.bits} {self.granularity} {obs}{' sym' if self.sym else ''}"
+        sq = f" +SmoothQuant {self.smooth:g}" if self.smooth else ""
+        return f"ActQuant a{self.bits} {self.granularity} {obs}{' sym' if self.sym else ''}{sq}"
 
 
 @register_config
@@ -664,9 +669,10 @@ class Recipe:
 
 
 def W8A8(weights: str = "GPTQ", observer: str = "minmax", granularity: str = "tensor",
-         options: CalibOptions | None = None) -> Recipe:
+         options: CalibOptions | None = None, smooth: float = 0.0) -> Recipe:
     """Shorthand recipe: 8-bit static activations (per tensor, asymmetric) and 8-bit symmetric
-    per-channel weights by `weights` (GPTQ, OBQ or RTN), solved on the quantized inputs.
+    per-channel weights by `weights` (GPTQ, OBQ or RTN), solved on the quantized inputs; `smooth`: the
+    SmoothQuant strength alpha (0 = off).
 
     >>> rep = compress(model, W8A8(), calib=loader)
     >>> W8A8("RTN", granularity="token").steps[0].method.dynamic
@@ -675,7 +681,7 @@ def W8A8(weights: str = "GPTQ", observer: str = "minmax", granularity: str = "te
     cls = _REGISTRY.get(weights)
     if cls is None or cls.verb != "quantize":
         raise ConfigError(f"W8A8: weights={weights!r} is not a weight quantizer; use 'GPTQ', 'OBQ' or 'RTN'")
-    act = ActQuant(bits=8, granularity=granularity, observer=observer, sym=granularity == "token")
+    act = ActQuant(bits=8, granularity=granularity, observer=observer, sym=granularity == "token", smooth=smooth)
     return Recipe((Step(act), Step(cls(bits=8, sym=True))), options or CalibOptions())
 
 

@@ -174,3 +174,29 @@ def test_config_validation_names_the_field():
         bs.ActQuant(granularity="row")
     with pytest.raises(ConfigError, match="bits"):
         bs.ActQuant(bits=1)
+
+
+def test_qat_starts_from_the_calibrated_act_scales_trains_them_and_converts_back():
+    from brainsurgeon.quant.static import convert_static_int8_
+
+    model, calib = _mlp(), _calib()
+    bs.compress(model, bs.W8A8("RTN"), calib)
+    x = torch.cat(calib)
+    with torch.no_grad():
+        ref = model(x)
+    scale0 = model[0].input_quantizer.scale.clone()
+    bs.prepare_qat_(model, bs.QAT(bits=8, learn_scale=True))  # no calib needed: the act grids exist
+    assert torch.allclose(model(x), ref, atol=1e-5)  # same forward, now trainable
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) - ref * 1.1).pow(2).mean().backward()
+        opt.step()
+    assert model[0].a_scale.grad is not None and not torch.equal(model[0].a_scale.detach(), scale0)
+    bs.convert_qat_(model)
+    assert isinstance(model[0], ActQuantLinear)
+    assert not torch.equal(model[0].input_quantizer.scale, scale0)  # the trained scale survives
+    with torch.no_grad():
+        y = model(x)
+        convert_static_int8_(model)
+        assert (model(x) - y).abs().max() <= 1e-4 * y.abs().max()

@@ -35,7 +35,8 @@ def test_macs_match_textbook_counts(prof):
 
 def test_dense_costs_and_bops_definition(prof):
     d = prof["fc"].dense_costs()
-    assert d == {"params": 1290.0, "bytes": 4 * 1290.0, "macs": 1280.0, "flops": 2560.0, "bops": 1280.0 * 32 * 32}
+    assert d == {"params": 1290.0, "bytes": 4 * 1290.0, "macs": 1280.0, "flops": 2560.0, "bops": 1280.0 * 32 * 32,
+                 "bops_obc": 1280.0 * 32}
     assert prof["fc"].dense_costs(act_bits=8)["bops"] == 1280.0 * 32 * 8
 
 

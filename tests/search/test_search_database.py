@@ -37,7 +37,8 @@ def test_every_layer_gets_every_variant_with_costs_and_losses(built):
         dense, *rest = table.entries[n]
         assert dense.variant == "dense" and dense.loss == 0 and dense.shard == ""
         for e in rest:
-            assert e.loss > 0 and e.model_loss > 0 and set(e.costs) == {"params", "bytes", "macs", "flops", "bops"}
+            assert e.loss > 0 and e.model_loss > 0 and set(e.costs) == {"params", "bytes", "macs", "flops", "bops",
+                                                                                  "bops_obc"}
             assert e.costs["bops"] < dense.costs["bops"] and e.costs["bytes"] < dense.costs["bytes"]
         sp = [e for e in rest if e.variant.startswith("sp@")]
         assert [e.loss for e in sp] == sorted(e.loss for e in sp)  # more sparsity, more loss

@@ -24,6 +24,8 @@ EPILOG = """examples:
   # 8x fewer bit operations with the AMC agent; database kept in out/db (resumable, re-used)
   brainsurgeon search --model digits-cnn --space recipes/search-quick.yaml --budget bops=8x --solver amc \\
       --db out/db --out plan.yaml --evaluate
+  # joint weight + activation variants (8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a) at 12x fewer BOPs as OBC counts them
+  brainsurgeon search --model digits-cnn --space recipes/search-joint.yaml --budget bops_obc=12x --out plan.yaml
   # build the database with 2 worker processes; JSON on stdout
   brainsurgeon search --model digits-cnn --space recipes/search-quick.yaml --budget flops=0.5 --executor process \\
       --out plan.yaml --format json
@@ -43,7 +45,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--model", required=True, choices=registered_models(), help="built-in model")
     p.add_argument("--space", required=True, metavar="YAML", help="search space file (recipes/search-*.yaml)")
     p.add_argument("--budget", required=True, metavar="METRIC=X",
-                   help="flops|bops|bytes|params|latency as a fraction of dense (flops=0.25) or a factor (bops=8x)")
+                   help="flops|bops|bops_obc|bytes|params|latency as a fraction of dense (flops=0.25) or a factor "
+                        "(bops=8x); bops counts weight x activation bits, bops_obc OBC's linear count")
     p.add_argument("--solver", default="dp",
                    choices=("dp", "spdy", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy"),
                    help="dp (default), spdy (DP reweighted by a local search on the stitched model's calibration "

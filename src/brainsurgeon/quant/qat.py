@@ -164,13 +164,22 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
     """
     if not isinstance(cfg, QAT):
         raise ConfigError(f"prepare_qat_ needs a QAT config, e.g. QAT(bits=4); got {cfg!r}")
-    if cfg.act_bits and calib is None:
+    if cfg.act_bits and calib is None and not any(True for _ in _act_layers(model)):
         raise ConfigError(f"QAT(act_bits={cfg.act_bits}) needs calibration batches to set the input "
                           f"ranges: pass calib=loader, or act_bits=0 for weight-only QAT")
     ign = compile_patterns(ignore, [n for n, _ in model.named_modules() if n],
                            candidates=[n for n, m in model.named_modules() if n and type(m) in FAKE_QUANT_TYPES])
+    from .act import act_quant_layers
+
+    acts = act_quant_layers(model)  # layers with calibrated input quantizers: their scales seed the act grid
     todo = [(n, m) for n, m in model.named_modules()
-            if n and type(m) in FAKE_QUANT_TYPES and not any(p.fullmatch(n) for p in ign)]
+            if n and (type(m) in FAKE_QUANT_TYPES or n in acts) and not any(p.fullmatch(n) for p in ign)]
+    for n, m in todo:
+        q = getattr(m, "input_quantizer", None)
+        if q is not None and q.cfg.granularity != "tensor":
+            raise ConfigError(f"prepare_qat_: layer {n!r} has {q.cfg.describe()} inputs; QAT trains per-tensor "
+                              f"static activation scales only: quantize its inputs with granularity='tensor' "
+                              f"or pass ignore=['{n}']")
     if not todo:
         raise ConfigError(f"prepare_qat_: no Linear/Conv1d/Conv2d left in {type(model).__name__} after "
                           f"ignore={list(ignore)}; loosen ignore")
@@ -182,16 +191,22 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
             grid, how = _fit_layer_grid(name, W, cfg)
             if grid is None:
                 continue
-            fq = to_fake_quant(mod, grid.scale, grid.zero, cfg.bits, grid.group_size, cfg.act_bits,
-                               cfg.learn_scale)
+            aq = getattr(mod, "input_quantizer", None)
+            plain = mod if aq is None else rebuild_layer(mod, next(t for t in FAKE_QUANT_TYPES if isinstance(mod, t)))
+            fq = to_fake_quant(plain, grid.scale, grid.zero, cfg.bits, grid.group_size,
+                               cfg.act_bits if aq is None else aq.cfg.bits, cfg.learn_scale)
+            if aq is not None:  # the calibrated input grid, trained from here (LSQ with learn_scale)
+                with torch.no_grad():
+                    fq.a_scale.copy_(aq.scale.reshape(1))
+                    fq.a_zero.copy_(aq.zero.reshape(1))
             model.set_submodule(name, fq)
             done.append((name, mod))
             inits[name] = how
         if not done:
             raise ConfigError(f"prepare_qat_: no layer of {type(model).__name__} is on a {cfg.bits}-bit grid "
                               f"(init='existing'); quantize it first, or use init='auto' to fit grids")
-        if cfg.act_bits:
-            _observe_inputs(model, [n for n, _ in done], calib, max_batches)  # type: ignore[arg-type]
+        if cfg.act_bits and [n for n, _ in done if n not in acts]:
+            _observe_inputs(model, [n for n, _ in done if n not in acts], calib, max_batches)  # type: ignore[arg-type]
     except BaseException:
         for name, mod in done:
             model.set_submodule(name, mod)
@@ -201,6 +216,12 @@ def prepare_qat_(model: nn.Module, cfg: QAT, calib: Iterable[Any] | None = None,
         log.info("QAT: %d layer(s) were not on a %d-bit grid and got a fitted one: %s",
                  len(fitted), cfg.bits, fitted)
     return inits
+
+
+def _act_layers(model: nn.Module) -> Iterable[str]:
+    from .act import act_quant_layers
+
+    return act_quant_layers(model)
 
 
 @torch.no_grad()
@@ -268,7 +289,9 @@ def convert_qat_(model: nn.Module, *, packed: bool = False, compute_dtype: str =
     of :mod:`brainsurgeon.quant.packed` (Linear: int4/int8 weight-only kernels run with
     `compute_dtype` activations; Conv2d: packed storage). Returns the converted layer names.
 
-    Activation fake-quant (act_bits > 0) has no plain equivalent: it is dropped with a warning.
+    Layers with activation fake-quant (act_bits > 0) become ActQuant layers
+    (:mod:`brainsurgeon.quant.act`) holding the trained input scale (not with ``packed``: dropped with
+    a warning there); :func:`~brainsurgeon.quant.static.convert_static_int8_` then runs them in int8.
 
     >>> convert_qat_(model)
     ['conv1', 'conv2', 'conv3', 'fc1', 'fc2']
@@ -279,13 +302,27 @@ def convert_qat_(model: nn.Module, *, packed: bool = False, compute_dtype: str =
     if packed:
         new = {name: _to_packed(m, compute_dtype) for name, m in layers.items()}
     else:
-        new = {name: _to_plain(m) for name, m in layers.items()}
-    dropped = [n for n, m in layers.items() if m.act_bits]
+        new = {name: _with_act(_to_plain(m), m) for name, m in layers.items()}
+    dropped = [n for n, m in layers.items() if m.act_bits and packed]
     if dropped:
         log.warning("convert_qat_: activation fake-quant of %s is dropped (weights stay on grid)", dropped)
     for name, m in new.items():
         model.set_submodule(name, m)
     return list(new)
+
+
+@torch.no_grad()
+def _with_act(plain: nn.Module, fq: nn.Module) -> nn.Module:
+    """`plain` with a per-tensor input quantizer holding fq's (trained) activation grid, if fq has one."""
+    if not fq.act_bits:
+        return plain
+    from ..config import ActQuant
+    from .act import with_act_quant
+
+    new = with_act_quant(plain, ActQuant(bits=fq.act_bits))
+    new.input_quantizer.scale.copy_(fq.a_scale.detach().reshape(1))
+    new.input_quantizer.zero.copy_(fq.a_zero.detach().reshape(1))
+    return new
 
 
 @torch.no_grad()

@@ -195,6 +195,8 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None)
     """Set each planned layer's weight to its database weight in place (OBC's stitching); no solve.
 
     Low-rank entries swap in the factorized module (LowRankLinear / LowRankConv2d) of that weight.
+    Joint entries (``8w8a``, ``2:4+4w4a``, ...) also get their input quantizer, calibrated on `calib`
+    with the stitched weights in place.
 
     >>> stitch_(model, plan, table)
     """
@@ -208,12 +210,20 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None)
         batches = list(cache_batches(calib, 4))
         apply_channels_(model, [(e.layer, config_from_dict(e.configs[0])) for e in entries if e.structural],
                         example_of(batches), batches, list(table.profiles))
+    acts = {e.layer: c for e in entries for c in map(config_from_dict, e.configs) if type(c).verb == "actquant"}
+    if acts and calib is None:
+        raise ConfigError(f"stitch_: the plan quantizes the inputs of {len(acts)} layers (joint variants); pass "
+                          f"calib= to calibrate their activation scales")
     weights = [(e, modules[e.layer], table.db.weight(e)) for e in entries if e.shard]  # read all before writing
     for e, mod, W in weights:
         if e.variant.startswith("lr@"):  # low-rank: the factorized module itself (exact: W has that rank)
             model.set_submodule(e.layer, factorized_module(mod, W.to(mod.weight.device), e.configs[0]["rank"]))
         else:
             set_layer_weight_(mod, W.to(mod.weight.device))
+    if acts:
+        from ..quant.act import insert_act_quant_
+
+        insert_act_quant_(model, acts, calib)  # type: ignore[arg-type]
     return model
 
 

@@ -54,7 +54,7 @@ def channel_costs(dense: dict[str, LayerProfile], pruned: nn.Module, layer: str,
     """Costs of the channel variant of `layer`: its dense cost minus the whole model's saving."""
     after = profile_layers(pruned, list(dense), example)
     out = {}
-    for metric in ("params", "bytes", "macs", "flops", "bops"):
+    for metric in ("params", "bytes", "macs", "flops", "bops", "bops_obc"):
         saving = sum(p.dense_costs(act_bits)[metric] for p in dense.values()) - sum(
             p.dense_costs(act_bits)[metric] for p in after.values())
         out[metric] = dense[layer].dense_costs(act_bits)[metric] - saving

@@ -8,13 +8,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..config import Config, Pattern, config_from_dict, read_yaml, register_config
 from ..errors import ConfigError
 
-METRICS = ("params", "bytes", "flops", "bops", "latency")
+METRICS = ("params", "bytes", "flops", "bops", "bops_obc", "latency")
+ACT_OBSERVERS = ("minmax", "percentile", "mse", "ema")
 PRUNE_METHODS = ("ExactOBS", "SparseGPT", "Magnitude")
 QUANT_METHODS = ("OBQ", "GPTQ", "RTN")
 
@@ -41,6 +43,9 @@ class SearchSpace(Config):
     lowrank_ratios: low-rank variants ``lr@p`` of every Linear / Conv2d (groups=1): the
     activation-aware SVD at the largest rank whose factors hold at most p of the dense weights
     (:mod:`.factored`), applied by the ``factorize`` verb.
+    joint: weight + activation variants ``[N:M+]XwYa`` (OBC's joint space: ``8w8a``, ``4w4a``,
+    ``2:4+8w8a``, ``2:4+4w4a``): the layer's input gets a static per-tensor `act_observer`
+    quantizer and its weight solve uses the Hessian of the quantized inputs.
 
     >>> SearchSpace(levels=4, nm=(), block_sparsities=(), bits=(4,), nm_bits=())
     """
@@ -66,6 +71,8 @@ class SearchSpace(Config):
     channel_ratios: tuple[float, ...] = ()  # structured: fractions of a layer's output channels removed
     channel_importance: str = "group_l2"
     lowrank_ratios: tuple[float, ...] = ()  # low-rank: factorized weights <= this fraction of the dense ones
+    joint: tuple[str, ...] = ()  # weight + activation variants: "8w8a", "2:4+4w4a", any "[N:M+]XwYa"
+    act_observer: str = "minmax"  # observer of the joint variants' static per-tensor activation scales
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML gives lists: store tuples so the space stays hashable
@@ -93,6 +100,13 @@ class SearchSpace(Config):
                     _fail(name, f"each bit width must be an integer in [2, 8], got {b!r}")
         if not (isinstance(self.act_bits, int) and 1 <= self.act_bits <= 32):
             _fail("act_bits", f"must be an integer in [1, 32] (32 = float activations), got {self.act_bits!r}")
+        for j in self.joint:
+            try:
+                parse_joint(j)
+            except ConfigError as e:
+                _fail("joint", str(e))
+        if self.act_observer not in ACT_OBSERVERS:
+            _fail("act_observer", f"{self.act_observer!r} is not one of {list(ACT_OBSERVERS)}")
         if self.model_loss_batches < 1:
             _fail("model_loss_batches", f"must be >= 1, got {self.model_loss_batches!r}")
         if not 0.0 <= self.damp < 1.0:
@@ -104,7 +118,7 @@ class SearchSpace(Config):
             if not 0.0 < r < 1.0:
                 _fail("lowrank_ratios", f"each ratio (factorized / dense weights) must be in (0, 1), got {r!r}")
         if self.channel_ratios and (self.levels or self.nm or self.block_sparsities or self.bits or self.nm_bits
-                                    or self.lowrank_ratios or self.latency or not self.model_loss):
+                                    or self.lowrank_ratios or self.joint or self.latency or not self.model_loss):
             _fail("channel_ratios", "channel variants change the shapes of consumer layers, so they cannot share a "
                   "database with per-weight variants; use a space of its own: levels=0, nm=[], block_sparsities=[], "
                   "bits=[], nm_bits=[], lowrank_ratios=[], latency=false, model_loss=true")
@@ -119,12 +133,34 @@ class SearchSpace(Config):
         return (f"SearchSpace {self.prune_method}/{self.quant_method}: {self.levels} levels to "
                 f"{self.max_sparsity:.0%}, N:M {list(self.nm)}, block{self.block} {list(self.block_sparsities)}, "
                 f"bits {list(self.bits)}, N:M+bits {list(self.nm_bits)}"
-                + (f", low-rank {list(self.lowrank_ratios)}" if self.lowrank_ratios else ""))
+                + (f", low-rank {list(self.lowrank_ratios)}" if self.lowrank_ratios else "")
+                + (f", joint {list(self.joint)}" if self.joint else ""))
+
+
+def parse_joint(text: str) -> tuple[str, int, int]:
+    """A joint weight + activation variant ``[N:M+]XwYa`` -> (pattern or "", weight bits, activation bits).
+
+    >>> parse_joint("2:4+4w8a")
+    ('2:4', 4, 8)
+    """
+    m = re.fullmatch(r"(?:(\d+:\d+)\+)?(\d+)w(\d+)a", str(text))
+    if m is None:
+        raise ConfigError(f"joint variant {text!r}: expected [N:M+]XwYa, e.g. '8w8a', '4w4a', '2:4+4w4a'")
+    pat, w, a = m.group(1) or "", int(m.group(2)), int(m.group(3))
+    if pat:
+        Pattern.parse(pat)
+    if not (2 <= w <= 8 and 2 <= a <= 8):
+        raise ConfigError(f"joint variant {text!r}: weight and activation bits must be in [2, 8], got {w} and {a}")
+    return pat, w, a
 
 
 @dataclass(frozen=True)
 class Budget:
-    """At most `fraction` of the dense model's `metric` (params, bytes, flops, bops, latency).
+    """At most `fraction` of the dense model's `metric` (params, bytes, flops, bops, bops_obc, latency).
+
+    ``bops`` = MACs x weight bits x activation bits (dense fp32: 32 x 32 per MAC); ``bops_obc``
+    = MACs x max(weight bits, activation bits), dense 32 per MAC: the linear count of OBC's code
+    (Frantar & Alistarh 2022), in which 8w8a is 4x, 4w4a 8x and 2:4 + 4w4a 16x cheaper than dense.
 
     ``fraction=0.25`` is a 4x reduction. Layers outside the search space count at their
     dense cost.

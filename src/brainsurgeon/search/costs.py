@@ -6,9 +6,12 @@ Definitions (per sample, i.e. for a batch of one; only weight layers are counted
   on the real module with its real input shape (``flops = 2 * macs``), times the variant's
   density (kept weights / weights): a pruned variant is charged only for its kept weights.
   A quantized weight that rounds to 0 still counts as kept (it is stored and multiplied).
-* ``bops`` (bit operations, as in OBC, Frantar & Alistarh 2022, and van Baalen et al. 2020):
-  ``macs * b_w * b_a`` with b_w the weight bits (32 for float weights) and b_a the activation
-  bits (32: brainsurgeon quantizes weights only). A dense fp32 layer costs ``macs * 32 * 32``.
+* ``bops`` (bit operations, as in van Baalen et al. 2020): ``macs * b_w * b_a`` with b_w the
+  weight bits (32 for float weights) and b_a the activation bits (a joint variant's own, else the
+  space's ``act_bits``, 32 = float). A dense fp32 layer costs ``macs * 32 * 32``.
+* ``bops_obc``: the accounting of OBC's code (Frantar & Alistarh 2022), linear in one shared bit
+  width: ``macs * max(b_w, b_a)``, dense ``macs * 32``. So 8w8a is 4x, 4w4a 8x and 2:4 + 4w4a
+  16x cheaper than dense fp32 there, while ``bops`` counts them 16x, 64x and 128x.
 * ``params``: kept weights plus the bias.
 * ``bytes``: the smallest of the formats below, plus the float32 bias.
   dense ``numel * b_w / 8``; unstructured: bitmask ``numel / 8`` + ``kept * b_w / 8``;
@@ -36,7 +39,7 @@ from ..calib.driver import _forward
 from ..calib.hessian import first_input
 from ..config import Pattern
 from ..errors import CalibrationError
-from .variants import Variant
+from .variants import Variant  # one way: variants imports nothing from costs or factored
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class LayerProfile:
     def dense_costs(self, act_bits: int = 32) -> dict[str, float]:
         """The costs of the uncompressed float32 layer."""
         return {"params": float(self.numel + self.bias), "bytes": 4.0 * (self.numel + self.bias),
-                "macs": self.macs, "flops": 2 * self.macs, "bops": self.macs * 32 * act_bits}
+                "macs": self.macs, "flops": 2 * self.macs, "bops": self.macs * 32 * act_bits,
+                "bops_obc": self.macs * 32.0}
 
 
 def _dense_macs(module: nn.Module, x: torch.Tensor) -> float:
@@ -151,7 +155,9 @@ def variant_costs(prof: LayerProfile, W_hat: torch.Tensor, variant: Variant, act
     if variant.pattern.startswith("block"):
         kept_blocks = math.ceil(kept / Pattern.parse(variant.pattern).block)  # a kept block is (almost) never 0
     macs = prof.macs * kept / prof.numel
+    a = variant.act_bits if variant.act_bits < 32 else act_bits
     return {"params": float(kept + prof.bias),
             "bytes": weight_bytes(prof.numel, kept, prof.rows, variant.bits, variant.pattern, kept_blocks)
             + 4.0 * prof.bias,
-            "macs": macs, "flops": 2 * macs, "bops": macs * variant.bits * act_bits}
+            "macs": macs, "flops": 2 * macs, "bops": macs * variant.bits * a,
+            "bops_obc": macs * max(variant.bits, a)}

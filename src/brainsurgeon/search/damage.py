@@ -117,10 +117,12 @@ class OutputDamage:
             self._acts[(seq, k)] = got
         return self._acts[(seq, k)]
 
-    def layer_damage(self, name: str, W_hat: torch.Tensor) -> float:
+    def layer_damage(self, name: str, W_hat: torch.Tensor, quant_in: nn.Module | None = None) -> float:
+        """Damage with layer `name` set to W_hat (and its input passed through `quant_in`, if given)."""
         mod = self.modules[name]
         W0 = layer_weight(mod).clone()
         where = _sequential_of(self.model, name)
+        hook = None if quant_in is None else mod.register_forward_pre_hook(lambda m, a: (quant_in(a[0]), *a[1:]))
         try:
             set_layer_weight_(mod, W_hat.to(W0.device))
             if where is None or where[1] <= 0:
@@ -142,3 +144,5 @@ class OutputDamage:
             return total / self.norm
         finally:
             set_layer_weight_(mod, W0)
+            if hook is not None:
+                hook.remove()

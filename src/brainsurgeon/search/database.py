@@ -14,6 +14,7 @@ it stopped; one folder serves many budgets, models and calibration sets.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -209,6 +210,22 @@ def _hessians(model: nn.Module, names: list[str], batches: list[Any]) -> dict[st
             m.training = mode
 
 
+def _act_quantized(model: nn.Module, space: SearchSpace, bits: list[int], layers: list[str],
+                   batches: list[Any]) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, nn.Module]]]:
+    """Per activation bit width: the Hessians of the layers' quantized inputs (every supported layer's
+    input quantized, static per tensor, calibrated on `batches`) and each layer's input quantizer."""
+    from ..config import ActQuant
+    from ..quant.act import insert_act_quant_
+
+    out = {}
+    for a in bits:
+        qm = copy.deepcopy(model)
+        names = [n for n, m in qm.named_modules() if n and supported(m)]
+        insert_act_quant_(qm, {n: ActQuant(bits=a, observer=space.act_observer) for n in names}, batches)
+        out[a] = (_hessians(qm, layers, batches), {n: qm.get_submodule(n).input_quantizer for n in layers})
+    return out
+
+
 def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str | os.PathLike[str],
                    executor: str | Executor = "inline", workers: int = 2) -> SearchTable:
     """Compute (or resume) every variant of every searched layer; return this model's table.
@@ -256,6 +273,7 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
              executor: str | Executor, workers: int, example: Any) -> None:
     layers = sorted({n for n, v, _ in todo if v.pattern != "channels"}, key=list(profiles).index)
     Hs = _hessians(model, layers, batches) if layers else {}
+    act = _act_quantized(model, space, sorted({v.act_bits for _, v, _ in todo if v.act_bits < 32}), layers, batches)
     modules = dict(model.named_modules())
     distortion = (OutputDamage(model, CachedBatches(batches[: space.model_loss_batches]), "mse")
                   if space.model_loss else None)
@@ -273,7 +291,9 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
             costs = variant_costs(prof, W_hat, v, space.act_bits)
         if latency is not None:
             costs["latency"] = latency.measure(f"{mhash}|{layer}|{v.name}", mod, W_hat, v, prof.input_shape)
-        mloss = None if distortion is None else (0.0 if not v.configs else distortion.layer_damage(layer, W_hat))
+        quant_in = act[v.act_bits][1][layer] if v.act_bits < 32 else None
+        mloss = None if distortion is None else (
+            0.0 if not v.configs else distortion.layer_damage(layer, W_hat, quant_in))
         shard = f"shards/{key}.safetensors" if v.configs else ""
         db.add(Entry(key, mhash, chash, layer, v.name, tuple(c.to_dict() for c in v.configs), v.sparsity,
                      v.bits, loss, rel, mloss, costs, shard, sec), W_hat if v.configs else None)
@@ -293,7 +313,7 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
                 channel_entry(layer, v, key)
                 continue
             W = layer_weight(modules[layer])
-            H = Hs[layer]
+            H = Hs[layer] if v.act_bits == 32 else act[v.act_bits][0][layer]
             if not inline:
                 W, H = W.cpu(), H.cpu()
             pending[ex.submit(solve_variant, W, H, v.configs, layer)] = (layer, v, key)

@@ -16,23 +16,19 @@ counted by ``torch.utils.flop_counter`` like every other variant.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..obs.hessian import layer_loss
 from .costs import LayerProfile, _dense_macs
+from .variants import rank_for
+
+__all__ = ["factorizable", "factorized_module", "lowrank_costs", "rank_for", "solve_lowrank"]
 
 
 def factorizable(module: nn.Module) -> bool:
     """Whether the factorize verb can replace `module` (Linear, or Conv2d with groups=1)."""
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-
-
-def rank_for(ratio: float, rows: int, cols: int) -> int:
-    """The largest rank whose factors hold at most `ratio` of the rows x cols weights (0 if none)."""
-    return int(math.floor(ratio * rows * cols / (rows + cols)))
 
 
 def solve_lowrank(W: torch.Tensor, H: torch.Tensor, rank: int, damp: float) -> tuple[torch.Tensor, float, float]:
@@ -70,4 +66,5 @@ def lowrank_costs(prof: LayerProfile, new: nn.Module, act_bits: int = 32) -> dic
     x = torch.zeros(prof.input_shape, dtype=next(new.parameters()).dtype, device=next(new.parameters()).device)
     macs = _dense_macs(new, x)
     params = float(sum(p.numel() for p in new.parameters()))
-    return {"params": params, "bytes": 4.0 * params, "macs": macs, "flops": 2 * macs, "bops": macs * 32 * act_bits}
+    return {"params": params, "bytes": 4.0 * params, "macs": macs, "flops": 2 * macs, "bops": macs * 32 * act_bits,
+            "bops_obc": macs * 32.0}

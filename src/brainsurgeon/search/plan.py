@@ -75,15 +75,16 @@ class Plan:
 
     def to_recipe(self, options: CalibOptions | None = None) -> Recipe:
         """A recipe: sparsify, quantize, then factorize (low-rank) steps, each with one exact-name
-        override per layer (factorize last: it replaces modules, the other steps keep them).
+        override per layer (factorize last: it replaces modules, the other steps keep them), and an
+        activation step for joint variants (``compress`` runs it first: the solves see X_q).
 
         Default options: sequential calibration, then BatchNorm re-estimation.
 
         >>> plan.to_recipe(CalibOptions(bn_reestimate=True)).steps[0].overrides[0]
         ('conv2', ExactOBS(sparsity=0.5929, ...))
         """
-        steps = tuple(s for s in (self._step("sparsify"), self._step("quantize"), self._step("factorize"))
-                      if s is not None)
+        steps = tuple(s for s in (self._step("sparsify"), self._step("quantize"), self._step("factorize"),
+                                  self._step("actquant")) if s is not None)  # compress() runs actquant first
         return Recipe(steps, options or CalibOptions(bn_reestimate=True))
 
     def to_yaml(self, options: CalibOptions | None = None) -> str:

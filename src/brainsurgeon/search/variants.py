@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ..config import RTN, Config, Pattern, config_from_dict
-from .config import SearchSpace
+from ..config import RTN, ActQuant, Config, Pattern, config_from_dict
+from .config import SearchSpace, parse_joint
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class Variant:
     """One compressed form of a layer: a sparsify config and/or a quantize config (or none: dense).
 
     level: the sparsity the variant removes (0 for dense and pure quantization);
-    bits: the weight bits (32 = float).
+    bits: the weight bits (32 = float); act_bits: the activation bits of a joint variant (32 = float,
+    i.e. the space's ``act_bits``).
     """
 
     name: str
@@ -26,6 +28,7 @@ class Variant:
     sparsity: float = 0.0
     bits: int = 32
     pattern: str = "unstructured"
+    act_bits: int = 32
 
     @property
     def family(self) -> str:
@@ -59,6 +62,38 @@ def _quant(space: SearchSpace, bits: int) -> Config:
     return config_from_dict(d)
 
 
+def rank_for(ratio: float, rows: int, cols: int) -> int:
+    """The largest rank whose factors hold at most `ratio` of the rows x cols weights (0 if none).
+
+    >>> rank_for(0.5, 64, 128)
+    21
+    """
+    return int(math.floor(ratio * rows * cols / (rows + cols)))
+
+
+def joint_variants(space: SearchSpace, in_channels: int) -> list[Variant]:
+    """The joint weight + activation variants (``8w8a``, ``2:4+4w4a``, ...) a layer can take.
+
+    Each is [an N:M prune config,] a `bits`-bit weight config and an ActQuant config (static, per
+    tensor, ``space.act_observer``); an N:M entry is skipped where M does not divide `in_channels`.
+
+    >>> [v.name for v in joint_variants(SearchSpace(joint=("8w8a", "2:4+4w4a")), in_channels=3)]
+    ['8w8a']
+    """
+    out = []
+    for text in space.joint:
+        pat, w, a = parse_joint(text)
+        act = ActQuant(bits=a, observer=space.act_observer)
+        if pat:
+            p = Pattern.parse(pat)
+            if in_channels % p.m:
+                continue
+            out.append(Variant(text, (_prune(space, None, pat), _quant(space, w), act), float(p.sparsity), w, pat, a))
+        else:
+            out.append(Variant(text, (_quant(space, w), act), bits=w, act_bits=a))
+    return out
+
+
 def _prune_patterns(space: SearchSpace) -> tuple[str, ...]:
     from ..config import _REGISTRY
 
@@ -72,7 +107,6 @@ def lowrank_variants(space: SearchSpace, rows: int, cols: int) -> list[Variant]:
     ['lr@0.2500', 'lr@0.5000']
     """
     from ..lowrank import LowRank
-    from .factored import rank_for
 
     out, seen = [], set()
     for p in sorted(space.lowrank_ratios):
@@ -110,4 +144,5 @@ def layer_variants(space: SearchSpace, in_channels: int, matrix: tuple[int, int]
         out += [Variant(f"{blk}@{s:.4f}", (_prune(space, s, blk),), sparsity=s, pattern=blk)
                 for s in space.block_sparsities]
     out += [Variant(f"w{b}", (_quant(space, b),), bits=b) for b in space.bits]
+    out += joint_variants(space, in_channels)
     return out + (lowrank_variants(space, *matrix) if matrix is not None and space.lowrank_ratios else [])
