@@ -114,6 +114,8 @@ def compress(lm, how, calib, opts):
         bs.quantize_(m, bs.GPTQ(bits=4, group_size=128), calib, ignore=IGNORE, options=opts)
     else:
         verb = bs.sparsify_ if how.verb == "sparsify" else bs.quantize_
+        if isinstance(how, bs.RTN):  # data-free: one calibration batch only drives the block walk
+            opts = bs.CalibOptions(blocks=opts.blocks, max_batches=1)
         verb(m, how, calib, ignore=IGNORE, options=opts)
     return m
 

@@ -112,3 +112,14 @@ def test_tokenizer_round_trips_through_the_gguf_reader(tmp_path):
         again = AutoTokenizer.from_pretrained(tmp_path, gguf_file=f"{name}.gguf")
         assert again(text)["input_ids"] == tok(text)["input_ids"] and len(again) == len(tok) == 49152
         assert again.eos_token == tok.eos_token
+
+
+def test_packed_layers_write_their_own_codes(tmp_path):
+    """A pack_-ed model (int4 buffers, no float weight) gives the same GGUF as its float original."""
+    model, quant = compressed("w4g32")
+    float_path = save_gguf(model, str(tmp_path / "float.gguf"), quant=quant)
+    bs.pack_(model, bs.Pack(bits=4, group_size=32, compute_dtype="float32"), ignore=("lm_head",))
+    packed_path = save_gguf(model, str(tmp_path / "packed.gguf"))
+    a, b = gguf.GGUFReader(float_path), gguf.GGUFReader(packed_path)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all((x.data == y.data).all() for x, y in zip(a.tensors, b.tensors, strict=True))

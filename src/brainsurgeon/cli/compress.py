@@ -192,10 +192,12 @@ def run(args: argparse.Namespace) -> int:
     print(report.to_json() if args.format == "json" else report.to_table())
     report.save(os.path.join(args.out, "report.json"))
     save(model, os.path.join(args.out, "model"), recipe=recipe, history=report)
+    extra = ""
     if fmt != "brainsurgeon":
-        save(model, os.path.join(args.out, "model.onnx" if fmt == "onnx" else f"model-{fmt}"), format=fmt,
-             **_format_options(fmt, recipe, test_ds))
+        extra = "model.onnx" if fmt == "onnx" else f"model-{fmt}/"
+        save(model, os.path.join(args.out, extra.rstrip("/")), format=fmt, **_format_options(fmt, recipe, test_ds))
+        extra = ", " + extra
     write_atomic(os.path.join(args.out, "recipe.yaml"), dump_recipe(recipe))
     html = report.to_html(os.path.join(args.out, "report.html"))
-    print(f"wrote {os.path.join(args.out, '')}{{model/, report.json, recipe.yaml}} and {html}", file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, '')}{{model/{extra}, report.json, recipe.yaml}} and {html}", file=sys.stderr)
     return 0

@@ -49,6 +49,7 @@ from .layercodes import LayerCodes, check_hf_shapes, collect_codes
 log = get_logger(__name__)
 
 FORMATS = ("pack-quantized", "int-quantized")
+CT_VERSION = "0.20.1"  # the compressed-tensors release whose names and layouts this module follows
 
 
 def pack_int32(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -93,7 +94,7 @@ def _scheme_key(lc: LayerCodes) -> tuple[int, int, bool]:
 def _sparsity(layers: dict[str, LayerCodes]) -> dict[str, Any] | None:
     """sparsity_config for the Linears with zeros: 2:4 if every one is, else unstructured; None if dense."""
     zeros = {n: int((lc.weight == 0).sum()) for n, lc in layers.items()}
-    sparse = [n for n, z in zeros.items() if z >= 0.25 * layers[n].weight.numel()]
+    sparse = [n for n, z in zeros.items() if z >= 0.25 * layers[n].weight.numel()]  # zeros by design, not chance
     if not sparse:
         return None
     def is24(W: torch.Tensor) -> bool:
@@ -121,7 +122,7 @@ def quantization_config(layers: dict[str, LayerCodes], fmt: str) -> dict[str, An
     out = {"quant_method": "compressed-tensors", "format": fmt if coded else "dense",
            "quantization_status": "compressed", "config_groups": cfg_groups,
            "ignore": [n for n in layers if n not in coded], "kv_cache_scheme": None, "global_compression_ratio": None,
-           "version": "0.20.1", "sparsity_config": _sparsity(layers) or {}, "transform_config": {}}
+           "version": CT_VERSION, "sparsity_config": _sparsity(layers) or {}, "transform_config": {}}
     return out
 
 
@@ -224,14 +225,15 @@ def _decode(sd: dict[str, torch.Tensor], name: str, args: dict[str, Any], fmt: s
     bits = int(args["num_bits"])
     half = 2 ** (bits - 1)
     scale = sd.pop(f"{name}.weight_scale").to(torch.float32)
-    if f"{name}.weight_packed" in sd:
+    if f"{name}.weight_packed" in sd:  # pack-quantized
         rows, cols = (int(x) for x in sd.pop(f"{name}.weight_shape"))
         q = unpack_int32(sd.pop(f"{name}.weight_packed"), bits, cols) - half
-    elif fmt in FORMATS or f"{name}.weight" in sd:
+    elif f"{name}.weight" in sd and not sd[f"{name}.weight"].is_floating_point():  # int-quantized
         q = sd.pop(f"{name}.weight").to(torch.int64)
         rows, cols = q.shape
     else:
-        raise FormatError(f"compressed-tensors: layer {name} has neither weight_packed nor weight")
+        raise FormatError(f"compressed-tensors: layer {name} has a weight_scale but neither an integer "
+                          f"weight_packed nor weight; the {fmt!r} folder is incomplete or of another format")
     zp = sd.pop(f"{name}.weight_zero_point", None)
     if zp is None:
         zp = torch.zeros_like(scale, dtype=torch.int64)

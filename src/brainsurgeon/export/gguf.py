@@ -197,28 +197,26 @@ def save_gguf(model: nn.Module, path: str, *, quant: Any = None, tokenizer: Any 
     'out/lm.gguf'
     """
     gguf = _gguf()
-    layers = collect_codes(model, _relaxed(quant), ignore)
+    layers = collect_codes(model, quant, ignore, check_sym=False)  # k or -k in range: checked per block below
     _check(model, layers)
     cfg = model.config
     out: dict[str, tuple[np.ndarray, Any]] = {}
-    worst, types = 0.0, []
+    worst, types, out_names = 0.0, [], set()
     for key, t in model.state_dict().items():
         prefix = key.rsplit(".", 1)[0]
         lc = layers.get(prefix)
-        if lc is not None and lc.codes is not None:
-            if not key.endswith(".weight"):
+        if lc is not None and lc.codes is not None:  # a float Linear's weight, or a packed one's buffers
+            if f"{prefix}.weight" in out_names:
                 continue
             qtype = "Q4_0" if lc.codes.bits <= 4 else "Q8_0"
             k, d = _signed_blocks(lc, 7 if qtype == "Q4_0" else 127)
             worst = max(worst, _check_scale(prefix, d, k))
-            k, d = _perm_qk(key, k, cfg), _perm_qk(key, d, cfg)
-            out[gguf_name(key)] = (encode_blocks(k, d, qtype), getattr(gguf.GGMLQuantizationType, qtype))
+            wkey = f"{prefix}.weight"
+            k, d = _perm_qk(wkey, k, cfg), _perm_qk(wkey, d, cfg)
+            out[gguf_name(wkey)] = (encode_blocks(k, d, qtype), getattr(gguf.GGMLQuantizationType, qtype))
+            out_names.add(wkey)
             types.append(qtype)
-        elif key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        else:
-            if lc is not None and key.endswith(".weight"):
-                t = lc.weight  # a packed layer written dense is not possible (collect_codes refuses)
+        elif not (key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings)):
             out[gguf_name(key)] = (_perm_qk(key, t.detach().float().cpu(), cfg).numpy(), None)
     ftype = gguf.LlamaFileType.MOSTLY_Q4_0 if types.count("Q4_0") >= types.count("Q8_0") else \
         gguf.LlamaFileType.MOSTLY_Q8_0
@@ -245,17 +243,6 @@ def save_gguf(model: nn.Module, path: str, *, quant: Any = None, tokenizer: Any 
     log.info("GGUF: wrote %d tensors (%d %s) to %s; float16 block scales move weights by <= %.2g relative",
              len(out), len(types), "/".join(sorted(set(types))) or "F32", path, worst)
     return path
-
-
-def _relaxed(quant: Any) -> Any:
-    """The caller's grid with sym=False: a GGUF block takes k or -k in range, checked per block later."""
-    if quant is None:
-        return None
-
-    class _Grid:
-        bits, group_size, sym = int(quant.bits), int(quant.group_size), False
-
-    return _Grid()
 
 
 def _perm_qk(key: str, t: torch.Tensor, cfg: Any) -> torch.Tensor:

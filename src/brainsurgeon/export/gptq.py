@@ -80,6 +80,9 @@ def _check(model: nn.Module, layers: dict[str, LayerCodes]) -> tuple[int, int]:
             raise FormatError(f"layer {n}: shape {lc.shape} does not pack: GPTQ packs {p} {bits}-bit codes per int32 "
                               f"along in_features and out_features, so both must be divisible by {p}; keep the "
                               f"layer dense (ignore=[...]) or prune to a multiple of {p}")
+        if lc.codes is not None and bool((lc.codes.zero == 0).any()):
+            raise FormatError(f"layer {n}: a group has zero point 0, which the v1 GPTQ format (it stores zero - 1) "
+                              f"cannot hold; quantize with sym=True or use format='compressed-tensors'")
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and layers.get("lm_head") is not None and layers["lm_head"].codes is not None:
         raise FormatError("lm_head is quantized but tied to the embeddings; keep it dense (ignore=['lm_head'])")

@@ -95,11 +95,14 @@ def _packed_codes(m: _PackedLinear) -> GridCodes:
                      m.bits, m.group_size)
 
 
-def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = ("lm_head",)) -> dict[str, LayerCodes]:
+def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = ("lm_head",),
+                  check_sym: bool = True) -> dict[str, LayerCodes]:
     """name -> :class:`LayerCodes` for every Linear (float or packed) of `model`, in module order.
 
     quant: the grid float Linears were quantized to (a GPTQ/OBQ/RTN config); None writes float
     Linears dense. Packed modules always give their own codes. ignore: regexes of Linears kept dense.
+    check_sym: refuse zero points off the symmetric grid when quant says sym=True (a writer that
+    checks the codes' range itself, like GGUF's, passes False).
     Raises FormatError naming the layer if a float layer is not exactly on the named grid.
     """
     scheme = _scheme(quant)
@@ -123,7 +126,7 @@ def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = (
             if scheme is not None and not skip:
                 bits, gs, sym = scheme
                 check_group_size(W.shape[1], gs, name)
-                codes = exact_codes(W, bits, gs, sym, name)
+                codes = exact_codes(W, bits, gs, sym and check_sym, name)
             out[name] = LayerCodes(name, codes, W, b)
     n_q = sum(lc.codes is not None for lc in out.values())
     log.info("collected %d Linear layers (%d with codes, %d dense)", len(out), n_q, len(out) - n_q)
