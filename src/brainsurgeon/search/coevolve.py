@@ -54,10 +54,10 @@ def coevolve(fitness_a: Fitness2, fitness_b: Fitness2, segments_a: Sequence[int]
         gb.load_state_dict(sd["b"])
         best_a, best_b = sd["best_a"], sd["best_b"]
     while True:
-        if not ga.step(lambda g: fitness_a(g, best_b)):
+        if not ga.step(lambda g, partner=best_b: fitness_a(g, partner)):
             break
         best_a = ga.best().genome
-        if not gb.step(lambda g: fitness_b(g, best_a)):
+        if not gb.step(lambda g, partner=best_a: fitness_b(g, partner)):
             break
         best_b = gb.best().genome
         if state is not None:
