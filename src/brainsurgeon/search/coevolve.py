@@ -1,0 +1,112 @@
+"""Co-evolution of two channel populations whose fitness depends on each other (Shu et al., ICCV 2019).
+
+"Co-Evolutionary Compression for Unpaired Image Translation" (Shu, Wang, Han, Xu, Xu, Tao), sec. 3.2:
+the two generators of a CycleGAN, G: A -> B and F: B -> A, each get a population of channel masks.
+A mask p of G is scored against the current best mask of F (and vice versa) by
+
+    fitness(p) = -( L_DisA(p) + gamma * L_cyc(p, F_best) ) - beta * max(0, macs(p) / macs(G) - target)
+
+with the discriminator-aware loss ``L_DisA = mean (D_B(G_p(a)) - D_B(G(a)))^2`` (the compressed output is
+judged by the trained discriminator like the dense one's), cycle consistency through the partner's best
+``L_cyc = mean |F_best(G_p(a)) - a|``, and the FLOP term as a budget penalty (the paper trades a
+parameter term against the losses; a fixed MAC budget makes methods comparable). The populations take
+turns: one generation of G against F's best, then one of F against G's new best; survivors are
+re-scored every generation because their partner changed. Each population is a
+:class:`~.evolve.GeneticSearch` (tournament, uniform crossover, bit-flip, elitism)::
+
+    >>> best_g, best_f = coevolve(fit_g, fit_f, space_g.segments, space_f.segments, Evolve(budget=256))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .._io import atomic_open
+from ..errors import ConfigError
+from .evolve import Evolve, GeneticSearch, Individual
+from .evolve_channels import ChannelSpace
+
+Fitness2 = Callable[[torch.Tensor, torch.Tensor], float]  # (own genome, partner's best genome) -> fitness
+
+
+def coevolve(fitness_a: Fitness2, fitness_b: Fitness2, segments_a: Sequence[int], segments_b: Sequence[int],
+             cfg: Evolve, *, seeds_a: Sequence[torch.Tensor] = (), seeds_b: Sequence[torch.Tensor] = (),
+             state: str | os.PathLike[str] | None = None) -> tuple[Individual, Individual]:
+    """Alternate generations of two GAs, each scored against the other's current best; `cfg.budget` per population.
+
+    The partner of population A's first generation is B's first seed (or B's all-ones genome). With
+    `state`, both populations and the partners are saved after every round and a rerun resumes.
+    """
+    cfg = dataclasses.replace(cfg, reevaluate=True)
+    ga = GeneticSearch(cfg, segments_a, seeds_a)
+    gb = GeneticSearch(dataclasses.replace(cfg, seed=cfg.seed + 1), segments_b, seeds_b)
+    best_b = (torch.as_tensor(seeds_b[0], dtype=torch.bool).clone() if seeds_b
+              else torch.ones(sum(segments_b), dtype=torch.bool))
+    best_a = torch.ones(sum(segments_a), dtype=torch.bool)
+    if state is not None and os.path.exists(state):
+        sd = torch.load(state, weights_only=True)
+        ga.load_state_dict(sd["a"])
+        gb.load_state_dict(sd["b"])
+        best_a, best_b = sd["best_a"], sd["best_b"]
+    while True:
+        if not ga.step(lambda g, partner=best_b: fitness_a(g, partner)):
+            break
+        best_a = ga.best().genome
+        if not gb.step(lambda g, partner=best_a: fitness_b(g, partner)):
+            break
+        best_b = gb.best().genome
+        if state is not None:
+            with atomic_open(state, "wb") as f:
+                torch.save({"a": ga.state_dict(), "b": gb.state_dict(), "best_a": best_a, "best_b": best_b}, f)
+    if not gb.history:
+        raise ConfigError("coevolve: the budget did not allow one generation of both populations; raise budget")
+    return ga.best(), gb.best()
+
+
+def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target: float, *,
+                      partner: ChannelSpace | None = None, gamma: float = 10.0, beta: float = 100.0
+                      ) -> Callable[[torch.Tensor, torch.Tensor | None], float]:
+    """Shu et al.'s fitness of a generator mask on inputs x: ``-(L_DisA + gamma L_cyc) - beta * overshoot``.
+
+    D: the discriminator of the generator's output domain; partner: the other generator's space (its model
+    is masked by the partner genome during the cycle term); without a partner (evolution alone) the
+    cycle term is left out. The returned function takes (genome, partner_genome or None).
+    """
+    G = space.model
+    with torch.no_grad():
+        was = G.training
+        G.eval()
+        ref = D(G(x))  # the dense generator's output as the discriminator judges it
+        G.train(was)
+
+    @torch.no_grad()
+    def fit(genome: torch.Tensor, partner_genome: torch.Tensor | None = None) -> float:
+        over = max(0.0, space.macs_fraction(genome) - target)
+        with space.masked(genome) as g:
+            y = g(x)
+            loss = float(((D(y) - ref) ** 2).mean())
+            if partner is not None and gamma:
+                pg = partner_genome if partner_genome is not None else partner.dense_genome()
+                with partner.masked(pg) as f:
+                    loss += gamma * float((f(y) - x).abs().mean())
+        return -loss - beta * over
+
+    return fit
+
+
+def l1_at_budget(space: ChannelSpace, target: float, iters: int = 20) -> tuple[torch.Tensor, float]:
+    """The uniform L1-norm genome (same kept fraction in every group) with the largest keep whose estimated
+    MACs fraction is <= target, by bisection on the kept fraction; returns (genome, kept fraction)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if space.macs_fraction(space.l1_genome(mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return space.l1_genome(lo), lo
