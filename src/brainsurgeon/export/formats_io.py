@@ -115,6 +115,8 @@ def load(path: str, model_fn: ModelFn | None = None, *, verify: bool = True, all
 
     >>> model = load("out/ckpt", DigitsCNN); lm = load("out/ct"); lm = load("out/lm.gguf")
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise FormatError(f"load(): path must be the path of a checkpoint folder or file, got {path!r}")
     fmt = detect_format(path)
     if fmt == "compressed-tensors":
         from .compressed_tensors import load_compressed_tensors
