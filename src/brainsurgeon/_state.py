@@ -13,13 +13,15 @@ module's ``__dict__`` for a deep copy's.
     ...     raise
 
 What is restored: every module's class, attributes (``training``, ``stride``, ...), the
-contents of its ``_parameters``/``_buffers``/``_modules`` and hook dicts (same dict objects);
+contents of its ``_parameters``/``_buffers``/``_modules`` and hook dicts (same dict objects), the
+fields of config objects it holds (an HF ``model.config`` that a pruning step narrowed);
 every Parameter and buffer keeps its object, its storage when it had one, its values,
 ``requires_grad`` and ``.grad`` (same grad tensor, same values).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -40,10 +42,14 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module, *, to_cpu: bool = False) -> None:
         self.modules: list[tuple[nn.Module, type, dict[str, tuple[Any, Any]]]] = []
+        self.configs: dict[int, tuple[Any, dict[str, Any]]] = {}  # HF-style config objects, edited in place
         tensors: dict[int, torch.Tensor] = {}
         for mod in model.modules():
             attrs = {k: (v, _shallow(v) if isinstance(v, _CONTAINERS) else None) for k, v in vars(mod).items()}
             self.modules.append((mod, type(mod), attrs))
+            for v in vars(mod).values():
+                if callable(getattr(v, "to_dict", None)) and hasattr(v, "__dict__") and not isinstance(v, nn.Module):
+                    self.configs.setdefault(id(v), (v, copy.deepcopy(vars(v))))
             for t in list(mod._parameters.values()) + list(mod._buffers.values()):
                 if t is not None:
                     tensors.setdefault(id(t), t)
@@ -58,6 +64,9 @@ class ModelSnapshot:
 
     def restore_(self) -> None:
         """Put every module, attribute, Parameter, buffer, value, flag and grad back (same objects)."""
+        for obj, saved in self.configs.values():  # e.g. model.config.intermediate_size after a pruning step
+            vars(obj).clear()
+            vars(obj).update(copy.deepcopy(saved))
         for mod, cls, attrs in self.modules:
             if type(mod) is not cls:
                 mod.__class__ = cls

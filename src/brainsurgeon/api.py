@@ -196,6 +196,7 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
     teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
     snapshot = ModelSnapshot(model, to_cpu=not structural)
+    modes = {m: m.training for m in model.modules()}  # every submodule's flag, not only the root's
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     report.notes += calib_notes
@@ -218,6 +219,8 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     except BaseException:
         snapshot.restore_()
         raise
+    for m, mode in modes.items():  # a verb that restored only the root's train/eval flag leaves no trace
+        m.training = mode
     return report
 
 

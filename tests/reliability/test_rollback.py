@@ -57,3 +57,30 @@ def test_failed_weight_only_recipe_keeps_objects():
     with pytest.raises(BrainsurgeonError, match="conv1"):
         bs.compress(m, recipe, calib())
     assert_untouched(m, before)
+
+
+def test_failed_compress_restores_an_hf_config_edited_by_a_pruning_step(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from brainsurgeon import api
+    from brainsurgeon.errors import NumericalError
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    llm = transformers.LlamaForCausalLM(cfg).eval()
+    config = llm.config
+    before = capture(llm)
+    seen = []
+
+    def fail(W, H, cfg, name=""):
+        seen.append(llm.config.intermediate_size)
+        raise NumericalError(f"layer {name}: injected failure after the pruning step")
+
+    monkeypatch.setattr(api, "compress_weight", fail)
+    recipe = bs.Recipe((bs.config.Step(bs.ChannelPruning(ratio=0.5, ignore=("lm_head",))),
+                        bs.config.Step(bs.RTN(bits=4), ("model.embed_tokens",))))
+    with pytest.raises(NumericalError, match="injected"):
+        bs.compress(llm, recipe, [torch.randint(0, 64, (2, 8)) for _ in range(2)])
+    assert seen and seen[0] < 48  # the pruning step had narrowed the config before the failure
+    assert llm.config is config and llm.config.intermediate_size == 48
+    assert_untouched(llm, before)

@@ -38,3 +38,13 @@ def test_a_budget_equal_to_the_dense_cost_returns_the_dense_plan(tmp_path):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     apply_plan_(m, again, calib)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_compress_keeps_every_submodules_train_eval_flag():
+    from test_rollback import Net, calib
+
+    m = Net().eval()
+    m.bn1.train()  # a submodule in another mode than the root
+    before = {n: x.training for n, x in m.named_modules()}
+    bs.compress(m, bs.Recipe((bs.config.Step(bs.ChannelPruning(ratio=0.5)), bs.config.Step(bs.RTN(bits=4)))), calib())
+    assert {n: x.training for n, x in m.named_modules()} == before
