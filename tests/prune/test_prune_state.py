@@ -56,6 +56,9 @@ def test_undo_log_restores_config_objects_in_place():
             self.hidden = 8
             self.heads = [2, 4]
 
+        def to_dict(self):
+            return dict(vars(self))
+
     m = nn.Linear(8, 8)
     m.config = cfg = Cfg()
     log = UndoLog(m)

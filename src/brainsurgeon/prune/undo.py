@@ -38,10 +38,11 @@ class UndoLog:
             params = {k: (p, None if p is None else p.data, None if p is None else p.grad)
                       for k, p in m._parameters.items()}
             bufs = {k: (b, None if b is None else b.data) for k, b in m._buffers.items()}
-            attrs = {k: v if hasattr(v, "__dict__") else copy.copy(v)   # objects: same object, fields below
+            attrs = {k: v if hasattr(v, "__dict__") else copy.copy(v)   # objects: the same object is put back
                      for k, v in vars(m).items() if not k.startswith("_") and _plain(v)}
-            for v in vars(m).values():
-                if hasattr(v, "__dict__") and _plain(v) and not isinstance(v, type) and id(v) not in self.objects:
+            for v in vars(m).values():   # config objects (HF PretrainedConfig): surgery writes their fields
+                if callable(getattr(v, "to_dict", None)) and _plain(v) and not isinstance(v, type) \
+                        and id(v) not in self.objects:
                     self.objects[id(v)] = (v, {k: copy.copy(x) for k, x in vars(v).items()})
             self.modules.append((m, params, bufs, attrs, m.training))
 
