@@ -32,7 +32,7 @@ from .calib import (
 )
 from .config import CalibOptions, Config, Recipe, Step, load_recipe, match_configs
 from .errors import ConfigError, UnsupportedModuleError
-from .obs import compress_weight
+from .obs import compress_weight, is_data_free
 from .obs.engine import column_perm
 from .report import CompressionReport, LayerRow
 
@@ -90,11 +90,11 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
               report: CompressionReport) -> list[str]:
     plan = plan_layers(model, step)
 
-    def solve(name: str, module: nn.Module, H: torch.Tensor) -> None:
+    def solve(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
         cfg = plan[name]
         W = _layer_weight(module)
         g = num_groups(module)
-        Hs = H if H.dim() == 3 else H.unsqueeze(0)
+        Hs = [None] * g if H is None else (H if H.dim() == 3 else H.unsqueeze(0))
         parts = [compress_weight(Wg, Hs[i], cfg, name) for i, Wg in enumerate(W.chunk(g, dim=0))]
         W_hat = torch.cat([p.weight for p in parts])
         _set_layer_weight(module, W_hat)
@@ -102,14 +102,23 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         rel = sum(p.info["rel_loss"] for p in parts) / g
         bits = float(getattr(cfg, "bits", torch.finfo(W.dtype).bits))
         W2 = W_hat.reshape(W_hat.shape[0], -1)
-        levels = _levels(W2, getattr(cfg, "group_size", 0)) if hasattr(cfg, "bits") else 0
+        known = [p.info.get("levels") for p in parts]  # solvers that hold the codes count in linear time
+        levels = (max(known) if all(k is not None for k in known) else _levels(W2, getattr(cfg, "group_size", 0))
+                  ) if hasattr(cfg, "bits") else 0
         report.add_row(LayerRow(
             name=name, method=cfg.describe(), shape=tuple(W.shape), params=W.numel(),
-            nonzeros=int((W_hat != 0).sum()), bits=bits, loss=loss, rel_loss=rel,
+            nonzeros=sum(p.info["nonzeros"] for p in parts), bits=bits, loss=loss, rel_loss=rel,
             seconds=sum(p.seconds for p in parts), damp_retries=sum(p.info["damp_retries"] for p in parts),
             dead_inputs=sum(p.info["dead_inputs"] for p in parts), levels=levels))
         log.info("%s: %s rel.err %.3e in %.2fs", name, cfg.describe(), rel, report.rows[-1].seconds)
 
+    if calib is None:  # data-free configs only (checked by _verb_step): no data, no forward pass
+        modules = dict(model.named_modules())
+        for name in plan:
+            solve(name, modules[name], None)
+        report.notes.append(f"{step.method.describe()}: data-free (no calibration data, no forward pass); "
+                            f"loss = ||dW||^2 in weight space")
+        return list(plan)
     run_layerwise(model, list(plan), calib, solve, options)
     return list(plan)
 
@@ -248,7 +257,17 @@ def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) ->
     return Step(cfg, tuple(ignore), over)
 
 
-def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
+def _check_calib(step: Step, calib: Any) -> None:
+    """calib=None is allowed only when every config of the step is data-free (RTN, Magnitude)."""
+    if calib is not None:
+        return
+    needy = sorted({type(c).__name__ for c in (step.method, *(c for _, c in step.overrides)) if not is_data_free(c)})
+    if needy:
+        raise ConfigError(f"{', '.join(needy)} need(s) calibration data: pass calib=<batches or DataLoader>; "
+                          f"only data-free configs (RTN, Magnitude) run with calib=None")
+
+
+def sparsify_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iterable[str] = (),
               overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
     """Prune every supported layer of `model` in place with `cfg` (ExactOBS, SparseGPT, Magnitude).
 
@@ -258,10 +277,12 @@ def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = sparsify_(model, ExactOBS(sparsity=0.75), calib=loader, ignore=("fc3",))
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "sparsify", ignore, overrides)], calib, options)
+    step = _verb_step(cfg, "sparsify", ignore, overrides)
+    _check_calib(step, calib)
+    return _compress_steps(model, [step], calib, options)
 
 
-def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
+def quantize_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iterable[str] = (),
               overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
     """Quantize the weights of every supported layer in place (OBQ, GPTQ, RTN).
 
@@ -271,7 +292,9 @@ def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = quantize_(model, OBQ(bits=4), calib=loader)
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options)
+    step = _verb_step(cfg, "quantize", ignore, overrides)
+    _check_calib(step, calib)
+    return _compress_steps(model, [step], calib, options)
 
 
 def compress(model: nn.Module, recipe: Recipe | str, calib: Any, *, data: Any = None,

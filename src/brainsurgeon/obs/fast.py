@@ -15,6 +15,7 @@ import torch
 
 from ..config import GPTQ, SparseGPT
 from ..quant.grid import fit_grid, fit_rows
+from .baselines import grid_levels
 from .engine import register_solver
 from .hessian import Prepared, inverse_factor, prepare
 from .refine import refine_on_grid
@@ -113,7 +114,7 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
         k = group[c]
         if lazy_groups and c % g == 0:  # fit this group's grid on the current (updated) weights
             s, z = fit_rows(W1[j:j + g].t(), cfg.bits, cfg.sym, cfg.mse)
-            S[k], LO[k], HI[k] = s, -z, maxq - z
+            S[k], Z[k], LO[k], HI[k] = s, z, -z, maxq - z
         q = torch.div(W1[j], s_rows[k], out=out).round_().clamp_(lo_rows[k], hi_rows[k]).mul_(s_rows[k])
         return q.masked_fill_(frozen_rows[c], 0.0) if frozen_rows is not None else q
 
@@ -125,7 +126,9 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
         Wq = refine_on_grid(W[:, perm], Wq, prep.H[perm][:, perm], scale, zero, maxq, cfg.refine, frozen.t())
     out = torch.empty_like(Wq)
     out[:, perm] = Wq
-    return out, {"perm": perm}
+    idx = torch.arange(cols, device=W.device) // g if g else torch.zeros(cols, dtype=torch.long, device=W.device)
+    codes = torch.round(out / S.t()[:, idx]) + Z.t()[:, idx]  # rows x cols, original order
+    return out, {"perm": perm, "levels": grid_levels(codes, maxq, g)}
 
 
 @register_solver(SparseGPT)
@@ -140,4 +143,5 @@ def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: tor
 @register_solver(GPTQ)
 def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor, name: str):
     prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
-    return gptq(prep, cfg)[0], prep.info()
+    W_hat, extra = gptq(prep, cfg)
+    return W_hat, {**prep.info(), "levels": extra["levels"]}
