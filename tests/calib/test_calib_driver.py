@@ -288,3 +288,22 @@ def test_block_mode_with_keyword_hidden_states_and_tensor_outputs():
     run_layerwise(model, LM_NAMES, calib, solve_b, CalibOptions(blocks="layers"))
     for name in LM_NAMES:
         torch.testing.assert_close(blocked[name], per_layer[name], atol=1e-8, rtol=0)
+
+
+def test_layers_reading_one_tensor_share_one_hessian_and_in_place_damping_does_not_leak():
+    torch.manual_seed(0)
+    model, calib = TinyLM(), lm_calib()
+    with capture_hessians(model, LM_NAMES) as hs, torch.no_grad():  # one accumulator per layer
+        for b in calib:
+            model(**b)
+    opts = CalibOptions(mode="dense", blocks="layers", hessian_dtype="float64")
+    ids: dict[str, int] = {}
+    run_layerwise(model, LM_NAMES, calib, lambda name, module, H: ids.__setitem__(name, id(H)), opts)
+    assert ids["layers.0.q"] == ids["layers.0.k"] == ids["layers.0.v"] != ids["layers.0.o"]
+    assert ids["layers.0.fc1"] != ids["layers.0.o"]
+
+    def solve(name, module, H):
+        torch.testing.assert_close(H, hs[name].H, atol=1e-10, rtol=0)  # the original, whoever damped before
+        H.diagonal().add_(1.0)  # a solver that damps in place
+
+    run_layerwise(model, LM_NAMES, calib, solve, opts)

@@ -11,6 +11,7 @@ caller's H::
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -73,6 +74,20 @@ def column_perm(shape: tuple[int, ...], pattern: Pattern | None, name: str = "")
     return perm
 
 
+_LAST_H: dict[str, tuple] = {}  # one entry: the caller's H (weakly) -> its float64 copy
+
+
+def _float64(H: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """H as float64 on `device`; the same tensor again for the same unmodified H (layers sharing an
+    input share H, so solvers can reuse its factorisation)."""
+    hit = _LAST_H.get("h")
+    if hit is not None and hit[0]() is H and hit[1] == H._version and hit[2].device == device:
+        return hit[2]
+    H64 = H.to(device=device, dtype=torch.float64)
+    _LAST_H["h"] = (weakref.ref(H, lambda _: _LAST_H.clear()), H._version, H64)
+    return H64
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of `t` is finite: one reduction, the elementwise test only if the sum is not."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
@@ -114,7 +129,7 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor | None, cfg: Config, name: 
     # solvers work in float64; data-free ones (no H) in the weight's precision (>= float32), like peers
     work = torch.float64 if H is not None else torch.promote_types(W.dtype, torch.float32)
     W2 = W.reshape(W.shape[0], -1).to(work)
-    H64 = H.to(device=W.device, dtype=torch.float64) if H is not None else None
+    H64 = _float64(H, W.device) if H is not None else None
     t0 = time.perf_counter()
     W_hat, info = _SOLVERS[type(cfg)](W2, H64, cfg, perm, name)
     seconds = time.perf_counter() - t0
