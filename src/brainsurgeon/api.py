@@ -119,7 +119,7 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         report.notes.append(f"{step.method.describe()}: data-free (no calibration data, no forward pass); "
                             f"loss = ||dW||^2 in weight space")
         return list(plan)
-    run_layerwise(model, list(plan), calib, solve, options)
+    report.notes.extend(run_layerwise(model, list(plan), calib, solve, options) or [])
     return list(plan)
 
 

@@ -41,7 +41,7 @@ from .data import (
     relocate_,
     restore_,
 )
-from .hessian import HessianAccumulator, capture_layers, first_input, resolve_layers
+from .hessian import HessianAccumulator, capture_layers, check_hessian_memory, first_input, resolve_layers
 
 log = get_logger(__name__)
 
@@ -442,15 +442,19 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
 
     H is float32 by default (``options.hessian_dtype``), (cols, cols) or (g, cols, cols) for
     grouped convs. Runs under ``torch.no_grad()`` in eval mode; hooks and train/eval modes are
-    restored on exit, also on error. See the module docstring for the modes.
+    restored on exit, also on error. See the module docstring for the modes. Hessian memory is
+    estimated first (:func:`~brainsurgeon.calib.hessian.check_hessian_memory`); returns its notes.
 
     >>> run_layerwise(model, ["fc1", "fc2"], loader, solve, CalibOptions(mode="dense"))
     >>> run_layerwise(llm, names, loader, solve, CalibOptions(blocks="model.layers", offload=True))
     """
     layers = resolve_layers(model, names)
     if not layers:
-        return
-    dtype = getattr(torch, options.hessian_dtype)
+        return []
+    resident = options.mode == "dense" and not options.blocks
+    dtype, notes = check_hessian_memory(layers, getattr(torch, options.hessian_dtype), resident)
+    for note in notes:
+        log.warning(note)
     if not options.blocks and is_one_shot(calib) and options.mode == "sequential":
         calib = cache_batches(calib, options.max_batches)  # sequential mode reads the data many times
     if options.offload and not options.blocks:
@@ -473,3 +477,4 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     finally:
         for m, mode in modes.items():
             m.training = mode
+    return notes
