@@ -11,8 +11,8 @@ by block (``CalibOptions(blocks="model.layers")``); ``lm_head`` (tied to the emb
 Text: CPython's ``pydoc_data.topics``; the eval windows come from the start of the token stream,
 the calibration windows from its end, so they never overlap. Perplexity = exp(mean next-token
 NLL), each window scored independently. solve s = sum of per-layer solver seconds (report);
-wall s = the whole verb call, calibration forwards included. Magnitude and RTN ignore the data,
-so they run on one calibration batch. ExactOBS is not in the table: ``--estimate-exact`` times it
+wall s = the whole verb call, calibration forwards included. Magnitude and RTN are data-free: they
+run with calib=None (no forward pass). ExactOBS is not in the table: ``--estimate-exact`` times it
 on a few rows of block 0 and extrapolates (~2.6 h for the 210 layers on 2 cores).
 """
 
@@ -75,10 +75,10 @@ def estimate_exact(lm, calib, rows: int = 16) -> dict[str, float]:
 def run(lm, cfg, calib, evals) -> dict:
     m = copy.deepcopy(lm)
     verb = bs.sparsify_ if cfg.verb == "sparsify" else bs.quantize_
-    data_free = isinstance(cfg, (bs.Magnitude, bs.RTN))
-    opts = bs.CalibOptions(blocks=BLOCKS, max_batches=1 if data_free else 0)
+    data_free = isinstance(cfg, (bs.Magnitude, bs.RTN))  # no calibration data, no forward pass
+    opts = bs.CalibOptions(blocks=BLOCKS)
     t0 = time.perf_counter()
-    rep = verb(m, cfg, calib, ignore=IGNORE, options=opts)
+    rep = verb(m, cfg, None if data_free else calib, ignore=IGNORE, options=opts)
     wall = time.perf_counter() - t0
     t = rep.totals()
     levels = max(r.levels for r in rep.rows)

@@ -41,7 +41,7 @@ from .config import (
     match_configs,  # noqa: F401 - re-exported (planners and tests import it from here)
 )
 from .errors import ConfigError
-from .obs import compress_weight
+from .obs import compress_weight, is_data_free
 from .planning import _layer_weight, _set_layer_weight, check_step, plan_layers  # noqa: F401 - re-exported
 from .report import CompressionReport, LayerRow
 
@@ -61,11 +61,11 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
               report: CompressionReport) -> list[str]:
     plan = plan_layers(model, step, report.notes)
 
-    def solve(name: str, module: nn.Module, H: torch.Tensor) -> None:
+    def solve(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
         cfg = plan[name]
         W = _layer_weight(module)
         g = num_groups(module)
-        Hs = H if H.dim() == 3 else H.unsqueeze(0)
+        Hs = [None] * g if H is None else (H if H.dim() == 3 else H.unsqueeze(0))
         parts = [compress_weight(Wg, Hs[i], cfg, name) for i, Wg in enumerate(W.chunk(g, dim=0))]
         W_hat = torch.cat([p.weight for p in parts])
         _set_layer_weight(module, W_hat)
@@ -73,10 +73,12 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         rel = sum(p.info["rel_loss"] for p in parts) / g
         bits = float(getattr(cfg, "bits", torch.finfo(W.dtype).bits))
         W2 = W_hat.reshape(W_hat.shape[0], -1)
-        levels = _levels(W2, getattr(cfg, "group_size", 0)) if hasattr(cfg, "bits") else 0
+        known = [p.info.get("levels") for p in parts]  # solvers that hold the codes count in linear time
+        levels = (max(known) if all(k is not None for k in known) else _levels(W2, getattr(cfg, "group_size", 0))
+                  ) if hasattr(cfg, "bits") else 0
         report.add_row(LayerRow(
             name=name, method=cfg.describe(), shape=tuple(W.shape), params=W.numel(),
-            nonzeros=int((W_hat != 0).sum()), bits=bits, loss=loss, rel_loss=rel,
+            nonzeros=sum(p.info["nonzeros"] for p in parts), bits=bits, loss=loss, rel_loss=rel,
             seconds=sum(p.seconds for p in parts), damp_retries=sum(p.info["damp_retries"] for p in parts),
             dead_inputs=sum(p.info["dead_inputs"] for p in parts), levels=levels))
         for w in dict.fromkeys(p.info.get("warning", "") for p in parts):
@@ -84,7 +86,14 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                 report.notes.append(w)
         log.info("%s: %s rel.err %.3e in %.2fs", name, cfg.describe(), rel, report.rows[-1].seconds)
 
-    run_layerwise(model, list(plan), calib, solve, options)
+    if calib is None:  # data-free configs only (checked by _verb_step): no data, no forward pass
+        modules = dict(model.named_modules())
+        for name in plan:
+            solve(name, modules[name], None)
+        report.notes.append(f"{step.method.describe()}: data-free (no calibration data, no forward pass); "
+                            f"loss = ||dW||^2 in weight space")
+        return list(plan)
+    report.notes.extend(run_layerwise(model, list(plan), calib, solve, options) or [])
     return list(plan)
 
 
@@ -189,7 +198,8 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
         raise ConfigError(f"{verb_name}: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
                           f"got {options!r}")
     calib_notes: list[str] = []
-    if calib is not None or any(type(s.method).verb in ("sparsify", "quantize", "prune") for s in steps):
+    if calib is not None or any(type(s.method).verb == "prune" or (type(s.method).verb in ("sparsify", "quantize")
+                                and not _data_free(s)) for s in steps):
         stop = [m for m in model.modules() if supported(m)] if options.blocks else None
         calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
                                                  stop_after=stop)
@@ -260,7 +270,22 @@ def _verb_step(cfg: Config, verb: str, ignore: Iterable[str], overrides: Any) ->
     return Step(cfg, as_patterns(ignore), _as_overrides(overrides))
 
 
-def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
+def _data_free(step: Step) -> bool:
+    """Every config of the step (its method and overrides) runs without calibration data (RTN, Magnitude)."""
+    return all(is_data_free(c) for c in (step.method, *(c for _, c in step.overrides)))
+
+
+def _check_calib(step: Step, calib: Any) -> None:
+    """calib=None is allowed only when every config of the step is data-free (RTN, Magnitude)."""
+    if calib is not None:
+        return
+    needy = sorted({type(c).__name__ for c in (step.method, *(c for _, c in step.overrides)) if not is_data_free(c)})
+    if needy:
+        raise ConfigError(f"{', '.join(needy)} need(s) calibration data: pass calib=<batches or DataLoader>; "
+                          f"only data-free configs (RTN, Magnitude) run with calib=None")
+
+
+def sparsify_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iterable[str] = (),
               overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
     """Prune every supported layer of `model` in place with `cfg` (ExactOBS, SparseGPT, Magnitude).
 
@@ -270,11 +295,12 @@ def sparsify_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = sparsify_(model, ExactOBS(sparsity=0.75), calib=loader, ignore=("fc3",))
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "sparsify", ignore, overrides)], calib, options,
-                           verb_name="sparsify_")
+    step = _verb_step(cfg, "sparsify", ignore, overrides)
+    _check_calib(step, calib)
+    return _compress_steps(model, [step], calib, options, verb_name="sparsify_")
 
 
-def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str] = (),
+def quantize_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iterable[str] = (),
               overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
     """Quantize the weights of every supported layer in place (OBQ, GPTQ, RTN), or with an
     :class:`~brainsurgeon.config.ActQuant` config their inputs (calibrated input quantizers).
@@ -286,8 +312,9 @@ def quantize_(model: nn.Module, cfg: Config, calib: Any, *, ignore: Iterable[str
     >>> rep = quantize_(model, ActQuant(bits=8, observer="mse"), calib=loader)   # then GPTQ sees X_q
     """
     options = options or CalibOptions()
-    return _compress_steps(model, [_verb_step(cfg, "quantize", ignore, overrides)], calib, options,
-                           verb_name="quantize_")
+    step = _verb_step(cfg, "quantize", ignore, overrides)
+    _check_calib(step, calib)
+    return _compress_steps(model, [step], calib, options, verb_name="quantize_")
 
 
 def compress(model: nn.Module, recipe: Recipe | str, calib: Any, *, data: Any = None,

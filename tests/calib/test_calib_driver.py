@@ -288,3 +288,74 @@ def test_block_mode_with_keyword_hidden_states_and_tensor_outputs():
     run_layerwise(model, LM_NAMES, calib, solve_b, CalibOptions(blocks="layers"))
     for name in LM_NAMES:
         torch.testing.assert_close(blocked[name], per_layer[name], atol=1e-8, rtol=0)
+
+
+def test_layers_reading_one_tensor_share_one_hessian_and_in_place_damping_does_not_leak():
+    torch.manual_seed(0)
+    model, calib = TinyLM(), lm_calib()
+    with capture_hessians(model, LM_NAMES) as hs, torch.no_grad():  # one accumulator per layer
+        for b in calib:
+            model(**b)
+    opts = CalibOptions(mode="dense", blocks="layers", hessian_dtype="float64")
+    ids: dict[str, int] = {}
+    run_layerwise(model, LM_NAMES, calib, lambda name, module, H: ids.__setitem__(name, id(H)), opts)
+    assert ids["layers.0.q"] == ids["layers.0.k"] == ids["layers.0.v"] != ids["layers.0.o"]
+    assert ids["layers.0.fc1"] != ids["layers.0.o"]
+
+    def solve(name, module, H):
+        torch.testing.assert_close(H, hs[name].H, atol=1e-10, rtol=0)  # the original, whoever damped before
+        H.diagonal().add_(1.0)  # a solver that damps in place
+
+    run_layerwise(model, LM_NAMES, calib, solve, opts)
+
+
+class Res(nn.Module):
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class DeepNet(nn.Module):
+    """A stem outside any chain, a deep nn.Sequential of residual blocks (nested chain inside), a head."""
+
+    def __init__(self, depth: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.features = nn.Sequential(*(Res() for _ in range(depth)), nn.Sequential(nn.Conv2d(6, 6, 1), nn.ReLU()))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.features(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_sequential_replay_sees_the_same_hessians_as_stopped_forwards_in_linear_time():
+    from brainsurgeon.calib import driver
+
+    torch.manual_seed(0)
+    model = DeepNet()
+    calib = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    seen: dict[str, dict[str, torch.Tensor]] = {"replay": {}, "stopped": {}}
+
+    def solver(key):
+        def solve(name, module, H):
+            seen[key][name] = H.clone()
+            module.weight.data.mul_(0.5)  # a "compression" later layers must see
+        return solve
+
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    calls = [0]
+    m1.stem.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    run_layerwise(m1, names, calib, solver("replay"), CalibOptions())
+    with torch.no_grad():
+        layers = dict(m2.named_modules())
+        driver._solve_sequential(m2, {n: layers[n] for n in names}, lambda: [((x,), {}) for x in calib],
+                                 solver("stopped"), torch.float32)
+    assert list(seen["replay"]) == names
+    for n in names:
+        torch.testing.assert_close(seen["replay"][n], seen["stopped"][n], atol=1e-5, rtol=1e-5)
+    # model-input forwards: order probes, stem, one catch of the chain's inputs, head; not one per layer
+    assert calls[0] <= 6 * len(calib) < len(names) * len(calib)

@@ -174,3 +174,25 @@ def test_cuda_inputs_accumulate_on_the_module_device():
     assert hs["0"].H.device.type == "cuda"
     X = x.double()
     torch.testing.assert_close(hs["0"].H, 2 * X.T @ X / 16, atol=1e-10, rtol=1e-8)
+
+
+def test_hessian_memory_is_estimated_up_front_with_fallback_and_refusal():
+    from brainsurgeon.calib.hessian import check_hessian_memory, hessian_bytes
+
+    big = nn.Conv2d(128, 8, 8)  # 8,192 columns: 512 MiB in float64, 256 MiB in float32
+    assert hessian_bytes(big, torch.float64) == 8192**2 * 8
+    dtype, notes = check_hessian_memory({"conv": big}, torch.float64, False, limit=300 * 2**20)
+    assert dtype == torch.float32 and "'conv'" in notes[0] and "float32" in notes[0]
+    with pytest.raises(CalibrationError, match=r"layer 'conv'.*GiB even in float32.*ignore=\['conv'\]"):
+        check_hessian_memory({"conv": big}, torch.float32, False, limit=100 * 2**20)
+    small = {"fc": nn.Linear(16, 4)}
+    assert check_hessian_memory(small, torch.float64, True) == (torch.float64, [])
+    from brainsurgeon.calib import run_layerwise
+    from brainsurgeon.config import CalibOptions
+
+    calls = []
+    model = nn.Sequential(nn.Conv2d(1024, 1, 8))  # 65,536 columns: 16 GiB in float32
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(CalibrationError, match=r"layer '0'.*16.0 GiB even in float32"):
+        run_layerwise(model, ["0"], [torch.randn(1, 1024, 8, 8)], lambda *a: None, CalibOptions())
+    assert calls == []  # refused before any forward

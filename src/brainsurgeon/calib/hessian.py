@@ -226,6 +226,48 @@ class HessianAccumulator:
         self._H, self.n, self.batches = None, 0, 0
 
 
+MAX_HESSIAN_BYTES = 4 * 2**30  # one layer's H above this is refused (a conv with 65,536 columns: 17 GB)
+
+
+def hessian_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Memory of one layer's Hessian(s): groups x cols^2 x itemsize.
+
+    >>> hessian_bytes(nn.Conv2d(128, 64, 8), torch.float64)   # 8,192 columns
+    536870912
+    """
+    return num_groups(module) * num_columns(module) ** 2 * torch.empty(0, dtype=dtype).element_size()
+
+
+def check_hessian_memory(layers: dict[str, nn.Module], dtype: torch.dtype, resident: bool,
+                         limit: int = MAX_HESSIAN_BYTES) -> tuple[torch.dtype, list[str]]:
+    """Estimate Hessian memory before any forward: (dtype to use, notes).
+
+    float64 that does not fit falls back to float32 (noted); a layer whose float32 H alone exceeds
+    `limit` is refused with a CalibrationError naming it. ``resident``: every H is held at once
+    (dense mode), so their sum must fit.
+    """
+    notes: list[str] = []
+    f32 = torch.float32
+    big = {n: hessian_bytes(m, f32) for n, m in layers.items() if hessian_bytes(m, f32) > limit}
+    if big:
+        name, b = max(big.items(), key=lambda kv: kv[1])
+        raise CalibrationError(f"layer {name!r}: its Hessian needs {b / 2**30:.1f} GiB even in float32 "
+                               f"({num_columns(layers[name]):,} input columns; limit {limit / 2**30:.0f} GiB); "
+                               f"pass ignore={sorted(big)} or compress it with a data-free method (RTN, Magnitude)")
+    total = sum(hessian_bytes(m, dtype) for m in layers.values()) if resident else 0
+    worst = max((hessian_bytes(m, dtype), n) for n, m in layers.items())
+    if dtype == torch.float64 and (worst[0] > limit or total > limit):
+        notes.append(f"Hessians accumulated in float32, not float64: {worst[1]!r} alone needs "
+                     f"{worst[0] / 2**30:.1f} GiB in float64" + (f" ({total / 2**30:.1f} GiB for all, held at once)"
+                                                                 if total > limit else ""))
+        dtype = f32
+    held = sum(hessian_bytes(m, dtype) for m in layers.values()) if resident else 0
+    if held > limit:
+        notes.append(f"dense mode holds every Hessian at once: {held / 2**30:.1f} GiB; sequential mode holds "
+                     f"one layer's at a time")
+    return dtype, notes
+
+
 def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """Map layer names to modules, checking each exists and is supported.
 

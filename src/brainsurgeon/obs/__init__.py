@@ -5,7 +5,7 @@
 """
 
 from . import baselines, exact, fast  # noqa: F401  (register the solvers)
-from .engine import compress_weight, register_solver
+from .engine import compress_weight, is_data_free, register_solver
 from .result import LayerResult
 
-__all__ = ["LayerResult", "compress_weight", "register_solver"]
+__all__ = ["LayerResult", "compress_weight", "is_data_free", "register_solver"]

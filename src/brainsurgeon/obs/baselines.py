@@ -41,16 +41,45 @@ def magnitude(W: torch.Tensor, cfg: Magnitude, perm: torch.Tensor) -> torch.Tens
     return W * magnitude_mask(W, cfg, perm)
 
 
-def rtn(W: torch.Tensor, cfg: RTN) -> torch.Tensor:
+def rtn(W: torch.Tensor, cfg: RTN) -> torch.Tensor:  # the same values as the RTN solver
     """Round-to-nearest on a per-row (or per-group) grid."""
     return fit_grid(W, cfg.bits, cfg.sym, cfg.group_size, cfg.mse).quantize(W)
 
 
-@register_solver(Magnitude)
-def _solve_magnitude(W: torch.Tensor, H: torch.Tensor, cfg: Magnitude, perm: torch.Tensor, name: str):
+def grid_levels(codes: torch.Tensor, maxq: int, group_size: int) -> int:
+    """Most distinct integer codes (0..maxq) in one row, or one row-group of `group_size` columns.
+
+    One scatter into a (groups, maxq + 1) table: linear time (api's generic count sorts every group).
+    """
+    rows, cols = codes.shape
+    g = group_size if 0 < group_size < cols else cols
+    pad = (-cols) % g
+    c = torch.nn.functional.pad(codes, (0, pad), value=float(codes[0, 0])) if pad else codes
+    c = c.reshape(-1, g).long()  # (rows * groups, g)
+    seen = torch.zeros(c.shape[0], maxq + 1, dtype=torch.bool, device=c.device)
+    seen.scatter_(1, c, True)
+    return int(seen.sum(1).max())
+
+
+def _rtn_grouped(W: torch.Tensor, cfg: RTN) -> tuple[torch.Tensor, int]:
+    """RTN on a (rows, groups, g) view with one scale per group (no rows x cols scale tensors)."""
+    grid = fit_grid(W, cfg.bits, cfg.sym, cfg.group_size, cfg.mse)
+    rows, cols = W.shape
+    g = grid.group_size or cols
+    pad = (-cols) % g
+    Wg = (torch.nn.functional.pad(W, (0, pad)) if pad else W).reshape(rows, -1, g)  # (rows, groups, g)
+    s, z = grid.scale[:, :, None].to(W.dtype), grid.zero[:, :, None].to(W.dtype)
+    codes = torch.div(Wg, s).round_().add_(z).clamp_(0, grid.maxq)  # quantize() step by step, in place
+    levels = grid_levels(codes.reshape(rows, -1)[:, :cols], grid.maxq, grid.group_size)
+    return codes.sub_(z).mul_(s).reshape(rows, -1)[:, :cols], levels
+
+
+@register_solver(Magnitude, data_free=True)
+def _solve_magnitude(W: torch.Tensor, H: torch.Tensor | None, cfg: Magnitude, perm: torch.Tensor, name: str):
     return magnitude(W, cfg, perm), {}
 
 
-@register_solver(RTN)
-def _solve_rtn(W: torch.Tensor, H: torch.Tensor, cfg: RTN, perm: torch.Tensor, name: str):
-    return rtn(W, cfg), {}
+@register_solver(RTN, data_free=True)
+def _solve_rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: RTN, perm: torch.Tensor, name: str):
+    W_hat, levels = _rtn_grouped(W, cfg)
+    return W_hat, {"levels": levels}

@@ -11,6 +11,7 @@ caller's H::
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -26,18 +27,34 @@ log = get_logger(__name__)
 # solver(W rows x cols float64, H cols x cols float64, cfg, perm, name) -> (W_hat, info)
 Solver = Callable[[torch.Tensor, torch.Tensor, Config, torch.Tensor, str], tuple[torch.Tensor, dict]]
 _SOLVERS: dict[type, Solver] = {}
+_DATA_FREE: set[type] = set()
 
 
-def register_solver(cfg_type: type[Config]) -> Callable[[Solver], Solver]:
-    """Decorator registering `fn` as the solver of configs of type `cfg_type`."""
+def register_solver(cfg_type: type[Config], data_free: bool = False) -> Callable[[Solver], Solver]:
+    """Decorator registering `fn` as the solver of configs of type `cfg_type`.
+
+    ``data_free=True``: the solver never reads H (round-to-nearest, magnitude), so it runs with
+    ``H=None`` and the verbs run it without calibration data or a forward pass.
+    """
 
     def deco(fn: Solver) -> Solver:
         if cfg_type in _SOLVERS:
             raise ValueError(f"a solver for {cfg_type.__name__} is already registered")
         _SOLVERS[cfg_type] = fn
+        if data_free:
+            _DATA_FREE.add(cfg_type)
         return fn
 
     return deco
+
+
+def is_data_free(cfg: Config) -> bool:
+    """Whether `cfg`'s solver ignores the Hessian (so it needs no calibration data).
+
+    >>> is_data_free(RTN(bits=4)), is_data_free(GPTQ(bits=4))
+    (True, False)
+    """
+    return type(cfg) in _DATA_FREE
 
 
 def column_perm(shape: tuple[int, ...], pattern: Pattern | None, name: str = "") -> torch.Tensor:
@@ -60,12 +77,26 @@ def column_perm(shape: tuple[int, ...], pattern: Pattern | None, name: str = "")
     return perm
 
 
+_LAST_H: dict[str, tuple] = {}  # one entry: the caller's H (weakly) -> its float64 copy
+
+
+def _float64(H: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """H as float64 on `device`; the same tensor again for the same unmodified H (layers sharing an
+    input share H, so solvers can reuse its factorisation)."""
+    hit = _LAST_H.get("h")
+    if hit is not None and hit[0]() is H and hit[1] == H._version and hit[2].device == device:
+        return hit[2]
+    H64 = H.to(device=device, dtype=torch.float64)
+    _LAST_H["h"] = (weakref.ref(H, lambda _: _LAST_H.clear()), H._version, H64)
+    return H64
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of `t` is finite: one reduction, the elementwise test only if the sum is not."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _validate(W: torch.Tensor, H: torch.Tensor, name: str) -> None:
+def _validate(W: torch.Tensor, H: torch.Tensor | None, name: str) -> None:
     if not torch.is_floating_point(W):
         raise UnsupportedModuleError(f"layer {name or '?'}: weight dtype {W.dtype} is not floating point; "
                                      f"OBS solvers need a float weight (dequantize it first)")
@@ -73,10 +104,10 @@ def _validate(W: torch.Tensor, H: torch.Tensor, name: str) -> None:
         raise UnsupportedModuleError(f"layer {name or '?'}: weight of shape {tuple(W.shape)} has no "
                                      f"input dimension; expected rows x cols or a conv kernel")
     cols = W[0].numel()
-    if H.shape != (cols, cols):
+    if H is not None and H.shape != (cols, cols):
         raise ConfigError(f"layer {name or '?'}: Hessian shape {tuple(H.shape)} does not match the "
                           f"weight's {cols} input columns; expected ({cols}, {cols})")
-    if not all_finite(H) or not all_finite(W):
+    if (H is not None and not all_finite(H)) or not all_finite(W):
         raise ConfigError(f"layer {name or '?'}: weight or Hessian contains NaN/Inf; check the model "
                           f"and the calibration data")
 
@@ -118,30 +149,41 @@ def _degenerate(H: torch.Tensor, cfg: Config, name: str) -> tuple[Config, str]:
     return cfg, ""
 
 
-def compress_weight(W: torch.Tensor, H: torch.Tensor, cfg: Config, name: str = "") -> LayerResult:
+def compress_weight(W: torch.Tensor, H: torch.Tensor | None, cfg: Config, name: str = "") -> LayerResult:
     """Compress one weight with the solver registered for `cfg`.
 
     W: rows x cols (Linear) or out x in x k... (conv, flattened in PyTorch's order);
-    H: cols x cols Hessian 2 X X^T / n of the layer inputs. Returns a new tensor; W and H are
-    never modified.
+    H: cols x cols Hessian 2 X X^T / n of the layer inputs, or None for a data-free config (RTN,
+    Magnitude): the loss is then the weight-space ||dW||^2 (H = I). Returns a new tensor; W and H
+    are never modified.
     """
     if type(cfg) not in _SOLVERS:
         raise ConfigError(f"no solver registered for {type(cfg).__name__}; registered: "
                           f"{sorted(t.__name__ for t in _SOLVERS)}")
+    if H is None and not is_data_free(cfg):
+        raise ConfigError(f"layer {name or '?'}: {cfg.describe()} needs the layer's Hessian (calibration data); "
+                          f"only data-free configs ({sorted(t.__name__ for t in _DATA_FREE)}) run with H=None")
     _validate(W, H, name)
-    cfg, warning = _degenerate(H, cfg, name)
+    cfg, warning = _degenerate(H, cfg, name) if H is not None else (cfg, "")
     if warning:
         log.warning(warning)
     pattern = cfg.parsed if hasattr(cfg, "parsed") else None
     perm = column_perm(tuple(W.shape), pattern, name).to(W.device)
-    W2 = W.reshape(W.shape[0], -1).to(torch.float64)
-    H64 = H.to(device=W.device, dtype=torch.float64)
+    # solvers work in float64; data-free ones (no H) in the weight's precision (>= float32), like peers
+    work = torch.float64 if H is not None else torch.promote_types(W.dtype, torch.float32)
+    W2 = W.reshape(W.shape[0], -1).to(work)
+    H64 = _float64(H, W.device) if H is not None else None
     t0 = time.perf_counter()
     W_hat, info = _SOLVERS[type(cfg)](W2, H64, cfg, perm, name)
     seconds = time.perf_counter() - t0
     if not all_finite(W_hat):
         raise ConfigError(f"layer {name or '?'}: {cfg.describe()} produced NaN/Inf; raise damp")
-    loss, rel = layer_loss(W2, W_hat, H)  # in H's precision (float32 from the driver)
+    if H is not None:
+        loss, rel = layer_loss(W2, W_hat, H)  # in H's precision (float32 from the driver)
+    else:
+        D = W_hat.reshape(W2.shape).to(W2.dtype) - W2
+        loss, ref = float(torch.linalg.vector_norm(D)) ** 2, float(torch.linalg.vector_norm(W2)) ** 2
+        rel = loss / ref if ref > 0 else 0.0
     info = {"damp_retries": 0, "dead_inputs": 0, **info, "rel_loss": rel,
-            "nonzeros": int((W_hat != 0).sum()), "warning": warning}
+            "nonzeros": int(torch.count_nonzero(W_hat)), "warning": warning}
     return LayerResult(W_hat.reshape(W.shape).to(W.dtype), loss, seconds, info)

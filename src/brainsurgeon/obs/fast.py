@@ -9,12 +9,14 @@ target: 0 under a mask chosen on the fly (SparseGPT) or the nearest grid point (
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 
 from ..config import GPTQ, SparseGPT
 from ..quant.grid import fit_grid, fit_rows
+from .baselines import grid_levels
 from .engine import register_solver
 from .hessian import Prepared, inverse_factor, prepare
 from .refine import refine_on_grid
@@ -26,6 +28,22 @@ from .resolve import resolve_masked
 Target = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 WALK_DTYPE = torch.float32  # precision of the factorisation and the walk (the reference code's); see prepare
+
+
+_FACTOR: dict[str, tuple] = {}  # one entry: the last (H, damp, order) -> (damped H, U, lam, retries)
+
+
+def _factor(prep: Prepared, perm: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """:func:`inverse_factor`, reused while the same H object comes back (q/k/v share one H)."""
+    hit = _FACTOR.get("f")
+    if (hit is not None and hit[0]() is H and hit[1] == (prep.damp, prep.H.dtype, H._version)
+            and torch.equal(hit[2], perm)):
+        prep.H, prep.lam, prep.retries = hit[3], hit[5], hit[6]
+        return hit[4]
+    U = inverse_factor(prep, perm)
+    _FACTOR["f"] = (weakref.ref(H, lambda _: _FACTOR.clear()), (prep.damp, prep.H.dtype, H._version), perm,
+                    prep.H, U, prep.lam, prep.retries)
+    return U
 
 
 def blocked_walk(W: torch.Tensor, U: torch.Tensor, blocksize: int, target: Target) -> torch.Tensor:
@@ -56,10 +74,13 @@ def blocked_walk(W: torch.Tensor, U: torch.Tensor, blocksize: int, target: Targe
     return Wt.t()
 
 
-def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT in column order `perm` (N:M groups consecutive); returns (W_hat, keep mask)."""
+def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor,
+              H: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT in column order `perm` (N:M groups consecutive); returns (W_hat, keep mask).
+
+    H: the caller's Hessian, the key under which the factorisation is reused (None: no reuse)."""
     W = prep.W[:, perm].to(WALK_DTYPE)
-    U = inverse_factor(prep, perm)
+    U = _factor(prep, perm, H) if H is not None else inverse_factor(prep, perm)
     d2 = (torch.diagonal(U) ** 2).to(WALK_DTYPE)[:, None]  # [H^-1]_jj in the walk's current order
     pat = cfg.parsed
     keep = torch.ones(W.shape[1], W.shape[0], dtype=torch.bool, device=W.device)  # transposed, like W1
@@ -85,17 +106,18 @@ def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor) -> tuple[torch
     return out, mask
 
 
-def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
+def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """GPTQ with optional act-order (columns by descending H_ii) and group size.
 
     Groups are contiguous in the original column order. Without act-order a group's grid is
     fitted when the walk reaches it (on the updated weights); with act-order the groups are
-    static, fitted up front, so every group keeps one grid whatever the order.
+    static, fitted up front, so every group keeps one grid whatever the order. H_key: the caller's
+    Hessian, under which the factorisation is reused by the next layer with the same H.
     """
     W, H = prep.W, prep.H
     cols = W.shape[1]
     perm = torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    U = inverse_factor(prep, perm)
+    U = _factor(prep, perm, H_key) if H_key is not None else inverse_factor(prep, perm)
     maxq = 2**cfg.bits - 1
     g = cfg.group_size if 0 < cfg.group_size < cols else 0
     grid = fit_grid(W, cfg.bits, cfg.sym, g, cfg.mse)
@@ -113,7 +135,7 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
         k = group[c]
         if lazy_groups and c % g == 0:  # fit this group's grid on the current (updated) weights
             s, z = fit_rows(W1[j:j + g].t(), cfg.bits, cfg.sym, cfg.mse)
-            S[k], LO[k], HI[k] = s, -z, maxq - z
+            S[k], Z[k], LO[k], HI[k] = s, z, -z, maxq - z
         q = torch.div(W1[j], s_rows[k], out=out).round_().clamp_(lo_rows[k], hi_rows[k]).mul_(s_rows[k])
         return q.masked_fill_(frozen_rows[c], 0.0) if frozen_rows is not None else q
 
@@ -125,13 +147,15 @@ def gptq(prep: Prepared, cfg: GPTQ) -> tuple[torch.Tensor, dict]:
         Wq = refine_on_grid(W[:, perm], Wq, prep.H[perm][:, perm], scale, zero, maxq, cfg.refine, frozen.t())
     out = torch.empty_like(Wq)
     out[:, perm] = Wq
-    return out, {"perm": perm}
+    idx = torch.arange(cols, device=W.device) // g if g else torch.zeros(cols, dtype=torch.long, device=W.device)
+    codes = torch.round(out / S.t()[:, idx]) + Z.t()[:, idx]  # rows x cols, original order
+    return out, {"perm": perm, "levels": grid_levels(codes, maxq, g)}
 
 
 @register_solver(SparseGPT)
 def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: torch.Tensor, name: str):
     prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
-    Wp, keep = sparsegpt(prep, cfg, perm)
+    Wp, keep = sparsegpt(prep, cfg, perm, H)
     if cfg.resolve:  # fast mask, exact weights: masked least squares per row (float64)
         Wp = resolve_masked(prep.W.double(), prep.H.double(), keep)
     return Wp, prep.info()
@@ -140,4 +164,5 @@ def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: tor
 @register_solver(GPTQ)
 def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor, name: str):
     prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
-    return gptq(prep, cfg)[0], prep.info()
+    W_hat, extra = gptq(prep, cfg, H)
+    return W_hat, {**prep.info(), "levels": extra["levels"]}
