@@ -17,6 +17,12 @@ Bounds (fixed before the first run): compressed-tensors dlogit <= 1e-4 x max|log
 GPTQ and GGUF (float16 scales) dlogit <= 2e-2 x max|logit| and ppl within 0.5 % of the in-memory
 model's; every 4-bit file <= 0.45 x the dense float32 one. Full run: GPTQ Q4_0 ppl < llama.cpp RTN
 Q4_0 ppl (same format, same bytes).
+
+Full run (SmolLM2, 4 x 512 eval tokens, 8 x 512 calibration, 1 thread, loaded 2-core machine; dense ppl 15.259,
+538.09 MB as fp32 safetensors): GGUF Q4_0 (174.89 MB, 0.325 x): llama.cpp RTN 18.981, our RTN g32 19.652,
+GPTQ g32 16.185 -- GPTQ codes in llama.cpp's own format close 75 % of RTN's gap to dense at equal bytes.
+GPTQ g32 read back by transformers+compressed-tensors: ppl 16.186, max|dlogit| 6.9e-05 (179.82 MB); GPTQ
+format (our reference reader) 16.185, 3.9e-02 (175.46 MB; float16 scales); GGUF 3.9e-02. All bounds held.
 """
 
 from __future__ import annotations
@@ -143,6 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, every method and format")
     ap.add_argument("--all", action="store_true", help="full run: also GPTQ g128/8-bit and SparseGPT 2:4 rows")
+    ap.add_argument("--only", metavar="REGEX", help="run only the methods whose label matches, e.g. 'g128|2:4'")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,7 +173,10 @@ def main() -> int:
            f"{'max|dlogit|':>11} {'load s':>7}"
     print(head + "\n" + "-" * len(head))
     failures, results = [], {}
-    for label, how, quant, fmts in methods(args.all or args.quick):
+    import re
+
+    rows = [r for r in methods(args.all or args.quick) if not args.only or re.search(args.only, r[0])]
+    for label, how, quant, fmts in rows:
         t0 = time.process_time()
         m = compress(lm, how, calib, opts)
         ppl_mem, ref = score(m, evals)
@@ -193,7 +203,7 @@ def main() -> int:
                 failures.append(f"{label} {fmt}: {nbytes} bytes > 0.45 x dense {dense_bytes}")
             del back
         print(f"{'':<32} (compress + all formats: {time.process_time() - t0:.1f} CPU s)")
-    if not args.quick:
+    if not args.quick and {("GPTQ 4-bit g32", "gguf"), ("llama.cpp RTN Q4_0", "gguf")} <= set(results):
         g, r = results[("GPTQ 4-bit g32", "gguf")], results[("llama.cpp RTN Q4_0", "gguf")]
         print(f"\nGGUF Q4_0, same format and bytes: GPTQ ppl {g:.3f} vs llama.cpp RTN {r:.3f} (dense {ppl0:.3f})")
         if not g < r:

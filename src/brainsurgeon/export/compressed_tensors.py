@@ -82,7 +82,7 @@ def _weights_args(bits: int, group_size: int, cols: int, sym: bool) -> dict[str,
     channel = group_size in (0, cols)
     return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel" if channel else "group",
             "group_size": None if channel else group_size, "dynamic": False, "actorder": None,
-            "observer": "minmax", "observer_kwargs": {}, "block_structure": None}
+            "block_structure": None}  # no "observer": the grid was fitted by our solver, not a CT observer
 
 
 def _scheme_key(lc: LayerCodes) -> tuple[int, int, bool]:
