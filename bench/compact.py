@@ -87,7 +87,8 @@ def arms(ratio: float, ignore: tuple[str, ...], calib, example: torch.Tensor, ki
             out.append((f"{kind} {'data-aware' if aware else 'weight-space'}", kind, aware,
                         lambda m, cfg=cfg: bs.transform_(m, cfg, calib=calib, ignore=ignore)))
     out.append(("Tucker-2 (factorize_)", "tucker2", None,
-                lambda m: bs.factorize_(m, bs.LowRank(param_ratio=ratio, tucker_sweeps=2), ignore=ignore)))
+                lambda m: bs.factorize_(m, bs.LowRank(param_ratio=ratio, tucker_sweeps=2),
+                                        ignore=ignore + (r"fc.*",))))  # the convs only, like the designs
     p = 1 - math.sqrt(ratio)
     out.append((f"channel pruning {p:.0%}", "prune", None,
                 lambda m: bs.prune_(m, bs.ChannelPruning(ratio=p, ignore=ignore + (r"fc.*",)), example_inputs=example)))

@@ -14,7 +14,7 @@ dependency-graph channel groups (5 per generator) and started from the same unif
 * co-evolution: the two populations in turns, fitness ``-(L_DisA + gamma L_cyc(partner's best)) - beta *
   overshoot`` (``search.coevolve``); the same evaluation budget per generator as evolution alone;
 * OBS-reconstruction channel pruning: ``prune_(ChannelPruning(ratio=1 - kept, reconstruct="obs"))`` at the
-  uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 A / B images).
+  uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 (quick: 128) A / B images).
 
 Every arm is physically pruned, then fine-tuned the same number of steps (L1 to the dense generators' outputs
 + cycle L1, ``models.gan.finetune_pair_``). Fidelity is exact: L1 of G(a) to style(a) and of F(style(a)) to a
@@ -66,17 +66,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced run; exit 1 if the bound fails")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train", type=int, metavar="STEPS", default=0,
+                    help="retrain the CycleGAN for STEPS steps and write the package weights (models/weights/)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
     t0 = time.process_time()
+    if args.train:
+        from brainsurgeon.models.gan import _weights_path, save_cyclegan, train_cyclegan
+
+        a, b, _, _ = mnist_domains()
+        save_cyclegan(*train_cyclegan(a, b, steps=args.train), _weights_path())
+        print(f"trained {args.train} steps in {time.process_time() - t0:.0f} CPU s -> {_weights_path()}")
     G0, F0, D_A, D_B = pretrained_cyclegan()
     clf, _, _ = pretrained("mnist-cnn")
     a_train, b_train, a_test, y_test = mnist_domains()
-    n_test = 500 if q else 10000
+    n_test = 256 if q else 10000
     a_test, y_test = a_test[:n_test], y_test[:n_test]
     fit_a, fit_b = a_train[:32 if q else 64] * 2 - 1, b_train[:32 if q else 64] * 2 - 1  # fitness batches (GAN range)
-    calib_a, calib_b = [a_train[:256] * 2 - 1], [b_train[:256] * 2 - 1]
+    n_cal = 128 if q else 256
+    calib_a, calib_b = [a_train[:n_cal] * 2 - 1], [b_train[:n_cal] * 2 - 1]
     cfg = Evolve(population=8 if q else 16, budget=40 if q else 320, tournament=3, mutation=0.03, elite=2, seed=0)
     ft_steps = 40 if q else 600
     example = fit_a[:1]

@@ -227,3 +227,18 @@ def test_following_batchnorm_is_found_by_tensor_identity_and_weights_the_fit():
     W_hat = dense_kernel("depthwise", fit.factors, conv.weight.shape).reshape(16, -1)
     Ws = conv.weight.detach().double().reshape(16, -1) * s.double()[:, None]
     assert output_loss(Ws, W_hat * s.double()[:, None], H) == pytest.approx(fit.loss, rel=1e-9)
+
+
+def test_separable_entries_report_real_costs_and_data_aware_losses():
+    from brainsurgeon.lowrank import separable_entries
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    H = _hessian(conv, [F.avg_pool2d(torch.randn(4, 8, 8, 8), 3, 1, 1)])
+    aware = separable_entries(conv, H, input_hw=(6, 6), ratios=(0.5, 0.25))
+    plain = separable_entries(conv, H, input_hw=(6, 6), ratios=(0.5, 0.25), data_aware=False)
+    assert [(e.kind, e.ratio) for e in aware] == [(k, r) for k in KINDS for r in (0.5, 0.25)]
+    for a, p in zip(aware, plain, strict=True):
+        assert a.params == p.params == design_params(a.kind, (16, 8, 3, 3), a.rank) <= a.ratio * 16 * 8 * 9
+        assert a.macs == a.params * 36  # stride 1, same padding: every factor runs at 6 x 6
+        assert a.loss <= p.loss + 1e-12

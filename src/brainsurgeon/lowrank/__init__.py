@@ -19,7 +19,7 @@ from .config import LowRank, Separable
 from .modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d
 from .separable import SeparableFit, fit_separable
 from .svd import Spectrum, choose_rank, decompose, truncate
-from .transform import plan_transform, transform_, transform_module
+from .transform import SeparableEntry, plan_transform, separable_entries, transform_, transform_module
 from .tucker import choose_tucker_ranks, reconstruct, tucker2
 
 __all__ = [
@@ -28,5 +28,5 @@ __all__ = [
     "rank_entries", "reconstruct", "truncate", "tucker2", "TuckerEntry", "tucker_entries",
     # compact-design transforms
     "DepthwiseSeparableConv2d", "Separable", "SeparableFit", "SpatialSeparableConv2d", "fit_separable",
-    "plan_transform", "transform_", "transform_module",
+    "plan_transform", "transform_", "transform_module", "SeparableEntry", "separable_entries",
 ]

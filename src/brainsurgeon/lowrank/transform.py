@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -222,3 +223,44 @@ def transform_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
     report.notes.append(f"transformed {len(swapped)} of {len(plan)} convs ({cfg.describe()}): {before} -> "
                         f"{after} weights ({after / max(before, 1):.1%})")
     return report
+
+
+@dataclass(frozen=True)
+class SeparableEntry:
+    """One search-database variant of a k x k conv: a design at a weight ratio, its output error and costs."""
+
+    kind: str
+    ratio: float
+    rank: Any  # int (spatial R / depthwise m) or (r_out, r_in) (bottleneck)
+    loss: float  # tr(dW H dW^T) on the calibration Hessian (||dW||^2 without one)
+    rel_loss: float
+    params: int  # weights + bias of the replacement module
+    macs: int  # counted by torch.utils.flop_counter on the real module for one input of `input_hw`
+
+
+def separable_entries(conv: nn.Conv2d, H: torch.Tensor | None = None, input_hw: tuple[int, int] = (32, 32),
+                      ratios: Iterable[float] = (0.5, 0.25), kinds: Iterable[str] = ("spatial", "depthwise",
+                                                                                    "bottleneck"),
+                      data_aware: bool = True) -> list[SeparableEntry]:
+    """Per-layer variants of `conv` under every compact design and weight ratio, with measured MACs.
+
+    >>> [(e.kind, e.params) for e in separable_entries(nn.Conv2d(16, 32, 3, padding=1), ratios=[0.5])][:1]
+    [('spatial', 2352)]
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, conv.in_channels, *input_hw, dtype=conv.weight.dtype, device=conv.weight.device)
+    out = []
+    for kind in kinds:
+        for ratio in ratios:
+            cfg = Separable(kind=kind, ratio=ratio, data_aware=data_aware and H is not None, skip_larger=False)
+            why = _why_not(conv, kind)
+            if why:
+                raise UnsupportedModuleError(f"separable_entries: {kind} does not apply: {why}")
+            new, row = transform_module("", conv, cfg, H)
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                new.eval()(x)  # type: ignore[union-attr]
+            out.append(SeparableEntry(kind, ratio, design_rank(kind, tuple(conv.weight.shape), ratio), row.loss,
+                                      row.rel_loss, sum(p.numel() for p in new.parameters()),  # type: ignore[union-attr]
+                                      fc.get_total_flops() // 2))
+    return out
