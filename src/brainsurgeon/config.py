@@ -15,6 +15,7 @@ Only registered config types can be loaded from a recipe (an allow-list; YAML is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -112,15 +113,20 @@ def _type_name(tp: Any) -> str:
     return " or ".join(_type_name(a) if a is not type(None) else "None" for a in args) or str(tp)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
 def check_field_types(cfg: Config) -> None:
     """Raise ConfigError naming the field and the expected type for every wrongly typed field.
 
     >>> ExactOBS(sparsity=0.5, damp="0.01")
     ConfigError: ExactOBS.damp must be a number, got '0.01' (str); e.g. damp=0.01
     """
-    import typing
-
-    hints = typing.get_type_hints(type(cfg))
+    hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         tp = hints.get(f.name)

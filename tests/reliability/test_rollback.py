@@ -84,3 +84,26 @@ def test_failed_compress_restores_an_hf_config_edited_by_a_pruning_step(monkeypa
     assert seen and seen[0] < 48  # the pruning step had narrowed the config before the failure
     assert llm.config is config and llm.config.intermediate_size == 48
     assert_untouched(llm, before)
+
+
+def test_failed_apply_plan_undoes_the_channel_surgery_in_place(monkeypatch):
+    from brainsurgeon import api
+    from brainsurgeon.errors import NumericalError
+    from brainsurgeon.search import Plan, apply_plan_
+
+    m = Net().eval()
+    conv1, w = m.conv1, m.conv1.weight
+    before = capture(m)
+    plan = Plan((("conv1", (bs.ChannelPruning(ratio=0.5),)), ("conv2", (bs.RTN(bits=4),)), ("fc", (bs.RTN(bits=4),))))
+    widths = []
+
+    def fail(W, H, cfg, name=""):
+        widths.append(m.conv1.out_channels)
+        raise NumericalError("injected failure after the channel surgery")
+
+    monkeypatch.setattr(api, "compress_weight", fail)
+    with pytest.raises(NumericalError, match="injected"):
+        apply_plan_(m, plan, calib())
+    assert widths and widths[0] < 8  # the surgery had happened before the failure
+    assert m.conv1 is conv1 and m.conv1.weight is w and m.conv1.out_channels == 8
+    assert_untouched(m, before)

@@ -247,6 +247,7 @@ def apply_plan_(model: nn.Module, plan: Plan, calib: Any, options: CalibOptions 
     >>> report = apply_plan_(model, plan, calib)
     >>> report = apply_plan_(model, plan, calib, CalibOptions(bn_reestimate=False))
     """
+    from .._state import ModelSnapshot
     from ..api import compress
     from ..calib import cache_batches, reestimate_batchnorm_, supported
 
@@ -254,14 +255,23 @@ def apply_plan_(model: nn.Module, plan: Plan, calib: Any, options: CalibOptions 
     options = options or CalibOptions(bn_reestimate=True)
     recipe = plan.to_recipe(options)
     report = CompressionReport()
-    if plan.channel_items():
-        calib = cache_batches(calib, options.max_batches)  # read once: the surgery and the steps below reuse it
-        names = [n for n, m in model.named_modules() if n and supported(m)]
-        apply_channels_(model, plan.channel_items(), example_of(calib), calib, names)
-        report.notes.append("channels removed: " + ", ".join(f"{n} {c.describe()}" for n, c in plan.channel_items()))
-    if recipe.steps:
-        report.extend(compress(model, recipe, calib))
+    if not plan.channel_items() and not recipe.steps:
+        report.notes.append("the plan keeps every layer dense (its budget allows the dense model): nothing applied")
         return report
+    snapshot = ModelSnapshot(model)  # the channel surgery and the recipe are undone together, in place
+    try:
+        if plan.channel_items():
+            calib = cache_batches(calib, options.max_batches)  # read once: the surgery and the steps reuse it
+            names = [n for n, m in model.named_modules() if n and supported(m)]
+            apply_channels_(model, plan.channel_items(), example_of(calib), calib, names)
+            report.notes.append("channels removed: " + ", ".join(f"{n} {c.describe()}"
+                                                                 for n, c in plan.channel_items()))
+        if recipe.steps:
+            report.extend(compress(model, recipe, calib))
+            return report
+    except BaseException:
+        snapshot.restore_()
+        raise
     if options.bn_reestimate:
         n = reestimate_batchnorm_(model, calib, options.max_batches)
         report.notes.append(f"BatchNorm statistics re-estimated on calibration data ({n} layers)")

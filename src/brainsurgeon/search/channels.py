@@ -63,13 +63,15 @@ def channel_costs(dense: dict[str, LayerProfile], pruned: nn.Module, layer: str,
 
 def apply_channels_(model: nn.Module, items: list[tuple[str, Any]], example: Any, calib: Any,
                     names: list[str]) -> None:
-    """Prune each (layer, config) in order, in place; on failure the whole model is put back."""
-    backup = copy.deepcopy(model)
+    """Prune each (layer, config) in order, in place; on failure the whole model is put back (same objects)."""
+    from .._state import ModelSnapshot
+
+    snapshot = ModelSnapshot(model)
     try:
         for layer, cfg in items:
             prune_layer_(model, layer, cfg, example, calib, names)
     except BaseException:
-        model.__dict__.update(backup.__dict__)  # modules, parameters, buffers and attributes as before
+        snapshot.restore_()  # in place: the caller's Parameter and Module objects survive
         raise
 
 
