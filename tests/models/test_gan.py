@@ -73,4 +73,4 @@ def test_shipped_weights_translate_mnist():
     G, F_, _, _ = pretrained_cyclegan()
     a = load_mnist_splits()[2].tensors[0][:256]
     s = translation_scores(G, F_, a)
-    assert s["l1_G"] < 0.1 and s["l1_F"] < 0.1
+    assert s["l1_G"] < 0.05 and s["l1_F"] < 0.05  # 900 training steps: 0.018 / 0.019 on 2,000 test images

@@ -10,6 +10,10 @@ MNIST classifier's accuracy on ``F(style(a))`` (B -> A) and on ``1 - G(a)`` (A -
 Generators are ResNet-style (Johnson et al. 2016, as in CycleGAN): 7x7 conv, a stride-2 conv, residual
 blocks, a transposed conv, 7x7 conv + tanh, with BatchNorm (which the dependency graph prunes through)::
 
+The shipped weights (``models/weights/cyclegan-mnist-v1.safetensors``, 900 steps of 32, 204 CPU s; retrain
+with ``python bench/gan_coevolve.py --train 900``) reach, on 2,000 MNIST test images: L1 0.018 of G(a) to
+style(a), 0.019 of F(style(a)) to a, MNIST-CNN accuracy 98.35 % on F(style(a)) and 96.6 % on 1 - G(a).
+
     >>> G, F_, D_A, D_B = pretrained_cyclegan()          # package data (safetensors), else trains (minutes)
     >>> scores = translation_scores(G, F_, test_a, classifier)
 """

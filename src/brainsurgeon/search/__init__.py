@@ -17,12 +17,15 @@ walks a real model over them).
 from .amc import AMC, AMCSearch
 from .api import SOLVERS, StitchedModel, apply_plan_, channel_cost_fn, plan_entries, search, stitch_
 from .channels import ChannelWalk
+from .coevolve import coevolve, generator_fitness, l1_at_budget
 from .config import Budget, SearchSpace, load_space
 from .costs import LayerProfile, profile_layers, variant_costs, weight_bytes
 from .damage import OutputDamage
 from .database import Database, Entry, SearchTable, build_database
 from .distributed import all_reduce_hessian, all_reduce_hessians, assign_owners
 from .dp import choose_variants
+from .evolve import Evolve, GeneticSearch, Individual
+from .evolve_channels import ChannelSpace, evolve_channels
 from .executors import InlineExecutor, RayExecutor, make_executor
 from .latency import LatencyTable, machine_fingerprint, time_module
 from .plan import Plan
@@ -39,4 +42,7 @@ __all__ = [
     "machine_fingerprint", "make_executor", "plan_entries", "profile_layers", "search", "stitch_", "time_module",
     "uniform_plan", "variant_costs", "weight_bytes", "channel_cost_fn", "within_measured_budget",
     "all_reduce_hessian", "all_reduce_hessians", "assign_owners", "OutputDamage", "score_table", "SPDY", "spdy_plan",
+    # evolutionary channel search and co-evolution (Shu et al. 2019)
+    "ChannelSpace", "Evolve", "GeneticSearch", "Individual", "coevolve", "evolve_channels", "generator_fitness",
+    "l1_at_budget",
 ]
