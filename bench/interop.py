@@ -31,6 +31,7 @@ import argparse
 import copy
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -150,6 +151,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, every method and format")
     ap.add_argument("--all", action="store_true", help="full run: also GPTQ g128/8-bit and SparseGPT 2:4 rows")
     ap.add_argument("--only", metavar="REGEX", help="run only the methods whose label matches, e.g. 'g128|2:4'")
+    ap.add_argument("--keep", metavar="DIR", help="write the files into DIR and keep them (default: a temp folder, "
+                                                  "deleted at the end)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,7 +165,15 @@ def main() -> int:
     else:
         tok, lm, evals, calib, src = smollm(n_eval=4, n_cal=8, cal_len=512)
         opts = bs.CalibOptions(blocks="model.layers")
-    work = tempfile.mkdtemp(prefix="interop-")
+    work = args.keep or tempfile.mkdtemp(prefix="interop-")
+    try:
+        return run(args, tok, lm, evals, calib, src, opts, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, tok, lm, evals, calib, src, opts, work: str) -> int:
     dense_path = bs.save(lm, os.path.join(work, "dense"))  # (a GGUF-loaded model refuses save_pretrained)
     dense_bytes = weight_bytes(dense_path)
     ppl0, _ = score(lm, evals)
