@@ -36,10 +36,11 @@ def _compressed(kind: str):
     if kind.startswith("2:4"):
         bs.sparsify_(m, bs.SparseGPT(pattern="2:4"), _calib(), ignore=IGNORE)
     q = kind.split("+")[-1]
-    if q.startswith("w"):  # w4g128, w8, w4g32 (GGUF Q4_0), w8g32 (GGUF Q8_0), w4g64a (asymmetric)
+    if q[0] in "wor":  # GPTQ w4g128, w8, w4g32 (GGUF Q4_0), w8g32 (Q8_0), w4g64a (asymmetric); OBQ o..; RTN r..
         bits = int(q[1])
         gs = int(q.split("g")[1].rstrip("a")) if "g" in q else 0
-        quant = bs.GPTQ(bits=bits, group_size=gs, sym=not q.endswith("a"))
+        cls = {"w": bs.GPTQ, "o": bs.OBQ, "r": bs.RTN}[q[0]]
+        quant = cls(bits=bits, group_size=gs, sym=not q.endswith("a"))
         bs.quantize_(m, quant, _calib(), ignore=IGNORE)
     return m, quant
 

@@ -42,7 +42,8 @@ def test_pack_matches_the_library(bits):
 
 @pytest.mark.parametrize("kind,fmt", [("w4g128", "pack-quantized"), ("w8", "pack-quantized"),
                                       ("w8", "int-quantized"), ("2:4", "pack-quantized"),
-                                      ("2:4+w4g128", "pack-quantized")])
+                                      ("2:4+w4g128", "pack-quantized"), ("o4g32", "pack-quantized"),
+                                      ("r3g64", "pack-quantized")])
 def test_consumer_loads_with_our_logits(tmp_path, kind, fmt):
     model, quant = compressed(kind)
     ref = logits(model)
