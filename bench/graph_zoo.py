@@ -6,7 +6,7 @@ hand-written models, as a user would call them, same run.
     python bench/graph_zoo.py --models hf:llama timm:resnet:resnet18 --no-tp
     python bench/graph_zoo.py --set timm --time-cap 1800 --out out/graph_zoo   # results.jsonl (resumable)
 
-Every model: random weights (seed 0), one example input (timm: its default size, capped at 224 px
+Every model: random weights (seed 0), one example input (timm: its default size; above 288 px, 224 px
 unless the model's size is fixed; HF: tiny configs, 16 tokens / 32-64 px / 0.1 s of audio).
 Ours: ``bs.prune_(model, bs.ChannelPruning(ratio=0.5, ignore=heads), example_inputs=x)`` (L2 group
 magnitude, verified, MACs counted, exactly the public verb). Torch-Pruning 1.6.1: ``MagnitudePruner``
