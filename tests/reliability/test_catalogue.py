@@ -157,9 +157,18 @@ CASES = [
          (ConfigError, "ratio .* must be in \\[0, 1\\)")),
     Case("prune_", "no example inputs", lambda m: bs.prune_(m, bs.ChannelPruning(ratio=0.5), example_inputs=None),
          (ConfigError, "example_inputs is required")),
+    Case("prune_", "example inputs with the wrong channel count (rollback identity)",
+         lambda m: bs.prune_(m, bs.ChannelPruning(ratio=0.5), example_inputs=X(c=1)),
+         (CalibrationError, "forward failed on example_inputs \\[\\(2, 1, 8, 8\\) float32 cpu\\].*pass example_inputs "
+                            "the model accepts")),
+    Case("prune_", "example inputs in another dtype",
+         lambda m: bs.prune_(m, bs.ChannelPruning(ratio=0.5), example_inputs=X(dtype=torch.float64)),
+         (CalibrationError, "float64 cpu.*pass example_inputs the model accepts")),
     # ---------------------------------------------------------------- DependencyGraph
     Case("DependencyGraph", "model is a string", lambda m: bs.DependencyGraph("model", X()),
          (ConfigError, "model must be an nn.Module")),
+    Case("DependencyGraph", "example inputs are a string", lambda m: bs.DependencyGraph(m, "x"),
+         (CalibrationError, "example_inputs \\(no tensors: str\\)")),
     # ---------------------------------------------------------------- factorize_
     Case("factorize_", "wrong config",
          lambda m: bs.factorize_(m, bs.RTN()), (ConfigError, "factorize_ needs a LowRank config")),

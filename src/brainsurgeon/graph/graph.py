@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..errors import ConfigError, UnsupportedOpError
+from ..errors import BrainsurgeonError, CalibrationError, ConfigError, UnsupportedOpError
 from . import rules_nn, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
@@ -157,7 +157,16 @@ class DependencyGraph(PruneMixin):
             from .trace_export import trace_model_export as trace_model
         else:
             from .trace import trace_model
-        self.traces: list[Trace] = [trace_model(self.model, self.example_inputs, "eval", counter)]
+        try:
+            self.traces: list[Trace] = [trace_model(self.model, self.example_inputs, "eval", counter)]
+        except BrainsurgeonError:
+            raise
+        except Exception as e:  # noqa: BLE001  (the user's forward failed on the example inputs: say so, keep the cause)
+            raise CalibrationError(
+                f"DependencyGraph: {type(self.model).__name__}'s forward failed on example_inputs "
+                f"{_shapes(self.example_inputs)} ({type(e).__name__}: {str(e)[:300]}); pass example_inputs the "
+                f"model accepts (shape, dtype and device of one real batch, e.g. torch.randn(1, 3, 224, 224)), "
+                f"as a tensor, a tuple of args or a dict of kwargs") from e
         self.train_error: str | None = None
         used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
         named = list(self.model.named_modules(remove_duplicate=False))
@@ -473,3 +482,17 @@ def _int_indices(idxs: Any, what: str) -> np.ndarray:
         raise ConfigError(f"group: idxs for {what} must be integers; got {t.dtype} values "
                           f"{t.tolist()[:5]}; pass channel indices such as [0, 2, 5]")
     return np.asarray(t, dtype=np.int64)
+
+
+def _shapes(inputs: Any) -> str:
+    """Shapes, dtypes and devices of the tensors in `inputs`, for error messages: '[(1, 3) float32 cpu]'."""
+    def flat(o: Any) -> list[torch.Tensor]:
+        if isinstance(o, torch.Tensor):
+            return [o]
+        vals = o.values() if isinstance(o, dict) else o if isinstance(o, (tuple, list)) else ()
+        return [t for v in vals for t in flat(v)]
+    ts = flat(inputs)
+    if not ts:
+        return f"(no tensors: {type(inputs).__name__})"
+    return "[" + ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}" for t in ts[:4]) + \
+        (", ..." if len(ts) > 4 else "") + "]"
