@@ -84,14 +84,28 @@ def untie_plan_(model: nn.Module, plan: dict[str, Config], notes: list[str]) -> 
         log.info(notes[-1])
 
 
-def check_step(model: nn.Module, step: Step) -> tuple[dict[str, Config], list[str], list[BrainsurgeonError]]:
+def _skip_note(name: str, shape: tuple[int, ...], cfg: Config) -> str:
+    """Why a layer cannot take the step's pattern, and how to change that (one line of the report)."""
+    pat = cfg.parsed  # type: ignore[attr-defined]
+    size = pat.m if pat.kind == "nm" else pat.block
+    what = "input channels per group" if len(shape) > 2 else "input features"
+    return (f"{name} {tuple(shape)} kept dense: {what} = {shape[1]} is not divisible by the group size {size} "
+            f"of pattern {cfg.pattern!r} (depthwise conv, RGB stem or 1-channel input); add an override with "
+            f"an unstructured pattern to sparsify it, ignore=['{name}'] to silence this note, or "
+            f"CalibOptions(strict=True) to refuse the run instead")
+
+
+def check_step(model: nn.Module, step: Step, strict: bool = False
+               ) -> tuple[dict[str, Config], list[str], list[BrainsurgeonError]]:
     """Plan one weight step exactly as the run will, collecting EVERY refusal instead of stopping at one.
 
-    Returns (plan, notes, refusals): layer name -> config, notes on tied weights, and one error
-    per layer the run would refuse (non-float weight, meta weight, pattern not dividing the columns).
+    Returns (plan, notes, refusals): layer name -> config, notes on tied weights and skipped
+    layers, and one error per layer the run would refuse (non-float weight, meta weight).
+    A layer whose input columns per group the step's N:M / block pattern cannot divide is left
+    out of the plan with a note, or, with `strict`, refused.
     ``compress --dry-run`` prints them all; :func:`plan_layers` raises the first.
 
-    >>> plan, notes, refusals = check_step(model, Step(ExactOBS(pattern="2:4")))
+    >>> plan, notes, refusals = check_step(model, Step(ExactOBS(pattern="2:4")), strict=True)
     >>> [str(e) for e in refusals]
     ["... conv1 ... is not divisible by the group size 4 ...; pass ignore=['conv1'] ..."]
     """
@@ -106,6 +120,7 @@ def check_step(model: nn.Module, step: Step) -> tuple[dict[str, Config], list[st
                           f"{' and tied weights (' + '; '.join(notes) + ')' if notes else ''}; loosen ignore")
     modules = dict(model.named_modules())
     refusals: list[BrainsurgeonError] = []
+    skipped: list[str] = []
     for name, cfg in plan.items():  # validate before any change
         W = _layer_weight(modules[name])
         if not torch.is_floating_point(W):
@@ -121,20 +136,32 @@ def check_step(model: nn.Module, step: Step) -> tuple[dict[str, Config], list[st
         try:
             column_perm(shape, cfg.parsed if hasattr(cfg, "parsed") else None, name)
         except BrainsurgeonError as e:
-            refusals.append(e)
+            if strict:
+                refusals.append(e)
+            else:
+                skipped.append(name)
+                notes.append(_skip_note(name, shape, cfg))
+                log.info(notes[-1])
+    for name in skipped:
+        plan.pop(name)
+    if skipped and not plan and not refusals:
+        raise ConfigError(f"no layer of {type(model).__name__} can take the step's pattern: all {len(skipped)} "
+                          f"planned layers have input columns the group size does not divide ({notes[-1]})")
     return plan, notes, refusals
 
 
-def plan_layers(model: nn.Module, step: Step, notes: list[str] | None = None) -> dict[str, Config]:
+def plan_layers(model: nn.Module, step: Step, notes: list[str] | None = None, *,
+                strict: bool = False) -> dict[str, Config]:
     """Layer name -> config for one step: supported layers minus `ignore`, with overrides applied.
 
-    Tied/shared weights are solved once or left unchanged (see :func:`untie_plan_`); why goes
-    into `notes` when given. Raises the first refusal of :func:`check_step`.
+    Tied/shared weights are solved once or left unchanged (see :func:`untie_plan_`), layers the
+    pattern cannot divide are kept dense unless `strict`; why goes into `notes` when given.
+    Raises the first refusal of :func:`check_step`.
 
     >>> plan_layers(model, Step(ExactOBS(sparsity=0.5), ignore=("fc3",)))
     {'conv1': ExactOBS(...), 'fc1': ExactOBS(...), ...}
     """
-    plan, tie_notes, refusals = check_step(model, step)
+    plan, tie_notes, refusals = check_step(model, step, strict)
     if refusals:
         raise refusals[0]
     if notes is not None:
