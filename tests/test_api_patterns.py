@@ -61,7 +61,7 @@ def test_check_step_reports_the_same_skips_and_strict_refusals():
     step = Step(bs.SparseGPT(sparsity=0.5, pattern="2:4"))
     plan, notes, refusals = check_step(m, step)
     assert list(plan) == ["3", "5"] and refusals == [] and sum("kept dense" in n for n in notes) == 3
-    plan, notes, refusals = check_step(m, step, strict=True)
+    plan, notes, refusals = check_step(m, step, bs.CalibOptions(strict=True))
     assert len(refusals) == 3 and not any("kept dense" in n for n in notes)
 
 

@@ -60,7 +60,7 @@ def _levels(W: torch.Tensor, group_size: int) -> int:
 
 def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
               report: CompressionReport) -> list[str]:
-    plan = plan_layers(model, step, report.notes, strict=options.strict)
+    plan = plan_layers(model, step, report.notes, options=options)
 
     def solve(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
         cfg = plan[name]
