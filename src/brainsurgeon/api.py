@@ -14,6 +14,7 @@ state if anything fails midway (the caller's model is untouched on failure).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,7 +60,7 @@ def _levels(W: torch.Tensor, group_size: int) -> int:
 
 def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
               report: CompressionReport) -> list[str]:
-    plan = plan_layers(model, step, report.notes)
+    plan = plan_layers(model, step, report.notes, options=options)
 
     def solve(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
         cfg = plan[name]
@@ -93,8 +94,29 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         report.notes.append(f"{step.method.describe()}: data-free (no calibration data, no forward pass); "
                             f"loss = ||dW||^2 in weight space")
         return list(plan)
-    report.notes.extend(run_layerwise(model, list(plan), calib, solve, options) or [])
+    inside, outside = _split_blocks(model, list(plan), options.blocks)
+    report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
+    if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
+        report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} ({', '.join(outside[:4])}"
+                            f"{', ...' if len(outside) > 4 else ''}) compressed in a final per-layer pass after "
+                            f"the blocks; pass ignore=[...] to keep them dense")
+        final = dataclasses.replace(options, blocks="", offload=False)
+        report.notes.extend(run_layerwise(model, outside, calib, solve, final) or [])
     return list(plan)
+
+
+def _split_blocks(model: nn.Module, names: list[str], path: str) -> tuple[list[str], list[str]]:
+    """Planned layers inside ``model.<path>[i]`` and the rest (all inside without block mode)."""
+    try:
+        n = len(model.get_submodule(path)) if path else 0
+    except (AttributeError, TypeError):
+        n = 0  # a bad path: the driver raises its own clear error
+    if not n:
+        return names, []
+    def inside(name: str) -> bool:
+        head = name[len(path) + 1:].partition(".")[0] if name.startswith(path + ".") else ""
+        return head.isdigit() and int(head) < n
+    return [x for x in names if inside(x)], [x for x in names if not inside(x)]
 
 
 def _recalibrate(model: nn.Module, dense: nn.Module | None, names: list[str], calib: Any,

@@ -471,6 +471,12 @@ class CalibOptions(Config):
     factor it in float64). true_sequential: in block mode, calibrate the layers of a block group
     by group (q/k/v, then o, ...), each on inputs through the already-compressed earlier groups,
     at one block forward per group; the default takes every Hessian of a block from one forward.
+    strict: refuse the run when a layer cannot take the step's N:M / block pattern (input columns
+    per group not divisible by M: depthwise convs, RGB stems); the default keeps such a layer
+    dense with a note in the report. keep_head: leave the model's output layer dense (HF
+    ``get_output_embeddings()``, e.g. lm_head, else the last Linear: the classifier), as
+    llm-compressor and GPTQ tools do (an override naming it still compresses it); the default
+    compresses it, with a note naming it.
     """
 
     mode: str = "sequential"
@@ -481,6 +487,8 @@ class CalibOptions(Config):
     bn_reestimate: bool = False
     correct_mean_std: bool = False
     true_sequential: bool = False
+    strict: bool = False  # refuse instead of skipping layers the sparsity pattern cannot divide
+    keep_head: bool = False  # True: the output layer (lm_head / classifier) stays dense
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",

@@ -15,11 +15,19 @@ def _recipe(tmp_path, body: str) -> str:
 
 
 def test_dry_run_reports_every_pattern_refusal_with_rc_2(tmp_path, capsys):
-    r = _recipe(tmp_path, "  - method: {type: ExactOBS, pattern: '2:4'}\n")
+    r = _recipe(tmp_path, "  - method: {type: ExactOBS, pattern: '2:4'}\ncalib: {strict: true}\n")
     assert main(["compress", "--model", "digits-cnn", "--recipe", r, "--dry-run", "--format", "json"]) == 2
     plan = json.loads(capsys.readouterr().out)
     assert len(plan["refusals"]) == 1 and "conv1" in plan["refusals"][0] and "ignore=['conv1']" in plan["refusals"][0]
     assert plan["steps"][0]["layers"] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+
+
+def test_dry_run_without_strict_keeps_the_layer_dense_with_a_note(tmp_path, capsys):
+    r = _recipe(tmp_path, "  - method: {type: ExactOBS, pattern: '2:4'}\n")
+    assert main(["compress", "--model", "digits-cnn", "--recipe", r, "--dry-run", "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["refusals"] == [] and plan["steps"][0]["layers"] == ["conv2", "conv3", "fc1", "fc2"]
+    assert [n.split()[0] for n in plan["steps"][0]["notes"] if "kept dense" in n] == ["conv1"]
 
 
 def test_dry_run_of_a_valid_recipe_lists_the_planned_layers(tmp_path, capsys):
@@ -86,7 +94,7 @@ def test_an_unexpected_exception_is_rc_1_with_a_json_error(monkeypatch, capsys):
 
 
 def test_dry_run_refusals_carry_a_json_error(tmp_path, capsys):
-    r = _recipe(tmp_path, "  - method: {type: ExactOBS, pattern: '2:4'}\n")
+    r = _recipe(tmp_path, "  - method: {type: ExactOBS, pattern: '2:4'}\ncalib: {strict: true}\n")
     assert main(["compress", "--model", "digits-cnn", "--recipe", r, "--dry-run", "--format", "json"]) == 2
     obj = json.loads(capsys.readouterr().out)
     assert obj["error"]["exit_code"] == 2 and "conv1" in obj["error"]["message"]

@@ -31,7 +31,8 @@ def calib():
     return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
 
 
-RECIPE = bs.Recipe((bs.config.Step(bs.ChannelPruning(ratio=0.5)), bs.config.Step(bs.ExactOBS(pattern="2:4"))))
+STRICT = bs.CalibOptions(strict=True)  # refuse conv1 instead of keeping it dense, so the recipe fails
+RECIPE = bs.Recipe((bs.config.Step(bs.ChannelPruning(ratio=0.5)), bs.config.Step(bs.ExactOBS(pattern="2:4"))), STRICT)
 
 
 def test_failed_compress_keeps_parameter_and_module_objects():
@@ -53,7 +54,7 @@ def test_failed_compress_keeps_parameter_and_module_objects():
 def test_failed_weight_only_recipe_keeps_objects():
     m = Net().eval()
     before = capture(m)
-    recipe = bs.Recipe((bs.config.Step(bs.RTN(bits=4)), bs.config.Step(bs.ExactOBS(pattern="2:4"))))
+    recipe = bs.Recipe((bs.config.Step(bs.RTN(bits=4)), bs.config.Step(bs.ExactOBS(pattern="2:4"))), STRICT)
     with pytest.raises(BrainsurgeonError, match="conv1"):
         bs.compress(m, recipe, calib())
     assert_untouched(m, before)

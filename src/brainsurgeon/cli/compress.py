@@ -89,7 +89,7 @@ def plan(model_name: str, recipe: Recipe) -> dict[str, Any]:
     for i, s in enumerate(recipe.steps, 1):
         step: dict[str, Any] = {"method": s.method.describe(), "ignore": list(s.ignore),
                                 "overrides": [{"match": p, "method": c.describe()} for p, c in s.overrides]}
-        step.update(_check_step(model, s, reshaped))
+        step.update(_check_step(model, s, reshaped, recipe.calib))
         if type(s.method).verb in ("prune", "factorize", "share", "pack") and not reshaped:
             reshaped = i
         steps.append(step)
@@ -98,7 +98,7 @@ def plan(model_name: str, recipe: Recipe) -> dict[str, Any]:
             "refusals": [r for st in steps for r in st["refusals"]]}
 
 
-def _check_step(model: Any, step: Any, reshaped: int) -> dict[str, Any]:
+def _check_step(model: Any, step: Any, reshaped: int, options: Any = None) -> dict[str, Any]:
     """The layers a step compresses and every refusal, planned exactly as the run plans them.
 
     Weight steps use the run's own planner (:func:`brainsurgeon.planning.check_step`); after a step
@@ -113,7 +113,7 @@ def _check_step(model: Any, step: Any, reshaped: int) -> dict[str, Any]:
         out["notes"].append(f"planned on the layer shapes before step {reshaped}, which changes them")
     try:
         if verb in ("sparsify", "quantize"):
-            plan, notes, refusals = check_step(model, step)
+            plan, notes, refusals = check_step(model, step, options)
             out["layers"], out["notes"] = list(plan), out["notes"] + notes
             out["refusals"] = [str(e) for e in refusals]
         elif verb == "factorize":
