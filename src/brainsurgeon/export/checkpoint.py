@@ -356,6 +356,8 @@ def load(folder: str, model_fn: ModelFn, *, verify: bool = True, allow_pickle: b
     device = _device(model)  # before rebuilding: new modules are created on the default device
     n = apply_structure(model, manifest, device)
     sd = _read_safetensors(path, device)
+    renamed = manifest.get("hf_keys", {})  # save_pretrained's original-layout names -> state_dict names
+    sd = {renamed.get(k, k): t for k, t in sd.items()}
     assign_tensors(model, sd, manifest.get("aliases", {}), path)
     log.info("loaded %s: %d tensors, %d modules rebuilt from specs", folder, len(sd), n)
     return model
