@@ -98,15 +98,20 @@ def test_mismatched_model_names_the_tensor_and_fix(ck):
         load(ck, 42)
 
 
-def test_shape_mismatch_is_named(tmp_path):
+def test_custom_tensor_takes_its_saved_shape_and_a_mismatch_is_named(tmp_path):
     class Net(nn.Module):
         def __init__(self, n: int = 4) -> None:
             super().__init__()
-            self.register_buffer("table", torch.zeros(n))  # a custom buffer: no spec can rebuild it
+            self.register_buffer("table", torch.arange(float(n)))  # a custom buffer: no module spec covers it
 
     save(Net(6), str(tmp_path / "ck"))
+    assert torch.equal(load(str(tmp_path / "ck"), Net).table, torch.arange(6.0))  # resized from manifest "shapes"
+    path = tmp_path / "ck" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["shapes"]  # a manifest from before shapes were recorded
+    path.write_text(json.dumps(m))
     with pytest.raises(FormatError, match=r"shape mismatches \['table: saved \(6,\) vs model \(4,\)'\]"):
-        load(str(tmp_path / "ck"), Net)
+        load(str(tmp_path / "ck"), Net, verify=False)
 
 
 def test_pickles_are_refused_by_default(tmp_path):
