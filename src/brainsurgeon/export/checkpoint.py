@@ -97,13 +97,13 @@ def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[s
     attrs: dict[str, Any] = {}
     shapes: dict[str, list[int]] = {}
     for name, m in model.named_modules():
-        if parametrize.is_parametrized(m) or any(isinstance(h, prune.BasePruningMethod)
-                                                 for h in m._forward_pre_hooks.values()):
+        if (parametrize.is_parametrized(m) and not _weight_norm_only(m)) or any(
+                isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
             raise FormatError(f"module {name or type(model).__name__!r} carries a parametrization or a "
                               f"torch.nn.utils.prune mask (code, not data); make it permanent first with "
                               f"torch.nn.utils.prune.remove(module, 'weight') or "
                               f"parametrize.remove_parametrizations(module, 'weight')")
-        entry = module_spec(m)
+        entry = None if parametrize.is_parametrized(m) else module_spec(m)
         if entry is not None:
             entry = {**entry, "spec": jsonable(entry["spec"])}
             if "format" in entry and not entry["format"].startswith(("torch.", "hf.")):
@@ -120,6 +120,17 @@ def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[s
         if scal:
             attrs[name] = scal
     return modules, attrs, shapes
+
+
+def _weight_norm_only(m: nn.Module) -> bool:
+    """`m` is parametrized only by torch's weight norm (wav2vec2's ``pos_conv_embed.conv``): data, not code.
+
+    Its tensors (``parametrizations.weight.original0/1``, g and v) are saved as they are; the model_fn's
+    module carries the same parametrization, and the recorded shapes and size attributes resize it.
+    """
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    return all(isinstance(p, _WeightNorm) for plist in m.parametrizations.values() for p in plist)
 
 
 def _own_shapes(name: str, m: nn.Module) -> dict[str, list[int]]:
