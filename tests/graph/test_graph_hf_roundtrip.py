@@ -136,3 +136,38 @@ def test_pruned_encoder_reloads_with_identical_outputs(tmp_path, fam):
         plain = type(m).from_pretrained(tmp_path / "m").eval()
         with torch.no_grad():
             assert torch.equal(plain(**x).last_hidden_state, ref)
+
+
+@pytest.mark.parametrize("fam", sorted(ENCODERS))
+def test_unpruned_encoder_file_reloads_in_plain_transformers(tmp_path, fam):
+    """The file keeps transformers' own layout (original names, weight-norm g/v): its loader reads it."""
+    from torch.nn.utils import parametrize
+
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    cfg_name, cls_name, kw, x = ENCODERS[fam]
+    torch.manual_seed(0)
+    m = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    with torch.no_grad():
+        ref = m(**x).last_hidden_state
+    save_pretrained(m, str(tmp_path / "m"))
+    for again in (type(m).from_pretrained(tmp_path / "m").eval(), from_pretrained(str(tmp_path / "m"))):
+        with torch.no_grad():
+            assert torch.equal(again(**x).last_hidden_state, ref)
+        if fam == "wav2vec2":
+            assert parametrize.is_parametrized(again.encoder.pos_conv_embed.conv)
+
+
+def test_converted_tensors_are_saved_under_state_dict_names(tmp_path):
+    """Mixtral's fused experts are split by transformers' save conversion: written as they are instead
+    (save_original_format=False), and both loaders give identical logits."""
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    m, x = _build("mixtral")
+    with torch.no_grad():
+        ref = m(**x).logits
+    save_pretrained(m, str(tmp_path / "m"))
+    plain = type(m).from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(str(tmp_path / "m"))(**x).logits, ref)
+        assert torch.equal(plain(**x).logits, ref)

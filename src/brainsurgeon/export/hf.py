@@ -49,12 +49,18 @@ def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any
         manifest["hf_config"].setdefault("attn_implementation", attn)
     tmp = temp_folder(folder)
     try:
+        names = _saved_names(model)
+        kw = {}
+        if len(names) < len(model.state_dict()):  # a converter rebuilds tensors on save (Mixtral's fused experts)
+            log.info("%s: transformers converts some tensors on save; writing them under their state_dict names "
+                     "(save_original_format=False, which transformers >= 5 loads as they are)", type(model).__name__)
+            names, kw = {k: k for k in model.state_dict()}, {"save_original_format": False}
         with _no_hf_progress():
-            model.save_pretrained(tmp, max_shard_size="10000GB")
+            model.save_pretrained(tmp, max_shard_size="10000GB", **kw)
         if not os.path.isfile(os.path.join(tmp, WEIGHTS)):
             raise FormatError(f"save_pretrained did not write a single {WEIGHTS} in {folder} "
                               f"(wrote {sorted(os.listdir(tmp))}); sharded checkpoints are not supported yet")
-        _check_keys(model, os.path.join(tmp, WEIGHTS), manifest, _saved_names(model))
+        _check_keys(model, os.path.join(tmp, WEIGHTS), manifest, names)
         write_manifest(tmp, manifest)
         commit_folder(tmp, os.path.abspath(folder))
     except BaseException:
