@@ -194,6 +194,32 @@ def test_parametrized_modules_are_refused(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+def test_weight_norm_is_saved_as_its_g_and_v_and_resized_on_load(tmp_path):
+    """torch's weight norm (wav2vec2's pos conv) is data: its g/v tensors are saved, the narrower module
+    model_fn builds takes the saved shapes, outputs are identical; any other parametrization is refused."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Net(nn.Module):
+        def __init__(self, c: int = 4) -> None:
+            super().__init__()
+            self.conv = weight_norm(nn.Conv1d(c, c, 3, padding=1, groups=2), dim=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model, x = Net(6), torch.rand(1, 6, 5)
+    save(model, str(tmp_path / "ck"))
+    again = load(str(tmp_path / "ck"), Net)
+    assert parametrize.is_parametrized(again.conv) and again.conv.in_channels == 6
+    assert torch.equal(again(x), model(x))
+    parametrize.register_parametrization(model.conv, "bias", nn.Identity())
+    with pytest.raises(FormatError, match=r"module 'conv' carries a parametrization"):
+        save(model, str(tmp_path / "ck2"))
+    assert not (tmp_path / "ck2").exists()
+
+
 def test_meta_tensors_are_refused(tmp_path):
     with torch.device("meta"):
         model = nn.Linear(3, 2)
