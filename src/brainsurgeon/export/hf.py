@@ -89,7 +89,7 @@ def _saved_names(model: nn.Module) -> dict[str, str]:
     as ViT's ``layers.0.attention.q_proj`` -> ``encoder.layer.0.attention.attention.query``), reversed by
     ``revert_weight_conversion``; its ``from_pretrained`` applies the mapping forward. A pure renaming hands
     the same tensor objects back, so names are matched by identity; a tensor a converter rebuilt (fused
-    experts, transposes) has no entry here and :func:`_check_keys` refuses it.
+    experts, transposes) has no entry here, and :func:`save_pretrained` then writes state_dict names.
     """
     sd = model.state_dict()
     try:
