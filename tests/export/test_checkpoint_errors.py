@@ -98,15 +98,20 @@ def test_mismatched_model_names_the_tensor_and_fix(ck):
         load(ck, 42)
 
 
-def test_shape_mismatch_is_named(tmp_path):
+def test_custom_tensor_takes_its_saved_shape_and_a_mismatch_is_named(tmp_path):
     class Net(nn.Module):
         def __init__(self, n: int = 4) -> None:
             super().__init__()
-            self.register_buffer("table", torch.zeros(n))  # a custom buffer: no spec can rebuild it
+            self.register_buffer("table", torch.arange(float(n)))  # a custom buffer: no module spec covers it
 
     save(Net(6), str(tmp_path / "ck"))
+    assert torch.equal(load(str(tmp_path / "ck"), Net).table, torch.arange(6.0))  # resized from manifest "shapes"
+    path = tmp_path / "ck" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["shapes"]  # a manifest from before shapes were recorded
+    path.write_text(json.dumps(m))
     with pytest.raises(FormatError, match=r"shape mismatches \['table: saved \(6,\) vs model \(4,\)'\]"):
-        load(str(tmp_path / "ck"), Net)
+        load(str(tmp_path / "ck"), Net, verify=False)
 
 
 def test_pickles_are_refused_by_default(tmp_path):
@@ -187,6 +192,32 @@ def test_parametrized_modules_are_refused(tmp_path):
     with pytest.raises(FormatError, match=r"module '0' carries a parametrization"):
         save(model, str(tmp_path / "ck"))
     assert not (tmp_path / "ck").exists()
+
+
+def test_weight_norm_is_saved_as_its_g_and_v_and_resized_on_load(tmp_path):
+    """torch's weight norm (wav2vec2's pos conv) is data: its g/v tensors are saved, the narrower module
+    model_fn builds takes the saved shapes, outputs are identical; any other parametrization is refused."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Net(nn.Module):
+        def __init__(self, c: int = 4) -> None:
+            super().__init__()
+            self.conv = weight_norm(nn.Conv1d(c, c, 3, padding=1, groups=2), dim=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model, x = Net(6), torch.rand(1, 6, 5)
+    save(model, str(tmp_path / "ck"))
+    again = load(str(tmp_path / "ck"), Net)
+    assert parametrize.is_parametrized(again.conv) and again.conv.in_channels == 6
+    assert torch.equal(again(x), model(x))
+    parametrize.register_parametrization(model.conv, "bias", nn.Identity())
+    with pytest.raises(FormatError, match=r"module 'conv' carries a parametrization"):
+        save(model, str(tmp_path / "ck2"))
+    assert not (tmp_path / "ck2").exists()
 
 
 def test_meta_tensors_are_refused(tmp_path):

@@ -92,3 +92,82 @@ def test_swin_per_stage_heads():
     x = {"pixel_values": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
     bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("classifier",)), example_inputs=x)
     assert m(**x).logits.shape == (1, 3)
+
+
+PIX = {"pixel_values": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+RENAMED = {"vit", "swin", "segformer"}
+ENCODERS = {  # transformers >= 5 saves RENAMED under their original key names (weight-conversion mapping reversed)
+    "vit": ("ViTConfig", "ViTModel", {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                                      "num_attention_heads": 4, "intermediate_size": 64}, PIX),
+    "swin": ("SwinConfig", "SwinModel", {"image_size": 32, "patch_size": 2, "embed_dim": 16, "depths": [1, 1],
+                                         "num_heads": [2, 4], "window_size": 4}, PIX),       # per-stage head tables
+    "segformer": ("SegformerConfig", "SegformerModel", {"num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1],
+                                                        "hidden_sizes": [16, 32], "num_attention_heads": [1, 2]}, PIX),
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model",                                        # weight-norm pos conv
+                 {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                  "conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3),
+                  "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4},
+                 {"input_values": torch.rand(1, 800, generator=torch.Generator().manual_seed(0))}),
+}
+
+
+@pytest.mark.parametrize("fam", sorted(ENCODERS))
+def test_pruned_encoder_reloads_with_identical_outputs(tmp_path, fam):
+    from safetensors import safe_open
+
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    cfg_name, cls_name, kw, x = ENCODERS[fam]
+    torch.manual_seed(0)
+    m = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    n0 = sum(p.numel() for p in m.parameters())
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5), example_inputs=x)
+    assert sum(p.numel() for p in m.parameters()) < 0.75 * n0
+    with torch.no_grad():
+        ref = m(**x).last_hidden_state
+    save_pretrained(m, str(tmp_path / "m"))
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    assert (saved != set(m.state_dict())) == (fam in RENAMED)     # written under transformers' original names
+    again = from_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(again(**x).last_hidden_state, ref)
+    if not getattr(m.config, "brainsurgeon_layer_widths", None):  # the config expresses every width
+        plain = type(m).from_pretrained(tmp_path / "m").eval()
+        with torch.no_grad():
+            assert torch.equal(plain(**x).last_hidden_state, ref)
+
+
+@pytest.mark.parametrize("fam", sorted(ENCODERS))
+def test_unpruned_encoder_file_reloads_in_plain_transformers(tmp_path, fam):
+    """The file keeps transformers' own layout (original names, weight-norm g/v): its loader reads it."""
+    from torch.nn.utils import parametrize
+
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    cfg_name, cls_name, kw, x = ENCODERS[fam]
+    torch.manual_seed(0)
+    m = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    with torch.no_grad():
+        ref = m(**x).last_hidden_state
+    save_pretrained(m, str(tmp_path / "m"))
+    for again in (type(m).from_pretrained(tmp_path / "m").eval(), from_pretrained(str(tmp_path / "m"))):
+        with torch.no_grad():
+            assert torch.equal(again(**x).last_hidden_state, ref)
+        if fam == "wav2vec2":
+            assert parametrize.is_parametrized(again.encoder.pos_conv_embed.conv)
+
+
+def test_converted_tensors_are_saved_under_state_dict_names(tmp_path):
+    """Mixtral's fused experts are split by transformers' save conversion: written as they are instead
+    (save_original_format=False), and both loaders give identical logits."""
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    m, x = _build("mixtral")
+    with torch.no_grad():
+        ref = m(**x).logits
+    save_pretrained(m, str(tmp_path / "m"))
+    plain = type(m).from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(str(tmp_path / "m"))(**x).logits, ref)
+        assert torch.equal(plain(**x).logits, ref)

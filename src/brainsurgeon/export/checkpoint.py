@@ -14,6 +14,7 @@ attributes, then assigns the saved tensors (dtype and all) and re-ties shared on
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -89,18 +90,20 @@ def split_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return out, aliases
 
 
-def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per-module specs (registered formats, standard torch modules) and scalar attrs of the others."""
+def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[int]]]:
+    """Per-module specs (registered formats, standard torch modules); scalar attrs and the shapes of the
+    own saved tensors of the others (a Swin block's ``relative_position_bias_table``, a norm's weight)."""
     modules: dict[str, Any] = {}
     attrs: dict[str, Any] = {}
+    shapes: dict[str, list[int]] = {}
     for name, m in model.named_modules():
-        if parametrize.is_parametrized(m) or any(isinstance(h, prune.BasePruningMethod)
-                                                 for h in m._forward_pre_hooks.values()):
+        if (parametrize.is_parametrized(m) and not _weight_norm_only(m)) or any(
+                isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
             raise FormatError(f"module {name or type(model).__name__!r} carries a parametrization or a "
                               f"torch.nn.utils.prune mask (code, not data); make it permanent first with "
                               f"torch.nn.utils.prune.remove(module, 'weight') or "
                               f"parametrize.remove_parametrizations(module, 'weight')")
-        entry = module_spec(m)
+        entry = None if parametrize.is_parametrized(m) else module_spec(m)
         if entry is not None:
             entry = {**entry, "spec": jsonable(entry["spec"])}
             if "format" in entry and not entry["format"].startswith(("torch.", "hf.")):
@@ -110,11 +113,54 @@ def _structure(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
             modules[name] = entry
             if "subclass" not in entry:
                 continue
+        else:
+            shapes.update(_own_shapes(name, m))
         scal = {k: v for k, v in vars(m).items()
                 if not k.startswith("_") and k != "training" and (v is None or isinstance(v, (bool, int, float, str)))}
         if scal:
             attrs[name] = scal
-    return modules, attrs
+    return modules, attrs, shapes
+
+
+def _weight_norm_only(m: nn.Module) -> bool:
+    """`m` is parametrized only by torch's weight norm (wav2vec2's ``pos_conv_embed.conv``): data, not code.
+
+    Its tensors (``parametrizations.weight.original0/1``, g and v) are saved as they are; the model_fn's
+    module carries the same parametrization, and the recorded shapes and size attributes resize it.
+    """
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    return all(isinstance(p, _WeightNorm) for plist in m.parametrizations.values() for p in plist)
+
+
+def _own_shapes(name: str, m: nn.Module) -> dict[str, list[int]]:
+    """Shapes of `m`'s own parameters and persistent buffers, by state_dict key."""
+    own = list(m._parameters.items()) + [(k, b) for k, b in m._buffers.items()
+                                         if k not in m._non_persistent_buffers_set]
+    return {f"{name}.{k}" if name else k: list(t.shape) for k, t in own if t is not None}
+
+
+def _resize_tensors(model: nn.Module, shapes: dict[str, Any], limit: Any) -> int:
+    """Give each recorded tensor whose built shape differs the saved shape (uninitialised: the weights
+    file fills it, and assign_tensors checks every shape against it). Returns how many were resized."""
+    n = 0
+    for key, shape in shapes.items():
+        prefix, _, attr = key.rpartition(".")
+        owner = _submodule(model, prefix) if prefix else model
+        t = getattr(owner, attr, None)
+        if not isinstance(t, torch.Tensor) or list(t.shape) == list(shape):
+            continue
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or (
+                isinstance(limit, int) and math.prod(shape) * t.element_size() > 4 * limit + (1 << 20)):
+            raise FormatError(f"tensor {key!r}: saved shape {shape} is not a shape the weights file "
+                              f"({limit} bytes) could fill; the manifest is damaged, save the model again")
+        new = torch.empty(shape, dtype=t.dtype, device=t.device)
+        if isinstance(t, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            owner._buffers[attr] = new
+        n += 1
+    return n
 
 
 def _hf_config(model: nn.Module) -> dict[str, Any] | None:
@@ -126,11 +172,11 @@ def _hf_config(model: nn.Module) -> dict[str, Any] | None:
 
 def build_manifest(model: nn.Module, aliases: dict[str, str], recipe: Any, plan: Any, history: Any) -> dict[str, Any]:
     """The manifest dict for `model` (weights fields are filled in once the file is written)."""
-    modules, attrs = _structure(model)
+    modules, attrs, shapes = _structure(model)
     cls = type(model)
     return {"brainsurgeon_checkpoint": CHECKPOINT_VERSION, "versions": versions(),
             "model_class": f"{cls.__module__}.{cls.__qualname__}", "weights": {"file": WEIGHTS},
-            "aliases": aliases, "modules": modules, "attrs": attrs,
+            "aliases": aliases, "modules": modules, "attrs": attrs, "shapes": shapes,
             "recipe": to_json(recipe, "recipe"), "plan": to_json(plan, "plan"), "history": to_json(history, "history"),
             "hf_config": _hf_config(model)}
 
@@ -254,7 +300,7 @@ def apply_structure(model: nn.Module, manifest: dict[str, Any], device: torch.de
         for k, v in values.items():
             if k in vars(cur) and vars(cur)[k] != v:
                 setattr(cur, k, v)
-    return rebuilt
+    return rebuilt + _resize_tensors(model, manifest.get("shapes", {}), limit)
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -356,6 +402,8 @@ def load(folder: str, model_fn: ModelFn, *, verify: bool = True, allow_pickle: b
     device = _device(model)  # before rebuilding: new modules are created on the default device
     n = apply_structure(model, manifest, device)
     sd = _read_safetensors(path, device)
+    renamed = manifest.get("hf_keys", {})  # save_pretrained's original-layout names -> state_dict names
+    sd = {renamed.get(k, k): t for k, t in sd.items()}
     assign_tensors(model, sd, manifest.get("aliases", {}), path)
     log.info("loaded %s: %d tensors, %d modules rebuilt from specs", folder, len(sd), n)
     return model

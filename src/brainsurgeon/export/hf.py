@@ -49,12 +49,18 @@ def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any
         manifest["hf_config"].setdefault("attn_implementation", attn)
     tmp = temp_folder(folder)
     try:
+        names = _saved_names(model)
+        kw = {}
+        if len(names) < len(model.state_dict()):  # a converter rebuilds tensors on save (Mixtral's fused experts)
+            log.info("%s: transformers converts some tensors on save; writing them under their state_dict names "
+                     "(save_original_format=False, which transformers >= 5 loads as they are)", type(model).__name__)
+            names, kw = {k: k for k in model.state_dict()}, {"save_original_format": False}
         with _no_hf_progress():
-            model.save_pretrained(tmp, max_shard_size="10000GB")
+            model.save_pretrained(tmp, max_shard_size="10000GB", **kw)
         if not os.path.isfile(os.path.join(tmp, WEIGHTS)):
             raise FormatError(f"save_pretrained did not write a single {WEIGHTS} in {folder} "
                               f"(wrote {sorted(os.listdir(tmp))}); sharded checkpoints are not supported yet")
-        _check_keys(model, os.path.join(tmp, WEIGHTS), manifest)
+        _check_keys(model, os.path.join(tmp, WEIGHTS), manifest, names)
         write_manifest(tmp, manifest)
         commit_folder(tmp, os.path.abspath(folder))
     except BaseException:
@@ -76,19 +82,48 @@ def _no_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_keys(model: nn.Module, path: str, manifest: dict[str, Any]) -> None:
-    """Every state_dict tensor is in the file or is a tie to one that is (HF drops tied copies)."""
+def _saved_names(model: nn.Module) -> dict[str, str]:
+    """state_dict name -> the name ``save_pretrained`` writes it under.
+
+    transformers >= 5 saves in the checkpoints' original layout: its weight-conversion mapping (renamings such
+    as ViT's ``layers.0.attention.q_proj`` -> ``encoder.layer.0.attention.attention.query``), reversed by
+    ``revert_weight_conversion``; its ``from_pretrained`` applies the mapping forward. A pure renaming hands
+    the same tensor objects back, so names are matched by identity; a tensor a converter rebuilt (fused
+    experts, transposes) has no entry here, and :func:`save_pretrained` then writes state_dict names.
+    """
+    sd = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 writes state_dict names as they are
+        return {k: k for k in sd}
+    owner = {id(t): k for k, t in sd.items()}
+    names = {}
+    for saved, t in revert_weight_conversion(model, dict(sd)).items():
+        k = owner.get(id(t))
+        if k is not None:
+            names[k] = saved
+    return names
+
+
+def _check_keys(model: nn.Module, path: str, manifest: dict[str, Any], names: dict[str, str]) -> None:
+    """Every state_dict tensor is in the file (under its saved name) or is a tie to one that is (HF drops
+    tied copies). Records the renamings in the manifest (``hf_keys``: saved name -> state_dict name) so
+    :func:`from_pretrained` maps them back as transformers' own loader does."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
     aliases = manifest["aliases"]
     for k in model.state_dict():
-        if k in keys:
+        if names.get(k) in keys:
             aliases.pop(k, None)  # HF kept both copies: nothing to re-tie from the file's point of view
-        elif k not in aliases or aliases[k] not in keys:
-            raise FormatError(f"save_pretrained wrote {path} without tensor {k!r} and it is not tied to a saved "
-                              f"one (this transformers version renames keys on save); use brainsurgeon.export.save")
+        elif k not in aliases or names.get(aliases[k]) not in keys:
+            raise FormatError(f"save_pretrained wrote {path} without tensor {k!r} (saved name "
+                              f"{names.get(k)!r}) and it is not tied to a saved one: this transformers version "
+                              f"converts it on save (not a plain renaming); use brainsurgeon.export.save")
+    renamed = {s: k for k, s in names.items() if s != k and s in keys}
+    if renamed:
+        manifest["hf_keys"] = renamed
 
 
 def from_pretrained(folder: str, *, verify: bool = True) -> nn.Module:

@@ -93,7 +93,8 @@ def read_manifest(folder: str) -> dict[str, Any]:
         raise FormatError(f"{path}: checkpoint format version {v!r} is not supported (this brainsurgeon reads "
                           f"version {CHECKPOINT_VERSION}); load it with the brainsurgeon version that wrote it "
                           f"({m.get('versions', {}).get('brainsurgeon', 'unknown')}) and save again")
-    for key, typ in (("weights", dict), ("aliases", dict), ("modules", dict), ("attrs", dict)):
+    for key, typ in (("weights", dict), ("aliases", dict), ("modules", dict), ("attrs", dict),
+                     ("hf_keys", dict), ("shapes", dict)):
         if not isinstance(m.get(key, typ()), typ):
             raise FormatError(f"{path}: field {key!r} must be a JSON {typ.__name__}; the manifest is damaged, "
                               f"save the model again")
