@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from brainsurgeon.errors import ConfigError
 from brainsurgeon.models.gan import PatchDiscriminator, ResnetGenerator
 from brainsurgeon.search.coevolve import coevolve, generator_fitness, l1_at_budget
 from brainsurgeon.search.evolve import Evolve
@@ -98,6 +100,9 @@ def test_adapted_bn_uses_the_masked_models_own_statistics_and_restores_everythin
     assert not torch.allclose(stale, got, atol=1e-3)  # the dense statistics differ
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())
     assert not G.training and all(b.momentum == 0.1 for b in G.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    with pytest.raises(ConfigError, match="no batch"), sg.adapted(genome, []):
+        pass
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())  # untouched on the refusal
 
 
 def test_fitness_penalises_unused_budget_and_scores_with_adapted_bn():

@@ -119,8 +119,13 @@ class ChannelSpace:
                         m.reset_running_stats()
                         m.momentum = None  # cumulative average over the batches
                         m.train()
+                    seen = 0
                     for xb in batches:
                         model(*xb) if isinstance(xb, tuple | list) else model(xb)
+                        seen += 1
+                    if bns and not seen:
+                        raise ConfigError("ChannelSpace.adapted: no batch to re-estimate the BatchNorm "
+                                          "statistics on; pass at least one input batch, or use masked()")
                 self.model.eval()
                 yield model
         finally:
