@@ -10,9 +10,11 @@ dependency-graph channel groups (5 per generator) and started from the same unif
 
 * uniform L1: the same kept fraction in every group, filters ranked by L1 norm (Li et al. 2017), the
   largest fraction whose MACs fit;
-* evolution alone: a GA per generator, fitness ``-L_DisA - beta * MAC overshoot`` (no partner);
+* evolution alone: a GA per generator, fitness ``-L_DisA - beta * |MACs fraction - target|`` (no partner);
 * co-evolution: the two populations in turns, fitness ``-(L_DisA + gamma L_cyc(partner's best)) - beta *
-  overshoot`` (``search.coevolve``); the same evaluation budget per generator as evolution alone;
+  |MACs fraction - target|`` (``search.coevolve``); the same evaluation budget per generator as evolution
+  alone. Both GAs score a candidate after re-estimating its BatchNorm statistics on 32 images of its own
+  domain (adaptive BN; the partner's on 32 of its domain), and both are seeded with the uniform L1 masks;
 * OBS-reconstruction channel pruning: ``prune_(ChannelPruning(ratio=1 - kept, reconstruct="obs"))`` at the
   uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 (quick: 128) A / B images).
 
@@ -84,6 +86,7 @@ def main() -> int:
     n_test = 256 if q else 10000
     a_test, y_test = a_test[:n_test], y_test[:n_test]
     fit_a, fit_b = a_train[:32 if q else 64] * 2 - 1, b_train[:32 if q else 64] * 2 - 1  # fitness batches (GAN range)
+    bn_a, bn_b = [a_train[64:96] * 2 - 1], [b_train[64:96] * 2 - 1]  # adaptive-BN batches (disjoint from fitness)
     n_cal = 128 if q else 256
     calib_a, calib_b = [a_train[:n_cal] * 2 - 1], [b_train[:n_cal] * 2 - 1]
     cfg = Evolve(population=8 if q else 16, budget=40 if q else 320, tournament=3, mutation=0.03, elite=2, seed=0)
@@ -108,14 +111,14 @@ def main() -> int:
         l1_g, keep_g = l1_at_budget(space_g, target)
         l1_f, keep_f = l1_at_budget(space_f, target)
         arms["uniform L1"] = (l1_g, l1_f, 0.0)
-        fg = generator_fitness(space_g, D_B, fit_a, target)
-        ff = generator_fitness(space_f, D_A, fit_b, target)
+        fg = generator_fitness(space_g, D_B, fit_a, target, calib=bn_a)
+        ff = generator_fitness(space_f, D_A, fit_b, target, calib=bn_b)
         t = time.process_time()
         alone_g = GeneticSearch(cfg, space_g.segments, [l1_g]).run(lambda g, fg=fg: fg(g, None))
         alone_f = GeneticSearch(cfg, space_f.segments, [l1_f]).run(lambda g, ff=ff: ff(g, None))
         arms["evolution alone"] = (alone_g.genome, alone_f.genome, time.process_time() - t)
-        fgc = generator_fitness(space_g, D_B, fit_a, target, partner=space_f)
-        ffc = generator_fitness(space_f, D_A, fit_b, target, partner=space_g)
+        fgc = generator_fitness(space_g, D_B, fit_a, target, partner=space_f, calib=bn_a, partner_calib=bn_b)
+        ffc = generator_fitness(space_f, D_A, fit_b, target, partner=space_g, calib=bn_b, partner_calib=bn_a)
         t = time.process_time()
         co_g, co_f = coevolve(fgc, ffc, space_g.segments, space_f.segments, cfg, seeds_a=[l1_g], seeds_b=[l1_f])
         arms["co-evolution"] = (co_g.genome, co_f.genome, time.process_time() - t)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from brainsurgeon.errors import ConfigError
 from brainsurgeon.models.gan import PatchDiscriminator, ResnetGenerator
 from brainsurgeon.search.coevolve import coevolve, generator_fitness, l1_at_budget
 from brainsurgeon.search.evolve import Evolve
@@ -67,3 +69,68 @@ def test_generator_fitness_prefers_the_dense_mask_and_punishes_overshoot():
     assert alone(l1, None) < 0.0
     cycle = float((F_(G(x)) - x).abs().mean().detach())
     assert abs(fit(dense, None) - (-10.0 * cycle - 100.0 * 0.5)) < 1e-6  # gamma * L_cyc + beta * overshoot
+
+
+def _trained_bn_pair():
+    torch.manual_seed(0)
+    G, F_ = ResnetGenerator(ngf=4, blocks=1), ResnetGenerator(ngf=4, blocks=1)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    for m in (G, F_):  # non-trivial running statistics
+        m.train()
+        with torch.no_grad():
+            m(x)
+        m.eval()
+    return G, F_, x
+
+
+def test_adapted_bn_uses_the_masked_models_own_statistics_and_restores_everything():
+    G, _, x = _trained_bn_pair()
+    sg = ChannelSpace(G, x[:1])
+    genome = sg.l1_genome(0.5)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    with sg.adapted(genome, [x]) as m:
+        assert not m.training
+        got = m(x)
+        m.train()  # batch statistics of the same batch = the re-estimated running statistics
+        want = m(x)
+        m.eval()
+    assert torch.allclose(got, want, atol=1e-3)  # running_var is unbiased, batch var biased
+    with sg.masked(genome) as m:
+        stale = m(x)
+    assert not torch.allclose(stale, got, atol=1e-3)  # the dense statistics differ
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())
+    assert not G.training and all(b.momentum == 0.1 for b in G.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    with pytest.raises(ConfigError, match="no batch"), sg.adapted(genome, []):
+        pass
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())  # untouched on the refusal
+
+
+def test_fitness_penalises_unused_budget_and_scores_with_adapted_bn():
+    G, F_, x = _trained_bn_pair()
+    D = PatchDiscriminator(4).eval()
+    sg, sf = ChannelSpace(G, x[:1]), ChannelSpace(F_, x[:1])
+    l1, _ = l1_at_budget(sg, 0.5)
+    small = sg.l1_genome(0.1)
+    m_small = sg.macs_fraction(small)
+    plain = generator_fitness(sg, D, x, target=0.5, under=0.0)
+    both = generator_fitness(sg, D, x, target=0.5, beta=100.0)
+    assert abs((plain(small) - both(small)) - 100.0 * (0.5 - m_small)) < 1e-6  # under-use costs beta per unit
+    # with calib, the fitness equals the loss of the adapted model computed by hand
+    fit = generator_fitness(sg, D, x, target=0.5, under=0.0, calib=[x], partner=sf, partner_calib=[x], gamma=2.0)
+    ref = D(G(x))
+    with torch.no_grad(), sg.adapted(l1, [x]) as g, sf.adapted(sf.dense_genome(), [x]) as f:
+        y = g(x)
+        want = -(float(((D(y) - ref) ** 2).mean()) + 2.0 * float((f(y) - x).abs().mean()))
+    assert abs(fit(l1, None) - want) < 1e-6
+
+
+def test_coevolution_keeps_its_seed_so_it_is_never_worse_than_its_start():
+    target = torch.rand(16, generator=torch.Generator().manual_seed(1)) < 0.5  # one optimum in 2^16
+
+    def fit(g: torch.Tensor, _partner: torch.Tensor) -> float:
+        return float((g == target).sum())
+
+    cfg = Evolve(population=4, budget=8, mutation=0.2, seed=0)
+    a, b = coevolve(fit, fit, [8, 8], [16], cfg, seeds_a=[target], seeds_b=[~target])
+    assert torch.equal(a.genome, target) and a.fitness == 16.0  # the seeded optimum survives (elitism)
+    assert b.fitness >= fit(~target, a.genome)

@@ -4,12 +4,16 @@
 the two generators of a CycleGAN, G: A -> B and F: B -> A, each get a population of channel masks.
 A mask p of G is scored against the current best mask of F (and vice versa) by
 
-    fitness(p) = -( L_DisA(p) + gamma * L_cyc(p, F_best) ) - beta * max(0, macs(p) / macs(G) - target)
+    fitness(p) = -( L_DisA(p) + gamma * L_cyc(p, F_best) ) - beta * |macs(p) / macs(G) - target|
 
 with the discriminator-aware loss ``L_DisA = mean (D_B(G_p(a)) - D_B(G(a)))^2`` (the compressed output is
 judged by the trained discriminator like the dense one's), cycle consistency through the partner's best
-``L_cyc = mean |F_best(G_p(a)) - a|``, and the FLOP term as a budget penalty (the paper trades a
-parameter term against the losses; a fixed MAC budget makes methods comparable). The populations take
+``L_cyc = mean |F_best(G_p(a)) - a|``, and the FLOP term as a distance to the budget (the paper trades a
+parameter term against the losses; a fixed MAC budget makes methods comparable, and penalising unused
+budget as well as overshoot keeps the search from trading capacity for a smaller score). Candidates are
+scored after re-estimating the masked generator's BatchNorm statistics on a few batches (adaptive BN, Li et
+al., "EagleEye", ECCV 2020): zeroing channels shifts the statistics, and without this nearly every candidate
+looks broken before fine-tuning, so the fitness would rank broken generators. The populations take
 turns: one generation of G against F's best, then one of F against G's new best; survivors are
 re-scored every generation because their partner changed. Each population is a
 :class:`~.evolve.GeneticSearch` (tournament, uniform crossover, bit-flip, elitism)::
@@ -69,32 +73,48 @@ def coevolve(fitness_a: Fitness2, fitness_b: Fitness2, segments_a: Sequence[int]
 
 
 def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target: float, *,
-                      partner: ChannelSpace | None = None, gamma: float = 10.0, beta: float = 100.0
+                      partner: ChannelSpace | None = None, gamma: float = 10.0, beta: float = 100.0,
+                      under: float | None = None, calib: Sequence[torch.Tensor] | None = None,
+                      partner_calib: Sequence[torch.Tensor] | None = None
                       ) -> Callable[[torch.Tensor, torch.Tensor | None], float]:
-    """Shu et al.'s fitness of a generator mask on inputs x: ``-(L_DisA + gamma L_cyc) - beta * overshoot``.
+    """Shu et al.'s fitness of a generator mask on inputs x: ``-(L_DisA + gamma L_cyc) - MAC term``.
 
     D: the discriminator of the generator's output domain; partner: the other generator's space (its model
     is masked by the partner genome during the cycle term); without a partner (evolution alone) the
     cycle term is left out. The returned function takes (genome, partner_genome or None).
+
+    MAC term: ``beta * max(0, m - target) + under * max(0, target - m)`` with m the kept MACs fraction;
+    ``under`` defaults to beta (``beta |m - target|``): at a fixed budget, capacity left unused is lost
+    accuracy, so a candidate well under the budget is not preferred for being small. ``under=0`` is the
+    plain overshoot penalty.
+
+    calib / partner_calib: batches on which the BatchNorm statistics of the masked generator / partner are
+    re-estimated before it is scored (``ChannelSpace.adapted``, adaptive BN); without them the candidates
+    run with the dense model's statistics.
     """
     G = space.model
+    under = beta if under is None else under
     with torch.no_grad():
         was = G.training
         G.eval()
         ref = D(G(x))  # the dense generator's output as the discriminator judges it
         G.train(was)
 
+    def run(sp: ChannelSpace, genome: torch.Tensor, batches: Sequence[torch.Tensor] | None):
+        return sp.adapted(genome, batches) if batches is not None else sp.masked(genome)
+
     @torch.no_grad()
     def fit(genome: torch.Tensor, partner_genome: torch.Tensor | None = None) -> float:
-        over = max(0.0, space.macs_fraction(genome) - target)
-        with space.masked(genome) as g:
+        m = space.macs_fraction(genome)
+        cost = beta * max(0.0, m - target) + under * max(0.0, target - m)
+        with run(space, genome, calib) as g:
             y = g(x)
             loss = float(((D(y) - ref) ** 2).mean())
             if partner is not None and gamma:
                 pg = partner_genome if partner_genome is not None else partner.dense_genome()
-                with partner.masked(pg) as f:
+                with run(partner, pg, partner_calib) as f:
                     loss += gamma * float((f(y) - x).abs().mean())
-        return -loss - beta * over
+        return -loss - cost
 
     return fit
 

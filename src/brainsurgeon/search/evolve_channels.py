@@ -94,6 +94,49 @@ class ChannelSpace:
                 for t, d, idx, old in reversed(saved):
                     t.index_copy_(d, idx, old)
 
+    @contextmanager
+    def adapted(self, genome: torch.Tensor, batches: Iterable[Any]) -> Iterator[nn.Module]:
+        """``masked(genome)`` with the BatchNorm running statistics re-estimated on `batches` (adaptive BN,
+        Li et al., "EagleEye", ECCV 2020): dropping channels shifts the statistics the remaining layers see,
+        and a candidate judged with the dense model's statistics looks broken before any fine-tuning.
+
+        The model is in eval mode inside (the new statistics are used); the statistics, momenta and
+        train/eval modes are restored on exit with the zeroed values.
+
+        >>> with space.adapted(genome, [x_cal]) as m:
+        ...     score = evaluate(m, val)
+        """
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        modes = [(m, m.training) for m in self.model.modules()]
+        saved = [(m, m.momentum, {k: getattr(m, k).clone() for k in ("running_mean", "running_var",
+                                                                      "num_batches_tracked")}) for m in bns]
+        try:
+            with self.masked(genome) as model:
+                with torch.no_grad():
+                    self.model.eval()
+                    for m in bns:
+                        m.reset_running_stats()
+                        m.momentum = None  # cumulative average over the batches
+                        m.train()
+                    seen = 0
+                    for xb in batches:
+                        model(*xb) if isinstance(xb, tuple | list) else model(xb)
+                        seen += 1
+                    if bns and not seen:
+                        raise ConfigError("ChannelSpace.adapted: no batch to re-estimate the BatchNorm "
+                                          "statistics on; pass at least one input batch, or use masked()")
+                self.model.eval()
+                yield model
+        finally:
+            with torch.no_grad():
+                for m, mom, bufs in saved:
+                    m.momentum = mom
+                    for k, v in bufs.items():
+                        getattr(m, k).copy_(v)
+            for m, was in modes:
+                m.training = was
+
     def macs_fraction(self, genome: torch.Tensor) -> float:
         """Estimated MACs of the pruned model / dense, over the layers with MACs: each layer's dense MACs
         times the kept fraction of its output and of its input channels (measured after ``prune_``)."""
