@@ -80,8 +80,10 @@ class Evolve(Config):
                                           f"got {self.mutation!r}")
         need(isinstance(self.elite, int) and 0 <= self.elite < self.population,
              f"elite must be in [0, population), got {self.elite!r}")
-        lo, hi = self.init_keep
-        need(0.0 < lo <= hi <= 1.0, f"init_keep must be (lo, hi) with 0 < lo <= hi <= 1, got {self.init_keep!r}")
+        ok = isinstance(self.init_keep, (tuple, list)) and len(self.init_keep) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.init_keep)
+        need(ok and 0.0 < self.init_keep[0] <= self.init_keep[1] <= 1.0,
+             f"init_keep must be (lo, hi) with 0 < lo <= hi <= 1, got {self.init_keep!r}")
 
 
 @dataclass
