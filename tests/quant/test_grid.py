@@ -42,3 +42,21 @@ def test_mse_search_never_worse_than_min_max(sym):
     err = lambda g: (g.quantize(W) - W).abs().pow(2.4).sum(1)  # noqa: E731
     plain, searched = err(fit_grid(W, 3, sym, mse=False)), err(fit_grid(W, 3, sym, mse=True))
     assert (searched <= plain + 1e-6).all() and searched.sum() < 0.9 * plain.sum()
+
+
+def test_depthwise_grid_is_per_output_channel():
+    """A depthwise conv's weight (C, 1, 3, 3) as rows of 9: every channel gets its own 8-bit scale
+    (amax / 127.5), so a channel of tiny weights keeps its relative precision (no per-tensor collapse),
+    and the error matches torch's per-channel fake-quant up to the tie at the row extreme."""
+    torch.manual_seed(0)
+    W = torch.randn(32, 1, 3, 3) * torch.logspace(-4, 0, 32)[:, None, None, None]
+    rows = W.reshape(32, -1)
+    g = fit_grid(rows, bits=8, sym=True, mse=False)
+    assert g.scale.shape == (32, 1)
+    torch.testing.assert_close(g.scale[:, 0], rows.abs().amax(1) / 127.5)
+    Q = g.quantize(rows)
+    rel = (Q - rows).norm(dim=1) / rows.norm(dim=1)
+    assert rel.max() < 0.01  # per channel; a per-tensor grid would zero the smallest channels (rel = 1)
+    s = rows.abs().amax(1) / 127.5
+    ref = torch.fake_quantize_per_channel_affine(rows, s, torch.zeros(32, dtype=torch.int32), 0, -128, 127)
+    torch.testing.assert_close((Q - rows).norm(dim=1), (ref - rows).norm(dim=1), rtol=1e-4, atol=1e-9)
