@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,8 +42,8 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import FormatError
-from .checkpoint import check_target, commit_folder, split_tensors, temp_folder
-from .layercodes import LayerCodes, check_hf_shapes, collect_codes
+from .checkpoint import check_target, split_tensors
+from .layercodes import LayerCodes, check_hf_shapes, collect_codes, write_hf_folder
 
 log = get_logger(__name__)
 
@@ -181,7 +180,6 @@ def save_compressed_tensors(model: nn.Module, folder: str, *, quant: Any = None,
     >>> save_compressed_tensors(lm, "out/ct", quant=bs.GPTQ(bits=4, group_size=128), tokenizer=tok)
     'out/ct'
     """
-    from safetensors.torch import save_file
 
     layers = collect_codes(model, quant, ignore)
     _check(model, layers, fmt)
@@ -194,23 +192,7 @@ def save_compressed_tensors(model: nn.Module, folder: str, *, quant: Any = None,
         for k in [k for k in tensors if k.startswith(n + ".")]:
             del tensors[k]
         tensors.update({f"{n}.{k}": t for k, t in _layer_tensors(lc, fmt).items()})
-    tmp = temp_folder(folder)
-    try:
-        model.config.save_pretrained(tmp)
-        path = os.path.join(tmp, "config.json")
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        cfg["quantization_config"] = qcfg
-        cfg["architectures"] = [type(model).__name__]
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        commit_folder(tmp, os.path.abspath(folder))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_hf_folder(model, folder, tensors, qcfg, tokenizer)
     n_q = sum(lc.codes is not None for lc in layers.values())
     log.info("compressed-tensors: wrote %d quantized and %d dense Linears to %s", n_q, len(layers) - n_q, folder)
     return folder

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,8 +31,8 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import FormatError
-from .checkpoint import check_target, commit_folder, split_tensors, temp_folder
-from .layercodes import LayerCodes, check_hf_shapes, collect_codes
+from .checkpoint import check_target, split_tensors
+from .layercodes import LayerCodes, check_hf_shapes, collect_codes, write_hf_folder
 
 log = get_logger(__name__)
 
@@ -118,7 +117,6 @@ def save_gptq(model: nn.Module, folder: str, *, quant: Any = None, tokenizer: An
     >>> save_gptq(lm, "out/gptq", quant=bs.GPTQ(bits=4, group_size=128))
     'out/gptq'
     """
-    from safetensors.torch import save_file
 
     layers = collect_codes(model, quant, ignore)
     bits, gs = _check(model, layers)
@@ -134,23 +132,7 @@ def save_gptq(model: nn.Module, folder: str, *, quant: Any = None, tokenizer: An
         tensors.update({f"{n}.{k}": t for k, t in _layer_tensors(lc, bits).items()})
         s = lc.codes.scale
         worst = max(worst, float(((s.half().float() - s).abs() / s.abs().clamp_min(1e-30)).max()))
-    tmp = temp_folder(folder)
-    try:
-        model.config.save_pretrained(tmp)
-        path = os.path.join(tmp, "config.json")
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        cfg["quantization_config"] = gptq_config(bits, gs, sym)
-        cfg["architectures"] = [type(model).__name__]
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        commit_folder(tmp, os.path.abspath(folder))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_hf_folder(model, folder, tensors, gptq_config(bits, gs, sym), tokenizer)
     log.info("gptq: wrote %d %d-bit layers to %s; float16 scales move weights by <= %.2g relative",
              sum(lc.codes is not None for lc in layers.values()), bits, folder, worst)
     return folder

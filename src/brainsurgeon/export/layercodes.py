@@ -17,6 +17,7 @@ group of input columns). The writers never quantize: they take the codes the mod
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,3 +162,36 @@ def check_hf_shapes(model: nn.Module, fmt: str) -> None:
                           f"config builds ({'; '.join(bad[:3])}); a pruned width or dropped head cannot be "
                           f"expressed by an HF config. Save with format='brainsurgeon' or 'hf' (our "
                           f"manifest rebuilds the widths), or prune uniformly")
+
+
+def write_hf_folder(model: nn.Module, folder: str, tensors: dict[str, torch.Tensor],
+                    quantization_config: dict[str, Any], tokenizer: Any = None) -> None:
+    """Write an HF folder atomically: the model's config.json with `quantization_config`, the tensors as
+    model.safetensors and the tokenizer (the common tail of the compressed-tensors and GPTQ writers).
+
+    >>> write_hf_folder(lm, "out/ct", {"lm_head.weight": w}, {"quant_method": "compressed-tensors"})
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .folder import commit_folder, temp_folder
+
+    tmp = temp_folder(folder)
+    try:
+        model.config.save_pretrained(tmp)
+        path = os.path.join(tmp, "config.json")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = quantization_config
+        cfg["architectures"] = [type(model).__name__]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        commit_folder(tmp, os.path.abspath(folder))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
