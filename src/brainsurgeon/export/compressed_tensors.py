@@ -31,9 +31,7 @@ are zero codes) and the structure is recorded in ``sparsity_config`` (``format: 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,7 +41,7 @@ from torch import nn
 from .._log import get_logger
 from ..errors import FormatError
 from .checkpoint import check_target, split_tensors
-from .layercodes import LayerCodes, check_hf_shapes, collect_codes, write_hf_folder
+from .layercodes import LayerCodes, check_hf_shapes, collect_codes, load_decoded, read_hf_folder, write_hf_folder
 
 log = get_logger(__name__)
 
@@ -198,11 +196,6 @@ def save_compressed_tensors(model: nn.Module, folder: str, *, quant: Any = None,
     return folder
 
 
-def _read_config(folder: str) -> dict[str, Any]:
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _decode(sd: dict[str, torch.Tensor], name: str, args: dict[str, Any], fmt: str) -> torch.Tensor:
     bits = int(args["num_bits"])
     half = 2 ** (bits - 1)
@@ -235,21 +228,8 @@ def load_compressed_tensors(folder: str) -> nn.Module:
 
     >>> lm = load_compressed_tensors("out/ct")
     """
-    from safetensors.torch import load_file
-
-    from .hf import _transformers
-
-    transformers = _transformers()
-    cfg = _read_config(folder)
-    qc = cfg.pop("quantization_config", None) or {}
-    if qc.get("quant_method") != "compressed-tensors":
-        raise FormatError(f"{folder}: config.json has no compressed-tensors quantization_config")
-    model_type = cfg.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **cfg)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    sd = load_file(os.path.join(folder, "model.safetensors"))
+    model, qc, sd = read_hf_folder(folder, lambda qc: qc.get("quant_method") == "compressed-tensors",
+                                   "config.json has no compressed-tensors quantization_config")
     fmt = qc.get("format", "pack-quantized")
     groups = list(qc.get("config_groups", {}).values())
     ignore = set(qc.get("ignore") or [])
@@ -260,11 +240,4 @@ def load_compressed_tensors(folder: str) -> nn.Module:
         if g is None or f"{name}.weight_scale" not in sd:
             continue
         sd[f"{name}.weight"] = _decode(sd, name, g["weights"], g.get("format") or fmt)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise FormatError(f"{folder}: tensors do not match {type(model).__name__}: missing "
-                          f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    return model.eval()
+    return load_decoded(model, sd, folder)

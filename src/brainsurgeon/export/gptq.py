@@ -21,8 +21,6 @@ contiguous (our act-order keeps static groups), so ``desc_act: false`` and a sor
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,7 +30,7 @@ from torch import nn
 from .._log import get_logger
 from ..errors import FormatError
 from .checkpoint import check_target, split_tensors
-from .layercodes import LayerCodes, check_hf_shapes, collect_codes, write_hf_folder
+from .layercodes import LayerCodes, check_hf_shapes, collect_codes, load_decoded, read_hf_folder, write_hf_folder
 
 log = get_logger(__name__)
 
@@ -152,32 +150,13 @@ def load_gptq(folder: str) -> nn.Module:
 
     Needs transformers only (no GPTQ kernels). ``>>> lm = load_gptq("out/gptq")``
     """
-    from safetensors.torch import load_file
-
-    from .hf import _transformers
-
-    transformers = _transformers()
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    qc = cfg.pop("quantization_config", None) or {}
-    if qc.get("quant_method") != "gptq" or qc.get("checkpoint_format", "gptq") != "gptq":
-        raise FormatError(f"{folder}: config.json is not a GPTQ (v1 'gptq' checkpoint_format) checkpoint")
-    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    cls = getattr(transformers, (config.architectures or ["AutoModel"])[0], None)
-    model = cls(config) if cls is not None and cls is not transformers.AutoModel else \
-        transformers.AutoModel.from_config(config)
-    sd = load_file(os.path.join(folder, "model.safetensors"))
+    model, qc, sd = read_hf_folder(
+        folder, lambda qc: qc.get("quant_method") == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq",
+        "config.json is not a GPTQ (v1 'gptq' checkpoint_format) checkpoint")
     for key in [k for k in sd if k.endswith(".qweight")]:
         n = key[: -len(".qweight")]
         sd[f"{n}.weight"] = dequantize_gptq(sd.pop(key), sd.pop(f"{n}.qzeros"), sd.pop(f"{n}.scales"),
                                             sd.pop(f"{n}.g_idx"), int(qc["bits"]))
         if f"{n}.bias" in sd:
             sd[f"{n}.bias"] = sd[f"{n}.bias"].float()
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise FormatError(f"{folder}: tensors do not match {type(model).__name__}: missing "
-                          f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    return model.eval()
+    return load_decoded(model, sd, folder)

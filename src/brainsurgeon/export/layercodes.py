@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,3 +195,47 @@ def write_hf_folder(model: nn.Module, folder: str, tensors: dict[str, torch.Tens
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_hf_folder(folder: str, accepts: Callable[[dict[str, Any]], bool],
+                   refusal: str) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """The random-weight transformers model of an HF folder's config.json, the config's
+    ``quantization_config`` and the folder's model.safetensors tensors, for a format reader to decode
+    before :func:`load_decoded`. A ``quantization_config`` that `accepts` refuses (``{}`` if absent)
+    is a :class:`FormatError` saying ``f"{folder}: {refusal}"``, before anything is built.
+
+    >>> model, qc, sd = read_hf_folder("out/gptq", lambda qc: qc.get("quant_method") == "gptq", "not GPTQ")
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from .hf import _transformers
+
+    transformers = _transformers()
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    qc = cfg.pop("quantization_config", None) or {}
+    if not accepts(qc):
+        raise FormatError(f"{folder}: {refusal}")
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    cls = getattr(transformers, (config.architectures or ["AutoModel"])[0], None)
+    model = cls(config) if cls is not None and cls is not transformers.AutoModel else \
+        transformers.AutoModel.from_config(config)
+    return model, qc, load_file(os.path.join(folder, "model.safetensors"))
+
+
+def load_decoded(model: nn.Module, sd: dict[str, torch.Tensor], folder: str) -> nn.Module:
+    """Load the decoded float state dict `sd` into `model` (a tied ``lm_head`` may be absent; anything
+    else missing or unexpected is a :class:`FormatError`), re-tie, and return the model in eval mode.
+
+    >>> lm = load_decoded(model, sd, "out/ct")
+    """
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise FormatError(f"{folder}: tensors do not match {type(model).__name__}: missing "
+                          f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
