@@ -14,7 +14,7 @@ failure every replaced module is put back.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +170,41 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+Build = Callable[[str, nn.Module, torch.Tensor | None], tuple[nn.Module | None, LayerRow]]
+
+
+def replace_layers_(model: nn.Module, names: list[str], layerwise: list[str], calib: Any,
+                    options: CalibOptions | None, build: Build, report: CompressionReport) -> int:
+    """Replace layers in place: ``build(name, module, H) -> (new module or None, row)`` for each of `names`,
+    the `layerwise` ones with their Hessian from :func:`run_layerwise` on `calib` (in that order, first),
+    the others with ``H=None``; each row goes to `report`. On any failure every replaced module is put
+    back. Returns the number of layers replaced.
+
+    >>> n = replace_layers_(model, ["fc1"], [], None, None, lambda n, m, H: (None, row), report)
+    """
+    modules = dict(model.named_modules())
+    swapped: list[tuple[str, nn.Module]] = []
+
+    def apply(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
+        new, row = build(name, module, H)
+        report.add_row(row)
+        if new is not None:
+            swapped.append((name, _swap(model, name, new)))
+        log.info("%s: %s rel.err %.3e", name, row.method, row.rel_loss)
+
+    try:
+        if layerwise:
+            run_layerwise(model, layerwise, calib, apply, options or CalibOptions())
+        for name in names:
+            if name not in layerwise:
+                apply(name, modules[name], None)
+    except BaseException:
+        for name, old in reversed(swapped):
+            _swap(model, name, old)
+        raise
+    return len(swapped)
+
+
 def factorize_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iterable[str] = (),
                overrides: Any = (), options: CalibOptions | None = None) -> CompressionReport:
     """Replace every Linear / Conv2d (groups=1) of `model` in place by its low-rank factorization.
@@ -198,30 +233,16 @@ def factorize_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
                                                  max_batches=(options or CalibOptions()).max_batches)
         notes = list(notes) + calib_notes
     report = CompressionReport(notes=list(notes))
-    swapped: list[tuple[str, nn.Module]] = []
 
-    def apply(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
+    def build(name: str, module: nn.Module, H: torch.Tensor | None) -> tuple[nn.Module | None, LayerRow]:
         if H is not None and H.dim() != 2:
             raise UnsupportedModuleError(f"layer {name}: grouped Hessian {tuple(H.shape)}; only groups=1")
-        new, row = factorize_module(name, module, plan[name], H)
-        report.add_row(row)
-        if new is not None:
-            swapped.append((name, _swap(model, name, new)))
-        log.info("%s: %s rel.err %.3e", name, row.method, row.rel_loss)
+        return factorize_module(name, module, plan[name], H)
 
-    try:
-        if aware:
-            run_layerwise(model, aware, calib, apply, options or CalibOptions())
-        for name in plan:
-            if name not in aware:
-                apply(name, modules[name], None)
-    except BaseException:
-        for name, old in reversed(swapped):
-            _swap(model, name, old)
-        raise
+    replaced = replace_layers_(model, list(plan), aware, calib, options, build, report)
     before = sum(modules[n].weight.numel() for n in plan)
     after = sum(r.params for r in report.rows)
-    report.notes.append(f"factorized {len(swapped)} of {len(plan)} layers: {before} -> {after} weights "
+    report.notes.append(f"factorized {replaced} of {len(plan)} layers: {before} -> {after} weights "
                         f"({after / max(before, 1):.1%})")
     return report
 

@@ -25,12 +25,11 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..calib import run_layerwise
 from ..calib.data import cache_batches, is_one_shot, iter_batches
 from ..config import CalibOptions, Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow
-from .api import _row, _swap
+from .api import _row, replace_layers_
 from .compact import COMPACT, DepthwiseSeparableConv2d, SpatialSeparableConv2d
 from .config import Separable
 from .modules import FACTORIZED, Tucker2Conv2d
@@ -192,7 +191,6 @@ def transform_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
                           f"{aware[:3]}; pass calib=loader, or use Separable(..., data_aware=False)")
     modules = dict(model.named_modules())
     report = CompressionReport(notes=list(notes))
-    swapped: list[tuple[str, nn.Module]] = []
     scales: dict[str, torch.Tensor] = {}
     if calib is not None:
         if is_one_shot(calib):
@@ -201,26 +199,14 @@ def transform_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
         if scales:
             report.notes.append(f"errors weighted by the following BatchNorm's gamma/sigma for {len(scales)} convs")
 
-    def apply(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
-        new, row = transform_module(name, module, plan[name], H, scales.get(name))  # type: ignore[arg-type]
-        report.add_row(row)
-        if new is not None:
-            swapped.append((name, _swap(model, name, new)))
-        log.info("%s: %s rel.err %.3e", name, row.method, row.rel_loss)
+    def build(name: str, module: nn.Module, H: torch.Tensor | None) -> tuple[nn.Module | None, LayerRow]:
+        return transform_module(name, module, plan[name], H, scales.get(name))  # type: ignore[arg-type]
 
-    try:
-        if calib is not None:
-            run_layerwise(model, list(plan), calib, apply, options or CalibOptions())
-        else:
-            for name in plan:
-                apply(name, modules[name], None)
-    except BaseException:
-        for name, old in reversed(swapped):
-            _swap(model, name, old)
-        raise
+    replaced = replace_layers_(model, list(plan), list(plan) if calib is not None else [], calib, options, build,
+                               report)
     before = sum(modules[n].weight.numel() for n in plan)
     after = sum(r.params for r in report.rows)
-    report.notes.append(f"transformed {len(swapped)} of {len(plan)} convs ({cfg.describe()}): {before} -> "
+    report.notes.append(f"transformed {replaced} of {len(plan)} convs ({cfg.describe()}): {before} -> "
                         f"{after} weights ({after / max(before, 1):.1%})")
     return report
 
