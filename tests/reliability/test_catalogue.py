@@ -175,6 +175,13 @@ CASES = [
          (ConfigError, "model must be an nn.Module")),
     Case("DependencyGraph", "example inputs are a string", lambda m: bs.DependencyGraph(m, "x"),
          (CalibrationError, "example_inputs \\(no tensors: str\\)")),
+    # ---------------------------------------------------------------- transform_
+    Case("transform_", "calibration with the wrong channel count",
+         lambda m: bs.transform_(m, bs.Separable(kind="spatial", ratio=0.5), [X(c=1)]),
+         (CalibrationError, "transform_: the model's forward failed on the first calibration batch")),
+    Case("transform_", "options not a CalibOptions",
+         lambda m: bs.transform_(m, bs.Separable(kind="spatial", ratio=0.5), [X()], options="dense"),
+         (ConfigError, "transform_: options must be a CalibOptions")),
     # ---------------------------------------------------------------- factorize_
     Case("factorize_", "wrong config",
          lambda m: bs.factorize_(m, bs.RTN()), (ConfigError, "factorize_ needs a LowRank config")),

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..calib.data import cache_batches, is_one_shot, iter_batches
+from ..calib.data import iter_batches, prepare_calibration
 from ..config import CalibOptions, Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow
@@ -192,9 +192,13 @@ def transform_(model: nn.Module, cfg: Config, calib: Any = None, *, ignore: Iter
     modules = dict(model.named_modules())
     report = CompressionReport(notes=list(notes))
     scales: dict[str, torch.Tensor] = {}
-    if calib is not None:
-        if is_one_shot(calib):
-            calib = cache_batches(calib)  # read several times below
+    if options is not None and not isinstance(options, CalibOptions):
+        raise ConfigError(f"transform_: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
+                          f"got {options!r}")
+    if calib is not None:  # checked against the model before any layer is replaced; one-shot data is kept
+        calib, calib_notes = prepare_calibration(model, calib, "transform_",
+                                                 max_batches=(options or CalibOptions()).max_batches)
+        report.notes += calib_notes
         scales = {n: s for n, s in following_batchnorm(model, list(plan), calib).items() if plan[n].bn_aware}
         if scales:
             report.notes.append(f"errors weighted by the following BatchNorm's gamma/sigma for {len(scales)} convs")
