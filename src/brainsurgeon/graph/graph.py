@@ -30,7 +30,7 @@ from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
 from .rules import Ctx, apply_module_rules, find_rule, refs
-from .trace import Ref, Trace, in_mode, run_model
+from .trace import Ref, Trace, flat_tensors, in_mode, run_model
 from .untraced import untraced_hit, untraced_widths
 
 log = get_logger(__name__)
@@ -486,12 +486,7 @@ def _int_indices(idxs: Any, what: str) -> np.ndarray:
 
 def _shapes(inputs: Any) -> str:
     """Shapes, dtypes and devices of the tensors in `inputs`, for error messages: '[(1, 3) float32 cpu]'."""
-    def flat(o: Any) -> list[torch.Tensor]:
-        if isinstance(o, torch.Tensor):
-            return [o]
-        vals = o.values() if isinstance(o, dict) else o if isinstance(o, (tuple, list)) else ()
-        return [t for v in vals for t in flat(v)]
-    ts = flat(inputs)
+    ts = flat_tensors(inputs)
     if not ts:
         return f"(no tensors: {type(inputs).__name__})"
     return "[" + ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}" for t in ts[:4]) + \
