@@ -19,7 +19,8 @@ def test_space_round_trips_through_dict_and_yaml(tmp_path):
 
 @pytest.mark.parametrize("kw, field", [({"bits": (9,)}, "SearchSpace.bits"), ({"levels": -1}, "SearchSpace.levels"),
                                        ({"nm": ("4",)}, "pattern"), ({"max_sparsity": 1.0}, "max_sparsity"),
-                                       ({"prune_method": "OBQ"}, "prune_method"), ({"act_bits": 0}, "act_bits")])
+                                       ({"prune_method": "OBQ"}, "prune_method"), ({"act_bits": 0}, "act_bits"),
+                                       ({"channel_importance": "x"}, "SearchSpace.channel_importance")])
 def test_bad_space_fields_are_named(kw, field):
     with pytest.raises(ConfigError, match=field):
         SearchSpace(**kw)

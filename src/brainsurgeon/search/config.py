@@ -15,6 +15,13 @@ from typing import Any, ClassVar
 from ..config import Config, Pattern, config_from_dict, read_yaml, register_config
 from ..errors import ConfigError
 
+
+def _importances() -> list[str]:
+    from ..prune.importance import registered_importances  # lazy: prune's registry fills on import
+
+    return registered_importances()
+
+
 METRICS = ("params", "bytes", "flops", "bops", "bops_obc", "latency")
 ACT_OBSERVERS = ("minmax", "percentile", "mse", "ema")
 PRUNE_METHODS = ("ExactOBS", "SparseGPT", "Magnitude")
@@ -114,6 +121,9 @@ class SearchSpace(Config):
         for r in self.channel_ratios:
             if not 0.0 < r < 1.0:
                 _fail("channel_ratios", f"each ratio must be in (0, 1), got {r!r}")
+        if self.channel_importance not in _importances():
+            _fail("channel_importance", f"{self.channel_importance!r} is not a registered criterion; "
+                  f"use one of {_importances()} (register one with @register_importance)")
         for r in self.lowrank_ratios:
             if not 0.0 < r < 1.0:
                 _fail("lowrank_ratios", f"each ratio (factorized / dense weights) must be in (0, 1), got {r!r}")
