@@ -57,3 +57,14 @@ def test_linear_time_levels_equal_the_sorting_count(group_size):
         assert res.info["levels"] == _levels(res.weight, group_size) <= 8
     codes = torch.tensor([[0, 0, 1, 1], [2, 3, 4, 4]])
     assert grid_levels(codes, 7, 2) == 2 and grid_levels(codes, 7, 0) == 3
+
+
+@pytest.mark.parametrize("maxq", [1, 15, 31, 63, 255])  # int32 bits, int64 bits, bincount
+@pytest.mark.parametrize("cols,group_size", [(64, 0), (70, 16), (33, 7), (5, 64)])
+def test_grid_levels_counts_distinct_codes_per_group(maxq, cols, group_size):
+    g = torch.Generator().manual_seed(maxq + cols)
+    for hi in (maxq, min(2, maxq), 0):
+        codes = torch.randint(0, hi + 1, (6, cols), generator=g).float()
+        step = group_size if 0 < group_size < cols else cols
+        want = max(len(set(codes[r, j:j + step].tolist())) for r in range(6) for j in range(0, cols, step))
+        assert grid_levels(codes, maxq, group_size) == want
