@@ -332,7 +332,7 @@ class DeepNet(nn.Module):
 
 
 def test_sequential_replay_sees_the_same_hessians_as_stopped_forwards_in_linear_time():
-    from brainsurgeon.calib import driver
+    from brainsurgeon.calib import passes
 
     torch.manual_seed(0)
     model = DeepNet()
@@ -352,7 +352,7 @@ def test_sequential_replay_sees_the_same_hessians_as_stopped_forwards_in_linear_
     run_layerwise(m1, names, calib, solver("replay"), CalibOptions())
     with torch.no_grad():
         layers = dict(m2.named_modules())
-        driver._solve_sequential(m2, {n: layers[n] for n in names}, lambda: [((x,), {}) for x in calib],
+        passes._solve_sequential(m2, {n: layers[n] for n in names}, lambda: [((x,), {}) for x in calib],
                                  solver("stopped"), torch.float32)
     assert list(seen["replay"]) == names
     for n in names:
