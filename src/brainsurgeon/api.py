@@ -221,6 +221,10 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     if not isinstance(options, CalibOptions):
         raise ConfigError(f"{verb_name}: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
                           f"got {options!r}")
+    if options.blocks:  # a path naming no block list is refused before any calibration
+        from .calib.blocks import _blocks
+
+        _blocks(model, options.blocks)
     calib_notes: list[str] = []
     if calib is not None or any(type(s.method).verb == "prune" or (type(s.method).verb in ("sparsify", "quantize")
                                 and not _data_free(s)) for s in steps):

@@ -21,14 +21,20 @@ log = get_logger(__name__)
 
 
 def _blocks(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequential:
+    """``model.<path>``, refused with the model's candidate block lists unless it is a non-empty
+    ModuleList/Sequential (checked by the verbs before any calibration)."""
     try:
         blocks = model.get_submodule(path)
-    except AttributeError as e:
-        raise ConfigError(f"CalibOptions.blocks: no module {path!r} in {type(model).__name__}; pass the "
-                          f"dotted path of the ModuleList of blocks, e.g. 'model.layers'") from e
+    except AttributeError:
+        blocks = None
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-        raise ConfigError(f"CalibOptions.blocks: {path!r} is a {type(blocks).__name__}, not a non-empty "
-                          f"nn.ModuleList of blocks; e.g. 'model.layers' or 'encoder.layer'")
+        lists = [n for n, m in model.named_modules() if n and isinstance(m, (nn.ModuleList, nn.Sequential))
+                 and len(m) > 1]
+        what = f"no module {path!r}" if blocks is None else f"{path!r} is a {type(blocks).__name__}"
+        raise ConfigError(f"CalibOptions.blocks: {what} in {type(model).__name__}, not a non-empty nn.ModuleList "
+                          f"of blocks; pass the dotted path of one"
+                          + (f" (this model has {', '.join(repr(n) for n in lists[:6])})" if lists else
+                             " (this model has none: use per-layer mode, CalibOptions(blocks=''))"))
     return blocks
 
 

@@ -6,7 +6,8 @@ The caller passes ``solve(name, module, H)``, which compresses the module's weig
 * ``mode="sequential"`` (GPTQ): layers in execution order; each Hessian is collected with the
   earlier layers already compressed. Inside ``nn.Sequential`` parts (chains) the inputs are cached
   once and replayed child by child, so the cost is linear in depth; layers outside every chain
-  use forwards from the model input that stop early at the layer.
+  use forwards from the model input that stop early at the layer. A chain whose cache would pass
+  ``CalibOptions.replay_cache_mb`` falls back to those forwards (with a note).
 * ``blocks="model.layers"``: block by block over cached block inputs (one pass over the data).
   Sequential: every Hessian of a block from one forward over its inputs, then one forward of the
   compressed block makes the next block's inputs (``true_sequential=True``: one forward per group
@@ -46,13 +47,15 @@ log = get_logger(__name__)
 
 
 def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
-                  options: CalibOptions) -> None:
+                  options: CalibOptions) -> list[str]:
     """Collect each named layer's Hessian from `calib` and call ``solve(name, module, H)``.
 
     H is float32 by default (``options.hessian_dtype``), (cols, cols) or (g, cols, cols) for
     grouped convs. Runs under ``torch.no_grad()`` in eval mode; hooks and train/eval modes are
     restored on exit, also on error. See the module docstring for the modes. Hessian memory is
-    estimated first (:func:`~brainsurgeon.calib.hessian.check_hessian_memory`); returns its notes.
+    estimated first (:func:`~brainsurgeon.calib.hessian.check_hessian_memory`); returns its notes
+    and those of sequential replays that fell back to forwards from the model input
+    (``options.replay_cache_mb``).
 
     >>> run_layerwise(model, ["fc1", "fc2"], loader, solve, CalibOptions(mode="dense"))
     >>> run_layerwise(llm, names, loader, solve, CalibOptions(blocks="model.layers", offload=True))
@@ -62,6 +65,7 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
         return []
     resident = options.mode == "dense" and not options.blocks
     dtype, notes = check_hessian_memory(layers, getattr(torch, options.hessian_dtype), resident)
+    notes = list(notes)
     for note in notes:
         log.warning(note)
     if not options.blocks and is_one_shot(calib) and options.mode == "sequential":
@@ -82,7 +86,7 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
             elif options.mode == "dense":
                 _solve_dense(model, layers, batches, solve, dtype)
             else:
-                _solve_replay(model, layers, batches, solve, dtype)
+                notes += _solve_replay(model, layers, batches, solve, dtype, options.replay_cache_mb * 2**20)
     finally:
         for m, mode in modes.items():
             m.training = mode
