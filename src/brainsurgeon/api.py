@@ -225,16 +225,21 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
         from .calib.blocks import _blocks
 
         _blocks(model, options.blocks)
+    structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
+    snapshot = ModelSnapshot(model, to_cpu=not structural)  # copy-on-write: weight steps copy nothing
+    modes = {m: m.training for m in model.modules()}  # every submodule's flag, not only the root's
     calib_notes: list[str] = []
     if calib is not None or any(type(s.method).verb == "prune" or (type(s.method).verb in ("sparsify", "quantize")
                                 and not _data_free(s)) for s in steps):
+        snapshot.keep(list(model.buffers()))  # forwards run in eval mode, but a custom module may update a buffer
         stop = [m for m in model.modules() if supported(m)] if options.blocks else None
-        calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
-                                                 stop_after=stop)
-    structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
+        try:
+            calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
+                                                     stop_after=stop)
+        except BaseException:
+            snapshot.restore_()
+            raise
     teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
-    snapshot = ModelSnapshot(model, to_cpu=not structural)  # copy-on-write: weight steps copy nothing
-    modes = {m: m.training for m in model.modules()}  # every submodule's flag, not only the root's
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     report.notes += calib_notes

@@ -83,3 +83,26 @@ def test_rtn_step_copies_no_weight_and_a_failure_restores_it(monkeypatch):
         bs.quantize_(m, bs.RTN(bits=2), None)
     assert calls == ["0", "2"]
     assert_untouched(m, before)
+
+
+class Counting(nn.Module):
+    """A custom layer that counts its calls in a buffer, even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_a_buffer_written_by_a_calibration_forward_is_restored_on_failure():
+    torch.manual_seed(0)
+    m = nn.Sequential(Counting(), nn.ReLU(), nn.Linear(8, 4)).eval()
+    before = capture(m)
+    with pytest.raises(bs.errors.BrainsurgeonError, match="group size 7"):  # strict: no layer can take 3:7
+        bs.sparsify_(m, bs.ExactOBS(pattern="3:7"), [torch.randn(4, 8) for _ in range(2)],
+                     options=bs.CalibOptions(strict=True))
+    assert_untouched(m, before)
