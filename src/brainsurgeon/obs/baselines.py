@@ -62,7 +62,7 @@ def grid_levels(codes: torch.Tensor, maxq: int, group_size: int) -> int:
         n = c.shape[0]
         pairs = (c.long() + torch.arange(n, device=c.device)[:, None] * (maxq + 1)).flatten()
         return int((torch.bincount(pairs, minlength=n * (maxq + 1)).view(n, -1) > 0).sum(1).max())
-    dtype = torch.int32 if maxq < 32 else torch.int64  # int32: half the memory traffic
+    dtype = torch.int16 if maxq < 16 else torch.int32 if maxq < 32 else torch.int64  # narrow: less memory traffic
     bits = torch.ones((), dtype=dtype, device=c.device) << c.to(dtype)
     while bits.shape[1] > 1:  # OR the two halves (an odd last column is carried over)
         h = bits.shape[1] // 2
