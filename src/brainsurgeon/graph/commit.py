@@ -4,10 +4,12 @@
     >>> [(grp.root.name, why[:60]) for grp, why in skipped]
 
 A batch is verified in *collect* mode (one forward finds every failing op, see ``verify.py``). When it
-fails, the groups implicated by a failing op are set aside and retried alone, the rest are retried
-together; otherwise the batch is bisected. A group is implicated by an op when it labels a tensor of
-that op or (sizes computed in module code, e.g. ``C // num_heads``) of another op run by the same
-module, widening to parent modules until some group is found.
+fails, a group that is the only one labelling a tensor of a failing op is convicted: its removal is
+what changed that op's shapes, so it fails without a forward of its own. The other groups implicated
+by a failing op are set aside and retried alone, the rest are retried together; otherwise the batch is
+bisected. A group is implicated by an op when it labels a tensor of that op or (sizes computed in
+module code, e.g. ``C // num_heads``) of another op run by the same module, widening to parent modules
+until some group is found. Whatever is committed has passed a verification forward of its own state.
 """
 
 from __future__ import annotations
@@ -96,15 +98,36 @@ class PruneMixin:
         except SurgeryError as e:
             if len(groups) == 1:
                 return [(groups[0], str(e))]
+            convicted = self._convicted(groups, e)
             culprits = self._implicated(groups, e)
-        if culprits and len(culprits) < len(groups):   # set aside the groups that touch the failing op
-            rest = [grp for grp in groups if all(grp is not c for c in culprits)]
-            failed = self._skip(rest, records, train)
-            for c in culprits:   # then each alone, so that a bystander is not dropped
+        if convicted or (culprits and len(culprits) < len(groups)):   # set aside the groups at the failing ops
+            bad = {id(grp) for grp, _ in convicted}
+            suspects = [c for c in culprits if id(c) not in bad]
+            rest = [grp for grp in groups if id(grp) not in bad and all(grp is not c for c in suspects)]
+            failed = list(convicted) + self._skip(rest, records, train)
+            for c in suspects:   # then each alone, so that a bystander is not dropped
                 failed += self._skip([c], records, train)
             return failed
         half = len(groups) // 2
         return self._skip(groups[:half], records, train) + self._skip(groups[half:], records, train)
+
+    def _convicted(self, groups: Sequence[Group], err: SurgeryError) -> list[tuple[Group, str]]:
+        """``(group, message)`` for each group that is the only one of ``groups`` labelling a tensor of a
+        failing op (the op's message; one entry per group)."""
+        mode = getattr(err, "mode", "")
+        trace = next((t for t in self.traces if t.mode == mode), None)
+        if trace is None:
+            return []
+        live = [(grp, {k[0] for k in grp.labels}) for grp in groups if grp.version >= self._trace_step]
+        out: dict[int, tuple[Group, str]] = {}
+        for i, msg in zip(getattr(err, "op_indices", []), getattr(err, "messages", []), strict=False):
+            if not 0 <= i < len(trace.ops):
+                continue
+            op = trace.ops[i]
+            found = [grp for grp, ids in live if not ids.isdisjoint(op.inputs) or not ids.isdisjoint(op.outputs)]
+            if len(found) == 1 and id(found[0]) not in out:
+                out[id(found[0])] = (found[0], msg)
+        return list(out.values())
 
     def _implicated(self, groups: Sequence[Group], err: SurgeryError) -> list[Group]:
         """Groups implicated by the ops where verification failed (see the module docstring)."""
