@@ -75,6 +75,7 @@ class PruneMixin:
             try:                                                   # ... and train mode once at the end
                 self._verify(self._removed, train_only=True)
             except SurgeryError:
+                exact = self._exact_at().get(self._step, False)
                 for r in reversed(records):
                     self._rollback(r)
                 if self._train_ok is None and not self._runs_in_train_mode():
@@ -85,6 +86,7 @@ class PruneMixin:
                             self._prune(r["groups"], train=False)
                     finally:
                         self.verify = verify
+                    self._exact_at()[self._step] = exact   # the same states, in the same order, as verified
                     return failed
                 return self._skip(list(groups), [], train=True)
         return failed
@@ -200,9 +202,10 @@ class PruneMixin:
                     if c:
                         removed[k] = removed.get(k, 0) + c
         undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes))
+        exact = False
         if self.verify:
             try:
-                self._verify(removed, train_only=False, train=train, collect=collect)
+                exact = self._verify(removed, train_only=False, train=train, collect=collect)
             except SurgeryError as e:
                 undo_plan(undo)
                 if self._train_ok is None and getattr(e, "mode", "") == "train":
@@ -219,15 +222,19 @@ class PruneMixin:
         for k in plan:
             self._touched[k] = self._step
         self._step += 1
+        self._exact_at()[self._step] = exact
         self._dirty = True
         self.history.append({"slices": [{"module": m, "tensor": t, "dim": d, "idxs": v.tolist()}
                                         for (m, t, d), v in plan.items()]})
         record["config"] = sync_hf_config(self.model)
         return record
 
-    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True, collect: bool = False) -> None:
+    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True, collect: bool = False) -> bool:
+        """Raises on failure; returns whether the eval re-run followed the eval trace op for op."""
+        exact = False
         if not train_only:
-            verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes, collect=collect)
+            exact = verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes,
+                                   collect=collect)
         if train or train_only:
             t = next((t for t in self.traces if t.mode == "train"), None)
             if t is not None:
@@ -235,6 +242,22 @@ class PruneMixin:
             elif self._train_ok is not False:
                 verify_forward(self.model, self.train_inputs, None, removed, self.nodes, mode="train")
                 self._train_ok = True
+        return exact
+
+    def _exact_at(self) -> dict[int, bool]:
+        """Step -> whether the model's state after that step was verified op for op against the eval trace."""
+        return self.__dict__.setdefault("_exact", {})
+
+    def planned_shapes(self) -> tuple[Any, dict[Key, int]] | None:
+        """``(eval trace, removed)`` when every tensor of the model's eval forward now has exactly the trace's
+        shape minus ``removed[(node, dim)]`` (nothing pruned since the trace, or the last committed prune was
+        verified op for op); None when that is not known. Costs after pruning come from this, no forward.
+
+        >>> trace, removed = g.planned_shapes()
+        """
+        if self._step == self._trace_step or (self.verify and self._exact_at().get(self._step, False)):
+            return self.traces[0], dict(self._removed)
+        return None
 
     def _rollback(self, record: dict[str, Any]) -> None:
         """Undo one committed :meth:`_prune` (the last one still applied)."""

@@ -203,11 +203,12 @@ class _CatchComposite(TorchFunctionMode):
 
 
 def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
-                   nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> None:
+                   nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> bool:
     """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``.
 
     Raises :class:`VerifyError` at the first failing op, or with ``collect=True`` after the run, listing
-    every failing op.
+    every failing op. Returns whether the re-run followed ``trace`` op for op to the end: then every
+    tensor had exactly the trace's shape minus ``removed`` (costs can be counted from the trace).
     """
     mode = trace.mode if trace is not None else (mode or "eval")
     rec = _Checker(trace, removed, nodes, mode, collect)
@@ -215,7 +216,7 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         try:
             with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad():
                 run_model(model, example_inputs)
-            return
+            return False
         except Exception:  # noqa: BLE001
             pass
     try:
@@ -231,7 +232,7 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
                                     f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
         raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails]) from e
     if trace is None:
-        return
+        return False
     if rec.matched:
         rec._skip_elided("")                       # trailing ops the re-run skipped
         rec.matched = rec.j == len(trace.ops)
@@ -244,3 +245,4 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
                               f" vs {trace.output_shapes[:4]}; the model was restored")]
     if fails:
         raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails])
+    return rec.matched

@@ -240,7 +240,9 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             report.notes.append("the HF config cannot express every pruned width (e.g. a width derived from "
                                 "hidden_size): reload with brainsurgeon.export.from_pretrained, which resizes "
                                 "from the saved weights, not with the class's own from_pretrained")
-        after = measure(model, example_inputs)
+        # MACs after: the last graph's trace less the verified removals when the re-run followed it op for op
+        planned = graph.planned_shapes() if cfg.head_dim_ratio == 0 else None
+        after = measure(model, example_inputs, *planned) if planned else measure(model, example_inputs)
     except BaseException:
         undo.restore()
         raise
