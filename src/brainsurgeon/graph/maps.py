@@ -162,15 +162,21 @@ class _Labels:
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
         cur = self.lab.get(key)
-        if cur is None:
+        if cur is None:   # a new key: every position is fresh (labels are >= 0)
             cur = np.full(size, -1, dtype=np.int64)
             self.lab[key] = cur
-        old = cur[pos]
-        fresh = old < 0
-        added = bool(fresh.any())
-        if added:
-            cur[pos[fresh]] = labels[fresh]
-        now = cur[pos]
+            cur[pos] = labels
+            added = len(pos) > 0
+            now = cur[pos]
+        else:
+            old = cur[pos]
+            if np.array_equal(old, labels):   # nothing new and nothing to merge (the way back over a link)
+                return False
+            fresh = old < 0
+            added = bool(fresh.any())
+            if added:
+                cur[pos[fresh]] = labels[fresh]
+            now = cur[pos] if added else old
         diff = now != labels
         if diff.any():
             self.union(now[diff], labels[diff])
@@ -254,11 +260,12 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
             blocked.append((key, edges.blocked[key]))
         la = lab.lab[key]
         on = np.nonzero(la >= 0)[0]
+        lon = la[on]
         for other, pos, forward in edges.gathers.get(key, ()):
             if pos is None:
-                tp, tl = on, la[on]
+                tp, tl = on, lon
             elif forward:
-                tp, tl = pos[on], la[on]
+                tp, tl = pos[on], lon
             else:
                 lb = la[pos]
                 sel = np.nonzero(lb >= 0)[0]
@@ -267,7 +274,7 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
                 break
         for parts in edges.splits.get(key, ()) if ok else ():
             for atom, digit in _choose_atoms(lab, la, parts, edges, prefer_fits):
-                if lab.apply(atom, edges.size[atom], digit[on], la[on]) and not (ok := reach(atom)):
+                if lab.apply(atom, edges.size[atom], digit[on], lon) and not (ok := reach(atom)):
                     break
             if not ok:
                 break
