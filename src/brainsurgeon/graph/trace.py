@@ -192,8 +192,10 @@ class _Recorder(TorchDispatchMode):
             return a
 
         n_args = len(args)
-        rec_args = [_map(ref, args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i])
-                    for i, a in enumerate(argnames)]
+        rec_args = []
+        for i, a in enumerate(argnames):
+            v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
+            rec_args.append(ref(v) if not isinstance(v, (list, tuple)) else _map(ref, v))
         mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
             v = args[i] if i < n_args else kwargs.get(argnames[i])
@@ -237,9 +239,10 @@ def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[
 def _owners(model: nn.Module) -> dict[int, tuple[str, str, str]]:
     owners: dict[int, tuple[str, str, str]] = {}
     for mname, m in model.named_modules(remove_duplicate=False):
-        for pname, p in m.named_parameters(recurse=False):
-            owners.setdefault(id(p), (mname, pname, "param"))
-        for bname, b in m.named_buffers(recurse=False):
+        for pname, p in m._parameters.items():   # the module's own (recurse=False), without a walk per module
+            if p is not None:
+                owners.setdefault(id(p), (mname, pname, "param"))
+        for bname, b in m._buffers.items():
             if b is not None:
                 owners.setdefault(id(b), (mname, bname, "buffer"))
     return owners
@@ -272,7 +275,8 @@ def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[
         yield
     finally:
         for m, flag in was_training:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         with torch.no_grad():
             for b, v in saved:
                 if b.shape == v.shape:

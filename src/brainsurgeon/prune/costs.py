@@ -115,11 +115,14 @@ def measure(model: nn.Module, example_inputs: Any, trace: Any = None,
     24
     """
     out = Costs()
+    seen: set[int] = set()
     for name, mod in model.named_modules():
-        n = sum(p.numel() for p in mod.parameters(recurse=False))
+        own = [p for p in mod._parameters.values() if p is not None]   # parameters(recurse=False), no walk
+        n = sum(p.numel() for p in own)
         if n:
             out.params[name] = n
-    out.total_params = sum(p.numel() for p in model.parameters())
+        out.total_params += sum(p.numel() for p in own if id(p) not in seen)   # shared (tied) ones once
+        seen.update(id(p) for p in own)
     if trace is None:
         from ..graph.trace import trace_model
         try:

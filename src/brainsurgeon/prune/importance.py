@@ -166,7 +166,12 @@ def slice_norms(model: nn.Module, s: Any, p: float) -> torch.Tensor:
 
 
 def _param_slices(group: Any, model: nn.Module) -> list[Any]:
-    return [s for s in group.slices if is_param(model, s) and torch.is_floating_point(slice_tensor(model, s))]
+    out = []
+    for s in group.slices:
+        t = slice_tensor(model, s)
+        if isinstance(t, nn.Parameter) and torch.is_floating_point(t):
+            out.append(s)
+    return out
 
 
 def _reduce(per_slice: list[torch.Tensor], how: str) -> torch.Tensor:
