@@ -236,9 +236,11 @@ def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[
     return got
 
 
-def _owners(model: nn.Module) -> dict[int, tuple[str, str, str]]:
+def _owners(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> dict[int, tuple[str, str, str]]:
+    """id(tensor) -> (module, attribute, 'param'|'buffer'); ``named``: ``model.named_modules(remove_duplicate=False)``
+    when the caller has walked it already."""
     owners: dict[int, tuple[str, str, str]] = {}
-    for mname, m in model.named_modules(remove_duplicate=False):
+    for mname, m in named if named is not None else model.named_modules(remove_duplicate=False):
         for pname, p in m._parameters.items():   # the module's own (recurse=False), without a walk per module
             if p is not None:
                 owners.setdefault(id(p), (mname, pname, "param"))
@@ -295,9 +297,10 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
     ['aten.t', 'aten.addmm', 'aten.relu']
     """
     counter = next_id if next_id is not None else [0]
-    owners = _owners(model)
+    named = list(model.named_modules(remove_duplicate=False))   # one walk for owners, names and hooks
+    owners = _owners(model, named)
     stack: list[str] = []
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names = {id(m): n for n, m in named}
 
     def pre(mod: nn.Module, _args: Any) -> None:
         stack.append(names.get(id(mod), stack[-1] if stack else ""))
@@ -307,7 +310,7 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
             stack.pop()
 
     rec = _Recorder(owners, counter, stack)
-    mods = list(model.modules())
+    mods = list({id(m): m for _, m in named}.values())
     handles = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post, always_call=True)
                                                                   for m in mods]
     t0 = time.perf_counter()
