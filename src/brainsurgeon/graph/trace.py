@@ -289,8 +289,8 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
                 next_id: list[int] | None = None) -> Trace:
     """Record one forward of ``model`` in ``mode`` ('eval' or 'train') without gradients.
 
-    The model's train/eval flag and its buffers (BatchNorm running statistics updated by a
-    train-mode forward) are restored before returning, also on error.
+    The model's train/eval flag and, after a train-mode forward, its buffers (BatchNorm running
+    statistics) are restored before returning, also on error.
 
     >>> t = trace_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),))
     >>> [op.name for op in t.ops]
@@ -315,7 +315,8 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
                                                                   for m in mods]
     t0 = time.perf_counter()
     try:
-        with in_mode(model, mode):
+        # buffers change only in train mode (BatchNorm statistics), as in verification: snapshot them only then
+        with in_mode(model, mode, keep_buffers=mode == "train"):
             flat_in = flat_tensors(example_inputs)
             in_ids = [rec.node_of(a, "input") for a in flat_in]
             with torch.no_grad(), rec:
