@@ -5,11 +5,12 @@
 
 A batch is verified in *collect* mode (one forward finds every failing op, see ``verify.py``). When it
 fails, a group that is the only one labelling a tensor of a failing op is convicted: its removal is
-what changed that op's shapes, so it fails without a forward of its own. The other groups implicated
-by a failing op are set aside and retried alone, the rest are retried together; otherwise the batch is
-bisected. A group is implicated by an op when it labels a tensor of that op or (sizes computed in
-module code, e.g. ``C // num_heads``) of another op run by the same module, widening to parent modules
-until some group is found. Whatever is committed has passed a verification forward of its own state.
+what changed that op's shapes, so it fails without a forward of its own, and the others are retried
+together. Without a conviction, the groups implicated by a failing op are set aside and retried alone,
+the rest are retried together; otherwise the batch is bisected. A group is implicated by an op when it
+labels a tensor of that op or (sizes computed in module code, e.g. ``C // num_heads``) of another op run
+by the same module, widening to parent modules until some group is found. Whatever is committed has
+passed a verification forward of its own state.
 """
 
 from __future__ import annotations
@@ -102,12 +103,13 @@ class PruneMixin:
                 return [(groups[0], str(e))]
             convicted = self._convicted(groups, e)
             culprits = self._implicated(groups, e)
-        if convicted or (culprits and len(culprits) < len(groups)):   # set aside the groups at the failing ops
+        if convicted:   # the others, suspects included, together again: one forward when the suspects are bystanders
             bad = {id(grp) for grp, _ in convicted}
-            suspects = [c for c in culprits if id(c) not in bad]
-            rest = [grp for grp in groups if id(grp) not in bad and all(grp is not c for c in suspects)]
-            failed = list(convicted) + self._skip(rest, records, train)
-            for c in suspects:   # then each alone, so that a bystander is not dropped
+            return list(convicted) + self._skip([grp for grp in groups if id(grp) not in bad], records, train)
+        if culprits and len(culprits) < len(groups):   # set aside the groups at the failing ops
+            rest = [grp for grp in groups if all(grp is not c for c in culprits)]
+            failed = self._skip(rest, records, train)
+            for c in culprits:   # then each alone, so that a bystander is not dropped
                 failed += self._skip([c], records, train)
             return failed
         half = len(groups) // 2
