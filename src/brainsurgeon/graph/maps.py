@@ -139,6 +139,7 @@ class _Labels:
     def __init__(self, n: int) -> None:
         self.parent = np.arange(n, dtype=np.int64)
         self.lab: dict[Key, np.ndarray] = {}
+        self.merged = False   # whether any two labels were merged (else every label is its own root)
 
     def find(self, x: np.ndarray) -> np.ndarray:
         p = self.parent
@@ -157,6 +158,8 @@ class _Labels:
             ra, rb = self.find(a), self.find(b)
             ne = ra != rb
             a, b = ra[ne], rb[ne]
+            if len(a):
+                self.merged = True
             p[np.maximum(a, b)] = np.minimum(a, b)
 
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
@@ -278,9 +281,12 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
                     break
             if not ok:
                 break
+    inexact = [(k, edges.inexact[k]) for k in lab.lab if k in edges.inexact]   # atoms too (head_dim scale)
+    rl = lab.lab[root]
+    if not lab.merged and np.array_equal(rl[rl >= 0], np.arange(n0)):   # rows 0..n-1 already canonical
+        return Closure({k: arr for k, arr in lab.lab.items() if k[0] >= 0}, n0, blocked, inexact)
     # canonical row ids: ordered by first appearance on the root
     roots = lab.find(np.arange(n0, dtype=np.int64)) if n0 else np.zeros(0, dtype=np.int64)
-    rl = lab.lab[root]
     order = []
     seen = set()
     for v in lab.find(rl[rl >= 0]).tolist():
@@ -301,5 +307,4 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
         on = arr >= 0
         res[on] = remap[lab.find(arr[on])]
         out[k] = res
-    inexact = [(k, edges.inexact[k]) for k in lab.lab if k in edges.inexact]   # atoms too (head_dim scale)
     return Closure(out, len(order), blocked, inexact)
