@@ -143,11 +143,15 @@ class _Labels:
 
     def find(self, x: np.ndarray) -> np.ndarray:
         p = self.parent
+        x0 = x
         while True:
             px = p[x]
             if (px == x).all():
-                return x
+                break
             x = p[px]
+        if x is not x0:
+            p[x0] = x   # path compression (a root is never larger than its members: the invariant holds)
+        return x
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge the sets of ``a[i]`` and ``b[i]`` for every ``i``, all pairs at once: each round links
