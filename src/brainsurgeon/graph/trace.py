@@ -273,7 +273,8 @@ def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[
     was_training = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if keep_buffers else []
     try:
-        model.train(mode == "train")
+        if any(flag != (mode == "train") for _, flag in was_training):   # already there: no recursive train()
+            model.train(mode == "train")
         yield
     finally:
         for m, flag in was_training:
