@@ -102,3 +102,35 @@ def test_failing_groups_cost_a_fixed_number_of_forwards(block):
     # trace, the failing batch forward, the rest together, train mode: 4, for 2 and for 6 failing groups
     # (before: view 7 and 11, composite reshape 8 and 16)
     assert counts[2] == counts[6] == 4
+
+
+class CachedBias(nn.Module):
+    """timm LeViT's pattern: an eval-mode cache of a tensor derived from a parameter, cleared in ``train()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bias = nn.Linear(8, 16), nn.Parameter(torch.randn(16))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.head = nn.Linear(16, 4)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x):
+        b = self.bias if self.training else self.cache.setdefault("b", self.bias * 1.0)
+        return self.head(torch.relu(self.fc(x) + b))
+
+
+def test_the_checks_switch_modes_through_train_so_module_caches_are_rebuilt():
+    """Skipping ``model.train(False)`` on an eval model (a shortcut) kept the cache of the unpruned width:
+    verification then failed and the group was left whole."""
+    torch.manual_seed(0)
+    m = CachedBias().eval()
+    x = torch.randn(3, 8)
+    rep = prune_(m, ChannelPruning(ratio=0.5, ignore=("head",)), example_inputs=x)
+    assert not any("failed verification" in n for n in rep.notes)
+    assert m.fc.out_features == 8 and m.bias.shape == (8,)
+    m.train(False)
+    assert m(x).shape == (3, 4)

@@ -273,8 +273,7 @@ def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[
     was_training = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if keep_buffers else []
     try:
-        if any(flag != (mode == "train") for _, flag in was_training):   # already there: no recursive train()
-            model.train(mode == "train")
+        model.train(mode == "train")   # always: some modules reset caches in train() (timm LeViT's attention biases)
         yield
     finally:
         for m, flag in was_training:
