@@ -206,6 +206,17 @@ class _CatchComposite(TorchFunctionMode):
                 c.paused = False
 
 
+def _where(e: BaseException) -> str:
+    """The innermost module method running when ``e`` was raised (``'BatchNorm1d.forward'``), from its traceback."""
+    tb, where = e.__traceback__, "the model code"
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, nn.Module):
+            where = f"{type(obj).__name__}.{tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return where
+
+
 def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
                    nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> bool:
     """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``.
@@ -216,13 +227,14 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     """
     mode = trace.mode if trace is not None else (mode or "eval")
     rec = _Checker(trace, removed, nodes, mode, collect)
-    if trace is None:   # nothing to compare op by op: a plain forward, re-run checked only to name a failing op
+    if trace is None:   # nothing to compare op by op: a plain forward; a failure is named from its traceback
         try:
             with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad():
                 run_model(model, example_inputs)
             return False
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
+            raise VerifyError(f"{mode}-mode forward failed after pruning, in {_where(e)}: {type(e).__name__}: "
+                              f"{str(e)[:300]}; the model was restored", mode, -1) from e
     try:
         # buffers change only in train mode (BatchNorm statistics): snapshot them only then
         with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad(), \
