@@ -4,10 +4,13 @@
     >>> [(grp.root.name, why[:60]) for grp, why in skipped]
 
 A batch is verified in *collect* mode (one forward finds every failing op, see ``verify.py``). When it
-fails, the groups implicated by a failing op are set aside and retried alone, the rest are retried
-together; otherwise the batch is bisected. A group is implicated by an op when it labels a tensor of
-that op or (sizes computed in module code, e.g. ``C // num_heads``) of another op run by the same
-module, widening to parent modules until some group is found.
+fails, a group that is the only one labelling a tensor of a failing op is convicted: its removal is
+what changed that op's shapes, so it fails without a forward of its own, and the others are retried
+together. Without a conviction, the groups implicated by a failing op are set aside and retried alone,
+the rest are retried together; otherwise the batch is bisected. A group is implicated by an op when it
+labels a tensor of that op or (sizes computed in module code, e.g. ``C // num_heads``) of another op run
+by the same module, widening to parent modules until some group is found. Whatever is committed has
+passed a verification forward of its own state.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class PruneMixin:
             try:                                                   # ... and train mode once at the end
                 self._verify(self._removed, train_only=True)
             except SurgeryError:
+                exact = self._exact_at().get(self._step, False)
                 for r in reversed(records):
                     self._rollback(r)
                 if self._train_ok is None and not self._runs_in_train_mode():
@@ -83,6 +87,7 @@ class PruneMixin:
                             self._prune(r["groups"], train=False)
                     finally:
                         self.verify = verify
+                    self._exact_at()[self._step] = exact   # the same states, in the same order, as verified
                     return failed
                 return self._skip(list(groups), [], train=True)
         return failed
@@ -96,8 +101,12 @@ class PruneMixin:
         except SurgeryError as e:
             if len(groups) == 1:
                 return [(groups[0], str(e))]
+            convicted = self._convicted(groups, e)
             culprits = self._implicated(groups, e)
-        if culprits and len(culprits) < len(groups):   # set aside the groups that touch the failing op
+        if convicted:   # the others, suspects included, together again: one forward when the suspects are bystanders
+            bad = {id(grp) for grp, _ in convicted}
+            return list(convicted) + self._skip([grp for grp in groups if id(grp) not in bad], records, train)
+        if culprits and len(culprits) < len(groups):   # set aside the groups at the failing ops
             rest = [grp for grp in groups if all(grp is not c for c in culprits)]
             failed = self._skip(rest, records, train)
             for c in culprits:   # then each alone, so that a bystander is not dropped
@@ -105,6 +114,24 @@ class PruneMixin:
             return failed
         half = len(groups) // 2
         return self._skip(groups[:half], records, train) + self._skip(groups[half:], records, train)
+
+    def _convicted(self, groups: Sequence[Group], err: SurgeryError) -> list[tuple[Group, str]]:
+        """``(group, message)`` for each group that is the only one of ``groups`` labelling a tensor of a
+        failing op (the op's message; one entry per group)."""
+        mode = getattr(err, "mode", "")
+        trace = next((t for t in self.traces if t.mode == mode), None)
+        if trace is None:
+            return []
+        live = [(grp, {k[0] for k in grp.labels}) for grp in groups if grp.version >= self._trace_step]
+        out: dict[int, tuple[Group, str]] = {}
+        for i, msg in zip(getattr(err, "op_indices", []), getattr(err, "messages", []), strict=False):
+            if not 0 <= i < len(trace.ops):
+                continue
+            op = trace.ops[i]
+            found = [grp for grp, ids in live if not ids.isdisjoint(op.inputs) or not ids.isdisjoint(op.outputs)]
+            if len(found) == 1 and id(found[0]) not in out:
+                out[id(found[0])] = (found[0], msg)
+        return list(out.values())
 
     def _implicated(self, groups: Sequence[Group], err: SurgeryError) -> list[Group]:
         """Groups implicated by the ops where verification failed (see the module docstring)."""
@@ -177,9 +204,10 @@ class PruneMixin:
                     if c:
                         removed[k] = removed.get(k, 0) + c
         undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes))
+        exact = False
         if self.verify:
             try:
-                self._verify(removed, train_only=False, train=train, collect=collect)
+                exact = self._verify(removed, train_only=False, train=train, collect=collect)
             except SurgeryError as e:
                 undo_plan(undo)
                 if self._train_ok is None and getattr(e, "mode", "") == "train":
@@ -196,15 +224,19 @@ class PruneMixin:
         for k in plan:
             self._touched[k] = self._step
         self._step += 1
+        self._exact_at()[self._step] = exact
         self._dirty = True
         self.history.append({"slices": [{"module": m, "tensor": t, "dim": d, "idxs": v.tolist()}
                                         for (m, t, d), v in plan.items()]})
         record["config"] = sync_hf_config(self.model)
         return record
 
-    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True, collect: bool = False) -> None:
+    def _verify(self, removed: dict[Key, int], train_only: bool, train: bool = True, collect: bool = False) -> bool:
+        """Raises on failure; returns whether the eval re-run followed the eval trace op for op."""
+        exact = False
         if not train_only:
-            verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes, collect=collect)
+            exact = verify_forward(self.model, self.example_inputs, self.traces[0], removed, self.nodes,
+                                   collect=collect)
         if train or train_only:
             t = next((t for t in self.traces if t.mode == "train"), None)
             if t is not None:
@@ -212,6 +244,22 @@ class PruneMixin:
             elif self._train_ok is not False:
                 verify_forward(self.model, self.train_inputs, None, removed, self.nodes, mode="train")
                 self._train_ok = True
+        return exact
+
+    def _exact_at(self) -> dict[int, bool]:
+        """Step -> whether the model's state after that step was verified op for op against the eval trace."""
+        return self.__dict__.setdefault("_exact", {})
+
+    def planned_shapes(self) -> tuple[Any, dict[Key, int]] | None:
+        """``(eval trace, removed)`` when every tensor of the model's eval forward now has exactly the trace's
+        shape minus ``removed[(node, dim)]`` (nothing pruned since the trace, or the last committed prune was
+        verified op for op); None when that is not known. Costs after pruning come from this, no forward.
+
+        >>> trace, removed = g.planned_shapes()
+        """
+        if self._step == self._trace_step or (self.verify and self._exact_at().get(self._step, False)):
+            return self.traces[0], dict(self._removed)
+        return None
 
     def _rollback(self, record: dict[str, Any]) -> None:
         """Undo one committed :meth:`_prune` (the last one still applied)."""

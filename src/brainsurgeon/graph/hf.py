@@ -202,6 +202,19 @@ def _rope(model: nn.Module) -> bool:
     return any(isinstance(getattr(m, "inv_freq", None), torch.Tensor) for m in model.modules())
 
 
+def _no_init_weights() -> Any:
+    """transformers' context that skips weight initialisation (where this version has one)."""
+    import contextlib
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def rebuild_mismatches(model: nn.Module) -> list[str]:
     """State-dict keys whose shape differs in ``type(model)(model.config)`` (built on the meta device):
     what HF's own ``from_pretrained`` could not load. Empty when the config expresses every width.
@@ -218,7 +231,7 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
         clean = copy.deepcopy(cfg)
         if hasattr(clean, "brainsurgeon_layer_widths"):
             del clean.brainsurgeon_layer_widths
-        with torch.device("meta"):
+        with torch.device("meta"), _no_init_weights():   # shapes only: skip the (meta) weight initialisation
             fresh = type(model)(clean)
     except Exception:  # noqa: BLE001  (a config this class cannot build from: nothing HF's loader can do either)
         return ["<config does not rebuild the model>"]

@@ -139,14 +139,19 @@ class _Labels:
     def __init__(self, n: int) -> None:
         self.parent = np.arange(n, dtype=np.int64)
         self.lab: dict[Key, np.ndarray] = {}
+        self.merged = False   # whether any two labels were merged (else every label is its own root)
 
     def find(self, x: np.ndarray) -> np.ndarray:
         p = self.parent
+        x0 = x
         while True:
             px = p[x]
             if (px == x).all():
-                return x
+                break
             x = p[px]
+        if x is not x0:
+            p[x0] = x   # path compression (a root is never larger than its members: the invariant holds)
+        return x
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge the sets of ``a[i]`` and ``b[i]`` for every ``i``, all pairs at once: each round links
@@ -157,20 +162,28 @@ class _Labels:
             ra, rb = self.find(a), self.find(b)
             ne = ra != rb
             a, b = ra[ne], rb[ne]
+            if len(a):
+                self.merged = True
             p[np.maximum(a, b)] = np.minimum(a, b)
 
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
         cur = self.lab.get(key)
-        if cur is None:
+        if cur is None:   # a new key: every position is fresh (labels are >= 0)
             cur = np.full(size, -1, dtype=np.int64)
             self.lab[key] = cur
-        old = cur[pos]
-        fresh = old < 0
-        added = bool(fresh.any())
-        if added:
-            cur[pos[fresh]] = labels[fresh]
-        now = cur[pos]
+            cur[pos] = labels
+            added = len(pos) > 0
+            now = cur[pos]
+        else:
+            old = cur[pos]
+            if np.array_equal(old, labels):   # nothing new and nothing to merge (the way back over a link)
+                return False
+            fresh = old < 0
+            added = bool(fresh.any())
+            if added:
+                cur[pos[fresh]] = labels[fresh]
+            now = cur[pos] if added else old
         diff = now != labels
         if diff.any():
             self.union(now[diff], labels[diff])
@@ -254,11 +267,12 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
             blocked.append((key, edges.blocked[key]))
         la = lab.lab[key]
         on = np.nonzero(la >= 0)[0]
+        lon = la[on]
         for other, pos, forward in edges.gathers.get(key, ()):
             if pos is None:
-                tp, tl = on, la[on]
+                tp, tl = on, lon
             elif forward:
-                tp, tl = pos[on], la[on]
+                tp, tl = pos[on], lon
             else:
                 lb = la[pos]
                 sel = np.nonzero(lb >= 0)[0]
@@ -267,13 +281,16 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
                 break
         for parts in edges.splits.get(key, ()) if ok else ():
             for atom, digit in _choose_atoms(lab, la, parts, edges, prefer_fits):
-                if lab.apply(atom, edges.size[atom], digit[on], la[on]) and not (ok := reach(atom)):
+                if lab.apply(atom, edges.size[atom], digit[on], lon) and not (ok := reach(atom)):
                     break
             if not ok:
                 break
+    inexact = [(k, edges.inexact[k]) for k in lab.lab if k in edges.inexact]   # atoms too (head_dim scale)
+    rl = lab.lab[root]
+    if not lab.merged and np.array_equal(rl[rl >= 0], np.arange(n0)):   # rows 0..n-1 already canonical
+        return Closure({k: arr for k, arr in lab.lab.items() if k[0] >= 0}, n0, blocked, inexact)
     # canonical row ids: ordered by first appearance on the root
     roots = lab.find(np.arange(n0, dtype=np.int64)) if n0 else np.zeros(0, dtype=np.int64)
-    rl = lab.lab[root]
     order = []
     seen = set()
     for v in lab.find(rl[rl >= 0]).tolist():
@@ -294,5 +311,4 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
         on = arr >= 0
         res[on] = remap[lab.find(arr[on])]
         out[k] = res
-    inexact = [(k, edges.inexact[k]) for k in lab.lab if k in edges.inexact]   # atoms too (head_dim scale)
     return Closure(out, len(order), blocked, inexact)

@@ -192,8 +192,10 @@ class _Recorder(TorchDispatchMode):
             return a
 
         n_args = len(args)
-        rec_args = [_map(ref, args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i])
-                    for i, a in enumerate(argnames)]
+        rec_args = []
+        for i, a in enumerate(argnames):
+            v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
+            rec_args.append(ref(v) if not isinstance(v, (list, tuple)) else _map(ref, v))
         mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
             v = args[i] if i < n_args else kwargs.get(argnames[i])
@@ -234,12 +236,15 @@ def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[
     return got
 
 
-def _owners(model: nn.Module) -> dict[int, tuple[str, str, str]]:
+def _owners(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> dict[int, tuple[str, str, str]]:
+    """id(tensor) -> (module, attribute, 'param'|'buffer'); ``named``: ``model.named_modules(remove_duplicate=False)``
+    when the caller has walked it already."""
     owners: dict[int, tuple[str, str, str]] = {}
-    for mname, m in model.named_modules(remove_duplicate=False):
-        for pname, p in m.named_parameters(recurse=False):
-            owners.setdefault(id(p), (mname, pname, "param"))
-        for bname, b in m.named_buffers(recurse=False):
+    for mname, m in named if named is not None else model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():   # the module's own (recurse=False), without a walk per module
+            if p is not None:
+                owners.setdefault(id(p), (mname, pname, "param"))
+        for bname, b in m._buffers.items():
             if b is not None:
                 owners.setdefault(id(b), (mname, bname, "buffer"))
     return owners
@@ -268,11 +273,12 @@ def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[
     was_training = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if keep_buffers else []
     try:
-        model.train(mode == "train")
+        model.train(mode == "train")   # always: some modules reset caches in train() (timm LeViT's attention biases)
         yield
     finally:
         for m, flag in was_training:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         with torch.no_grad():
             for b, v in saved:
                 if b.shape == v.shape:
@@ -283,17 +289,18 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
                 next_id: list[int] | None = None) -> Trace:
     """Record one forward of ``model`` in ``mode`` ('eval' or 'train') without gradients.
 
-    The model's train/eval flag and its buffers (BatchNorm running statistics updated by a
-    train-mode forward) are restored before returning, also on error.
+    The model's train/eval flag and, after a train-mode forward, its buffers (BatchNorm running
+    statistics) are restored before returning, also on error.
 
     >>> t = trace_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),))
     >>> [op.name for op in t.ops]
     ['aten.t', 'aten.addmm', 'aten.relu']
     """
     counter = next_id if next_id is not None else [0]
-    owners = _owners(model)
+    named = list(model.named_modules(remove_duplicate=False))   # one walk for owners, names and hooks
+    owners = _owners(model, named)
     stack: list[str] = []
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names = {id(m): n for n, m in named}
 
     def pre(mod: nn.Module, _args: Any) -> None:
         stack.append(names.get(id(mod), stack[-1] if stack else ""))
@@ -303,12 +310,13 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
             stack.pop()
 
     rec = _Recorder(owners, counter, stack)
-    mods = list(model.modules())
+    mods = list({id(m): m for _, m in named}.values())
     handles = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post, always_call=True)
                                                                   for m in mods]
     t0 = time.perf_counter()
     try:
-        with in_mode(model, mode):
+        # buffers change only in train mode (BatchNorm statistics), as in verification: snapshot them only then
+        with in_mode(model, mode, keep_buffers=mode == "train"):
             flat_in = flat_tensors(example_inputs)
             in_ids = [rec.node_of(a, "input") for a in flat_in]
             with torch.no_grad(), rec:

@@ -31,13 +31,15 @@ from .trace import Node, OpRecord, Trace, _schema_of, flat_tensors, in_mode, run
 
 class VerifyError(SurgeryError):
     """A verification failure in ``mode``; ``op_indices`` are the failing ops of that mode's trace
-    (-1: not attributable to one op), ``op_index`` the first of them."""
+    (-1: not attributable to one op), ``op_index`` the first of them, ``messages`` what failed at each."""
 
-    def __init__(self, msg: str, mode: str, op_index: int, op_indices: list[int] | None = None) -> None:
+    def __init__(self, msg: str, mode: str, op_index: int, op_indices: list[int] | None = None,
+                 messages: list[str] | None = None) -> None:
         super().__init__(msg)
         self.mode = mode
         self.op_index = op_index
         self.op_indices = op_indices if op_indices is not None else [op_index]
+        self.messages = messages if messages is not None else [msg] * len(self.op_indices)
 
 
 _ELIDABLE = {"aten.slice", "aten.alias", "aten.view", "aten._unsafe_view", "aten.expand", "aten.clone",
@@ -71,6 +73,7 @@ class _Checker(TorchDispatchMode):
         self.current = ""
         self.failures: list[tuple[int, str]] = []
         self.diverged = ""                   # where and why the re-run left the trace (diagnostics)
+        self.paused = False                  # True while a collect-mode substitute is built (not model ops)
 
     def expected(self, nid: int) -> tuple[int, ...]:
         return tuple(n - self.removed.get((nid, d), 0) for d, n in enumerate(self.nodes[nid].shape))
@@ -107,6 +110,8 @@ class _Checker(TorchDispatchMode):
         return ts[0] if len(ts) == 1 else tuple(ts)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if self.paused:
+            return func(*args, **(kwargs or {}))
         name = _schema_of(func)[0]
         self.current = name
         if self.matched:
@@ -131,6 +136,10 @@ class _Checker(TorchDispatchMode):
         flat = flat_tensors(out)
         nodes, removed = self.nodes, self.removed
         j = self.j
+        if len(op.outputs) == len(flat) and all(o.shape == self.expected(nid)
+                                                for nid, o in zip(op.outputs, flat, strict=True)):
+            self.j += 1   # every output exactly as planned (the common case): nothing moved, nothing to report
+            return out
         if len(op.outputs) != len(flat) or any(len(nodes[nid].shape) != o.dim()
                                                 for nid, o in zip(op.outputs, flat, strict=False)):
             self.matched = False   # the program diverged: only the final output shapes are checked
@@ -190,25 +199,42 @@ class _CatchComposite(TorchFunctionMode):
                                   f"(op {j}): {type(e).__name__}: {str(e)[:300]}; the model was restored"))
             c.j = j + 1
             nid = c.ops[j].outputs[0]
-            return torch.zeros(c.expected(nid), dtype=c.nodes[nid].dtype or torch.float32)
+            c.paused = True   # the substitute's own ops are not the model's: the checker must not match them
+            try:
+                return torch.zeros(c.expected(nid), dtype=c.nodes[nid].dtype or torch.float32)
+            finally:
+                c.paused = False
+
+
+def _where(e: BaseException) -> str:
+    """The innermost module method running when ``e`` was raised (``'BatchNorm1d.forward'``), from its traceback."""
+    tb, where = e.__traceback__, "the model code"
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, nn.Module):
+            where = f"{type(obj).__name__}.{tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return where
 
 
 def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
-                   nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> None:
+                   nodes: dict[int, Node], mode: str | None = None, collect: bool = False) -> bool:
     """Run ``model`` in the trace's mode (restoring mode and buffers) and compare with ``trace``.
 
     Raises :class:`VerifyError` at the first failing op, or with ``collect=True`` after the run, listing
-    every failing op.
+    every failing op. Returns whether the re-run followed ``trace`` op for op to the end: then every
+    tensor had exactly the trace's shape minus ``removed`` (costs can be counted from the trace).
     """
     mode = trace.mode if trace is not None else (mode or "eval")
     rec = _Checker(trace, removed, nodes, mode, collect)
-    if trace is None:   # nothing to compare op by op: a plain forward, re-run checked only to name a failing op
+    if trace is None:   # nothing to compare op by op: a plain forward; a failure is named from its traceback
         try:
             with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad():
                 run_model(model, example_inputs)
-            return
-        except Exception:  # noqa: BLE001
-            pass
+            return False
+        except Exception as e:  # noqa: BLE001  (any failure of the user's forward is reported, model restored)
+            raise VerifyError(f"{mode}-mode forward failed after pruning, in {_where(e)}: {type(e).__name__}: "
+                              f"{str(e)[:300]}; the model was restored", mode, -1) from e
     try:
         # buffers change only in train mode (BatchNorm statistics): snapshot them only then
         with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad(), \
@@ -220,9 +246,9 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         j = rec.j if rec.matched else -1
         fails = rec.failures + [(j, f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}"
                                     f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
-        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails]) from e
+        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails]) from e
     if trace is None:
-        return
+        return False
     if rec.matched:
         rec._skip_elided("")                       # trailing ops the re-run skipped
         rec.matched = rec.j == len(trace.ops)
@@ -234,4 +260,5 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         fails = fails + [(-1, f"{mode}-mode output shapes changed after pruning: {[tuple(o.shape) for o in flat][:4]}"
                               f" vs {trace.output_shapes[:4]}; the model was restored")]
     if fails:
-        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails])
+        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails])
+    return rec.matched

@@ -213,22 +213,26 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             plan = _plan([g for g, _ in scored], [s for _, s in scored], cfg, ratio, n_orig)
             touched: set[str] = set()
             chosen = []
+            obs = cfg.reconstruct == "obs"   # only OBS reconstruction reads kept rows and consumer layers
             for (g, _), rows in zip(scored, plan, strict=True):
                 if rows.numel():
-                    chosen.append((g, rows, g.select(rows), kept.sizes(g)))
+                    chosen.append((g, rows, g.select(rows), kept.sizes(g) if obs else {}))
             # all groups at once, verified; a group whose removal fails verification is left whole
             failed = graph.prune([sel for _, _, sel, _ in chosen], skip_failed=True) if chosen else []
             for grp, why in failed:
                 report.notes.append(f"step {step}: the group rooted at {grp.root.module}.{grp.root.tensor} "
                                     f"failed verification and was left unpruned: {why[:300]}")
                 log.info("step %d: %s left unpruned (%s)", step, grp.root.module, why[:120])
-            done = [(g, rows, sizes) for g, rows, sel, sizes in chosen if all(sel is not f for f, _ in failed)]
+            bad = {id(f) for f, _ in failed}
+            done = [(g, rows, sizes) for g, rows, sel, sizes in chosen if id(sel) not in bad]
             for g, rows, _ in done:
-                touched |= {name for name, _ in consumers(g, model)}
+                if obs:
+                    touched |= {name for name, _ in consumers(g, model)}
                 log.info("step %d: %s.%s %d -> %d channels", step, g.root.module, g.root.tensor,
                          g.n, g.n - rows.numel())
-            kept.record(done)
-            if cfg.reconstruct == "obs" and touched:   # writes weights, biases and BN means in place
+            if obs:
+                kept.record(done)
+            if obs and touched:   # writes weights, biases and BN means in place
                 undo.keep([t for n in touched for t in model.get_submodule(n).parameters()]
                                  + list(model.buffers()))
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
@@ -240,7 +244,9 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
             report.notes.append("the HF config cannot express every pruned width (e.g. a width derived from "
                                 "hidden_size): reload with brainsurgeon.export.from_pretrained, which resizes "
                                 "from the saved weights, not with the class's own from_pretrained")
-        after = measure(model, example_inputs)
+        # MACs after: the last graph's trace less the verified removals when the re-run followed it op for op
+        planned = graph.planned_shapes() if cfg.head_dim_ratio == 0 else None
+        after = measure(model, example_inputs, *planned) if planned else measure(model, example_inputs)
     except BaseException:
         undo.restore_()
         raise

@@ -6,8 +6,10 @@
 
 MACs are half the FLOPs ``torch.utils.flop_counter``'s formulas give for matmul/conv ops (one
 multiply-add = 2 FLOPs), applied to the shapes of the ops in the graph's ATen trace and attributed to
-the innermost module that ran the op. Counting never fails a caller: an op whose formula raises is
-left out and logged, and a model that cannot be traced gets empty MACs and a log line.
+the innermost module that ran the op. After pruning, the same trace with the removed sizes subtracted
+gives the new counts when verification followed the trace op for op (``removed``), so no forward runs
+again. Counting never fails a caller: an op whose formula raises is left out and logged, and a model
+that cannot be traced gets empty MACs and a log line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from .._log import get_logger
 
@@ -44,32 +46,54 @@ def call(model: nn.Module, example_inputs: Any) -> Any:
     return model(*example_inputs)
 
 
-def _meta(shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype or torch.float32, device="meta")
+_SHAPE_CODE = shape_wrapper(lambda: 0).__code__   # formulas registered on shapes (not get_raw) are wrapped so
+_FORMULAS: dict[str, tuple[Any, bool] | None] = {}   # op name -> (formula, takes shapes), or None: no formula
 
 
-def trace_macs(trace: Any) -> dict[str, int]:
+def _formula(name: str) -> tuple[Any, bool] | None:
+    """``torch.utils.flop_counter``'s formula for an op name ('aten.mm'), unwrapped to take shapes when it can."""
+    if name not in _FORMULAS:
+        packets = {getattr(k, "_overloadpacket", k): v for k, v in flop_registry.items()}
+        packet = getattr(torch.ops.aten, name.rpartition(".")[2], None) if name.startswith("aten.") else None
+        fn = packets.get(packet) if packet is not None else None
+        raw = getattr(fn, "__wrapped__", None)
+        _FORMULAS[name] = None if fn is None else (raw, True) if raw is not None and \
+            getattr(fn, "__code__", None) is _SHAPE_CODE else (fn, False)
+    return _FORMULAS[name]
+
+
+def trace_macs(trace: Any, removed: dict[tuple[int, int], int] | None = None) -> dict[str, int]:
     """MACs per innermost module (``""``: the root) from a recorded :class:`~brainsurgeon.graph.trace.Trace`.
 
-    Each op that ``torch.utils.flop_counter`` has a formula for is counted from its recorded shapes;
-    nothing runs again.
+    Each op that ``torch.utils.flop_counter`` has a formula for is counted from its recorded shapes,
+    less ``removed[(node id, dim)]`` entries (the model after pruning, when its re-run followed the
+    trace op for op); nothing runs again.
     """
     from ..graph.trace import Ref
 
     out: dict[str, int] = {}
-    formulas = {getattr(k, "_overloadpacket", k): v for k, v in flop_registry.items()}
+    nodes = trace.nodes
+    gone = removed or {}
+
+    def shape(nid: int) -> tuple[int, ...]:
+        s = nodes[nid].shape
+        return tuple(n - gone.get((nid, d), 0) for d, n in enumerate(s)) if gone else s
+
+    def meta(nid: int) -> torch.Tensor:
+        return torch.empty(shape(nid), dtype=nodes[nid].dtype or torch.float32, device="meta")
+
     for op in trace.ops:
-        packet = getattr(torch.ops.aten, op.name.rpartition(".")[2], None)
-        fn = formulas.get(packet) if packet is not None else None
-        if fn is None:
+        got = _formula(op.name)
+        if got is None:
             continue
+        fn, on_shapes = got
+        val = shape if on_shapes else meta
         try:
-            node = trace.nodes
-            args = [_meta(node[a.node].shape, node[a.node].dtype) if isinstance(a, Ref) else
-                    [_meta(node[b.node].shape, node[b.node].dtype) if isinstance(b, Ref) else b for b in a]
+            args = [val(a.node) if isinstance(a, Ref) else [val(b.node) if isinstance(b, Ref) else b for b in a]
                     if isinstance(a, list) else a for a in op.args]
-            outs = [_meta(node[o].shape, node[o].dtype) for o in op.outputs]
-            flops = fn(*args, out_val=outs[0] if len(outs) == 1 else tuple(outs))
+            outs = [val(o) for o in op.outputs]
+            res = outs[0] if len(outs) == 1 else tuple(outs)
+            flops = fn(*args, out_shape=res) if on_shapes else fn(*args, out_val=res)
         except Exception as e:  # noqa: BLE001  (a formula that does not fit the recorded arguments)
             log.debug("MACs of %s in %s not counted: %s", op.name, op.module or "the root", e)
             continue
@@ -77,21 +101,28 @@ def trace_macs(trace: Any) -> dict[str, int]:
     return out
 
 
-def measure(model: nn.Module, example_inputs: Any, trace: Any = None) -> Costs:
+def measure(model: nn.Module, example_inputs: Any, trace: Any = None,
+            removed: dict[tuple[int, int], int] | None = None) -> Costs:
     """Params and MACs of every module on one eval-mode forward of `example_inputs`.
 
-    `trace`: an eval-mode trace of the model as it is now (e.g. ``DependencyGraph.traces[0]``), to count
-    MACs without another forward. If the model cannot be traced, MACs are empty (logged), never an error.
+    `trace`: an eval-mode trace of the model (e.g. ``DependencyGraph.traces[0]``), to count MACs without
+    another forward; `removed`: the entries pruned from its tensors since, ``{(node id, dim): count}``,
+    valid only when every tensor now has the traced shape minus them (see
+    ``DependencyGraph.planned_shapes``). If the model cannot be traced, MACs are empty (logged), never an
+    error.
 
     >>> measure(nn.Linear(4, 2), torch.zeros(3, 4)).total_macs
     24
     """
     out = Costs()
+    seen: set[int] = set()
     for name, mod in model.named_modules():
-        n = sum(p.numel() for p in mod.parameters(recurse=False))
+        own = [p for p in mod._parameters.values() if p is not None]   # parameters(recurse=False), no walk
+        n = sum(p.numel() for p in own)
         if n:
             out.params[name] = n
-    out.total_params = sum(p.numel() for p in model.parameters())
+        out.total_params += sum(p.numel() for p in own if id(p) not in seen)   # shared (tied) ones once
+        seen.update(id(p) for p in own)
     if trace is None:
         from ..graph.trace import trace_model
         try:
@@ -100,6 +131,6 @@ def measure(model: nn.Module, example_inputs: Any, trace: Any = None) -> Costs:
         except Exception as e:  # noqa: BLE001  (costs are a report, never a reason to fail)
             log.warning("MACs not counted: tracing %s failed: %s: %s", type(model).__name__, type(e).__name__, e)
             return out
-    out.macs = {k: v for k, v in trace_macs(trace).items() if v}
+    out.macs = {k: v for k, v in trace_macs(trace, removed).items() if v}
     out.total_macs = sum(out.macs.values())
     return out

@@ -154,19 +154,29 @@ def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     return out
 
 
-def slice_norms(model: nn.Module, s: Any, p: float) -> torch.Tensor:
+def slice_norms(model: nn.Module, s: Any, p: float, t: torch.Tensor | None = None) -> torch.Tensor:
     """sum over each logical channel's entries of |w|^p, (n,) float32: :func:`channel_norms` of the whole
     tensor (no copy of the slice), then a gather of the channel's ``k`` indices.
 
     >>> torch.allclose(slice_norms(model, s, 2), slice_values(model, s).pow(2).sum(1))
     True
     """
-    per = channel_norms(slice_tensor(model, s), s.dim, p)  # (D,)
+    per = channel_norms(slice_tensor(model, s) if t is None else t, s.dim, p)  # (D,); t: the tensor, looked up
     return per[s.idxs.to(per.device)].sum(1)  # (n, k) -> (n,)
 
 
 def _param_slices(group: Any, model: nn.Module) -> list[Any]:
-    return [s for s in group.slices if is_param(model, s) and torch.is_floating_point(slice_tensor(model, s))]
+    return [s for s, _ in _param_tensors(group, model)]
+
+
+def _param_tensors(group: Any, model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
+    """``(slice, tensor)`` of the group's slices on floating-point parameters (one module lookup each)."""
+    out = []
+    for s in group.slices:
+        t = slice_tensor(model, s)
+        if isinstance(t, nn.Parameter) and torch.is_floating_point(t):
+            out.append((s, t))
+    return out
 
 
 def _reduce(per_slice: list[torch.Tensor], how: str) -> torch.Tensor:
@@ -212,10 +222,10 @@ def _group_norm(group: Any, stats: Stats, cfg: Any, p: int) -> torch.Tensor:
     I_c = (sum over coupled parameter slices s of ||w_{s,c}||_p^p)^(1/p), reduced across
     slices by ``cfg.reduce`` (``root`` = the root slice only), then ``cfg.normalize``.
     """
-    slices = _param_slices(group, stats.model)
+    slices = _param_tensors(group, stats.model)
     if cfg.reduce == "root" or not slices:
-        slices = [group.root]
-    per = [slice_norms(stats.model, s, p) for s in slices]  # each (n,)
+        slices = [(group.root, slice_tensor(stats.model, group.root))]
+    per = [slice_norms(stats.model, s, p, t) for s, t in slices]  # each (n,)
     red = _reduce(per, "sum" if cfg.reduce == "root" else cfg.reduce)
     return normalize(red.pow(1.0 / p), cfg.normalize)
 
