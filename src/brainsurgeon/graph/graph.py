@@ -25,7 +25,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import BrainsurgeonError, CalibrationError, ConfigError, UnsupportedOpError
-from . import rules_nn, rules_views  # noqa: F401  (register the op rules)
+from . import rules_nn, rules_timm, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure

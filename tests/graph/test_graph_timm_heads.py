@@ -1,0 +1,59 @@
+"""timm attention blocks that size their heads from the input width (PVT-v2 ``Attention``, CoaT
+``FactorAttnConvRelPosEnc``), tiny random configs: every group verifies (none is left unpruned), heads go
+with the residual channels, ``num_heads``/``head_dim``/``channel_splits`` follow, counts are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import brainsurgeon as bs
+from brainsurgeon.graph import DependencyGraph
+
+pvt_v2 = pytest.importorskip("timm.models.pvt_v2")
+coat = pytest.importorskip("timm.models.coat")
+
+
+def _pvt() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return pvt_v2.PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 4), sr_ratios=(2, 1),
+                                             mlp_ratios=(2, 2), num_classes=5).eval()
+
+
+def _coat() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return coat.CoaT(img_size=32, patch_size=4, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1),
+                     parallel_depth=1, num_heads=4, crpe_window={3: 2, 5: 2}, num_classes=5).eval()
+
+
+def _params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("build", [_pvt, _coat], ids=["pvt_v2", "coat"])
+def test_prune_leaves_no_group_unpruned(build):
+    m, x = build(), torch.rand(1, 3, 32, 32)
+    p0 = _params(m)
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("head",)), example_inputs=x)
+    assert not [n for n in rep.notes if "failed verification" in n]
+    assert _params(m) < 0.6 * p0
+    for mode in (m.eval, m.train):
+        mode()
+        with torch.no_grad():
+            assert m(x).shape == (1, 5)
+
+
+def test_pvt_residual_group_takes_the_attention_heads():
+    m, x = _pvt(), torch.rand(1, 3, 32, 32)
+    g = DependencyGraph(m, (x,), ignore=[m.head])
+    attn = m.stages[1].blocks[0].attn
+    grp = g.group(m.stages[1].downsample.proj, dim="out", idxs=range(8))   # = head 0 of the attention
+    names = {s.name for s in grp.slices}
+    assert {"stages.1.blocks.0.attn.q.weight", "stages.1.blocks.0.attn.kv.weight",
+            "stages.1.blocks.0.attn.proj.weight"} <= names
+    g.prune([grp])                                                     # verified, eval and train
+    assert (attn.num_heads, attn.head_dim) == (3, 8)
+    assert attn.num_heads * attn.head_dim == attn.q.weight.shape[0] == m.stages[1].downsample.proj.out_channels
+    assert attn.kv.weight.shape[0] == 2 * attn.q.weight.shape[0]
+    with torch.no_grad():
+        assert m(x).shape == (1, 5)
