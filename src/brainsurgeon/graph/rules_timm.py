@@ -1,4 +1,4 @@
-"""timm attention blocks whose head sizes come from the *input* width: module rules and fixers.
+"""timm blocks whose sizes live in module code: attention heads sized from the input width, EvoNorm groups.
 
 PVT-v2's ``Attention`` and CoaT's ``FactorAttnConvRelPosEnc`` reshape their projections with
 ``(num_heads, C // num_heads)`` or ``self.head_dim`` and merge the heads back to ``C`` — ``C`` read from
@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .rules import Ctx, register_module_rule
-from .surgery import register_container_fixer
+from .surgery import register_named_fixer
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -64,14 +64,14 @@ def _heads_after(r: np.ndarray, heads: int, head_dim: int, where: str) -> tuple[
                        f"{counts.tolist()}, {head_dim} per head); remove whole heads or the same dims of every head")
 
 
-@register_container_fixer("timm.models.pvt_v2.Attention")
+@register_named_fixer("timm.models.pvt_v2.Attention", container=True)
 def _pvt_v2_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
     r = removed.get("q.weight", {}).get(0, _EMPTY)
     m.num_heads, m.head_dim = _heads_after(r, m.num_heads, m.head_dim, type(m).__name__)
     m.dim = int(m.q.weight.shape[0])
 
 
-@register_container_fixer("timm.models.coat.FactorAttnConvRelPosEnc")
+@register_named_fixer("timm.models.coat.FactorAttnConvRelPosEnc", container=True)
 def _coat_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
     r = removed.get("qkv.weight", {}).get(0, _EMPTY)
     width = (int(m.qkv.weight.shape[0]) + len(r)) // 3   # q width before the removal
@@ -79,8 +79,20 @@ def _coat_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> No
     m.num_heads = heads
 
 
-@register_container_fixer("timm.models.coat.ConvRelPosEnc")
+@register_named_fixer("timm.models.coat.ConvRelPosEnc", container=True)
 def _coat_crpe_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
     """``torch.split`` of v by ``channel_splits`` (one depthwise conv per window size)."""
     convs: list[nn.Module] = list(m.conv_list)
     m.channel_splits = [int(c.weight.shape[0]) for c in convs]
+
+
+@register_named_fixer("timm.layers.evo_norm.EvoNorm2dS0", "timm.layers.evo_norm.EvoNorm2dS1",
+                      "timm.layers.evo_norm.EvoNorm2dS2")
+def _evonorm_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """EvoNorm-S ``group_std`` reshapes to ``(groups, C // groups)``: whole groups removed lower ``groups``,
+    the same count from every group keeps it."""
+    r = next((d[0] for d in removed.values() if 0 in d), _EMPTY)
+    width = int(m.weight.shape[0]) + len(r)
+    m.groups, _ = _heads_after(r, m.groups, width // m.groups, type(m).__name__)
+    if isinstance(getattr(m, "num_features", None), int):
+        m.num_features = int(m.weight.shape[0])

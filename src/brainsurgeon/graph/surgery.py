@@ -254,14 +254,15 @@ _BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
 _CONTAINER_FIXERS = [_hf_attention, _vit, _mvit_attention]
 
 
-def register_container_fixer(*qualnames: str) -> Callable[[Fixer], Fixer]:
-    """Decorator: a fixer for classes named ``"package.module.Class"`` whose attributes mirror their
-    *children's* widths (an attention block's ``num_heads``); it sees the children's removals as
-    ``{"child.tensor": {dim: indices}}``. By name, so the package is never imported."""
+def register_named_fixer(*qualnames: str, container: bool = False) -> Callable[[Fixer], Fixer]:
+    """Decorator: a fixer for classes named ``"package.module.Class"`` (subclasses too), so the package is
+    never imported. ``container``: its attributes mirror its *children's* widths (an attention block's
+    ``num_heads``); it then sees the children's removals as ``{"child.tensor": {dim: indices}}``."""
     def deco(fn: Fixer) -> Fixer:
         for q in qualnames:
             _BY_NAME[q] = fn
-        _CONTAINER_FIXERS.append(fn)
+        if container:
+            _CONTAINER_FIXERS.append(fn)
         return fn
     return deco
 

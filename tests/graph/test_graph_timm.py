@@ -1,6 +1,6 @@
-"""timm attention blocks that size their heads from the input width (PVT-v2 ``Attention``, CoaT
-``FactorAttnConvRelPosEnc``), tiny random configs: every group verifies (none is left unpruned), heads go
-with the residual channels, ``num_heads``/``head_dim``/``channel_splits`` follow, counts are exact."""
+"""timm blocks whose sizes live in module code, tiny random configs: attention that sizes its heads from the
+input width (PVT-v2 ``Attention``, CoaT ``FactorAttnConvRelPosEnc``) and EvoNorm-S's ``groups``. Every group
+verifies (none is left unpruned), heads go with the residual channels, the attributes follow."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from brainsurgeon.graph import DependencyGraph
 
 pvt_v2 = pytest.importorskip("timm.models.pvt_v2")
 coat = pytest.importorskip("timm.models.coat")
+evo_norm = pytest.importorskip("timm.layers.evo_norm")
 
 
 def _pvt() -> torch.nn.Module:
@@ -57,3 +58,22 @@ def test_pvt_residual_group_takes_the_attention_heads():
     assert attn.kv.weight.shape[0] == 2 * attn.q.weight.shape[0]
     with torch.no_grad():
         assert m(x).shape == (1, 5)
+
+
+@pytest.mark.parametrize("norm", ["EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS2a"])
+def test_evonorm_groups_follow_the_channels(norm):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), getattr(evo_norm, norm)(32, groups=4),
+                            torch.nn.Conv2d(32, 8, 1)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    g = DependencyGraph(m, (x,), ignore=[m[2]])
+    (grp,) = [grp for grp in g.groups() if grp.root.name == "0.weight"]
+    assert grp.n == 4                                                  # whole groups of 8 channels
+    with torch.no_grad():   # groups are normalized on their own: dropping groups 1 and 3 == not reading them
+        m[2].weight[:, 8:16] = 0
+        m[2].weight[:, 24:32] = 0
+        ref = m(x)
+    g.prune([grp.select([1, 3])])
+    assert m[1].groups == 2 and m[1].weight.numel() == 16
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref)
