@@ -77,3 +77,24 @@ def test_evonorm_groups_follow_the_channels(norm):
     assert m[1].groups == 2 and m[1].weight.numel() == 16
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref)
+
+
+def test_levit_heads_split_follows_the_pruned_dims():
+    """LeViT splits every head's qkv into [key_dim, key_dim, val_dim] by attribute: no group may fail (each
+    failure cost a bisection of verification forwards), and the attributes match the weights."""
+    levit = pytest.importorskip("timm.models.levit")
+    torch.manual_seed(0)
+    m = levit.Levit(img_size=64, embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3),
+                    num_classes=5).eval()
+    x, p0 = torch.rand(2, 3, 64, 64), _params(m)          # 2 images: the head's BatchNorm1d in train mode
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("head.linear",)), example_inputs=x)
+    assert not [n for n in rep.notes if "failed verification" in n]
+    assert _params(m) < 0.6 * p0
+    for a in (m.stages[0].blocks[0].attn, m.stages[1].downsample.attn_downsample, m.stages[1].blocks[0].attn):
+        kv = a.kv.linear.weight if hasattr(a, "kv") else a.qkv.linear.weight
+        per_head = a.key_dim + a.val_dim + (0 if hasattr(a, "kv") else a.key_dim)
+        assert kv.shape[0] == a.num_heads * per_head and a.val_attn_dim == a.num_heads * a.val_dim
+    for mode in (m.eval, m.train):
+        mode()
+        with torch.no_grad():
+            assert m(x).shape == (2, 5)

@@ -96,3 +96,27 @@ def _evonorm_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
     m.groups, _ = _heads_after(r, m.groups, width // m.groups, type(m).__name__)
     if isinstance(getattr(m, "num_features", None), int):
         m.num_features = int(m.weight.shape[0])
+
+
+@register_named_fixer("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample", container=True)
+def _levit_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """LeViT views ``qkv`` (``kv`` when downsampling) as ``(num_heads, -1)`` and splits every head into
+    ``[key_dim, key_dim, val_dim]`` (``[key_dim, val_dim]``): the dims follow what each head lost."""
+    down = hasattr(m, "kv")
+    parts = np.array([m.key_dim, m.val_dim] if down else [m.key_dim, m.key_dim, m.val_dim])
+    r = removed.get("kv.linear.weight" if down else "qkv.linear.weight", {}).get(0, _EMPTY)
+    heads, per = m.num_heads, int(parts.sum())
+    if len(r):
+        counts = np.zeros((heads, len(parts)), dtype=np.int64)   # rows removed per (head, part)
+        np.add.at(counts, (r // per, np.searchsorted(np.cumsum(parts), r % per, side="right")), 1)
+        whole = (counts == parts).all(1)
+        if whole.any() and ((counts == parts).all(1) | (counts == 0).all(1)).all():
+            heads -= int(whole.sum())
+        elif (counts == counts[0]).all() and (down or counts[0, 0] == counts[0, 1]):
+            parts = parts - counts[0]
+        else:
+            raise SurgeryError(f"{type(m).__name__}: every head must lose the same q/k/v dims (q and k alike) or "
+                               f"be removed whole; rows removed per head and part {counts.tolist()}")
+    m.num_heads, m.key_dim, m.val_dim = heads, int(parts[0]), int(parts[-1])
+    m.key_attn_dim, m.val_attn_dim = m.key_dim * heads, m.val_dim * heads
+    m.attention_bias_cache = {}   # eval-mode cache of the (now sliced) per-head biases
