@@ -120,3 +120,11 @@ def _levit_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> N
     m.num_heads, m.key_dim, m.val_dim = heads, int(parts[0]), int(parts[-1])
     m.key_attn_dim, m.val_attn_dim = m.key_dim * heads, m.val_dim * heads
     m.attention_bias_cache = {}   # eval-mode cache of the (now sliced) per-head biases
+
+
+@register_named_fixer("timm.models.vision_transformer_sam.Attention", container=True)
+def _sam_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """SAM ViT views ``qkv`` as ``(3, num_heads, -1)``: ``num_heads`` (whole heads) or ``head_dim`` follows."""
+    r = removed.get("qkv.weight", {}).get(0, _EMPTY)
+    width = (int(m.qkv.weight.shape[0]) + len(r)) // 3   # q width before the removal
+    m.num_heads, m.head_dim = _heads_after(r[r < width], m.num_heads, m.head_dim, type(m).__name__)
