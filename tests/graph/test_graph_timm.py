@@ -100,19 +100,34 @@ def test_levit_heads_split_follows_the_pruned_dims():
             assert m(x).shape == (2, 5)
 
 
-def test_sam_vit_heads_prune_and_the_head_count_follows():
+def _sam():
     sam = pytest.importorskip("timm.models.vision_transformer_sam")
+    return sam.VisionTransformerSAM(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, window_size=2,
+                                    global_attn_indexes=(1,), use_rel_pos=True, neck_chans=16, head_hidden_size=None,
+                                    global_pool="avg", num_classes=5), "head.fc"
+
+
+def _vit():
+    vit = pytest.importorskip("timm.models.vision_transformer")
+    return vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, qk_norm=True,
+                                 num_classes=5), "head"
+
+
+@pytest.mark.parametrize("build", [_sam, _vit], ids=["sam", "vit"])
+def test_vit_heads_prune_and_the_head_count_follows(build):
+    """timm ViT ``Attention`` (reshape by ``num_heads``/``head_dim``/``attn_dim``) and SAM's (``-1``)."""
     torch.manual_seed(0)
-    m = sam.VisionTransformerSAM(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, window_size=2,
-                                 global_attn_indexes=(1,), use_rel_pos=True, neck_chans=16, head_hidden_size=None,
-                                 global_pool="avg", num_classes=5).eval()
+    m, head = build()
+    m = m.eval()
     x, p0 = torch.rand(1, 3, 32, 32), _params(m)
-    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("head.fc",)), example_inputs=x)
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=(head,)), example_inputs=x)
     assert not [n for n in rep.notes if "failed verification" in n]
     assert _params(m) < 0.75 * p0
     for blk in m.blocks:
         a = blk.attn
-        assert a.qkv.weight.shape[0] == 3 * a.num_heads * a.head_dim and a.rel_pos_h.shape[1] == a.head_dim
+        assert a.qkv.weight.shape[0] == 3 * a.num_heads * a.head_dim
+        extra = a.rel_pos_h.shape[1] if hasattr(a, "rel_pos_h") else a.q_norm.weight.shape[0]
+        assert extra == a.head_dim and getattr(a, "attn_dim", a.num_heads * a.head_dim) == a.num_heads * a.head_dim
     assert any(blk.attn.num_heads * blk.attn.head_dim < 32 for blk in m.blocks)   # attention was pruned
     with torch.no_grad():
         assert m(x).shape == (1, 5)

@@ -122,9 +122,13 @@ def _levit_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> N
     m.attention_bias_cache = {}   # eval-mode cache of the (now sliced) per-head biases
 
 
-@register_named_fixer("timm.models.vision_transformer_sam.Attention", container=True)
-def _sam_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
-    """SAM ViT views ``qkv`` as ``(3, num_heads, -1)``: ``num_heads`` (whole heads) or ``head_dim`` follows."""
+@register_named_fixer("timm.models.vision_transformer_sam.Attention", "timm.layers.attention.Attention",
+                      container=True)
+def _fused_qkv_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """timm ViT ``Attention`` reshapes ``qkv`` to ``(3, num_heads, head_dim)`` and back to ``attn_dim``;
+    SAM ViT views it as ``(3, num_heads, -1)``: ``num_heads`` (whole heads) or ``head_dim`` follows."""
     r = removed.get("qkv.weight", {}).get(0, _EMPTY)
     width = (int(m.qkv.weight.shape[0]) + len(r)) // 3   # q width before the removal
     m.num_heads, m.head_dim = _heads_after(r[r < width], m.num_heads, m.head_dim, type(m).__name__)
+    if isinstance(getattr(m, "attn_dim", None), int):
+        m.attn_dim = m.num_heads * m.head_dim
