@@ -10,6 +10,10 @@ channels, and the fixers below set ``num_heads``/``head_dim``/``channel_splits``
     x[B, N, C] -q-> [B, N, C] -view-> [B, N, H, C/H]      q row j == input channel j  (tie)
     x[B, N, C] -sr conv-> [B, C, h, w] -view-> [B, C, h*w]  sr out j == sr in j       (tie)
 
+Fixers only (the ops already carry the ties; the attributes must follow or verification fails and
+the group is bisected away): ViT/SAM ``Attention`` (``num_heads``/``head_dim``/``attn_dim``), LeViT
+attention (per-head ``[key_dim, key_dim, val_dim]`` split), EvoNorm-S (``groups`` of ``group_std``).
+
 Keyed by class name: importing timm is not a graph dependency.
 """
 
