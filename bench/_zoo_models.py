@@ -80,6 +80,11 @@ def _timm(name: str) -> Case:
     m = timm.create_model(name, pretrained=False).eval()
     size = tuple(m.pretrained_cfg.get("input_size", (3, 224, 224)))
     fixed = m.pretrained_cfg.get("fixed_input_size", False)
+    if fixed and size[-1] > 288:       # a fixed size the model can be built smaller at (SAM ViT: 1024 px)
+        try:
+            m, fixed = timm.create_model(name, pretrained=False, img_size=224).eval(), False
+        except TypeError:
+            pass
     if not fixed and size[-1] > 288:   # large defaults (288-1024 px) at 224 px; 256 px kept (halo windows)
         size = (size[0], 224, 224)
     x = torch.rand(1, *size, generator=torch.Generator().manual_seed(0))

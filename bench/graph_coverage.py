@@ -287,7 +287,8 @@ def _rss_bytes(pid: int) -> int:
 
 class Worker:
     """A child process running ``one(name, tool)`` for one model after another (one torch import), killed
-    and replaced when a model passes ``timeout`` seconds or ``max_rss_gb`` resident memory, or crashes."""
+    and replaced when a model passes ``timeout`` seconds or adds ``max_rss_gb`` resident memory, or crashes;
+    replaced before a model when earlier ones left it above half the guard."""
 
     def __init__(self, tool: str, timeout: float, max_rss_gb: float, script: str | None = None) -> None:
         self.tool, self.timeout, self.max_rss = tool, timeout, max_rss_gb * 2**30
@@ -313,7 +314,11 @@ class Worker:
     def run(self, name: str) -> dict[str, Any]:
         import selectors
         p = self._start()
+        if _rss_bytes(p.pid) > self.max_rss / 2:   # memory kept from earlier models: a fresh worker
+            self.close()
+            p = self._start()
         assert p.stdin is not None and p.stdout is not None
+        base = _rss_bytes(p.pid)   # the guard counts what this model adds, not what earlier ones left
         p.stdin.write(name + "\n")
         p.stdin.flush()
         sel = selectors.DefaultSelector()
@@ -332,7 +337,7 @@ class Worker:
                         res["peak_rss_gb"] = round(peak / 2**30, 2)
                         return res
                     continue
-                peak = max(peak, _rss_bytes(p.pid))
+                peak = max(peak, _rss_bytes(p.pid) - base)
                 if peak > self.max_rss:
                     why = f"memory guard: resident > {self.max_rss / 2**30:.0f} GB"
                 elif time.monotonic() - t0 > self.timeout:

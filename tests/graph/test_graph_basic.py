@@ -151,3 +151,41 @@ def test_graph_modules_import_one_way():
         return any(d == dst or (d not in seen and reaches(d, dst, (*seen, d))) for d in deps.get(src, ()))
 
     assert not [m for m in deps if reaches(m, m)]
+
+
+class PointwiseAggregate(nn.Module):
+    """CoaT's head: three class tokens stacked as the *length* of a 1x1 Conv1d (channels along its spatial dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+        self.agg, self.spread = nn.Conv1d(3, 1, 1), nn.Conv1d(3, 1, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = torch.stack([self.a(x).mean((2, 3)), self.b(x).mean((2, 3)), self.c(x).mean((2, 3))], 1)  # [B, 3, 8]
+        return self.head(self.agg(t)[:, 0] + self.spread(t)[:, 0])
+
+
+def test_pointwise_conv_carries_positions_along_its_spatial_dims():
+    torch.manual_seed(0)
+    m, x = PointwiseAggregate().eval(), torch.randn(2, 3, 6, 6)
+    g = DependencyGraph(m, (x,), ignore=[m.head])
+    with pytest.raises(UnsupportedOpError, match="spatial"):   # a 3-wide kernel mixes neighbouring positions
+        g.group(m.a, "out", [0])
+    m.spread = nn.Conv1d(3, 1, 1)                               # 1-wide: position p -> position p
+    g = DependencyGraph(m, (x,), ignore=[m.head])
+    grp = g.group(m.a, "out", [0, 5])
+    assert {s.name for s in grp.slices} >= {"a.weight", "b.weight", "c.weight", "head.weight"}
+    with torch.no_grad():
+        ref = m(x)
+        for conv in (m.a, m.b, m.c):
+            conv.weight[[0, 5]] = 0
+            conv.bias[[0, 5]] = 0
+        m.head.weight[:, [0, 5]] = 0                            # the Conv1d biases still reach these columns
+        zeroed = m(x)
+    g.prune([grp])
+    with torch.no_grad():
+        out = m(x)
+    assert out.shape == ref.shape and m.spread.weight.shape == (1, 3, 1)
+    torch.testing.assert_close(out, zeroed)

@@ -167,7 +167,11 @@ def _hf_config(model: nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "config", None)
     if cfg is None or not callable(getattr(cfg, "to_dict", None)) or not hasattr(cfg, "model_type"):
         return None
-    return to_json(cfg.to_dict(), "hf_config")
+    out = to_json(cfg.to_dict(), "hf_config")
+    attn = getattr(cfg, "_attn_implementation", None)
+    if isinstance(out, dict) and isinstance(attn, str):   # to_dict() drops it: reload with the same kernels
+        out.setdefault("attn_implementation", attn)
+    return out
 
 
 def build_manifest(model: nn.Module, aliases: dict[str, str], recipe: Any, plan: Any, history: Any) -> dict[str, Any]:

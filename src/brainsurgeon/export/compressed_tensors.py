@@ -148,10 +148,16 @@ def _layer_tensors(lc: LayerCodes, fmt: str) -> dict[str, torch.Tensor]:
 def _check(model: nn.Module, layers: dict[str, LayerCodes], fmt: str) -> None:
     if fmt not in FORMATS:
         raise FormatError(f"compressed-tensors: fmt={fmt!r}; allowed: {list(FORMATS)}")
-    check_hf_shapes(model, "compressed-tensors")
+    conv1d = check_hf_shapes(model, "compressed-tensors")
     for n, lc in layers.items():
         if lc.codes is None:
             continue
+        if n in conv1d:   # compressed-tensors 0.20 quantizes nn.Linear only: it would load this layer as random
+            raise FormatError(f"layer {n} is a transformers Conv1D (GPT-2 style, weight [in, out]); the "
+                              f"compressed-tensors loader only decompresses nn.Linear layers and would leave it "
+                              f"randomly initialised. Save with format='gptq' (Conv1D in Linear layout, as GPTQ "
+                              f"packers store it), or 'brainsurgeon' / 'hf' (packed layers kept), or keep these "
+                              f"layers dense with ignore=[..., {n!r}]")
         if fmt == "pack-quantized" and not _scheme_key(lc)[2]:
             raise FormatError(f"layer {n} is on an asymmetric grid (zero points); compressed-tensors 0.20's loader "
                               f"expects an unpacked weight_zero_point for pack-quantized and rejects the packed "

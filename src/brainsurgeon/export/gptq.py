@@ -153,10 +153,12 @@ def load_gptq(folder: str) -> nn.Module:
     model, qc, sd = read_hf_folder(
         folder, lambda qc: qc.get("quant_method") == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq",
         "config.json is not a GPTQ (v1 'gptq' checkpoint_format) checkpoint")
+    decoded = []
     for key in [k for k in sd if k.endswith(".qweight")]:
         n = key[: -len(".qweight")]
+        decoded.append(f"{n}.weight")
         sd[f"{n}.weight"] = dequantize_gptq(sd.pop(key), sd.pop(f"{n}.qzeros"), sd.pop(f"{n}.scales"),
                                             sd.pop(f"{n}.g_idx"), int(qc["bits"]))
         if f"{n}.bias" in sd:
             sd[f"{n}.bias"] = sd[f"{n}.bias"].float()
-    return load_decoded(model, sd, folder)
+    return load_decoded(model, sd, folder, decoded)

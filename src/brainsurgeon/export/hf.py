@@ -44,9 +44,6 @@ def save_pretrained(model: nn.Module, folder: str, recipe: Any = None, plan: Any
     check_target(folder)
     aliases = find_aliases(model)
     manifest = build_manifest(model, aliases, recipe, plan, history)
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if manifest.get("hf_config") is not None and isinstance(attn, str):   # to_dict() drops it: same kernels
-        manifest["hf_config"].setdefault("attn_implementation", attn)
     tmp = temp_folder(folder)
     try:
         names = _saved_names(model)

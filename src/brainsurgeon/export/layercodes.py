@@ -5,6 +5,8 @@ group of input columns). The writers never quantize: they take the codes the mod
 
 - a packed module (:class:`~brainsurgeon.quant.packed.Int4WeightOnlyLinear`, ``Int8WeightOnlyLinear``)
   holds the codes, scales and zeros as buffers: they are read as they are;
+- transformers' ``Conv1D`` (GPT-2, weight ``[in, out]``) is read as the Linear it is (weight transposed):
+  every format stores it in Linear layout, and the readers transpose it back for a Conv1D module;
 - a float ``nn.Linear`` left on a grid by ``quantize_`` (RTN/GPTQ/OBQ) has its codes read back with
   :func:`~brainsurgeon.quant.codes.recover_codes` for the grid the caller names (``quant=``, the
   config it quantized with), and the round trip ``scale * (q - zero) == W`` is checked bit for bit
@@ -29,6 +31,7 @@ from torch import nn
 from .._log import get_logger
 from ..errors import ConfigError, FormatError
 from ..quant.codes import GridCodes, check_group_size, recover_codes
+from ..quant.pack import hf_conv1d_as_linear
 from ..quant.packed import _PackedLinear
 
 log = get_logger(__name__)
@@ -98,7 +101,7 @@ def _packed_codes(m: _PackedLinear) -> GridCodes:
 
 def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = ("lm_head",),
                   check_sym: bool = True) -> dict[str, LayerCodes]:
-    """name -> :class:`LayerCodes` for every Linear (float or packed) of `model`, in module order.
+    """name -> :class:`LayerCodes` for every Linear / HF Conv1D (float or packed) of `model`, in module order.
 
     quant: the grid float Linears were quantized to (a GPTQ/OBQ/RTN config); None writes float
     Linears dense. Packed modules always give their own codes. ignore: regexes of Linears kept dense.
@@ -120,9 +123,10 @@ def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = (
             c = _packed_codes(m)
             b = m.bias.detach().float().cpu() if m.bias is not None else None
             out[name] = LayerCodes(name, c, c.dequantize(), b)
-        elif isinstance(m, nn.Linear):
-            W = m.weight.detach().to("cpu", torch.float32)
-            b = m.bias.detach().float().cpu() if m.bias is not None else None
+        elif isinstance(m, nn.Linear) or hf_conv1d_as_linear(m) is not None:
+            lin = m if isinstance(m, nn.Linear) else hf_conv1d_as_linear(m)
+            W = lin.weight.detach().to("cpu", torch.float32)
+            b = lin.bias.detach().float().cpu() if lin.bias is not None else None
             codes = None
             if scheme is not None and not skip:
                 bits, gs, sym = scheme
@@ -134,10 +138,11 @@ def collect_codes(model: nn.Module, quant: Any = None, ignore: Iterable[str] = (
     return out
 
 
-def check_hf_shapes(model: nn.Module, fmt: str) -> None:
+def check_hf_shapes(model: nn.Module, fmt: str) -> set[str]:
     """Refuse a model whose tensors the HF config cannot rebuild (pruned widths, dropped heads).
 
-    Builds the config's architecture on the meta device and compares every state_dict shape.
+    Builds the config's architecture on the meta device and compares every state_dict shape. Returns
+    the names of the layers the config builds as transformers' ``Conv1D`` (stored ``[in, out]``).
     """
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "model_type"):
@@ -146,10 +151,12 @@ def check_hf_shapes(model: nn.Module, fmt: str) -> None:
     with torch.device("meta"):
         ref = type(model)(cfg)
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    conv1d = {n for n, r in ref.named_modules() if hf_conv1d_as_linear(r) is not None}
     bad = []
     for name, m in model.named_modules():
         if isinstance(m, _PackedLinear):
-            got = {f"{name}.weight": (m.out_features, m.in_features)}
+            got = {f"{name}.weight": (m.in_features, m.out_features) if name in conv1d else
+                   (m.out_features, m.in_features)}
             if m.bias is not None:
                 got[f"{name}.bias"] = (m.out_features,)
         elif next(m.children(), None) is None:
@@ -162,6 +169,7 @@ def check_hf_shapes(model: nn.Module, fmt: str) -> None:
                           f"config builds ({'; '.join(bad[:3])}); a pruned width or dropped head cannot be "
                           f"expressed by an HF config. Save with format='brainsurgeon' or 'hf' (our "
                           f"manifest rebuilds the widths), or prune uniformly")
+    return conv1d
 
 
 def write_hf_folder(model: nn.Module, folder: str, tensors: dict[str, torch.Tensor],
@@ -225,12 +233,19 @@ def read_hf_folder(folder: str, accepts: Callable[[dict[str, Any]], bool],
     return model, qc, load_file(os.path.join(folder, "model.safetensors"))
 
 
-def load_decoded(model: nn.Module, sd: dict[str, torch.Tensor], folder: str) -> nn.Module:
+def load_decoded(model: nn.Module, sd: dict[str, torch.Tensor], folder: str, decoded: Iterable[str] = ()) -> nn.Module:
     """Load the decoded float state dict `sd` into `model` (a tied ``lm_head`` may be absent; anything
     else missing or unexpected is a :class:`FormatError`), re-tie, and return the model in eval mode.
+    ``decoded``: the weight keys the reader decoded (Linear layout): transposed for a ``Conv1D`` module.
 
-    >>> lm = load_decoded(model, sd, "out/ct")
+    >>> lm = load_decoded(model, sd, "out/ct", decoded=["model.layers.0.mlp.up_proj.weight"])
     """
+    decoded = set(decoded)
+    mods = dict(model.named_modules())
+    for key in [k for k in sd if k.endswith(".weight")]:   # decoded in Linear layout [out, in]
+        m = mods.get(key[: -len(".weight")])
+        if hf_conv1d_as_linear(m) is not None and key in decoded:
+            sd[key] = sd[key].t().contiguous()
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:

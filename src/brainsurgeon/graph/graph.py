@@ -25,13 +25,14 @@ from torch import nn
 
 from .._log import get_logger
 from ..errors import BrainsurgeonError, CalibrationError, ConfigError, UnsupportedOpError
-from . import rules_nn, rules_views  # noqa: F401  (register the op rules)
+from . import rules_nn, rules_timm, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
 from .maps import Closure, Edges, Key, closure
 from .rules import Ctx, apply_module_rules, find_rule, refs
 from .trace import Ref, Trace, flat_tensors, in_mode, run_model
 from .untraced import untraced_hit, untraced_widths
+from .view_attrs import record_view_attrs
 
 log = get_logger(__name__)
 
@@ -202,6 +203,7 @@ class DependencyGraph(PruneMixin):
                 for d in range(len(self.nodes[ids[0]].shape)):
                     ctx.link(ids[0], d, other, d)
         self._module_rules(ctx)
+        self.view_attrs_ambiguous = record_view_attrs(self.model, self.traces, ctx)
         if self.keep_io:
             for t in self.traces:
                 for nid in t.inputs:
@@ -462,6 +464,13 @@ class DependencyGraph(PruneMixin):
         reasons = Counter(why for why in self.edges.blocked.values())
         lines.append(f"blocked dims: {len(self.edges.blocked)}")
         lines += [f"  {c:5d}  {why}" for why, c in reasons.most_common(12)]
+        if self.view_attrs_ambiguous:
+            lines.append("view/reshape sizes held in module attributes that pruning cannot update (several int "
+                         "attributes have that value, so it is not known which one to shrink; pruning the dim "
+                         "fails verification): pass -1 for that size or keep it in a single attribute")
+            lines += [f"  {m or '<root>'} ({type(self.model.get_submodule(m)).__name__}): size {s} = "
+                      f"{', '.join('self.' + n for n in names)}"
+                      for (m, s), names in sorted(self.view_attrs_ambiguous.items())]
         if getattr(self, "left_out", None):
             lines.append("sets left out of groups():")
             lines += [f"  {what}: {why}" for what, why in self.left_out]

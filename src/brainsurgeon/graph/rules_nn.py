@@ -83,6 +83,17 @@ def _linear(op: OpRecord, g: Ctx) -> None:
         g.broadcast(op.args[2], out)
 
 
+def _pointwise(op: OpRecord, i: int, sw: tuple[int, ...], transposed: bool) -> bool:
+    """Whether spatial dim ``i`` of a convolution maps input position p to output position p."""
+    def at(name: str, default: int) -> int:
+        v = op.get(name, None)
+        v = [default] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+        return int(v[i] if i < len(v) else v[-1]) if v else default
+    if transposed or sw[2 + i] != 1 or isinstance(op.get("padding", 0), str):
+        return False
+    return at("stride", 1) == 1 and at("padding", 0) == 0
+
+
 @register_rule("aten.convolution", "aten._convolution", "aten.conv2d", "aten.conv1d", "aten.conv3d",
                "aten.cudnn_convolution", "aten.mkldnn_convolution", "aten._convolution_mode",
                "aten.conv_transpose2d", "aten.cudnn_convolution_transpose", "aten._conv_depthwise2d",
@@ -105,8 +116,12 @@ def _conv(op: OpRecord, g: Ctx) -> None:
     cx, co = (1, 1) if batched else (0, 0)
     if batched:
         g.link(x, 0, out, 0)
-    g.block(x, range(cx + 1, len(sx)), f"{op.name} (spatial)")
-    g.block(out, range(co + 1, len(so)), f"{op.name} (spatial)")
+    for i in range(len(sx) - cx - 1):   # a 1-wide kernel, stride 1, no padding: positions map one to one
+        if _pointwise(op, i, sw, transposed):
+            g.link(x, cx + 1 + i, out, co + 1 + i)
+        else:
+            g.block(x, [cx + 1 + i], f"{op.name} (spatial)")
+            g.block(out, [co + 1 + i], f"{op.name} (spatial)")
     g.block(w, range(2, len(sw)), f"{op.name} (kernel)")
     w_in, w_out = (0, 1) if transposed else (1, 0)
     if b is not None:

@@ -251,7 +251,20 @@ def _hf_conv1d(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> None:
 
 
 _BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
-_CONTAINER_FIXERS = (_hf_attention, _vit, _mvit_attention)
+_CONTAINER_FIXERS = [_hf_attention, _vit, _mvit_attention]
+
+
+def register_named_fixer(*qualnames: str, container: bool = False) -> Callable[[Fixer], Fixer]:
+    """Decorator: a fixer for classes named ``"package.module.Class"`` (subclasses too), so the package is
+    never imported. ``container``: its attributes mirror its *children's* widths (an attention block's
+    ``num_heads``); it then sees the children's removals as ``{"child.tensor": {dim: indices}}``."""
+    def deco(fn: Fixer) -> Fixer:
+        for q in qualnames:
+            _BY_NAME[q] = fn
+        if container:
+            _CONTAINER_FIXERS.append(fn)
+        return fn
+    return deco
 
 
 def module_attrs(m: nn.Module) -> dict[str, Any]:
@@ -282,6 +295,8 @@ def _set_mirrored_attrs(model: nn.Module, attrs: AttrPlan, undo: dict[str, Any])
             elif (isinstance(cur, int) and not isinstance(cur, bool) and type(m).__module__.startswith("torch.nn")
                   and len(old) == 1 and (cur * new[0]) % old[0] == 0):
                 value = cur * new[0] // old[0]
+            elif type(cur) is int and len(old) == 1 and cur == old[0] and find_fixer(m) is None:
+                value = new[0]   # a user module's size attribute passed to view (graph/view_attrs.py)
             else:
                 continue
             undo["attrs"].setdefault(id(m), (m, module_attrs(m)))
@@ -327,7 +342,8 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
                     modules.setdefault(canon[id(mods[mname])], {}).setdefault(tname, {}).update(dims)
         # modules whose own tensors were sliced are fixed by their fixers (from the tensors); the mirrored
         # attributes are for modules without sliced tensors (a LayerNorm without affine)
-        _set_mirrored_attrs(model, {k: v for k, v in (attrs or {}).items() if k not in modules}, undo)
+        _set_mirrored_attrs(model, {k: v for k, v in (attrs or {}).items()
+                                    if k not in modules or find_fixer(mods[k]) is None}, undo)
         for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
             parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):

@@ -1,5 +1,8 @@
 """`pack_`: swap the quantized Linear / Conv2d layers of a model for packed integer modules.
 
+transformers' ``Conv1D`` (GPT-2: weight ``[in, out]``, ``y = x @ W + b``) is a Linear with its weight
+transposed: it is packed as that Linear (the packed module computes the same ``y``).
+
 After ``quantize_(model, GPTQ(bits=4, group_size=128), calib)`` the weights are floats on a 4-bit
 grid; ``pack_`` reads the codes back (exactly: the packed modules dequantize to the same weights)
 and replaces each layer in place. ``rtn=True`` rounds float weights to the grid instead::
@@ -18,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..config import Config, compile_patterns, register_config
@@ -90,6 +94,27 @@ class PackedRow:
     packed_bytes: int
 
 
+def hf_conv1d_as_linear(module: nn.Module) -> nn.Linear | None:
+    """transformers' ``Conv1D`` as the equivalent ``nn.Linear`` (weight transposed, bias shared); else None.
+
+    >>> hf_conv1d_as_linear(gpt2.transformer.h[0].mlp.c_fc).weight.shape     # [out, in]
+    torch.Size([3072, 768])
+    """
+    w = getattr(module, "weight", None)
+    if type(module).__name__ != "Conv1D" or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    b = getattr(module, "bias", None)
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device="meta")
+    lin.weight = nn.Parameter(w.detach().t(), requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b.detach(), requires_grad=False)
+    return lin
+
+
+def _packable(m: nn.Module, convs: bool) -> bool:
+    return type(m) is nn.Linear or (convs and type(m) is nn.Conv2d) or hf_conv1d_as_linear(m) is not None
+
+
 def pack_module(module: nn.Module, cfg: Pack, name: str = "") -> nn.Module:
     """The packed replacement of one Linear/Conv2d (the module itself is not changed).
 
@@ -97,6 +122,7 @@ def pack_module(module: nn.Module, cfg: Pack, name: str = "") -> nn.Module:
     Int4WeightOnlyLinear(in_features=256, out_features=64, bits=4, group_size=64, ...)
     """
     kw = {"rtn": cfg.rtn, "sym": cfg.sym, "mse": cfg.mse, "name": name}
+    module = hf_conv1d_as_linear(module) or module
     if isinstance(module, nn.Linear):
         if cfg.activations == "dynamic_int8":
             return DynamicInt8Linear.from_linear(module, **kw)
@@ -111,11 +137,11 @@ def pack_module(module: nn.Module, cfg: Pack, name: str = "") -> nn.Module:
         bits = 8 if cfg.activations == "dynamic_int8" else cfg.bits
         return PackedConv2d.from_conv(module, bits=bits, group_size=cfg.group_size, **kw)
     raise ConfigError(f"layer {name or '?'}: {type(module).__name__} cannot be packed; "
-                      f"only nn.Linear and nn.Conv2d are supported")
+                      f"only nn.Linear, nn.Conv2d and transformers' Conv1D are supported")
 
 
 def pack_(model: nn.Module, cfg: Pack | None = None, *, ignore: Iterable[str] = ()) -> list[PackedRow]:
-    """Replace every Linear (and, with cfg.convs, Conv2d) of `model` in place by its packed module.
+    """Replace every Linear and HF Conv1D (and, with cfg.convs, Conv2d) of `model` in place by its packed module.
 
     ignore: module-name regexes to leave as they are. Returns one :class:`PackedRow` per swap.
 
@@ -127,11 +153,10 @@ def pack_(model: nn.Module, cfg: Pack | None = None, *, ignore: Iterable[str] = 
         raise ConfigError(f"pack_ needs a Pack config (e.g. Pack(bits=4, group_size=128)), got {cfg!r}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"pack_ needs an nn.Module as model, got {type(model).__name__}")
-    kinds = (nn.Linear, nn.Conv2d) if cfg.convs else (nn.Linear,)
     ign = compile_patterns(ignore, [n for n, _ in model.named_modules() if n],
-                           candidates=[n for n, m in model.named_modules() if n and type(m) in kinds])
+                           candidates=[n for n, m in model.named_modules() if n and _packable(m, cfg.convs)])
     todo = {n: m for n, m in model.named_modules()
-            if n and type(m) in kinds and not any(p.fullmatch(n) for p in ign)}
+            if n and _packable(m, cfg.convs) and not any(p.fullmatch(n) for p in ign)}
     if not todo:
         raise ConfigError(f"pack_: no nn.Linear{'/nn.Conv2d' if cfg.convs else ''} left to pack in "
                           f"{type(model).__name__} after ignore={list(ignore)}")

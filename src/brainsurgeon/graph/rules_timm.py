@@ -1,0 +1,138 @@
+"""timm blocks whose sizes live in module code: attention heads sized from the input width, EvoNorm groups.
+
+PVT-v2's ``Attention`` and CoaT's ``FactorAttnConvRelPosEnc`` reshape their projections with
+``(num_heads, C // num_heads)`` or ``self.head_dim`` and merge the heads back to ``C`` — ``C`` read from
+the block's input. The trace only sees the resulting integers, so the q/k/v widths look free while the
+code needs them equal to the input width. The rules tie q/k/v row ``j`` to input channel ``j`` (as for
+``nn.MultiheadAttention``): heads (or the same dims of every head) then go together with residual
+channels, and the fixers below set ``num_heads``/``head_dim``/``channel_splits`` from what was removed.
+
+    x[B, N, C] -q-> [B, N, C] -view-> [B, N, H, C/H]      q row j == input channel j  (tie)
+    x[B, N, C] -sr conv-> [B, C, h, w] -view-> [B, C, h*w]  sr out j == sr in j       (tie)
+
+Fixers only (the ops already carry the ties; the attributes must follow or verification fails and
+the group is bisected away): ViT/SAM ``Attention`` (``num_heads``/``head_dim``/``attn_dim``), LeViT
+attention (per-head ``[key_dim, key_dim, val_dim]`` split), EvoNorm-S (``groups`` of ``group_std``).
+
+Keyed by class name: importing timm is not a graph dependency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..errors import SurgeryError
+from .rules import Ctx, register_module_rule
+from .surgery import register_named_fixer
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _tie_rows_to_inputs(w: int | None, g: Ctx) -> None:
+    """Weight ``[k*C, C, ...]``: output row ``j`` is input channel ``j % C``."""
+    if w is None:
+        return
+    shape = g.shape(w)
+    if len(shape) >= 2 and shape[0] % shape[1] == 0:
+        g.gather(w, 0, w, 1, np.arange(shape[0]) % shape[1])
+
+
+@register_module_rule("timm.models.pvt_v2.Attention")
+def _pvt_v2_attention(name: str, m: object, node: Any, g: Ctx) -> None:
+    """``q`` is reshaped to ``(num_heads, -1)``, ``kv`` to ``(2, num_heads, head_dim)``, the spatial
+    reduction ``sr`` output to ``(C, -1)`` and the heads back to ``(B, N, C)``, all with the input's ``C``."""
+    for child in ("q", "kv", "sr"):
+        _tie_rows_to_inputs(node(f"{name}.{child}", "weight"), g)
+
+
+@register_module_rule("timm.models.coat.FactorAttnConvRelPosEnc")
+def _coat_attention(name: str, m: object, node: Any, g: Ctx) -> None:
+    """``qkv`` is reshaped to ``(3, num_heads, C // num_heads)`` and the heads back to ``C``, the input width."""
+    _tie_rows_to_inputs(node(f"{name}.qkv", "weight"), g)
+
+
+def _heads_after(r: np.ndarray, heads: int, head_dim: int, where: str) -> tuple[int, int]:
+    """``(num_heads, head_dim)`` after removing rows ``r`` of a ``heads x head_dim`` projection: whole heads,
+    or the same number of dims from every head."""
+    if not len(r):
+        return heads, head_dim
+    counts = np.bincount(r // head_dim, minlength=heads)
+    if counts.min() == counts.max() and counts[0] < head_dim:
+        return heads, head_dim - int(counts[0])
+    if ((counts == 0) | (counts == head_dim)).all():
+        return heads - int((counts == head_dim).sum()), head_dim
+    raise SurgeryError(f"{where}: removal mixes whole heads and partial heads (rows removed per head "
+                       f"{counts.tolist()}, {head_dim} per head); remove whole heads or the same dims of every head")
+
+
+@register_named_fixer("timm.models.pvt_v2.Attention", container=True)
+def _pvt_v2_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    r = removed.get("q.weight", {}).get(0, _EMPTY)
+    m.num_heads, m.head_dim = _heads_after(r, m.num_heads, m.head_dim, type(m).__name__)
+    m.dim = int(m.q.weight.shape[0])
+
+
+@register_named_fixer("timm.models.coat.FactorAttnConvRelPosEnc", container=True)
+def _coat_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    r = removed.get("qkv.weight", {}).get(0, _EMPTY)
+    width = (int(m.qkv.weight.shape[0]) + len(r)) // 3   # q width before the removal
+    heads, _ = _heads_after(r[r < width], m.num_heads, width // m.num_heads, type(m).__name__)
+    m.num_heads = heads
+
+
+@register_named_fixer("timm.models.coat.ConvRelPosEnc", container=True)
+def _coat_crpe_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """``torch.split`` of v by ``channel_splits`` (one depthwise conv per window size)."""
+    convs: list[nn.Module] = list(m.conv_list)
+    m.channel_splits = [int(c.weight.shape[0]) for c in convs]
+
+
+@register_named_fixer("timm.layers.evo_norm.EvoNorm2dS0", "timm.layers.evo_norm.EvoNorm2dS1",
+                      "timm.layers.evo_norm.EvoNorm2dS2")
+def _evonorm_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """EvoNorm-S ``group_std`` reshapes to ``(groups, C // groups)``: whole groups removed lower ``groups``,
+    the same count from every group keeps it."""
+    r = next((d[0] for d in removed.values() if 0 in d), _EMPTY)
+    width = int(m.weight.shape[0]) + len(r)
+    m.groups, _ = _heads_after(r, m.groups, width // m.groups, type(m).__name__)
+    if isinstance(getattr(m, "num_features", None), int):
+        m.num_features = int(m.weight.shape[0])
+
+
+@register_named_fixer("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample", container=True)
+def _levit_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """LeViT views ``qkv`` (``kv`` when downsampling) as ``(num_heads, -1)`` and splits every head into
+    ``[key_dim, key_dim, val_dim]`` (``[key_dim, val_dim]``): the dims follow what each head lost."""
+    down = hasattr(m, "kv")
+    parts = np.array([m.key_dim, m.val_dim] if down else [m.key_dim, m.key_dim, m.val_dim])
+    r = removed.get("kv.linear.weight" if down else "qkv.linear.weight", {}).get(0, _EMPTY)
+    heads, per = m.num_heads, int(parts.sum())
+    if len(r):
+        counts = np.zeros((heads, len(parts)), dtype=np.int64)   # rows removed per (head, part)
+        np.add.at(counts, (r // per, np.searchsorted(np.cumsum(parts), r % per, side="right")), 1)
+        whole = (counts == parts).all(1)
+        if whole.any() and ((counts == parts).all(1) | (counts == 0).all(1)).all():
+            heads -= int(whole.sum())
+        elif (counts == counts[0]).all() and (down or counts[0, 0] == counts[0, 1]):
+            parts = parts - counts[0]
+        else:
+            raise SurgeryError(f"{type(m).__name__}: every head must lose the same q/k/v dims (q and k alike) or "
+                               f"be removed whole; rows removed per head and part {counts.tolist()}")
+    m.num_heads, m.key_dim, m.val_dim = heads, int(parts[0]), int(parts[-1])
+    m.key_attn_dim, m.val_attn_dim = m.key_dim * heads, m.val_dim * heads
+    m.attention_bias_cache = {}   # eval-mode cache of the (now sliced) per-head biases
+
+
+@register_named_fixer("timm.models.vision_transformer_sam.Attention", "timm.layers.attention.Attention",
+                      container=True)
+def _fused_qkv_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """timm ViT ``Attention`` reshapes ``qkv`` to ``(3, num_heads, head_dim)`` and back to ``attn_dim``;
+    SAM ViT views it as ``(3, num_heads, -1)``: ``num_heads`` (whole heads) or ``head_dim`` follows."""
+    r = removed.get("qkv.weight", {}).get(0, _EMPTY)
+    width = (int(m.qkv.weight.shape[0]) + len(r)) // 3   # q width before the removal
+    m.num_heads, m.head_dim = _heads_after(r[r < width], m.num_heads, m.head_dim, type(m).__name__)
+    if isinstance(getattr(m, "attn_dim", None), int):
+        m.attn_dim = m.num_heads * m.head_dim
