@@ -193,3 +193,18 @@ def test_genetic_search_repairs_every_member_and_scores_equal_genomes_once():
     assert all(torch.equal(g, exactly_three(g)) for g in seen) and torch.equal(best.genome, exactly_three(best.genome))
     # every member repairs to one genome: scored once per generation, not once per member
     assert len(seen) == best.evaluations == ga.generation == 30
+
+
+def test_reselect_rescores_the_finalists_and_seeds_on_held_out_fitness():
+    noisy = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)  # the training fitness prefers this
+    truth = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)  # the held-out fitness prefers the seed
+
+    ga = GeneticSearch(Evolve(population=6, budget=60, seed=0, init_dense=False), [8], seeds=[truth])
+    best = ga.run(lambda g: float((g == noisy).sum()))
+    assert torch.equal(best.genome, noisy)
+    pick = ga.reselect(lambda g: float((g == truth).sum()))
+    assert torch.equal(pick.genome, truth) and pick.fitness == 8.0 and pick.evaluations == best.evaluations
+    a, b = coevolve(lambda g, _p: float((g == noisy).sum()), lambda g, _p: float((g == noisy).sum()), [8], [8],
+                    Evolve(population=6, budget=60, seed=0, init_dense=False), seeds_a=[truth], seeds_b=[truth],
+                    final_a=lambda g, _p: float((g == truth).sum()), final_b=lambda g, _p: float((g == truth).sum()))
+    assert torch.equal(a.genome, truth) and torch.equal(b.genome, truth)

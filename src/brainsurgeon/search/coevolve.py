@@ -46,11 +46,14 @@ Fitness2 = Callable[[torch.Tensor, torch.Tensor], float]  # (own genome, partner
 def coevolve(fitness_a: Fitness2, fitness_b: Fitness2, segments_a: Sequence[int], segments_b: Sequence[int],
              cfg: Evolve, *, seeds_a: Sequence[torch.Tensor] = (), seeds_b: Sequence[torch.Tensor] = (),
              repair_a: Repair | None = None, repair_b: Repair | None = None,
+             final_a: Fitness2 | None = None, final_b: Fitness2 | None = None,
              state: str | os.PathLike[str] | None = None) -> tuple[Individual, Individual]:
     """Alternate generations of two GAs, each scored against the other's current best; `cfg.budget` per population.
 
     The partner of population A's first generation is B's first seed, repaired (or B's all-ones genome).
-    repair_a / repair_b: each population's ``GeneticSearch`` repair (``ChannelSpace.budget_repair``). With
+    repair_a / repair_b: each population's ``GeneticSearch`` repair (``ChannelSpace.budget_repair``).
+    final_a / final_b: the same fitness on held-out data; the finalists (final members, best, seeds) are
+    re-scored with it (``GeneticSearch.reselect``: A's against B's best, then B's against A's pick). With
     `state`, both populations and the partners are saved after every round and a rerun resumes.
     """
     cfg = dataclasses.replace(cfg, reevaluate=True)
@@ -76,7 +79,10 @@ def coevolve(fitness_a: Fitness2, fitness_b: Fitness2, segments_a: Sequence[int]
                 torch.save({"a": ga.state_dict(), "b": gb.state_dict(), "best_a": best_a, "best_b": best_b}, f)
     if not gb.history:
         raise ConfigError("coevolve: the budget did not allow one generation of both populations; raise budget")
-    return ga.best(), gb.best()
+    if final_a is None or final_b is None:
+        return ga.best(), gb.best()
+    pick_a = ga.reselect(lambda g: final_a(g, best_b))
+    return pick_a, gb.reselect(lambda g: final_b(g, pick_a.genome))
 
 
 def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target: float, *,

@@ -147,6 +147,7 @@ class GeneticSearch:
             pop[first + i] = s
         for g in pop:
             self._fix(g)
+        self.seeded = [pop[first + i].clone() for i in range(min(len(seeds), P - first))]  # after the repair
         return pop
 
     def _fix(self, g: torch.Tensor) -> torch.Tensor:
@@ -213,6 +214,23 @@ class GeneticSearch:
         if not self.history:
             raise ConfigError("GeneticSearch.best: no generation has run yet; call step() or run() first")
         return Individual(self.best_genome.clone(), self.best_fitness, self.evaluations, list(self.history))
+
+    def reselect(self, fitness: Callable[[torch.Tensor], float]) -> Individual:
+        """The best of the distinct final members, the best so far and the seeds under another `fitness`
+        (held-out data): the GA's best is the maximum of noisy scores, so it overrates itself (the winner's
+        curse); scoring the finalists once more on fresh data picks the one that generalises. These
+        evaluations are not counted in the budget; the returned fitness is the held-out one.
+
+        >>> best = ga.reselect(lambda g: -loss(g, x_val))
+        """
+        if not self.history:
+            raise ConfigError("GeneticSearch.reselect: no generation has run yet; call step() or run() first")
+        cands: dict[bytes, torch.Tensor] = {}
+        for g in [self.best_genome, *self.pop, *self.seeded]:
+            cands.setdefault(g.numpy().tobytes(), g)
+        scored = [(float(fitness(g.clone())), i, g) for i, g in enumerate(cands.values())]
+        f, _, g = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the earlier (the GA's own best first)
+        return Individual(g.clone(), f, self.evaluations, list(self.history))
 
     def run(self, fitness: Callable[[torch.Tensor], float], state: str | os.PathLike[str] | None = None) -> Individual:
         """Generations until the evaluation budget is spent; with `state`, resume from and save to that file.
