@@ -11,7 +11,9 @@ Shu et al., "Co-Evolutionary Compression for Unpaired Image Translation", ICCV 2
    else a copy of the first parent), bit-flip mutation (each bit flips with probability ``mutation``);
    a segment left empty gets one random bit back (a group keeps at least one channel); an optional
    ``repair`` then maps every new genome onto the feasible set (e.g. ``ChannelSpace.budget_repair``: the
-   MAC budget met exactly, channels taken in L1 order), so no evaluation is spent on an infeasible one.
+   MAC budget met exactly, channels taken in L1 order), so no evaluation is spent on an infeasible one;
+   a child equal to a member of the next generation is bred again (up to 8 tries), and equal genomes are
+   scored once per generation.
 
 All randomness comes from one ``torch.Generator`` seeded by ``seed``; its state is saved with the
 population after every generation (``state=path``), so a stopped run resumes to the identical result::
