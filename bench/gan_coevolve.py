@@ -2,19 +2,24 @@
 and OBS-reconstruction channel pruning, on MNIST <-> thickened-inverted MNIST with a known ground truth.
 
     python bench/gan_coevolve.py --quick    # 2x/4x/8x fewer generator MACs, small search and fine-tuning budgets
-    python bench/gan_coevolve.py            # larger populations / budgets, more fine-tuning, 10k test images
+    python bench/gan_coevolve.py            # population 16, 160 evaluations, 200 fine-tuning steps, 2,000 test images
 
 The trained pair (G: A -> B, F: B -> A; ``brainsurgeon.models.gan``) ships as package data (safetensors).
 Arms at each budget (fraction of each generator's MACs kept: 1/2, 1/4, 1/8), all over the same
-dependency-graph channel groups (5 per generator) and started from the same uniform L1 masks:
+dependency-graph channel groups (5 per generator):
 
 * uniform L1: the same kept fraction in every group, filters ranked by L1 norm (Li et al. 2017), the
   largest fraction whose MACs fit;
-* evolution alone: a GA per generator, fitness ``-L_DisA - beta * |MACs fraction - target|`` (no partner);
-* co-evolution: the two populations in turns, fitness ``-(L_DisA + gamma L_cyc(partner's best)) - beta *
-  |MACs fraction - target|`` (``search.coevolve``); the same evaluation budget per generator as evolution
-  alone. Both GAs score a candidate after re-estimating its BatchNorm statistics on 32 images of its own
-  domain (adaptive BN; the partner's on 32 of its domain), and both are seeded with the uniform L1 masks;
+* L1 budget-filled: uniform L1 through ``ChannelSpace.budget_repair`` (channels added while one fits, so
+  the MACs budget is used up to one channel) -- the seed both GAs start from;
+* evolution alone: a GA per generator (``GeneticSearch``), fitness ``-(L_DisA + L_dist)`` (no partner);
+* co-evolution: the two populations in turns, fitness ``-(L_DisA + L_dist + 0.1 L_cyc(partner's best))``
+  (``search.coevolve``); the same evaluation budget per generator as evolution alone.
+  Both GAs: every candidate repaired to the MAC budget with the top-L1 channels of each group (a search
+  over per-group widths), scored after re-estimating its BatchNorm statistics on 32 images of its own
+  domain (adaptive BN; the partner's on 32 of its domain), fitness on 32 (full: 64) images, seeded with
+  the uniform L1 masks; the finalists are re-scored on 128 (full: 256) held-out images
+  (``GeneticSearch.reselect``) and the best there is kept;
 * OBS-reconstruction channel pruning: ``prune_(ChannelPruning(ratio=1 - kept, reconstruct="obs"))`` at the
   uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 (quick: 128) A / B images).
 
@@ -83,14 +88,16 @@ def main() -> int:
     G0, F0, D_A, D_B = pretrained_cyclegan()
     clf, _, _ = pretrained("mnist-cnn")
     a_train, b_train, a_test, y_test = mnist_domains()
-    n_test = 256 if q else 10000
+    n_test = 256 if q else 2000
     a_test, y_test = a_test[:n_test], y_test[:n_test]
     fit_a, fit_b = a_train[:32 if q else 64] * 2 - 1, b_train[:32 if q else 64] * 2 - 1  # fitness batches (GAN range)
     bn_a, bn_b = [a_train[64:96] * 2 - 1], [b_train[64:96] * 2 - 1]  # adaptive-BN batches (disjoint from fitness)
+    n_val = 128 if q else 256  # held-out images on which the GAs' finalists are re-scored (disjoint from both)
+    val_a, val_b = a_train[96:96 + n_val] * 2 - 1, b_train[96:96 + n_val] * 2 - 1
     n_cal = 128 if q else 256
     calib_a, calib_b = [a_train[:n_cal] * 2 - 1], [b_train[:n_cal] * 2 - 1]
-    cfg = Evolve(population=8 if q else 16, budget=40 if q else 320, tournament=3, mutation=0.03, elite=2, seed=0)
-    ft_steps = 40 if q else 600
+    cfg = Evolve(population=8 if q else 16, budget=40 if q else 160, tournament=3, mutation=0.03, elite=2, seed=0)
+    ft_steps = 40 if q else 200
     example = fit_a[:1]
     dense_macs, dense_params = measure(G0, example).total_macs, sum(p.numel() for p in G0.parameters())
     s0 = translation_scores(G0, F0, a_test, clf, y_test)
@@ -102,7 +109,7 @@ def main() -> int:
             "l1_F", "acc F", "acc G", "ms/64", "search s"]
     fmt = "{:<24} {:>7} {:>7} {:>10} {:>6} {:>6} {:>6} {:>6} {:>10} {:>6} {:>6} {:>6} {:>6} {:>8}"
     print(fmt.format(*head))
-    results = {}
+    results, widths = {}, {}
     for target in (1 / 2, 1 / 4, 1 / 8):
         arms = {}
         t = time.process_time()
@@ -111,16 +118,28 @@ def main() -> int:
         l1_g, keep_g = l1_at_budget(space_g, target)
         l1_f, keep_f = l1_at_budget(space_f, target)
         arms["uniform L1"] = (l1_g, l1_f, 0.0)
-        fg = generator_fitness(space_g, D_B, fit_a, target, calib=bn_a)
-        ff = generator_fitness(space_f, D_A, fit_b, target, calib=bn_b)
+        rep_g, rep_f = space_g.budget_repair(target), space_f.budget_repair(target)
+        arms["L1 budget-filled"] = (rep_g(l1_g), rep_f(l1_f), 0.0)  # the GAs' seed after the repair
+        fg = generator_fitness(space_g, D_B, fit_a, target, calib=bn_a, beta=0.0)
+        ff = generator_fitness(space_f, D_A, fit_b, target, calib=bn_b, beta=0.0)
+        vg = generator_fitness(space_g, D_B, val_a, target, calib=bn_a, beta=0.0)  # held-out re-selection
+        vf = generator_fitness(space_f, D_A, val_b, target, calib=bn_b, beta=0.0)
         t = time.process_time()
-        alone_g = GeneticSearch(cfg, space_g.segments, [l1_g]).run(lambda g, fg=fg: fg(g, None))
-        alone_f = GeneticSearch(cfg, space_f.segments, [l1_f]).run(lambda g, ff=ff: ff(g, None))
+        ga_g = GeneticSearch(cfg, space_g.segments, [l1_g], repair=rep_g)
+        ga_g.run(lambda g, fg=fg: fg(g, None))
+        ga_f = GeneticSearch(cfg, space_f.segments, [l1_f], repair=rep_f)
+        ga_f.run(lambda g, ff=ff: ff(g, None))
+        alone_g, alone_f = ga_g.reselect(lambda g, vg=vg: vg(g, None)), ga_f.reselect(lambda g, vf=vf: vf(g, None))
         arms["evolution alone"] = (alone_g.genome, alone_f.genome, time.process_time() - t)
-        fgc = generator_fitness(space_g, D_B, fit_a, target, partner=space_f, calib=bn_a, partner_calib=bn_b)
-        ffc = generator_fitness(space_f, D_A, fit_b, target, partner=space_g, calib=bn_b, partner_calib=bn_a)
+        kw_g = dict(partner=space_f, calib=bn_a, partner_calib=bn_b, beta=0.0)
+        kw_f = dict(partner=space_g, calib=bn_b, partner_calib=bn_a, beta=0.0)
+        fgc = generator_fitness(space_g, D_B, fit_a, target, **kw_g)
+        ffc = generator_fitness(space_f, D_A, fit_b, target, **kw_f)
+        vgc = generator_fitness(space_g, D_B, val_a, target, **kw_g)
+        vfc = generator_fitness(space_f, D_A, val_b, target, **kw_f)
         t = time.process_time()
-        co_g, co_f = coevolve(fgc, ffc, space_g.segments, space_f.segments, cfg, seeds_a=[l1_g], seeds_b=[l1_f])
+        co_g, co_f = coevolve(fgc, ffc, space_g.segments, space_f.segments, cfg, seeds_a=[l1_g], seeds_b=[l1_f],
+                              repair_a=rep_g, repair_b=rep_f, final_a=vgc, final_b=vfc)
         arms["co-evolution"] = (co_g.genome, co_f.genome, time.process_time() - t)
         for label, (gg, gf, secs) in list(arms.items()) + [("OBS-recon pruning", (None, None, 0.0))]:
             G, F_ = copy.deepcopy(G0), copy.deepcopy(F0)
@@ -145,9 +164,14 @@ def main() -> int:
                              f"{before['acc_G']:.1%}", f"{after['l1_G']:.4f}", f"{after['l1_F']:.4f}",
                              f"{after['acc_F']:.1%}", f"{after['acc_G']:.1%}",
                              f"{latency_ms(G, a_test[:64] * 2 - 1, 5):.1f}", f"{secs:.1f}"))
+            if gg is not None:
+                widths[(target, label)] = (space_g.split(gg), space_f.split(gf))
     print(f"  ({n_test} test images; GA population {cfg.population}, {cfg.budget} evaluations per generator "
           f"(co-evolution: the same per population); fine-tuning {ft_steps} steps of 32 for every arm; "
           f"{time.process_time() - t0:.0f} CPU s)")
+    print("  channels kept per group (stem, down/residual, block 0, block 1, up), G | F:")
+    for (target, label), (wg, wf) in widths.items():
+        print(f"    {1 / target:.0f}x {label:<18} {[int(b.sum()) for b in wg]} | {[int(b.sum()) for b in wf]}")
     for target in (1 / 2, 1 / 4, 1 / 8):
         c, u = results[(target, "co-evolution")], results[(target, "uniform L1")]
         check(c < u, f"{1 / target:.0f}x: co-evolution l1_G + l1_F {c:.4f} < uniform L1 {u:.4f} after fine-tuning")

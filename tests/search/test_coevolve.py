@@ -8,7 +8,7 @@ import torch
 from brainsurgeon.errors import ConfigError
 from brainsurgeon.models.gan import PatchDiscriminator, ResnetGenerator
 from brainsurgeon.search.coevolve import coevolve, generator_fitness, l1_at_budget
-from brainsurgeon.search.evolve import Evolve
+from brainsurgeon.search.evolve import Evolve, GeneticSearch
 from brainsurgeon.search.evolve_channels import ChannelSpace
 
 TARGET_B = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
@@ -68,7 +68,13 @@ def test_generator_fitness_prefers_the_dense_mask_and_punishes_overshoot():
     assert alone(dense, None) == 0.0
     assert alone(l1, None) < 0.0
     cycle = float((F_(G(x)) - x).abs().mean().detach())
-    assert abs(fit(dense, None) - (-10.0 * cycle - 100.0 * 0.5)) < 1e-6  # gamma * L_cyc + beta * overshoot
+    assert abs(fit(dense, None) - (-0.1 * cycle - 100.0 * 0.5)) < 1e-6  # gamma * L_cyc + beta * overshoot
+    # the distillation term: alpha * mean |G_p(x) - G(x)|, the rest unchanged
+    y0 = G(x).detach()
+    with torch.no_grad(), sg.masked(l1) as g:
+        dist = float((g(x) - y0).abs().mean())
+    plain = generator_fitness(sg, D, x, target=sg.macs_fraction(l1), alpha=0.0)
+    assert abs(alone(l1, None) - (plain(l1, None) - dist - 100.0 * (1.0 - sg.macs_fraction(l1)))) < 1e-5
 
 
 def _trained_bn_pair():
@@ -116,11 +122,14 @@ def test_fitness_penalises_unused_budget_and_scores_with_adapted_bn():
     both = generator_fitness(sg, D, x, target=0.5, beta=100.0)
     assert abs((plain(small) - both(small)) - 100.0 * (0.5 - m_small)) < 1e-6  # under-use costs beta per unit
     # with calib, the fitness equals the loss of the adapted model computed by hand
-    fit = generator_fitness(sg, D, x, target=0.5, under=0.0, calib=[x], partner=sf, partner_calib=[x], gamma=2.0)
-    ref = D(G(x))
+    fit = generator_fitness(sg, D, x, target=0.5, under=0.0, calib=[x], partner=sf, partner_calib=[x], gamma=2.0,
+                            alpha=0.5)
+    y0 = G(x).detach()
+    ref = D(y0)
     with torch.no_grad(), sg.adapted(l1, [x]) as g, sf.adapted(sf.dense_genome(), [x]) as f:
         y = g(x)
-        want = -(float(((D(y) - ref) ** 2).mean()) + 2.0 * float((f(y) - x).abs().mean()))
+        want = -(float(((D(y) - ref) ** 2).mean()) + 0.5 * float((y - y0).abs().mean())
+                 + 2.0 * float((f(y) - x).abs().mean()))
     assert abs(fit(l1, None) - want) < 1e-6
 
 
@@ -134,3 +143,68 @@ def test_coevolution_keeps_its_seed_so_it_is_never_worse_than_its_start():
     a, b = coevolve(fit, fit, [8, 8], [16], cfg, seeds_a=[target], seeds_b=[~target])
     assert torch.equal(a.genome, target) and a.fitness == 16.0  # the seeded optimum survives (elitism)
     assert b.fitness >= fit(~target, a.genome)
+
+
+def test_budget_repair_meets_the_budget_exactly_with_top_l1_channels():
+    torch.manual_seed(0)
+    G = ResnetGenerator(ngf=8, blocks=1).eval()
+    sg = ChannelSpace(G, torch.zeros(1, 1, 28, 28))
+    ranks = [s.argsort(descending=True) for s in sg.l1_scores()]
+    gen = torch.Generator().manual_seed(0)
+    for target in (0.5, 0.25, 0.125):
+        repair, free = sg.budget_repair(target), sg.budget_repair(target, ranked=False)
+        for _ in range(5):
+            g = torch.rand(sum(sg.segments), generator=gen) < float(torch.rand(1, generator=gen))
+            r = repair(g)
+            keep = [int(b.sum()) for b in sg.split(r)]
+            assert sg.macs_fraction(r) <= target  # within the budget ...
+            for i, n in enumerate(sg.segments):  # ... and no single channel more fits
+                if keep[i] < n:
+                    assert sg.kept_macs([k + (j == i) for j, k in enumerate(keep)]) > target
+            for b, k, order in zip(sg.split(r), keep, ranks, strict=True):  # the top-k L1 channels
+                assert b[order[:k]].all() and not b[order[k:]].any()
+            assert torch.equal(repair(r), r)  # idempotent: a feasible genome stays
+            f = free(g)
+            assert [int(b.sum()) for b in sg.split(f)] == keep  # same widths, the genome's own channels first
+            for b, fb in zip(sg.split(g), sg.split(f), strict=True):  # drops from / adds to the genome's own set
+                assert bool((fb <= b).all()) if int(b.sum()) >= int(fb.sum()) else bool((b <= fb).all())
+    # the allocation across groups is kept: a genome keeping twice the channels in group 0 still does
+    k = sg.fit_counts([8, 4, 4, 4], 0.25)
+    assert k[0] >= 2 * min(k[1:]) - 1
+    with pytest.raises(ConfigError, match="raise target"):
+        sg.budget_repair(1e-6)
+
+
+def test_genetic_search_repairs_every_member_and_scores_equal_genomes_once():
+    def exactly_three(g: torch.Tensor) -> torch.Tensor:  # three lowest set positions of each segment of 6
+        out = torch.zeros_like(g)
+        for a in (0, 6):
+            out[a:a + 3] = True
+        return out
+
+    seen: list[torch.Tensor] = []
+
+    def fit(g: torch.Tensor) -> float:
+        seen.append(g)
+        return float(g.sum())
+
+    ga = GeneticSearch(Evolve(population=6, budget=30, seed=0), [6, 6], repair=exactly_three)
+    best = ga.run(fit)
+    assert all(torch.equal(g, exactly_three(g)) for g in seen) and torch.equal(best.genome, exactly_three(best.genome))
+    # every member repairs to one genome: scored once per generation, not once per member
+    assert len(seen) == best.evaluations == ga.generation == 30
+
+
+def test_reselect_rescores_the_finalists_and_seeds_on_held_out_fitness():
+    noisy = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)  # the training fitness prefers this
+    truth = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)  # the held-out fitness prefers the seed
+
+    ga = GeneticSearch(Evolve(population=6, budget=60, seed=0, init_dense=False), [8], seeds=[truth])
+    best = ga.run(lambda g: float((g == noisy).sum()))
+    assert torch.equal(best.genome, noisy)
+    pick = ga.reselect(lambda g: float((g == truth).sum()))
+    assert torch.equal(pick.genome, truth) and pick.fitness == 8.0 and pick.evaluations == best.evaluations
+    a, b = coevolve(lambda g, _p: float((g == noisy).sum()), lambda g, _p: float((g == noisy).sum()), [8], [8],
+                    Evolve(population=6, budget=60, seed=0, init_dense=False), seeds_a=[truth], seeds_b=[truth],
+                    final_a=lambda g, _p: float((g == truth).sum()), final_b=lambda g, _p: float((g == truth).sum()))
+    assert torch.equal(a.genome, truth) and torch.equal(b.genome, truth)

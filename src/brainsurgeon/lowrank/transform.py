@@ -74,7 +74,8 @@ def plan_transform(model: nn.Module, cfg: Separable, ignore: Iterable[str] = (),
             inside.update(id(m) for m in mod.modules() if m is not mod)
         elif name and id(mod) not in inside and isinstance(mod, nn.Conv2d):
             convs[name] = mod
-    plan: dict[str, Separable] = match_configs(list(convs), cfg, ignore, over)  # type: ignore[assignment]
+    plan: dict[str, Separable] = match_configs(list(convs), cfg, ignore, over,  # type: ignore[assignment]
+                                               known=[n for n, _ in model.named_modules() if n])
     for name in list(plan):
         why = _why_not(convs[name], plan[name].kind)
         if why:

@@ -26,7 +26,7 @@ from .channels import ChannelWalk, apply_channels_, measured_fraction
 from .config import Budget, SearchSpace, load_space
 from .damage import OutputDamage
 from .database import Entry, SearchTable, build_database
-from .factored import factorized_module
+from .factored import factorized_module, separable_module
 from .plan import Plan
 from .solve import layer_weight, set_layer_weight_
 from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
@@ -194,7 +194,8 @@ def _with_mode(cfg: AMC, mode: str) -> AMC:
 def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None) -> nn.Module:
     """Set each planned layer's weight to its database weight in place (OBC's stitching); no solve.
 
-    Low-rank entries swap in the factorized module (LowRankLinear / LowRankConv2d) of that weight.
+    Low-rank entries swap in the factorized module (LowRankLinear / LowRankConv2d) of that weight,
+    compact-design entries (``sep-KIND@p``) the Separable module of that kernel.
     Joint entries (``8w8a``, ``2:4+4w4a``, ...) also get their input quantizer, calibrated on `calib`
     with the stitched weights in place.
 
@@ -218,6 +219,8 @@ def stitch_(model: nn.Module, plan: Plan, table: SearchTable, calib: Any = None)
     for e, mod, W in weights:
         if e.variant.startswith("lr@"):  # low-rank: the factorized module itself (exact: W has that rank)
             model.set_submodule(e.layer, factorized_module(mod, W.to(mod.weight.device), e.configs[0]["rank"]))
+        elif e.variant.startswith("sep-"):  # compact design: its module (exact: W has the design's structure)
+            model.set_submodule(e.layer, separable_module(mod, W.to(mod.weight.device), config_from_dict(e.configs[0])))
         else:
             set_layer_weight_(mod, W.to(mod.weight.device))
     if acts:

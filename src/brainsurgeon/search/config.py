@@ -53,6 +53,10 @@ class SearchSpace(Config):
     joint: weight + activation variants ``[N:M+]XwYa`` (OBC's joint space: ``8w8a``, ``4w4a``,
     ``2:4+8w8a``, ``2:4+4w4a``): the layer's input gets a static per-tensor `act_observer`
     quantizer and its weight solve uses the Hessian of the quantized inputs.
+    separable_ratios: compact-design variants ``sep-KIND@p`` of every k x k Conv2d (groups=1), one per
+    kind in `separable_kinds` (spatial / depthwise / bottleneck, :class:`~brainsurgeon.lowrank.Separable`)
+    keeping p of the weights, fitted data-aware on the layer's input Hessian; their costs are those of
+    the real replacement module; applied by the ``transform`` verb (``transform_``).
 
     >>> SearchSpace(levels=4, nm=(), block_sparsities=(), bits=(4,), nm_bits=())
     """
@@ -80,6 +84,8 @@ class SearchSpace(Config):
     lowrank_ratios: tuple[float, ...] = ()  # low-rank: factorized weights <= this fraction of the dense ones
     joint: tuple[str, ...] = ()  # weight + activation variants: "8w8a", "2:4+4w4a", any "[N:M+]XwYa"
     act_observer: str = "minmax"  # observer of the joint variants' static per-tensor activation scales
+    separable_ratios: tuple[float, ...] = ()  # compact designs of k x k convs keeping this fraction of weights
+    separable_kinds: tuple[str, ...] = ("spatial", "depthwise", "bottleneck")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML gives lists: store tuples so the space stays hashable
@@ -127,11 +133,18 @@ class SearchSpace(Config):
         for r in self.lowrank_ratios:
             if not 0.0 < r < 1.0:
                 _fail("lowrank_ratios", f"each ratio (factorized / dense weights) must be in (0, 1), got {r!r}")
+        for r in self.separable_ratios:
+            if not 0.0 < r < 1.0:
+                _fail("separable_ratios", f"each ratio (design / dense weights) must be in (0, 1), got {r!r}")
+        for k in self.separable_kinds:
+            if k not in ("spatial", "depthwise", "bottleneck"):
+                _fail("separable_kinds", f"{k!r} is not one of ['spatial', 'depthwise', 'bottleneck']")
         if self.channel_ratios and (self.levels or self.nm or self.block_sparsities or self.bits or self.nm_bits
-                                    or self.lowrank_ratios or self.joint or self.latency or not self.model_loss):
+                                    or self.lowrank_ratios or self.separable_ratios or self.joint or self.latency
+                                    or not self.model_loss):
             _fail("channel_ratios", "channel variants change the shapes of consumer layers, so they cannot share a "
                   "database with per-weight variants; use a space of its own: levels=0, nm=[], block_sparsities=[], "
-                  "bits=[], nm_bits=[], lowrank_ratios=[], latency=false, model_loss=true")
+                  "bits=[], nm_bits=[], lowrank_ratios=[], separable_ratios=[], latency=false, model_loss=true")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -144,7 +157,9 @@ class SearchSpace(Config):
                 f"{self.max_sparsity:.0%}, N:M {list(self.nm)}, block{self.block} {list(self.block_sparsities)}, "
                 f"bits {list(self.bits)}, N:M+bits {list(self.nm_bits)}"
                 + (f", low-rank {list(self.lowrank_ratios)}" if self.lowrank_ratios else "")
-                + (f", joint {list(self.joint)}" if self.joint else ""))
+                + (f", joint {list(self.joint)}" if self.joint else "")
+                + (f", separable {list(self.separable_kinds)} at {list(self.separable_ratios)}"
+                   if self.separable_ratios else ""))
 
 
 def parse_joint(text: str) -> tuple[str, int, int]:

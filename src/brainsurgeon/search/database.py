@@ -41,7 +41,7 @@ from .config import SearchSpace
 from .costs import LayerProfile, profile_layers, variant_costs
 from .damage import OutputDamage
 from .executors import InlineExecutor, make_executor
-from .factored import factorizable, factorized_module, lowrank_costs
+from .factored import factorizable, factorized_module, lowrank_costs, separable_module
 from .latency import LatencyTable
 from .solve import layer_weight, solve_variant
 from .variants import Variant, layer_variants
@@ -256,7 +256,7 @@ def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str |
     for n in names:
         mod = modules[n]
         matrix = (profiles[n].rows, profiles[n].cols) if factorizable(mod) else None
-        vs = layer_variants(space, _grouped_channels(mod), matrix)
+        vs = layer_variants(space, _grouped_channels(mod), matrix, mod)
         variants[n] = [(v, entry_key(mhash, n, v, chash)) for v in vs]
         todo += [(n, v, k) for v, k in variants[n] if k not in db.entries]
     log.info("search database %s: %d of %d entries to compute", root, len(todo),
@@ -287,6 +287,8 @@ def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Datab
         prof, mod = profiles[layer], modules[layer]
         if v.pattern == "lowrank":  # the costs of the real factorized module
             costs = lowrank_costs(prof, factorized_module(mod, W_hat, v.configs[0].rank), space.act_bits)
+        elif v.pattern == "separable":  # the costs of the real compact module
+            costs = lowrank_costs(prof, separable_module(mod, W_hat, v.configs[0]), space.act_bits)
         else:
             costs = variant_costs(prof, W_hat, v, space.act_bits)
         if latency is not None:

@@ -9,7 +9,11 @@ Shu et al., "Co-Evolutionary Compression for Unpaired Image Translation", ICCV 2
 3. fill the rest: two parents by tournament selection (the best of ``tournament`` random members),
    uniform crossover (each bit from either parent with probability 1/2, with probability ``crossover``;
    else a copy of the first parent), bit-flip mutation (each bit flips with probability ``mutation``);
-   a segment left empty gets one random bit back (a group keeps at least one channel).
+   a segment left empty gets one random bit back (a group keeps at least one channel); an optional
+   ``repair`` then maps every new genome onto the feasible set (e.g. ``ChannelSpace.budget_repair``: the
+   MAC budget met exactly, channels taken in L1 order), so no evaluation is spent on an infeasible one;
+   a child equal to a member of the next generation is bred again (up to 8 tries), and equal genomes are
+   scored once per generation.
 
 All randomness comes from one ``torch.Generator`` seeded by ``seed``; its state is saved with the
 population after every generation (``state=path``), so a stopped run resumes to the identical result::
@@ -35,6 +39,7 @@ from ..config import Config, register_config
 from ..errors import ConfigError
 
 log = get_logger(__name__)
+_RETRIES = 8  # breeding attempts per child before a duplicate of a member is accepted
 
 
 @register_config
@@ -109,16 +114,18 @@ class GeneticSearch:
 
     segments: segment lengths (genome length L = their sum). ``step(fitness)`` runs one generation;
     ``run(fitness, state=path)`` runs until the budget is spent, saving the state after every generation.
+    repair: a deterministic map genome -> genome applied to every initial member (seeds included) and child.
 
     >>> ga = GeneticSearch(Evolve(population=8, budget=64), segments=[4, 4])
     >>> ga.run(lambda g: float(g[:4].sum() - g[4:].sum())).genome
     tensor([ True,  True,  True,  True,  True, False, False, False])
     """
 
-    def __init__(self, cfg: Evolve, segments: Sequence[int], seeds: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, cfg: Evolve, segments: Sequence[int], seeds: Sequence[torch.Tensor] = (),
+                 repair: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if not segments or any(int(n) < 1 for n in segments):
             raise ConfigError(f"GeneticSearch: segments must be positive lengths, got {list(segments)}")
-        self.cfg, self.segments = cfg, [int(n) for n in segments]
+        self.cfg, self.segments, self.repair = cfg, [int(n) for n in segments], repair
         ends = torch.tensor(self.segments).cumsum(0).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends, strict=True))
         self.L = ends[-1]
@@ -141,36 +148,59 @@ class GeneticSearch:
                 raise ConfigError(f"GeneticSearch: seed genome {i} has {s.numel()} bits, the genome has {self.L}")
             pop[first + i] = s
         for g in pop:
-            _repair(g, self.bounds, self.gen)
+            self._fix(g)
+        self.seeded = [pop[first + i].clone() for i in range(min(len(seeds), P - first))]  # after the repair
         return pop
+
+    def _fix(self, g: torch.Tensor) -> torch.Tensor:
+        """No empty segment, then the user's repair (in place; returns g)."""
+        _repair(g, self.bounds, self.gen)
+        if self.repair is not None:
+            r = torch.as_tensor(self.repair(g.clone()), dtype=torch.bool).reshape(-1)
+            if r.numel() != self.L:
+                raise ConfigError(f"GeneticSearch: repair returned {r.numel()} bits for a genome of {self.L}")
+            g.copy_(r)
+        return g
 
     # ---------------------------------------------------------------- one generation
     def _tournament(self) -> int:
         idx = torch.randint(self.cfg.population, (self.cfg.tournament,), generator=self.gen)
         return int(idx[self.fit[idx].argmax()])
 
+    def _child(self) -> torch.Tensor:
+        """Two tournament winners, uniform crossover, bit-flip mutation, then the repairs."""
+        a, b = self.pop[self._tournament()], self.pop[self._tournament()]
+        if float(torch.rand(1, generator=self.gen)) < self.cfg.crossover:
+            child = torch.where(torch.rand(self.L, generator=self.gen) < 0.5, a, b)
+        else:
+            child = a.clone()
+        child = child ^ (torch.rand(self.L, generator=self.gen) < self.cfg.mutation)
+        return self._fix(child)
+
     def step(self, fitness: Callable[[torch.Tensor], float]) -> bool:
         """Evaluate, then breed the next generation; False (nothing done) once the budget is spent."""
         todo = [i for i in range(self.cfg.population) if self.cfg.reevaluate or math.isnan(self.fit[i])]
-        if self.evaluations + len(todo) > self.cfg.budget:
+        keys = {i: self.pop[i].numpy().tobytes() for i in todo}  # equal genomes are scored once per generation
+        if self.evaluations + len(set(keys.values())) > self.cfg.budget:
             return False
+        scored: dict[bytes, float] = {}
         for i in todo:
-            self.fit[i] = float(fitness(self.pop[i].clone()))
-            self.evaluations += 1
+            if keys[i] not in scored:
+                scored[keys[i]] = float(fitness(self.pop[i].clone()))
+                self.evaluations += 1
+            self.fit[i] = scored[keys[i]]
         self.fit = torch.nan_to_num(self.fit, nan=-math.inf)
         order = self.fit.argsort(descending=True, stable=True)
         self.history.append(float(self.fit[order[0]]))
         new_pop = self.pop[order[:self.cfg.elite]].clone()
         new_fit = self.fit[order[:self.cfg.elite]].clone()
-        children = []
+        children: list[torch.Tensor] = []
         while len(children) < self.cfg.population - self.cfg.elite:
-            a, b = self.pop[self._tournament()], self.pop[self._tournament()]
-            if float(torch.rand(1, generator=self.gen)) < self.cfg.crossover:
-                child = torch.where(torch.rand(self.L, generator=self.gen) < 0.5, a, b)
-            else:
-                child = a.clone()
-            child = child ^ (torch.rand(self.L, generator=self.gen) < self.cfg.mutation)
-            children.append(_repair(child, self.bounds, self.gen))
+            for _ in range(_RETRIES):  # breed again when the child is already in the next generation
+                child = self._child()
+                if not any(torch.equal(child, o) for o in [*new_pop, *children]):
+                    break
+            children.append(child)
         if children:
             new_pop = torch.cat([new_pop, torch.stack(children)])
             new_fit = torch.cat([new_fit, torch.full((len(children),), math.nan, dtype=torch.float64)])
@@ -186,6 +216,23 @@ class GeneticSearch:
         if not self.history:
             raise ConfigError("GeneticSearch.best: no generation has run yet; call step() or run() first")
         return Individual(self.best_genome.clone(), self.best_fitness, self.evaluations, list(self.history))
+
+    def reselect(self, fitness: Callable[[torch.Tensor], float]) -> Individual:
+        """The best of the distinct final members, the best so far and the seeds under another `fitness`
+        (held-out data): the GA's best is the maximum of noisy scores, so it overrates itself (the winner's
+        curse); scoring the finalists once more on fresh data picks the one that generalises. These
+        evaluations are not counted in the budget; the returned fitness is the held-out one.
+
+        >>> best = ga.reselect(lambda g: -loss(g, x_val))
+        """
+        if not self.history:
+            raise ConfigError("GeneticSearch.reselect: no generation has run yet; call step() or run() first")
+        cands: dict[bytes, torch.Tensor] = {}
+        for g in [self.best_genome, *self.pop, *self.seeded]:
+            cands.setdefault(g.numpy().tobytes(), g)
+        scored = [(float(fitness(g.clone())), i, g) for i, g in enumerate(cands.values())]
+        f, _, g = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the earlier (the GA's own best first)
+        return Individual(g.clone(), f, self.evaluations, list(self.history))
 
     def run(self, fitness: Callable[[torch.Tensor], float], state: str | os.PathLike[str] | None = None) -> Individual:
         """Generations until the evaluation budget is spent; with `state`, resume from and save to that file.

@@ -140,9 +140,13 @@ class ChannelSpace:
     def macs_fraction(self, genome: torch.Tensor) -> float:
         """Estimated MACs of the pruned model / dense, over the layers with MACs: each layer's dense MACs
         times the kept fraction of its output and of its input channels (measured after ``prune_``)."""
+        return self.kept_macs([int(b.sum()) for b in self.split(genome)])
+
+    def kept_macs(self, keep: Sequence[int]) -> float:
+        """``macs_fraction`` of any genome keeping keep[g] channels of group g (it depends on the counts only)."""
         removed: dict[tuple[str, str], int] = {}
-        for bits, g in zip(self.split(genome), self.groups, strict=True):
-            drop = int((~bits).sum())
+        for k, g in zip(keep, self.groups, strict=True):
+            drop = g.n - int(k)
             for s in g.slices:
                 if s.tensor == "weight" and s.role in ("out", "in") and drop:
                     key = (s.module, s.role)
@@ -158,9 +162,8 @@ class ChannelSpace:
             kept += macs * frac
         return kept / max(total, 1.0)
 
-    def l1_genome(self, keep: float) -> torch.Tensor:
-        """Uniform L1-norm pruning as a genome: in every group keep the ceil(keep * n) channels whose producer
-        output rows have the largest L1 norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017)."""
+    def l1_scores(self) -> list[torch.Tensor]:
+        """Per group, each channel's L1 norm summed over its producers' output rows (Li et al. 2017)."""
         out = []
         for g, slices in zip(self.groups, self._slices, strict=True):
             score = torch.zeros(g.n)
@@ -169,10 +172,75 @@ class ChannelSpace:
                     t = getattr(self.model.get_submodule(s.module), s.tensor).detach()
                     per = t.abs().transpose(0, s.dim).reshape(t.shape[s.dim], -1).sum(1)  # (dim,)
                     score += per[s.idxs].sum(1)
+            out.append(score)
+        return out
+
+    def l1_genome(self, keep: float) -> torch.Tensor:
+        """Uniform L1-norm pruning as a genome: in every group keep the ceil(keep * n) channels whose producer
+        output rows have the largest L1 norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017)."""
+        out = []
+        for g, score in zip(self.groups, self.l1_scores(), strict=True):
             bits = torch.zeros(g.n, dtype=torch.bool)
             bits[score.argsort(descending=True)[:max(1, math.ceil(keep * g.n - 1e-9))]] = True
             out.append(bits)
         return torch.cat(out)
+
+    def fit_counts(self, keep: Sequence[int], target: float) -> list[int]:
+        """Per-group channel counts with the shape of `keep` whose MACs fraction is <= target and maximal.
+
+        The counts are scaled by one common factor (``floor(s * keep[g])``, at least 1; the largest s that
+        fits, by bisection), so the allocation across groups is kept; then single channels are added while
+        one fits, to the group whose scaled count lost the most to rounding (the budget is met up to one
+        channel)."""
+        n = self.segments
+        k0 = [min(max(1, int(v)), m) for v, m in zip(keep, n, strict=True)]
+        if self.kept_macs([1] * len(n)) > target:
+            raise ConfigError(f"ChannelSpace.fit_counts: one channel per group already costs "
+                              f"{self.kept_macs([1] * len(n)):.4f} of the MACs > target={target}; raise target")
+
+        def scaled(s: float) -> list[int]:
+            return [min(m, max(1, math.floor(s * v + 1e-9))) for v, m in zip(k0, n, strict=True)]
+
+        lo, hi = 0.0, max(m / v for v, m in zip(k0, n, strict=True))
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.kept_macs(scaled(mid)) <= target else (lo, mid)
+        k = scaled(lo)
+        while True:
+            fits = [i for i in range(len(n)) if k[i] < n[i]
+                    and self.kept_macs([v + (j == i) for j, v in enumerate(k)]) <= target]
+            if not fits:
+                return k
+            k[max(fits, key=lambda i: (lo * k0[i] - k[i], -i))] += 1
+
+    def budget_repair(self, target: float, *, ranked: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A ``GeneticSearch`` repair: every genome meets the MACs budget `target` exactly (``fit_counts`` on
+        its per-group counts). ranked=True keeps the top-k L1 channels of each group, so the search is over
+        per-group widths (the genome's count per group; crossover averages widths, mutation nudges them);
+        ranked=False keeps the genome's own channels, dropping the lowest-L1 kept ones / adding the
+        highest-L1 dropped ones to meet the counts (the search also chooses which channels).
+
+        >>> best = GeneticSearch(cfg, space.segments, [seed], repair=space.budget_repair(0.25)).run(fit)
+        """
+        ranks = [s.argsort(descending=True) for s in self.l1_scores()]
+        self.fit_counts([1] * len(self.segments), target)  # refuse an impossible target now
+
+        def repair(genome: torch.Tensor) -> torch.Tensor:
+            bits = self.split(genome)
+            keep = self.fit_counts([int(b.sum()) for b in bits], target)
+            out = []
+            for b, k, order in zip(bits, keep, ranks, strict=True):
+                new = torch.zeros_like(b) if ranked else b.clone()
+                if ranked:
+                    new[order[:k]] = True
+                else:
+                    kept, dropped = order[b[order]], order[~b[order]]  # each in descending L1
+                    new[kept[k:]] = False
+                    new[dropped[:max(0, k - len(kept))]] = True
+                out.append(new)
+            return torch.cat(out)
+
+        return repair
 
     def prune_(self, genome: torch.Tensor) -> list[str]:
         """Remove the dropped channels physically with the graph's verified surgery; returns one note per group.
@@ -200,11 +268,13 @@ def _grouped(mod: nn.Module) -> bool:
 
 
 def evolve_channels(space: ChannelSpace, fitness: Callable[[nn.Module, torch.Tensor], float], cfg: Evolve, *,
-                    state: str | os.PathLike[str] | None = None, seeds: Sequence[torch.Tensor] = ()) -> Individual:
+                    state: str | os.PathLike[str] | None = None, seeds: Sequence[torch.Tensor] = (),
+                    repair: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Individual:
     """Run the GA over `space`; ``fitness(model, genome)`` is called with the model masked by `genome`.
 
-    seeds: genomes put into the initial population (e.g. ``space.l1_genome(0.5)``). The model is left
-    unchanged; apply the winner with ``space.prune_(best.genome)``.
+    seeds: genomes put into the initial population (e.g. ``space.l1_genome(0.5)``); repair: e.g.
+    ``space.budget_repair(0.5)`` (every candidate at the MACs budget). The model is left unchanged; apply
+    the winner with ``space.prune_(best.genome)``.
 
     >>> best = evolve_channels(space, lambda m, g: -loss(m) - space.macs_fraction(g), Evolve(budget=128))
     """
@@ -212,4 +282,4 @@ def evolve_channels(space: ChannelSpace, fitness: Callable[[nn.Module, torch.Ten
         with space.masked(genome) as m:
             return float(fitness(m, genome))
 
-    return GeneticSearch(cfg, space.segments, seeds).run(score, state)
+    return GeneticSearch(cfg, space.segments, seeds, repair=repair).run(score, state)

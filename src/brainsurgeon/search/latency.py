@@ -65,7 +65,7 @@ class CSRLinear(nn.Module):
 
 
 def runtime_module(module: nn.Module, W_hat: torch.Tensor, variant: Variant) -> tuple[nn.Module, str]:
-    """The module that executes `variant` and the name of its kernel ("dense", "csr" or "lowrank").
+    """The module that executes `variant` and the name of its kernel ("dense", "csr", "lowrank", "separable").
 
     >>> runtime_module(nn.Linear(64, 8), torch.zeros(8, 64), Variant("sp@0.95", (), 0.95))[1]
     'csr'
@@ -74,6 +74,10 @@ def runtime_module(module: nn.Module, W_hat: torch.Tensor, variant: Variant) -> 
         from .factored import factorized_module
 
         return factorized_module(module, W_hat, variant.configs[0].rank), "lowrank"
+    if variant.pattern == "separable":
+        from .factored import separable_module
+
+        return separable_module(module, W_hat, variant.configs[0]), "separable"  # type: ignore[arg-type]
     density = float((W_hat != 0).float().mean())
     if isinstance(module, nn.Linear) and density <= 0.5:
         return CSRLinear(module, W_hat.reshape(module.weight.shape)), "csr"

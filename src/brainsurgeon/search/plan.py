@@ -74,8 +74,8 @@ class Plan:
         return Step(chosen[0][1], ignore, tuple((re.escape(n), c) for n, c in chosen))
 
     def to_recipe(self, options: CalibOptions | None = None) -> Recipe:
-        """A recipe: sparsify, quantize, then factorize (low-rank) steps, each with one exact-name
-        override per layer (factorize last: it replaces modules, the other steps keep them), and an
+        """A recipe: sparsify, quantize, then factorize (low-rank) and transform (compact designs) steps, each
+        with one exact-name override per layer (those two last: they replace modules, the others keep them), and an
         activation step for joint variants (``compress`` runs it first: the solves see X_q).
 
         Default options: sequential calibration, then BatchNorm re-estimation.
@@ -84,7 +84,8 @@ class Plan:
         ('conv2', ExactOBS(sparsity=0.5929, ...))
         """
         steps = tuple(s for s in (self._step("sparsify"), self._step("quantize"), self._step("factorize"),
-                                  self._step("actquant")) if s is not None)  # compress() runs actquant first
+                                  self._step("transform"), self._step("actquant"))
+                      if s is not None)  # compress() runs actquant first
         return Recipe(steps, options or CalibOptions(bn_reestimate=True))
 
     def to_yaml(self, options: CalibOptions | None = None) -> str:

@@ -18,7 +18,8 @@ def solve_variant(W: torch.Tensor, H: torch.Tensor, configs: tuple[Config, ...],
     """Apply `configs` in order (e.g. ExactOBS 2:4 then OBQ 4-bit) to W with Hessian H.
 
     A ``LowRank`` config (alone) gives the rank-r activation-aware reconstruction instead
-    (:func:`.factored.solve_lowrank`).
+    (:func:`.factored.solve_lowrank`); a ``Separable`` config (alone) the data-aware compact design's
+    equivalent kernel (:func:`.factored.solve_separable`).
 
     W: the layer weight (rows x cols, or a conv kernel out x in/g x k...); H: (cols, cols), or
     (g, cols, cols) for a grouped conv whose group j owns rows [j*out/g, (j+1)*out/g).
@@ -31,6 +32,11 @@ def solve_variant(W: torch.Tensor, H: torch.Tensor, configs: tuple[Config, ...],
         from .factored import solve_lowrank
 
         W_hat, loss, rel = solve_lowrank(W, H, configs[0].rank, configs[0].damp)
+        return W_hat, loss, rel, time.perf_counter() - t0
+    if configs and type(configs[0]).verb == "transform":  # a compact design (one Separable config, k x k conv)
+        from .factored import solve_separable
+
+        W_hat, loss, rel = solve_separable(W, H, configs[0])
         return W_hat, loss, rel, time.perf_counter() - t0
     configs = tuple(c for c in configs if type(c).verb != "actquant")  # acts: already in H (built from X_q)
     Hs = H if H.dim() == 3 else H.unsqueeze(0)  # (g, cols, cols)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import RTN, ActQuant, Config, Pattern, config_from_dict
 from .config import SearchSpace, parse_joint
@@ -118,11 +119,42 @@ def lowrank_variants(space: SearchSpace, rows: int, cols: int) -> list[Variant]:
     return out
 
 
-def layer_variants(space: SearchSpace, in_channels: int, matrix: tuple[int, int] | None = None) -> list[Variant]:
+def separable_variants(space: SearchSpace, conv: Any) -> list[Variant]:
+    """``sep-KIND@p`` for each kind in ``space.separable_kinds`` that applies to `conv` (a k x k Conv2d,
+    groups=1) and each p in ``space.separable_ratios`` whose design is smaller than the conv.
+
+    >>> [v.name for v in separable_variants(SearchSpace(separable_ratios=(0.5,), separable_kinds=("spatial",)),
+    ...                                     nn.Conv2d(16, 32, 3, padding=1))]
+    ['sep-spatial@0.5000']
+    """
+    from torch import nn
+
+    from ..lowrank import Separable
+    from ..lowrank.separable import design_params, design_rank
+    from ..lowrank.transform import _why_not
+
+    if not isinstance(conv, nn.Conv2d):
+        return []
+    shape = tuple(conv.weight.shape)
+    out = []
+    for kind in space.separable_kinds:
+        if _why_not(conv, kind):
+            continue
+        for p in sorted(space.separable_ratios):
+            if design_params(kind, shape, design_rank(kind, shape, p)) >= conv.weight.numel():
+                continue
+            out.append(Variant(f"sep-{kind}@{p:.4f}", (Separable(kind=kind, ratio=p, damp=space.damp, bn_aware=False),),
+                               pattern="separable"))
+    return out
+
+
+def layer_variants(space: SearchSpace, in_channels: int, matrix: tuple[int, int] | None = None,
+                   conv: Any = None) -> list[Variant]:
     """Every variant of a layer whose grouped input dimension is `in_channels` (N:M/blocks must divide it).
 
     matrix: (rows, cols) of the weight when the layer can be factorized (Linear, Conv2d groups=1);
-    low-rank variants are offered only then.
+    low-rank variants are offered only then. conv: the module, for the compact-design variants of a
+    k x k Conv2d (``space.separable_ratios``).
     """
     out = [Variant("dense", ())]
     if space.channel_ratios:
@@ -145,4 +177,5 @@ def layer_variants(space: SearchSpace, in_channels: int, matrix: tuple[int, int]
                 for s in space.block_sparsities]
     out += [Variant(f"w{b}", (_quant(space, b),), bits=b) for b in space.bits]
     out += joint_variants(space, in_channels)
-    return out + (lowrank_variants(space, *matrix) if matrix is not None and space.lowrank_ratios else [])
+    out += lowrank_variants(space, *matrix) if matrix is not None and space.lowrank_ratios else []
+    return out + (separable_variants(space, conv) if conv is not None and space.separable_ratios else [])
