@@ -89,6 +89,29 @@ def ptq_rows(net, calib, scoring, x_eval, ref, quick, failures, w8a8_only: bool 
         failures.append(f"W4A4 GPTQ+mse KL {rows[2][2]:.4f} > RTN+minmax KL {rows[1][2]:.4f}")
 
 
+def w8a8_ablation(net, calib, x_eval, ref) -> None:
+    """What each standard fix does to the 8-bit per-tensor activations alone (float weights), and what
+    8-bit per-channel RTN weights alone do: the damage floor the W8A8 bound has to clear."""
+    rows = []
+    m = copy.deepcopy(net)
+    bs.quantize_(m, bs.RTN(bits=8, sym=True, mse=False))
+    rows.append(("W8 RTN per-channel only", *damage(ref, logits_of(m, x_eval))))
+    for label, cfg in [("A8 minmax", bs.ActQuant(bits=8)),
+                       ("A8 percentile 99.99", bs.ActQuant(bits=8, observer="percentile")),
+                       ("A8 mse", bs.ActQuant(bits=8, observer="mse")),
+                       ("A8 minmax + CLE 0.5", bs.ActQuant(bits=8, equalize=0.5)),
+                       ("A8 mse + CLE 0.5", bs.ActQuant(bits=8, observer="mse", equalize=0.5)),
+                       ("A8 mse + CLE 1.0", bs.ActQuant(bits=8, observer="mse", equalize=1.0))]:
+        m = copy.deepcopy(net)
+        bs.quantize_(m, cfg, calib)
+        rows.append((label, *damage(ref, logits_of(m, x_eval))))
+    say(f"\n1a. W8A8 ablation on {len(x_eval)} evaluation crops ({len(act_quant_layers(m))} layer inputs; "
+        f"CLE = cross-layer equalization through BN -> ReLU6 -> conv, bs.ActQuant(equalize=alpha))")
+    say(f"{'variant':<26}{'agree':>8}{'KL':>9}")
+    for label, a, k in rows:
+        say(f"{label:<26}{100 * a:>7.1f}%{k:>9.4f}")
+
+
 def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures) -> None:
     space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
@@ -228,11 +251,15 @@ def main() -> int:
     ap.add_argument("--only", default="", choices=("", "w8a8"),
                     help="w8a8: only the MobileNetV2 W8A8 row of section 1 (skips everything else)")
     ap.add_argument("--smollm", action="store_true", help="also SmolLM2-135M W8A8 +- SmoothQuant (slow)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="W8A8 ablation: 8-bit activations alone per observer, +- cross-layer equalization")
+    ap.add_argument("--eval-crops", type=int, default=0, help="evaluation crops (default 64 quick, 256 full)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
     net, imgs = mobilenet_v2(), photos()
     n_cal, n_score, n_eval = (32, 32, 64) if args.quick else (128, 64, 256)
+    n_eval = args.eval_crops or n_eval
     x_cal = crops(imgs[0::2], n_cal, seed=1)
     x_score = crops(imgs[0::2], n_score, seed=3)
     x_eval = crops(imgs[1::2], n_eval, seed=2)
@@ -244,6 +271,8 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     if args.only:
         skip |= {"joint", "latency"}
+    if args.ablation:
+        w8a8_ablation(net, calib, x_eval, ref)
     if "ptq" not in skip:
         ptq_rows(net, calib, scoring, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8")
     if "joint" not in skip:

@@ -282,6 +282,15 @@ def _run_act_step(model: nn.Module, step: Step, calib: Any, options: CalibOption
     if not plan:
         raise ConfigError(f"ActQuant: no Linear/Conv layer is left in {type(model).__name__} after "
                           f"ignore={list(step.ignore)}; loosen ignore")
+    eq = {c.equalize for c in plan.values()}  # type: ignore[attr-defined]
+    if eq - {0.0}:
+        from .quant.equalize import equalize_
+
+        if len(eq) > 1:
+            raise ConfigError(f"ActQuant: one cross-layer equalization strength per step, got "
+                              f"equalize={sorted(eq)}; use one value")
+        pairs = equalize_(model, calib, eq.pop(), names=list(plan), max_batches=options.max_batches)
+        report.notes.append(f"cross-layer equalization: {len(pairs)} BatchNorm/conv -> conv pairs folded")
     alphas = {c.smooth for c in plan.values()}  # type: ignore[attr-defined]
     if alphas - {0.0}:
         from .quant.smooth import smooth_quant_

@@ -423,6 +423,8 @@ class ActQuant(Config):
     In a recipe or with ``quantize_`` it is applied before the weight steps, so their Hessians are
     built from the quantized inputs (OBC's joint setting). smooth: SmoothQuant's alpha (Xiao et al.
     2023), folded into the norms before the Linear layers first (:mod:`brainsurgeon.quant.smooth`).
+    equalize: cross-layer equalization's alpha (Nagel et al. 2019) through BatchNorm -> ReLU/ReLU6 ->
+    Conv pairs, folded first (:mod:`brainsurgeon.quant.equalize`; the float model is unchanged).
 
     >>> ActQuant(bits=8); ActQuant(bits=4, observer="mse"); ActQuant(bits=8, granularity="token", sym=True)
     """
@@ -436,8 +438,11 @@ class ActQuant(Config):
     percentile: float = 99.99
     ema_decay: float = 0.9
     smooth: float = 0.0  # SmoothQuant migration strength alpha (0 = off), folded into the preceding norms
+    equalize: float = 0.0  # cross-layer equalization alpha (0 = off), folded through BN -> act -> conv pairs
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.equalize <= 1.0, "ActQuant",
+               f"equalize (cross-layer equalization alpha; 0 = off) must be in [0, 1], e.g. 0.5, got {self.equalize!r}")
         _check(0.0 <= self.smooth <= 1.0, "ActQuant",
                f"smooth (SmoothQuant alpha; 0 = off) must be in [0, 1], e.g. 0.5, got {self.smooth!r}")
         _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "ActQuant",
@@ -458,6 +463,7 @@ class ActQuant(Config):
     def describe(self) -> str:
         obs = "dynamic" if self.dynamic else self.observer
         sq = f" +SmoothQuant {self.smooth:g}" if self.smooth else ""
+        sq += f" +CLE {self.equalize:g}" if self.equalize else ""
         return f"ActQuant a{self.bits} {self.granularity} {obs}{' sym' if self.sym else ''}{sq}"
 
 

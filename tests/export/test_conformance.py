@@ -71,7 +71,17 @@ def _factories() -> dict[str, Callable[[], nn.Module]]:
             4, 8, 3, kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
         f["depthwise_separable_conv2d"] = lambda: module_format("depthwise_separable_conv2d")(
             4, 8, 2, kernel_size=(3, 3), padding=(1, 1))
+    if "channel_clamp" in names:  # cross-layer equalization's per-channel ReLU6 (quant/equalize.py)
+        f["channel_clamp"] = _clamp
     return f
+
+
+def _clamp() -> nn.Module:
+    m = module_format("channel_clamp")(8)
+    with torch.no_grad():  # rescaled-looking bounds, not the defaults
+        m.hi.uniform_(0.5, 6.0, generator=torch.Generator().manual_seed(1))
+        m.lo.uniform_(-0.5, 0.0, generator=torch.Generator().manual_seed(2))
+    return m
 
 
 def _act(layer: nn.Module, granularity: str, bits: int = 6) -> nn.Module:
@@ -92,6 +102,8 @@ def _input(m: nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     if hasattr(m, "in_features"):
         return torch.randn(3, m.in_features, generator=g)
+    if not hasattr(m, "in_channels"):  # ChannelClamp: (N, C, H, W) around its bounds
+        return 4 * torch.randn(2, m.lo.numel(), 8, 8, generator=g)
     if isinstance(m, nn.Conv1d):
         return torch.randn(2, m.in_channels, 8, generator=g)
     return torch.randn(2, m.in_channels, 8, 8, generator=g)

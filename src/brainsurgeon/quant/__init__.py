@@ -10,6 +10,7 @@ Importing registers the saveable module formats (``brainsurgeon.formats``) defin
 from .act import ActQuantizer, ActQuantLinear, insert_act_quant_, learn_act_scales_, remove_act_quant_
 from .codes import GridCodes, codes_from_grid, recover_codes
 from .dynamic import DynamicInt8Linear
+from .equalize import ChannelClamp, equalize_
 from .measure import Timing, compare_latency, count_macs, format_speed_table, time_call, time_model
 from .pack import Pack, PackedRow, pack_, pack_module
 from .packed import Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -19,7 +20,7 @@ from .static import StaticInt8Linear, convert_static_int8_
 
 __all__ = [
     "ActQuantLinear", "ActQuantizer", "insert_act_quant_", "learn_act_scales_", "remove_act_quant_",
-    "StaticInt8Linear", "convert_static_int8_",
+    "StaticInt8Linear", "convert_static_int8_", "ChannelClamp", "equalize_",
     "DynamicInt8Linear", "GridCodes", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "Pack", "PackedConv2d",
     "PackedRow", "SparseLinear", "Timing", "break_even", "codes_from_grid", "compare_latency", "count_macs",
     "format_speed_table", "pack_", "pack_module", "recover_codes", "semi_structured_", "sparsify_storage_",
