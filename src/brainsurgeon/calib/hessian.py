@@ -150,6 +150,7 @@ def layer_columns(module: nn.Module, x: torch.Tensor, name: str = "") -> torch.T
     return u.permute(1, 0, 3, 2).reshape(g, n * L, cols)  # (g, N*L, cols)
 
 
+SPREAD_COLUMNS = 128  # auto shrinkage estimates its intensity from the pairs of this many columns
 # (wants(layer name) -> bool, applied [(name, lambda)]) while auto_shrinkage is active
 _SHRINK: ContextVar[tuple[Callable[[str], bool], list[tuple[str, float]]] | None] = ContextVar(
     "hessian_shrinkage", default=None)
@@ -219,6 +220,8 @@ class HessianAccumulator:
         self._spread: list[float] | None = [0, 0.0] if ctx and self.groups == 1 and ctx[0](name) else None
         self.shrinkage = 0.0  # the intensity applied to H (auto_shrinkage), 0 if none
         self._scale: torch.Tensor | None = None  # column standardisation of the spread statistic
+        k = min(self.cols, SPREAD_COLUMNS)
+        self._pick = torch.linspace(0, self.cols - 1, k).round().long()  # the columns whose pairs are summed
 
     def __repr__(self) -> str:
         return f"HessianAccumulator({self.name!r}, cols={self.cols}, groups={self.groups}, n={self.n})"
@@ -231,22 +234,27 @@ class HessianAccumulator:
         self.add(cols)
 
     def _add_spread(self, x: torch.Tensor, cols: torch.Tensor) -> None:
-        """Per-sample ||H_b||_F^2 off the diagonal, H_b = 2/T X_b^T X_b, one sample = one sequence/image."""
+        """Per-sample ||H_b||_F^2 off the diagonal, H_b = 2/T X_b^T X_b, one sample = one sequence/image.
+
+        Only the pairs among SPREAD_COLUMNS evenly spaced columns are summed (the intensity is a
+        ratio of sums over pairs, so a uniform subset of pairs estimates it; cost ~ T k^2, not T cols^2).
+        """
         if isinstance(self.module, (nn.Conv1d, nn.Conv2d)):
             samples = x.shape[0] if x.dim() == (3 if isinstance(self.module, nn.Conv1d) else 4) else 1
         else:
             samples = cols.shape[0] // x.shape[-2] if x.dim() >= 3 else cols.shape[0]
         T = cols.shape[0] // samples
-        Xs = cols.reshape(samples, T, self.cols).to(torch.float32)
+        Xs = cols.reshape(samples, T, self.cols)[..., self._pick].to(torch.float32)
         if self._scale is None:  # standardise by the first batch's diag: correlations, not covariances
             d = Xs.square().sum((0, 1))
             self._scale = torch.where(d > 0, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), 0.0)
         Xs = Xs * self._scale
-        step = max(1, 2**24 // (min(T, self.cols) ** 2))  # bounded Gram workspace
+        k = len(self._pick)
+        step = max(1, 2**24 // (min(T, k) ** 2))  # bounded Gram workspace
         total = 0.0
         for i in range(0, samples, step):
             X = Xs[i:i + step]
-            G = X @ X.transpose(1, 2) if T <= self.cols else X.transpose(1, 2) @ X  # ||X^T X||_F = ||X X^T||_F
+            G = X @ X.transpose(1, 2) if T <= k else X.transpose(1, 2) @ X  # ||X^T X||_F = ||X X^T||_F
             d = X.square().sum(1)  # (b, cols): diag of X_b^T X_b
             total += float(G.double().square().sum() - d.double().square().sum())
         self._spread[0] += samples
@@ -300,8 +308,8 @@ class HessianAccumulator:
         if self._spread is not None:  # auto shrinkage, once
             m, sum_sq = self._spread
             self._spread = None
-            s = self._scale.to(self._H)
-            self.shrinkage = shrinkage_intensity(self._H * s[:, None] * s, int(m), sum_sq)
+            s, pick = self._scale.to(self._H), self._pick.to(self._H.device)
+            self.shrinkage = shrinkage_intensity(self._H[pick[:, None], pick] * s[:, None] * s, int(m), sum_sq)
             d = self._H.diagonal().clone()
             self._H.mul_(1.0 - self.shrinkage).diagonal().copy_(d)  # (1 - l) H + l diag(H)
             ctx = _SHRINK.get()
