@@ -13,8 +13,8 @@ the calibration windows from its end, so they never overlap. Out of distribution
 512-token windows of the Debian ``jargon-text`` file; GPTQ must be no worse there than RTN.
 Perplexity = exp(mean next-token NLL), each window scored independently. solve s = sum of per-layer
 solver seconds (report); wall s = the whole verb call, calibration forwards included. Magnitude and
-RTN are data-free: they run with calib=None (no forward pass). ExactOBS is not in the table: ``--estimate-exact`` times it
-on a few rows of block 0 and extrapolates (~2.6 h for the 210 layers on 2 cores).
+RTN are data-free: they run with calib=None (no forward pass). ExactOBS is not in the table:
+``--estimate-exact`` times it on a few rows of block 0 and extrapolates (~2.6 h for the 210 layers on 2 cores).
 """
 
 from __future__ import annotations
