@@ -72,7 +72,9 @@ def variants(base: dict, rtn: dict) -> list[tuple[str, bs.config.Config, str]]:
             ("  shrink 0.6", g(shrink=0.6), "calib"),
             ("  shrink 1.0 (= RTN grid)", g(shrink=1.0), "calib"),
             ("  mixed lengths", g(shrink=0.0), "mixed"),
-            ("GPTQ default", g(), "calib")]
+            ("  shrink 0.3 + mixed lengths", g(shrink=0.3), "mixed"),
+            ("  auto + mixed lengths", g(), "mixed"),
+            ("GPTQ default (shrink auto)", g(), "calib")]
 
 
 def mixed_lengths(batches: list[dict], key: str = "input_ids") -> list[dict]:
@@ -104,7 +106,8 @@ def minilm_setup() -> dict:
     mixed = calib + sentence_batches(tok, short, 16, 128)  # the 16 sentences and 16 short prefixes of them
     held = sentence_batches(tok, held_s, 16, 128)
     return {"tok": tok, "model": model, "calib": calib, "mixed": mixed, "held": held, "pairs": pairs,
-            "words": words, "dense_held": embed_batches(model, held), "blocks": "encoder.layer",
+            "words": words, "dense_held": embed_batches(model, held), "dense_words": embed(model, tok, words),
+            "blocks": "encoder.layer",
             "ignore": (r"pooler\..*",), "ntok": int(calib[0]["attention_mask"].sum())}
 
 
@@ -112,7 +115,7 @@ def minilm_eval(s: dict, m) -> dict:
     e = embed_batches(m, s["held"])
     w = embed(m, s["tok"], s["words"])
     emb = dict(zip(s["words"], w, strict=True))
-    return {"id": float((e * s["dense_held"]).sum(1).mean()),
+    return {"id": float((e * s["dense_held"]).sum(1).mean()), "word_cos": float((w * s["dense_words"]).sum(1).mean()),
             **{k: similarity_rho(emb, p) for k, p in s["pairs"].items()}}
 
 
@@ -161,7 +164,7 @@ def main() -> int:
     if args.model == "minilm":
         s, evaluate = minilm_setup(), minilm_eval
         base, rtn = {"bits": 4, "group_size": 128}, {"bits": 4, "group_size": 128}
-        keys, head = ("id", "simlex", "ws353"), ("ID cos", "SimLex", "WS-353")
+        keys, head = ("id", "word_cos", "simlex", "ws353"), ("ID cos", "word cos", "SimLex", "WS-353")
         print(f"all-MiniLM-L6-v2, 4-bit g128, calibration 16 sentences ({s['ntok']} tokens); ID: cosine to dense "
               f"on 128 held-out sentences; OOD: SimLex-999 / WS-353 rho")
     else:
@@ -187,9 +190,9 @@ def main() -> int:
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
     by = {r["label"]: r for r in rows}
-    if "GPTQ default" not in by:
+    if "GPTQ default (shrink auto)" not in by:
         return 0
-    g, r = by["GPTQ default"], by["RTN"]
+    g, r = by["GPTQ default (shrink auto)"], by["RTN"]
     lower_better = args.model == "smollm"
     worse = (lambda a, b: a > b) if lower_better else (lambda a, b: a < b)
     bad = [k for k in keys[1:] if worse(g[k], r[k])] + (["id"] if not worse(r["id"], g["id"]) else [])
