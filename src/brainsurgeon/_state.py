@@ -2,15 +2,23 @@
 
 Object identity is part of the model the caller holds: an optimizer built before the call
 holds the Parameter objects, hooks and user references hold Module objects. So a rollback puts
-the same objects back where they were and copies the saved values into them; it never swaps a
+the same objects back where they were and puts the saved values back into them; it never swaps a
 module's ``__dict__`` for a deep copy's.
 
-    >>> snap = ModelSnapshot(model)
+Copy-on-write: the snapshot keeps references, not copies. A verb that gives a tensor new storage
+(``t.data = new``, what structural surgery and :meth:`ModelSnapshot.write_` do) leaves the old
+storage untouched, and the rollback puts that storage back. A verb that writes INTO a tensor's
+storage calls :meth:`ModelSnapshot.keep` first (or :meth:`ModelSnapshot.keep_all` before code
+that may write anywhere, e.g. training); only those tensors are copied, once each.
+
+    >>> snap = ModelSnapshot(model)         # references only: no tensor is copied
     >>> try:
-    ...     change(model)
+    ...     snap.write_(model.fc.weight, W_hat)   # new storage, or a kept copy + in-place write
+    ...     snap.keep([model.bn.running_mean]); change_in_place(model.bn)
     ... except BaseException:
     ...     snap.restore_()
     ...     raise
+    >>> snap.restore_flags()                # on success: every submodule's train/eval flag as before
 
 What is restored: every module's class, attributes (``training``, ``stride``, ...), the
 contents of its ``_parameters``/``_buffers``/``_modules`` and hook dicts (same dict objects), the
@@ -22,6 +30,7 @@ every Parameter and buffer keeps its object, its storage when it had one, its va
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,13 +43,20 @@ def _shallow(v: Any) -> Any:
     return type(v)(v.items()) if isinstance(v, dict) else type(v)(v)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return 0 if t.is_meta else t.untyped_storage().data_ptr()
+
+
 class ModelSnapshot:
     """Everything needed to put `model` back as it is now, with the same objects.
 
-    Values are cloned (on their device; `to_cpu=True` keeps the clones on the CPU).
+    Values are copied only by :meth:`keep` (on their device; `to_cpu=True` keeps the copies on
+    the CPU, and :meth:`write_` then writes accelerator tensors in place instead of holding two
+    storages there).
     """
 
     def __init__(self, model: nn.Module, *, to_cpu: bool = False) -> None:
+        self.to_cpu = to_cpu
         self.modules: list[tuple[nn.Module, type, dict[str, tuple[Any, Any]]]] = []
         self.configs: dict[int, tuple[Any, dict[str, Any]]] = {}  # HF-style config objects, edited in place
         tensors: dict[int, torch.Tensor] = {}
@@ -53,14 +69,57 @@ class ModelSnapshot:
             for t in list(mod._parameters.values()) + list(mod._buffers.values()):
                 if t is not None:
                     tensors.setdefault(id(t), t)
-        self.tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, Any]] = []
+        # id -> [tensor, alias (keeps the original storage alive), kept value or None, requires_grad, grad]
+        self.tensors: dict[int, list[Any]] = {}
         with torch.no_grad():
-            for t in tensors.values():
-                alias = t.detach()  # keeps the original storage alive, to be put back if replaced
-                value = alias.to("cpu", copy=True) if to_cpu else alias.clone()
+            for i, t in tensors.items():
                 g = t.grad
                 grad = None if g is None else (g, g.detach().clone())
-                self.tensors.append((t, alias, value, t.requires_grad, grad))
+                self.tensors[i] = [t, t.detach(), None, t.requires_grad, grad]
+        counts: dict[int, int] = {}
+        for t in tensors.values():
+            counts[_storage(t)] = counts.get(_storage(t), 0) + 1
+        self._shared = {s for s, n in counts.items() if s and n > 1}  # storages behind two tensors (ties)
+
+    def keep(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Copy the snapshot-time values of `tensors` before they are written in place (once each).
+
+        A tensor that already got new storage needs no copy (its original storage is untouched);
+        tensors created after the snapshot are ignored (the rollback removes them).
+        """
+        with torch.no_grad():
+            for t in tensors:
+                entry = self.tensors.get(id(t))
+                if entry is None or entry[2] is not None or entry[1].is_meta:
+                    continue
+                alias = entry[1]
+                if t.is_meta or _storage(t) != _storage(alias):
+                    continue
+                entry[2] = alias.to("cpu", copy=True) if self.to_cpu else alias.clone()
+
+    def keep_all(self) -> ModelSnapshot:
+        """Copy every tensor's values (before code that may write anywhere in place: training, re-estimation)."""
+        self.keep([e[0] for e in self.tensors.values()])
+        return self
+
+    def write_(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """Set `t`'s values to `value` (same shape), restorable by :meth:`restore_` at the least cost.
+
+        The tensor gets `value` as its new storage (no copy; the snapshot holds the old one) unless
+        its storage is shared with another tensor of the model (a tie that a new storage would break)
+        or it lives on an accelerator with ``to_cpu=True``: then its values are kept and it is written
+        in place.
+        """
+        value = value.detach().reshape(t.shape).to(dtype=t.dtype, device=t.device)
+        with torch.no_grad():
+            if (id(t) not in self.tensors or t.is_meta or _storage(t) in self._shared or value.layout != t.layout
+                    or value.stride() != t.stride() or (self.to_cpu and t.device.type != "cpu")):
+                self.keep([t])
+                t.copy_(value)
+            elif value.untyped_storage().nbytes() == value.numel() * value.element_size():
+                t.data = value
+            else:  # a view of a larger buffer: a compact copy, not the whole buffer kept alive
+                t.data = value.clone()
 
     def restore_(self) -> None:
         """Put every module, attribute, Parameter, buffer, value, flag and grad back (same objects)."""
@@ -79,12 +138,14 @@ class ModelSnapshot:
                     v.update(content) if isinstance(v, (dict, set)) else v.extend(content)
                 d[k] = v
         with torch.no_grad():
-            for t, alias, value, requires_grad, grad in self.tensors:
+            for t, alias, value, requires_grad, grad in self.tensors.values():
                 if t.is_meta or alias.is_meta:
                     continue
-                if t.data_ptr() != alias.data_ptr() or t.shape != alias.shape or t.dtype != alias.dtype:
+                if (t.data_ptr() != alias.data_ptr() or t.shape != alias.shape or t.dtype != alias.dtype
+                        or t.stride() != alias.stride()):
                     t.data = alias  # the verb replaced .data: give the tensor its own storage back
-                alias.copy_(value)
+                if value is not None:
+                    alias.copy_(value)
                 if t.requires_grad != requires_grad and t.is_leaf:
                     t.requires_grad_(requires_grad)
                 if grad is None:
@@ -93,3 +154,13 @@ class ModelSnapshot:
                     g, gv = grad
                     g.copy_(gv)
                     t.grad = g
+        for mod, *_ in self.modules:
+            if isinstance(mod, nn.RNNBase) and hasattr(mod, "_init_flat_weights"):
+                mod._init_flat_weights()  # cuDNN's flat weight views point at the restored storages
+
+    def restore_flags(self) -> None:
+        """Every submodule's train/eval flag as when the snapshot was made (after a verb that succeeded)."""
+        for mod, _, attrs in self.modules:
+            if "training" in attrs:
+                mod.training = attrs["training"][0]
+

@@ -60,7 +60,8 @@ def _levels(W: torch.Tensor, group_size: int) -> int:
 
 
 def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
-              report: CompressionReport) -> list[str]:
+              report: CompressionReport, snapshot: ModelSnapshot | None = None) -> list[str]:
+    """One weight step; each layer's new weight goes in through `snapshot` (copy-on-write) when given."""
     plan = plan_layers(model, step, report.notes, options=options)
 
     def solve(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
@@ -69,8 +70,8 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         g = num_groups(module)
         Hs = [None] * g if H is None else (H if H.dim() == 3 else H.unsqueeze(0))
         parts = [compress_weight(Wg, Hs[i], cfg, name) for i, Wg in enumerate(W.chunk(g, dim=0))]
-        W_hat = torch.cat([p.weight for p in parts])
-        _set_layer_weight(module, W_hat)
+        W_hat = parts[0].weight if g == 1 else torch.cat([p.weight for p in parts])
+        _set_layer_weight(module, W_hat, snapshot)
         loss = sum(p.loss for p in parts)
         rel = sum(p.info["rel_loss"] for p in parts) / g
         bits = float(getattr(cfg, "bits", torch.finfo(W.dtype).bits))
@@ -208,7 +209,8 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
                     data: Any = None, val: Any = None, verb_name: str = "compress") -> CompressionReport:
     """Run steps in place; on any failure restore the model as it was, then re-raise.
 
-    The rollback restores in place (:class:`~brainsurgeon._state.ModelSnapshot`): the caller's
+    The rollback restores in place (:class:`~brainsurgeon._state.ModelSnapshot`, copy-on-write: weight
+    steps give each layer new storage and copy nothing; other steps keep copies first): the caller's
     Parameter and Module objects, hooks, flags and grads survive a failure. A recipe with a distill
     step also keeps a deep copy, the distill steps' teacher (the model before the recipe).
     """
@@ -226,34 +228,48 @@ def _compress_steps(model: nn.Module, steps: Iterable[Step], calib: Any, options
     if not isinstance(options, CalibOptions):
         raise ConfigError(f"{verb_name}: options must be a CalibOptions (e.g. CalibOptions(mode='dense')), "
                           f"got {options!r}")
+    if options.blocks:  # a path naming no block list is refused before any calibration
+        from .calib.blocks import _blocks
+
+        _blocks(model, options.blocks)
+    structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
+    snapshot = ModelSnapshot(model, to_cpu=not structural)  # copy-on-write: weight steps copy nothing
+    modes = {m: m.training for m in model.modules()}  # every submodule's flag, not only the root's
     calib_notes: list[str] = []
     if calib is not None or any(type(s.method).verb == "prune" or (type(s.method).verb in ("sparsify", "quantize")
                                 and not _data_free(s)) for s in steps):
+        snapshot.keep(list(model.buffers()))  # forwards run in eval mode, but a custom module may update a buffer
         stop = [m for m in model.modules() if supported(m)] if options.blocks else None
-        calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
-                                                 stop_after=stop)
-    structural = any(type(s.method).verb in STRUCTURAL_VERBS + ("distill",) for s in steps)
+        try:
+            calib, calib_notes = prepare_calibration(model, calib, verb_name, max_batches=options.max_batches,
+                                                     stop_after=stop)
+        except BaseException:
+            snapshot.restore_()
+            raise
     teacher = copy.deepcopy(model) if any(type(s.method).verb == "distill" for s in steps) else None
-    snapshot = ModelSnapshot(model, to_cpu=not structural)
-    modes = {m: m.training for m in model.modules()}  # every submodule's flag, not only the root's
     dense = copy.deepcopy(model) if options.correct_mean_std and not structural else None
     report = CompressionReport()
     report.notes += calib_notes
     try:
         names: list[str] = []
         for step in [s for s in steps if type(s.method).verb == "actquant"]:  # first: later Hessians see X_q
+            snapshot.keep_all()  # SmoothQuant folds scales into weights in place
             names += [n for n in _run_act_step(model, step, calib, options, report) if n not in names]
         for step in steps:
             if type(step.method).verb == "actquant":
                 continue
+            if type(step.method).verb != "sparsify" and type(step.method).verb != "quantize":
+                snapshot.keep_all()  # training and structural verbs may write any tensor in place
             if type(step.method).verb == "distill":
                 _run_distill_step(model, step, teacher, data, val, report)  # type: ignore[arg-type]
             elif type(step.method).verb in STRUCTURAL_VERBS:
                 _run_structural_step(model, step, calib, report)
             else:
-                names += [n for n in _run_step(model, step, calib, options, report) if n not in names]
+                names += [n for n in _run_step(model, step, calib, options, report, snapshot) if n not in names]
         if structural and options.correct_mean_std:
             report.notes.append("mean/std correction skipped: the recipe changes layer shapes")
+        if options.bn_reestimate or dense is not None:
+            snapshot.keep_all()  # statistics and biases are corrected in place
         _recalibrate(model, dense, names, calib, options, report)
     except BaseException:
         snapshot.restore_()

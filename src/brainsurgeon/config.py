@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -496,6 +497,9 @@ class CalibOptions(Config):
     true_sequential: bool = False
     strict: bool = False  # refuse instead of skipping layers the sparsity pattern cannot divide
     keep_head: bool = False  # True: the output layer (lm_head / classifier) stays dense
+    # sequential mode: most MB of cached chain activations to replay (peak about twice that while a
+    # child maps them); past it the chain's layers use forwards from the model input (noted), 0 = never replay
+    replay_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",
@@ -503,6 +507,12 @@ class CalibOptions(Config):
         _check(self.hessian_dtype in ("float32", "float64"), "CalibOptions",
                f"hessian_dtype must be 'float32' or 'float64', got {self.hessian_dtype!r}")
         _check(self.max_batches >= 0, "CalibOptions", "max_batches must be >= 0 (0 = all)")
+        _check(self.blocks == "" or re.fullmatch(r"\w+(\.\w+)*", self.blocks) is not None, "CalibOptions",
+               f"blocks must be '' (per-layer calibration) or the dotted path of the model's ModuleList of blocks, "
+               f"e.g. 'model.layers' (Llama) or 'encoder.layer' (BERT), got {self.blocks!r}; pass the path as "
+               f"model.get_submodule() takes it, without spaces or empty parts")
+        _check(math.isfinite(self.replay_cache_mb) and self.replay_cache_mb >= 0, "CalibOptions",
+               f"replay_cache_mb must be a finite number of MB >= 0 (0 = never replay), got {self.replay_cache_mb!r}")
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ._log import get_logger
+from ._state import ModelSnapshot
 from .calib import num_groups, set_weight_matrix_, supported, weight_matrix
+from .calib.hessian import _is_hf_conv1d
 from .config import CalibOptions, Config, Step, compile_patterns, match_configs
 from .errors import BrainsurgeonError, ConfigError, UnsupportedModuleError
 from .obs.engine import column_perm
@@ -31,12 +33,21 @@ def _layer_weight(module: nn.Module) -> torch.Tensor:
     return weight_matrix(module).detach()
 
 
-def _set_layer_weight(module: nn.Module, W: torch.Tensor) -> None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        with torch.no_grad():
-            module.weight.copy_(W)
-    else:
-        set_weight_matrix_(module, W)
+def _set_layer_weight(module: nn.Module, W: torch.Tensor, snapshot: ModelSnapshot | None = None) -> None:
+    """Write W (as :func:`_layer_weight` gives it) into the module's weight; through `snapshot`'s
+    copy-on-write :meth:`~brainsurgeon._state.ModelSnapshot.write_` when given (no copy of the old values)."""
+    if snapshot is None:
+        if isinstance(module, nn.modules.conv._ConvNd):
+            with torch.no_grad():
+                module.weight.copy_(W)
+        else:
+            set_weight_matrix_(module, W)
+        return
+    ref = weight_matrix(module)
+    if tuple(W.reshape(W.shape[0], -1).shape) != tuple(ref.shape):
+        raise ConfigError(f"{type(module).__name__}: weight matrix must have shape {tuple(ref.shape)}, "
+                          f"got {tuple(W.shape)}")
+    snapshot.write_(module.weight, W.t().contiguous() if _is_hf_conv1d(module) else W)  # Conv1D: (in, out)
 
 
 def _weight_key(w: torch.Tensor) -> Any:

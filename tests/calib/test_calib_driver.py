@@ -332,7 +332,7 @@ class DeepNet(nn.Module):
 
 
 def test_sequential_replay_sees_the_same_hessians_as_stopped_forwards_in_linear_time():
-    from brainsurgeon.calib import driver
+    from brainsurgeon.calib import passes
 
     torch.manual_seed(0)
     model = DeepNet()
@@ -352,10 +352,65 @@ def test_sequential_replay_sees_the_same_hessians_as_stopped_forwards_in_linear_
     run_layerwise(m1, names, calib, solver("replay"), CalibOptions())
     with torch.no_grad():
         layers = dict(m2.named_modules())
-        driver._solve_sequential(m2, {n: layers[n] for n in names}, lambda: [((x,), {}) for x in calib],
+        passes._solve_sequential(m2, {n: layers[n] for n in names}, lambda: [((x,), {}) for x in calib],
                                  solver("stopped"), torch.float32)
     assert list(seen["replay"]) == names
     for n in names:
         torch.testing.assert_close(seen["replay"][n], seen["stopped"][n], atol=1e-5, rtol=1e-5)
     # model-input forwards: order probes, stem, one catch of the chain's inputs, head; not one per layer
     assert calls[0] <= 6 * len(calib) < len(names) * len(calib)
+
+
+def _widening():
+    """A chain whose third child widens 6 -> 24 channels: its mapped cache is 4x the chain's input cache."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 24, 1), nn.ReLU(), nn.Conv2d(24, 6, 1))
+    return nn.Sequential(chain, nn.Flatten(), nn.Linear(6 * 64, 4))
+
+
+# DeepNet, 0 MB: nothing replayed. _widening, 0.01 MB: the chain's inputs (2 x 1.5 KB) and the first maps
+# (2 x 3 KB) fit, the 24-channel map (12 KB per batch) does not: its later layers fall back midway.
+@pytest.mark.parametrize("build,bound_mb,path", [(DeepNet, 0.0, "features"), (_widening, 0.01, "0")])
+def test_replay_over_its_memory_bound_falls_back_to_input_forwards_with_the_same_hessians(build, bound_mb, path):
+    model = build()
+    torch.manual_seed(1)
+    calib = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    seen: dict[str, dict[str, torch.Tensor]] = {"replay": {}, "bounded": {}}
+
+    def solver(key):
+        def solve(name, module, H):
+            seen[key][name] = H.clone()
+            module.weight.data.mul_(0.5)  # a "compression" later layers must see
+        return solve
+
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    assert run_layerwise(m1, names, calib, solver("replay"), CalibOptions()) == []
+    calls = [0]
+    first = next(m for m in m2.modules() if isinstance(m, nn.Conv2d))
+    first.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    notes = run_layerwise(m2, names, calib, solver("bounded"), CalibOptions(replay_cache_mb=bound_mb))
+    assert len(notes) == 1 and f"replay of {path}:" in notes[0] and "replay_cache_mb" in notes[0], notes
+    assert list(seen["bounded"]) == names
+    for n in names:
+        torch.testing.assert_close(seen["bounded"][n], seen["replay"][n], atol=1e-5, rtol=1e-5)
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    if build is _widening:
+        assert "1 of its 3 layer(s)" in notes[0]  # conv 24 -> 6, after the widening conv
+        assert calls[0] >= 2 * len(calib)  # the fallback's forwards from the model input reach the first conv
+
+
+def test_calib_options_blocks_is_a_dotted_path_and_a_verb_refuses_one_naming_no_block_list():
+    import brainsurgeon as bs
+
+    for bad in (".layers", "model..layers", "model.layers.", "model layers", "model/layers"):
+        with pytest.raises(ConfigError, match=r"CalibOptions: blocks must be '' .*dotted path.*'model.layers'"):
+            CalibOptions(blocks=bad)
+    model, calib = TinyLM(), lm_calib()
+    calls = [0]
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    for path in ("x", "head"):
+        with pytest.raises(ConfigError, match=r"CalibOptions.blocks: .*not a non-empty nn.ModuleList.*'layers'"):
+            bs.quantize_(model, bs.GPTQ(bits=4), calib, options=CalibOptions(blocks=path))
+    assert calls[0] == 0  # refused before any calibration forward

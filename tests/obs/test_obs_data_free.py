@@ -57,3 +57,24 @@ def test_linear_time_levels_equal_the_sorting_count(group_size):
         assert res.info["levels"] == _levels(res.weight, group_size) <= 8
     codes = torch.tensor([[0, 0, 1, 1], [2, 3, 4, 4]])
     assert grid_levels(codes, 7, 2) == 2 and grid_levels(codes, 7, 0) == 3
+
+
+@pytest.mark.parametrize("maxq", [1, 15, 31, 63, 255])  # int32 bits, int64 bits, bincount
+@pytest.mark.parametrize("cols,group_size", [(64, 0), (70, 16), (33, 7), (5, 64)])
+def test_grid_levels_counts_distinct_codes_per_group(maxq, cols, group_size):
+    g = torch.Generator().manual_seed(maxq + cols)
+    for hi in (maxq, min(2, maxq), 0):
+        codes = torch.randint(0, hi + 1, (6, cols), generator=g).float()
+        step = group_size if 0 < group_size < cols else cols
+        want = max(len(set(codes[r, j:j + step].tolist())) for r in range(6) for j in range(0, cols, step))
+        assert grid_levels(codes, maxq, group_size) == want
+
+
+def test_count_nonzero_on_bits_counts_negative_zero_as_zero():
+    from brainsurgeon.obs.engine import count_nonzero
+
+    t = torch.tensor([[0.0, -0.0, 1.0], [-2.0, 1e-45, -1e-45]])
+    assert count_nonzero(t) == 4 == count_nonzero(t.double()) == count_nonzero(t.t())  # bits, float64, strided
+    W = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    res = compress_weight(W, None, bs.Magnitude(sparsity=0.5))  # W * mask: negative weights become -0.0
+    assert res.info["nonzeros"] == int((res.weight != 0).sum()) == 64 * 48 // 2

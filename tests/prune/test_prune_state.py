@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from brainsurgeon._state import ModelSnapshot
 from brainsurgeon.errors import CalibrationError
 from brainsurgeon.models import build_model
 from brainsurgeon.prune import ChannelPruning, prune_
-from brainsurgeon.prune.undo import UndoLog
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -61,12 +61,12 @@ def test_undo_log_restores_config_objects_in_place():
 
     m = nn.Linear(8, 8)
     m.config = cfg = Cfg()
-    log = UndoLog(m)
+    log = ModelSnapshot(m)
     w = m.weight
     m.weight.data = m.weight.data[:4]
     m.out_features = 4
     cfg.hidden = 4
     cfg.heads[0] = 1
-    log.restore()
+    log.restore_()
     assert m.config is cfg and cfg.hidden == 8 and cfg.heads == [2, 4]
     assert m.weight is w and m.weight.shape == (8, 8) and m.out_features == 8

@@ -15,8 +15,9 @@ from torch import nn
 from .._log import get_logger, progress
 from ..errors import CalibrationError
 from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device, move_to
-from .driver import _forward, _StopForward, execution_order
+from .forwards import _forward, _StopForward
 from .hessian import resolve_layers, set_weight_matrix_, weight_matrix
+from .order import execution_order
 
 log = get_logger(__name__)
 

@@ -49,16 +49,29 @@ def rtn(W: torch.Tensor, cfg: RTN) -> torch.Tensor:  # the same values as the RT
 def grid_levels(codes: torch.Tensor, maxq: int, group_size: int) -> int:
     """Most distinct integer codes (0..maxq) in one row, or one row-group of `group_size` columns.
 
-    One scatter into a (groups, maxq + 1) table: linear time (api's generic count sorts every group).
+    Linear time (api's generic count sorts every group): each code becomes the bit ``1 << code``,
+    a group's bits are OR-ed by halving, and the most set bits is the count. Grids of more than
+    63 levels count with one bincount over (group, code) pairs instead.
     """
     rows, cols = codes.shape
     g = group_size if 0 < group_size < cols else cols
     pad = (-cols) % g
     c = torch.nn.functional.pad(codes, (0, pad), value=float(codes[0, 0])) if pad else codes
-    c = c.reshape(-1, g).long()  # (rows * groups, g)
-    seen = torch.zeros(c.shape[0], maxq + 1, dtype=torch.bool, device=c.device)
-    seen.scatter_(1, c, True)
-    return int(seen.sum(1).max())
+    c = c.reshape(-1, g)  # (rows * groups, g)
+    if maxq >= 63:
+        n = c.shape[0]
+        pairs = (c.long() + torch.arange(n, device=c.device)[:, None] * (maxq + 1)).flatten()
+        return int((torch.bincount(pairs, minlength=n * (maxq + 1)).view(n, -1) > 0).sum(1).max())
+    dtype = torch.int16 if maxq < 16 else torch.int32 if maxq < 32 else torch.int64  # narrow: less memory traffic
+    bits = torch.ones((), dtype=dtype, device=c.device) << c.to(dtype)
+    while bits.shape[1] > 1:  # OR the two halves (an odd last column is carried over)
+        h = bits.shape[1] // 2
+        bits = torch.cat([bits[:, :h] | bits[:, h:2 * h], bits[:, 2 * h:]], 1) if bits.shape[1] % 2 \
+            else bits[:, :h] | bits[:, h:]
+    mask, count = bits[:, 0], torch.zeros(c.shape[0], dtype=dtype, device=c.device)
+    for b in range(maxq + 1):
+        count += (mask >> b) & 1
+    return int(count.max())
 
 
 def _rtn_grouped(W: torch.Tensor, cfg: RTN) -> tuple[torch.Tensor, int]:

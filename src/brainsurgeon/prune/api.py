@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._state import ModelSnapshot
 from ..errors import ConfigError
 from ..graph.hf import mark_rebuild_
 from ..report import CompressionReport, LayerRow
@@ -33,7 +34,6 @@ from .importance import consumers, importance_needs, score
 from .reconstruct import reconstruct_
 from .select import select_global, select_local
 from .stats import collect_stats
-from .undo import UndoLog
 
 log = get_logger(__name__)
 
@@ -186,7 +186,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
 
     _check_inputs(cfg, example_inputs, calib)
     t0 = time.perf_counter()
-    undo = UndoLog(model)   # references, no copy: surgery replaces .data, it never writes into it
+    undo = ModelSnapshot(model)   # copy-on-write: surgery replaces .data, it never writes into it
     backup = copy.deepcopy(model) if cfg.reconstruct == "obs" else None   # the dense reference
     report = CompressionReport()
     try:
@@ -229,7 +229,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                          g.n, g.n - rows.numel())
             kept.record(done)
             if cfg.reconstruct == "obs" and touched:   # writes weights, biases and BN means in place
-                undo.keep_values([t for n in touched for t in model.get_submodule(n).parameters()]
+                undo.keep([t for n in touched for t in model.get_submodule(n).parameters()]
                                  + list(model.buffers()))
                 for name, b, a in reconstruct_(model, backup, sorted(touched), calib, kept.rows, cfg.damp,
                                                cfg.calib_batches):
@@ -242,7 +242,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                                 "from the saved weights, not with the class's own from_pretrained")
         after = measure(model, example_inputs)
     except BaseException:
-        undo.restore()
+        undo.restore_()
         raise
     undo.restore_flags()   # every submodule's train/eval flag, not only the root's
     seconds = time.perf_counter() - t0

@@ -60,8 +60,8 @@ def fit_rows(X: torch.Tensor, bits: int, sym: bool, mse: bool,
              grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4):
     """Scale and zero (each shape rows) of one grid per row of X (rows x n)."""
     maxq = 2**bits - 1
-    xmin = torch.clamp(X.min(dim=1).values, max=0)
-    xmax = torch.clamp(X.max(dim=1).values, min=0)
+    xmin = torch.clamp(X.amin(dim=1), max=0)  # amin/amax: no argmin indices (min(dim=1) is 5x slower)
+    xmax = torch.clamp(X.amax(dim=1), min=0)
     scale, zero = _minmax_params(xmin, xmax, maxq, sym)
     if not mse:
         return scale, zero

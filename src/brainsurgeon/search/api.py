@@ -258,7 +258,7 @@ def apply_plan_(model: nn.Module, plan: Plan, calib: Any, options: CalibOptions 
     if not plan.channel_items() and not recipe.steps:
         report.notes.append("the plan keeps every layer dense (its budget allows the dense model): nothing applied")
         return report
-    snapshot = ModelSnapshot(model)  # the channel surgery and the recipe are undone together, in place
+    snapshot = ModelSnapshot(model).keep_all()  # the channel surgery and the recipe are undone together, in place
     try:
         if plan.channel_items():
             calib = cache_batches(calib, options.max_batches)  # read once: the surgery and the steps reuse it

@@ -66,7 +66,7 @@ def apply_channels_(model: nn.Module, items: list[tuple[str, Any]], example: Any
     """Prune each (layer, config) in order, in place; on failure the whole model is put back (same objects)."""
     from .._state import ModelSnapshot
 
-    snapshot = ModelSnapshot(model)
+    snapshot = ModelSnapshot(model).keep_all()  # channel surgery may write values in place
     try:
         for layer, cfg in items:
             prune_layer_(model, layer, cfg, example, calib, names)

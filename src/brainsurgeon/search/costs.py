@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..calib import num_columns, num_groups, resolve_layers
-from ..calib.driver import _forward
+from ..calib.forwards import _forward
 from ..calib.hessian import first_input
 from ..config import Pattern
 from ..errors import CalibrationError

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..calib import cache_batches, move_to
 from ..calib.data import model_device
-from ..calib.driver import _forward
+from ..calib.forwards import _forward
 from ..errors import ConfigError
 from ..graph.trace import in_mode
 from .solve import layer_weight, set_layer_weight_

@@ -34,7 +34,7 @@ from .._io import atomic_open
 from .._log import get_logger, progress
 from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
 from ..calib.data import CachedBatches, model_device
-from ..calib.driver import _forward
+from ..calib.forwards import _forward
 from ..errors import CalibrationError, ConfigError, FormatError
 from .channels import channel_costs, pruned_copy
 from .config import SearchSpace
