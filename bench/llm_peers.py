@@ -194,6 +194,11 @@ def worker(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- orchestrator
 
 
+def seeds_of(name: str, seeds: int) -> int:
+    """Calibration seeds a method runs: RTN reads no data, so one run stands for every seed."""
+    return 1 if METHODS[name][0] == "rtn" else seeds
+
+
 def spawn(tool: str, method: str, seed: int, tokens: pathlib.Path, tmp: pathlib.Path) -> dict:
     py = sys.executable if tool == "ours" else str(PEER_PY)
     out = tmp / f"{tool}-{method.replace(' ', '_').replace(':', '-').replace('%', 'pc')}-{seed}.json"
@@ -235,15 +240,20 @@ def main() -> int:
         prepare_tokens(tokens, n_eval, args.seeds)
         print(f"SmolLM2-135M fp32; calibration 8 x 256 tokens (pydoc first half), eval {n_eval} x 512 (pydoc second "
               f"half / jargon); 1 thread, CPU s of the compression call" + ("   [QUICK]" if args.quick else ""))
+        if args.seeds > 1 and any(METHODS[n][0] == "rtn" for n in names):
+            print("RTN reads no calibration data: run once (seed 0) for every seed")
         rows = [spawn("ours", "dense", 0, tokens, tmp)]
         for i, name in enumerate(names):
-            for seed in range(args.seeds):
+            for seed in range(seeds_of(name, args.seeds)):
                 for tool in (("ours", "llmc") if (i + seed) % 2 == 0 else ("llmc", "ours")):
                     rows.append(spawn(tool, name, seed, tokens, tmp))
                     r = rows[-1]
                     msg = (r["error"].splitlines()[-1] if "error" in r
                            else f"cpu {r['cpu_s']:.1f}s ppl {r['pydoc']:.2f}/{r['jargon']:.2f}")
                     print(f"  {name} seed {seed} {tool}: {msg}", file=sys.stderr, flush=True)
+                    if args.json:  # rows so far, so a run cut short still leaves its numbers
+                        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                        pathlib.Path(args.json).write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2))
     dense = rows[0]
     if "error" in dense:
         print(dense["error"], file=sys.stderr)
@@ -254,7 +264,7 @@ def main() -> int:
     print(head + "\n" + "-" * len(head))
     bad = []
     for name in names:
-        for seed in range(args.seeds):
+        for seed in range(seeds_of(name, args.seeds)):
             o = next(r for r in rows if r["method"] == name and r["seed"] == seed and r["tool"] == "ours")
             p = next(r for r in rows if r["method"] == name and r["seed"] == seed and r["tool"] == "llmc")
             cell = lambda r: (f"{'error':>10} {'':>8} {'':>7}" if "error" in r  # noqa: E731
