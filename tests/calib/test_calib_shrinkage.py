@@ -1,11 +1,13 @@
 """calib.hessian.auto_shrinkage: Schaefer-Strimmer's intensity from per-sequence Hessians, applied once."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import brainsurgeon as bs
-from brainsurgeon.calib import HessianAccumulator, auto_shrinkage
+from brainsurgeon.calib import HessianAccumulator, auto_shrinkage, layer_columns
 from brainsurgeon.calib.hessian import shrinkage_intensity
 
 
@@ -63,6 +65,18 @@ def test_quantize_applies_auto_shrinkage_and_says_so():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     calib = [torch.randn(4, 10, 16) for _ in range(2)]
     auto, zero = (bs.quantize_(m, bs.GPTQ(bits=3, shrink=s), calib) for m, s in
-                  ((model, "auto"), (__import__("copy").deepcopy(model), 0.0)))
+                  ((model, "auto"), (copy.deepcopy(model), 0.0)))
     assert any("shrink='auto': 2 Hessian(s)" in n for n in auto.notes)
     assert not any("shrink=" in n for n in zero.notes)
+
+
+def test_conv_samples_are_images():
+    conv = nn.Conv2d(3, 4, 3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 6, 6, generator=g) * torch.rand(5, 1, 1, 1, generator=g) * 3
+    with auto_shrinkage(lambda name: True):
+        acc = HessianAccumulator("conv", conv)
+        acc.add_input(x)
+        acc.H
+    xs = list(layer_columns(conv, x).reshape(5, 16, 27))  # 16 output positions of 27 columns per image
+    assert acc.shrinkage == pytest.approx(brute_force(xs, 5), rel=1e-4)
