@@ -77,6 +77,6 @@ def test_conv_samples_are_images():
     with auto_shrinkage(lambda name: True):
         acc = HessianAccumulator("conv", conv)
         acc.add_input(x)
-        acc.H
+        H = acc.H
     xs = list(layer_columns(conv, x).reshape(5, 16, 27))  # 16 output positions of 27 columns per image
-    assert acc.shrinkage == pytest.approx(brute_force(xs, 5), rel=1e-4)
+    assert acc.shrinkage == pytest.approx(brute_force(xs, 5), rel=1e-4) and H.shape == (27, 27)
