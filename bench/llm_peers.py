@@ -43,8 +43,9 @@ Measured (full table, --seeds 2, 8 eval windows, GPTQ with the default shrink="a
     SparseGPT 2:4 s0 ours 32.56 / 213.3, 25.0 CPU s | llm-compressor 51.25 / 447.2, 36.5 CPU s | ratio 0.69
                   s1 ours 31.53 / 220.5, 23.9 CPU s | llm-compressor 49.15 / 493.8, 36.9 CPU s | ratio 0.65
     RTN W4 g64       ours 15.35 / 32.96,  1.3 CPU s | llm-compressor 15.35 / 32.96,  1.0 CPU s (data-free, < 2 s)
-GPTQ W4 jargon 31.32 / 32.46 <= RTN's 32.96 (out of distribution). The earlier --seeds 1 table: the SparseGPT gap to llm-compressor is larger than in issue 15's table and
-has not been explained (a setting matched wrongly on their side is possible).
+GPTQ W4 jargon 31.32 / 32.46 <= RTN's 32.96 (out of distribution). The SparseGPT gap to
+llm-compressor is larger than in issue 15's table and has not been explained (a setting matched
+wrongly on their side is possible).
 """
 
 from __future__ import annotations
