@@ -9,19 +9,22 @@ weights already sit on a 4-bit grid, so compare to the dequantized dense row, no
 numbers. Compressed: the 210 Linear layers inside ``model.layers`` (q/k/v/o, gate/up/down), block
 by block (``CalibOptions(blocks="model.layers")``); ``lm_head`` (tied to the embeddings) stays dense.
 Text: CPython's ``pydoc_data.topics``; the eval windows come from the start of the token stream,
-the calibration windows from its end, so they never overlap. Perplexity = exp(mean next-token
-NLL), each window scored independently. solve s = sum of per-layer solver seconds (report);
-wall s = the whole verb call, calibration forwards included. Magnitude and RTN are data-free: they
-run with calib=None (no forward pass). ExactOBS is not in the table: ``--estimate-exact`` times it
-on a few rows of block 0 and extrapolates (~2.6 h for the 210 layers on 2 cores).
+the calibration windows from its end, so they never overlap. Out of distribution (ppl OOD): as many
+512-token windows of the Debian ``jargon-text`` file; GPTQ must be no worse there than RTN.
+Perplexity = exp(mean next-token NLL), each window scored independently. solve s = sum of per-layer
+solver seconds (report); wall s = the whole verb call, calibration forwards included. Magnitude and
+RTN are data-free: they run with calib=None (no forward pass). ExactOBS is not in the table:
+``--estimate-exact`` times it on a few rows of block 0 and extrapolates (~2.6 h for the 210 layers on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import os
+import pathlib
 import re
 import sys
 import time
@@ -37,6 +40,7 @@ from brainsurgeon.calib import capture_hessians  # noqa: E402
 from brainsurgeon.obs import compress_weight  # noqa: E402
 
 BLOCKS = "model.layers"
+JARGON = pathlib.Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 IGNORE = ("lm_head",)
 
 
@@ -72,7 +76,15 @@ def estimate_exact(lm, calib, rows: int = 16) -> dict[str, float]:
     return out
 
 
-def run(lm, cfg, calib, evals) -> dict:
+def jargon_windows(tok, n: int, length: int = 512) -> list[torch.Tensor]:
+    """Out-of-distribution eval windows from the Debian ``jargon-text`` file (empty list if it is missing)."""
+    if not JARGON.exists():
+        return []
+    ids = tok(gzip.open(JARGON, "rt", encoding="utf-8", errors="replace").read(), return_tensors="pt")["input_ids"][0]
+    return [ids[i * length:(i + 1) * length][None] for i in range(n)]
+
+
+def run(lm, cfg, calib, evals, ood) -> dict:
     m = copy.deepcopy(lm)
     verb = bs.sparsify_ if cfg.verb == "sparsify" else bs.quantize_
     data_free = isinstance(cfg, (bs.Magnitude, bs.RTN))  # no calibration data, no forward pass
@@ -83,6 +95,7 @@ def run(lm, cfg, calib, evals) -> dict:
     t = rep.totals()
     levels = max(r.levels for r in rep.rows)
     return {"method": cfg.describe().replace(" unstructured", ""), "ppl": perplexity(m, evals),
+            "ppl_ood": perplexity(m, ood) if ood else float("nan"),
             "solve_s": t["seconds"], "wall_s": wall, "layers": t["layers"], "sparsity": t["sparsity"],
             "bits": t["avg_bits"] if levels else 32.0, "levels": levels, "damp_retries": t["damp_retries"]}
 
@@ -102,6 +115,7 @@ def main() -> int:
     n_eval, n_cal, cal_len = (2, 4, 256) if args.quick else (8, 16, 512)
     tok, lm = load_smollm()
     evals = token_windows(tok, n_eval, 512)
+    ood = jargon_windows(tok, n_eval)
     calib = calib_batches(tok, n_cal, cal_len)
     print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32), torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
@@ -110,6 +124,8 @@ def main() -> int:
           f"embed_tokens, lm_head (tied), norms")
     print(f"eval: {n_eval} windows x 512 tokens (start of pydoc_data.topics); calibration: {n_cal} windows x "
           f"{cal_len} tokens (end of the text), batches of 4" + ("   [QUICK]" if args.quick else ""))
+    print(f"out of distribution: {n_eval} windows x 512 tokens of {JARGON}" if ood else
+          f"out of distribution: SKIPPED, {JARGON} is missing (apt-get install jargon-text)")
     if args.estimate_exact:
         e = estimate_exact(lm, calib)
         print(f"ExactOBS 50% estimate: {e['q_proj']:.3f} s/row at 576 columns, {e['down_proj']:.2f} s/row at "
@@ -117,22 +133,25 @@ def main() -> int:
     sys.stdout.flush()
 
     t0 = time.perf_counter()
-    rows = [{"method": "dense (fp32)", "ppl": perplexity(lm, evals), "eval_s": time.perf_counter() - t0}]
+    rows = [{"method": "dense (fp32)", "ppl": perplexity(lm, evals), "eval_s": time.perf_counter() - t0,
+             "ppl_ood": perplexity(lm, ood) if ood else float("nan")}]
     for cfg in methods():
         if args.only and not re.search(args.only, cfg.describe()):
             continue
-        rows.append(run(lm, cfg, calib, evals))
+        rows.append(run(lm, cfg, calib, evals, ood))
         print(f"  done {rows[-1]['method']}: ppl {rows[-1]['ppl']:.2f}, wall {rows[-1]['wall_s']:.0f} s",
               file=sys.stderr, flush=True)
 
     dense = rows[0]["ppl"]
-    head = f"{'method':<28} {'ppl':>8} {'vs dense':>9} {'solve s':>8} {'wall s':>8} {'achieved':>14}"
+    head = (f"{'method':<28} {'ppl':>8} {'vs dense':>9} {'ppl OOD':>8} {'solve s':>8} {'wall s':>8} "
+            f"{'achieved':>14}")
     print("\n" + head + "\n" + "-" * len(head))
-    print(f"{rows[0]['method']:<28} {dense:>8.2f} {'':>9} {'-':>8} {'-':>8} {'dense fp32':>14}")
+    print(f"{rows[0]['method']:<28} {dense:>8.2f} {'':>9} {rows[0]['ppl_ood']:>8.2f} {'-':>8} {'-':>8} "
+          f"{'dense fp32':>14}")
     for r in rows[1:]:
         comp = f"{r['bits']:.0f}-bit/{r['levels']}lv" if r["levels"] else f"{r['sparsity']:.1%} sparse"
-        print(f"{r['method']:<28} {r['ppl']:>8.2f} {r['ppl'] / dense - 1:>+9.1%} {r['solve_s']:>8.1f} "
-              f"{r['wall_s']:>8.1f} {comp:>14}")
+        print(f"{r['method']:<28} {r['ppl']:>8.2f} {r['ppl'] / dense - 1:>+9.1%} {r['ppl_ood']:>8.2f} "
+              f"{r['solve_s']:>8.1f} {r['wall_s']:>8.1f} {comp:>14}")
     print(f"dense eval {rows[0]['eval_s']:.0f} s; total run time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -142,6 +161,10 @@ def main() -> int:
     checks = [("SparseGPT 50%", "Magnitude 50%"), ("SparseGPT 2:4", "Magnitude 2:4"),
               ("GPTQ 4-bit g128", "RTN 4-bit g128")]
     bad = [f"{a} ({ppl[a]:.2f}) >= {b} ({ppl[b]:.2f})" for a, b in checks if a in ppl and b in ppl and ppl[a] >= ppl[b]]
+    ood_ppl = {r["method"]: r["ppl_ood"] for r in rows}
+    a, b = "GPTQ 4-bit g128", "RTN 4-bit g128"  # out of distribution: GPTQ no worse than RTN
+    if a in ood_ppl and b in ood_ppl and ood_ppl[a] > ood_ppl[b]:
+        bad.append(f"{a} OOD ppl {ood_ppl[a]:.2f} > {b} {ood_ppl[b]:.2f}")
     if bad:
         print("CHECK FAILED: " + "; ".join(bad), file=sys.stderr)
         return 1

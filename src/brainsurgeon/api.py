@@ -24,6 +24,7 @@ from torch import nn
 from ._log import get_logger
 from ._state import ModelSnapshot
 from .calib import (
+    auto_shrinkage,
     correct_mean_std_,
     num_groups,
     prepare_calibration,
@@ -96,13 +97,19 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                             f"loss = ||dW||^2 in weight space")
         return list(plan)
     inside, outside = _split_blocks(model, list(plan), options.blocks)
-    report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
-    if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
-        report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} ({', '.join(outside[:4])}"
-                            f"{', ...' if len(outside) > 4 else ''}) compressed in a final per-layer pass after "
-                            f"the blocks; pass ignore=[...] to keep them dense")
-        final = dataclasses.replace(options, blocks="", offload=False)
-        report.notes.extend(run_layerwise(model, outside, calib, solve, final) or [])
+    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) == "auto") as shrunk:
+        report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
+        if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
+            report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
+                                f"({', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}) compressed in a "
+                                f"final per-layer pass after the blocks; pass ignore=[...] to keep them dense")
+            final = dataclasses.replace(options, blocks="", offload=False)
+            report.notes.extend(run_layerwise(model, outside, calib, solve, final) or [])
+    if shrunk:
+        lam = [x for _, x in shrunk]
+        report.notes.append(f"shrink='auto': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "
+                            f"{min(lam):.3f}-{max(lam):.3f} (mean {sum(lam) / len(lam):.3f}), estimated from the "
+                            f"spread of the calibration samples")
     return list(plan)
 
 

@@ -301,8 +301,8 @@ class _QuantConfig(Config):
 
 
 def _check_damp(obj: Any) -> None:
-    _check(0.0 <= obj.damp < 1.0, type(obj).__name__,
-           f"damp (relative dampening, fraction of mean diag(H)) must be in [0, 1), got {obj.damp!r}")
+    _check(0.0 <= obj.damp <= 1.0, type(obj).__name__,
+           f"damp (relative dampening, fraction of mean diag(H)) must be in [0, 1], got {obj.damp!r}")
 
 
 @register_config
@@ -397,10 +397,17 @@ class GPTQ(_QuantConfig):
     blocksize: int = 128
     damp: float = 0.01
     refine: int = 0  # coordinate-descent passes on the grid after the solve (0 = off)
+    # H <- (1 - shrink) H + shrink diag(H) before the solve (0 = plain GPTQ, 1 = RTN on the same grid);
+    # "auto": the intensity estimated per layer from the calibration samples (calib.hessian.auto_shrinkage)
+    shrink: float | str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self)
+        _check(self.shrink == "auto" or (isinstance(self.shrink, (int, float)) and not isinstance(self.shrink, bool)
+                                         and 0.0 <= self.shrink <= 1.0), "GPTQ",
+               f"shrink (Hessian shrinkage toward its diagonal) must be 'auto' or a number in [0, 1], "
+               f"got {self.shrink!r}")
         _check(self.refine >= 0, "GPTQ", f"refine (passes) must be >= 0, got {self.refine}")
         _check(self.blocksize >= 1, "GPTQ", f"blocksize must be >= 1, got {self.blocksize}")
 

@@ -12,6 +12,7 @@ from .data import CachedBatches, cache_batches, iter_batches, move_to, prepare_c
 from .driver import execution_order, run_layerwise
 from .hessian import (
     HessianAccumulator,
+    auto_shrinkage,
     capture_hessians,
     capture_layers,
     layer_columns,
@@ -25,7 +26,7 @@ from .hessian import (
 from .recalib import correct_mean_std_, reestimate_batchnorm_
 
 __all__ = [
-    "CachedBatches", "HessianAccumulator", "cache_batches", "capture_hessians", "capture_layers",
+    "CachedBatches", "HessianAccumulator", "auto_shrinkage", "cache_batches", "capture_hessians", "capture_layers",
     "correct_mean_std_", "execution_order", "iter_batches", "layer_columns", "move_to", "num_columns",
     "num_groups", "prepare_calibration", "reestimate_batchnorm_", "resolve_layers", "run_layerwise",
     "set_weight_matrix_", "supported", "weight_matrix",

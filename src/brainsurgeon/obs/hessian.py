@@ -35,6 +35,7 @@ class Prepared:
     retries: int
     damp: float = 0.0  # the relative dampening asked for
     name: str = ""
+    shrink: float = 0.0  # shrinkage toward diag(H) applied to H (see shrink_)
 
     @property
     def Hinv(self) -> torch.Tensor:
@@ -45,6 +46,20 @@ class Prepared:
     def info(self) -> dict:
         """Facts for the report: dampening retries, dead inputs, absolute dampening."""
         return {"damp_retries": self.retries, "dead_inputs": int(self.dead.sum()), "damp": self.lam}
+
+
+def shrink_(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """H <- (1 - lam) H + lam diag(H) in place: the off-diagonal entries scaled by 1 - lam.
+
+    Shrinkage of a sample covariance toward its diagonal (Ledoit & Wolf, "A well-conditioned
+    estimator for large-dimensional covariance matrices", 2004; target "D" of Schaefer & Strimmer,
+    "A shrinkage approach to large-scale covariance matrix estimation", 2005). lam = 0 is H,
+    lam = 1 its diagonal, under which GPTQ's walk spreads no error and is round-to-nearest.
+    """
+    d = H.diagonal().clone()
+    H.mul_(1.0 - lam)
+    H.diagonal().copy_(d)
+    return H
 
 
 def damped_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torch.Tensor, float, int]:
