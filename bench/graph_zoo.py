@@ -29,6 +29,13 @@ pruned & runs / median CPU s; "both" = models both tools handle):
     hf   28:  ours 28/28 (0.07 s) tp 10/28 | both 10: ours 0.05 s vs tp 0.02 s (2.40x); round trips exact 23/28
     timm 95:  ours 91/95 (0.90 s) tp 34/95 | both 34: ours 0.51 s vs tp 0.31 s (1.67x); worst ours 12.24 s (levit)
 The speed bound of --quick (1.5x) does not hold today.
+
+Re-runs of the models that failed or were slow there (issue14d branch, 2026-12-06, same flags, 2-core machine
+under load; ``--models ...``; pruned / ours CPU s; Torch-Pruning failed on every one):
+    timm halonet_h1 -54 % 2.45 s, coat_tiny -64 % 2.55 s (was -24 %), pvt_v2_b0 -70 % 0.45 s (was -23 %),
+    samvit_base_patch16 at 224 px -75 % 2.02 s (was a 120 s timeout at 1024 px), levit_384_s8 -71 % 3.12 s
+    (was 12.2 s); hand gat -65 % 0.02 s (was -33 %); hf gpt2 -72 % 0.13 s, round trip exact.
+    ``--set hf --no-tp``: ours 28/28, round trips exact 28/28, median 0.11 s, worst 0.48 s.
 """
 
 from __future__ import annotations
