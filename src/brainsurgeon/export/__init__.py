@@ -17,5 +17,5 @@ from .onnx_export import OnnxExport, export_onnx
 from .qdq_static import export_static_qdq
 from .specs import build_module, module_spec
 
-__all__ = ["FORMATS", "OnnxExport", "build_module", "detect_format", "export_onnx", "export_static_qdq", "from_pretrained", "load",
-           "module_spec", "read_manifest", "save", "save_pretrained"]
+__all__ = ["FORMATS", "OnnxExport", "build_module", "detect_format", "export_onnx", "export_static_qdq",
+           "from_pretrained", "load", "module_spec", "read_manifest", "save", "save_pretrained"]
