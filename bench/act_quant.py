@@ -436,7 +436,12 @@ def main() -> int:
     if args.quick:  # each bound once, on the smallest honest case; the MobileNetV2 W4A4 rows and joint search
         skip.add("joint")  # run in the full form only (the quick form checks their bounds on the digits CNN)
     failures: list[str] = []
-    net = None
+    net, spent, mark = None, {}, [time.process_time()]
+
+    def lap(section: str) -> None:
+        spent[section] = spent.get(section, 0.0) + time.process_time() - mark[0]
+        mark[0] = time.process_time()
+
     if not {"ptq", "joint", "latency"} <= skip:
         net, imgs = mobilenet_v2(), photos()
         n_cal, n_score, n_eval = (32, 16, 64) if args.quick else (128, 64, 256)
@@ -448,21 +453,30 @@ def main() -> int:
         ref = logits_of(net, x_eval)
         say(f"MobileNetV2: {n_cal} calibration crops, {n_score} scoring crops, {n_eval} evaluation crops (other "
             f"photos)" + ("   [QUICK]" if args.quick else ""))
+        lap("MobileNetV2 load + crops")
     if "ptq" not in skip:
         ptq_rows(net, calib, scoring, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
+        lap("1-2 MobileNetV2 PTQ")
     if args.quick and "ptq" not in skip and not args.only:
         classifier_w4a4("digits-cnn", failures)
+        lap("2b digits W4A4")
     if "joint" not in skip:
         joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures)
+        lap("3 MobileNetV2 joint")
     if "cnn" not in skip:
         for name in (("digits-cnn",) if args.quick else ("mnist-cnn", "fashion-resnet20")):
             classifier_joint(name, args.quick, f"{args.db}-{name}" + ("-quick" if args.quick else ""), failures)
+        lap("3b classifier joint")
     if "latency" not in skip:
         linear_latency(args.quick, failures)
+        lap("4a Linear latency")
         conv_latency(net, calib, x_eval, args.quick, failures)
+        lap("4b MobileNetV2 onnxruntime")
     if args.smollm and not args.only:
         smollm_rows(args.quick, failures)
-    say(f"\ntotal {time.perf_counter() - t_start:.0f} s wall, {time.process_time() - c_start:.0f} s cpu")
+        lap("5 SmolLM2")
+    say("\ncpu s per section: " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()))
+    say(f"total {time.perf_counter() - t_start:.0f} s wall, {time.process_time() - c_start:.0f} s cpu")
     for f in failures:
         say("FAIL", f)
     return 1 if failures else 0

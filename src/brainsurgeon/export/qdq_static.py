@@ -9,7 +9,8 @@ expects (its "QDQ format"; onnxruntime docs, *Quantize ONNX models*):
 
 1. BatchNorm is folded into the preceding Conv in torch. With int8 codes per output channel the fold is
    exact: W'_n = f_n W_n with f_n = gamma_n / sqrt(var_n + eps) keeps the codes (sign(f_n) k_n) and
-   scales the channel's step by |f_n|.
+   scales the channel's step by |f_n| (a channel with f_n < 0 holding the code -128, whose negation int8
+   lacks, keeps its codes and takes the negative step f_n s_n; onnxruntime computes it as written).
 2. The float model (folded) is exported, then every quantized Conv/Gemm gets: its input tensor as
    Q -> DQ with the calibrated (scale, zero) (uint8; shared by every consumer of that tensor), the
    weight as an INT8 initializer + per-channel DequantizeLinear (axis 0, zero 0), the bias as INT32
@@ -52,6 +53,15 @@ def _fold_bn(conv_w: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
     return f, (b - bn.running_mean) * f + bn.bias.detach()
 
 
+def _scale_rows(codes: torch.Tensor, scale: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel int8 (codes, scale) of f_n W_n, exactly: a channel with f_n < 0 negates its codes, or, when
+    it holds the code -128 (whose negation int8 lacks), keeps them and takes a negative scale."""
+    flip = (f < 0) & (codes.reshape(codes.shape[0], -1) > -128).all(dim=1)
+    sign = torch.where(flip, -1.0, 1.0)
+    new = (codes.float() * sign.view(-1, *[1] * (codes.dim() - 1))).to(torch.int8)
+    return new, scale * f * sign
+
+
 @torch.no_grad()
 def plain_int8_copy(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     """A float copy of `model` with BatchNorm folded and plain layers whose weights are the int8 grids.
@@ -83,8 +93,8 @@ def plain_int8_copy(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, An
             f, bias = _fold_bn(a.weight, a.bias, b)
             if full in specs:
                 s = specs[full]
-                s["codes"] = (s["codes"].float() * torch.sign(f).view(-1, *[1] * (a.weight.dim() - 1))).to(torch.int8)
-                s["w_scale"], s["bias"] = s["w_scale"] * f.abs(), bias
+                s["codes"], s["w_scale"] = _scale_rows(s["codes"], s["w_scale"], f)
+                s["bias"] = bias
             new = nn.Conv2d(a.in_channels, a.out_channels, a.kernel_size, a.stride, a.padding, a.dilation,
                             a.groups, bias=True).to(a.weight)
             new.weight.copy_(a.weight * f.view(-1, 1, 1, 1))
