@@ -427,6 +427,8 @@ def main() -> int:
     ap.add_argument("--only", default="", choices=("", "w8a8"),
                     help="w8a8: only the MobileNetV2 W8A8 row of section 1 (skips everything else)")
     ap.add_argument("--smollm", action="store_true", help="also SmolLM2-135M W8A8 +- SmoothQuant (slow)")
+    ap.add_argument("--cnn", default="mnist-cnn,fashion-resnet20",
+                    help="full run: the classifiers of section 3b (fashion-resnet20 trains ~20 CPU min on first use)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -464,7 +466,7 @@ def main() -> int:
         joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures)
         lap("3 MobileNetV2 joint")
     if "cnn" not in skip:
-        for name in (("digits-cnn",) if args.quick else ("mnist-cnn", "fashion-resnet20")):
+        for name in (("digits-cnn",) if args.quick else args.cnn.split(",")):
             classifier_joint(name, args.quick, f"{args.db}-{name}" + ("-quick" if args.quick else ""), failures)
         lap("3b classifier joint")
     if "latency" not in skip:
