@@ -38,6 +38,7 @@ from torch import nn
 from .._log import get_logger
 from ..errors import ConfigError
 from ..formats import register_module_format
+from .smooth import output_probe
 
 log = get_logger(__name__)
 
@@ -211,20 +212,11 @@ def equalize_(model: nn.Module, calib: Any, alpha: float = 0.5, names: Iterable[
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"equalize_: alpha (migration strength) must be in [0, 1], got {alpha!r}; e.g. 0.5")
-    from ..calib import iter_batches, move_to
-    from ..calib.data import model_device
-
     pairs, amax = _observe(model, calib, max_batches)
     allowed = None if names is None else set(names)
-    args, kwargs = move_to(next(iter(iter_batches(calib, 1))), model_device(model))
+    out = output_probe(model, calib)
     was = model.training
     model.eval()
-
-    def out() -> torch.Tensor:
-        y = model(*args, **kwargs)
-        y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", y)
-        return y.detach().double()
-
     ref = out()
     done: dict[str, str] = {}
     undone: list[str] = []

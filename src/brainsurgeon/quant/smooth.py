@@ -18,7 +18,7 @@ default for most models; larger alpha moves more of the difficulty into the weig
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -99,6 +99,22 @@ def _fold(norm: nn.Module, mods: list[nn.Module], s: torch.Tensor) -> None:
         m.weight.mul_(s.to(m.weight)[None, :])
 
 
+def output_probe(model: nn.Module, calib: Any) -> Callable[[], torch.Tensor]:
+    """A function giving `model`'s output (float64) on the first calibration batch: a fold that must keep
+    the float function (SmoothQuant, cross-layer equalization) is checked against it."""
+    from ..calib import iter_batches, move_to
+    from ..calib.data import model_device
+
+    args, kwargs = move_to(next(iter(iter_batches(calib, 1))), model_device(model))
+
+    def out() -> torch.Tensor:
+        y = model(*args, **kwargs)
+        y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", getattr(y, "last_hidden_state", y))
+        return y.detach().double()
+
+    return out
+
+
 @torch.no_grad()
 def smooth_quant_(model: nn.Module, calib: Any, alpha: float = 0.5, names: Iterable[str] | None = None,
                   max_batches: int = 0) -> dict[str, list[str]]:
@@ -112,20 +128,11 @@ def smooth_quant_(model: nn.Module, calib: Any, alpha: float = 0.5, names: Itera
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"SmoothQuant: alpha (migration strength) must be in [0, 1], got {alpha!r}; e.g. 0.5")
-    from ..calib import iter_batches, move_to
-    from ..calib.data import model_device
-
     readers, amax = _observe(model, calib, max_batches)
     allowed = None if names is None else set(names)
-    args, kwargs = move_to(next(iter(iter_batches(calib, 1))), model_device(model))
+    out = output_probe(model, calib)
     was = model.training
     model.eval()
-
-    def out() -> torch.Tensor:
-        y = model(*args, **kwargs)
-        y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "logits", getattr(y, "last_hidden_state", y))
-        return y.detach().double()
-
     ref = out()
     done: dict[str, list[str]] = {}
     skipped: list[str] = []
