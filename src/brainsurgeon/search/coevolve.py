@@ -99,6 +99,8 @@ def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target
     fine-tuned l1_G + l1_F): L_DisA 0.45 / 0.68, L_dist 0.66 / 0.66, L_cyc 0.78 / -0.03 and
     L_DisA + 10 L_cyc (the fitness without L_dist) 0.76 / 0.08; L_DisA + L_dist + 0.1 L_cyc 0.66 / 0.76.
     Hence alpha=1, gamma=0.1 by default: a cycle term that dominates ranks candidates at random at 1/8.
+    (Caveat: that study scored l1_G + l1_F on the MNIST test images ``bench/gan_coevolve.py --quick`` reports;
+    re-deriving the weights on held-out training images is an open item.)
 
     D: the discriminator of the generator's output domain; partner: the other generator's space (its model
     is masked by the partner genome during the cycle term); without a partner (evolution alone) the
