@@ -11,8 +11,8 @@ budget-filled and OBS-reconstruction pruning run in the full run only.
 Data: the GAs' fitness batches, adaptive-BN batches and held-out re-selection images are disjoint slices of the
 MNIST *training* half each domain is built from (``mnist_domains``); the reported fidelity is on MNIST *test*
 images, which no search, re-selection or fine-tuning step sees. (The default fitness weights alpha=1, gamma=0.1
-in ``search.coevolve`` were fixed earlier from a correlation study that was scored on test images; they are
-kept as they were, not re-tuned here.)
+were first chosen from a correlation study scored on test images; re-done on held-out training images they
+still rank best of the combinations tried: ``search.coevolve.generator_fitness``.)
 
 The trained pair (G: A -> B, F: B -> A; ``brainsurgeon.models.gan``) ships as package data (safetensors).
 Arms at each budget (fraction of each generator's MACs kept: 1/2, 1/4, 1/8), all over the same
@@ -35,7 +35,7 @@ dependency-graph channel groups (5 per generator):
   held-out training images is kept (``finetune_pick``: every arm is measured after fine-tuning, so the
   finalists are compared after a short one; no test image, no ground truth); its time is in "search s";
 * OBS-reconstruction channel pruning: ``prune_(ChannelPruning(ratio=1 - kept, reconstruct="obs"))`` at the
-  uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 (quick: 128) A / B images).
+  uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 A / B images; full run only).
 
 Every arm is physically pruned, then fine-tuned the same number of steps (L1 to the dense generators' outputs
 + cycle L1, ``models.gan.finetune_pair_``). Fidelity is exact: L1 of G(a) to style(a) and of F(style(a)) to a
