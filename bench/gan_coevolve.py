@@ -108,6 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced run; exit 1 if the bound fails")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ft-seed", type=int, default=0,
+                    help="seed of the final fine-tuning every arm gets (to show a margin across seeds)")
     ap.add_argument("--train", type=int, metavar="STEPS", default=0,
                     help="retrain the CycleGAN for STEPS steps and write the package weights (models/weights/)")
     args = ap.parse_args()
@@ -204,7 +206,7 @@ def main() -> int:
                           calib=calib_b)
                 secs = time.process_time() - t
             before = translation_scores(G, F_, a_test, clf, y_test)
-            finetune_pair_(G, F_, G0, F0, a_train, b_train, ft_steps, seed=0)
+            finetune_pair_(G, F_, G0, F0, a_train, b_train, ft_steps, seed=args.ft_seed)
             after = translation_scores(G, F_, a_test, clf, y_test)
             mg, mf = measure(G, example).total_macs, measure(F_, example).total_macs
             params = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in F_.parameters())
