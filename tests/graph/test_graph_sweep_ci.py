@@ -9,33 +9,20 @@ GoogLeNet with aux heads in train mode, ViT, a Faster R-CNN built with ``weights
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+from bench_module import bench_module
 
 pytest.importorskip("torchvision")
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "graph_coverage.py"
 CI_MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "shufflenet_v2_x0_5", "googlenet",
              "vit_b_32", "fasterrcnn_mobilenet_v3_large_320_fpn"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """bench/graph_coverage.py as a module (run_ours: build, prune 50 % by L2, verify, count), on 1 thread:
-    with 2 OpenMP threads on a busy 2-core machine the workers spin and each model costs 10x the CPU."""
-    import torch
-    spec = importlib.util.spec_from_file_location("graph_coverage_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield mod
-    torch.set_num_threads(threads)
+    """bench/graph_coverage.py as a module (run_ours: build, prune 50 % by L2, verify, count), on 1 thread."""
+    with bench_module("graph_coverage.py") as mod:
+        yield mod
 
 
 def _check(res: dict, name: str, bench) -> None:

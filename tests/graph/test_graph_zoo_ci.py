@@ -7,13 +7,11 @@ its table is ``python bench/graph_zoo.py``.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import sys
 
 import pytest
+from bench_module import BENCH, bench_module
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 HAND = ["hand:unet", "hand:chunk_split", "hand:einsum_sdpa", "hand:gat", "hand:lstm_lm_tied", "hand:pointnet",
         "hand:dwsep_conv1d"]
 HF = ["hf:bert", "hf:gpt2", "hf:llama", "hf:gemma", "hf:resnet"]
@@ -22,18 +20,8 @@ TIMM = ["timm:resnet:test_resnet", "timm:convnext:convnext_atto", "timm:mobilene
 
 @pytest.fixture(scope="module")
 def zoo():
-    import torch
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("graph_zoo_bench", BENCH / "graph_zoo.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield mod
-    torch.set_num_threads(threads)
-    sys.path.remove(str(BENCH))
+    with bench_module("graph_zoo.py") as mod:
+        yield mod
 
 
 def _needs(name: str) -> None:
