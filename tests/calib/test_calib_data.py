@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from brainsurgeon.calib import cache_batches, iter_batches, move_to
 from brainsurgeon.errors import CalibrationError
@@ -59,3 +60,20 @@ def test_move_to_nested():
     x = torch.ones(1)
     out = move_to(((x, [x]), {"a": x, "b": 3}), "cpu")
     assert out[0][0].device.type == "cpu" and out[1]["b"] == 3 and isinstance(out[0][1], list)
+
+
+def test_eval_forwards_runs_each_batch_in_eval_and_gives_every_flag_back_even_on_error():
+    from brainsurgeon.calib.data import eval_forwards
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    model.train()
+    model[0].eval()  # a mixed state, restored module by module
+    seen, calls = [], []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, m[1].training)))
+    assert eval_forwards(model, [torch.randn(2, 3) for _ in range(3)], each=lambda: calls.append(1)) == 3
+    assert seen == [(False, False)] * 3 and len(calls) == 3
+    assert (model.training, model[0].training, model[1].training) == (True, False, True)
+    with pytest.raises(RuntimeError):
+        eval_forwards(model, [torch.randn(2, 4)])  # wrong width: the forward raises
+    assert (model.training, model[0].training, model[1].training) == (True, False, True)
+    assert eval_forwards(model, [torch.randn(2, 3) for _ in range(5)], max_batches=2) == 2

@@ -17,7 +17,7 @@ dropped)::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -179,6 +179,27 @@ def model_device(model: nn.Module) -> torch.device | None:
     for t in model.buffers():
         return t.device
     return None
+
+
+def eval_forwards(model: nn.Module, calib: Any, max_batches: int = 0, each: Callable[[], Any] | None = None) -> int:
+    """Run `model` in eval mode on every calibration batch (for the hooks a caller installed), then give every
+    submodule its train/eval flag back; `each()` runs before each batch. Returns the number of batches.
+
+    >>> eval_forwards(model, calib, each=seen.clear)
+    """
+    modes = {m: m.training for m in model.modules()}
+    dev, n = model_device(model), 0
+    try:
+        model.eval()
+        for args, kwargs in iter_batches(calib, max_batches):
+            if each is not None:
+                each()
+            model(*move_to(args, dev), **move_to(kwargs, dev))
+            n += 1
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return n
 
 
 def relocate_(module: nn.Module, device: torch.device | str, skip: str = "") -> list[tuple[Any, ...]]:

@@ -266,22 +266,16 @@ def calibrate_act_quant_(model: nn.Module, names: Iterable[str], calib: Any, max
 
     Observation runs with every quantizer passing its input unchanged (float activations).
     """
-    from ..calib import iter_batches, move_to
-    from ..calib.data import model_device
+    from ..calib.data import eval_forwards
 
     qs = {n: model.get_submodule(n).input_quantizer for n in names}
     static = {n: q for n, q in qs.items() if not q.cfg.dynamic}
     if not static:
         return 0
-    modes = {m: m.training for m in model.modules()}
-    dev, seen = model_device(model), 0
     try:
-        model.eval()
         for q in static.values():
             q.observe()
-        for args, kwargs in iter_batches(calib, max_batches):
-            model(*move_to(args, dev), **move_to(kwargs, dev))
-            seen += 1
+        seen = eval_forwards(model, calib, max_batches)
         missing = [n for n, q in static.items() if q.observer is None or q.observer.batches == 0]
         if missing:
             raise CalibrationError(f"activation quantizers of {missing} saw no input from the calibration data; "
@@ -291,8 +285,6 @@ def calibrate_act_quant_(model: nn.Module, names: Iterable[str], calib: Any, max
     finally:
         for q in static.values():
             q.observer = None
-        for m, mode in modes.items():
-            m.training = mode
     return seen
 
 

@@ -85,8 +85,7 @@ def _observe(model: nn.Module, calib: Any, max_batches: int
              ) -> tuple[dict[str, tuple[str, str]], dict[str, torch.Tensor]]:
     """{consumer: (producer, activation or '')} read off one forward's tensors, and each consumer's
     per-input-channel max |x| over the calibration batches."""
-    from ..calib import iter_batches, move_to
-    from ..calib.data import model_device
+    from ..calib.data import eval_forwards
 
     mods = {n: m for n, m in model.named_modules() if n}
     made: dict[int, tuple[str, str]] = {}  # id(tensor) -> (producer, activation)
@@ -121,7 +120,10 @@ def _observe(model: nn.Module, calib: Any, max_batches: int
         return fn
 
     handles = []
-    modes = {m: m.training for m in model.modules()}
+    def next_batch() -> None:
+        made.clear()
+        keep.clear()
+
     try:
         for n, m in mods.items():
             if isinstance(m, _PRODUCERS):
@@ -130,17 +132,10 @@ def _observe(model: nn.Module, calib: Any, max_batches: int
                 handles.append(m.register_forward_hook(act_hook(n)))
             if isinstance(m, _CONSUMERS):
                 handles.append(m.register_forward_pre_hook(cons_hook(n), prepend=True))
-        model.eval()
-        dev = model_device(model)
-        for args, kwargs in iter_batches(calib, max_batches):
-            made.clear()
-            keep.clear()
-            model(*move_to(args, dev), **move_to(kwargs, dev))
+        eval_forwards(model, calib, max_batches, each=next_batch)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     # a Conv followed by a BatchNorm is not the producer: the BN is (its output is what the act reads)
     return pairs, amax
 

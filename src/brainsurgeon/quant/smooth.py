@@ -47,8 +47,7 @@ def smoothing_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
 @torch.no_grad()
 def _observe(model: nn.Module, calib: Any, max_batches: int) -> tuple[dict[str, set[str]], dict[str, torch.Tensor]]:
     """Which Linear layers read a norm's output tensor as-is, and each Linear input's per-channel max |x|."""
-    from ..calib import iter_batches, move_to
-    from ..calib.data import model_device
+    from ..calib.data import eval_forwards
 
     norms = {n: m for n, m in model.named_modules() if n and is_norm(m)}
     linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear)}
@@ -72,22 +71,15 @@ def _observe(model: nn.Module, calib: Any, max_batches: int) -> tuple[dict[str, 
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
         return fn
 
-    modes = {m: m.training for m in model.modules()}
     try:
         for n, m in norms.items():
             handles.append(m.register_forward_hook(norm_hook(n)))
         for n, m in linears.items():
             handles.append(m.register_forward_pre_hook(lin_hook(n), prepend=True))  # before any input quantizer
-        model.eval()
-        dev = model_device(model)
-        for args, kwargs in iter_batches(calib, max_batches):
-            last_out.clear()
-            model(*move_to(args, dev), **move_to(kwargs, dev))
+        eval_forwards(model, calib, max_batches, each=last_out.clear)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return readers, amax
 
 

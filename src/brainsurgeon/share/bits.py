@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..calib import capture_hessians, iter_batches, move_to, supported, weight_matrix
-from ..calib.data import model_device
+from ..calib.data import eval_forwards, model_device
 from ..errors import BudgetInfeasibleError, ConfigError
 
 
@@ -120,28 +120,20 @@ def hessian_sensitivity(model: nn.Module, calib: Any, names: list[str] | None = 
     {'conv1': 41.2, ...}
     """
     names = _layers(model, names)
-    modes = {m: m.training for m in model.modules()}
-    dev = model_device(model)
-    try:
-        model.eval()
-        with torch.no_grad(), capture_hessians(model, names) as hs:
-            for args, kwargs in iter_batches(calib, max_batches):
-                model(*move_to(args, dev), **move_to(kwargs, dev))
-        modules = dict(model.named_modules())
-        out = {}
-        for n in names:
-            H = hs[n].H
-            rows = modules[n].weight.shape[0] // (H.shape[0] if H.dim() == 3 else 1)
-            out[n] = float(rows * H.diagonal(dim1=-2, dim2=-1).sum())
-            if relative:
-                W = weight_matrix(modules[n]).to(H)  # (rows, cols); grouped: (g * rows, cols)
-                Wg = W.reshape(H.shape[0], -1, W.shape[1]) if H.dim() == 3 else W[None]  # (g, rows, cols)
-                Hg = H if H.dim() == 3 else H[None]
-                out[n] /= max(float(torch.einsum("grc,gcd,grd->", Wg, Hg, Wg)), 1e-300)
-        return out
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with torch.no_grad(), capture_hessians(model, names) as hs:
+        eval_forwards(model, calib, max_batches)
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        H = hs[n].H
+        rows = modules[n].weight.shape[0] // (H.shape[0] if H.dim() == 3 else 1)
+        out[n] = float(rows * H.diagonal(dim1=-2, dim2=-1).sum())
+        if relative:
+            W = weight_matrix(modules[n]).to(H)  # (rows, cols); grouped: (g * rows, cols)
+            Wg = W.reshape(H.shape[0], -1, W.shape[1]) if H.dim() == 3 else W[None]  # (g, rows, cols)
+            Hg = H if H.dim() == 3 else H[None]
+            out[n] /= max(float(torch.einsum("grc,gcd,grd->", Wg, Hg, Wg)), 1e-300)
+    return out
 
 
 def gradient_sensitivity(model: nn.Module, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
