@@ -41,6 +41,7 @@ import brainsurgeon as bs
 from brainsurgeon.distill import KD, distill
 from brainsurgeon.models import calibration_loader, load_fashion_mnist_splits, pretrained
 from brainsurgeon.prune.costs import measure
+from brainsurgeon.quant.measure import time_model
 
 KINDS = ("spatial", "depthwise", "bottleneck")
 FAILED: list[str] = []
@@ -65,19 +66,6 @@ def logits(model: nn.Module, x: torch.Tensor, bs_: int = 500) -> torch.Tensor:
     return torch.cat([model(x[i:i + bs_]) for i in range(0, len(x), bs_)])
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, reps: int) -> float:
-    """Median CPU time (process_time) of one forward on the batch x, in ms."""
-    model.eval()
-    with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(reps):
-            t = time.process_time()
-            model(x)
-            times.append(time.process_time() - t)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def arms(ratio: float, ignore: tuple[str, ...], calib, example: torch.Tensor, kinds=KINDS):
     """(label, function(model) -> None) for every arm at one budget."""
     out = []
@@ -96,12 +84,12 @@ def arms(ratio: float, ignore: tuple[str, ...], calib, example: torch.Tensor, ki
 
 
 def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ratios, ignore, kd_steps: int,
-                   lat_reps: int, kinds=KINDS) -> None:
+                   lat_s: float, kinds=KINDS) -> None:
     z0 = logits(dense, x_test)
     example = x_test[:1]
     c0 = measure(dense, example).total_macs
     acc0 = float((z0.argmax(1) == y_test).float().mean())
-    lat0 = latency_ms(dense, x_test[:64], lat_reps)
+    lat0 = time_model(dense, x_test[:64], clock="cpu", warmup=1, min_run_time=lat_s).median_ms
     rows = [["dense", f"{c0 / 1e6:.2f}M", "", f"{acc0:.2%}", "", f"{lat0:.1f}", ""]]
     errs = {}
     for ratio in ratios:
@@ -121,7 +109,8 @@ def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ra
                 row.append(f"{float((logits(m, x_test).argmax(1) == y_test).float().mean()):.2%}")
             else:
                 row.append("-")
-            row += [f"{latency_ms(m, x_test[:64], lat_reps):.1f}", f"{fit_s:.1f}"]
+            lat = time_model(m, x_test[:64], clock="cpu", warmup=1, min_run_time=lat_s).median_ms
+            row += [f"{lat:.1f}", f"{fit_s:.1f}"]
             rows.append(row)
     print(f"{name}: {len(x_test)} test images; logit MSE vs dense before KD; KD {kd_steps} steps of 128 from dense; "
           f"latency: median CPU ms of a 64-image batch, 1 thread")
@@ -141,7 +130,7 @@ def mnist(quick: bool, kd: int | None = None) -> None:
     # conv1 (1 input channel, 144 weights, 5% of the MACs) stays dense: a rank-1 design of it wrecks the model
     # whichever fit is used (first run: spatial 2x logit MSE 23.4 weight-space, 31.2 data-aware)
     run_classifier("MNIST CNN (conv2, conv3)", dense, train, x_test, y_test, calib, (0.5, 0.25), ("conv1",),
-                   (40 if quick else 200) if kd is None else kd, 5 if quick else 20)
+                   (40 if quick else 200) if kd is None else kd, 0.1 if quick else 0.5)
 
 
 def resnet(quick: bool, kd: int | None = None) -> None:
@@ -153,7 +142,7 @@ def resnet(quick: bool, kd: int | None = None) -> None:
     calib = calibration_loader(train, n=256, batch_size=128)
     ignore = (r"conv1", r".*shortcut.*", r"fc")  # the stem has 1 input channel; 1x1 shortcuts; classifier
     run_classifier("Fashion-MNIST ResNet-20 (18 block convs)", dense, train, x_test, y_test, calib, (0.5, 0.25),
-                   ignore, 100 if kd is None else kd, 5)
+                   ignore, 100 if kd is None else kd, 0.25)
 
 
 def mobilenet(quick: bool) -> None:

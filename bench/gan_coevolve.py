@@ -59,6 +59,7 @@ import brainsurgeon as bs
 from brainsurgeon.models import pretrained
 from brainsurgeon.models.gan import finetune_pair_, mnist_domains, pretrained_cyclegan, translation_scores
 from brainsurgeon.prune.costs import measure
+from brainsurgeon.quant.measure import time_model
 from brainsurgeon.search.coevolve import coevolve, generator_fitness, l1_at_budget
 from brainsurgeon.search.evolve import Evolve, GeneticSearch
 from brainsurgeon.search.evolve_channels import ChannelSpace
@@ -70,17 +71,6 @@ def check(ok: bool, what: str) -> None:
     print(f"  [{'ok' if ok else 'FAIL'}] {what}")
     if not ok:
         FAILED.append(what)
-
-
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
-    with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(reps):
-            t = time.process_time()
-            model(x)
-            times.append(time.process_time() - t)
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps):
@@ -139,7 +129,8 @@ def main() -> int:
     example = fit_a[:1]
     dense_macs, dense_params = measure(G0, example).total_macs, sum(p.numel() for p in G0.parameters())
     s0 = translation_scores(G0, F0, a_test, clf, y_test)
-    lat0 = latency_ms(G0, fit_a[:64] if len(fit_a) >= 64 else a_test[:64] * 2 - 1, 5)
+    lat0 = time_model(G0, fit_a[:64] if len(fit_a) >= 64 else a_test[:64] * 2 - 1, clock="cpu", warmup=1,
+                      min_run_time=0.1).median_ms
     print(f"dense pair: G {dense_macs / 1e6:.2f}M MACs, {dense_params} params per generator; "
           f"l1_G {s0['l1_G']:.4f} l1_F {s0['l1_F']:.4f} acc(F(b)) {s0['acc_F']:.2%} acc(1-G(a)) {s0['acc_G']:.2%}; "
           f"{lat0:.1f} ms/64")
@@ -210,12 +201,13 @@ def main() -> int:
             after = translation_scores(G, F_, a_test, clf, y_test)
             mg, mf = measure(G, example).total_macs, measure(F_, example).total_macs
             params = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in F_.parameters())
+            lat = time_model(G, a_test[:64] * 2 - 1, clock="cpu", warmup=1, min_run_time=0.1).median_ms
             results[(target, label)] = after["l1_G"] + after["l1_F"]
             print(fmt.format(f"{1 / target:.0f}x {label}", f"{mg / 1e6:.2f}M", f"{mf / 1e6:.2f}M", params,
                              f"{before['l1_G']:.4f}", f"{before['l1_F']:.4f}", f"{before['acc_F']:.1%}",
                              f"{before['acc_G']:.1%}", f"{after['l1_G']:.4f}", f"{after['l1_F']:.4f}",
                              f"{after['acc_F']:.1%}", f"{after['acc_G']:.1%}",
-                             f"{latency_ms(G, a_test[:64] * 2 - 1, 5):.1f}", f"{secs:.1f}"))
+                             f"{lat:.1f}", f"{secs:.1f}"))
             if gg is not None:
                 widths[(target, label)] = (space_g.split(gg), space_f.split(gf))
     print(f"  ({n_test} test images; GA population {cfg.population}, {cfg.budget} evaluations per generator "
