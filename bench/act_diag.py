@@ -1,0 +1,142 @@
+"""W8A8 MobileNetV2 diagnostics: the noise floor of the agreement metric, and our quantizers vs references.
+
+Same crops as ``act_quant.py`` (calibration: seed 1 on the even photos; evaluation: seed 2 on the odd ones)::
+
+    python bench/act_diag.py floor        # margins, fp16/bf16, input noise, reference RTN vs ours
+    python bench/act_diag.py ao           # torch.ao FX static int8 (the field's reference)
+    python bench/act_diag.py ours         # our W8A8 variants through the public verbs
+
+Prints tables (agreement with the dense model, KL); diagnostics only, no bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+from torch import nn
+
+import brainsurgeon as bs
+from _vision import MEAN, STD, crops, damage, logits_of, mobilenet_v2, photos
+
+
+def say(*a: object) -> None:
+    print(*a, flush=True)
+
+
+def row(label: str, ref: torch.Tensor, out: torch.Tensor, t0: float) -> None:
+    a, k = damage(ref, out)
+    flips = (ref.argmax(1) != out.argmax(1)).nonzero().flatten().tolist()
+    say(f"{label:<44}{100 * a:>7.1f}%{k:>9.5f}{time.process_time() - t0:>7.0f}  flips {flips[:12]}")
+
+
+def ref_rtn_(model: nn.Module, bits: int = 8) -> None:
+    """Plain-torch reference: symmetric per-output-channel RTN, s = max|w| / (2^(b-1) - 1), codes in +-qmax."""
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = m.weight
+                s = w.abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-12) / qmax
+                s = s.view(-1, *[1] * (w.dim() - 1))
+                w.copy_(torch.clamp(torch.round(w / s), -qmax, qmax) * s)
+
+
+def floor(net, x_eval, ref) -> None:
+    top2 = ref.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    p = ref.softmax(1).amax(1)
+    qs = torch.tensor([0.05, 0.1, 0.25, 0.5])
+    say(f"dense top-1/top-2 logit margin quantiles (5/10/25/50 %): {margin.quantile(qs).tolist()}")
+    say(f"dense top-1 probability quantiles (5/10/25/50 %): {p.quantile(qs).tolist()}")
+    for t in (0.05, 0.1, 0.25, 0.5, 1.0):
+        say(f"  crops with margin < {t}: {(margin < t).float().mean().item() * 100:.1f} %")
+    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}")
+    for label, dt in [("weights cast to fp16 (fp32 compute)", torch.float16),
+                      ("weights cast to bf16 (fp32 compute)", torch.bfloat16)]:
+        t0 = time.process_time()
+        m = copy.deepcopy(net)
+        with torch.no_grad():
+            for prm in m.parameters():
+                prm.copy_(prm.to(dt).float())
+        row(label, ref, logits_of(m, x_eval), t0)
+    for label, dt in [("bf16 model and compute", torch.bfloat16), ("fp16 model and compute", torch.float16)]:
+        t0 = time.process_time()
+        try:
+            m = copy.deepcopy(net).to(dt)
+            row(label, ref, logits_of(m, x_eval.to(dt)).float(), t0)
+        except RuntimeError as e:
+            say(f"{label:<44} unavailable on CPU: {e}")
+    std = STD.view(1, 3, 1, 1)
+    x_pix = x_eval * std + MEAN.view(1, 3, 1, 1)  # back to [0, 1] pixels
+    for label, xp in [("input pixels rounded to 1/255 (8-bit image)", torch.round(x_pix * 255) / 255),
+                      ("input + uniform noise +-0.5/255 (seed 0)",
+                       x_pix + (torch.rand(x_pix.shape, generator=torch.Generator().manual_seed(0)) - 0.5) / 255)]:
+        t0 = time.process_time()
+        row(label, ref, logits_of(net, (xp - MEAN.view(1, 3, 1, 1)) / std), t0)
+    t0 = time.process_time()
+    m = copy.deepcopy(net)
+    ref_rtn_(m, 8)
+    row("W8 reference RTN (plain torch, +-127)", ref, logits_of(m, x_eval), t0)
+    t0 = time.process_time()
+    m = copy.deepcopy(net)
+    bs.quantize_(m, bs.RTN(bits=8, sym=True, mse=False))
+    row("W8 bs.RTN(bits=8, sym=True, mse=False)", ref, logits_of(m, x_eval), t0)
+
+
+def ao(net, calib, x_eval, ref) -> None:
+    """torch.ao FX graph-mode static int8: per-channel weights, per-tensor activations."""
+    from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import (HistogramObserver, MinMaxObserver,
+                                                PerChannelMinMaxObserver)
+    from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    w = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    variants = [
+        ("torch.ao x86 default (hist, 7-bit acts), int8", get_default_qconfig_mapping("x86"), convert_fx),
+        ("torch.ao hist 8-bit acts, reference QDQ", QConfigMapping().set_global(QConfig(
+            activation=HistogramObserver.with_args(reduce_range=False), weight=w)), convert_to_reference_fx),
+        ("torch.ao minmax 8-bit acts, reference QDQ", QConfigMapping().set_global(QConfig(
+            activation=MinMaxObserver.with_args(reduce_range=False), weight=w)), convert_to_reference_fx),
+    ]
+    for label, qmap, convert in variants:
+        t0 = time.process_time()
+        m = prepare_fx(copy.deepcopy(net).eval(), qmap, example_inputs=(x_eval[:1],))
+        with torch.no_grad():
+            for b in calib:
+                m(b)
+        m = convert(m)
+        row(label, ref, logits_of(m, x_eval), t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parts", nargs="+", choices=("floor", "ao", "ours"))
+    ap.add_argument("--eval-crops", type=int, default=256)
+    ap.add_argument("--cal-crops", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    net, imgs = mobilenet_v2(), photos()
+    x_cal = crops(imgs[0::2], args.cal_crops, seed=1)
+    x_eval = crops(imgs[1::2], args.eval_crops, seed=2)
+    calib = [x_cal[i:i + 8] for i in range(0, len(x_cal), 8)]
+    ref = logits_of(net, x_eval)
+    say(f"MobileNetV2: {len(x_cal)} calibration crops (seed 1, even photos), {len(x_eval)} evaluation crops "
+        f"(seed 2, odd photos)")
+    if "floor" in args.parts:
+        floor(net, x_eval, ref)
+    if "ao" in args.parts:
+        ao(net, calib, x_eval, ref)
+    if "ours" in args.parts:
+        from act_diag_ours import ours  # noqa: PLC0415 - written next
+
+        ours(net, calib, x_eval, ref)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
