@@ -90,8 +90,7 @@ def floor(net, x_eval, ref) -> None:
 def ao(net, calib, x_eval, ref) -> None:
     """torch.ao FX graph-mode static int8: per-channel weights, per-tensor activations."""
     from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
-    from torch.ao.quantization.observer import (HistogramObserver, MinMaxObserver,
-                                                PerChannelMinMaxObserver)
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
@@ -110,6 +109,51 @@ def ao(net, calib, x_eval, ref) -> None:
             for b in calib:
                 m(b)
         m = convert(m)
+        row(label, ref, logits_of(m, x_eval), t0)
+
+
+def w8a8(weights: str, observer: str, first_float: bool = False, mode: str = "dense") -> bs.Recipe:
+    """The bench's W8A8 (8-bit asym per-tensor activations, 8-bit sym per-channel weights) by the public recipe."""
+    act = bs.ActQuant(bits=8, observer=observer)
+    wq = bs.GPTQ(bits=8, sym=True) if weights == "GPTQ" else bs.RTN(bits=8, sym=True, mse=False)
+    ign = (r"features\.0\.0",) if first_float else ()
+    return bs.Recipe((bs.Step(act, ignore=ign), bs.Step(wq)), bs.CalibOptions(mode=mode))
+
+
+def ours(net, calib, scoring, x_eval, ref) -> None:
+    from brainsurgeon.calib import recalib
+    from brainsurgeon.quant.act import act_quant_layers
+
+    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}")
+    base = None
+    for label, recipe in [("W8A8 RTN + minmax", w8a8("RTN", "minmax")),
+                          ("W8A8 GPTQ + minmax (bench row)", w8a8("GPTQ", "minmax")),
+                          ("W8A8 GPTQ + mse", w8a8("GPTQ", "mse")),
+                          ("W8A8 GPTQ + mse, image input float", w8a8("GPTQ", "mse", first_float=True))]:
+        t0 = time.process_time()
+        m = copy.deepcopy(net)
+        bs.compress(m, recipe, calib)
+        row(label, ref, logits_of(m, x_eval), t0)
+        if label == "W8A8 GPTQ + mse":
+            base = m
+    names = list(act_quant_layers(base))
+    orig = recalib._correct_layer_
+
+    def mean_only(module, mean_c, std_c, mean_d, std_d):
+        orig(module, mean_c, std_c, mean_d, std_c)  # s = 1
+
+    for label, data, fn, skip_head in [("  + mean/std corr (32 scoring crops)", scoring[:2], orig, False),
+                                       ("  + mean/std corr (128 calib crops)", calib, orig, False),
+                                       ("  + mean-only corr (32 scoring crops)", scoring[:2], mean_only, False),
+                                       ("  + mean-only corr (128 calib crops)", calib, mean_only, False),
+                                       ("  + mean-only corr, not classifier (128)", calib, mean_only, True)]:
+        t0 = time.process_time()
+        m = copy.deepcopy(base)
+        recalib._correct_layer_ = fn
+        try:
+            recalib.correct_mean_std_(m, net, names[:-1] if skip_head else names, data)
+        finally:
+            recalib._correct_layer_ = orig
         row(label, ref, logits_of(m, x_eval), t0)
 
 
@@ -132,9 +176,8 @@ def main() -> int:
     if "ao" in args.parts:
         ao(net, calib, x_eval, ref)
     if "ours" in args.parts:
-        from act_diag_ours import ours  # noqa: PLC0415 - written next
-
-        ours(net, calib, x_eval, ref)
+        x_score = crops(imgs[0::2], 64, seed=3)
+        ours(net, calib, [x_score[i:i + 16] for i in range(0, 64, 16)], x_eval, ref)
     return 0
 
 

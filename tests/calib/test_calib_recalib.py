@@ -107,3 +107,47 @@ def test_mean_std_correction_leaves_no_hooks_and_restores_modes():
     correct_mean_std_(comp, dense, ["fc"], [torch.randn(2, 3, 6, 6)])
     for m in (dense, comp):
         assert m.training and all(not x._forward_hooks and not x._forward_pre_hooks for x in m.modules())
+
+
+def _noisy_input(module, args):
+    """A 'compression' that adds input noise independent of the signal (as activation quantization does)."""
+    g = module.noise_gen
+    return (args[0] + 0.5 * torch.randn(args[0].shape, generator=g),)
+
+
+def _slope(c, d):
+    """Least-squares slope of c on d per channel (rows: samples)."""
+    c, d = c - c.mean(0), d - d.mean(0)
+    return (c * d).sum(0) / (d * d).sum(0)
+
+
+@pytest.mark.parametrize("std", ["gain", "match", "none"])
+def test_correction_leaves_independent_noise_alone_and_keeps_unit_gain(std):
+    """Regression: std matching (OBC's) read quantization noise as a gain error and shrank every layer's
+    signal by std_d / std_c; the default corrects the gain only, so noise leaves W as it is."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        dense[0].bias.fill_(0.3)
+    comp = copy.deepcopy(dense)
+    comp[0].noise_gen = torch.Generator().manual_seed(1)
+    comp[0].register_forward_pre_hook(_noisy_input)
+    calib = [torch.randn(512, 8) for _ in range(8)]
+    w0 = comp[0].weight.detach().clone()
+    correct_mean_std_(comp, dense, ["0"], calib, std=std)
+    ratio = (comp[0].weight / w0)[:, 0]
+    x = torch.randn(4096, 8)
+    with torch.no_grad():
+        slope = _slope(comp(x), dense(x))
+    if std == "match":  # the old behaviour: rows shrunk, the signal attenuated
+        assert (ratio < 0.95).all() and (slope < 0.95).all()
+    else:
+        torch.testing.assert_close(ratio, torch.ones(4), atol=0.03, rtol=0)
+        torch.testing.assert_close(slope, torch.ones(4), atol=0.05, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x).mean(0), dense(x).mean(0), atol=0.08, rtol=0)
+
+
+def test_correction_std_mode_is_validated():
+    with pytest.raises(ValueError, match="std must be one of"):
+        correct_mean_std_(nn.Linear(2, 2), nn.Linear(2, 2), ["weight"], [torch.randn(2, 2)], std="var")
