@@ -28,9 +28,14 @@ def say(*a: object) -> None:
 
 
 def row(label: str, ref: torch.Tensor, out: torch.Tensor, t0: float) -> None:
+    """Agreement, KL, CPU s, agreement on the crops whose dense top-1/top-2 logit margin is >= 0.5."""
     a, k = damage(ref, out)
+    top2 = ref.topk(2, dim=1).values
+    sure = top2[:, 0] - top2[:, 1] >= 0.5
+    a_sure = (ref.argmax(1) == out.argmax(1))[sure].float().mean().item()
     flips = (ref.argmax(1) != out.argmax(1)).nonzero().flatten().tolist()
-    say(f"{label:<44}{100 * a:>7.1f}%{k:>9.5f}{time.process_time() - t0:>7.0f}  flips {flips[:12]}")
+    say(f"{label:<44}{100 * a:>7.1f}%{k:>9.5f}{time.process_time() - t0:>7.0f}{100 * a_sure:>8.1f}%  "
+        f"flips {flips[:10]}")
 
 
 def ref_rtn_(model: nn.Module, bits: int = 8) -> None:
@@ -54,7 +59,7 @@ def floor(net, x_eval, ref) -> None:
     say(f"dense top-1 probability quantiles (5/10/25/50 %): {p.quantile(qs).tolist()}")
     for t in (0.05, 0.1, 0.25, 0.5, 1.0):
         say(f"  crops with margin < {t}: {(margin < t).float().mean().item() * 100:.1f} %")
-    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}")
+    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}{'m>=0.5':>9}")
     for label, dt in [("weights cast to fp16 (fp32 compute)", torch.float16),
                       ("weights cast to bf16 (fp32 compute)", torch.bfloat16)]:
         t0 = time.process_time()
@@ -124,7 +129,7 @@ def ours(net, calib, scoring, x_eval, ref) -> None:
     from brainsurgeon.calib import recalib
     from brainsurgeon.quant.act import act_quant_layers
 
-    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}")
+    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}{'m>=0.5':>9}")
     base = None
     for label, recipe in [("W8A8 RTN + minmax", w8a8("RTN", "minmax")),
                           ("W8A8 GPTQ + minmax (bench row)", w8a8("GPTQ", "minmax")),
@@ -157,9 +162,42 @@ def ours(net, calib, scoring, x_eval, ref) -> None:
         row(label, ref, logits_of(m, x_eval), t0)
 
 
+def corr(net, calib, scoring, x_eval, ref, which: list[str], n_cal2: int) -> None:
+    """Statistics correction (std = gain / none / match) and more calibration crops, on W8A8 RTN/GPTQ + mse."""
+    from brainsurgeon.calib.recalib import correct_mean_std_
+    from brainsurgeon.quant.act import act_quant_layers
+
+    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}{'m>=0.5':>9}")
+    imgs = photos()
+    x2 = crops(imgs[0::2], n_cal2, seed=5)  # more calibration crops: other seed, still the even photos
+    calib2 = [x2[i:i + 8] for i in range(0, n_cal2, 8)]
+    for wname in which:
+        t0 = time.process_time()
+        base = copy.deepcopy(net)
+        bs.compress(base, w8a8(wname, "mse"), calib)
+        row(f"W8A8 {wname} + mse (128 cal)", ref, logits_of(base, x_eval), t0)
+        names = list(act_quant_layers(base))
+        oracle = [x_eval[i:i + 16] for i in range(0, 64, 16)]  # diagnostic only: the first 64 eval crops
+        for std, data, lab in [("none", scoring, "64 scoring"), ("gain", scoring, "64 scoring"),
+                               ("none", oracle, "ORACLE: eval crops 0-63")]:
+            t0 = time.process_time()
+            m = copy.deepcopy(base)
+            correct_mean_std_(m, net, names, data, std=std)
+            out = logits_of(m, x_eval)
+            row(f"  + correction std={std} ({lab})", ref, out, t0)
+            a, k = damage(ref[64:], out[64:])
+            a0, k0 = damage(ref[64:], logits_of(base, x_eval[64:]))
+            say(f"      on eval crops 64-255: {100 * a:.1f} % / KL {k:.5f} (uncorrected {100 * a0:.1f} % / {k0:.5f})")
+        t0 = time.process_time()
+        m = copy.deepcopy(net)
+        bs.compress(m, w8a8(wname, "mse"), calib2)
+        row(f"W8A8 {wname} + mse ({n_cal2} cal, seed 5)", ref, logits_of(m, x_eval), t0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="+", choices=("floor", "ao", "ours"))
+    ap.add_argument("parts", nargs="+", choices=("floor", "ao", "ours", "corr-rtn", "corr-gptq"))
+    ap.add_argument("--cal2", type=int, default=512, help="calibration crops of the 'more data' rows")
     ap.add_argument("--eval-crops", type=int, default=256)
     ap.add_argument("--cal-crops", type=int, default=128)
     args = ap.parse_args()
@@ -178,6 +216,10 @@ def main() -> int:
     if "ours" in args.parts:
         x_score = crops(imgs[0::2], 64, seed=3)
         ours(net, calib, [x_score[i:i + 16] for i in range(0, 64, 16)], x_eval, ref)
+    which = [p.split("-")[1].upper() for p in args.parts if p.startswith("corr-")]
+    if which:
+        x_score = crops(imgs[0::2], 64, seed=3)
+        corr(net, calib, [x_score[i:i + 16] for i in range(0, 64, 16)], x_eval, ref, which, args.cal2)
     return 0
 
 
