@@ -178,11 +178,13 @@ def corr(net, calib, scoring, x_eval, ref, which: list[str], n_cal2: int) -> Non
         row(f"W8A8 {wname} + mse (128 cal)", ref, logits_of(base, x_eval), t0)
         names = list(act_quant_layers(base))
         oracle = [x_eval[i:i + 16] for i in range(0, 64, 16)]  # diagnostic only: the first 64 eval crops
-        for std, data, lab in [("none", scoring, "64 scoring"), ("gain", scoring, "64 scoring"),
-                               ("none", oracle, "ORACLE: eval crops 0-63")]:
+        for std, data, lab, head in [("none", scoring, "64 scoring", True),
+                                     ("none", scoring, "64 scoring, not classifier", False),
+                                     ("none", oracle, "ORACLE: eval crops 0-63", True),
+                                     ("gain", scoring, "64 scoring", True)]:
             t0 = time.process_time()
             m = copy.deepcopy(base)
-            correct_mean_std_(m, net, names, data, std=std)
+            correct_mean_std_(m, net, names if head else names[:-1], data, std=std)
             out = logits_of(m, x_eval)
             row(f"  + correction std={std} ({lab})", ref, out, t0)
             a, k = damage(ref[64:], out[64:])
@@ -194,9 +196,28 @@ def corr(net, calib, scoring, x_eval, ref, which: list[str], n_cal2: int) -> Non
         row(f"W8A8 {wname} + mse ({n_cal2} cal, seed 5)", ref, logits_of(m, x_eval), t0)
 
 
+def bias(net, calib, scoring, x_eval, ref) -> None:
+    """Empirical bias correction of each layer's own error (calib.correct_bias_), on W8A8 RTN / GPTQ + mse."""
+    from brainsurgeon.calib import correct_bias_
+    from brainsurgeon.quant.act import act_quant_layers
+
+    say(f"\n{'variant':<44}{'agree':>8}{'KL':>9}{'cpu s':>7}{'m>=0.5':>9}")
+    for wname in ("RTN", "GPTQ"):
+        t0 = time.process_time()
+        base = copy.deepcopy(net)
+        bs.compress(base, w8a8(wname, "mse"), calib)
+        row(f"W8A8 {wname} + mse (128 cal)", ref, logits_of(base, x_eval), t0)
+        names = list(act_quant_layers(base))
+        for data, lab in [(scoring, "64 scoring crops"), (calib, "128 calibration crops")]:
+            t0 = time.process_time()
+            m = copy.deepcopy(base)
+            correct_bias_(m, net, names, data)
+            row(f"  + bias correction ({lab})", ref, logits_of(m, x_eval), t0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="+", choices=("floor", "ao", "ours", "corr-rtn", "corr-gptq"))
+    ap.add_argument("parts", nargs="+", choices=("floor", "ao", "ours", "corr-rtn", "corr-gptq", "bias"))
     ap.add_argument("--cal2", type=int, default=512, help="calibration crops of the 'more data' rows")
     ap.add_argument("--eval-crops", type=int, default=256)
     ap.add_argument("--cal-crops", type=int, default=128)
@@ -216,6 +237,9 @@ def main() -> int:
     if "ours" in args.parts:
         x_score = crops(imgs[0::2], 64, seed=3)
         ours(net, calib, [x_score[i:i + 16] for i in range(0, 64, 16)], x_eval, ref)
+    if "bias" in args.parts:
+        x_score = crops(imgs[0::2], 64, seed=3)
+        bias(net, calib, [x_score[i:i + 16] for i in range(0, 64, 16)], x_eval, ref)
     which = [p.split("-")[1].upper() for p in args.parts if p.startswith("corr-")]
     if which:
         x_score = crops(imgs[0::2], 64, seed=3)

@@ -179,3 +179,40 @@ def test_correction_of_an_activation_quantized_model_matches_means_and_lowers_th
     with torch.no_grad():
         err1 = (comp(x) - dense(x)).pow(2).mean()
     assert err1 < err0, (err0, err1)  # 5.6e-4 -> 5.1e-4 (none), 5.2e-4 (gain)
+
+
+def test_bias_correction_removes_each_layers_own_mean_error_only():
+    """correct_bias_ (Nagel et al. 2019): a layer with its own weight error gets the mean of that error off
+    its bias; a layer that is exact but receives an upstream error is left alone (correct_mean_std_ would
+    compensate the upstream error there, before the ReLU)."""
+    import brainsurgeon as bs
+    from brainsurgeon.calib import correct_bias_
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    comp = copy.deepcopy(dense)
+    with torch.no_grad():
+        comp[0].weight.add_(0.05)  # layer 0: its own (mean-shifting) error; layer 2 exact
+    g = torch.Generator().manual_seed(2)
+    calib = [torch.randn(128, 8, generator=g) + 1.0 for _ in range(2)]
+    bs.quantize_(comp, bs.ActQuant(bits=8), calib)  # ActQuant layers: the hooks must read the raw inputs
+    w2, b2 = comp[2].weight.detach().clone(), comp[2].bias.detach().clone()
+    x = torch.cat(calib)
+    with torch.no_grad():
+        own = (comp[0](x) - dense[0](x)).mean(0)  # comp[0] quantizes x itself: layer 0's own error
+    shifts = correct_bias_(comp, dense, ["0", "2"], calib)
+    assert set(shifts) == {"0", "2"} and shifts["0"] > 10 * shifts["2"]
+    with torch.no_grad():
+        torch.testing.assert_close((comp[0](x) - dense[0](x)).mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+        assert own.abs().mean() > 0.05
+        h = comp[1](comp[0](x))  # the (corrected) compressed input of layer 2
+        torch.testing.assert_close(comp[2].weight, w2)
+        # layer 2's own error is only its 8-bit input quantization: a bias change far below the upstream
+        # error at its output, which correct_mean_std_ would have moved into its bias
+        upstream = (dense[2](h) - dense[2](dense[1](dense[0](x)))).mean(0)
+        assert (comp[2].bias - b2).abs().max() < 0.1 * upstream.abs().max()
+        # one pass: layer 2's statistics saw layer 0 before its correction, hence not 1e-5
+        torch.testing.assert_close((comp[2](h) - dense[2](h)).mean(0), torch.zeros(4), atol=1e-3, rtol=0)
+    for m in (comp, dense):
+        assert all(not x._forward_hooks and not x._forward_pre_hooks or hasattr(x, "input_quantizer")
+                   for x in m.modules())
