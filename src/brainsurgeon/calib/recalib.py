@@ -205,8 +205,10 @@ def correct_bias_(model: nn.Module, dense_model: nn.Module, names: list[str], ca
     same name, same input) is subtracted from the bias (created if missing). Errors that arrive from
     upstream are left to the layers that caused them: matching the dense model's output means
     instead (``correct_mean_std_``) compensates propagated errors before ReLU/ReLU6, where the
-    clipping would have absorbed much of them, and on MobileNetV2 W8A8 it halves the agreement
-    gained back. One pass over `calib`; returns ``{name: mean |correction|}``.
+    clipping would have absorbed much of them. MobileNetV2 W8A8 RTN + mse (bench/act_diag.py, 256
+    crops): 85.5 % agreement uncorrected, 87.9 % / 85.5 % after this correction on 64 / 128 crops,
+    72.7 % after ``correct_mean_std_(std='none')``. One pass over `calib`; returns
+    ``{name: mean |correction|}``.
 
     >>> shifts = correct_bias_(model, dense, ["features.0.0", "classifier.1"], loader)
     """
