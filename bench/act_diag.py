@@ -4,7 +4,10 @@ Same crops as ``act_quant.py`` (calibration: seed 1 on the even photos; evaluati
 
     python bench/act_diag.py floor        # margins, fp16/bf16, input noise, reference RTN vs ours
     python bench/act_diag.py ao           # torch.ao FX static int8 (the field's reference)
-    python bench/act_diag.py ours         # our W8A8 variants through the public verbs
+    python bench/act_diag.py ours         # W8A8 RTN/GPTQ x minmax/mse, image input float, mean/std correction
+    python bench/act_diag.py corr-rtn     # correct_mean_std_ (means only, +- classifier, on the eval crops), 512 cal
+    python bench/act_diag.py bias         # correct_bias_ (each layer's own mean error) on RTN / GPTQ + mse
+    python bench/act_diag.py best         # RTN + mse on 512 calibration crops + bias correction, +- image input float
 
 Prints tables (agreement with the dense model, KL); diagnostics only, no bounds.
 """
