@@ -73,7 +73,7 @@ def check(ok: bool, what: str) -> None:
         FAILED.append(what)
 
 
-def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps):
+def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps, cache):
     """The pair of genomes whose physically pruned generators, after `steps` fine-tuning steps on training images
     a_ft / b_ft ([0, 1]), have the lowest distillation + cycle L1 (the fine-tuning objective; unsupervised) on the
     held-out training images val_a / val_b (GAN range). Every arm is fine-tuned before it is measured, so the
@@ -83,7 +83,7 @@ def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps):
         G, F_ = copy.deepcopy(G0), copy.deepcopy(F0)
         ChannelSpace(G, example).prune_(gg)
         ChannelSpace(F_, example).prune_(gf)
-        finetune_pair_(G, F_, G0, F0, a_ft, b_ft, steps, seed=1)
+        finetune_pair_(G, F_, G0, F0, a_ft, b_ft, steps, seed=1, cache=cache)
         G.eval()
         F_.eval()
         with torch.no_grad():
@@ -142,6 +142,7 @@ def main() -> int:
     fmt = "{:<24} {:>7} {:>7} {:>10} {:>6} {:>6} {:>6} {:>6} {:>10} {:>6} {:>6} {:>6} {:>6} {:>8}"
     print(fmt.format(*head))
     results, widths = {}, {}
+    ft_cache, pick_cache = {}, {}  # every arm's fine-tuning reads the same batches: the teachers run once per step
     for target in (1 / 2, 1 / 4, 1 / 8):
         arms = {}
         t = time.process_time()
@@ -181,7 +182,8 @@ def main() -> int:
             if key not in seen:
                 seen.add(key)
                 pairs.append(pair)
-        pick = finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, ft_steps // 4)
+        pick = finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, ft_steps // 4,
+                             pick_cache)
         arms["co-evolution"] = (*pick, time.process_time() - t)
         obs = [] if q else [("OBS-recon pruning", (None, None, 0.0))]
         for label, (gg, gf, secs) in list(arms.items()) + obs:
@@ -197,7 +199,7 @@ def main() -> int:
                           calib=calib_b)
                 secs = time.process_time() - t
             before = translation_scores(G, F_, a_test, clf, y_test)
-            finetune_pair_(G, F_, G0, F0, a_train, b_train, ft_steps, seed=args.ft_seed)
+            finetune_pair_(G, F_, G0, F0, a_train, b_train, ft_steps, seed=args.ft_seed, cache=ft_cache)
             after = translation_scores(G, F_, a_test, clf, y_test)
             mg, mf = measure(G, example).total_macs, measure(F_, example).total_macs
             params = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in F_.parameters())
