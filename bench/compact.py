@@ -10,8 +10,9 @@ Designs: spatial (k x 1 then 1 x k, Jaderberg et al. 2014), depthwise (depthwise
 channel, then 1x1, MobileNets), bottleneck (1x1, k x k, 1x1); each fitted weight-space (closed-form SVD /
 HOOI) or data-aware (ALS on the layer outputs over 256 calibration images, from the weight-space fit).
 Peers at the same budget: ``factorize_`` Tucker-2 (``LowRank(param_ratio=ratio)``, HOOI: the weight-space
-bottleneck through the older verb) and ``prune_`` channel pruning (group L2, 1 - sqrt(ratio) of the
-channels per group, so the convs between pruned layers keep ~ratio of their MACs). KD: the existing
+bottleneck through the older verb) and ``prune_`` channel pruning (group L2, the same fraction of the channels
+of every group; the fraction found by bisection so the pruned model has at most the mean MACs of the three
+data-aware designs at that budget). KD: the existing
 ``distill`` loop from the dense model, the same steps for every arm.
 
 MNIST CNN (``pretrained("mnist-cnn")``): conv2 and conv3 (conv1 has one input channel); accuracy on MNIST
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 
@@ -92,10 +92,23 @@ def arms(ratio: float, ignore: tuple[str, ...], calib, example: torch.Tensor, ki
     out.append(("Tucker-2 (factorize_)", "tucker2", None,
                 lambda m: bs.factorize_(m, bs.LowRank(param_ratio=ratio, tucker_sweeps=2),
                                         ignore=ignore + (r"fc.*",))))  # the convs only, like the designs
-    p = 1 - math.sqrt(ratio)
-    out.append((f"channel pruning {p:.0%}", "prune", None,
-                lambda m: bs.prune_(m, bs.ChannelPruning(ratio=p, ignore=ignore + (r"fc.*",)), example_inputs=example)))
     return out
+
+
+def prune_arm(p: float, ignore: tuple[str, ...], example: torch.Tensor):
+    return lambda m: bs.prune_(m, bs.ChannelPruning(ratio=p, ignore=ignore + (r"fc.*",)), example_inputs=example)
+
+
+def prune_to_macs(dense: nn.Module, target: float, ignore: tuple[str, ...], example: torch.Tensor) -> float:
+    """The smallest channel-pruning ratio (group L2, per group) whose pruned model has at most `target` MACs,
+    by bisection over ``prune_`` on copies (kept counts are integers, so the MACs land at or just under it)."""
+    lo, hi = 0.0, 0.95
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(dense)
+        prune_arm(mid, ignore, example)(m)
+        lo, hi = (lo, mid) if measure(m, example).total_macs <= target else (mid, hi)
+    return hi
 
 
 def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ratios, ignore, kd_steps: int,
@@ -109,7 +122,12 @@ def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ra
     rows = [["dense", f"{c0 / 1e6:.2f}M", "", f"{acc0:.2%}", "", f"{lat0:.1f}", ""]]
     errs = {}
     for ratio in ratios:
-        for label, kind, aware, fn in arms(ratio, ignore, calib, example, kinds):
+        design_macs: list[float] = []
+        for label, kind, aware, fn in arms(ratio, ignore, calib, example, kinds) + [("prune", "prune", None, None)]:
+            if fn is None:  # channel pruning at the designs' mean MACs (after them: their MACs are measured)
+                p = prune_to_macs(dense, sum(design_macs) / len(design_macs), ignore, example)
+                label = f"channel pruning {p:.0%}"
+                fn = prune_arm(p, ignore, example)
             m = copy.deepcopy(dense)
             t = time.process_time()
             fn(m)
@@ -118,8 +136,10 @@ def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ra
             mse = float(((z - z0) ** 2).mean())
             errs[(ratio, kind, aware)] = mse
             acc = float((z.argmax(1) == y_test).float().mean())
-            row = [f"{1 / ratio:.0f}x {label}", f"{measure(m, example).total_macs / 1e6:.2f}M", f"{mse:.4f}",
-                   f"{acc:.2%}"]
+            macs = measure(m, example).total_macs
+            if kind in KINDS and aware:
+                design_macs.append(macs)
+            row = [f"{1 / ratio:.0f}x {label}", f"{macs / 1e6:.2f}M", f"{mse:.4f}", f"{acc:.2%}"]
             if kd_steps:
                 distill(m, teacher, train, KD(epochs=1, max_steps=kd_steps, lr=1e-3, seed=0))
                 row.append(f"{float((logits(m, x_test).argmax(1) == y_test).float().mean()):.2%}")
