@@ -39,8 +39,9 @@ dependency-graph channel groups (5 per generator):
 
 Every arm is physically pruned, then fine-tuned the same number of steps (L1 to the dense generators' outputs
 + cycle L1, ``models.gan.finetune_pair_``; every arm reads the same seeded batches, so the dense generators' outputs
-are computed once per step for all arms: ``cache=``, bit-identical training). Fidelity is exact: L1 of G(a) to style(a) and of F(style(a)) to a
-on held-out MNIST test images, and the frozen MNIST CNN's accuracy on F(style(a)) and on 1 - G(a).
+are computed once per step for all arms: ``cache=``, bit-identical training). Fidelity is exact: L1 of G(a) to
+style(a) and of F(style(a)) to a on held-out MNIST test images, and the frozen MNIST CNN's accuracy on F(style(a))
+and on 1 - G(a).
 MACs and parameters are measured on the pruned generators; latency: median CPU ms of a 64-image batch.
 
 Bound (fixed before the first run): after fine-tuning, co-evolution's fidelity error l1_G + l1_F is below
