@@ -102,6 +102,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ft-seed", type=int, default=0,
                     help="seed of the final fine-tuning every arm gets (to show a margin across seeds)")
+    ap.add_argument("--pick-top", type=int, default=1, metavar="K",
+                    help="candidates per generator in the final proxy fine-tune pick: the re-selected best, the next "
+                         "K-1 finalists by held-out fitness, and the seed (all pairs of them; default 1)")
     ap.add_argument("--train", type=int, metavar="STEPS", default=0,
                     help="retrain the CycleGAN for STEPS steps and write the package weights (models/weights/)")
     args = ap.parse_args()
@@ -178,8 +181,10 @@ def main() -> int:
         co_g, co_f = coevolve(fgc, ffc, space_g.segments, space_f.segments, cfg, seeds_a=[l1_g], seeds_b=[l1_f],
                               repair_a=rep_g, repair_b=rep_f, final_a=vgc, final_b=vfc)
         seed_g, seed_f = rep_g(l1_g), rep_f(l1_f)
+        cand_g = [co_g.genome, *co_g.runners_up[:args.pick_top - 1], seed_g]
+        cand_f = [co_f.genome, *co_f.runners_up[:args.pick_top - 1], seed_f]
         pairs, seen = [], set()
-        for pair in ((co_g.genome, co_f.genome), (co_g.genome, seed_f), (seed_g, co_f.genome), (seed_g, seed_f)):
+        for pair in ((gg, gf) for gg in cand_g for gf in cand_f):
             key = (pair[0].numpy().tobytes(), pair[1].numpy().tobytes())
             if key not in seen:
                 seen.add(key)

@@ -224,6 +224,10 @@ def test_reselect_rescores_the_finalists_and_seeds_on_held_out_fitness():
     assert torch.equal(best.genome, noisy)
     pick = ga.reselect(lambda g: float((g == truth).sum()))
     assert torch.equal(pick.genome, truth) and pick.fitness == 8.0 and pick.evaluations == best.evaluations
+    held = [float((g == truth).sum()) for g in pick.runners_up]  # the other distinct finalists, best first
+    assert pick.runners_up and held == sorted(held, reverse=True) and all(h <= 8.0 for h in held)
+    keys = {g.numpy().tobytes() for g in [pick.genome, *pick.runners_up]}
+    assert len(keys) == 1 + len(pick.runners_up) and noisy.numpy().tobytes() in keys
     a, b = coevolve(lambda g, _p: float((g == noisy).sum()), lambda g, _p: float((g == noisy).sum()), [8], [8],
                     Evolve(population=6, budget=60, seed=0, init_dense=False), seeds_a=[truth], seeds_b=[truth],
                     final_a=lambda g, _p: float((g == truth).sum()), final_b=lambda g, _p: float((g == truth).sum()))
