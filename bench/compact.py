@@ -10,8 +10,9 @@ Designs: spatial (k x 1 then 1 x k, Jaderberg et al. 2014), depthwise (depthwise
 channel, then 1x1, MobileNets), bottleneck (1x1, k x k, 1x1); each fitted weight-space (closed-form SVD /
 HOOI) or data-aware (ALS on the layer outputs over 256 calibration images, from the weight-space fit).
 Peers at the same budget: ``factorize_`` Tucker-2 (``LowRank(param_ratio=ratio)``, HOOI: the weight-space
-bottleneck through the older verb) and ``prune_`` channel pruning (group L2, 1 - sqrt(ratio) of the
-channels per group, so the convs between pruned layers keep ~ratio of their MACs). KD: the existing
+bottleneck through the older verb) and ``prune_`` channel pruning (group L2, the same fraction of the channels
+of every group; the fraction found by bisection so the pruned model has at most the mean MACs of the three
+data-aware designs at that budget). KD: the existing
 ``distill`` loop from the dense model, the same steps for every arm.
 
 MNIST CNN (``pretrained("mnist-cnn")``): conv2 and conv3 (conv1 has one input channel); accuracy on MNIST
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 
@@ -60,6 +60,21 @@ def table(head: list[str], rows: list[list[str]], widths: list[int]) -> None:
         print(fmt.format(*r))
 
 
+class CachedTeacher(nn.Module):
+    """The dense model as a KD teacher whose outputs are remembered by input (exact bytes): every arm distils on
+    the same batches (one seed), so the teacher runs once per batch for the whole bench, not once per arm."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.memo = model, {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.detach().contiguous().numpy().tobytes())
+        if key not in self.memo:
+            self.memo[key] = self.model(x)
+        return self.memo[key]
+
+
 @torch.no_grad()
 def logits(model: nn.Module, x: torch.Tensor, bs_: int = 500) -> torch.Tensor:
     model.eval()
@@ -77,23 +92,42 @@ def arms(ratio: float, ignore: tuple[str, ...], calib, example: torch.Tensor, ki
     out.append(("Tucker-2 (factorize_)", "tucker2", None,
                 lambda m: bs.factorize_(m, bs.LowRank(param_ratio=ratio, tucker_sweeps=2),
                                         ignore=ignore + (r"fc.*",))))  # the convs only, like the designs
-    p = 1 - math.sqrt(ratio)
-    out.append((f"channel pruning {p:.0%}", "prune", None,
-                lambda m: bs.prune_(m, bs.ChannelPruning(ratio=p, ignore=ignore + (r"fc.*",)), example_inputs=example)))
     return out
+
+
+def prune_arm(p: float, ignore: tuple[str, ...], example: torch.Tensor):
+    return lambda m: bs.prune_(m, bs.ChannelPruning(ratio=p, ignore=ignore + (r"fc.*",)), example_inputs=example)
+
+
+def prune_to_macs(dense: nn.Module, target: float, ignore: tuple[str, ...], example: torch.Tensor) -> float:
+    """The smallest channel-pruning ratio (group L2, per group) whose pruned model has at most `target` MACs,
+    by bisection over ``prune_`` on copies (kept counts are integers, so the MACs land at or just under it)."""
+    lo, hi = 0.0, 0.95
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(dense)
+        prune_arm(mid, ignore, example)(m)
+        lo, hi = (lo, mid) if measure(m, example).total_macs <= target else (mid, hi)
+    return hi
 
 
 def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ratios, ignore, kd_steps: int,
                    lat_s: float, kinds=KINDS) -> None:
     z0 = logits(dense, x_test)
     example = x_test[:1]
+    teacher = CachedTeacher(dense).eval()
     c0 = measure(dense, example).total_macs
     acc0 = float((z0.argmax(1) == y_test).float().mean())
     lat0 = time_model(dense, x_test[:64], clock="cpu", warmup=1, min_run_time=lat_s).median_ms
     rows = [["dense", f"{c0 / 1e6:.2f}M", "", f"{acc0:.2%}", "", f"{lat0:.1f}", ""]]
     errs = {}
     for ratio in ratios:
-        for label, kind, aware, fn in arms(ratio, ignore, calib, example, kinds):
+        design_macs: list[float] = []
+        for label, kind, aware, fn in arms(ratio, ignore, calib, example, kinds) + [("prune", "prune", None, None)]:
+            if fn is None:  # channel pruning at the designs' mean MACs (after them: their MACs are measured)
+                p = prune_to_macs(dense, sum(design_macs) / len(design_macs), ignore, example)
+                label = f"channel pruning {p:.0%}"
+                fn = prune_arm(p, ignore, example)
             m = copy.deepcopy(dense)
             t = time.process_time()
             fn(m)
@@ -102,10 +136,12 @@ def run_classifier(name: str, dense: nn.Module, train, x_test, y_test, calib, ra
             mse = float(((z - z0) ** 2).mean())
             errs[(ratio, kind, aware)] = mse
             acc = float((z.argmax(1) == y_test).float().mean())
-            row = [f"{1 / ratio:.0f}x {label}", f"{measure(m, example).total_macs / 1e6:.2f}M", f"{mse:.4f}",
-                   f"{acc:.2%}"]
+            macs = measure(m, example).total_macs
+            if kind in KINDS and aware:
+                design_macs.append(macs)
+            row = [f"{1 / ratio:.0f}x {label}", f"{macs / 1e6:.2f}M", f"{mse:.4f}", f"{acc:.2%}"]
             if kd_steps:
-                distill(m, dense, train, KD(epochs=1, max_steps=kd_steps, lr=1e-3, seed=0))
+                distill(m, teacher, train, KD(epochs=1, max_steps=kd_steps, lr=1e-3, seed=0))
                 row.append(f"{float((logits(m, x_test).argmax(1) == y_test).float().mean()):.2%}")
             else:
                 row.append("-")

@@ -38,8 +38,10 @@ dependency-graph channel groups (5 per generator):
   uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 A / B images; full run only).
 
 Every arm is physically pruned, then fine-tuned the same number of steps (L1 to the dense generators' outputs
-+ cycle L1, ``models.gan.finetune_pair_``). Fidelity is exact: L1 of G(a) to style(a) and of F(style(a)) to a
-on held-out MNIST test images, and the frozen MNIST CNN's accuracy on F(style(a)) and on 1 - G(a).
++ cycle L1, ``models.gan.finetune_pair_``; every arm reads the same seeded batches, so the dense generators' outputs
+are computed once per step for all arms: ``cache=``, bit-identical training). Fidelity is exact: L1 of G(a) to
+style(a) and of F(style(a)) to a on held-out MNIST test images, and the frozen MNIST CNN's accuracy on F(style(a))
+and on 1 - G(a).
 MACs and parameters are measured on the pruned generators; latency: median CPU ms of a 64-image batch.
 
 Bound (fixed before the first run): after fine-tuning, co-evolution's fidelity error l1_G + l1_F is below
@@ -73,7 +75,7 @@ def check(ok: bool, what: str) -> None:
         FAILED.append(what)
 
 
-def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps):
+def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps, cache):
     """The pair of genomes whose physically pruned generators, after `steps` fine-tuning steps on training images
     a_ft / b_ft ([0, 1]), have the lowest distillation + cycle L1 (the fine-tuning objective; unsupervised) on the
     held-out training images val_a / val_b (GAN range). Every arm is fine-tuned before it is measured, so the
@@ -83,7 +85,7 @@ def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps):
         G, F_ = copy.deepcopy(G0), copy.deepcopy(F0)
         ChannelSpace(G, example).prune_(gg)
         ChannelSpace(F_, example).prune_(gf)
-        finetune_pair_(G, F_, G0, F0, a_ft, b_ft, steps, seed=1)
+        finetune_pair_(G, F_, G0, F0, a_ft, b_ft, steps, seed=1, cache=cache)
         G.eval()
         F_.eval()
         with torch.no_grad():
@@ -100,6 +102,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ft-seed", type=int, default=0,
                     help="seed of the final fine-tuning every arm gets (to show a margin across seeds)")
+    ap.add_argument("--pick-top", type=int, default=1, metavar="K",
+                    help="candidates per generator in the final proxy fine-tune pick: the re-selected best, the next "
+                         "K-1 finalists by held-out fitness, and the seed (all pairs of them; default 1)")
     ap.add_argument("--train", type=int, metavar="STEPS", default=0,
                     help="retrain the CycleGAN for STEPS steps and write the package weights (models/weights/)")
     args = ap.parse_args()
@@ -142,6 +147,7 @@ def main() -> int:
     fmt = "{:<24} {:>7} {:>7} {:>10} {:>6} {:>6} {:>6} {:>6} {:>10} {:>6} {:>6} {:>6} {:>6} {:>8}"
     print(fmt.format(*head))
     results, widths = {}, {}
+    ft_cache, pick_cache = {}, {}  # every arm's fine-tuning reads the same batches: the teachers run once per step
     for target in (1 / 2, 1 / 4, 1 / 8):
         arms = {}
         t = time.process_time()
@@ -175,13 +181,16 @@ def main() -> int:
         co_g, co_f = coevolve(fgc, ffc, space_g.segments, space_f.segments, cfg, seeds_a=[l1_g], seeds_b=[l1_f],
                               repair_a=rep_g, repair_b=rep_f, final_a=vgc, final_b=vfc)
         seed_g, seed_f = rep_g(l1_g), rep_f(l1_f)
+        cand_g = [co_g.genome, *co_g.runners_up[:args.pick_top - 1], seed_g]
+        cand_f = [co_f.genome, *co_f.runners_up[:args.pick_top - 1], seed_f]
         pairs, seen = [], set()
-        for pair in ((co_g.genome, co_f.genome), (co_g.genome, seed_f), (seed_g, co_f.genome), (seed_g, seed_f)):
+        for pair in ((gg, gf) for gg in cand_g for gf in cand_f):
             key = (pair[0].numpy().tobytes(), pair[1].numpy().tobytes())
             if key not in seen:
                 seen.add(key)
                 pairs.append(pair)
-        pick = finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, ft_steps // 4)
+        pick = finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, ft_steps // 4,
+                             pick_cache)
         arms["co-evolution"] = (*pick, time.process_time() - t)
         obs = [] if q else [("OBS-recon pruning", (None, None, 0.0))]
         for label, (gg, gf, secs) in list(arms.items()) + obs:
@@ -197,7 +206,7 @@ def main() -> int:
                           calib=calib_b)
                 secs = time.process_time() - t
             before = translation_scores(G, F_, a_test, clf, y_test)
-            finetune_pair_(G, F_, G0, F0, a_train, b_train, ft_steps, seed=args.ft_seed)
+            finetune_pair_(G, F_, G0, F0, a_train, b_train, ft_steps, seed=args.ft_seed, cache=ft_cache)
             after = translation_scores(G, F_, a_test, clf, y_test)
             mg, mf = measure(G, example).total_macs, measure(F_, example).total_macs
             params = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in F_.parameters())

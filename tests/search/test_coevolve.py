@@ -111,6 +111,25 @@ def test_adapted_bn_uses_the_masked_models_own_statistics_and_restores_everythin
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())  # untouched on the refusal
 
 
+def test_adapted_bn_memo_reuses_the_statistics_bit_for_bit():
+    G, _, x = _trained_bn_pair()
+    sg = ChannelSpace(G, x[:1])
+    genome, other = sg.l1_genome(0.5), sg.l1_genome(0.25)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    with sg.adapted(genome, [x]) as m:
+        want = m(x)
+    memo: dict = {}
+    with sg.adapted(genome, [x], memo) as m:
+        first = m(x)
+    with sg.adapted(genome, [x[:2]], memo) as m:  # found in the memo: no forward, so the batches do not matter
+        again = m(x)
+    assert torch.equal(first, want) and torch.equal(again, want) and len(memo) == 1
+    with sg.adapted(other, [x], memo) as m:
+        assert not torch.equal(m(x), want)
+    assert len(memo) == 2
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())  # restored after each use
+
+
 def test_fitness_penalises_unused_budget_and_scores_with_adapted_bn():
     G, F_, x = _trained_bn_pair()
     D = PatchDiscriminator(4).eval()
@@ -131,6 +150,7 @@ def test_fitness_penalises_unused_budget_and_scores_with_adapted_bn():
         want = -(float(((D(y) - ref) ** 2).mean()) + 0.5 * float((y - y0).abs().mean())
                  + 2.0 * float((f(y) - x).abs().mean()))
     assert abs(fit(l1, None) - want) < 1e-6
+    assert fit(l1, None) == fit(l1, None)  # the second call reads the partner's statistics from the memo
 
 
 def test_coevolution_keeps_its_seed_so_it_is_never_worse_than_its_start():
@@ -204,6 +224,10 @@ def test_reselect_rescores_the_finalists_and_seeds_on_held_out_fitness():
     assert torch.equal(best.genome, noisy)
     pick = ga.reselect(lambda g: float((g == truth).sum()))
     assert torch.equal(pick.genome, truth) and pick.fitness == 8.0 and pick.evaluations == best.evaluations
+    held = [float((g == truth).sum()) for g in pick.runners_up]  # the other distinct finalists, best first
+    assert pick.runners_up and held == sorted(held, reverse=True) and all(h <= 8.0 for h in held)
+    keys = {g.numpy().tobytes() for g in [pick.genome, *pick.runners_up]}
+    assert len(keys) == 1 + len(pick.runners_up) and noisy.numpy().tobytes() in keys
     a, b = coevolve(lambda g, _p: float((g == noisy).sum()), lambda g, _p: float((g == noisy).sum()), [8], [8],
                     Evolve(population=6, budget=60, seed=0, init_dense=False), seeds_a=[truth], seeds_b=[truth],
                     final_a=lambda g, _p: float((g == truth).sum()), final_b=lambda g, _p: float((g == truth).sum()))

@@ -167,16 +167,35 @@ def translation_scores(G: nn.Module, F_: nn.Module, a: torch.Tensor, classifier:
 
 def finetune_pair_(G: nn.Module, F_: nn.Module, G0: nn.Module, F0: nn.Module, a_images: torch.Tensor,
                    b_images: torch.Tensor, steps: int, lr: float = 1e-3, lam_cycle: float = 1.0, batch: int = 32,
-                   seed: int = 0) -> None:
+                   seed: int = 0, cache: dict[str, Any] | None = None) -> None:
     """Distil the dense pair into the compressed pair: L1 to the dense generators' outputs on unpaired A and B
     batches plus `lam_cycle` x cycle L1 through the partner (Shu et al. 2019, sec. 3.3), Adam, in place.
 
     (The classification ``distill`` loop matches logits with a softened KL, which does not apply to images.)
+
+    cache: a dict shared by calls that fine-tune several students from the same teachers, images, batch size
+    and seed (the arms of a benchmark): the batches and the dense outputs of every step are computed once and
+    read back by the later calls, which then train exactly as without it (the teachers must not change in
+    between). A call with other teachers, images, batch or seed empties it first.
+
+    >>> cache = {}
+    >>> for G, F_ in students:
+    ...     finetune_pair_(G, F_, G0, F0, a, b, steps=200, cache=cache)   # the teachers run once per step
     """
     if steps <= 0:
         return
-    gen = torch.Generator().manual_seed(seed)
-    it_a, it_b = _batches(to_gan(a_images), batch, gen), _batches(to_gan(b_images), batch, gen)
+    source = (G0, F0, a_images, b_images, batch, seed)
+    if cache is None:
+        cache = {}
+    elif len(old := cache.get("source", ())) != len(source) or any(
+            x is not y for x, y in zip(old, source, strict=True)):
+        cache.clear()
+    cache["source"] = source
+    if "stream" not in cache:
+        gen = torch.Generator().manual_seed(seed)
+        cache["stream"] = (_batches(to_gan(a_images), batch, gen), _batches(to_gan(b_images), batch, gen))
+        cache["steps"] = []
+    (it_a, it_b), steps_seen = cache["stream"], cache["steps"]
     opt = torch.optim.Adam([*G.parameters(), *F_.parameters()], lr=lr, betas=(0.5, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     G0.eval()
@@ -184,10 +203,12 @@ def finetune_pair_(G: nn.Module, F_: nn.Module, G0: nn.Module, F0: nn.Module, a_
     G.train()
     F_.train()
     try:
-        for _ in range(steps):
-            a, b = next(it_a), next(it_b)
-            with torch.no_grad():
-                ta, tb = G0(a), F0(b)
+        for step in range(steps):
+            if step == len(steps_seen):  # a step no earlier call ran: draw its batches, run the teachers once
+                a, b = next(it_a), next(it_b)
+                with torch.no_grad():
+                    steps_seen.append((a, b, G0(a), F0(b)))
+            a, b, ta, tb = steps_seen[step]
             ga, fb = G(a), F_(b)
             loss = (ga - ta).abs().mean() + (fb - tb).abs().mean()
             loss = loss + lam_cycle * ((F_(ga) - a).abs().mean() + (G(fb) - b).abs().mean())

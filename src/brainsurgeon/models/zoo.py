@@ -100,6 +100,8 @@ def pretrained(name: str, cache_dir: str | os.PathLike[str] | None = None,
     Trains on first use (digits-cnn: seconds; mnist-cnn: about a minute on 2 cores; fashion-cnn,
     30 augmented epochs: about 7 CPU minutes) and caches
     the state_dict under `cache_dir` (default :func:`default_cache_dir`); later calls load it.
+    Weights shipped with the package (``models/weights/<name>-v<version>-seed<seed>.safetensors``: mnist-cnn)
+    are loaded when the cache has none, without training.
 
     >>> model, train_ds, test_ds = pretrained("digits-cnn")
     >>> evaluate(model, test_ds) > 0.97
@@ -111,6 +113,8 @@ def pretrained(name: str, cache_dir: str | os.PathLike[str] | None = None,
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"{name}-v{spec.version}-seed{seed}.pt"
     state = _load_state(path)
+    if state is None:
+        state = _shipped_state(f"{name}-v{spec.version}-seed{seed}")
     if state is not None:
         try:
             model.load_state_dict(state)
@@ -129,6 +133,19 @@ def _spec(name: str) -> TrainSpec:
         raise ConfigError(f"no pretrained weights recipe for model {name!r}; available: "
                           f"{sorted(_SPECS)}. Add a TrainSpec in brainsurgeon/models/zoo.py")
     return _SPECS[name]
+
+
+def _shipped_state(stem: str) -> dict[str, torch.Tensor] | None:
+    """The state_dict shipped as package data (``models/weights/<stem>.safetensors``, no pickle), if any: a
+    fresh clone then skips the training (mnist-cnn: about a CPU minute, which the --quick benches cannot spend)."""
+    import importlib.resources
+
+    p = Path(str(importlib.resources.files("brainsurgeon.models") / "weights" / f"{stem}.safetensors"))
+    if not p.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(p))
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor] | None:

@@ -117,7 +117,8 @@ def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target
 
     calib / partner_calib: batches on which the BatchNorm statistics of the masked generator / partner are
     re-estimated before it is scored (``ChannelSpace.adapted``, adaptive BN); without them the candidates
-    run with the dense model's statistics.
+    run with the dense model's statistics. The partner's statistics are estimated once per partner genome
+    (the partner's best is the same for a whole generation) and reused.
     """
     G = space.model
     under = beta if under is None else under
@@ -128,8 +129,10 @@ def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target
         ref = D(y0)  # ... as the discriminator judges it
         G.train(was)
 
-    def run(sp: ChannelSpace, genome: torch.Tensor, batches: Sequence[torch.Tensor] | None):
-        return sp.adapted(genome, batches) if batches is not None else sp.masked(genome)
+    partner_stats: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # the partner's best: adapted once
+
+    def run(sp: ChannelSpace, genome: torch.Tensor, batches: Sequence[torch.Tensor] | None, memo=None):
+        return sp.adapted(genome, batches, memo) if batches is not None else sp.masked(genome)
 
     @torch.no_grad()
     def fit(genome: torch.Tensor, partner_genome: torch.Tensor | None = None) -> float:
@@ -142,7 +145,9 @@ def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target
                 loss += alpha * float((y - y0).abs().mean())
             if partner is not None and gamma:
                 pg = partner_genome if partner_genome is not None else partner.dense_genome()
-                with run(partner, pg, partner_calib) as f:
+                if len(partner_stats) > 16:
+                    partner_stats.clear()
+                with run(partner, pg, partner_calib, partner_stats) as f:
                     loss += gamma * float((f(y) - x).abs().mean())
         return -loss - cost
 

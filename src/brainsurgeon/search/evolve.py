@@ -99,6 +99,7 @@ class Individual:
     fitness: float = math.nan
     evaluations: int = 0  # evaluations spent by the whole search when this result was returned
     history: list[float] = field(default_factory=list)  # best fitness after each generation
+    runners_up: list[torch.Tensor] = field(default_factory=list)  # reselect: the other finalists, best first
 
 
 def _repair(g: torch.Tensor, bounds: list[tuple[int, int]], gen: torch.Generator) -> torch.Tensor:
@@ -221,7 +222,8 @@ class GeneticSearch:
         """The best of the distinct final members, the best so far and the seeds under another `fitness`
         (held-out data): the GA's best is the maximum of noisy scores, so it overrates itself (the winner's
         curse); scoring the finalists once more on fresh data picks the one that generalises. These
-        evaluations are not counted in the budget; the returned fitness is the held-out one.
+        evaluations are not counted in the budget; the returned fitness is the held-out one, and
+        ``runners_up`` holds the other finalists in held-out order (for a later, costlier selection).
 
         >>> best = ga.reselect(lambda g: -loss(g, x_val))
         """
@@ -231,8 +233,9 @@ class GeneticSearch:
         for g in [self.best_genome, *self.pop, *self.seeded]:
             cands.setdefault(g.numpy().tobytes(), g)
         scored = [(float(fitness(g.clone())), i, g) for i, g in enumerate(cands.values())]
-        f, _, g = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the earlier (the GA's own best first)
-        return Individual(g.clone(), f, self.evaluations, list(self.history))
+        ranked = sorted(scored, key=lambda t: (-t[0], t[1]))  # ties: the earlier (the GA's own best first)
+        f, _, g = ranked[0]
+        return Individual(g.clone(), f, self.evaluations, list(self.history), [r[2].clone() for r in ranked[1:]])
 
     def run(self, fitness: Callable[[torch.Tensor], float], state: str | os.PathLike[str] | None = None) -> Individual:
         """Generations until the evaluation budget is spent; with `state`, resume from and save to that file.

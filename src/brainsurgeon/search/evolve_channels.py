@@ -95,7 +95,8 @@ class ChannelSpace:
                     t.index_copy_(d, idx, old)
 
     @contextmanager
-    def adapted(self, genome: torch.Tensor, batches: Iterable[Any]) -> Iterator[nn.Module]:
+    def adapted(self, genome: torch.Tensor, batches: Iterable[Any],
+                memo: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> Iterator[nn.Module]:
         """``masked(genome)`` with the BatchNorm running statistics re-estimated on `batches` (adaptive BN,
         Li et al., "EagleEye", ECCV 2020): dropping channels shifts the statistics the remaining layers see,
         and a candidate judged with the dense model's statistics looks broken before any fine-tuning.
@@ -105,6 +106,10 @@ class ChannelSpace:
 
         >>> with space.adapted(genome, [x_cal]) as m:
         ...     score = evaluate(m, val)
+
+        memo: statistics by genome, for a caller that adapts the same genomes on the same batches again (a
+        partner scored with every candidate): a genome found there gets its stored statistics without a
+        forward; one not found is re-estimated and stored. One memo per `batches` and unchanged weights.
         """
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                and m.track_running_stats]
@@ -112,20 +117,18 @@ class ChannelSpace:
         saved = [(m, m.momentum, {k: getattr(m, k).clone() for k in ("running_mean", "running_var",
                                                                       "num_batches_tracked")}) for m in bns]
         try:
+            key = torch.as_tensor(genome, dtype=torch.bool).numpy().tobytes()
             with self.masked(genome) as model:
                 with torch.no_grad():
                     self.model.eval()
-                    for m in bns:
-                        m.reset_running_stats()
-                        m.momentum = None  # cumulative average over the batches
-                        m.train()
-                    seen = 0
-                    for xb in batches:
-                        model(*xb) if isinstance(xb, tuple | list) else model(xb)
-                        seen += 1
-                    if bns and not seen:
-                        raise ConfigError("ChannelSpace.adapted: no batch to re-estimate the BatchNorm "
-                                          "statistics on; pass at least one input batch, or use masked()")
+                    if memo is not None and key in memo:
+                        for m, (mean, var) in zip(bns, memo[key], strict=True):
+                            m.running_mean.copy_(mean)
+                            m.running_var.copy_(var)
+                    else:
+                        self._estimate(model, bns, batches)
+                        if memo is not None:
+                            memo[key] = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
                 self.model.eval()
                 yield model
         finally:
@@ -136,6 +139,21 @@ class ChannelSpace:
                         getattr(m, k).copy_(v)
             for m, was in modes:
                 m.training = was
+
+    @staticmethod
+    def _estimate(model: nn.Module, bns: list[nn.Module], batches: Iterable[Any]) -> None:
+        """The BatchNorm layers' running statistics as the cumulative average over `batches` (under no_grad)."""
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        seen = 0
+        for xb in batches:
+            model(*xb) if isinstance(xb, tuple | list) else model(xb)
+            seen += 1
+        if bns and not seen:
+            raise ConfigError("ChannelSpace.adapted: no batch to re-estimate the BatchNorm "
+                              "statistics on; pass at least one input batch, or use masked()")
 
     def macs_fraction(self, genome: torch.Tensor) -> float:
         """Estimated MACs of the pruned model / dense, over the layers with MACs: each layer's dense MACs
