@@ -44,6 +44,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .obs import compress_weight, is_data_free
+from .obs.heldout import SHRINK_GRID, select_shrinkage
 from .planning import _layer_weight, _set_layer_weight, check_step, plan_layers  # noqa: F401 - re-exported
 from .report import CompressionReport, LayerRow
 
@@ -97,7 +98,17 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                             f"loss = ||dW||^2 in weight space")
         return list(plan)
     inside, outside = _split_blocks(model, list(plan), options.blocks)
-    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) == "auto") as shrunk:
+    heldout: list[str] = []
+
+    def select(name: str, module: nn.Module, folds: list, lam_spread: float) -> float:
+        """shrink='auto' on a singular H: the intensity by held-out loss over two folds (obs.heldout)."""
+        cfg = dataclasses.replace(plan[name], shrink=0.0)
+        lam, _ = select_shrinkage(_layer_weight(module), folds, lambda W, H: compress_weight(W, H, cfg, name).weight,
+                                  (*SHRINK_GRID, lam_spread))
+        heldout.append(name)
+        return lam
+
+    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) == "auto", select) as shrunk:
         report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
         if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
             report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
@@ -109,7 +120,9 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         lam = [x for _, x in shrunk]
         report.notes.append(f"shrink='auto': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "
                             f"{min(lam):.3f}-{max(lam):.3f} (mean {sum(lam) / len(lam):.3f}), estimated from the "
-                            f"spread of the calibration samples")
+                            f"spread of the calibration samples"
+                            + (f"; {len(heldout)} with fewer calibration rows than columns (singular H) chosen "
+                               f"by held-out loss over two folds of the samples" if heldout else ""))
     return list(plan)
 
 
