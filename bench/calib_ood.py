@@ -71,6 +71,7 @@ from _text import (  # noqa: E402
     perplexity,
     sentence_batches,
     similarity_rho,
+    spearman,
     topic_sentences,
     topics_text,
     word_pairs,
@@ -95,6 +96,8 @@ def variants(base: dict, rtn: dict) -> list[tuple[str, bs.config.Config, str]]:
             ("  shrink 1.0 (= RTN grid)", g(shrink=1.0), "calib"),
             ("  mixed lengths", g(shrink=0.0), "mixed"),
             ("  shrink 0.3 + mixed lengths", g(shrink=0.3), "mixed"),
+            ("  spread (Schaefer-Strimmer)", g(shrink="spread"), "calib"),
+            ("  spread + mixed lengths", g(shrink="spread"), "mixed"),
             ("  auto + mixed lengths", g(), "mixed"),
             ("GPTQ default (shrink auto)", g(), "calib")]
 
@@ -138,7 +141,32 @@ def minilm_eval(s: dict, m) -> dict:
     w = embed(m, s["tok"], s["words"])
     emb = dict(zip(s["words"], w, strict=True))
     return {"id": float((e * s["dense_held"]).sum(1).mean()), "word_cos": float((w * s["dense_words"]).sum(1).mean()),
-            **{k: similarity_rho(emb, p) for k, p in s["pairs"].items()}}
+            **{k: similarity_rho(emb, p) for k, p in s["pairs"].items()},
+            "_pair_cos": {k: [float(emb[a] @ emb[b]) for a, b, _ in p] for k, p in s["pairs"].items()}}
+
+
+def bootstrap(s: dict, rows: list[dict], base: str = "RTN", reps: int = 2000, seed: int = 0) -> list[str]:
+    """95 % bootstrap intervals over word pairs (resampled with replacement, the same resamples for every
+    row): each row's Spearman rho and its difference to `base`'s."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ref = next(r for r in rows if r["label"] == base)
+    out = []
+    for k, pairs in s["pairs"].items():
+        human = np.array([x for _, _, x in pairs])
+        idx = [rng.integers(0, len(pairs), len(pairs)) for _ in range(reps)]
+        b0 = np.array([spearman(np.asarray(ref["_pair_cos"][k])[i], human[i]) for i in idx])
+        for r in rows:
+            if "_pair_cos" not in r or r is ref:
+                continue
+            c = np.asarray(r["_pair_cos"][k])
+            b = np.array([spearman(c[i], human[i]) for i in idx])
+            lo, hi = np.percentile(b, [2.5, 97.5])
+            dlo, dhi = np.percentile(b - b0, [2.5, 97.5])
+            out.append(f"{r['label']:<30} {k:<7} rho {r[k]:.4f} [{lo:.4f}, {hi:.4f}]   minus {base} "
+                       f"{r[k] - ref[k]:+.4f} [{dlo:+.4f}, {dhi:+.4f}]   P(<= {base}) {float(np.mean(b <= b0)):.3f}")
+    return out
 
 
 # ----------------------------------------------------------------------------- SmolLM2
@@ -181,6 +209,8 @@ def main() -> int:
     ap.add_argument("--n-eval", type=int, default=8, help="SmolLM2 eval windows per corpus")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                    help="MiniLM: bootstrap resamples of the word pairs for intervals (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
@@ -208,9 +238,14 @@ def main() -> int:
     print(line + "\n" + "-" * len(line))
     for r in rows:
         print(f"{r['label']:<30} " + " ".join(f"{r[k]:>10.4f}" for k in keys) + f" {r['cpu_s']:>7.1f}")
+    if args.model == "minilm" and args.bootstrap:
+        print(f"\nbootstrap over word pairs ({args.bootstrap} resamples, 95 % intervals; the same resamples for "
+              f"every row):")
+        print("\n".join(bootstrap(s, rows, reps=args.bootstrap)))
     if args.json:
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+        keep = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        pathlib.Path(args.json).write_text(json.dumps({"model": args.model, "rows": keep}, indent=2))
     by = {r["label"]: r for r in rows}
     if "GPTQ default (shrink auto)" not in by:
         return 0

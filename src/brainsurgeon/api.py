@@ -102,13 +102,15 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
 
     def select(name: str, module: nn.Module, folds: list, lam_spread: float) -> float:
         """shrink='auto' on a singular H: the intensity by held-out loss over two folds (obs.heldout)."""
+        if plan[name].shrink != "auto":  # "spread": Schaefer-Strimmer's estimate only
+            return lam_spread
         cfg = dataclasses.replace(plan[name], shrink=0.0)
         lam, _ = select_shrinkage(_layer_weight(module), folds, lambda W, H: compress_weight(W, H, cfg, name).weight,
                                   (*SHRINK_GRID, lam_spread))
         heldout.append(name)
         return lam
 
-    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) == "auto", select) as shrunk:
+    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "spread"), select) as shrunk:
         report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
         if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
             report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
