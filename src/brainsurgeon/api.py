@@ -44,7 +44,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .obs import compress_weight, is_data_free
-from .obs.heldout import SHRINK_GRID, select_shrinkage
+from .obs.heldout import SHRINK_GRID, gptq_solver, select_shrinkage
 from .planning import _layer_weight, _set_layer_weight, check_step, plan_layers  # noqa: F401 - re-exported
 from .report import CompressionReport, LayerRow
 
@@ -104,8 +104,8 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         """shrink='auto' on a singular H: the intensity by held-out loss over two folds (obs.heldout)."""
         if plan[name].shrink != "auto":  # "spread": Schaefer-Strimmer's estimate only
             return lam_spread
-        cfg = dataclasses.replace(plan[name], shrink=0.0)
-        lam, _ = select_shrinkage(_layer_weight(module), folds, lambda W, H: compress_weight(W, H, cfg, name).weight,
+        W = _layer_weight(module)
+        lam, _ = select_shrinkage(W.reshape(W.shape[0], -1), folds, gptq_solver(plan[name], name),
                                   (*SHRINK_GRID, lam_spread))
         heldout.append(name)
         return lam

@@ -1,13 +1,16 @@
 """obs.heldout.select_shrinkage: the shrinkage intensity of GPTQ chosen by held-out loss over two folds."""
 
+import dataclasses
+
+import pytest
 import torch
 from obs_fixtures import correlated_layer
 
 from brainsurgeon.calib.shrinkage import fold_hessians
 from brainsurgeon.config import GPTQ
 from brainsurgeon.obs import compress_weight
-from brainsurgeon.obs.heldout import SHRINK_GRID, select_shrinkage
-from brainsurgeon.obs.hessian import layer_loss
+from brainsurgeon.obs.heldout import SHRINK_GRID, gptq_solver, select_shrinkage
+from brainsurgeon.obs.hessian import layer_loss, shrink_
 
 
 def gptq_solve(**kw):
@@ -81,3 +84,15 @@ def test_rows_are_subsampled_evenly():
     seen = []
     select_shrinkage(W, folds, lambda W, H: seen.append(W.shape) or W, (0.0,), max_rows=8)
     assert seen == [(8, 16), (8, 16)]
+
+
+@pytest.mark.parametrize("kw", [{"group_size": 16}, {"group_size": 16, "act_order": False}, {"mse": False}])
+def test_gptq_solver_is_compress_weight_with_its_grid_reused(kw):
+    W, H = correlated_layer(12, 48)
+    H[3, :] = H[:, 3] = 0.0  # a dead input: its column zeroed before the grid is fitted
+    cfg = GPTQ(bits=3, blocksize=16, **kw)
+    solve = gptq_solver(cfg)
+    for lam in (0.0, 0.5, 0.0):  # the second 0.0 reuses the grid fitted by the first
+        Hs = shrink_(H.clone(), lam)
+        ref = compress_weight(W, Hs, dataclasses.replace(cfg, shrink=0.0)).weight
+        assert torch.equal(solve(W, Hs), ref)

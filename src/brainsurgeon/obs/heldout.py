@@ -16,7 +16,7 @@ The grid holds 0 (plain GPTQ), 1 (round-to-nearest) and Schaefer & Strimmer's an
 (Strimmer 2005; calib.shrinkage.shrinkage_intensity). Each fold holds half of the samples, so the
 pick leans to more shrinkage than the full data needs: the safe side.
 
-    >>> lam, cv = select_shrinkage(W, fold_hessians(H, n, X_B), lambda W, H: gptq_weight(W, H))
+    >>> lam, cv = select_shrinkage(W, fold_hessians(H, n, X_B), gptq_solver(GPTQ(bits=4)))
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .hessian import layer_loss, shrink_
+from ..config import GPTQ
+from ..quant.grid import fit_grid
+from .fast import WALK_DTYPE, gptq
+from .hessian import layer_loss, prepare, shrink_
 
 SHRINK_GRID = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)  # plus the layer's Schaefer-Strimmer intensity
 MAX_ROWS = 512  # rows scored (evenly spaced): the loss is a sum over independent rows
@@ -55,3 +58,22 @@ def select_shrinkage(W: torch.Tensor, folds: Sequence[tuple[torch.Tensor, torch.
         cv.append(total)
     best = min(range(len(lams)), key=lambda i: (cv[i], lams[i]))
     return lams[best], cv
+
+
+def gptq_solver(cfg: GPTQ, name: str = "") -> Fit:
+    """GPTQ with `cfg` and no shrinkage of its own, as ``compress_weight(W, H, cfg)`` solves it, for one W:
+    the up-front grid (which depends on W, not H: the MSE grid search is most of a solve) is fitted
+    once per set of dead inputs and reused over the grid of intensities and the folds.
+
+    >>> solve = gptq_solver(GPTQ(bits=4, group_size=128)); W_hat = solve(W, H)
+    """
+    grids: dict[bytes, object] = {}
+
+    def solve(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        prep = prepare(W.double(), H.double(), cfg.damp, WALK_DTYPE, name=name, factor=False)
+        g = cfg.group_size if 0 < cfg.group_size < W.shape[1] else 0
+        key = prep.dead.cpu().numpy().tobytes()
+        if key not in grids:
+            grids[key] = fit_grid(prep.W, cfg.bits, cfg.sym, g, cfg.mse)
+        return gptq(prep, cfg, grid=grids[key])[0]
+    return solve
