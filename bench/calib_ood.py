@@ -96,9 +96,9 @@ def variants(base: dict, rtn: dict) -> list[tuple[str, bs.config.Config, str]]:
             ("  shrink 1.0 (= RTN grid)", g(shrink=1.0), "calib"),
             ("  mixed lengths", g(shrink=0.0), "mixed"),
             ("  shrink 0.3 + mixed lengths", g(shrink=0.3), "mixed"),
-            ("  spread (Schaefer-Strimmer)", g(shrink="spread"), "calib"),
-            ("  spread + mixed lengths", g(shrink="spread"), "mixed"),
             ("  auto + mixed lengths", g(), "mixed"),
+            ("  held-out (shrink='heldout')", g(shrink="heldout"), "calib"),
+            ("  held-out + mixed lengths", g(shrink="heldout"), "mixed"),
             ("GPTQ default (shrink auto)", g(), "calib")]
 
 

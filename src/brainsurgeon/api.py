@@ -101,8 +101,8 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
     heldout: list[str] = []
 
     def select(name: str, module: nn.Module, folds: list, lam_spread: float) -> float:
-        """shrink='auto' on a singular H: the intensity by held-out loss over two folds (obs.heldout)."""
-        if plan[name].shrink != "auto":  # "spread": Schaefer-Strimmer's estimate only
+        """shrink='heldout' on a singular H: the intensity by held-out loss over two folds (obs.heldout)."""
+        if plan[name].shrink != "heldout":  # "auto": Schaefer-Strimmer's estimate
             return lam_spread
         W = _layer_weight(module)
         lam, _ = select_shrinkage(W.reshape(W.shape[0], -1), folds, gptq_solver(plan[name], name),
@@ -110,7 +110,7 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         heldout.append(name)
         return lam
 
-    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "spread"), select) as shrunk:
+    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "heldout"), select) as shrunk:
         report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
         if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
             report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
@@ -120,7 +120,7 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
             report.notes.extend(run_layerwise(model, outside, calib, solve, final) or [])
     if shrunk:
         lam = [x for _, x in shrunk]
-        report.notes.append(f"shrink='auto': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "
+        report.notes.append(f"shrink='auto'/'heldout': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "
                             f"{min(lam):.3f}-{max(lam):.3f} (mean {sum(lam) / len(lam):.3f}), estimated from the "
                             f"spread of the calibration samples"
                             + (f"; {len(heldout)} with fewer calibration rows than columns (singular H) chosen "

@@ -66,7 +66,7 @@ def test_quantize_applies_auto_shrinkage_and_says_so():
     calib = [torch.randn(4, 10, 16) for _ in range(2)]
     auto, zero = (bs.quantize_(m, bs.GPTQ(bits=3, shrink=s), calib) for m, s in
                   ((model, "auto"), (copy.deepcopy(model), 0.0)))
-    assert any("shrink='auto': 2 Hessian(s)" in n for n in auto.notes)
+    assert any("shrink='auto'/'heldout': 2 Hessian(s)" in n for n in auto.notes)
     assert not any("shrink=" in n for n in zero.notes)
 
 
@@ -126,9 +126,11 @@ def test_quantize_picks_by_heldout_loss_on_a_singular_layer_and_is_deterministic
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 8))  # 2nd layer: 24 rows < 64 columns
     calib = [torch.randn(6, 4, 8)]
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra, rb = (bs.quantize_(m, bs.GPTQ(bits=3, group_size=16), calib) for m in (a, b))
+    a, b, c = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    ra, rb = (bs.quantize_(m, bs.GPTQ(bits=3, group_size=16, shrink="heldout"), calib) for m in (a, b))
     assert any("1 with fewer calibration rows than columns (singular H) chosen by held-out loss" in n
                for n in ra.notes)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert ra.notes == rb.notes
+    rc = bs.quantize_(c, bs.GPTQ(bits=3, group_size=16), calib)  # the default "auto": no held-out choice
+    assert not any("held-out" in n for n in rc.notes) and any("shrink='auto'" in n for n in rc.notes)

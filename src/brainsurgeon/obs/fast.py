@@ -166,7 +166,7 @@ def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: tor
 @register_solver(GPTQ)
 def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor, name: str):
     prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
-    if not isinstance(cfg.shrink, str) and cfg.shrink:  # "auto"/"spread": applied to H by the calibration driver
+    if not isinstance(cfg.shrink, str) and cfg.shrink:  # "auto"/"heldout": applied to H by the calibration driver
         shrink_(prep.H, cfg.shrink)
         prep.shrink = cfg.shrink
     W_hat, extra = gptq(prep, cfg, H)
