@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -157,6 +158,55 @@ def layer_columns(module: nn.Module, x: torch.Tensor, name: str = "") -> torch.T
     return u.permute(1, 0, 3, 2).reshape(g, n * L, cols)  # (g, N*L, cols)
 
 
+# padding: while the driver runs, masks[i] is batch i's (B, T) bool mask of real tokens (or None), and
+# the index of the batch being forwarded; layer inputs shaped (B, T, ...) keep only the real tokens' rows
+_MASKS: ContextVar[list[torch.Tensor | None] | None] = ContextVar("calib_token_masks", default=None)
+_INDEX: ContextVar[int] = ContextVar("calib_batch_index", default=-1)
+
+
+@contextmanager
+def token_masks() -> Iterator[list[torch.Tensor | None]]:
+    """While active, the driver records each batch's padding mask into the yielded list (index = batch).
+
+    Padding positions (``attention_mask == 0``) are not inputs the model is used on: their outputs are
+    masked out of attention and pooling, so their rows would only add noise (and directions no real
+    token has) to H. Layers reached with a (B, T, ...) input whose (B, T) matches batch i's mask
+    accumulate only the real tokens' rows.
+
+    >>> with token_masks() as masks, batch_index(0):
+    ...     masks.append(attention_mask.bool()); acc.add_input(hidden)    # only the real tokens' rows
+    """
+    token = _MASKS.set([])
+    try:
+        yield _MASKS.get()
+    finally:
+        _MASKS.reset(token)
+
+
+@contextmanager
+def batch_index(i: int) -> Iterator[None]:
+    """Marks the forward of batch `i` (see :func:`token_masks`)."""
+    token = _INDEX.set(i)
+    try:
+        yield
+    finally:
+        _INDEX.reset(token)
+
+
+def record_mask(masks: list[torch.Tensor | None], i: int, kwargs: dict[str, Any]) -> None:
+    """masks[i] = the batch's 2-D ``attention_mask`` as bool (None without one)."""
+    m = kwargs.get("attention_mask")
+    while len(masks) <= i:
+        masks.append(None)
+    masks[i] = (m != 0) if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+
+def _current_mask(x: torch.Tensor) -> torch.Tensor | None:
+    masks, i = _MASKS.get(), _INDEX.get()
+    m = masks[i] if masks is not None and 0 <= i < len(masks) else None
+    return m if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape) and not bool(m.all()) else None
+
+
 class HessianAccumulator:
     """Streaming ``H = 2/n * sum_i x_i x_i^T`` of one layer's input columns.
 
@@ -189,9 +239,16 @@ class HessianAccumulator:
 
     def add_input(self, x: torch.Tensor) -> None:
         """Add a raw layer input (what the module's forward receives)."""
+        mask = None if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else _current_mask(x)
+        if mask is not None:  # padded tokens: only the real ones, sample-major (n_real, cols)
+            mask = mask.to(x.device)
+            x = x.detach()[mask]
         cols = layer_columns(self.module, x.detach(), self.name)
         if self._spread is not None and cols.shape[0]:
-            self._add_spread(x, cols)
+            if mask is None:
+                self._add_spread(x, cols)
+            else:
+                self._add_spread_ragged(cols.split(mask.sum(1).tolist()))
         self.add(cols)
         if self._held is not None and self.n >= HELDOUT_RATIO * self.cols:
             self._held = None  # H is (generically) full rank: Schaefer-Strimmer's estimate suffices
@@ -225,6 +282,25 @@ class HessianAccumulator:
             total += float(G.double().square().sum() - d.double().square().sum())
         self._spread[0] += samples
         self._spread[1] += 4.0 / T**2 * total
+
+    def _add_spread_ragged(self, samples: tuple[torch.Tensor, ...]) -> None:
+        """:meth:`_add_spread` for samples of different lengths (padding removed), one sample at a time."""
+        samples = tuple(s for s in samples if len(s))
+        if not samples:
+            return
+        if self._held is not None:
+            self._held.extend(s.to(torch.float32, copy=True) for s in samples[(1 - int(self._spread[0]) % 2)::2])
+        if self._scale is None:
+            d = sum(s[:, self._pick].to(torch.float32).square().sum(0) for s in samples)
+            self._scale = torch.where(d > 0, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), 0.0)
+        total = 0.0
+        for s in samples:
+            X = s[:, self._pick].to(torch.float32) * self._scale
+            G = X @ X.t() if len(X) <= X.shape[1] else X.t() @ X
+            d = X.square().sum(0)
+            total += 4.0 / len(X) ** 2 * float(G.double().square().sum() - d.double().square().sum())
+        self._spread[0] += len(samples)
+        self._spread[1] += total
 
     def add(self, x_cols: torch.Tensor) -> None:
         """Add columns: (b, cols), or (g, b, cols) for a grouped conv."""
