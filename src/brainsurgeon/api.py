@@ -110,7 +110,9 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         heldout.append(name)
         return lam
 
-    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "heldout"), select) as shrunk:
+    any_heldout = any(getattr(c, "shrink", None) == "heldout" for c in plan.values())  # else no fold buffers
+    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "heldout"),
+                        select if any_heldout else None) as shrunk:
         report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
         if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
             report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
