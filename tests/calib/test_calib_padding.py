@@ -24,13 +24,14 @@ class PaddedLM(nn.Module):
         super().__init__()
         self.embed = nn.Linear(5, 8)
         self.layers = nn.ModuleList(Block() for _ in range(2))
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))  # a chain: replayed from its cache
         self.head = nn.Linear(8, 3)
 
     def forward(self, x, attention_mask):
         h = self.embed(x)
         for blk in self.layers:
             h = blk(h, attention_mask)
-        return self.head(h)
+        return self.head(h + self.mlp(h))
 
 
 def padded_calib():
@@ -64,7 +65,8 @@ def reference(model, calib, names):
 def test_padding_rows_stay_out_of_every_hessian(options):
     torch.manual_seed(0)
     model, calib = PaddedLM(), padded_calib()
-    names = ["layers.0.q", "layers.0.fc", "layers.1.k", "layers.1.fc"] + ([] if options.blocks else ["head"])
+    names = ["layers.0.q", "layers.0.fc", "layers.1.k", "layers.1.fc"] + (
+        [] if options.blocks else ["mlp.0", "mlp.2", "head"])
     seen = {}
     run_layerwise(model, names, calib, lambda n, m, H: seen.__setitem__(n, H.clone()), options)
     want = reference(model, calib, names)
