@@ -171,7 +171,8 @@ def token_masks() -> Iterator[list[torch.Tensor | None]]:
     Padding positions (``attention_mask == 0``) are not inputs the model is used on: their outputs are
     masked out of attention and pooling, so their rows would only add noise (and directions no real
     token has) to H. Layers reached with a (B, T, ...) input whose (B, T) matches batch i's mask
-    accumulate only the real tokens' rows.
+    accumulate only the real tokens' rows; an input of another shape (a pooled or strided sequence, a
+    decoder of another length) keeps every row.
 
     >>> with token_masks() as masks, batch_index(0):
     ...     masks.append(attention_mask.bool()); acc.add_input(hidden)    # only the real tokens' rows
