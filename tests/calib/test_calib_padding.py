@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from brainsurgeon.calib import HessianAccumulator, auto_shrinkage, run_layerwise
-from brainsurgeon.calib.hessian import batch_index, token_masks
+from brainsurgeon.calib.padding import batch_index, token_masks
 from brainsurgeon.config import CalibOptions
 
 

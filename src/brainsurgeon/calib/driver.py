@@ -39,8 +39,9 @@ from ..config import CalibOptions
 from .blocks import _run_blocks
 from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device, move_to
 from .forwards import Solve
-from .hessian import check_hessian_memory, record_mask, resolve_layers, token_masks
+from .hessian import check_hessian_memory, resolve_layers
 from .order import execution_order
+from .padding import record_mask, token_masks
 from .passes import _solve_dense
 from .replay import _solve_replay
 

@@ -15,8 +15,9 @@ from torch import nn
 
 from .._log import get_logger, progress
 from .forwards import Batches, Solve, _forward, _StopForward, _unreached
-from .hessian import HessianAccumulator, batch_index, capture_layers, first_input
+from .hessian import HessianAccumulator, capture_layers, first_input
 from .order import _signature, execution_order
+from .padding import batch_index
 
 log = get_logger(__name__)
 
