@@ -15,7 +15,7 @@ The caller passes ``solve(name, module, H)``, which compresses the module's weig
   current block on the compute device (the inputs' device).
 
 Padding: a batch with a 2-D ``attention_mask`` keyword contributes only its real tokens' rows to the
-Hessians of layers whose input is (B, T, ...) with that (B, T) (:func:`~brainsurgeon.calib.hessian.token_masks`).
+Hessians of layers whose input is (B, T, ...) with that (B, T) (:func:`~brainsurgeon.calib.padding.token_masks`).
 
 The modules, one way: ``forwards`` (forward primitives) <- ``order`` (execution order) <- ``passes``
 (dense / sequential passes) <- ``replay`` (chains) and ``blocks`` (block mode) <- ``driver`` (this
