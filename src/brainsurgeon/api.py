@@ -44,6 +44,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .obs import compress_weight, is_data_free
+from .obs.heldout import SHRINK_GRID, gptq_solver, select_shrinkage
 from .planning import _layer_weight, _set_layer_weight, check_step, plan_layers  # noqa: F401 - re-exported
 from .report import CompressionReport, LayerRow
 
@@ -97,7 +98,21 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                             f"loss = ||dW||^2 in weight space")
         return list(plan)
     inside, outside = _split_blocks(model, list(plan), options.blocks)
-    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) == "auto") as shrunk:
+    heldout: list[str] = []
+
+    def select(name: str, module: nn.Module, folds: list, lam_spread: float) -> float:
+        """shrink='heldout' on a singular H: the intensity by held-out loss over two folds (obs.heldout)."""
+        if plan[name].shrink != "heldout":  # "auto": Schaefer-Strimmer's estimate
+            return lam_spread
+        W = _layer_weight(module)
+        lam, _ = select_shrinkage(W.reshape(W.shape[0], -1), folds, gptq_solver(plan[name], name),
+                                  (*SHRINK_GRID, lam_spread))
+        heldout.append(name)
+        return lam
+
+    any_heldout = any(getattr(c, "shrink", None) == "heldout" for c in plan.values())  # else no fold buffers
+    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "heldout"),
+                        select if any_heldout else None) as shrunk:
         report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
         if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
             report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
@@ -107,9 +122,11 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
             report.notes.extend(run_layerwise(model, outside, calib, solve, final) or [])
     if shrunk:
         lam = [x for _, x in shrunk]
-        report.notes.append(f"shrink='auto': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "
+        report.notes.append(f"shrink='auto'/'heldout': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "
                             f"{min(lam):.3f}-{max(lam):.3f} (mean {sum(lam) / len(lam):.3f}), estimated from the "
-                            f"spread of the calibration samples")
+                            f"spread of the calibration samples"
+                            + (f"; {len(heldout)} with fewer calibration rows than columns (singular H) chosen "
+                               f"by held-out loss over two folds of the samples" if heldout else ""))
     return list(plan)
 
 

@@ -398,15 +398,18 @@ class GPTQ(_QuantConfig):
     damp: float = 0.01
     refine: int = 0  # coordinate-descent passes on the grid after the solve (0 = off)
     # H <- (1 - shrink) H + shrink diag(H) before the solve (0 = plain GPTQ, 1 = RTN on the same grid);
-    # "auto": the intensity estimated per layer from the calibration samples (calib.hessian.auto_shrinkage)
+    # "auto": Schaefer-Strimmer's intensity estimated per layer from the calibration samples (calib.shrinkage);
+    # "heldout": where H is singular (fewer calibration rows than columns) the intensity with the least
+    # held-out loss over two folds of the samples (obs.heldout), elsewhere "auto"
     shrink: float | str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self)
-        _check(self.shrink == "auto" or (isinstance(self.shrink, (int, float)) and not isinstance(self.shrink, bool)
-                                         and 0.0 <= self.shrink <= 1.0), "GPTQ",
-               f"shrink (Hessian shrinkage toward its diagonal) must be 'auto' or a number in [0, 1], "
+        _check(self.shrink in ("auto", "heldout") or (isinstance(self.shrink, (int, float))
+                                                     and not isinstance(self.shrink, bool)
+                                                     and 0.0 <= self.shrink <= 1.0), "GPTQ",
+               f"shrink (Hessian shrinkage toward its diagonal) must be 'auto', 'heldout' or a number in [0, 1], "
                f"got {self.shrink!r}")
         _check(self.refine >= 0, "GPTQ", f"refine (passes) must be >= 0, got {self.refine}")
         _check(self.blocksize >= 1, "GPTQ", f"blocksize must be >= 1, got {self.blocksize}")

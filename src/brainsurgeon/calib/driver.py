@@ -14,6 +14,9 @@ The caller passes ``solve(name, module, H)``, which compresses the module's weig
   of layers, each seeing the block's earlier groups compressed). ``offload=True`` keeps only the
   current block on the compute device (the inputs' device).
 
+Padding: a batch with a 2-D ``attention_mask`` keyword contributes only its real tokens' rows to the
+Hessians of layers whose input is (B, T, ...) with that (B, T) (:func:`~brainsurgeon.calib.padding.token_masks`).
+
 The modules, one way: ``forwards`` (forward primitives) <- ``order`` (execution order) <- ``passes``
 (dense / sequential passes) <- ``replay`` (chains) and ``blocks`` (block mode) <- ``driver`` (this
 entry point).
@@ -38,6 +41,7 @@ from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device,
 from .forwards import Solve
 from .hessian import check_hessian_memory, resolve_layers
 from .order import execution_order
+from .padding import record_mask, token_masks
 from .passes import _solve_dense
 from .replay import _solve_replay
 
@@ -75,12 +79,14 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     dev = None if (options.blocks and options.offload) else model_device(model)
 
     def batches() -> Iterable[Batch]:
-        return (move_to(b, dev) for b in iter_batches(calib, options.max_batches))
+        for i, b in enumerate(iter_batches(calib, options.max_batches)):
+            record_mask(masks, i, b[1])  # batch i's padding mask (token_masks, below)
+            yield move_to(b, dev)
 
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), token_masks() as masks:
             if options.blocks:
                 _run_blocks(model, layers, batches, solve, options, dtype)
             elif options.mode == "dense":

@@ -18,9 +18,8 @@ weight-matrix rows ``[j * out/g, (j + 1) * out/g)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -28,6 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError, ConfigError, UnsupportedModuleError
+from .padding import _current_mask
+from .shrinkage import (  # noqa: F401 - auto_shrinkage, shrinkage_intensity re-exported
+    HELDOUT_RATIO,
+    SPREAD_COLUMNS,
+    auto_shrinkage,
+    current,
+    fold_hessians,
+    shrinkage_intensity,
+)
 
 _SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d and transformers' Conv1D"
 
@@ -150,54 +158,6 @@ def layer_columns(module: nn.Module, x: torch.Tensor, name: str = "") -> torch.T
     return u.permute(1, 0, 3, 2).reshape(g, n * L, cols)  # (g, N*L, cols)
 
 
-SPREAD_COLUMNS = 128  # auto shrinkage estimates its intensity from the pairs of this many columns
-# (wants(layer name) -> bool, applied [(name, lambda)]) while auto_shrinkage is active
-_SHRINK: ContextVar[tuple[Callable[[str], bool], list[tuple[str, float]]] | None] = ContextVar(
-    "hessian_shrinkage", default=None)
-
-
-@contextmanager
-def auto_shrinkage(wants: Callable[[str], bool]) -> Iterator[list[tuple[str, float]]]:
-    """While active, accumulators of layers with ``wants(name)`` shrink their H toward diag(H).
-
-    The intensity is estimated from the calibration samples themselves (see
-    :func:`shrinkage_intensity`) and applied once, when ``acc.H`` is first read; the yielded list
-    collects ``(layer, lambda)`` for the report.
-
-    >>> with auto_shrinkage(lambda name: True) as applied:
-    ...     run_layerwise(model, names, calib, solve, options)
-    """
-    applied: list[tuple[str, float]] = []
-    token = _SHRINK.set((wants, applied))
-    try:
-        yield applied
-    finally:
-        _SHRINK.reset(token)
-
-
-def shrinkage_intensity(H: torch.Tensor, m: int, sum_sq: float) -> float:
-    """Schaefer & Strimmer's optimal intensity toward the diagonal (target "D", 2005, Table 1).
-
-    ``H`` is the mean of m per-sample Hessians H_b (one calibration sequence / image each) and
-    ``sum_sq = sum_b sum_{i != j} (H_b)_ij^2``. With Var(h_ij) the variance of the mean,
-    ``lambda* = sum_{i != j} Var(h_ij) / sum_{i != j} h_ij^2`` clipped to [0, 1] minimises the
-    expected Frobenius error of ``(1 - lambda) H + lambda diag(H)`` (Ledoit & Wolf, 2004). Samples
-    are whole sequences, so the token-to-token correlation inside a sequence and the spread between
-    documents both count as noise.
-
-    >>> shrinkage_intensity(torch.eye(3), 8, 0.0)   # no off-diagonal signal: all diagonal
-    1.0
-    """
-    if m < 2:
-        return 0.0
-    H64 = H.double()
-    off = float(H64.square().sum() - H64.diagonal().square().sum())
-    if off <= 0.0:
-        return 1.0
-    var = max(sum_sq / m - off, 0.0) / (m - 1)  # sum_{i != j} of the variance of the mean
-    return min(var / off, 1.0)
-
-
 class HessianAccumulator:
     """Streaming ``H = 2/n * sum_i x_i x_i^T`` of one layer's input columns.
 
@@ -215,9 +175,11 @@ class HessianAccumulator:
         self.n = 0
         self.batches = 0
         self._H: torch.Tensor | None = None
-        ctx = _SHRINK.get()
+        ctx = current()
         # auto shrinkage: [samples, sum of their squared off-diagonal H_b entries], else None
-        self._spread: list[float] | None = [0, 0.0] if ctx and self.groups == 1 and ctx[0](name) else None
+        self._spread: list[float] | None = [0, 0.0] if ctx and self.groups == 1 and ctx.wants(name) else None
+        # held-out choice: the rows of the odd samples (fold B) while H stays singular, else None
+        self._held: list[torch.Tensor] | None = [] if self._spread is not None and ctx.select else None
         self.shrinkage = 0.0  # the intensity applied to H (auto_shrinkage), 0 if none
         self._scale: torch.Tensor | None = None  # column standardisation of the spread statistic
         k = min(self.cols, SPREAD_COLUMNS)
@@ -228,10 +190,19 @@ class HessianAccumulator:
 
     def add_input(self, x: torch.Tensor) -> None:
         """Add a raw layer input (what the module's forward receives)."""
+        mask = None if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else _current_mask(x)
+        if mask is not None:  # padded tokens: only the real ones, sample-major (n_real, cols)
+            mask = mask.to(x.device)
+            x = x.detach()[mask]
         cols = layer_columns(self.module, x.detach(), self.name)
         if self._spread is not None and cols.shape[0]:
-            self._add_spread(x, cols)
+            if mask is None:
+                self._add_spread(x, cols)
+            else:
+                self._add_spread_ragged(cols.split(mask.sum(1).tolist()))
         self.add(cols)
+        if self._held is not None and self.n >= HELDOUT_RATIO * self.cols:
+            self._held = None  # H is (generically) full rank: Schaefer-Strimmer's estimate suffices
 
     def _add_spread(self, x: torch.Tensor, cols: torch.Tensor) -> None:
         """Per-sample ||H_b||_F^2 off the diagonal, H_b = 2/T X_b^T X_b, one sample = one sequence/image.
@@ -244,6 +215,9 @@ class HessianAccumulator:
         else:
             samples = cols.shape[0] // x.shape[-2] if x.dim() >= 3 else cols.shape[0]
         T = cols.shape[0] // samples
+        if self._held is not None:  # samples alternate between the folds in arrival order
+            odd = cols.reshape(samples, T, self.cols)[(1 - int(self._spread[0]) % 2)::2]
+            self._held.append(odd.reshape(-1, self.cols).to(torch.float32, copy=True))
         Xs = cols.reshape(samples, T, self.cols)[..., self._pick].to(torch.float32)
         if self._scale is None:  # standardise by the first batch's diag: correlations, not covariances
             d = Xs.square().sum((0, 1))
@@ -259,6 +233,25 @@ class HessianAccumulator:
             total += float(G.double().square().sum() - d.double().square().sum())
         self._spread[0] += samples
         self._spread[1] += 4.0 / T**2 * total
+
+    def _add_spread_ragged(self, samples: tuple[torch.Tensor, ...]) -> None:
+        """:meth:`_add_spread` for samples of different lengths (padding removed), one sample at a time."""
+        samples = tuple(s for s in samples if len(s))
+        if not samples:
+            return
+        if self._held is not None:
+            self._held.extend(s.to(torch.float32, copy=True) for s in samples[(1 - int(self._spread[0]) % 2)::2])
+        if self._scale is None:
+            d = sum(s[:, self._pick].to(torch.float32).square().sum(0) for s in samples)
+            self._scale = torch.where(d > 0, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), 0.0)
+        total = 0.0
+        for s in samples:
+            X = s[:, self._pick].to(torch.float32) * self._scale
+            G = X @ X.t() if len(X) <= X.shape[1] else X.t() @ X
+            d = X.square().sum(0)
+            total += 4.0 / len(X) ** 2 * float(G.double().square().sum() - d.double().square().sum())
+        self._spread[0] += len(samples)
+        self._spread[1] += total
 
     def add(self, x_cols: torch.Tensor) -> None:
         """Add columns: (b, cols), or (g, b, cols) for a grouped conv."""
@@ -307,14 +300,20 @@ class HessianAccumulator:
                                    f"or pass ignore=[{self.name!r}]")
         if self._spread is not None:  # auto shrinkage, once
             m, sum_sq = self._spread
-            self._spread = None
+            held, self._spread, self._held = self._held, None, None
             s, pick = self._scale.to(self._H), self._pick.to(self._H.device)
-            self.shrinkage = shrinkage_intensity(self._H[pick[:, None], pick] * s[:, None] * s, int(m), sum_sq)
+            lam = shrinkage_intensity(self._H[pick[:, None], pick] * s[:, None] * s, int(m), sum_sq)
+            ctx = current()
+            nB = sum(len(x) for x in held) if held else 0
+            if ctx is not None and ctx.select is not None and m >= 2 and 0 < nB < self.n:
+                folds = fold_hessians(self._H, self.n, torch.cat(held).to(self._H.device))
+                held = None
+                lam = float(ctx.select(self.name, self.module, folds, lam))
+            self.shrinkage = lam
             d = self._H.diagonal().clone()
             self._H.mul_(1.0 - self.shrinkage).diagonal().copy_(d)  # (1 - l) H + l diag(H)
-            ctx = _SHRINK.get()
             if ctx is not None:
-                ctx[1].append((self.name, self.shrinkage))
+                ctx.applied.append((self.name, self.shrinkage))
         return self._H
 
     def reset(self) -> None:
@@ -322,6 +321,8 @@ class HessianAccumulator:
         self._H, self.n, self.batches = None, 0, 0
         if self._spread is not None:
             self._spread, self._scale = [0, 0.0], None
+            ctx = current()
+            self._held = [] if ctx is not None and ctx.select else None
 
 
 MAX_HESSIAN_BYTES = 4 * 2**30  # one layer's H above this is refused (a conv with 65,536 columns: 17 GB)

@@ -17,6 +17,7 @@ from .._log import get_logger, progress
 from .forwards import Batches, Solve, _forward, _StopForward, _unreached
 from .hessian import HessianAccumulator, capture_layers, first_input
 from .order import _signature, execution_order
+from .padding import batch_index
 
 log = get_logger(__name__)
 
@@ -55,8 +56,9 @@ def _capture(root: nn.Module, layers: dict[str, nn.Module], batches: Batches, dt
     try:
         for name, mod in layers.items():  # prepend=False: pre-hooks installed earlier (act-quant) run first
             handles.append(mod.register_forward_pre_hook(make_hook(name), with_kwargs=True))
-        for batch in batches():
-            out = _forward(root, batch)[1]
+        for i, batch in enumerate(batches()):
+            with batch_index(i):  # its padding mask (token_masks)
+                out = _forward(root, batch)[1]
             state["x"] = state["lead"] = None  # never share across forwards
             if keep_outputs:
                 outs.append(out)
@@ -76,8 +78,9 @@ def _capture(root: nn.Module, layers: dict[str, nn.Module], batches: Batches, dt
     if broken:
         log.debug("layers %s read a shared input only in some calls: accumulated on their own", broken)
         with capture_layers({n: layers[n] for n in broken}, dtype) as extra:
-            for batch in batches():
-                _forward(root, batch)
+            for i, batch in enumerate(batches()):
+                with batch_index(i):
+                    _forward(root, batch)
         accs.update(extra)
     return accs, outs
 
@@ -125,8 +128,9 @@ def _solve_sequential(root: nn.Module, layers: dict[str, nn.Module], batches: Ba
 
         handle = layers[lead].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            for batch in batches():
-                _forward(root, batch)
+            for i, batch in enumerate(batches()):
+                with batch_index(i):
+                    _forward(root, batch)
         finally:
             handle.remove()
         log.debug("layers %s: H from %d columns", group, acc.n)

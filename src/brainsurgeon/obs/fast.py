@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import GPTQ, SparseGPT
-from ..quant.grid import fit_grid, fit_rows
+from ..quant.grid import Grid, fit_grid, fit_rows
 from .baselines import grid_levels
 from .engine import register_solver
 from .hessian import Prepared, inverse_factor, prepare, shrink_
@@ -106,13 +106,15 @@ def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor,
     return out, mask
 
 
-def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
+         grid: Grid | None = None) -> tuple[torch.Tensor, dict]:
     """GPTQ with optional act-order (columns by descending H_ii) and group size.
 
     Groups are contiguous in the original column order. Without act-order a group's grid is
     fitted when the walk reaches it (on the updated weights); with act-order the groups are
     static, fitted up front, so every group keeps one grid whatever the order. H_key: the caller's
-    Hessian, under which the factorisation is reused by the next layer with the same H.
+    Hessian, under which the factorisation is reused by the next layer with the same H. grid: the
+    up-front grid ``fit_grid(prep.W, ...)`` when the caller already has it (it depends on W only).
     """
     W, H = prep.W, prep.H
     cols = W.shape[1]
@@ -120,9 +122,9 @@ def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None) -> tuple[
     U = _factor(prep, perm, H_key) if H_key is not None else inverse_factor(prep, perm)
     maxq = 2**cfg.bits - 1
     g = cfg.group_size if 0 < cfg.group_size < cols else 0
-    grid = fit_grid(W, cfg.bits, cfg.sym, g, cfg.mse)
+    grid = grid or fit_grid(W, cfg.bits, cfg.sym, g, cfg.mse)
     # one row per group (groups x rows): q = s * clamp(round(w / s), -z, maxq - z) is quantize() exactly
-    S, Z = grid.scale.t().to(WALK_DTYPE).contiguous(), grid.zero.t().to(WALK_DTYPE).contiguous()
+    S, Z = grid.scale.t().to(WALK_DTYPE, copy=True).contiguous(), grid.zero.t().to(WALK_DTYPE, copy=True).contiguous()
     LO, HI = -Z, maxq - Z
     s_rows, lo_rows, hi_rows = S.unbind(0), LO.unbind(0), HI.unbind(0)
     group = (perm // g).tolist() if g else [0] * cols  # group of the column the walk fixes c-th
@@ -164,7 +166,7 @@ def _solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, perm: tor
 @register_solver(GPTQ)
 def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor, name: str):
     prep = prepare(W, H, cfg.damp, WALK_DTYPE, name=name, factor=False)
-    if cfg.shrink != "auto" and cfg.shrink:  # "auto" was applied to H by the calibration driver
+    if not isinstance(cfg.shrink, str) and cfg.shrink:  # "auto"/"heldout": applied to H by the calibration driver
         shrink_(prep.H, cfg.shrink)
         prep.shrink = cfg.shrink
     W_hat, extra = gptq(prep, cfg, H)
