@@ -100,8 +100,10 @@ def test_failing_groups_cost_a_fixed_number_of_forwards(block):
         assert m(x).shape == ref and m.train()(x).shape == ref
         assert rep.metrics["macs"]["after"] == measure(m.eval(), x).total_macs
     # trace, the failing batch forward, the rest together, train mode: 4, for 2 and for 6 failing groups
-    # (before: view 7 and 11, composite reshape 8 and 16)
-    assert counts[2] == counts[6] == 4
+    # (before: view 7 and 11, composite reshape 8 and 16). A composite op's own size check escapes the
+    # op-level checker: the batch forward is re-run once with the function-level catch (which is not
+    # paid when every group verifies), so 5 there, still for any number of failing groups
+    assert counts[2] == counts[6] == (5 if block is ReshapeBlock else 4)
 
 
 class CachedBias(nn.Module):

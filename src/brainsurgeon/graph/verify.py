@@ -226,6 +226,20 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     tensor had exactly the trace's shape minus ``removed`` (costs can be counted from the trace).
     """
     mode = trace.mode if trace is not None else (mode or "eval")
+    if trace is not None and collect:
+        # collect mode in two passes: the op-level checker collects on its own; the function-level catch of
+        # composite ops (a TorchFunctionMode around every call) costs a few % of a small model's prune, so it
+        # runs only when the first pass raised out of the forward (a composite op's own size check)
+        try:
+            return _verify(model, example_inputs, trace, removed, nodes, mode, collect=True, composite=False)
+        except VerifyError as e:
+            if not getattr(e, "escaped", False):
+                raise
+    return _verify(model, example_inputs, trace, removed, nodes, mode, collect=collect, composite=collect)
+
+
+def _verify(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
+            nodes: dict[int, Node], mode: str, collect: bool, composite: bool) -> bool:
     rec = _Checker(trace, removed, nodes, mode, collect)
     if trace is None:   # nothing to compare op by op: a plain forward; a failure is named from its traceback
         try:
@@ -238,7 +252,7 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     try:
         # buffers change only in train mode (BatchNorm statistics): snapshot them only then
         with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad(), \
-                (_CatchComposite(rec) if collect else contextlib.nullcontext()), rec:
+                (_CatchComposite(rec) if composite else contextlib.nullcontext()), rec:
             out = run_model(model, example_inputs)
     except VerifyError:
         raise
@@ -246,7 +260,9 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         j = rec.j if rec.matched else -1
         fails = rec.failures + [(j, f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}"
                                     f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
-        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails]) from e
+        err = VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails])
+        err.escaped = collect and not composite   # verify_forward retries with the composite catch
+        raise err from e
     if trace is None:
         return False
     if rec.matched:
