@@ -175,6 +175,17 @@ class _Checker(TorchDispatchMode):
         return out
 
 
+def _composite_target(c: _Checker) -> int | None:
+    """The trace op a failing composite call stands for (the next sized-by-arguments view, past at most two
+    clones), where :class:`_CatchComposite` substitutes its planned output; None: it cannot."""
+    j = c.j
+    while c.matched and j < len(c.ops) and c.ops[j].name in ("aten.clone", "aten.contiguous") and j - c.j < 2:
+        j += 1
+    if c.matched and j < len(c.ops) and c.ops[j].name in _SIZED_BY_ARGS and len(c.ops[j].outputs) == 1:
+        return j
+    return None
+
+
 class _CatchComposite(TorchFunctionMode):
     """Collect mode, one level up: composite ops (``reshape``) check sizes *before* dispatching, so a
     hard-coded size fails there; substitute the planned output of the view the trace has next."""
@@ -190,10 +201,8 @@ class _CatchComposite(TorchFunctionMode):
             raise
         except Exception as e:
             c = self.c
-            j = c.j
-            while c.matched and j < len(c.ops) and c.ops[j].name in ("aten.clone", "aten.contiguous") and j - c.j < 2:
-                j += 1
-            if not (c.matched and j < len(c.ops) and c.ops[j].name in _SIZED_BY_ARGS and len(c.ops[j].outputs) == 1):
+            j = _composite_target(c)
+            if j is None:
                 raise
             c.failures.append((j, f"{c.mode}-mode forward failed after pruning, in {getattr(func, '__name__', func)} "
                                   f"(op {j}): {type(e).__name__}: {str(e)[:300]}; the model was restored"))
@@ -229,7 +238,7 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     if trace is not None and collect:
         # collect mode in two passes: the op-level checker collects on its own; the function-level catch of
         # composite ops (a TorchFunctionMode around every call) costs a few % of a small model's prune, so it
-        # runs only when the first pass raised out of the forward (a composite op's own size check)
+        # runs only when the first pass raised out of the forward where that catch would have gone on
         try:
             return _verify(model, example_inputs, trace, removed, nodes, mode, collect=True, composite=False)
         except VerifyError as e:
@@ -261,7 +270,10 @@ def _verify(model: nn.Module, example_inputs: Any, trace: Trace | None, removed:
         fails = rec.failures + [(j, f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}"
                                     f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
         err = VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails])
-        err.escaped = collect and not composite   # verify_forward retries with the composite catch
+        # verify_forward retries with the composite catch only where that catch would have substituted (the
+        # checker still follows the trace and the next op is a sized view): otherwise it re-raises the same
+        # error, and a retry would only double the cost of every failing batch (Res2Net's split widths)
+        err.escaped = collect and not composite and _composite_target(rec) is not None
         raise err from e
     if trace is None:
         return False
