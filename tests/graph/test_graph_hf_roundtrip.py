@@ -171,3 +171,40 @@ def test_converted_tensors_are_saved_under_state_dict_names(tmp_path):
     with torch.no_grad():
         assert torch.equal(from_pretrained(str(tmp_path / "m"))(**x).logits, ref)
         assert torch.equal(plain(**x).logits, ref)
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "bloom"])
+def test_a_per_layer_record_skips_the_meta_rebuild_and_still_reloads_exactly(tmp_path, fam, monkeypatch):
+    """Issue 14, speed: with ``config.brainsurgeon_layer_widths`` already written by the config sync, our loader
+    resizes every tensor from the saved weights, so ``prune_`` skips the rebuild check (a model built on the
+    meta device); the note still sends the user to our loader, and the reload is exact (gpt2: the rebuild
+    would find nothing, bloom: its MLP is always 4 x hidden, the rebuild would find mismatches)."""
+    from brainsurgeon.export import from_pretrained, save_pretrained
+    from brainsurgeon.graph import hf
+
+    def boom(model):
+        raise AssertionError("rebuild check ran although a per-layer record exists")
+
+    monkeypatch.setattr(hf, "rebuild_mismatches", boom)
+    m, x = _build(fam)
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
+    assert m.config.brainsurgeon_layer_widths
+    assert any("brainsurgeon.export.from_pretrained" in n for n in rep.notes)
+    with torch.no_grad():
+        ref = m(**x).logits
+    save_pretrained(m, str(tmp_path / "m"))
+    again = from_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, ref)
+
+
+def test_without_a_record_the_rebuild_check_still_runs(monkeypatch):
+    """The shortcut is only for models with a per-layer record: llama (uniform widths) is still checked."""
+    from brainsurgeon.graph import hf
+
+    calls = []
+    real = hf.rebuild_mismatches
+    monkeypatch.setattr(hf, "rebuild_mismatches", lambda model: calls.append(1) or real(model))
+    m, x = _build("llama") if "llama" in FAMILIES else _build("qwen2")
+    bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
+    assert not getattr(m.config, "brainsurgeon_layer_widths", None) and calls == [1]

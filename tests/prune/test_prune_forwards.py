@@ -100,8 +100,10 @@ def test_failing_groups_cost_a_fixed_number_of_forwards(block):
         assert m(x).shape == ref and m.train()(x).shape == ref
         assert rep.metrics["macs"]["after"] == measure(m.eval(), x).total_macs
     # trace, the failing batch forward, the rest together, train mode: 4, for 2 and for 6 failing groups
-    # (before: view 7 and 11, composite reshape 8 and 16)
-    assert counts[2] == counts[6] == 4
+    # (before: view 7 and 11, composite reshape 8 and 16). A composite op's own size check escapes the
+    # op-level checker: the batch forward is re-run once with the function-level catch (which is not
+    # paid when every group verifies), so 5 there, still for any number of failing groups
+    assert counts[2] == counts[6] == (5 if block is ReshapeBlock else 4)
 
 
 class CachedBias(nn.Module):
@@ -134,3 +136,47 @@ def test_the_checks_switch_modes_through_train_so_module_caches_are_rebuilt():
     assert m.fc.out_features == 8 and m.bias.shape == (8,)
     m.train(False)
     assert m(x).shape == (3, 4)
+
+
+class SplitBlock(nn.Module):
+    """Res2Net's pattern: ``torch.split`` by a width held in an attribute; pruning ``conv1`` makes the split
+    return other pieces, the re-run leaves the trace and a conv raises out of the forward."""
+
+    def __init__(self, width: int = 8, scale: int = 2):
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(8, width * scale, 1)
+        self.convs = nn.ModuleList([nn.Conv2d(width, width, 3, padding=1) for _ in range(scale)])
+        self.conv3 = nn.Conv2d(width * scale, 8, 1)
+
+    def forward(self, x):
+        parts = torch.split(self.conv1(x), self.width, 1)
+        return x + self.conv3(torch.cat([c(p) for c, p in zip(self.convs, parts, strict=True)], 1))
+
+
+class SplitNet(nn.Module):
+    def __init__(self, k: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*[SplitBlock() for _ in range(k)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_a_failure_the_composite_catch_cannot_absorb_is_not_run_twice():
+    """The function-level composite catch is retried only where it would substitute: a failing batch whose
+    forward left the trace (Res2Net's split) costs what it cost with one pass (13 and 33 forwards here;
+    retrying every such batch cost 18 and 48, and Res2Net-50 9 s instead of 7)."""
+    counts = {}
+    for k in (2, 6):
+        torch.manual_seed(0)
+        m = SplitNet(k).eval()
+        calls = _count_forwards(m)
+        rep = prune_(m, ChannelPruning(ratio=0.5, ignore=("head",)), example_inputs=torch.randn(1, 3, 8, 8))
+        counts[k] = calls[0]
+        assert sum("failed verification" in n for n in rep.notes) == k
+        assert all(b.conv1.out_channels == 16 for b in m.blocks)   # left whole, the model runs
+        assert m(torch.randn(1, 3, 8, 8)).shape == (1, 3)
+    assert counts == {2: 13, 6: 33}

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import SurgeryError
 from .group import Group
 from .hf import sync_hf_config
-from .maps import Key
+from .maps import Key, unique_ints
 from .surgery import apply_plan, undo_plan
 from .verify import verify_forward
 
@@ -180,7 +180,7 @@ class PruneMixin:
                     raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
                                        f"group was built; call g.groups()/g.group() again")
                 parts.setdefault(k, []).append(s.idxs.reshape(-1).numpy())
-        orig = {k: np.unique(np.concatenate(v)) if len(v) > 1 else np.unique(v[0]) for k, v in parts.items()}
+        orig = {k: unique_ints(np.concatenate(v)) if len(v) > 1 else unique_ints(v[0]) for k, v in parts.items()}
         plan = orig
         if batch:   # positions removed earlier in this call: shift to the remaining ones
             plan = {}
@@ -219,7 +219,7 @@ class PruneMixin:
         if batch:
             for k, idx in orig.items():
                 prev = batch["gone"].get(k)
-                batch["gone"][k] = idx if prev is None else np.union1d(prev, idx)
+                batch["gone"][k] = idx if prev is None else unique_ints(np.concatenate((prev, idx)))
         self._removed = removed
         for k in plan:
             self._touched[k] = self._step

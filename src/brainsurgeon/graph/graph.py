@@ -28,7 +28,7 @@ from ..errors import BrainsurgeonError, CalibrationError, ConfigError, Unsupport
 from . import rules_nn, rules_timm, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
-from .maps import Closure, Edges, Key, closure
+from .maps import Closure, Edges, Key, closure, unique_ints
 from .rules import Ctx, apply_module_rules, find_rule, refs
 from .trace import Ref, Trace, flat_tensors, in_mode, run_model
 from .untraced import untraced_hit, untraced_widths
@@ -313,10 +313,11 @@ class DependencyGraph(PruneMixin):
         if req.min() < 0 or req.max() >= size:
             raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} must lie in [0, {size}); "
                               f"got min {req.min()}, max {req.max()}")
-        if len(np.unique(req)) != len(req):
+        if len(unique_ints(req)) != len(req):
             raise ConfigError(f"group: idxs for {name}.{tensor} dim {d} contain duplicates; pass distinct indices")
         lab = np.arange(len(req)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(lab) != len(req) or (rows is not None and not np.array_equal(np.unique(lab), np.arange(lab.max() + 1))):
+        if len(lab) != len(req) or (rows is not None and
+                                    not np.array_equal(unique_ints(lab), np.arange(lab.max() + 1))):
             raise ConfigError(f"group: rows for {name}.{tensor} dim {d} must give one row per index and use every "
                               f"row 0..n-1; got {len(lab)} rows for {len(req)} idxs")
         key = (ids[0], d)

@@ -32,9 +32,24 @@ FFN_FIELDS = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_di
               "ffn_hidden_size")
 
 
+def _attr(m: nn.Module, name: str) -> Any:
+    """``getattr(m, name, None)`` without ``nn.Module.__getattr__``'s raise-and-catch for missing names (it
+    is asked ~30 names per module per config sync): the instance dict, then parameters, buffers and children,
+    then the class (properties); a class with its own ``__getattr__`` is asked directly."""
+    if type(m).__getattr__ is not nn.Module.__getattr__:
+        return getattr(m, name, None)
+    d = m.__dict__
+    if name in d:
+        return d[name]
+    for store in (d.get("_parameters"), d.get("_buffers"), d.get("_modules")):
+        if store is not None and name in store:
+            return store[name]
+    return getattr(m, name, None) if hasattr(type(m), name) else None
+
+
 def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     for n in names:
-        c = getattr(m, n, None)
+        c = _attr(m, n)
         if isinstance(c, nn.Module) and hasattr(c, "weight"):
             return c
     return None
@@ -52,7 +67,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
         q, k = _child(m, Q_NAMES), _child(m, K_NAMES)
-        head = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None) or getattr(m, "head_size", None)
+        head = _attr(m, "head_dim") or _attr(m, "attention_head_size") or _attr(m, "head_size")
         if q is not None and k is not None and isinstance(head, int) and head > 0:
             out[name] = {"num_attention_heads": _out_width(q) // head, "num_key_value_heads": _out_width(k) // head,
                          "head_dim": head}
@@ -64,17 +79,17 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
             elif isinstance(getattr(m, "query_key_value", None), nn.Module) and \
                     isinstance(getattr(m, "head_size", None), int):
                 out[name]["num_attention_heads"] = _out_width(fused) // (3 * head)   # GPT-NeoX: [heads, 3, head]
-        inv = getattr(m, "inv_freq", None)   # rotary tables are not saved (non-persistent): keep the kept values
+        inv = _attr(m, "inv_freq")   # rotary tables are not saved (non-persistent): keep the kept values
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
         up = _child(m, _UP)
         if up is not None and (_child(m, _DOWN) is not None or name.endswith("mlp")):
             width = _out_width(up) // (2 if _child(m, ("gate_up_proj",)) is up else 1)   # Phi3: gate and up fused
             out.setdefault(name, {})["intermediate_size"] = width
-        experts = getattr(m, "gate_up_proj", None)   # MoE experts as one tensor [E, 2 x intermediate, hidden]
+        experts = _attr(m, "gate_up_proj")   # MoE experts as one tensor [E, 2 x intermediate, hidden]
         if isinstance(experts, nn.Parameter) and experts.dim() == 3:
             out.setdefault(name, {})["intermediate_size"] = int(experts.shape[1]) // 2
-        scale = getattr(m, "embed_scale", None)   # Gemma: sqrt(hidden_size) at build time, not saved
+        scale = _attr(m, "embed_scale")   # Gemma: sqrt(hidden_size) at build time, not saved
         if isinstance(scale, torch.Tensor) and "embed_scale" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["embed_scale"] = float(scale)
         if name.endswith("intermediate") and hasattr(m, "dense"):
@@ -199,7 +214,7 @@ def _ffn_fields(cfg: Any) -> list[str]:
 
 def _rope(model: nn.Module) -> bool:
     """Whether the model has rotary tables (they are sized from ``config.head_dim`` when it is set)."""
-    return any(isinstance(getattr(m, "inv_freq", None), torch.Tensor) for m in model.modules())
+    return any(isinstance(_attr(m, "inv_freq"), torch.Tensor) for m in model.modules())
 
 
 def _no_init_weights() -> Any:

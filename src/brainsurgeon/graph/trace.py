@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._log import get_logger
@@ -183,10 +184,13 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         name, argnames, defaults, mutated_pos = _schema_of(func)
         inputs: list[int] = []
+        ids, tensor = self.ids, torch.Tensor
 
         def ref(a: Any) -> Any:
-            if isinstance(a, torch.Tensor):
-                nid = self.node_of(a)
+            if isinstance(a, tensor):
+                nid = ids.get(id(a))
+                if nid is None:
+                    nid = self.node_of(a)
                 inputs.append(nid)
                 return Ref(nid)
             return a
@@ -195,25 +199,25 @@ class _Recorder(TorchDispatchMode):
         rec_args = []
         for i, a in enumerate(argnames):
             v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
-            rec_args.append(ref(v) if not isinstance(v, (list, tuple)) else _map(ref, v))
+            rec_args.append(_map(ref, v) if isinstance(v, (list, tuple)) else ref(v))
         mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
             v = args[i] if i < n_args else kwargs.get(argnames[i])
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, tensor):
                 mutated_objs[id(v)] = v
         mutated_views = [t for k, t in mutated_objs.items()
-                         if k in self.ids and t._is_view() and id(t._base) in self.ids]
+                         if k in ids and t._is_view() and id(t._base) in ids] if mutated_objs else []
         outputs, mutated = [], []
-        flat = flat_tensors(out)
+        flat = [out] if isinstance(out, tensor) else flat_tensors(out)
         for o in flat:
-            if id(o) in mutated_objs or id(o) in self.ids:
-                mutated.append(self.ids.get(id(o), -1))
+            if id(o) in mutated_objs or id(o) in ids:
+                mutated.append(ids.get(id(o), -1))
             outputs.append(self.new_node(o))
         self.ops.append(OpRecord(len(self.ops), name, func._overloadname, rec_args, inputs, outputs, mutated,
                                  self.stack[-1] if self.stack else "", argnames))
         for o in flat:
             if o.dtype in _INDEX_DTYPES and o.numel() <= _MAX_VALUES:
-                self.nodes[self.ids[id(o)]].value = o.detach().cpu().numpy().copy()
+                self.nodes[ids[id(o)]].value = o.detach().cpu().numpy().copy()
         for v_in in mutated_views:
             self._mutate_base(v_in)
         return out
@@ -310,9 +314,10 @@ def trace_model(model: nn.Module, example_inputs: Any, mode: str = "eval",
             stack.pop()
 
     rec = _Recorder(owners, counter, stack)
-    mods = list({id(m): m for _, m in named}.values())
-    handles = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post, always_call=True)
-                                                                  for m in mods]
+    # two global module hooks for the duration of the forward (removed in ``finally``) instead of two per
+    # module: registering and removing 2 x (number of modules) hooks cost more than recording a small model.
+    # A module outside ``model`` (built inside forward) keeps its caller's name, as without hooks.
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
     t0 = time.perf_counter()
     try:
         # buffers change only in train mode (BatchNorm statistics), as in verification: snapshot them only then

@@ -175,6 +175,17 @@ class _Checker(TorchDispatchMode):
         return out
 
 
+def _composite_target(c: _Checker) -> int | None:
+    """The trace op a failing composite call stands for (the next sized-by-arguments view, past at most two
+    clones), where :class:`_CatchComposite` substitutes its planned output; None: it cannot."""
+    j = c.j
+    while c.matched and j < len(c.ops) and c.ops[j].name in ("aten.clone", "aten.contiguous") and j - c.j < 2:
+        j += 1
+    if c.matched and j < len(c.ops) and c.ops[j].name in _SIZED_BY_ARGS and len(c.ops[j].outputs) == 1:
+        return j
+    return None
+
+
 class _CatchComposite(TorchFunctionMode):
     """Collect mode, one level up: composite ops (``reshape``) check sizes *before* dispatching, so a
     hard-coded size fails there; substitute the planned output of the view the trace has next."""
@@ -190,10 +201,8 @@ class _CatchComposite(TorchFunctionMode):
             raise
         except Exception as e:
             c = self.c
-            j = c.j
-            while c.matched and j < len(c.ops) and c.ops[j].name in ("aten.clone", "aten.contiguous") and j - c.j < 2:
-                j += 1
-            if not (c.matched and j < len(c.ops) and c.ops[j].name in _SIZED_BY_ARGS and len(c.ops[j].outputs) == 1):
+            j = _composite_target(c)
+            if j is None:
                 raise
             c.failures.append((j, f"{c.mode}-mode forward failed after pruning, in {getattr(func, '__name__', func)} "
                                   f"(op {j}): {type(e).__name__}: {str(e)[:300]}; the model was restored"))
@@ -226,6 +235,20 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     tensor had exactly the trace's shape minus ``removed`` (costs can be counted from the trace).
     """
     mode = trace.mode if trace is not None else (mode or "eval")
+    if trace is not None and collect:
+        # collect mode in two passes: the op-level checker collects on its own; the function-level catch of
+        # composite ops (a TorchFunctionMode around every call) costs a few % of a small model's prune, so it
+        # runs only when the first pass raised out of the forward where that catch would have gone on
+        try:
+            return _verify(model, example_inputs, trace, removed, nodes, mode, collect=True, composite=False)
+        except VerifyError as e:
+            if not getattr(e, "escaped", False):
+                raise
+    return _verify(model, example_inputs, trace, removed, nodes, mode, collect=collect, composite=collect)
+
+
+def _verify(model: nn.Module, example_inputs: Any, trace: Trace | None, removed: dict[Key, int],
+            nodes: dict[int, Node], mode: str, collect: bool, composite: bool) -> bool:
     rec = _Checker(trace, removed, nodes, mode, collect)
     if trace is None:   # nothing to compare op by op: a plain forward; a failure is named from its traceback
         try:
@@ -238,7 +261,7 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
     try:
         # buffers change only in train mode (BatchNorm statistics): snapshot them only then
         with in_mode(model, mode, keep_buffers=mode == "train"), torch.no_grad(), \
-                (_CatchComposite(rec) if collect else contextlib.nullcontext()), rec:
+                (_CatchComposite(rec) if composite else contextlib.nullcontext()), rec:
             out = run_model(model, example_inputs)
     except VerifyError:
         raise
@@ -246,7 +269,12 @@ def verify_forward(model: nn.Module, example_inputs: Any, trace: Trace | None, r
         j = rec.j if rec.matched else -1
         fails = rec.failures + [(j, f"{mode}-mode forward failed after pruning, in {rec.current or 'the model code'}"
                                     f": {type(e).__name__}: {str(e)[:300]}; the model was restored")]
-        raise VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails]) from e
+        err = VerifyError(fails[0][1], mode, fails[0][0], [f[0] for f in fails], [f[1] for f in fails])
+        # verify_forward retries with the composite catch only where that catch would have substituted (the
+        # checker still follows the trace and the next op is a sized view): otherwise it re-raises the same
+        # error, and a retry would only double the cost of every failing batch (Res2Net's split widths)
+        err.escaped = collect and not composite and _composite_target(rec) is not None
+        raise err from e
     if trace is None:
         return False
     if rec.matched:

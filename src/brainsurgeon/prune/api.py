@@ -240,10 +240,16 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                     recon[name] = (recon.get(name, (b, a))[0], a)
         if cfg.head_dim_ratio > 0:
             _prune_head_dims(model, cfg, example_inputs, calib, report, train_inputs)
-        if mark_rebuild_(model):   # HF: the config alone cannot rebuild these widths
+        # HF: when the config already carries a per-layer record (graph.hf.sync_hf_config), our loader resizes
+        # every tensor to the saved one anyway, so the rebuild check (a model built on the meta device, the
+        # costliest step of a small HF prune) runs only when there is none
+        cfg_hf = getattr(model, "config", None)
+        if (type(model).__module__.startswith("transformers.") and
+                getattr(cfg_hf, "brainsurgeon_layer_widths", None)) or mark_rebuild_(model):
             report.notes.append("the HF config cannot express every pruned width (e.g. a width derived from "
-                                "hidden_size): reload with brainsurgeon.export.from_pretrained, which resizes "
-                                "from the saved weights, not with the class's own from_pretrained")
+                                "hidden_size, or per-layer widths kept in config.brainsurgeon_layer_widths): "
+                                "reload with brainsurgeon.export.from_pretrained, which resizes from the saved "
+                                "weights, not with the class's own from_pretrained")
         # MACs after: the last graph's trace less the verified removals when the re-run followed it op for op
         planned = graph.planned_shapes() if cfg.head_dim_ratio == 0 else None
         after = measure(model, example_inputs, *planned) if planned else measure(model, example_inputs)
