@@ -19,10 +19,15 @@ calibration):
    both accountings: ``bops`` = MACs x w_bits x a_bits (dense fp32 = 32 x 32) and ``bops_obc`` = MACs x
    max(w_bits, a_bits) (dense 32; OBC's code: 8w8a = 4x, 4w4a = 8x, 2:4 + 4w4a = 16x). Plans are stitched
    from the database, activation scales calibrated on the stitched model; "corr" then matches each
-   layer's output mean/std to the dense model's (OBC's statistics correction). Bound: DP's agreement
+   layer's output mean/std to the dense model's (OBC's statistics correction). Solvers: uniform (the
+   variant of least summed score that fits), DP (OBC's DP on the additive per-layer scores) and DP+sel
+   (SPDY, Frantar & Alistarh ICML 2022: DP plans over coefficient-reweighted scores, seeded with the
+   uniform plan, each stitched exactly as above and scored by its KL to dense on held-out scoring crops;
+   the least-KL plan wins, so it is never above uniform on the scoring crops). Bound: DP+sel's agreement
    >= uniform's wherever both meet the budget.
 3b. The same joint study with true test accuracy: MNIST CNN and Fashion-MNIST ResNet-20 (every
-   conv/linear searched). Bound: DP's test accuracy >= uniform's.
+   conv/linear searched; DP+sel scores on 256 train images outside the calibration set). Bound: DP+sel's
+   test accuracy >= uniform's.
 
 Latency (1 thread, CPU time, interleaved rounds): (4a) MiniLM encoder and one SmolLM2-135M MLP with
 static W8A8 Linears (``torch._int_mm``) vs fp32 in torch; (4b) MobileNetV2 exported with
@@ -63,7 +68,17 @@ from brainsurgeon.export import export_static_qdq
 from brainsurgeon.quant import compare_latency, format_speed_table
 from brainsurgeon.quant.act import act_quant_layers
 from brainsurgeon.quant.static import convert_static_int8_
-from brainsurgeon.search import Budget, SearchSpace, build_database, dp_plan, stitch_, uniform_plan
+from brainsurgeon.search import (
+    SPDY,
+    Budget,
+    SearchSpace,
+    StitchedModel,
+    build_database,
+    dp_plan,
+    spdy_plan,
+    stitch_,
+    uniform_plan,
+)
 
 JOINT = ("8w8a", "4w4a", "2:4+8w8a", "2:4+4w4a")
 EDGE = ("features.0.0", "classifier.1")  # first conv, classifier: W8A8 in the W4A4 rows
@@ -130,7 +145,28 @@ def w8a8_ablation(net, calib, x_eval, ref) -> None:
         say(f"{label:<26}{100 * a:>7.1f}%{k:>9.4f}")
 
 
-def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures) -> None:
+def joint_solvers(net, table, scoring, calib, evals: int):
+    """uniform, the plain DP (additive per-layer scores) and DP+sel: SPDY's search over coefficient-weighted
+    DP plans seeded with the uniform plan, every candidate stitched (input quantizers calibrated on `calib`,
+    as stitch_ does) and scored by its KL to the dense model on the held-out `scoring` batches; the least-KL
+    plan wins, so DP+sel is never above uniform on that data. The bound is on DP+sel."""
+    stitched = StitchedModel(net, table, scoring, batches=len(scoring), metric="kl", act_calib=calib)
+
+    def select(table, budget):
+        seeds = [uniform_plan(table, budget)]
+        return spdy_plan(table, budget, stitched.error, SPDY(evals=evals, patience=max(2, evals // 6)), seeds=seeds)
+
+    return (("uniform", uniform_plan), ("DP", dp_plan), ("DP+sel", select))
+
+
+def _picked(plan) -> str:
+    i = plan.info
+    return f" [{i['picked']}; KL {i['score']:.4g}, DP {i['dp_loss']:.4g}, uniform {i['seed_losses']['uniform']:.4g}]" \
+        if "picked" in i else ""
+
+
+def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("bops", "bops_obc"), facts=(),
+               evals: int = 24) -> None:
     space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
                         model_loss_batches=1 if quick else 2)
@@ -139,13 +175,14 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures) -> None:
     n = sum(len(v) for v in table.entries.values())
     say(f"\n3. joint database: {n} entries over {len(table.layers)} layers ({table.computed} computed now, "
         f"{time.process_time() - t0:.0f} cpu s)")
-    facts = (8, 12) if quick else (4, 8, 12, 16)
+    facts = facts or ((8, 12) if quick else (4, 8, 12, 16))
+    solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
     rows = []
-    for metric in ("bops", "bops_obc"):
+    for metric in metrics:
         for f in facts:
             budget = Budget(metric, 1 / f)
             got = {}
-            for solver, solve in (("uniform", uniform_plan), ("DP", dp_plan)):
+            for solver, solve in solvers:
                 try:
                     plan = solve(table, budget)
                 except BudgetInfeasibleError as e:
@@ -161,11 +198,11 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures) -> None:
                     corr = f"{100 * a2:.1f}% / {k2:.4f}"
                 counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
                 rows.append((budget, f, solver, (plan.info["cost"], agree, kl, corr),
-                             " ".join(f"{v}x{c}" for v, c in counts.items())))
+                             " ".join(f"{v}x{c}" for v, c in counts.items()) + _picked(plan)))
                 if plan.info["cost"] > budget.fraction + 1e-9:
                     failures.append(f"{budget}: {solver} cost {plan.info['cost']} over budget")
-            if "DP" in got and "uniform" in got and got["DP"] < got["uniform"]:
-                failures.append(f"{budget}: DP agreement {got['DP']:.4f} < uniform {got['uniform']:.4f}")
+            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
+                failures.append(f"{budget}: DP+sel agreement {got['DP+sel']:.4f} < uniform {got['uniform']:.4f}")
     say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; corr: statistics corrected")
         + ")")
     say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'corr':>17}  variants")
@@ -206,7 +243,8 @@ def classifier_w4a4(name: str, failures: list[str]) -> None:
         failures.append(f"{name} W4A4 GPTQ+mse KL {kls[1]:.4f} > RTN+minmax KL {kls[0]:.4f}")
 
 
-def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> None:
+def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metrics=("bops", "bops_obc"),
+                     facts=(), evals: int = 24) -> None:
     """The joint search on a small classifier with true test accuracy (section 3's space and bound).
 
     Every conv/linear is searched (asymmetric per-channel GPTQ weights, MSE static activations); budgets in
@@ -217,7 +255,9 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> No
     net, train, test = pretrained(name)
     if name == "fashion-resnet20":
         train, _, test = load_fashion_mnist_splits()
-    calib = [x for x, _ in calibration_loader(train, n=128 if quick else 512, batch_size=64)]
+    n_cal = 128 if quick else 512
+    xs = [x for x, _ in calibration_loader(train, n=n_cal + 256, batch_size=64)]
+    calib, scoring = xs[: n_cal // 64], xs[n_cal // 64:]  # scoring: 256 other train images, for DP+sel
     space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
                         model_loss_batches=1 if quick else 2)
@@ -226,10 +266,11 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> No
     say(f"\n3b. joint search on {name}: {len(table.layers)} layers, {len(test)} test images, {len(calib)} x 64 "
         f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%")
     say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'corr acc':>10}  variants")
-    for metric in ("bops", "bops_obc"):
-        for f in ((8, 12) if quick else (4, 8, 12, 16)):
+    solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
+    for metric in metrics:
+        for f in (facts or ((8, 12) if quick else (4, 8, 12, 16))):
             budget, got = Budget(metric, 1 / f), {}
-            for solver, solve in (("uniform", uniform_plan), ("DP", dp_plan)):
+            for solver, solve in solvers:
                 try:
                     plan = solve(table, budget)
                 except BudgetInfeasibleError as e:
@@ -243,11 +284,12 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> No
                     corr = evaluate(m, test)
                 counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
                 say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{100 * acc:>9.2f}%{100 * corr:>9.2f}%"
-                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}")
+                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
                 if plan.info["cost"] > budget.fraction + 1e-9:
                     failures.append(f"{name} {budget}: {solver} cost {plan.info['cost']} over budget")
-            if "DP" in got and "uniform" in got and got["DP"] < got["uniform"]:
-                failures.append(f"{name} {budget}: DP test accuracy {got['DP']:.4f} < uniform {got['uniform']:.4f}")
+            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
+                failures.append(f"{name} {budget}: DP+sel test accuracy {got['DP+sel']:.4f} < uniform "
+                                f"{got['uniform']:.4f}")
     say(f"({name}: {time.process_time() - t0:.0f} cpu s)")
 
 
@@ -458,10 +500,17 @@ def main() -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="W8A8 ablation: 8-bit activations alone per observer, +- cross-layer equalization")
     ap.add_argument("--eval-crops", type=int, default=0, help="evaluation crops (default 64 quick, 256 full)")
+    ap.add_argument("--metrics", default="bops,bops_obc", help="joint study: BOP accountings (split runs)")
+    ap.add_argument("--factors", default="", help="joint study: reductions, comma list (default 8,12 quick; "
+                    "4,8,12,16 full)")
+    ap.add_argument("--evals", type=int, default=24, help="joint study: DP+sel's stitched evaluations per budget "
+                    "(8 in --quick)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
     skip = set(filter(None, args.skip.split(",")))
+    metrics = tuple(filter(None, args.metrics.split(",")))
+    facts = tuple(int(f) for f in filter(None, args.factors.split(",")))
     if args.only:
         skip |= {"joint", "cnn", "latency"}
     if args.quick:  # each bound once, on the smallest honest case; the MobileNetV2 W4A4 rows and joint search
@@ -496,11 +545,13 @@ def main() -> int:
         classifier_w4a4("digits-cnn", failures)
         lap("2b digits W4A4")
     if "joint" not in skip:
-        joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures)
+        joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures,
+                   metrics, facts, args.evals)
         lap("3 MobileNetV2 joint")
     if "cnn" not in skip:
         for name in (("digits-cnn",) if args.quick else args.cnn.split(",")):
-            classifier_joint(name, args.quick, f"{args.db}-{name}" + ("-quick" if args.quick else ""), failures)
+            classifier_joint(name, args.quick, f"{args.db}-{name}" + ("-quick" if args.quick else ""), failures,
+                             metrics, facts, args.evals)
         lap("3b classifier joint")
     if "latency" not in skip:
         linear_latency(args.quick, failures)
