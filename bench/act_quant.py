@@ -153,7 +153,10 @@ def joint_solvers(net, table, scoring, calib, evals: int):
     stitched = StitchedModel(net, table, scoring, batches=len(scoring), metric="kl", act_calib=calib)
 
     def select(table, budget):
-        seeds = [uniform_plan(table, budget)]
+        try:
+            seeds = [uniform_plan(table, budget)]
+        except BudgetInfeasibleError:  # no uniform plan fits: the DP plans only
+            seeds = []
         return spdy_plan(table, budget, stitched.error, SPDY(evals=evals, patience=max(2, evals // 6)), seeds=seeds)
 
     return (("uniform", uniform_plan), ("DP", dp_plan), ("DP+sel", select))
@@ -161,8 +164,11 @@ def joint_solvers(net, table, scoring, calib, evals: int):
 
 def _picked(plan) -> str:
     i = plan.info
-    return f" [{i['picked']}; KL {i['score']:.4g}, DP {i['dp_loss']:.4g}, uniform {i['seed_losses']['uniform']:.4g}]" \
-        if "picked" in i else ""
+    if "picked" not in i:
+        return ""
+    uni = i["seed_losses"].get("uniform")
+    return f" [{i['picked']}; KL {i['score']:.4g}, DP {i['dp_loss']:.4g}, uniform " + \
+        ("infeasible" if uni is None else f"{uni:.4g}") + "]"
 
 
 def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("bops", "bops_obc"), facts=(),
@@ -500,6 +506,8 @@ def main() -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="W8A8 ablation: 8-bit activations alone per observer, +- cross-layer equalization")
     ap.add_argument("--eval-crops", type=int, default=0, help="evaluation crops (default 64 quick, 256 full)")
+    ap.add_argument("--cal-crops", type=int, default=0, help="MobileNetV2 calibration crops (default 32 quick, "
+                    "128 full; 32 reuses the --quick database in the full joint study)")
     ap.add_argument("--metrics", default="bops,bops_obc", help="joint study: BOP accountings (split runs)")
     ap.add_argument("--factors", default="", help="joint study: reductions, comma list (default 8,12 quick; "
                     "4,8,12,16 full)")
@@ -525,7 +533,7 @@ def main() -> int:
     if not {"ptq", "joint", "latency"} <= skip:
         net, imgs = mobilenet_v2(), photos()
         n_cal, n_score, n_eval = (32, 16, 64) if args.quick else (128, 64, 256)
-        n_eval = args.eval_crops or n_eval
+        n_eval, n_cal = args.eval_crops or n_eval, args.cal_crops or n_cal
         x_cal = crops(imgs[0::2], n_cal, seed=1)
         x_score = crops(imgs[0::2], n_score, seed=3)
         x_eval = crops(imgs[1::2], n_eval, seed=2)

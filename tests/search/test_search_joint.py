@@ -199,3 +199,17 @@ def test_spdy_returns_the_seed_when_it_scores_best_and_refuses_seeds_over_budget
     assert plan.variants == uni.variants and plan.info["picked"] == "uniform" and plan.info["score"] == 0.0
     with pytest.raises(ConfigError, match="costs more than the budget"):
         spdy_plan(table, Budget.parse("bops=80x"), favour, SPDY(evals=3), seeds=[uni])
+
+
+def test_search_spdy_on_a_joint_space_seeds_uniform_and_stitches(tmp_path):
+    from brainsurgeon.search import SPDY, search, uniform_plan
+
+    model = TinyNet()
+    space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
+                        nm_bits=(), joint=JOINT, quant_sym=False, model_loss_batches=2)
+    plan = search(model, space, "bops=40x", calib(), solver="spdy", db=str(tmp_path), spdy=SPDY(evals=4, patience=2))
+    table = build_database(model, space, calib(), tmp_path)
+    assert set(plan.info["seed_losses"]) == {"uniform"} and plan.info["score"] <= plan.info["seed_losses"]["uniform"]
+    assert plan.info["cost"] <= 1 / 40 + 1e-9 and uniform_plan(table, Budget.parse("bops=40x")).info["cost"] <= 1 / 40
+    assert set(act_quant_layers(stitch_(TinyNet(), plan, table, calib()))) == {"conv1", "fc1", "fc2"}
+    assert not act_quant_layers(model)
