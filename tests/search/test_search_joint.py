@@ -213,3 +213,14 @@ def test_search_spdy_on_a_joint_space_seeds_uniform_and_stitches(tmp_path):
     assert plan.info["cost"] <= 1 / 40 + 1e-9 and uniform_plan(table, Budget.parse("bops=40x")).info["cost"] <= 1 / 40
     assert set(act_quant_layers(stitch_(TinyNet(), plan, table, calib()))) == {"conv1", "fc1", "fc2"}
     assert not act_quant_layers(model)
+
+
+def test_table_only_keeps_the_named_variants_and_uniform_then_dp_stay_in_them(joint_table):
+    _, table = joint_table
+    obc = table.only(JOINT)
+    assert {n: [e.variant for e in es] for n, es in obc.entries.items()} == {n: list(JOINT) for n in table.layers}
+    assert {n: len(es) for n, es in table.entries.items()} == {"conv1": 5, "fc1": 5, "fc2": 5}  # untouched
+    b = Budget.parse("bops=8x")  # 8w8a everywhere (16x) fits, so nothing in OBC's space beats it
+    assert dp_plan(obc, b).variants == ("8w8a",) * 3 and "dense" in dp_plan(table, b).variants
+    with pytest.raises(ConfigError, match="have none of these variants"):
+        table.only(("3w3a",))
