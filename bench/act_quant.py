@@ -13,16 +13,22 @@ calibration):
    (min-max observer) at every conv/linear input. Bound: >= 97 % agreement.
 2. W4A4: round-to-nearest weights + min-max activations vs GPTQ weights + MSE activations (the first
    conv and the classifier stay at W8A8 in both). Bound: GPTQ + MSE has the lower KL.
-3. The joint search (OBC, Frantar & Alistarh 2022): per layer dense, 8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a
+3. The joint search (OBC, Frantar & Alistarh 2022): per layer 8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a (OBC's space: no
+   layer stays float; depthwise convs, which 2:4 cannot divide, choose between 8w8a and 4w4a)
    (SparseGPT 2:4, GPTQ asymmetric per-channel weights, static per-tensor MSE activations; Hessians of
    the quantized inputs; per-entry output distortion as the score), DP vs uniform at each budget in
    both accountings: ``bops`` = MACs x w_bits x a_bits (dense fp32 = 32 x 32) and ``bops_obc`` = MACs x
    max(w_bits, a_bits) (dense 32; OBC's code: 8w8a = 4x, 4w4a = 8x, 2:4 + 4w4a = 16x). Plans are stitched
    from the database, activation scales calibrated on the stitched model; "corr" then matches each
-   layer's output mean/std to the dense model's (OBC's statistics correction). Bound: DP's agreement
+   layer's output mean/std to the dense model's (OBC's statistics correction). Solvers: uniform (the
+   variant of least summed score that fits), DP (OBC's DP on the additive per-layer scores) and DP+sel
+   (SPDY, Frantar & Alistarh ICML 2022: DP plans over coefficient-reweighted scores, seeded with the
+   uniform plan, each stitched exactly as above and scored by its KL to dense on held-out scoring crops;
+   the least-KL plan wins, so it is never above uniform on the scoring crops). Bound: DP+sel's agreement
    >= uniform's wherever both meet the budget.
 3b. The same joint study with true test accuracy: MNIST CNN and Fashion-MNIST ResNet-20 (every
-   conv/linear searched). Bound: DP's test accuracy >= uniform's.
+   conv/linear searched; DP+sel scores on 256 train images outside the calibration set). Bound: DP+sel's
+   test accuracy >= uniform's.
 
 Latency (1 thread, CPU time, interleaved rounds): (4a) MiniLM encoder and one SmolLM2-135M MLP with
 static W8A8 Linears (``torch._int_mm``) vs fp32 in torch; (4b) MobileNetV2 exported with
@@ -63,7 +69,17 @@ from brainsurgeon.export import export_static_qdq
 from brainsurgeon.quant import compare_latency, format_speed_table
 from brainsurgeon.quant.act import act_quant_layers
 from brainsurgeon.quant.static import convert_static_int8_
-from brainsurgeon.search import Budget, SearchSpace, build_database, dp_plan, stitch_, uniform_plan
+from brainsurgeon.search import (
+    SPDY,
+    Budget,
+    SearchSpace,
+    StitchedModel,
+    build_database,
+    dp_plan,
+    spdy_plan,
+    stitch_,
+    uniform_plan,
+)
 
 JOINT = ("8w8a", "4w4a", "2:4+8w8a", "2:4+4w4a")
 EDGE = ("features.0.0", "classifier.1")  # first conv, classifier: W8A8 in the W4A4 rows
@@ -130,26 +146,57 @@ def w8a8_ablation(net, calib, x_eval, ref) -> None:
         say(f"{label:<26}{100 * a:>7.1f}%{k:>9.4f}")
 
 
-def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures) -> None:
+def joint_solvers(net, table, scoring, calib, evals: int):
+    """uniform, the plain DP (additive per-layer scores) and DP+sel: SPDY's search over coefficient-weighted
+    DP plans seeded with the uniform plan, every candidate stitched (input quantizers calibrated on `calib`,
+    as stitch_ does) and scored by its KL to the dense model on the held-out `scoring` batches; the least-KL
+    plan wins, so DP+sel is never above uniform on that data. The bound is on DP+sel."""
+    stitched = StitchedModel(net, table, scoring, batches=len(scoring), metric="kl", act_calib=calib)
+
+    def select(table, budget):
+        try:
+            seeds = [uniform_plan(table, budget)]
+        except BudgetInfeasibleError:  # no uniform plan fits: the DP plans only
+            seeds = []
+        return spdy_plan(table, budget, stitched.error, SPDY(evals=evals, patience=max(2, evals // 6)), seeds=seeds)
+
+    return (("uniform", uniform_plan), ("DP", dp_plan), ("DP+sel", select))
+
+
+def _picked(plan) -> str:
+    i = plan.info
+    if "picked" not in i:
+        return ""
+    uni = i["seed_losses"].get("uniform")
+    return f" [{i['picked']}; KL {i['score']:.4g}, DP {i['dp_loss']:.4g}, uniform " + \
+        ("infeasible" if uni is None else f"{uni:.4g}") + "]"
+
+
+def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("bops", "bops_obc"), facts=(),
+               evals: int = 24) -> None:
     space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
                         model_loss_batches=1 if quick else 2)
     t0 = time.process_time()
     table = build_database(net, space, calib, db)
     n = sum(len(v) for v in table.entries.values())
+    table = table.only(JOINT)  # OBC's space: no float layer (the database's dense entries are not choices)
     say(f"\n3. joint database: {n} entries over {len(table.layers)} layers ({table.computed} computed now, "
         f"{time.process_time() - t0:.0f} cpu s)")
-    facts = (8, 12) if quick else (4, 8, 12, 16)
-    rows = []
-    for metric in ("bops", "bops_obc"):
+    facts = facts or ((8, 12) if quick else (4, 8, 12, 16))
+    solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
+    say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; corr: statistics corrected")
+        + "; each row printed as measured)")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'corr':>17}  variants")
+    for metric in metrics:
         for f in facts:
             budget = Budget(metric, 1 / f)
             got = {}
-            for solver, solve in (("uniform", uniform_plan), ("DP", dp_plan)):
+            for solver, solve in solvers:
                 try:
                     plan = solve(table, budget)
                 except BudgetInfeasibleError as e:
-                    rows.append((budget, f, solver, None, str(e).split(";")[0][:60]))
+                    say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {str(e).split(';')[0][:60]}")
                     continue
                 m = stitch_(copy.deepcopy(net), plan, table, calib)
                 agree, kl = damage(ref, logits_of(m, x_eval))
@@ -160,21 +207,12 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures) -> None:
                     a2, k2 = damage(ref, logits_of(m, x_eval))
                     corr = f"{100 * a2:.1f}% / {k2:.4f}"
                 counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
-                rows.append((budget, f, solver, (plan.info["cost"], agree, kl, corr),
-                             " ".join(f"{v}x{c}" for v, c in counts.items())))
+                say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{100 * agree:>7.1f}%{kl:>9.4f}"
+                    f"{corr:>17}  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
                 if plan.info["cost"] > budget.fraction + 1e-9:
                     failures.append(f"{budget}: {solver} cost {plan.info['cost']} over budget")
-            if "DP" in got and "uniform" in got and got["DP"] < got["uniform"]:
-                failures.append(f"{budget}: DP agreement {got['DP']:.4f} < uniform {got['uniform']:.4f}")
-    say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; corr: statistics corrected")
-        + ")")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'corr':>17}  variants")
-    for budget, f, solver, res, variants in rows:
-        if res is None:
-            say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {variants}")
-            continue
-        cost, agree, kl, corr = res
-        say(f"{str(budget):<16}{f:>9}x{solver:>9}{cost:>9.4f}{100 * agree:>7.1f}%{kl:>9.4f}{corr:>17}  {variants}")
+            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
+                failures.append(f"{budget}: DP+sel agreement {got['DP+sel']:.4f} < uniform {got['uniform']:.4f}")
     say("OBC (paper, ResNet18/34/50 on ImageNet, joint 2:4 + WxAx at 12x BOPs in its own accounting): about 2.5 % "
         "relative accuracy drop; compare with the bops_obc=0.0833 rows (agreement with dense on photo crops here, "
         "not ImageNet accuracy, and MobileNetV2, not a ResNet).")
@@ -206,7 +244,8 @@ def classifier_w4a4(name: str, failures: list[str]) -> None:
         failures.append(f"{name} W4A4 GPTQ+mse KL {kls[1]:.4f} > RTN+minmax KL {kls[0]:.4f}")
 
 
-def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> None:
+def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metrics=("bops", "bops_obc"),
+                     facts=(), evals: int = 24) -> None:
     """The joint search on a small classifier with true test accuracy (section 3's space and bound).
 
     Every conv/linear is searched (asymmetric per-channel GPTQ weights, MSE static activations); budgets in
@@ -217,19 +256,22 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> No
     net, train, test = pretrained(name)
     if name == "fashion-resnet20":
         train, _, test = load_fashion_mnist_splits()
-    calib = [x for x, _ in calibration_loader(train, n=128 if quick else 512, batch_size=64)]
+    n_cal = 128 if quick else 512
+    xs = [x for x, _ in calibration_loader(train, n=n_cal + 256, batch_size=64)]
+    calib, scoring = xs[: n_cal // 64], xs[n_cal // 64:]  # scoring: 256 other train images, for DP+sel
     space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
                         model_loss_batches=1 if quick else 2)
-    table = build_database(net, space, calib, db)
+    table = build_database(net, space, calib, db).only(JOINT)  # OBC's space: no float layer
     dense_acc = evaluate(net, test)
     say(f"\n3b. joint search on {name}: {len(table.layers)} layers, {len(test)} test images, {len(calib)} x 64 "
         f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%")
     say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'corr acc':>10}  variants")
-    for metric in ("bops", "bops_obc"):
-        for f in ((8, 12) if quick else (4, 8, 12, 16)):
+    solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
+    for metric in metrics:
+        for f in (facts or ((8, 12) if quick else (4, 8, 12, 16))):
             budget, got = Budget(metric, 1 / f), {}
-            for solver, solve in (("uniform", uniform_plan), ("DP", dp_plan)):
+            for solver, solve in solvers:
                 try:
                     plan = solve(table, budget)
                 except BudgetInfeasibleError as e:
@@ -243,11 +285,12 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str]) -> No
                     corr = evaluate(m, test)
                 counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
                 say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{100 * acc:>9.2f}%{100 * corr:>9.2f}%"
-                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}")
+                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
                 if plan.info["cost"] > budget.fraction + 1e-9:
                     failures.append(f"{name} {budget}: {solver} cost {plan.info['cost']} over budget")
-            if "DP" in got and "uniform" in got and got["DP"] < got["uniform"]:
-                failures.append(f"{name} {budget}: DP test accuracy {got['DP']:.4f} < uniform {got['uniform']:.4f}")
+            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
+                failures.append(f"{name} {budget}: DP+sel test accuracy {got['DP+sel']:.4f} < uniform "
+                                f"{got['uniform']:.4f}")
     say(f"({name}: {time.process_time() - t0:.0f} cpu s)")
 
 
@@ -321,14 +364,22 @@ def linear_latency(quick: bool, failures: list[str]) -> None:
 
 def conv_latency(net, calib, x_eval, quick: bool, failures: list[str]) -> None:
     """MobileNetV2 W8A8 in onnxruntime: our static QDQ export vs the fp32 export (+ references in the full run:
-    the torch-decomposed QDQ of export_onnx(quantized="qdq") and onnxruntime's own quantize_static)."""
+    the torch-decomposed QDQ of export_onnx(quantized="qdq") and onnxruntime's own quantize_static).
+
+    --quick exports fp32 with the TorchScript exporter once per batch size (1.4 instead of ~35 CPU s for the
+    dynamo exporter's graph optimizer; onnxruntime fuses either graph into the same Conv kernels, listed below)."""
     q = copy.deepcopy(net)
     bs.compress(q, bs.W8A8("RTN"), calib)
     dyn = ({0: "batch"},)  # one export serves both batch sizes
     d = tempfile.mkdtemp(prefix="act-quant-ort-")
-    files = {"fp32": os.path.join(d, "fp32.onnx"), "int8 static QDQ (ours)": os.path.join(d, "int8.onnx")}
+    files = {"fp32": {b: os.path.join(d, f"fp32-{b}.onnx") for b in (1, 32)} if quick else os.path.join(d, "fp32.onnx"),
+             "int8 static QDQ (ours)": os.path.join(d, "int8.onnx")}
     t0 = time.process_time()
-    bs.export_onnx(net, (x_eval[:2],), files["fp32"], dynamic_shapes=dyn)
+    if quick:
+        for b, f in files["fp32"].items():
+            bs.export_onnx(net, (x_eval[:b],), f, dynamo=False)
+    else:
+        bs.export_onnx(net, (x_eval[:2],), files["fp32"], dynamic_shapes=dyn)
     export_static_qdq(q, (x_eval[:2],), files["int8 static QDQ (ours)"], calib=calib, dynamic_shapes=dyn)
     if not quick:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -346,32 +397,41 @@ def conv_latency(net, calib, x_eval, quick: bool, failures: list[str]) -> None:
         files["int8 ORT quantize_static"] = os.path.join(d, "ort-static.onnx")
         quantize_static(files["fp32"], files["int8 ORT quantize_static"], Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    sess = {k: _ort_session(f, f + ".opt") for k, f in files.items()}
+    per_batch = {k: f if isinstance(f, dict) else {1: f, 32: f} for k, f in files.items()}
+    sess = {(k, b): _ort_session(f, f + ".opt") for k, fs in per_batch.items() for b, f in fs.items()
+            if b == 32 or f != fs[32]}
+    sess.update({(k, 1): sess[(k, 32)] for k in files if (k, 1) not in sess})
     say(f"\n4b. MobileNetV2 in onnxruntime 1 thread, CPU ms (median of interleaved runs); W8A8 RTN weights, "
         f"activation scales calibrated on {sum(len(c) for c in calib)} crops (exports {time.process_time() - t0:.0f} "
         f"cpu s); kernels onnxruntime runs after its graph optimization:")
-    for k, f in files.items():
-        say(f"  {k:<30} {_ops(f + '.opt')}")
+    for k, fs in per_batch.items():
+        say(f"  {k:<30} {_ops(fs[32] + '.opt')}")
     say(f"{'variant':<32}{'batch':>6}{'cpu ms':>9}{'vs fp32':>9}{'agree':>8}")
     ref = logits_of(net, x_eval)
     for b in (1, 32):
         x = x_eval[:b]
-        feed = {sess["fp32"].get_inputs()[0].name: x.numpy()}
-        times: dict[str, list[float]] = {k: [] for k in sess}
+        times: dict[str, list[float]] = {k: [] for k in files}
         for _ in range((10 if b == 1 else 3) * (1 if quick else 3)):
-            for k, s in sess.items():
+            for k in files:
+                s = sess[(k, b)]
+                feed = {s.get_inputs()[0].name: x.numpy()}
                 s.run(None, feed)
                 t1 = time.process_time()
                 s.run(None, feed)
                 times[k].append(time.process_time() - t1)
         med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-        for k, s in sess.items():
-            agree = damage(ref, torch.from_numpy(s.run(None, {"x": x_eval.numpy()})[0]))[0] if b == 32 else float("nan")
+        for k in files:
+            agree = float("nan")
+            if b == 32:  # all evaluation crops, 32 at a time
+                s = sess[(k, 32)]
+                out = [s.run(None, {s.get_inputs()[0].name: x_eval[i:i + 32].numpy()})[0]
+                       for i in range(0, len(x_eval) - len(x_eval) % 32, 32)]
+                agree = damage(ref[: 32 * len(out)], torch.from_numpy(np.concatenate(out)))[0]
             say(f"{k:<32}{b:>6}{med[k]:>9.2f}{med['fp32'] / med[k]:>8.2f}x{100 * agree:>7.1f}%")
         if b == 32 and med["int8 static QDQ (ours)"] >= med["fp32"]:
             failures.append(f"MobileNetV2 ORT int8 not faster than fp32 at batch 32 "
                             f"({med['int8 static QDQ (ours)']:.1f} vs {med['fp32']:.1f} ms)")
-    say(f"  (agreement: top-1 vs the dense torch model on the {len(x_eval)} evaluation crops)")
+    say(f"  (agreement: top-1 vs the dense torch model on the first {32 * (len(x_eval) // 32)} evaluation crops)")
     for f in os.listdir(d):
         os.unlink(os.path.join(d, f))
     os.rmdir(d)
@@ -458,10 +518,19 @@ def main() -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="W8A8 ablation: 8-bit activations alone per observer, +- cross-layer equalization")
     ap.add_argument("--eval-crops", type=int, default=0, help="evaluation crops (default 64 quick, 256 full)")
+    ap.add_argument("--cal-crops", type=int, default=0, help="MobileNetV2 calibration crops (default 32 quick, "
+                    "128 full; 32 reuses the --quick database in the full joint study)")
+    ap.add_argument("--metrics", default="bops,bops_obc", help="joint study: BOP accountings (split runs)")
+    ap.add_argument("--factors", default="", help="joint study: reductions, comma list (default 8,12 quick; "
+                    "4,8,12,16 full)")
+    ap.add_argument("--evals", type=int, default=24, help="joint study: DP+sel's stitched evaluations per budget "
+                    "(8 in --quick)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
     skip = set(filter(None, args.skip.split(",")))
+    metrics = tuple(filter(None, args.metrics.split(",")))
+    facts = tuple(int(f) for f in filter(None, args.factors.split(",")))
     if args.only:
         skip |= {"joint", "cnn", "latency"}
     if args.quick:  # each bound once, on the smallest honest case; the MobileNetV2 W4A4 rows and joint search
@@ -476,7 +545,7 @@ def main() -> int:
     if not {"ptq", "joint", "latency"} <= skip:
         net, imgs = mobilenet_v2(), photos()
         n_cal, n_score, n_eval = (32, 16, 64) if args.quick else (128, 64, 256)
-        n_eval = args.eval_crops or n_eval
+        n_eval, n_cal = args.eval_crops or n_eval, args.cal_crops or n_cal
         x_cal = crops(imgs[0::2], n_cal, seed=1)
         x_score = crops(imgs[0::2], n_score, seed=3)
         x_eval = crops(imgs[1::2], n_eval, seed=2)
@@ -496,11 +565,13 @@ def main() -> int:
         classifier_w4a4("digits-cnn", failures)
         lap("2b digits W4A4")
     if "joint" not in skip:
-        joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures)
+        joint_rows(net, calib, scoring, x_eval, ref, args.quick, args.db + ("-quick" if args.quick else ""), failures,
+                   metrics, facts, args.evals)
         lap("3 MobileNetV2 joint")
     if "cnn" not in skip:
         for name in (("digits-cnn",) if args.quick else args.cnn.split(",")):
-            classifier_joint(name, args.quick, f"{args.db}-{name}" + ("-quick" if args.quick else ""), failures)
+            classifier_joint(name, args.quick, f"{args.db}-{name}" + ("-quick" if args.quick else ""), failures,
+                             metrics, facts, args.evals)
         lap("3b classifier joint")
     if "latency" not in skip:
         linear_latency(args.quick, failures)

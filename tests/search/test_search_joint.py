@@ -156,3 +156,71 @@ def test_recipe_2of4_gptq4_a8_loads_and_runs():
     assert float((model[0].weight == 0).float().mean()) == 0.5
     assert any("quantized before the weight steps" in n for n in rep.notes)
     assert bs.W8A8().to_dict() == load_recipe("recipes/w8a8.yaml").to_dict()
+
+
+def test_stitched_error_of_a_joint_plan_is_the_damage_of_the_stitched_model(joint_table):
+    from brainsurgeon.search import OutputDamage, StitchedModel
+
+    model, table = joint_table
+    plan = dp_plan(table, Budget.parse("bops=40x"))
+    scoring = calib(2, seed=5)
+    stitched = StitchedModel(model, table, scoring, metric="kl", act_calib=calib())
+    got = stitched.error(plan_entries(table, plan))
+    ref = OutputDamage(model, scoring, "kl").model_damage(stitch_(TinyNet(), plan, table, calib()))
+    assert got == pytest.approx(ref, rel=1e-9) and got > 0
+    assert not act_quant_layers(stitched.model)  # the scoring copy itself is left float
+
+
+@pytest.mark.parametrize("budget", ["bops=40x", "bops_obc=8x"])
+def test_spdy_with_the_uniform_seed_is_never_above_uniform_on_its_scoring_data(joint_table, budget):
+    from brainsurgeon.search import SPDY, StitchedModel, spdy_plan, uniform_plan
+
+    model, table = joint_table
+    b = Budget.parse(budget)
+    uni = uniform_plan(table, b)
+    stitched = StitchedModel(model, table, calib(2, seed=5), metric="kl", act_calib=calib())
+    plan = spdy_plan(table, b, stitched.error, SPDY(evals=6, patience=2), seeds=[uni])
+    uni_loss = stitched.error(plan_entries(table, uni))
+    assert plan.info["seed_losses"] == {"uniform": pytest.approx(uni_loss, rel=1e-12)}
+    assert plan.info["score"] <= uni_loss and plan.info["score"] <= plan.info["dp_loss"]
+    assert plan.info["score"] == pytest.approx(stitched.error(plan_entries(table, plan)), rel=1e-12)
+    assert plan.info["cost"] <= b.fraction + 1e-9 and 2 <= plan.info["evals"] <= 6
+
+
+def test_spdy_returns_the_seed_when_it_scores_best_and_refuses_seeds_over_budget(joint_table):
+    from brainsurgeon.search import SPDY, spdy_plan, uniform_plan
+
+    _, table = joint_table
+    b = Budget.parse("bops=40x")
+    uni = uniform_plan(table, b)
+    assert dp_plan(table, b).variants != uni.variants  # else the seed could not be told from the DP plan
+    favour = lambda entries: 0.0 if tuple(e.variant for e in entries) == uni.variants else 1.0  # noqa: E731
+    plan = spdy_plan(table, b, favour, SPDY(evals=5, patience=2), seeds=[uni])
+    assert plan.variants == uni.variants and plan.info["picked"] == "uniform" and plan.info["score"] == 0.0
+    with pytest.raises(ConfigError, match="costs more than the budget"):
+        spdy_plan(table, Budget.parse("bops=80x"), favour, SPDY(evals=3), seeds=[uni])
+
+
+def test_search_spdy_on_a_joint_space_seeds_uniform_and_stitches(tmp_path):
+    from brainsurgeon.search import SPDY, search, uniform_plan
+
+    model = TinyNet()
+    space = SearchSpace(prune_method="SparseGPT", quant_method="GPTQ", levels=0, nm=(), block_sparsities=(), bits=(),
+                        nm_bits=(), joint=JOINT, quant_sym=False, model_loss_batches=2)
+    plan = search(model, space, "bops=40x", calib(), solver="spdy", db=str(tmp_path), spdy=SPDY(evals=4, patience=2))
+    table = build_database(model, space, calib(), tmp_path)
+    assert set(plan.info["seed_losses"]) == {"uniform"} and plan.info["score"] <= plan.info["seed_losses"]["uniform"]
+    assert plan.info["cost"] <= 1 / 40 + 1e-9 and uniform_plan(table, Budget.parse("bops=40x")).info["cost"] <= 1 / 40
+    assert set(act_quant_layers(stitch_(TinyNet(), plan, table, calib()))) == {"conv1", "fc1", "fc2"}
+    assert not act_quant_layers(model)
+
+
+def test_table_only_keeps_the_named_variants_and_uniform_then_dp_stay_in_them(joint_table):
+    _, table = joint_table
+    obc = table.only(JOINT)
+    assert {n: [e.variant for e in es] for n, es in obc.entries.items()} == {n: list(JOINT) for n in table.layers}
+    assert {n: len(es) for n, es in table.entries.items()} == {"conv1": 5, "fc1": 5, "fc2": 5}  # untouched
+    b = Budget.parse("bops=8x")  # 8w8a everywhere (16x) fits, so nothing in OBC's space beats it
+    assert dp_plan(obc, b).variants == ("8w8a",) * 3 and "dense" in dp_plan(table, b).variants
+    with pytest.raises(ConfigError, match="have none of these variants"):
+        table.only(("3w3a",))

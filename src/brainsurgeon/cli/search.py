@@ -50,7 +50,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     p.add_argument("--solver", default="dp",
                    choices=("dp", "spdy", "uniform", "global-magnitude", "amc", "amc-resource", "amc-accuracy"),
                    help="dp (default), spdy (DP reweighted by a local search on the stitched model's calibration "
-                        "KL), uniform, global-magnitude, amc (resource-constrained), amc-accuracy")
+                        "KL, seeded with the uniform plan: never above uniform's calibration KL), uniform, "
+                        "global-magnitude, amc (resource-constrained), amc-accuracy")
     p.add_argument("--out", metavar="YAML", help="where to write the plan (required unless --dry-run)")
     p.add_argument("--db", metavar="DIR", help="database folder (default: out/search-db/<model>)")
     p.add_argument("--executor", default="inline", choices=("inline", "process", "ray"),

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..config import CalibOptions, config_from_dict
-from ..errors import ConfigError
+from ..errors import BudgetInfeasibleError, ConfigError
 from ..report import CompressionReport
 from .amc import AMC, AMCSearch
 from .channels import ChannelWalk, apply_channels_, measured_fraction
@@ -43,15 +43,19 @@ class StitchedModel:
     higher is better), else the output damage on the calibration batches (`metric`: "mse", the
     relative distortion; "kl", the mean KL to the dense softmax, :mod:`.scores`). Channel
     entries are applied by pruning a fresh copy (``prune_``), weight entries by loading shards.
+    Joint entries (``8w8a``, ``2:4+4w4a``, ...) are scored as :func:`stitch_` builds them: a fresh
+    copy with the weights in place and the input quantizers calibrated on `act_calib` (default:
+    the scoring batches), so the score is the loss of the very model a plan stitches to.
     """
 
     def __init__(self, model: nn.Module, table: SearchTable, calib: Any,
                  eval_fn: Callable[[nn.Module], float] | None = None, batches: int = 4,
-                 metric: str = "mse") -> None:
+                 metric: str = "mse", act_calib: Any = None) -> None:
         from ..calib import cache_batches
 
         self.table, self.eval_fn = table, eval_fn
         self.batches = cache_batches(calib, batches)
+        self.act_calib = self.batches if act_calib is None else cache_batches(act_calib)
         self.dist = OutputDamage(model, self.batches, metric)
         self.model, self.modules = self.dist.model, self.dist.modules
         self.base = copy.deepcopy(self.model)
@@ -72,6 +76,16 @@ class StitchedModel:
             m = copy.deepcopy(self.base)
             apply_channels_(m, [(e.layer, config_from_dict(e.configs[0])) for e in entries if e.structural],
                             example_of(self.batches), self.batches, self.names)
+            return m
+        acts = {e.layer: c for e in entries for c in map(config_from_dict, e.configs) if type(c).verb == "actquant"}
+        if acts:  # stitch_'s model: weights in place, then the input quantizers calibrated on act_calib
+            from ..quant.act import insert_act_quant_
+
+            m = copy.deepcopy(self.base)
+            mods = dict(m.named_modules())
+            for e in entries:
+                set_layer_weight_(mods[e.layer], self.weight(e))
+            insert_act_quant_(m, acts, self.act_calib)
             return m
         for e in entries:
             set_layer_weight_(self.modules[e.layer], self.weight(e))
@@ -170,8 +184,8 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
             raise ConfigError("search: solver 'spdy' stitches database weights, so it needs a per-weight space; "
                               "for channel spaces use solver='dp' or 'amc'")
         cfg_s = spdy or SPDY()
-        stitched = StitchedModel(model, table, calib, eval_fn, cfg_s.batches, cfg_s.metric)
-        plan = spdy_plan(table, budget, stitched.error, cfg_s)
+        stitched = StitchedModel(model, table, calib, eval_fn, cfg_s.batches, cfg_s.metric, act_calib=calib)
+        plan = spdy_plan(table, budget, stitched.error, cfg_s, seeds=_uniform_seed(table, budget))
     else:
         cfg = amc or AMC()
         if solver != "amc":
@@ -182,6 +196,15 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
     plan.info["db"] = str(root)
     log.info("search %s %s: cost %.4f of dense, score %.4g", solver, budget, plan.info["cost"], plan.info["score"])
     return plan
+
+
+def _uniform_seed(table: SearchTable, budget: Budget) -> list[Plan]:
+    """The uniform plan as SPDY's seed (so SPDY never ends above it on calibration), if one fits."""
+    try:
+        return [uniform_plan(table, budget)]
+    except BudgetInfeasibleError:
+        log.info("search spdy %s: no uniform plan fits the budget; no uniform seed", budget)
+        return []
 
 
 def _with_mode(cfg: AMC, mode: str) -> AMC:

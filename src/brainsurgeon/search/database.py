@@ -15,6 +15,7 @@ it stopped; one folder serves many budgets, models and calibration sets.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -180,6 +181,21 @@ class SearchTable:
     def fixed_cost(self, metric: str) -> float:
         """Cost of the skipped layers (always dense)."""
         return sum(self.profiles[n].dense_costs(self.act_bits)[metric] for n in self.skipped)
+
+    def only(self, variants: tuple[str, ...]) -> SearchTable:
+        """This table with each layer's entries cut to the named variants (e.g. OBC's joint space
+        ``("8w8a", "4w4a", "2:4+8w8a", "2:4+4w4a")``, without the dense one); every layer must keep one.
+
+        >>> table.only(("8w8a", "4w4a")).entries["fc1"][0].variant
+        '8w8a'
+        """
+        entries = {n: [e for e in es if e.variant in variants] for n, es in self.entries.items()}
+        empty = [n for n in self.layers if not entries[n]]
+        if empty:
+            raise ConfigError(f"SearchTable.only({list(variants)}): layers {empty} have none of these variants "
+                              f"(they have {[e.variant for e in self.entries[empty[0]]]}); name one they have, "
+                              f"or ignore those layers in the SearchSpace")
+        return dataclasses.replace(self, entries=entries)
 
 
 def _searched_layers(model: nn.Module, space: SearchSpace) -> tuple[list[str], list[str]]:

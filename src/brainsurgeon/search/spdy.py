@@ -8,7 +8,11 @@ c is searched by a shrinking-neighbourhood random search that scores each DP pla
 so every candidate meets the budget.
 
 Here the search starts at c = 1 (the plain DP plan, so SPDY's calibration loss is never above
-DP's) instead of SPDY's best of random starts; each step resamples k coordinates log-uniformly
+DP's) instead of SPDY's best of random starts, and `seeds` (e.g. the uniform plan) are scored
+beside it: the result is the least-loss plan of all evaluated, so its calibration loss is never
+above any seed's either (the uniform baseline can only be matched, never lost to, on that data;
+OBC's additive per-layer scores, Frantar & Alistarh NeurIPS 2022 sec. 5, miss how 4-bit errors
+compound, which this final selection on the stitched model corrects). Each step resamples k coordinates log-uniformly
 in [1 / spread, spread] around 1 and keeps the candidate if it lowers the loss; k shrinks from
 ``max(1, round(frac * L))`` to 1, moving on after `patience` failed tries (SPDY: 10 % of the
 layers, 100 tries). Plans already scored are not evaluated again.
@@ -21,7 +25,7 @@ layers, 100 tries). Plans already scored are not evaluated again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,12 +74,15 @@ class SPDY(Config):
 
 
 def spdy_plan(table: SearchTable, budget: Budget, error: Callable[[list[Entry]], float],
-              cfg: SPDY | None = None, buckets: int = 10_000) -> Plan:
+              cfg: SPDY | None = None, buckets: int = 10_000, seeds: Sequence[Plan] = ()) -> Plan:
     """The best DP plan over coefficient-weighted scores, by the stitched-model `error` (lower is better).
 
     error(entries): the calibration loss of the model with one entry per searched layer
-    stitched in (e.g. :meth:`~.api.StitchedModel.error`). The result's info holds the
-    calibration losses of the DP plan (``dp_loss``) and of the chosen one (``score``).
+    stitched in (e.g. :meth:`~.api.StitchedModel.error`). seeds: plans of this table within the
+    budget (e.g. :func:`~.solvers.uniform_plan`'s), scored too; the result is the best of every
+    plan evaluated. The result's info holds the calibration losses of the DP plan (``dp_loss``),
+    of each seed (``seed_losses``, by solver name) and of the chosen one (``score``), and which
+    it is (``picked``: "dp", "spdy" or the seed's solver).
     """
     cfg = cfg or SPDY()
     dp_plan(table, budget, buckets)  # raises BudgetInfeasibleError, naming the cheapest cost
@@ -98,6 +105,12 @@ def spdy_plan(table: SearchTable, budget: Budget, error: Callable[[list[Entry]],
     c = np.ones(L)
     best = solve(c)
     best_loss = dp_loss = loss(best)
+    origin = {best: "dp"}
+    seed_losses = {}
+    for p in seeds:
+        pick = _indices(table, p, budget)
+        origin.setdefault(pick, str(p.info.get("solver", "seed")))
+        seed_losses[str(p.info.get("solver", "seed"))] = loss(pick)
     k, fails, tries = max(1, round(cfg.frac * L)), 0, 0
     while len(seen) < cfg.evals and k >= 1 and tries < 20 * cfg.evals:
         tries += 1
@@ -105,6 +118,7 @@ def spdy_plan(table: SearchTable, budget: Budget, error: Callable[[list[Entry]],
         idx = rng.choice(L, size=k, replace=False)
         c1[idx] = np.exp(rng.uniform(-math.log(cfg.spread), math.log(cfg.spread), size=k))
         pick = solve(c1)
+        origin.setdefault(pick, "spdy")
         if loss(pick) < best_loss:
             c, best, best_loss, fails = c1, pick, seen[pick], 0
             log.debug("spdy %s: loss %.5g (k=%d, %d evals)", budget, best_loss, k, len(seen))
@@ -112,8 +126,29 @@ def spdy_plan(table: SearchTable, budget: Budget, error: Callable[[list[Entry]],
         fails += 1
         if fails >= cfg.patience:
             k, fails = k - 1, 0
-    plan = plan_from_entries(table, [r[j] for r, j in zip(rows, best, strict=True)], budget, "spdy")
-    plan.info.update(score=best_loss, dp_loss=dp_loss, evals=len(seen))
-    log.info("spdy %s: calibration loss %.5g (DP's %.5g) after %d evaluations", budget, best_loss, dp_loss,
-             len(seen))
+    final = min(seen, key=lambda p: (seen[p], p != best))  # a seed may beat every DP plan
+    plan = plan_from_entries(table, [r[j] for r, j in zip(rows, final, strict=True)], budget, "spdy")
+    plan.info.update(score=seen[final], dp_loss=dp_loss, seed_losses=seed_losses, picked=origin[final],
+                     evals=len(seen))
+    log.info("spdy %s: calibration loss %.5g (DP's %.5g, seeds %s) after %d evaluations, picked %s", budget,
+             seen[final], dp_loss, seed_losses, len(seen), origin[final])
     return plan
+
+
+def _indices(table: SearchTable, plan: Plan, budget: Budget) -> tuple[int, ...]:
+    """`plan`'s variant index per searched layer; refuses a plan of another table or over the budget."""
+    names = [n for n, _ in plan.layers]
+    if names != table.layers or len(plan.variants) != len(names):
+        raise ConfigError(f"spdy_plan: seed plan {plan.info.get('solver', '?')!r} does not cover this table's "
+                          f"searched layers in order; pass plans made from the same table (e.g. uniform_plan)")
+    pick = []
+    for n, v in zip(names, plan.variants, strict=True):
+        js = [j for j, e in enumerate(table.entries[n]) if e.variant == v]
+        if not js:
+            raise ConfigError(f"spdy_plan: seed plan variant {v!r} of layer {n!r} is not in the table")
+        pick.append(js[0])
+    cost = sum(table.entries[n][j].costs[budget.metric] for n, j in zip(names, pick, strict=True))
+    if cost > absolute_budget(table, budget) * (1 + 1e-12):
+        raise ConfigError(f"spdy_plan: seed plan {plan.info.get('solver', '?')!r} costs more than the budget "
+                          f"{budget}; pass only plans within it")
+    return tuple(pick)
