@@ -7,7 +7,8 @@ Needs the data sets of the part (Fashion-MNIST: ``apt-get install dataset-fashio
 
 Measured on 2 shared cores (load ~9), 1 thread, each from an empty cache: kd 97 CPU s (before: the 30-epoch
 zoo model first, ~7 CPU min more), convs 45 (before: the zoo ResNet-20, 4 epochs on 55k, ~13 CPU min more),
-qat + deepcomp together 67 (mnist-cnn, 2 epochs, trained once; since issue 18e the mnist-cnn weights ship with the package, so that training no longer happens).
+qat + deepcomp together 67 (mnist-cnn, 2 epochs, trained once; the mnist-cnn weights now ship
+with the package, so that training no longer happens).
 """
 
 from __future__ import annotations
