@@ -69,11 +69,15 @@ def mlp_calib(n: int = 3):
     return [(torch.randn(4, 6, generator=g), torch.zeros(4)) for _ in range(n)]
 
 
-def recorder():
+def recorder(halve: bool = False):
+    """A layer 'solver' that records each H by layer name; `halve` also halves the weight, a "compression"
+    later layers must see."""
     seen: dict[str, torch.Tensor] = {}
 
     def solve(name, module, H):
         seen[name] = H.clone()
+        if halve:
+            module.weight.data.mul_(0.5)
 
     return seen, solve
 
@@ -205,12 +209,7 @@ def test_block_mode_sequential_sees_compressed_block_dense_does_not():
              (CalibOptions(blocks="layers"), {"layers.0.o": True, "layers.0.fc2": True, "layers.1.q": False}),
              (CalibOptions(blocks="layers", true_sequential=True), {"layers.0.o": False, "layers.1.q": False})]
     for opts, same in cases:
-        seen: dict[str, torch.Tensor] = {}
-
-        def solve(name, module, H, seen=seen):
-            seen[name] = H.clone()
-            module.weight.data.mul_(0.5)
-
+        seen, solve = recorder(halve=True)
         run_layerwise(copy.deepcopy(model), LM_NAMES, calib, solve, opts)
         assert torch.allclose(seen["layers.0.q"], ref["layers.0.q"], atol=1e-6)  # first layer: always
         for name, want in same.items():
@@ -338,25 +337,18 @@ def test_sequential_replay_sees_the_same_hessians_as_stopped_forwards_in_linear_
     model = DeepNet()
     calib = [torch.randn(2, 3, 8, 8) for _ in range(2)]
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    seen: dict[str, dict[str, torch.Tensor]] = {"replay": {}, "stopped": {}}
-
-    def solver(key):
-        def solve(name, module, H):
-            seen[key][name] = H.clone()
-            module.weight.data.mul_(0.5)  # a "compression" later layers must see
-        return solve
-
+    (replay, solve_replay), (stopped, solve_stopped) = recorder(halve=True), recorder(halve=True)
     m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
     calls = [0]
     m1.stem.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
-    run_layerwise(m1, names, calib, solver("replay"), CalibOptions())
+    run_layerwise(m1, names, calib, solve_replay, CalibOptions())
     with torch.no_grad():
         layers = dict(m2.named_modules())
         passes._solve_sequential(m2, {n: layers[n] for n in names}, lambda: [((x,), {}) for x in calib],
-                                 solver("stopped"), torch.float32)
-    assert list(seen["replay"]) == names
+                                 solve_stopped, torch.float32)
+    assert list(replay) == names
     for n in names:
-        torch.testing.assert_close(seen["replay"][n], seen["stopped"][n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(replay[n], stopped[n], atol=1e-5, rtol=1e-5)
     # model-input forwards: order probes, stem, one catch of the chain's inputs, head; not one per layer
     assert calls[0] <= 6 * len(calib) < len(names) * len(calib)
 
@@ -376,24 +368,17 @@ def test_replay_over_its_memory_bound_falls_back_to_input_forwards_with_the_same
     torch.manual_seed(1)
     calib = [torch.randn(2, 3, 8, 8) for _ in range(2)]
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    seen: dict[str, dict[str, torch.Tensor]] = {"replay": {}, "bounded": {}}
-
-    def solver(key):
-        def solve(name, module, H):
-            seen[key][name] = H.clone()
-            module.weight.data.mul_(0.5)  # a "compression" later layers must see
-        return solve
-
+    (replay, solve_replay), (bounded, solve_bounded) = recorder(halve=True), recorder(halve=True)
     m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
-    assert run_layerwise(m1, names, calib, solver("replay"), CalibOptions()) == []
+    assert run_layerwise(m1, names, calib, solve_replay, CalibOptions()) == []
     calls = [0]
     first = next(m for m in m2.modules() if isinstance(m, nn.Conv2d))
     first.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
-    notes = run_layerwise(m2, names, calib, solver("bounded"), CalibOptions(replay_cache_mb=bound_mb))
+    notes = run_layerwise(m2, names, calib, solve_bounded, CalibOptions(replay_cache_mb=bound_mb))
     assert len(notes) == 1 and f"replay of {path}:" in notes[0] and "replay_cache_mb" in notes[0], notes
-    assert list(seen["bounded"]) == names
+    assert list(bounded) == names
     for n in names:
-        torch.testing.assert_close(seen["bounded"][n], seen["replay"][n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bounded[n], replay[n], atol=1e-5, rtol=1e-5)
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     if build is _widening:
