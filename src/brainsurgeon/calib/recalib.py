@@ -124,9 +124,9 @@ def _correct_layer_(module: nn.Module, mean_c: torch.Tensor, std_c: torch.Tensor
                     mean_d: torch.Tensor, std_d: torch.Tensor, std: str = "match") -> None:
     """Scale rows by s = std_d/std_c (clamped to [0.5, 2]; 1 for std='none') and set the bias so the means match."""
     W = weight_matrix(module)
-    s = torch.where(std_c > 1e-12, std_d / std_c.clamp_min(1e-12), torch.ones_like(std_c)).clamp(0.5, 2.0)
-    if std == "none":
-        s = torch.ones_like(s)
+    s = torch.ones_like(std_c)
+    if std == "match":
+        s = torch.where(std_c > 1e-12, std_d / std_c.clamp_min(1e-12), s).clamp(0.5, 2.0)
     if getattr(module, "bias", None) is None:
         module.bias = nn.Parameter(torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
     bias = module.bias
