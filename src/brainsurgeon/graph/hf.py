@@ -254,13 +254,18 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     return [k for k, v in model.state_dict().items() if k in want and want[k] != tuple(v.shape)]
 
 
-def mark_rebuild_(model: nn.Module) -> list[str]:
+def mark_rebuild_(model: nn.Module) -> bool:
     """After pruning: when the config cannot rebuild the pruned shapes, make sure a per-layer record exists,
-    so ``brainsurgeon.export.from_pretrained`` resizes every tensor to the saved one. Returns the keys."""
-    bad = rebuild_mismatches(model)
+    so ``brainsurgeon.export.from_pretrained`` resizes every tensor to the saved one. True when the model
+    carries such a record (it must be reloaded with that loader). A record the config sync already wrote
+    makes that loader resize every tensor anyway, so then the rebuild check (a model built on the meta
+    device, the costliest step of a small HF prune) is skipped."""
     cfg = getattr(model, "config", None)
+    if type(model).__module__.startswith("transformers.") and getattr(cfg, "brainsurgeon_layer_widths", None):
+        return True
+    bad = rebuild_mismatches(model)
     if bad and cfg is not None:
         rec = dict(getattr(cfg, "brainsurgeon_layer_widths", None) or {})
         rec.setdefault("", {})["rebuild_from_weights"] = len(bad)
         cfg.brainsurgeon_layer_widths = rec
-    return bad
+    return bool(bad)

@@ -240,12 +240,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                     recon[name] = (recon.get(name, (b, a))[0], a)
         if cfg.head_dim_ratio > 0:
             _prune_head_dims(model, cfg, example_inputs, calib, report, train_inputs)
-        # HF: when the config already carries a per-layer record (graph.hf.sync_hf_config), our loader resizes
-        # every tensor to the saved one anyway, so the rebuild check (a model built on the meta device, the
-        # costliest step of a small HF prune) runs only when there is none
-        cfg_hf = getattr(model, "config", None)
-        if (type(model).__module__.startswith("transformers.") and
-                getattr(cfg_hf, "brainsurgeon_layer_widths", None)) or mark_rebuild_(model):
+        if mark_rebuild_(model):   # HF: the config alone cannot rebuild these widths (or a per-layer record)
             report.notes.append("the HF config cannot express every pruned width (e.g. a width derived from "
                                 "hidden_size, or per-layer widths kept in config.brainsurgeon_layer_widths): "
                                 "reload with brainsurgeon.export.from_pretrained, which resizes from the saved "
