@@ -180,7 +180,7 @@ class PruneMixin:
                     raise SurgeryError(f"prune: stale group — {s.name} dim {s.dim} was already pruned after this "
                                        f"group was built; call g.groups()/g.group() again")
                 parts.setdefault(k, []).append(s.idxs.reshape(-1).numpy())
-        orig = {k: unique_ints(np.concatenate(v)) if len(v) > 1 else unique_ints(v[0]) for k, v in parts.items()}
+        orig = {k: unique_ints(np.concatenate(v)) for k, v in parts.items()}
         plan = orig
         if batch:   # positions removed earlier in this call: shift to the remaining ones
             plan = {}
