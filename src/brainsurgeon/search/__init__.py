@@ -30,7 +30,7 @@ from .executors import InlineExecutor, RayExecutor, make_executor
 from .latency import LatencyTable, machine_fingerprint, time_module
 from .plan import Plan
 from .scores import score_table
-from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
+from .solvers import dp_plan, global_magnitude_plan, uniform_plan, uniform_seeds, within_measured_budget
 from .spdy import SPDY, spdy_plan
 from .variants import Variant, layer_variants
 
@@ -40,7 +40,7 @@ __all__ = [
     "RayExecutor", "SOLVERS", "SearchSpace", "SearchTable", "StitchedModel", "Variant", "apply_plan_",
     "build_database", "choose_variants", "dp_plan", "global_magnitude_plan", "layer_variants", "load_space",
     "machine_fingerprint", "make_executor", "plan_entries", "profile_layers", "search", "stitch_", "time_module",
-    "uniform_plan", "variant_costs", "weight_bytes", "channel_cost_fn", "within_measured_budget",
+    "uniform_plan", "uniform_seeds", "variant_costs", "weight_bytes", "channel_cost_fn", "within_measured_budget",
     "all_reduce_hessian", "all_reduce_hessians", "assign_owners", "OutputDamage", "score_table", "SPDY", "spdy_plan",
     # evolutionary channel search and co-evolution (Shu et al. 2019)
     "ChannelSpace", "Evolve", "GeneticSearch", "Individual", "coevolve", "evolve_channels", "generator_fitness",

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._log import get_logger
 from ..config import CalibOptions, config_from_dict
-from ..errors import BudgetInfeasibleError, ConfigError
+from ..errors import ConfigError
 from ..report import CompressionReport
 from .amc import AMC, AMCSearch
 from .channels import ChannelWalk, apply_channels_, measured_fraction
@@ -29,7 +29,7 @@ from .database import Entry, SearchTable, build_database
 from .factored import factorized_module, separable_module
 from .plan import Plan
 from .solve import layer_weight, set_layer_weight_
-from .solvers import dp_plan, global_magnitude_plan, uniform_plan, within_measured_budget
+from .solvers import dp_plan, global_magnitude_plan, uniform_plan, uniform_seeds, within_measured_budget
 from .spdy import SPDY, spdy_plan
 
 log = get_logger(__name__)
@@ -185,7 +185,7 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
                               "for channel spaces use solver='dp' or 'amc'")
         cfg_s = spdy or SPDY()
         stitched = StitchedModel(model, table, calib, eval_fn, cfg_s.batches, cfg_s.metric, act_calib=calib)
-        plan = spdy_plan(table, budget, stitched.error, cfg_s, seeds=_uniform_seed(table, budget))
+        plan = spdy_plan(table, budget, stitched.error, cfg_s, seeds=uniform_seeds(table, budget))
     else:
         cfg = amc or AMC()
         if solver != "amc":
@@ -196,15 +196,6 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
     plan.info["db"] = str(root)
     log.info("search %s %s: cost %.4f of dense, score %.4g", solver, budget, plan.info["cost"], plan.info["score"])
     return plan
-
-
-def _uniform_seed(table: SearchTable, budget: Budget) -> list[Plan]:
-    """The uniform plan as SPDY's seed (so SPDY never ends above it on calibration), if one fits."""
-    try:
-        return [uniform_plan(table, budget)]
-    except BudgetInfeasibleError:
-        log.info("search spdy %s: no uniform plan fits the budget; no uniform seed", budget)
-        return []
 
 
 def _with_mode(cfg: AMC, mode: str) -> AMC:

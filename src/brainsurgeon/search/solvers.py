@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .._log import get_logger
 from ..config import Magnitude, config_from_dict
 from ..errors import BudgetInfeasibleError
 from .config import Budget
@@ -112,6 +113,16 @@ def uniform_plan(table: SearchTable, budget: Budget, measure: Callable[[Plan], f
             return plan
     raise BudgetInfeasibleError(f"budget {budget}: no uniform variant meets it (the most compressed uniform "
                                 f"choice is above it); relax the budget or add higher sparsity levels")
+
+
+def uniform_seeds(table: SearchTable, budget: Budget) -> list[Plan]:
+    """``[uniform_plan(table, budget)]`` as seeds for SPDY (so its calibration loss never ends above the
+    uniform plan's), or ``[]`` with a log line when no uniform plan fits the budget."""
+    try:
+        return [uniform_plan(table, budget)]
+    except BudgetInfeasibleError:
+        get_logger(__name__).info("%s: no uniform plan fits the budget; no uniform seed", budget)
+        return []
 
 
 def _kept_cost(table: SearchTable, name: str, kept: int, metric: str) -> float:
