@@ -79,6 +79,7 @@ from brainsurgeon.search import (
     spdy_plan,
     stitch_,
     uniform_plan,
+    uniform_seeds,
 )
 
 JOINT = ("8w8a", "4w4a", "2:4+8w8a", "2:4+4w4a")
@@ -153,14 +154,37 @@ def joint_solvers(net, table, scoring, calib, evals: int):
     plan wins, so DP+sel is never above uniform on that data. The bound is on DP+sel."""
     stitched = StitchedModel(net, table, scoring, batches=len(scoring), metric="kl", act_calib=calib)
 
-    def select(table, budget):
-        try:
-            seeds = [uniform_plan(table, budget)]
-        except BudgetInfeasibleError:  # no uniform plan fits: the DP plans only
-            seeds = []
-        return spdy_plan(table, budget, stitched.error, SPDY(evals=evals, patience=max(2, evals // 6)), seeds=seeds)
+    def select(table, budget):  # seeded with the uniform plan where one fits
+        return spdy_plan(table, budget, stitched.error, SPDY(evals=evals, patience=max(2, evals // 6)),
+                         seeds=uniform_seeds(table, budget))
 
     return (("uniform", uniform_plan), ("DP", dp_plan), ("DP+sel", select))
+
+
+def budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, what, failures, tag="") -> None:
+    """Every solver's plan at every budget, stitched onto a copy of `net`, scored and printed as measured (a
+    split run killed at its time limit keeps what it measured). `score(m)` -> (the bound's value, the row's
+    cells); `corrected(m)` -> the statistics-corrected cells (it corrects m in place, or gives blank cells).
+    Bounds: no plan over its budget, DP+sel's value >= uniform's."""
+    for metric in metrics:
+        for f in facts:
+            budget, got = Budget(metric, 1 / f), {}
+            for solver, solve in solvers:
+                try:
+                    plan = solve(table, budget)
+                except BudgetInfeasibleError as e:
+                    say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {str(e).split(';')[0][:60]}")
+                    continue
+                m = stitch_(copy.deepcopy(net), plan, table, calib)
+                got[solver], cells = score(m)
+                cells += corrected(m)
+                counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
+                say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{cells}"
+                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
+                if plan.info["cost"] > budget.fraction + 1e-9:
+                    failures.append(f"{tag}{budget}: {solver} cost {plan.info['cost']} over budget")
+            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
+                failures.append(f"{tag}{budget}: DP+sel {what} {got['DP+sel']:.4f} < uniform {got['uniform']:.4f}")
 
 
 def _picked(plan) -> str:
@@ -188,31 +212,18 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("
     say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; corr: statistics corrected")
         + "; each row printed as measured)")
     say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'corr':>17}  variants")
-    for metric in metrics:
-        for f in facts:
-            budget = Budget(metric, 1 / f)
-            got = {}
-            for solver, solve in solvers:
-                try:
-                    plan = solve(table, budget)
-                except BudgetInfeasibleError as e:
-                    say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {str(e).split(';')[0][:60]}")
-                    continue
-                m = stitch_(copy.deepcopy(net), plan, table, calib)
-                agree, kl = damage(ref, logits_of(m, x_eval))
-                got[solver] = agree
-                corr = ""
-                if not quick:
-                    correct_mean_std_(m, net, table.layers, scoring[:2])
-                    a2, k2 = damage(ref, logits_of(m, x_eval))
-                    corr = f"{100 * a2:.1f}% / {k2:.4f}"
-                counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
-                say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{100 * agree:>7.1f}%{kl:>9.4f}"
-                    f"{corr:>17}  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
-                if plan.info["cost"] > budget.fraction + 1e-9:
-                    failures.append(f"{budget}: {solver} cost {plan.info['cost']} over budget")
-            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
-                failures.append(f"{budget}: DP+sel agreement {got['DP+sel']:.4f} < uniform {got['uniform']:.4f}")
+    def score(m):
+        agree, kl = damage(ref, logits_of(m, x_eval))
+        return agree, f"{100 * agree:>7.1f}%{kl:>9.4f}"
+
+    def corrected(m):
+        if quick:
+            return f"{'':>17}"
+        correct_mean_std_(m, net, table.layers, scoring[:2])
+        a2, k2 = damage(ref, logits_of(m, x_eval))
+        return f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}"
+
+    budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, "agreement", failures)
     say("OBC (paper, ResNet18/34/50 on ImageNet, joint 2:4 + WxAx at 12x BOPs in its own accounting): about 2.5 % "
         "relative accuracy drop; compare with the bops_obc=0.0833 rows (agreement with dense on photo crops here, "
         "not ImageNet accuracy, and MobileNetV2, not a ResNet).")
@@ -268,29 +279,18 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
         f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%")
     say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'corr acc':>10}  variants")
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
-    for metric in metrics:
-        for f in (facts or ((8, 12) if quick else (4, 8, 12, 16))):
-            budget, got = Budget(metric, 1 / f), {}
-            for solver, solve in solvers:
-                try:
-                    plan = solve(table, budget)
-                except BudgetInfeasibleError as e:
-                    say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {str(e).split(';')[0][:60]}")
-                    continue
-                m = stitch_(copy.deepcopy(net), plan, table, calib)
-                acc = got[solver] = evaluate(m, test)
-                corr = float("nan")
-                if not quick:
-                    correct_mean_std_(m, net, table.layers, calib[:2])
-                    corr = evaluate(m, test)
-                counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
-                say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{100 * acc:>9.2f}%{100 * corr:>9.2f}%"
-                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
-                if plan.info["cost"] > budget.fraction + 1e-9:
-                    failures.append(f"{name} {budget}: {solver} cost {plan.info['cost']} over budget")
-            if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
-                failures.append(f"{name} {budget}: DP+sel test accuracy {got['DP+sel']:.4f} < uniform "
-                                f"{got['uniform']:.4f}")
+    def score(m):
+        acc = evaluate(m, test)
+        return acc, f"{100 * acc:>9.2f}%"
+
+    def corrected(m):
+        if quick:
+            return f"{float('nan'):>9.2f}%"
+        correct_mean_std_(m, net, table.layers, calib[:2])
+        return f"{100 * evaluate(m, test):>9.2f}%"
+
+    budget_sweep(net, table, calib, solvers, metrics, facts or ((8, 12) if quick else (4, 8, 12, 16)), score,
+                 corrected, "test accuracy", failures, tag=f"{name} ")
     say(f"({name}: {time.process_time() - t0:.0f} cpu s)")
 
 
