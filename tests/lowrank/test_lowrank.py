@@ -118,6 +118,20 @@ def test_tucker_budget_is_respected():
     assert (r_out, r_in) == (24, 12)
 
 
+def test_tucker_ranks_are_the_ranks_the_factors_have():
+    """A 3-channel stem at 45 % asks (10, 1); a core (R_out, 1, 9) has mode-0 rank <= 9, so (9, 1) is chosen,
+    the factors have exactly those shapes after HOOI sweeps, and a pair beyond the cap is refused."""
+    torch.manual_seed(0)
+    K = torch.randn(32, 3, 3, 3, dtype=torch.float64)
+    r_out, r_in = choose_tucker_ranks(K, LowRank(param_ratio=0.45))
+    assert (r_out, r_in) == (9, 1)
+    U, G, V = tucker2(K, r_out, r_in, sweeps=2)
+    assert (U.shape, G.shape, V.shape) == ((32, 9), (9, 1, 3, 3), (3, 1))
+    assert choose_tucker_ranks(K, LowRank(rank=30)) == (27, 3)
+    with pytest.raises(ConfigError, match="r_in\\*k=9"):
+        tucker2(K, 10, 1, sweeps=1)
+
+
 CONVS = {
     "pad1_bias": lambda: nn.Conv2d(6, 8, 3, padding=1),
     "stride2_dil2_nobias": lambda: nn.Conv2d(6, 8, 3, stride=2, dilation=2, padding=2, bias=False),

@@ -40,9 +40,11 @@ def tucker2(K: torch.Tensor, r_out: int, r_in: int, sweeps: int = 0) -> tuple[to
     >>> U, G, V = tucker2(torch.randn(8, 4, 3, 3), r_out=8, r_in=4)   # full ranks: exact
     """
     T, S = K.shape[:2]
-    if not (1 <= r_out <= T and 1 <= r_in <= S):
-        raise ConfigError(f"Tucker-2 ranks must satisfy 1 <= r_out <= {T} and 1 <= r_in <= {S}, "
-                          f"got r_out={r_out}, r_in={r_in}")
+    k = K[0, 0].numel()
+    if not (1 <= r_out <= min(T, r_in * k) and 1 <= r_in <= min(S, r_out * k)):
+        raise ConfigError(f"Tucker-2 ranks must satisfy 1 <= r_out <= min(T={T}, r_in*k={r_in * k}) and "
+                          f"1 <= r_in <= min(S={S}, r_out*k={r_out * k}), got r_out={r_out}, r_in={r_in}; "
+                          f"choose_tucker_ranks gives a feasible pair")
     K = K.detach().to(torch.float64)
     U = _leading(K.reshape(T, -1), r_out)  # mode-0 unfolding (T, S*kh*kw)
     V = _leading(K.transpose(0, 1).reshape(S, -1), r_in)  # mode-1 unfolding (S, T*kh*kw)
@@ -70,7 +72,9 @@ def choose_tucker_ranks(K: torch.Tensor, cfg: LowRank) -> tuple[int, int]:
     """(r_out, r_in) that `cfg` asks for, for a kernel K (T, S, kh, kw).
 
     A parameter budget scales both ranks with the channel counts: ``r = alpha * (T, S)`` with the
-    largest alpha whose :func:`tucker2_params` stay within ``param_ratio * T S k``.
+    largest alpha whose :func:`tucker2_params` stay within ``param_ratio * T S k``. Each rank is then
+    capped at the other rank times k (a core (R_out, R_in, k) has mode ranks at most R_in k and R_out k),
+    so the ranks reported are the ranks the factors have (a 3-channel stem: (10, 1) -> (9, 1)).
 
     >>> choose_tucker_ranks(torch.randn(64, 32, 3, 3), LowRank(param_ratio=0.25))
     (24, 12)
@@ -88,4 +92,6 @@ def choose_tucker_ranks(K: torch.Tensor, cfg: LowRank) -> tuple[int, int]:
     else:
         r_out = _mode_energy_rank(K.reshape(T, -1), cfg.energy)
         r_in = _mode_energy_rank(K.transpose(0, 1).reshape(S, -1), cfg.energy)
-    return max(1, min(r_out, T)), max(1, min(r_in, S))
+    r_out, r_in = max(1, min(r_out, T)), max(1, min(r_in, S))
+    # The core's mode-0 unfolding is (R_out, R_in k): ranks above R_in k (or R_out k) add weights, not rank.
+    return min(r_out, r_in * k), min(r_in, r_out * k)
