@@ -47,9 +47,35 @@ def _attr(m: nn.Module, name: str) -> Any:
     return getattr(m, name, None) if hasattr(type(m), name) else None
 
 
+_ON_CLASS: dict[tuple[type, str], bool] = {}   # hasattr(class, name), asked once per (class, name)
+
+
 def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    """The first of ``names`` that is a submodule with a ``weight`` (as ``_attr`` reads them: ~35 names per
+    module per config sync, so parameters and buffers, never modules, are passed over without a lookup)."""
+    cls = type(m)
+    if cls.__getattr__ is not nn.Module.__getattr__:
+        stores = None
+    else:
+        d = m.__dict__
+        stores = (d, d.get("_parameters") or {}, d.get("_buffers") or {}, d.get("_modules") or {})
     for n in names:
-        c = _attr(m, n)
+        if stores is None:
+            c = getattr(m, n, None)
+        elif n in stores[0]:
+            c = stores[0][n]
+        elif n in stores[1] or n in stores[2]:
+            continue   # a tensor
+        elif n in stores[3]:
+            c = stores[3][n]
+        else:
+            key = (cls, n)
+            on = _ON_CLASS.get(key)
+            if on is None:
+                on = _ON_CLASS[key] = hasattr(cls, n)
+            if not on:
+                continue
+            c = getattr(m, n, None)
         if isinstance(c, nn.Module) and hasattr(c, "weight"):
             return c
     return None
