@@ -135,3 +135,17 @@ def test_hf_child_lookup_matches_attribute_lookup():
         for names in (hf.Q_NAMES, hf.K_NAMES, hf.V_NAMES, hf._UP, hf._DOWN, hf._FUSED_QKV, ("a", "seq", "r")):
             assert hf._child(m, names) is _reference_child(m, names)
     assert hf._child(Odd(), hf.Q_NAMES) is not None and hf._child(Prop(), hf.V_NAMES) is not None
+
+
+def test_select_refuses_duplicate_rows_and_keeps_order():
+    import pytest
+
+    from brainsurgeon.errors import ConfigError
+    from brainsurgeon.graph import DependencyGraph
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    grp = DependencyGraph(model, torch.randn(2, 4)).group(model[0], "out", range(6))
+    with pytest.raises(ConfigError, match="rows must be distinct"):
+        grp.select([1, 3, 1])
+    sub = grp.select([4, 0, 2])
+    assert sub.n == 3 and sub.root.idxs.reshape(-1).tolist() == [4, 0, 2]

@@ -265,19 +265,28 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     """
     import copy
 
+    import contextlib
+
     cfg = getattr(model, "config", None)
     if cfg is None or not type(model).__module__.startswith("transformers."):
         return []
+    have = model.state_dict()
+    # shapes only, weight initialisation skipped; a small model is built on the CPU (uninitialised memory),
+    # ~1.5x faster than on the meta device, whose device mode intercepts every torch call of the build
+    small = sum(v.numel() * v.element_size() for v in have.values()) <= _CPU_BUILD_BYTES
     try:
         clean = copy.deepcopy(cfg)
         if hasattr(clean, "brainsurgeon_layer_widths"):
             del clean.brainsurgeon_layer_widths
-        with torch.device("meta"), _no_init_weights():   # shapes only: skip the (meta) weight initialisation
+        with contextlib.nullcontext() if small else torch.device("meta"), _no_init_weights():
             fresh = type(model)(clean)
     except Exception:  # noqa: BLE001  (a config this class cannot build from: nothing HF's loader can do either)
         return ["<config does not rebuild the model>"]
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return [k for k, v in model.state_dict().items() if k in want and want[k] != tuple(v.shape)]
+    return [k for k, v in have.items() if k in want and want[k] != tuple(v.shape)]
+
+
+_CPU_BUILD_BYTES = 64 << 20   # rebuild_mismatches: models up to this size (weights + buffers) are built on the CPU
 
 
 def mark_rebuild_(model: nn.Module) -> bool:
