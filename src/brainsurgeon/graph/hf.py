@@ -263,9 +263,8 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     >>> rebuild_mismatches(pruned_bloom)   # Bloom's MLP is always 4 x hidden_size
     ['transformer.h.0.mlp.dense_h_to_4h.weight', ...]
     """
-    import copy
-
     import contextlib
+    import copy
 
     cfg = getattr(model, "config", None)
     if cfg is None or not type(model).__module__.startswith("transformers."):
