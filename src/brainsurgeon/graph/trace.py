@@ -48,7 +48,11 @@ def flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 def _map(fn: Any, obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(fn, v) for v in obj) if not hasattr(obj, "_fields") else obj
+        if hasattr(obj, "_fields"):
+            return obj
+        if all(type(v) is int for v in obj):   # sizes, dims: fn leaves ints as they are
+            return type(obj)(obj)
+        return type(obj)(_map(fn, v) for v in obj)
     return fn(obj)
 
 
@@ -199,7 +203,19 @@ class _Recorder(TorchDispatchMode):
         rec_args = []
         for i, a in enumerate(argnames):
             v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
-            rec_args.append(_map(ref, v) if isinstance(v, (list, tuple)) else ref(v))
+            tv = type(v)
+            if v is None or tv is int or tv is float or tv is bool:   # what ref() gives back unchanged
+                rec_args.append(v)
+            elif isinstance(v, tensor):                                # ref(v), inline (one call per op input)
+                nid = ids.get(id(v))
+                if nid is None:
+                    nid = self.node_of(v)
+                inputs.append(nid)
+                rec_args.append(Ref(nid))
+            elif isinstance(v, (list, tuple)):
+                rec_args.append(_map(ref, v))
+            else:
+                rec_args.append(v)
         mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
             v = args[i] if i < n_args else kwargs.get(argnames[i])
