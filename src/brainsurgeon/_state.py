@@ -87,11 +87,18 @@ class ModelSnapshot:
                 g = t.grad
                 grad = None if g is None else (g, g.detach().clone())
                 self.tensors[i] = [t, t.detach(), None, t.requires_grad, grad]
-        counts: dict[int, int] = {}
-        for t in tensors.values():
-            ptr = _storage(t)
-            counts[ptr] = counts.get(ptr, 0) + 1
-        self._shared = {s for s, n in counts.items() if s and n > 1}  # storages behind two tensors (ties)
+        self._shared_ptrs: set[int] | None = None   # found at the first write_ (plain pruning never asks)
+
+    @property
+    def _shared(self) -> set[int]:
+        """Storages behind two tensors of the model at snapshot time (ties), from the kept aliases."""
+        if self._shared_ptrs is None:
+            counts: dict[int, int] = {}
+            for entry in self.tensors.values():
+                ptr = _storage(entry[1])
+                counts[ptr] = counts.get(ptr, 0) + 1
+            self._shared_ptrs = {s for s, n in counts.items() if s and n > 1}
+        return self._shared_ptrs
 
     def keep(self, tensors: Iterable[torch.Tensor]) -> None:
         """Copy the snapshot-time values of `tensors` before they are written in place (once each).
