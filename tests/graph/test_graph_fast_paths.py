@@ -149,3 +149,26 @@ def test_select_refuses_duplicate_rows_and_keeps_order():
         grp.select([1, 3, 1])
     sub = grp.select([4, 0, 2])
     assert sub.n == 3 and sub.root.idxs.reshape(-1).tolist() == [4, 0, 2]
+
+
+def test_recorder_keeps_every_argument_scalars_lists_and_tensors():
+    """The recorder's inline argument handling records what the generic walk did: scalars and int lists
+    as values (lists copied, not the caller's object), tensors and tensor lists as node refs in order."""
+    from brainsurgeon.graph.trace import Ref, trace_model
+
+    class M(nn.Module):
+        def forward(self, x, y):
+            a = x.view(2, -1).permute(1, 0)
+            b = torch.cat([a, y.t()], 1)
+            return torch.nn.functional.pad(b, [1, 2]) * 0.5 + b.sum(1, keepdim=True)
+
+    t = trace_model(M(), (torch.randn(2, 3, 4), torch.randn(2, 12)))
+    ops = {op.name: op for op in t.ops}
+    assert ops["aten.view"].args[1] == [2, -1] and type(ops["aten.view"].args[1]) is list
+    assert ops["aten.permute"].args[1] == [1, 0]
+    cat = ops["aten.cat"]
+    assert [type(r) for r in cat.args[0]] == [Ref, Ref] and cat.args[1] == 1
+    assert cat.inputs == [r.node for r in cat.args[0]]
+    assert ops["aten.constant_pad_nd"].args[1:] == [[1, 2], 0]
+    assert ops["aten.mul"].args[1] == 0.5 and ops["aten.sum"].args[1:] == [[1], True, None]
+    assert all(isinstance(a, Ref) == (i in (0,)) for i, a in enumerate(ops["aten.mul"].args))
