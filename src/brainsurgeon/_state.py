@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 _CONTAINERS = (dict, list, set)
+# exact types that never hold a config object (no ``to_dict``): skipped by the config scan of every attribute
+_NO_CONFIG = frozenset((bool, int, float, str, type(None), dict, list, set, tuple, torch.Tensor, nn.Parameter))
+_EMPTY = ()   # the saved content of an empty container (restored by clearing it: nothing to copy)
 
 
 def _shallow(v: Any) -> Any:
@@ -60,15 +63,23 @@ class ModelSnapshot:
         self.modules: list[tuple[nn.Module, type, dict[str, tuple[Any, Any]]]] = []
         self.configs: dict[int, tuple[Any, dict[str, Any]]] = {}  # HF-style config objects, edited in place
         tensors: dict[int, torch.Tensor] = {}
+        from collections import OrderedDict
+        no_config = _NO_CONFIG | {OrderedDict}
         for mod in model.modules():
-            attrs = {k: (v, _shallow(v) if isinstance(v, _CONTAINERS) else None) for k, v in vars(mod).items()}
-            self.modules.append((mod, type(mod), attrs))
-            for v in vars(mod).values():
-                if callable(getattr(v, "to_dict", None)) and hasattr(v, "__dict__") and not isinstance(v, nn.Module):
+            attrs = {}
+            for k, v in vars(mod).items():
+                if isinstance(v, _CONTAINERS):
+                    attrs[k] = (v, _shallow(v) if v else _EMPTY)
+                else:
+                    attrs[k] = (v, None)
+                if type(v) not in no_config and callable(getattr(v, "to_dict", None)) and hasattr(v, "__dict__") \
+                        and not isinstance(v, nn.Module):
                     self.configs.setdefault(id(v), (v, copy.deepcopy(vars(v))))
-            for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-                if t is not None:
-                    tensors.setdefault(id(t), t)
+            self.modules.append((mod, type(mod), attrs))
+            for store in (mod._parameters, mod._buffers):
+                for t in store.values():
+                    if t is not None:
+                        tensors.setdefault(id(t), t)
         # id -> [tensor, alias (keeps the original storage alive), kept value or None, requires_grad, grad]
         self.tensors: dict[int, list[Any]] = {}
         with torch.no_grad():
@@ -76,10 +87,18 @@ class ModelSnapshot:
                 g = t.grad
                 grad = None if g is None else (g, g.detach().clone())
                 self.tensors[i] = [t, t.detach(), None, t.requires_grad, grad]
-        counts: dict[int, int] = {}
-        for t in tensors.values():
-            counts[_storage(t)] = counts.get(_storage(t), 0) + 1
-        self._shared = {s for s, n in counts.items() if s and n > 1}  # storages behind two tensors (ties)
+        self._shared_ptrs: set[int] | None = None   # found at the first write_ (plain pruning never asks)
+
+    @property
+    def _shared(self) -> set[int]:
+        """Storages behind two tensors of the model at snapshot time (ties), from the kept aliases."""
+        if self._shared_ptrs is None:
+            counts: dict[int, int] = {}
+            for entry in self.tensors.values():
+                ptr = _storage(entry[1])
+                counts[ptr] = counts.get(ptr, 0) + 1
+            self._shared_ptrs = {s for s, n in counts.items() if s and n > 1}
+        return self._shared_ptrs
 
     def keep(self, tensors: Iterable[torch.Tensor]) -> None:
         """Copy the snapshot-time values of `tensors` before they are written in place (once each).
@@ -135,7 +154,8 @@ class ModelSnapshot:
             for k, (v, content) in attrs.items():
                 if content is not None:
                     v.clear()
-                    v.update(content) if isinstance(v, (dict, set)) else v.extend(content)
+                    if content:
+                        v.update(content) if isinstance(v, (dict, set)) else v.extend(content)
                 d[k] = v
         with torch.no_grad():
             for t, alias, value, requires_grad, grad in self.tensors.values():
@@ -161,6 +181,6 @@ class ModelSnapshot:
     def restore_flags(self) -> None:
         """Every submodule's train/eval flag as when the snapshot was made (after a verb that succeeded)."""
         for mod, _, attrs in self.modules:
-            if "training" in attrs:
+            if "training" in attrs and mod.training != attrs["training"][0]:   # only where it changed
                 mod.training = attrs["training"][0]
 

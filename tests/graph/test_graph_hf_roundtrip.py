@@ -208,3 +208,20 @@ def test_without_a_record_the_rebuild_check_still_runs(monkeypatch):
     m, x = _build("llama") if "llama" in FAMILIES else _build("qwen2")
     bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
     assert not getattr(m.config, "brainsurgeon_layer_widths", None) and calls == [1]
+
+
+@pytest.mark.parametrize("fam", ["bloom", "qwen2"])
+def test_rebuild_check_on_the_cpu_finds_what_the_meta_build_finds(fam, monkeypatch):
+    """Issue 14, speed: a small model's rebuild check builds it on the CPU (no weight init) instead of the meta
+    device; the mismatches are the same (bloom: its MLP is 4 x hidden, so some; qwen2: none)."""
+    from brainsurgeon.graph import hf
+
+    m, x = _build(fam)
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
+    assert rep.metrics["params"]["after"] < rep.metrics["params"]["before"]
+    if hasattr(m.config, "brainsurgeon_layer_widths"):
+        del m.config.brainsurgeon_layer_widths
+    on_cpu = hf.rebuild_mismatches(m)
+    monkeypatch.setattr(hf, "_CPU_BUILD_BYTES", -1)   # every model on the meta device, as before
+    assert hf.rebuild_mismatches(m) == on_cpu
+    assert bool(on_cpu) == (fam == "bloom")

@@ -233,17 +233,16 @@ class DependencyGraph(PruneMixin):
 
     def _apply_rule(self, op: Any, ctx: Ctx) -> None:
         rule = find_rule(op.name)
-        tensors = refs(op.args) + [Ref(o) for o in op.outputs]
         if rule is None:
             self.unsupported[op.name] += 1
-            for t in tensors:
+            for t in refs(op.args) + [Ref(o) for o in op.outputs]:
                 ctx.block(t, None, f"{op.name} (no rule)")
             return
         try:
             rule(op, ctx)
         except (IndexError, KeyError, TypeError, ValueError) as e:
             self.unsupported[f"{op.name} (rule failed: {e})"] += 1
-            for t in tensors:
+            for t in refs(op.args) + [Ref(o) for o in op.outputs]:
                 ctx.block(t, None, f"{op.name} (rule failed)")
 
     def _module_rules(self, ctx: Ctx) -> None:

@@ -181,14 +181,15 @@ class _Labels:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
         cur = self.lab.get(key)
         if cur is None:   # a new key: every position is fresh (labels are >= 0)
-            cur = np.full(size, -1, dtype=np.int64)
+            cur = np.empty(size, dtype=np.int64)
+            cur.fill(-1)
             self.lab[key] = cur
             cur[pos] = labels
             added = len(pos) > 0
             now = cur[pos]
         else:
             old = cur[pos]
-            if np.array_equal(old, labels):   # nothing new and nothing to merge (the way back over a link)
+            if old.shape == labels.shape and (old == labels).all():   # nothing new or to merge (the way back)
                 return False
             fresh = old < 0
             added = bool(fresh.any())

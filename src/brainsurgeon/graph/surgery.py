@@ -34,20 +34,36 @@ def register_fixer(*types: type) -> Callable[[Fixer], Fixer]:
     def deco(fn: Fixer) -> Fixer:
         for t in types:
             _FIXERS[t] = fn
+        _FOUND.clear()
         return fn
     return deco
 
 
+_FOUND: dict[tuple[type, int, int], Fixer | None] = {}   # find_fixer per class, while the registries are as then
+
+
 def find_fixer(module: nn.Module) -> Fixer | None:
-    """The fixer of the closest registered class in ``type(module).__mro__`` (HF classes by name)."""
-    for cls in type(module).__mro__:
+    """The fixer of the closest registered class in ``type(module).__mro__`` (HF classes by name).
+
+    Looked up once per class (apply_plan asks it for every touched module and each of its parents); the
+    cache is keyed by the registries' sizes and cleared by the ``register_*`` decorators."""
+    cls0 = type(module)
+    key = (cls0, len(_FIXERS), len(_BY_NAME))
+    if key in _FOUND:
+        return _FOUND[key]
+    found: Fixer | None = None
+    for cls in cls0.__mro__:
         if cls in _FIXERS:
-            return _FIXERS[cls]
+            found = _FIXERS[cls]
+            break
         if f"{cls.__module__}.{cls.__qualname__}" in _BY_NAME:
-            return _BY_NAME[f"{cls.__module__}.{cls.__qualname__}"]
-    if type(module).__module__.startswith("transformers."):
-        return _hf_attention
-    return None
+            found = _BY_NAME[f"{cls.__module__}.{cls.__qualname__}"]
+            break
+    else:
+        if cls0.__module__.startswith("transformers."):
+            found = _hf_attention
+    _FOUND[key] = found
+    return found
 
 
 def _removed_count_per_block(removed: np.ndarray, total: int, blocks: int) -> np.ndarray:
@@ -261,6 +277,7 @@ def register_named_fixer(*qualnames: str, container: bool = False) -> Callable[[
     def deco(fn: Fixer) -> Fixer:
         for q in qualnames:
             _BY_NAME[q] = fn
+        _FOUND.clear()
         if container:
             _CONTAINER_FIXERS.append(fn)
         return fn

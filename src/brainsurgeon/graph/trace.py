@@ -48,7 +48,11 @@ def flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 def _map(fn: Any, obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(fn, v) for v in obj) if not hasattr(obj, "_fields") else obj
+        if hasattr(obj, "_fields"):
+            return obj
+        if all(type(v) is int for v in obj):   # sizes, dims: fn leaves ints as they are
+            return type(obj)(obj)
+        return type(obj)(_map(fn, v) for v in obj)
     return fn(obj)
 
 
@@ -199,7 +203,19 @@ class _Recorder(TorchDispatchMode):
         rec_args = []
         for i, a in enumerate(argnames):
             v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
-            rec_args.append(_map(ref, v) if isinstance(v, (list, tuple)) else ref(v))
+            tv = type(v)
+            if v is None or tv is int or tv is float or tv is bool:   # what ref() gives back unchanged
+                rec_args.append(v)
+            elif isinstance(v, tensor):                                # ref(v), inline (one call per op input)
+                nid = ids.get(id(v))
+                if nid is None:
+                    nid = self.node_of(v)
+                inputs.append(nid)
+                rec_args.append(Ref(nid))
+            elif isinstance(v, (list, tuple)):
+                rec_args.append(_map(ref, v))
+            else:
+                rec_args.append(v)
         mutated_objs: dict[int, torch.Tensor] = {}
         for i in mutated_pos:
             v = args[i] if i < n_args else kwargs.get(argnames[i])
@@ -265,6 +281,60 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(*_as_tuple(example_inputs))
 
 
+def modules_of(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (the same modules, same order), without building every module's name."""
+    if type(model).named_modules is not nn.Module.named_modules:
+        return list(model.modules())
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def walk(m: nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        out.append(m)
+        for c in m._modules.values():
+            if c is not None:
+                if type(c).named_modules is not nn.Module.named_modules:   # a custom walk: ask it
+                    for sub in c.modules():
+                        if id(sub) not in seen:
+                            seen.add(id(sub))
+                            out.append(sub)
+                else:
+                    walk(c)
+
+    walk(model)
+    return out
+
+
+def _plain_flag(cls: type) -> bool:
+    """Whether ``m.training = v`` on a ``cls`` instance only stores v in its ``__dict__`` (no custom
+    ``__setattr__``, no class attribute or property named ``training``)."""
+    return cls.__setattr__ is nn.Module.__setattr__ and not hasattr(cls, "training")
+
+
+def set_flag(m: nn.Module, flag: bool) -> None:
+    """``m.training = flag`` (this module only)."""
+    if _plain_flag(type(m)):
+        m.__dict__["training"] = flag
+    else:
+        m.training = flag
+
+
+def set_training(m: nn.Module, flag: bool) -> None:
+    """``m.train(flag)``: a module that overrides ``train`` is asked (it may reset caches, timm LeViT); the
+    flag of every other one is written directly, without ``nn.Module.__setattr__``'s lookups."""
+    if type(m).train is not nn.Module.train or not _plain_flag(type(m)):
+        m.train(flag)
+        return
+    m.__dict__["training"] = flag
+    seen: set[int] = set()
+    for c in m._modules.values():   # nn.Module.train walks children(): distinct direct children
+        if c is not None and id(c) not in seen:
+            seen.add(id(c))
+            set_training(c, flag)
+
+
 @contextlib.contextmanager
 def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[None]:
     """Run the block with ``model`` in ``mode`` ('eval' or 'train'); on exit, also on error, restore
@@ -274,15 +344,15 @@ def in_mode(model: nn.Module, mode: str, keep_buffers: bool = True) -> Iterator[
     >>> with in_mode(model, "train"):
     ...     model(x)
     """
-    was_training = [(m, m.training) for m in model.modules()]
+    was_training = [(m, m.training) for m in modules_of(model)]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if keep_buffers else []
     try:
-        model.train(mode == "train")   # always: some modules reset caches in train() (timm LeViT's attention biases)
+        set_training(model, mode == "train")   # always: some modules reset caches in train() (timm LeViT's biases)
         yield
     finally:
         for m, flag in was_training:
             if m.training != flag:
-                m.training = flag
+                set_flag(m, flag)
         with torch.no_grad():
             for b, v in saved:
                 if b.shape == v.shape:

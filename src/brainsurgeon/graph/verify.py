@@ -68,6 +68,7 @@ class _Checker(TorchDispatchMode):
         super().__init__()
         self.ops: list[OpRecord] = trace.ops if trace is not None else []
         self.removed, self.nodes, self.mode, self.collect = removed, nodes, mode, collect
+        self.pruned = {nid for nid, _ in removed}   # node ids with a dim that loses entries
         self.j = 0                           # position in the original trace
         self.matched = trace is not None     # False once the program diverged from the trace
         self.current = ""
@@ -76,6 +77,8 @@ class _Checker(TorchDispatchMode):
         self.paused = False                  # True while a collect-mode substitute is built (not model ops)
 
     def expected(self, nid: int) -> tuple[int, ...]:
+        if nid not in self.pruned:   # most tensors: their traced shape
+            return self.nodes[nid].shape
         return tuple(n - self.removed.get((nid, d), 0) for d, n in enumerate(self.nodes[nid].shape))
 
     def fail(self, j: int, msg: str) -> None:

@@ -1,0 +1,174 @@
+"""Fast paths of a prune (issue 14, speed) give what the slow ones gave: the per-class fixer lookup, the
+train/eval flag walk, the module walk, the snapshot of empty containers and the HF child lookup."""
+
+import torch
+from torch import nn
+
+from brainsurgeon._state import ModelSnapshot
+from brainsurgeon.graph import hf, surgery
+from brainsurgeon.graph.trace import in_mode, modules_of, set_training
+
+
+class Resets(nn.Module):
+    """Overrides train() (like timm LeViT's attention, which drops a cache there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.calls: list[bool] = []
+
+    def train(self, mode: bool = True):
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(3, 3)
+        self.a, self.b, self.r = shared, shared, Resets()   # one module under two names
+        self.seq = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), None)
+
+    def forward(self, x):
+        return self.seq[0](self.r.fc(self.a(x)))
+
+
+def _flags(m: nn.Module) -> list[bool]:
+    return [s.training for s in m.modules()]
+
+
+def test_modules_of_is_modules_in_order():
+    net = Net()
+    assert [id(m) for m in modules_of(net)] == [id(m) for m in net.modules()]
+
+
+def test_set_training_matches_train_and_asks_overriding_modules():
+    for flag in (False, True):
+        ref, net = Net(), Net()
+        ref.seq[1].train(not flag)      # mixed flags before
+        net.seq[1].train(not flag)
+        ref.train(flag)
+        net.r.calls.clear()
+        set_training(net, flag)
+        assert _flags(net) == _flags(ref)
+        assert net.r.calls == [flag]   # the override ran (once), so its side effects happen as with train()
+
+
+def test_in_mode_restores_mixed_flags_and_buffers():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    net.eval()
+    net[2].train()
+    before, mean = _flags(net), net[1].running_mean.clone()
+    with in_mode(net, "train"):
+        assert all(_flags(net))
+        net(torch.randn(5, 3))
+    assert _flags(net) == before
+    assert torch.equal(net[1].running_mean, mean)
+
+
+def test_find_fixer_cache_follows_registration():
+    class MyConv(nn.Conv2d):
+        pass
+
+    assert surgery.find_fixer(MyConv(2, 2, 1)) is surgery._conv
+    seen: list[str] = []
+
+    @surgery.register_fixer(MyConv)
+    def _mine(m, removed):   # registered after a lookup: the cached answer must not stick
+        seen.append("mine")
+
+    try:
+        assert surgery.find_fixer(MyConv(2, 2, 1)) is _mine
+    finally:
+        del surgery._FIXERS[MyConv]
+        surgery._FOUND.clear()
+    assert surgery.find_fixer(MyConv(2, 2, 1)) is surgery._conv
+
+
+def test_snapshot_restores_emptied_and_filled_containers():
+    net = Net()
+    h = net.a.register_forward_hook(lambda *a: None)   # a non-empty hook dict
+    snap = ModelSnapshot(net)
+    h.remove()                                          # emptied after the snapshot
+    net.b.register_forward_pre_hook(lambda *a: None)    # (same module) filled after it
+    net.seq[0].register_forward_hook(lambda *a: None)   # an empty one filled
+    snap.restore_()
+    assert len(net.a._forward_hooks) == 1 and len(net.a._forward_pre_hooks) == 0
+    assert len(net.seq[0]._forward_hooks) == 0
+
+
+class Odd(nn.Module):
+    """Children found through a custom __getattr__ and through a class property."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.ModuleDict({"query": nn.Linear(2, 2)})
+        self.key = nn.Parameter(torch.zeros(2))   # a parameter named like a child: never a child
+
+    def __getattr__(self, name):
+        if name == "q_proj":
+            return self.inner["query"]
+        return super().__getattr__(name)
+
+
+class Prop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._v = nn.Linear(2, 3)
+
+    @property
+    def value(self):
+        return self._v
+
+
+def _reference_child(m, names):
+    for n in names:
+        c = hf._attr(m, n)
+        if isinstance(c, nn.Module) and hasattr(c, "weight"):
+            return c
+    return None
+
+
+def test_hf_child_lookup_matches_attribute_lookup():
+    mods = [Odd(), Prop(), nn.Linear(2, 2), nn.MultiheadAttention(4, 2), Net()]
+    for m in mods:
+        for names in (hf.Q_NAMES, hf.K_NAMES, hf.V_NAMES, hf._UP, hf._DOWN, hf._FUSED_QKV, ("a", "seq", "r")):
+            assert hf._child(m, names) is _reference_child(m, names)
+    assert hf._child(Odd(), hf.Q_NAMES) is not None and hf._child(Prop(), hf.V_NAMES) is not None
+
+
+def test_select_refuses_duplicate_rows_and_keeps_order():
+    import pytest
+
+    from brainsurgeon.errors import ConfigError
+    from brainsurgeon.graph import DependencyGraph
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    grp = DependencyGraph(model, torch.randn(2, 4)).group(model[0], "out", range(6))
+    with pytest.raises(ConfigError, match="rows must be distinct"):
+        grp.select([1, 3, 1])
+    sub = grp.select([4, 0, 2])
+    assert sub.n == 3 and sub.root.idxs.reshape(-1).tolist() == [4, 0, 2]
+
+
+def test_recorder_keeps_every_argument_scalars_lists_and_tensors():
+    """The recorder's inline argument handling records what the generic walk did: scalars and int lists
+    as values (lists copied, not the caller's object), tensors and tensor lists as node refs in order."""
+    from brainsurgeon.graph.trace import Ref, trace_model
+
+    class M(nn.Module):
+        def forward(self, x, y):
+            a = x.view(2, -1).permute(1, 0)
+            b = torch.cat([a, y.t()], 1)
+            return torch.nn.functional.pad(b, [1, 2]) * 0.5 + b.sum(1, keepdim=True)
+
+    t = trace_model(M(), (torch.randn(2, 3, 4), torch.randn(2, 12)))
+    ops = {op.name: op for op in t.ops}
+    assert ops["aten.view"].args[1] == [2, -1] and type(ops["aten.view"].args[1]) is list
+    assert ops["aten.permute"].args[1] == [1, 0]
+    cat = ops["aten.cat"]
+    assert [type(r) for r in cat.args[0]] == [Ref, Ref] and cat.args[1] == 1
+    assert cat.inputs == [r.node for r in cat.args[0]]
+    assert ops["aten.constant_pad_nd"].args[1:] == [[1, 2], 0]
+    assert ops["aten.mul"].args[1] == 0.5 and ops["aten.sum"].args[1:] == [[1], True, None]
+    assert all(isinstance(a, Ref) == (i in (0,)) for i, a in enumerate(ops["aten.mul"].args))
