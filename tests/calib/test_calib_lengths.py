@@ -72,7 +72,12 @@ def test_token_batch_accepts_tokenizer_dicts_only():
 def test_probe_tells_encoders_from_decoders():
     b = _tokenized([12, 5])
     assert is_causal(_bert(), ((), b)) is False
-    assert is_causal(_llama(), ((), {"input_ids": b["input_ids"][:, :-1] % 40, "use_cache": False})) is True
+    llm = _llama().train()  # in training mode: the probe runs in eval mode (no dropout) and gives the mode back
+    llm.config.attention_dropout = 0.5
+    for layer in llm.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    assert is_causal(llm, ((), {"input_ids": b["input_ids"][:, :-1] % 40, "use_cache": False})) is True
+    assert all(m.training for m in llm.modules())
     assert is_causal(Pooled(), ((), b)) is None  # no (1, T, ...) output to compare
     assert is_causal(torch.nn.Linear(2, 2), ((), b)) is None  # the probe forward fails
 
