@@ -66,6 +66,14 @@ and with 128 calibration sentences (4,018 tokens, every H full rank; ``--n-calib
 the mix .9882 / .7390 / .2555 / .3672, default .9888 / .9075 / .4707 / .4416, so the gap is not the
 size of the calibration set. The length mix recovers most of what GPTQ loses on single words (SimLex
 .19 -> .46, WS-353 .29 -> .46) but MPNet still loses to RTN there (SimLex -0.098 [-0.139, -0.059]).
+Weighting the short regime more does not close the gap (same day, calibration built by hand with
+``calib.short_prefixes``, ``short_prefixes=()``): MPNet, all four lengths for every sentence (288
+prefix tokens) .9807 / .9314 / .4831 / .5927, the 16 prefixes x7 (504 tokens) .9786 / .8873 / .4163 /
+.5104; MiniLM with 128 sentences and per-row grids (bench/minilm.py's setting, RTN .9464 / .9367 /
+.4521 / .7288): default .9750 / .9138 / .4279 / .6489, all four lengths .9742 / .9399 / .4160 / .7013,
+x7 .9754 / .9381 / .4163 / .6761. A guess not yet tested: prefixes start with function words ("The",
+"If"), while word-similarity probes are content words, so short spans from inside the samples may
+cover the probes' vocabulary where prefixes cover only their length.
 The calibration H of the FFN2 layers (1,536 inputs, 462 tokens) of MiniLM is singular: plain GPTQ
 pushes its error into directions the 16 sentences never excite and single words do. Every regulariser
 of H helps (damping 1.0, shrinkage); choosing the shrinkage by held-out loss over two folds of the
