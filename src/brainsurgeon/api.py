@@ -119,7 +119,7 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                                 f"({', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}) compressed in a "
                                 f"final per-layer pass after the blocks; pass ignore=[...] to keep them dense")
             final = dataclasses.replace(options, blocks="", offload=False)
-            report.notes.extend(run_layerwise(model, outside, calib, solve, final) or [])
+            report.notes.extend(n for n in run_layerwise(model, outside, calib, solve, final) if n not in report.notes)
     if shrunk:
         lam = [x for _, x in shrunk]
         report.notes.append(f"shrink='auto'/'heldout': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "

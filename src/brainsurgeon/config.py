@@ -493,7 +493,11 @@ class CalibOptions(Config):
     dense with a note in the report. keep_head: leave the model's output layer dense (HF
     ``get_output_embeddings()``, e.g. lm_head, else the last Linear: the classifier), as
     llm-compressor and GPTQ tools do (an override naming it still compresses it); the default
-    compresses it, with a note naming it.
+    compresses it, with a note naming it. short_prefixes: for a bidirectional model (an encoder: BERT,
+    MPNet; detected by a probe, causal decoders never) calibrated on tokenizer batches, add one short
+    prefix of every calibration sample, with these many content tokens in turn (start/end tokens kept),
+    so the Hessians also see the short-input regime (single words, queries) that sentences never show
+    (``calib.lengths``; a note says what was added); () = the calibration data as given.
     """
 
     mode: str = "sequential"
@@ -509,6 +513,7 @@ class CalibOptions(Config):
     # sequential mode: most MB of cached chain activations to replay (peak about twice that while a
     # child maps them); past it the chain's layers use forwards from the model input (noted), 0 = never replay
     replay_cache_mb: float = 1024.0
+    short_prefixes: tuple[int, ...] = (1, 2, 3, 4)  # content tokens of the prefixes added for encoders; () = off
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",
@@ -522,6 +527,9 @@ class CalibOptions(Config):
                f"model.get_submodule() takes it, without spaces or empty parts")
         _check(math.isfinite(self.replay_cache_mb) and self.replay_cache_mb >= 0, "CalibOptions",
                f"replay_cache_mb must be a finite number of MB >= 0 (0 = never replay), got {self.replay_cache_mb!r}")
+        _check(all(k >= 1 for k in self.short_prefixes), "CalibOptions",
+               f"short_prefixes must be token counts >= 1 (e.g. (1, 2, 3, 4)) or () for none, "
+               f"got {self.short_prefixes!r}")
 
 
 # ----------------------------------------------------------------------------- recipes

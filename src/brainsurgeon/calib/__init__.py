@@ -23,11 +23,12 @@ from .hessian import (
     supported,
     weight_matrix,
 )
+from .lengths import is_causal, mix_lengths, short_prefixes
 from .recalib import correct_bias_, correct_mean_std_, reestimate_batchnorm_
 
 __all__ = [
     "CachedBatches", "HessianAccumulator", "auto_shrinkage", "cache_batches", "capture_hessians", "capture_layers",
-    "correct_bias_", "correct_mean_std_", "execution_order", "iter_batches", "layer_columns", "move_to", "num_columns",
-    "num_groups", "prepare_calibration", "reestimate_batchnorm_", "resolve_layers", "run_layerwise",
-    "set_weight_matrix_", "supported", "weight_matrix",
+    "correct_bias_", "correct_mean_std_", "execution_order", "is_causal", "iter_batches", "layer_columns",
+    "mix_lengths", "move_to", "num_columns", "num_groups", "prepare_calibration", "reestimate_batchnorm_",
+    "resolve_layers", "run_layerwise", "set_weight_matrix_", "short_prefixes", "supported", "weight_matrix",
 ]

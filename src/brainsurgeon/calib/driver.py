@@ -14,6 +14,10 @@ The caller passes ``solve(name, module, H)``, which compresses the module's weig
   of layers, each seeing the block's earlier groups compressed). ``offload=True`` keeps only the
   current block on the compute device (the inputs' device).
 
+Lengths: for a bidirectional model calibrated on tokenizer batches, short prefixes of the samples are
+added first (``CalibOptions.short_prefixes``, :func:`~brainsurgeon.calib.lengths.mix_lengths`; causal
+models get none: a prefix's activations are already the first positions of its sample's).
+
 Padding: a batch with a 2-D ``attention_mask`` keyword contributes only its real tokens' rows to the
 Hessians of layers whose input is (B, T, ...) with that (B, T) (:func:`~brainsurgeon.calib.padding.token_masks`).
 
@@ -40,6 +44,7 @@ from .blocks import _run_blocks
 from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device, move_to
 from .forwards import Solve
 from .hessian import check_hessian_memory, resolve_layers
+from .lengths import mix_lengths
 from .order import execution_order
 from .padding import record_mask, token_masks
 from .passes import _solve_dense
@@ -57,9 +62,9 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     H is float32 by default (``options.hessian_dtype``), (cols, cols) or (g, cols, cols) for
     grouped convs. Runs under ``torch.no_grad()`` in eval mode; hooks and train/eval modes are
     restored on exit, also on error. See the module docstring for the modes. Hessian memory is
-    estimated first (:func:`~brainsurgeon.calib.hessian.check_hessian_memory`); returns its notes
-    and those of sequential replays that fell back to forwards from the model input
-    (``options.replay_cache_mb``).
+    estimated first (:func:`~brainsurgeon.calib.hessian.check_hessian_memory`); returns its notes,
+    the length mix's (``options.short_prefixes``) and those of sequential replays that fell back to
+    forwards from the model input (``options.replay_cache_mb``).
 
     >>> run_layerwise(model, ["fc1", "fc2"], loader, solve, CalibOptions(mode="dense"))
     >>> run_layerwise(llm, names, loader, solve, CalibOptions(blocks="model.layers", offload=True))
@@ -72,14 +77,19 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     notes = list(notes)
     for note in notes:
         log.warning(note)
+    mixed, mix_notes = mix_lengths(model, calib, options)
+    limit = 0 if mixed is not calib else options.max_batches  # the mix holds the first max_batches already
+    calib, notes = mixed, notes + mix_notes
+    for note in mix_notes:
+        log.info(note)
     if not options.blocks and is_one_shot(calib) and options.mode == "sequential":
-        calib = cache_batches(calib, options.max_batches)  # sequential mode reads the data many times
+        calib = cache_batches(calib, limit)  # sequential mode reads the data many times
     if options.offload and not options.blocks:
         log.warning("CalibOptions.offload=True has no effect without CalibOptions.blocks")
     dev = None if (options.blocks and options.offload) else model_device(model)
 
     def batches() -> Iterable[Batch]:
-        for i, b in enumerate(iter_batches(calib, options.max_batches)):
+        for i, b in enumerate(iter_batches(calib, limit)):
             record_mask(masks, i, b[1])  # batch i's padding mask (token_masks, below)
             yield move_to(b, dev)
 

@@ -194,7 +194,7 @@ def replace_layers_(model: nn.Module, names: list[str], layerwise: list[str], ca
 
     try:
         if layerwise:
-            run_layerwise(model, layerwise, calib, apply, options or CalibOptions())
+            report.notes.extend(run_layerwise(model, layerwise, calib, apply, options or CalibOptions()))
         for name in names:
             if name not in layerwise:
                 apply(name, modules[name], None)
