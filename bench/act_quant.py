@@ -19,8 +19,10 @@ calibration):
    the quantized inputs; per-entry output distortion as the score), DP vs uniform at each budget in
    both accountings: ``bops`` = MACs x w_bits x a_bits (dense fp32 = 32 x 32) and ``bops_obc`` = MACs x
    max(w_bits, a_bits) (dense 32; OBC's code: 8w8a = 4x, 4w4a = 8x, 2:4 + 4w4a = 16x). Plans are stitched
-   from the database, activation scales calibrated on the stitched model; "corr" then matches each
-   layer's output mean/std to the dense model's (OBC's statistics correction). Solvers: uniform (the
+   from the database, activation scales calibrated on the stitched model; then the statistics correction
+   on the calibration data, scored after each step: "BN" re-estimates every BatchNorm's statistics (OBC's
+   batchnorm tuning), "BN + bias" adds bias correction (Nagel et al. 2019: each layer's own mean output
+   error against the dense layer on the same inputs). Solvers: uniform (the
    variant of least summed score that fits), DP (OBC's DP on the additive per-layer scores) and DP+sel
    (SPDY, Frantar & Alistarh ICML 2022: DP plans over coefficient-reweighted scores, seeded with the
    uniform plan, each stitched exactly as above and scored by its KL to dense on held-out scoring crops;
@@ -63,7 +65,7 @@ import torch
 
 import brainsurgeon as bs
 from _vision import crops, damage, logits_of, mobilenet_v2, photos
-from brainsurgeon.calib.recalib import correct_mean_std_
+from brainsurgeon.calib import correct_bias_, reestimate_batchnorm_
 from brainsurgeon.errors import BudgetInfeasibleError
 from brainsurgeon.export import export_static_qdq
 from brainsurgeon.quant import compare_latency, format_speed_table
@@ -90,6 +92,18 @@ def say(*a: object) -> None:
     print(*a, flush=True)
 
 
+def correct_(m, net, layers, data, score) -> list:
+    """The issue's statistics correction on a compressed model `m`, in place, scored after each of its two steps:
+    BN (every BatchNorm's running statistics re-estimated on `data` with the compressed weights and quantized
+    inputs in place: OBC's "batchnorm tuning", apply_plan_'s default), then + bias (empirical bias correction,
+    Nagel et al. 2019: each layer's own mean output error vs the dense layer on the same inputs, removed from
+    its bias). Returns [score(m) after BN, score(m) after BN + bias]."""
+    reestimate_batchnorm_(m, data)
+    got = [score(m)]
+    correct_bias_(m, net, list(layers), data)
+    return got + [score(m)]
+
+
 def w4a4(weights: str, observer: str, edge: tuple[str, ...] = EDGE) -> bs.Recipe:
     wcfg = bs.GPTQ(bits=4, sym=False) if weights == "GPTQ" else bs.RTN(bits=4, sym=False, mse=False)
     w8 = bs.GPTQ(bits=8, sym=True) if weights == "GPTQ" else bs.RTN(bits=8, sym=True, mse=False)
@@ -99,7 +113,7 @@ def w4a4(weights: str, observer: str, edge: tuple[str, ...] = EDGE) -> bs.Recipe
                      bs.CalibOptions(mode="dense"))
 
 
-def ptq_rows(net, calib, scoring, x_eval, ref, quick, failures, w8a8_only: bool = False) -> None:
+def ptq_rows(net, calib, x_eval, ref, quick, failures, w8a8_only: bool = False) -> None:
     rows = []
     recipes = [("W8A8 GPTQ + minmax", bs.W8A8("GPTQ", options=bs.CalibOptions(mode="dense")))]
     if not w8a8_only:
@@ -109,15 +123,16 @@ def ptq_rows(net, calib, scoring, x_eval, ref, quick, failures, w8a8_only: bool 
         t0 = time.process_time()
         bs.compress(m, recipe, calib)
         agree, kl = damage(ref, logits_of(m, x_eval))
-        a2 = k2 = float("nan")
-        if not quick:  # OBC's statistics correction (one pass per layer: slow on 2 cores)
-            correct_mean_std_(m, net, list(act_quant_layers(m)), scoring[:2])
-            a2, k2 = damage(ref, logits_of(m, x_eval))
-        rows.append((name, agree, kl, a2, k2, time.process_time() - t0))
-    say("\n1-2. MobileNetV2 PTQ, damage vs dense (agreement / KL); corr = output mean/std matched to dense")
-    say(f"{'method':<22}{'agree':>8}{'KL':>9}{'corr agree':>12}{'corr KL':>9}{'cpu s':>7}")
-    for name, a, k, a2, k2, sec in rows:
-        say(f"{name:<22}{100 * a:>7.1f}%{k:>9.4f}{100 * a2:>11.1f}%{k2:>9.4f}{sec:>7.0f}")
+        corr = [(float("nan"),) * 2] * 2
+        if not quick:  # BN re-estimation, then + bias correction, on the calibration crops
+            corr = correct_(m, net, act_quant_layers(m), calib, lambda m: damage(ref, logits_of(m, x_eval)))
+        rows.append((name, agree, kl, corr, time.process_time() - t0))
+    say("\n1-2. MobileNetV2 PTQ, damage vs dense (agreement / KL); BN: BatchNorm statistics re-estimated, + bias: "
+        "then bias correction (Nagel et al. 2019), both on the calibration crops")
+    say(f"{'method':<22}{'agree':>8}{'KL':>9}{'BN':>17}{'BN + bias':>17}{'cpu s':>7}")
+    for name, a, k, corr, sec in rows:
+        cells = "".join(f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}" for a2, k2 in corr)
+        say(f"{name:<22}{100 * a:>7.1f}%{k:>9.4f}{cells}{sec:>7.0f}")
     if rows[0][1] < 0.97:
         failures.append(f"W8A8 agreement {rows[0][1]:.4f} < 0.97")
     if len(rows) == 3 and rows[2][2] > rows[1][2]:
@@ -209,19 +224,20 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("
         f"{time.process_time() - t0:.0f} cpu s)")
     facts = facts or ((8, 12) if quick else (4, 8, 12, 16))
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
-    say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; corr: statistics corrected")
+    say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; BN: BatchNorm statistics "
+        "re-estimated, + bias: then bias correction, both on the calibration crops")
         + "; each row printed as measured)")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'corr':>17}  variants")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'BN':>17}{'BN + bias':>17}"
+        f"  variants")
     def score(m):
         agree, kl = damage(ref, logits_of(m, x_eval))
         return agree, f"{100 * agree:>7.1f}%{kl:>9.4f}"
 
     def corrected(m):
         if quick:
-            return f"{'':>17}"
-        correct_mean_std_(m, net, table.layers, scoring[:2])
-        a2, k2 = damage(ref, logits_of(m, x_eval))
-        return f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}"
+            return f"{'':>34}"
+        got = correct_(m, net, table.layers, calib, lambda m: damage(ref, logits_of(m, x_eval)))
+        return "".join(f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}" for a2, k2 in got)
 
     budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, "agreement", failures)
     say("OBC (paper, ResNet18/34/50 on ImageNet, joint 2:4 + WxAx at 12x BOPs in its own accounting): about 2.5 % "
@@ -277,7 +293,8 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
     dense_acc = evaluate(net, test)
     say(f"\n3b. joint search on {name}: {len(table.layers)} layers, {len(test)} test images, {len(calib)} x 64 "
         f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'corr acc':>10}  variants")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'BN acc':>10}{'+bias acc':>10}"
+        f"  variants   (BN: BatchNorm statistics re-estimated, +bias: then bias correction, on the calibration images)")
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
     def score(m):
         acc = evaluate(m, test)
@@ -285,9 +302,8 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
 
     def corrected(m):
         if quick:
-            return f"{float('nan'):>9.2f}%"
-        correct_mean_std_(m, net, table.layers, calib[:2])
-        return f"{100 * evaluate(m, test):>9.2f}%"
+            return f"{'':>20}"
+        return "".join(f"{100 * a:>9.2f}%" for a in correct_(m, net, table.layers, calib, lambda m: evaluate(m, test)))
 
     budget_sweep(net, table, calib, solvers, metrics, facts or ((8, 12) if quick else (4, 8, 12, 16)), score,
                  corrected, "test accuracy", failures, tag=f"{name} ")
@@ -559,7 +575,7 @@ def main() -> int:
             w8a8_ablation(net, calib, x_eval, ref)
             lap("W8A8 ablation")
     if "ptq" not in skip:
-        ptq_rows(net, calib, scoring, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
+        ptq_rows(net, calib, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
         lap("1-2 MobileNetV2 PTQ")
     if args.quick and "ptq" not in skip and not args.only:
         classifier_w4a4("digits-cnn", failures)
