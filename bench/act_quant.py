@@ -20,9 +20,10 @@ calibration):
    both accountings: ``bops`` = MACs x w_bits x a_bits (dense fp32 = 32 x 32) and ``bops_obc`` = MACs x
    max(w_bits, a_bits) (dense 32; OBC's code: 8w8a = 4x, 4w4a = 8x, 2:4 + 4w4a = 16x). Plans are stitched
    from the database, activation scales calibrated on the stitched model; then the statistics correction
-   on the calibration data, scored after each step: "BN" re-estimates every BatchNorm's statistics (OBC's
-   batchnorm tuning), "BN + bias" adds bias correction (Nagel et al. 2019: each layer's own mean output
-   error against the dense layer on the same inputs). Solvers: uniform (the
+   on the calibration data, each from the uncorrected model: "BN" re-estimates every BatchNorm's statistics
+   (OBC's batchnorm tuning; a control row gives the dense model after the same re-estimation), "bias" is
+   bias correction (Nagel et al. 2019: each layer's own mean output error against the dense layer on the
+   same inputs). Solvers: uniform (the
    variant of least summed score that fits), DP (OBC's DP on the additive per-layer scores) and DP+sel
    (SPDY, Frantar & Alistarh ICML 2022: DP plans over coefficient-reweighted scores, seeded with the
    uniform plan, each stitched exactly as above and scored by its KL to dense on held-out scoring crops;
@@ -93,15 +94,25 @@ def say(*a: object) -> None:
 
 
 def correct_(m, net, layers, data, score) -> list:
-    """The issue's statistics correction on a compressed model `m`, in place, scored after each of its two steps:
-    BN (every BatchNorm's running statistics re-estimated on `data` with the compressed weights and quantized
-    inputs in place: OBC's "batchnorm tuning", apply_plan_'s default), then + bias (empirical bias correction,
-    Nagel et al. 2019: each layer's own mean output error vs the dense layer on the same inputs, removed from
-    its bias). Returns [score(m) after BN, score(m) after BN + bias]."""
-    reestimate_batchnorm_(m, data)
-    got = [score(m)]
+    """The issue's two statistics corrections of a compressed model `m`, each from the uncorrected model: BN
+    (every BatchNorm's running statistics re-estimated on `data` with the compressed weights and quantized
+    inputs in place: OBC's "batchnorm tuning", apply_plan_'s default; on a copy) and bias (empirical bias
+    correction, Nagel et al. 2019: each layer's own mean output error against the dense layer on the same
+    inputs, removed from its bias; `m` in place). Returns [score after BN, score after bias]."""
+    bn = copy.deepcopy(m)
+    reestimate_batchnorm_(bn, data)
+    got = [score(bn)]
     correct_bias_(m, net, list(layers), data)
     return got + [score(m)]
+
+
+def bn_control(net, data, x_eval, ref) -> str:
+    """The dense model itself after BN re-estimation on `data`: how far the data's statistics are from the
+    training set's (on a few photos' crops, far: that, not quantization, is then what BN re-estimation measures)."""
+    d = copy.deepcopy(net)
+    reestimate_batchnorm_(d, data)
+    agree, kl = damage(ref, logits_of(d, x_eval))
+    return f"dense model after BN re-estimation on the same crops: {100 * agree:.1f}% / KL {kl:.4f}"
 
 
 def w4a4(weights: str, observer: str, edge: tuple[str, ...] = EDGE) -> bs.Recipe:
@@ -113,8 +124,9 @@ def w4a4(weights: str, observer: str, edge: tuple[str, ...] = EDGE) -> bs.Recipe
                      bs.CalibOptions(mode="dense"))
 
 
-def ptq_rows(net, calib, x_eval, ref, quick, failures, w8a8_only: bool = False) -> None:
-    rows = []
+def ptq_rows(net, calib, x_eval, ref, quick, failures, w8a8_only: bool = False):
+    """Sections 1-2; returns the W8A8 model (uncorrected) in --quick, where section 4b times it, else None."""
+    rows, kept = [], None
     recipes = [("W8A8 GPTQ + minmax", bs.W8A8("GPTQ", options=bs.CalibOptions(mode="dense")))]
     if not w8a8_only:
         recipes += [("W4A4 RTN + minmax", w4a4("RTN", "minmax")), ("W4A4 GPTQ + mse", w4a4("GPTQ", "mse"))]
@@ -123,13 +135,15 @@ def ptq_rows(net, calib, x_eval, ref, quick, failures, w8a8_only: bool = False) 
         t0 = time.process_time()
         bs.compress(m, recipe, calib)
         agree, kl = damage(ref, logits_of(m, x_eval))
+        kept = kept or (m if quick else None)
         corr = [(float("nan"),) * 2] * 2
-        if not quick:  # BN re-estimation, then + bias correction, on the calibration crops
+        if not quick:  # BN re-estimation or bias correction, on the calibration crops
             corr = correct_(m, net, act_quant_layers(m), calib, lambda m: damage(ref, logits_of(m, x_eval)))
         rows.append((name, agree, kl, corr, time.process_time() - t0))
-    say("\n1-2. MobileNetV2 PTQ, damage vs dense (agreement / KL); BN: BatchNorm statistics re-estimated, + bias: "
-        "then bias correction (Nagel et al. 2019), both on the calibration crops")
-    say(f"{'method':<22}{'agree':>8}{'KL':>9}{'BN':>17}{'BN + bias':>17}{'cpu s':>7}")
+    say("\n1-2. MobileNetV2 PTQ, damage vs dense (agreement / KL); BN: BatchNorm statistics re-estimated, bias: "
+        "bias correction (Nagel et al. 2019) instead, each on the calibration crops"
+        + ("" if quick else f"; {bn_control(net, calib, x_eval, ref)}"))
+    say(f"{'method':<22}{'agree':>8}{'KL':>9}{'BN':>17}{'bias':>17}{'cpu s':>7}")
     for name, a, k, corr, sec in rows:
         cells = "".join(f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}" for a2, k2 in corr)
         say(f"{name:<22}{100 * a:>7.1f}%{k:>9.4f}{cells}{sec:>7.0f}")
@@ -137,6 +151,7 @@ def ptq_rows(net, calib, x_eval, ref, quick, failures, w8a8_only: bool = False) 
         failures.append(f"W8A8 agreement {rows[0][1]:.4f} < 0.97")
     if len(rows) == 3 and rows[2][2] > rows[1][2]:
         failures.append(f"W4A4 GPTQ+mse KL {rows[2][2]:.4f} > RTN+minmax KL {rows[1][2]:.4f}")
+    return kept
 
 
 def w8a8_ablation(net, calib, x_eval, ref) -> None:
@@ -225,9 +240,9 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("
     facts = facts or ((8, 12) if quick else (4, 8, 12, 16))
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
     say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; BN: BatchNorm statistics "
-        "re-estimated, + bias: then bias correction, both on the calibration crops")
-        + "; each row printed as measured)")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'BN':>17}{'BN + bias':>17}"
+        "re-estimated, bias: bias correction instead, each on the calibration crops; "
+        + bn_control(net, calib, x_eval, ref)) + "; each row printed as measured)")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'BN':>17}{'bias':>17}"
         f"  variants")
     def score(m):
         agree, kl = damage(ref, logits_of(m, x_eval))
@@ -290,11 +305,15 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
                         model_loss_batches=1 if quick else 2)
     table = build_database(net, space, calib, db).only(JOINT)  # OBC's space: no float layer
-    dense_acc = evaluate(net, test)
+    dense_acc, control = evaluate(net, test), ""
+    if not quick:
+        d = copy.deepcopy(net)
+        reestimate_batchnorm_(d, calib)
+        control = f" ({100 * evaluate(d, test):.2f}% after BN re-estimation on the calibration set)"
     say(f"\n3b. joint search on {name}: {len(table.layers)} layers, {len(test)} test images, {len(calib)} x 64 "
-        f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'BN acc':>10}{'+bias acc':>10}"
-        f"  variants   (BN: BatchNorm statistics re-estimated, +bias: then bias correction, on the calibration images)")
+        f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%{control}")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'BN acc':>10}{'bias acc':>10}"
+        f"  variants   (BN: BatchNorm statistics re-estimated, bias: bias-corrected instead, on the calibration set)")
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
     def score(m):
         acc = evaluate(m, test)
@@ -378,14 +397,17 @@ def linear_latency(quick: bool, failures: list[str]) -> None:
         failures.append(f"SmolLM2 MLP W8A8 int8 not faster than fp32 at batch 32 ({r32.speedup:.2f}x)")
 
 
-def conv_latency(net, calib, x_eval, quick: bool, failures: list[str]) -> None:
+def conv_latency(net, calib, x_eval, quick: bool, failures: list[str], q=None) -> None:
     """MobileNetV2 W8A8 in onnxruntime: our static QDQ export vs the fp32 export (+ references in the full run:
     the torch-decomposed QDQ of export_onnx(quantized="qdq") and onnxruntime's own quantize_static).
 
     --quick exports fp32 with the TorchScript exporter once per batch size (1.4 instead of ~35 CPU s for the
-    dynamo exporter's graph optimizer; onnxruntime fuses either graph into the same Conv kernels, listed below)."""
-    q = copy.deepcopy(net)
-    bs.compress(q, bs.W8A8("RTN"), calib)
+    dynamo exporter's graph optimizer; onnxruntime fuses either graph into the same Conv kernels, listed below)
+    and times section 1's W8A8 model `q` (GPTQ weights: the same int8 kernels, one compression less)."""
+    weights = "GPTQ (section 1's model)" if q is not None else "RTN"
+    if q is None:
+        q = copy.deepcopy(net)
+        bs.compress(q, bs.W8A8("RTN"), calib)
     dyn = ({0: "batch"},)  # one export serves both batch sizes
     d = tempfile.mkdtemp(prefix="act-quant-ort-")
     files = {"fp32": {b: os.path.join(d, f"fp32-{b}.onnx") for b in (1, 32)} if quick else os.path.join(d, "fp32.onnx"),
@@ -417,7 +439,7 @@ def conv_latency(net, calib, x_eval, quick: bool, failures: list[str]) -> None:
     sess = {(k, b): _ort_session(f, f + ".opt") for k, fs in per_batch.items() for b, f in fs.items()
             if b == 32 or f != fs[32]}
     sess.update({(k, 1): sess[(k, 32)] for k in files if (k, 1) not in sess})
-    say(f"\n4b. MobileNetV2 in onnxruntime 1 thread, CPU ms (median of interleaved runs); W8A8 RTN weights, "
+    say(f"\n4b. MobileNetV2 in onnxruntime 1 thread, CPU ms (median of interleaved runs); W8A8 {weights} weights, "
         f"activation scales calibrated on {sum(len(c) for c in calib)} crops (exports {time.process_time() - t0:.0f} "
         f"cpu s); kernels onnxruntime runs after its graph optimization:")
     for k, fs in per_batch.items():
@@ -552,7 +574,7 @@ def main() -> int:
     if args.quick:  # each bound once, on the smallest honest case; the MobileNetV2 W4A4 rows and joint search
         skip.add("joint")  # run in the full form only (the quick form checks their bounds on the digits CNN)
     failures: list[str] = []
-    net, spent, mark = None, {}, [time.process_time()]
+    net, w8a8, spent, mark = None, None, {}, [time.process_time()]
 
     def lap(section: str) -> None:
         spent[section] = spent.get(section, 0.0) + time.process_time() - mark[0]
@@ -575,7 +597,7 @@ def main() -> int:
             w8a8_ablation(net, calib, x_eval, ref)
             lap("W8A8 ablation")
     if "ptq" not in skip:
-        ptq_rows(net, calib, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
+        w8a8 = ptq_rows(net, calib, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
         lap("1-2 MobileNetV2 PTQ")
     if args.quick and "ptq" not in skip and not args.only:
         classifier_w4a4("digits-cnn", failures)
@@ -592,7 +614,7 @@ def main() -> int:
     if "latency" not in skip:
         linear_latency(args.quick, failures)
         lap("4a Linear latency")
-        conv_latency(net, calib, x_eval, args.quick, failures)
+        conv_latency(net, calib, x_eval, args.quick, failures, w8a8)
         lap("4b MobileNetV2 onnxruntime")
     if args.smollm and not args.only:
         smollm_rows(args.quick, failures, args.smollm_rows)
