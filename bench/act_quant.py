@@ -93,17 +93,26 @@ def say(*a: object) -> None:
     print(*a, flush=True)
 
 
+CORRECTIONS = {"bn", "bias"}  # --corrections: which of the two to measure (each costs one more evaluation)
+SKIPPED = (float("nan"),) * 2
+
+
 def correct_(m, net, layers, data, score) -> list:
     """The issue's two statistics corrections of a compressed model `m`, each from the uncorrected model: BN
     (every BatchNorm's running statistics re-estimated on `data` with the compressed weights and quantized
     inputs in place: OBC's "batchnorm tuning", apply_plan_'s default; on a copy) and bias (empirical bias
     correction, Nagel et al. 2019: each layer's own mean output error against the dense layer on the same
-    inputs, removed from its bias; `m` in place). Returns [score after BN, score after bias]."""
-    bn = copy.deepcopy(m)
-    reestimate_batchnorm_(bn, data)
-    got = [score(bn)]
-    correct_bias_(m, net, list(layers), data)
-    return got + [score(m)]
+    inputs, removed from its bias; `m` in place). Returns [score after BN, score after bias]; a correction
+    left out of CORRECTIONS scores SKIPPED (nan)."""
+    got = [SKIPPED, SKIPPED]
+    if "bn" in CORRECTIONS:
+        bn = copy.deepcopy(m)
+        reestimate_batchnorm_(bn, data)
+        got[0] = score(bn)
+    if "bias" in CORRECTIONS:
+        correct_bias_(m, net, list(layers), data)
+        got[1] = score(m)
+    return got
 
 
 def bn_control(net, data, x_eval, ref) -> str:
@@ -322,7 +331,8 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
     def corrected(m):
         if quick:
             return f"{'':>20}"
-        return "".join(f"{100 * a:>9.2f}%" for a in correct_(m, net, table.layers, calib, lambda m: evaluate(m, test)))
+        got = correct_(m, net, table.layers, calib, lambda m: (evaluate(m, test), 0.0))
+        return "".join(f"{100 * a:>9.2f}%" for a, _ in got)
 
     budget_sweep(net, table, calib, solvers, metrics, facts or ((8, 12) if quick else (4, 8, 12, 16)), score,
                  corrected, "test accuracy", failures, tag=f"{name} ")
@@ -561,9 +571,15 @@ def main() -> int:
     ap.add_argument("--metrics", default="bops,bops_obc", help="joint study: BOP accountings (split runs)")
     ap.add_argument("--factors", default="", help="joint study: reductions, comma list (default 8,12 quick; "
                     "4,8,12,16 full)")
+    ap.add_argument("--corrections", default="bn,bias", help="full run: statistics corrections to measure "
+                    "(comma list of bn, bias; a left-out one prints nan)")
     ap.add_argument("--evals", type=int, default=24, help="joint study: DP+sel's stitched evaluations per budget "
                     "(8 in --quick)")
     args = ap.parse_args()
+    corrections = set(filter(None, args.corrections.split(",")))
+    if corrections - CORRECTIONS:
+        ap.error(f"--corrections: unknown {sorted(corrections - CORRECTIONS)}; use bn, bias")
+    CORRECTIONS.intersection_update(corrections)
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
     skip = set(filter(None, args.skip.split(",")))
