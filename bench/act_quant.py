@@ -95,6 +95,7 @@ def say(*a: object) -> None:
 
 CORRECTIONS = {"bn", "bias"}  # --corrections: which of the two to measure (each costs one more evaluation)
 SKIPPED = (float("nan"),) * 2
+SOLVERS: set[str] = set()  # --solvers: a split run's subset of uniform, DP, DP+sel (empty: all)
 
 
 def correct_(m, net, layers, data, score) -> list:
@@ -209,6 +210,8 @@ def budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, w
         for f in facts:
             budget, got = Budget(metric, 1 / f), {}
             for solver, solve in solvers:
+                if SOLVERS and solver not in SOLVERS:
+                    continue
                 try:
                     plan = solve(table, budget)
                 except BudgetInfeasibleError as e:
@@ -573,6 +576,8 @@ def main() -> int:
                     "4,8,12,16 full)")
     ap.add_argument("--corrections", default="bn,bias", help="full run: statistics corrections to measure "
                     "(comma list of bn, bias; a left-out one prints nan)")
+    ap.add_argument("--solvers", default="", help="joint study: only these of uniform,DP,DP+sel (split runs; the "
+                    "DP+sel >= uniform bound is then checked only where both ran)")
     ap.add_argument("--evals", type=int, default=24, help="joint study: DP+sel's stitched evaluations per budget "
                     "(8 in --quick)")
     args = ap.parse_args()
@@ -580,6 +585,9 @@ def main() -> int:
     if corrections - CORRECTIONS:
         ap.error(f"--corrections: unknown {sorted(corrections - CORRECTIONS)}; use bn, bias")
     CORRECTIONS.intersection_update(corrections)
+    SOLVERS.update(filter(None, args.solvers.split(",")))
+    if SOLVERS - {"uniform", "DP", "DP+sel"}:
+        ap.error(f"--solvers: unknown {sorted(SOLVERS - {'uniform', 'DP', 'DP+sel'})}; use uniform, DP, DP+sel")
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
     skip = set(filter(None, args.skip.split(",")))
