@@ -363,14 +363,21 @@ def _ops(path: str) -> str:
 
 
 def linear_latency(quick: bool, failures: list[str]) -> None:
-    """W8A8 Linear through torch._int_mm vs fp32: MiniLM (whole encoder) and one SmolLM2-135M MLP."""
+    """W8A8 Linear through torch._int_mm vs fp32: MiniLM (whole encoder) and one SmolLM2-135M MLP.
+
+    --quick skips the MSE weight-grid search (W8A8("RTN")) and the code recovery: convert_static_int8_(rtn=True)
+    rounds the weights to the min-max per-row grid while packing; the timed int8 kernels are the same."""
     from _text import load_minilm, load_smollm, sentence_batches, topic_sentences
 
     tok, bert = load_minilm()
     cal_txt, held = topic_sentences(16 if quick else 64, 64)
     m = copy.deepcopy(bert)
-    bs.compress(m, bs.W8A8("RTN"), sentence_batches(tok, cal_txt, 16))
-    convert_static_int8_(m)
+    if quick:  # the same int8 kernels: static 8-bit input scales, min-max RTN weights rounded by the conversion
+        bs.quantize_(m, bs.ActQuant(bits=8), sentence_batches(tok, cal_txt, 16))
+        convert_static_int8_(m, rtn=True)
+    else:
+        bs.compress(m, bs.W8A8("RTN"), sentence_batches(tok, cal_txt, 16))
+        convert_static_int8_(m)
     hb = sentence_batches(tok, held, 32)
     with torch.inference_mode():
         cos = torch.nn.functional.cosine_similarity(bert(**hb[0]).last_hidden_state,
