@@ -205,7 +205,9 @@ def budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, w
     """Every solver's plan at every budget, stitched onto a copy of `net`, scored and printed as measured (a
     split run killed at its time limit keeps what it measured). `score(m)` -> (the bound's value, the row's
     cells); `corrected(m)` -> the statistics-corrected cells (it corrects m in place, or gives blank cells).
-    Bounds: no plan over its budget, DP+sel's value >= uniform's."""
+    Bounds: no plan over its budget, DP+sel's value >= uniform's. A plan already scored in this sweep (same
+    variant per layer: the same stitched model, bit for bit) reuses that row's numbers, marked "(= its row)"."""
+    seen: dict[tuple, tuple] = {}  # plan.variants -> (first row's budget and solver, bound value, cells)
     for metric in metrics:
         for f in facts:
             budget, got = Budget(metric, 1 / f), {}
@@ -217,12 +219,19 @@ def budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, w
                 except BudgetInfeasibleError as e:
                     say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {str(e).split(';')[0][:60]}")
                     continue
-                m = stitch_(copy.deepcopy(net), plan, table, calib)
-                got[solver], cells = score(m)
-                cells += corrected(m)
+                key, same = tuple(plan.variants), ""
+                if key in seen:
+                    row, got[solver], cells = seen[key]
+                    same = f" (= {row})"
+                else:
+                    m = stitch_(copy.deepcopy(net), plan, table, calib)
+                    got[solver], cells = score(m)
+                    cells += corrected(m)
+                    del m
+                    seen[key] = (f"{budget} {solver}", got[solver], cells)
                 counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
                 say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{cells}"
-                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
+                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}{same}")
                 if plan.info["cost"] > budget.fraction + 1e-9:
                     failures.append(f"{tag}{budget}: {solver} cost {plan.info['cost']} over budget")
             if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
