@@ -46,7 +46,7 @@ MobileNetV2.
    without SmoothQuant (alpha 0.5), and W4A8, on llm_peers.py's pydoc / jargon windows. Bound: W8A8
    per-token dynamic within 5 % of dense on pydoc.
 
---quick (about 90 CPU s from a fresh clone): section 1's W8A8 row on 32 / 64 crops; the W4A4 bound (2b) and
+--quick (about 70 CPU s from a fresh clone): section 1's W8A8 row on 32 / 64 crops; the W4A4 bound (2b) and
 the joint-search bound (3b, budgets 8x and 12x) on the digits CNN (trains in seconds, true test accuracy);
 MiniLM latency (input scales calibrated, min-max RTN weights packed by convert_static_int8_(rtn=True): the same
 int8 kernels without the MSE grid search) and MobileNetV2 latency on section 1's W8A8 model (section 3 on
