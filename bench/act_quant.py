@@ -19,8 +19,11 @@ calibration):
    the quantized inputs; per-entry output distortion as the score), DP vs uniform at each budget in
    both accountings: ``bops`` = MACs x w_bits x a_bits (dense fp32 = 32 x 32) and ``bops_obc`` = MACs x
    max(w_bits, a_bits) (dense 32; OBC's code: 8w8a = 4x, 4w4a = 8x, 2:4 + 4w4a = 16x). Plans are stitched
-   from the database, activation scales calibrated on the stitched model; "corr" then matches each
-   layer's output mean/std to the dense model's (OBC's statistics correction). Solvers: uniform (the
+   from the database, activation scales calibrated on the stitched model; then the statistics correction
+   on the calibration data, each from the uncorrected model: "BN" re-estimates every BatchNorm's statistics
+   (OBC's batchnorm tuning; a control row gives the dense model after the same re-estimation), "bias" is
+   bias correction (Nagel et al. 2019: each layer's own mean output error against the dense layer on the
+   same inputs). Solvers: uniform (the
    variant of least summed score that fits), DP (OBC's DP on the additive per-layer scores) and DP+sel
    (SPDY, Frantar & Alistarh ICML 2022: DP plans over coefficient-reweighted scores, seeded with the
    uniform plan, each stitched exactly as above and scored by its KL to dense on held-out scoring crops;
@@ -43,10 +46,12 @@ MobileNetV2.
    without SmoothQuant (alpha 0.5), and W4A8, on llm_peers.py's pydoc / jargon windows. Bound: W8A8
    per-token dynamic within 5 % of dense on pydoc.
 
---quick: section 1's W8A8 row on 32 / 64 crops; the W4A4 bound (2b) and the joint-search bound (3b, budgets
-8x and 12x) on the digits CNN (trains in seconds, true test accuracy); MiniLM and MobileNetV2 latency
-(section 3 on MobileNetV2, the MobileNetV2 W4A4 rows and the references run in the full form only).
-Exit 1 if a bound fails.
+--quick (about 70 CPU s from a fresh clone): section 1's W8A8 row on 32 / 64 crops; the W4A4 bound (2b) and
+the joint-search bound (3b, budgets 8x and 12x) on the digits CNN (trains in seconds, true test accuracy);
+MiniLM latency (input scales calibrated, min-max RTN weights packed by convert_static_int8_(rtn=True): the same
+int8 kernels without the MSE grid search) and MobileNetV2 latency on section 1's W8A8 model (section 3 on
+MobileNetV2, the MobileNetV2 W4A4 rows, the statistics corrections and the references run in the full form
+only). Exit 1 if a bound fails.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ import torch
 
 import brainsurgeon as bs
 from _vision import crops, damage, logits_of, mobilenet_v2, photos
-from brainsurgeon.calib.recalib import correct_mean_std_
+from brainsurgeon.calib import correct_bias_, reestimate_batchnorm_
 from brainsurgeon.errors import BudgetInfeasibleError
 from brainsurgeon.export import export_static_qdq
 from brainsurgeon.quant import compare_latency, format_speed_table
@@ -90,6 +95,38 @@ def say(*a: object) -> None:
     print(*a, flush=True)
 
 
+CORRECTIONS = {"bn", "bias"}  # --corrections: which of the two to measure (each costs one more evaluation)
+SKIPPED = (float("nan"),) * 2
+SOLVERS: set[str] = set()  # --solvers: a split run's subset of uniform, DP, DP+sel (empty: all)
+
+
+def correct_(m, net, layers, data, score) -> list:
+    """The issue's two statistics corrections of a compressed model `m`, each from the uncorrected model: BN
+    (every BatchNorm's running statistics re-estimated on `data` with the compressed weights and quantized
+    inputs in place: OBC's "batchnorm tuning", apply_plan_'s default; on a copy) and bias (empirical bias
+    correction, Nagel et al. 2019: each layer's own mean output error against the dense layer on the same
+    inputs, removed from its bias; `m` in place). Returns [score after BN, score after bias]; a correction
+    left out of CORRECTIONS scores SKIPPED (nan)."""
+    got = [SKIPPED, SKIPPED]
+    if "bn" in CORRECTIONS:
+        bn = copy.deepcopy(m)
+        reestimate_batchnorm_(bn, data)
+        got[0] = score(bn)
+    if "bias" in CORRECTIONS:
+        correct_bias_(m, net, list(layers), data)
+        got[1] = score(m)
+    return got
+
+
+def bn_control(net, data, x_eval, ref) -> str:
+    """The dense model itself after BN re-estimation on `data`: how far the data's statistics are from the
+    training set's (on a few photos' crops, far: that, not quantization, is then what BN re-estimation measures)."""
+    d = copy.deepcopy(net)
+    reestimate_batchnorm_(d, data)
+    agree, kl = damage(ref, logits_of(d, x_eval))
+    return f"dense model after BN re-estimation on the same crops: {100 * agree:.1f}% / KL {kl:.4f}"
+
+
 def w4a4(weights: str, observer: str, edge: tuple[str, ...] = EDGE) -> bs.Recipe:
     wcfg = bs.GPTQ(bits=4, sym=False) if weights == "GPTQ" else bs.RTN(bits=4, sym=False, mse=False)
     w8 = bs.GPTQ(bits=8, sym=True) if weights == "GPTQ" else bs.RTN(bits=8, sym=True, mse=False)
@@ -99,8 +136,9 @@ def w4a4(weights: str, observer: str, edge: tuple[str, ...] = EDGE) -> bs.Recipe
                      bs.CalibOptions(mode="dense"))
 
 
-def ptq_rows(net, calib, scoring, x_eval, ref, quick, failures, w8a8_only: bool = False) -> None:
-    rows = []
+def ptq_rows(net, calib, x_eval, ref, quick, failures, w8a8_only: bool = False):
+    """Sections 1-2; returns the W8A8 model (uncorrected) in --quick, where section 4b times it, else None."""
+    rows, kept = [], None
     recipes = [("W8A8 GPTQ + minmax", bs.W8A8("GPTQ", options=bs.CalibOptions(mode="dense")))]
     if not w8a8_only:
         recipes += [("W4A4 RTN + minmax", w4a4("RTN", "minmax")), ("W4A4 GPTQ + mse", w4a4("GPTQ", "mse"))]
@@ -109,19 +147,23 @@ def ptq_rows(net, calib, scoring, x_eval, ref, quick, failures, w8a8_only: bool 
         t0 = time.process_time()
         bs.compress(m, recipe, calib)
         agree, kl = damage(ref, logits_of(m, x_eval))
-        a2 = k2 = float("nan")
-        if not quick:  # OBC's statistics correction (one pass per layer: slow on 2 cores)
-            correct_mean_std_(m, net, list(act_quant_layers(m)), scoring[:2])
-            a2, k2 = damage(ref, logits_of(m, x_eval))
-        rows.append((name, agree, kl, a2, k2, time.process_time() - t0))
-    say("\n1-2. MobileNetV2 PTQ, damage vs dense (agreement / KL); corr = output mean/std matched to dense")
-    say(f"{'method':<22}{'agree':>8}{'KL':>9}{'corr agree':>12}{'corr KL':>9}{'cpu s':>7}")
-    for name, a, k, a2, k2, sec in rows:
-        say(f"{name:<22}{100 * a:>7.1f}%{k:>9.4f}{100 * a2:>11.1f}%{k2:>9.4f}{sec:>7.0f}")
+        kept = kept or (m if quick else None)
+        corr = [(float("nan"),) * 2] * 2
+        if not quick:  # BN re-estimation or bias correction, on the calibration crops
+            corr = correct_(m, net, act_quant_layers(m), calib, lambda m: damage(ref, logits_of(m, x_eval)))
+        rows.append((name, agree, kl, corr, time.process_time() - t0))
+    say("\n1-2. MobileNetV2 PTQ, damage vs dense (agreement / KL); BN: BatchNorm statistics re-estimated, bias: "
+        "bias correction (Nagel et al. 2019) instead, each on the calibration crops"
+        + ("" if quick else f"; {bn_control(net, calib, x_eval, ref)}"))
+    say(f"{'method':<22}{'agree':>8}{'KL':>9}{'BN':>17}{'bias':>17}{'cpu s':>7}")
+    for name, a, k, corr, sec in rows:
+        cells = "".join(f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}" for a2, k2 in corr)
+        say(f"{name:<22}{100 * a:>7.1f}%{k:>9.4f}{cells}{sec:>7.0f}")
     if rows[0][1] < 0.97:
         failures.append(f"W8A8 agreement {rows[0][1]:.4f} < 0.97")
     if len(rows) == 3 and rows[2][2] > rows[1][2]:
         failures.append(f"W4A4 GPTQ+mse KL {rows[2][2]:.4f} > RTN+minmax KL {rows[1][2]:.4f}")
+    return kept
 
 
 def w8a8_ablation(net, calib, x_eval, ref) -> None:
@@ -165,22 +207,33 @@ def budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, w
     """Every solver's plan at every budget, stitched onto a copy of `net`, scored and printed as measured (a
     split run killed at its time limit keeps what it measured). `score(m)` -> (the bound's value, the row's
     cells); `corrected(m)` -> the statistics-corrected cells (it corrects m in place, or gives blank cells).
-    Bounds: no plan over its budget, DP+sel's value >= uniform's."""
+    Bounds: no plan over its budget, DP+sel's value >= uniform's. A plan already scored in this sweep (same
+    variant per layer: the same stitched model, bit for bit) reuses that row's numbers, marked "(= its row)"."""
+    seen: dict[tuple, tuple] = {}  # plan.variants -> (first row's budget and solver, bound value, cells)
     for metric in metrics:
         for f in facts:
             budget, got = Budget(metric, 1 / f), {}
             for solver, solve in solvers:
+                if SOLVERS and solver not in SOLVERS:
+                    continue
                 try:
                     plan = solve(table, budget)
                 except BudgetInfeasibleError as e:
                     say(f"{str(budget):<16}{f:>9}x{solver:>9}  infeasible: {str(e).split(';')[0][:60]}")
                     continue
-                m = stitch_(copy.deepcopy(net), plan, table, calib)
-                got[solver], cells = score(m)
-                cells += corrected(m)
+                key, same = tuple(plan.variants), ""
+                if key in seen:
+                    row, got[solver], cells = seen[key]
+                    same = f" (= {row})"
+                else:
+                    m = stitch_(copy.deepcopy(net), plan, table, calib)
+                    got[solver], cells = score(m)
+                    cells += corrected(m)
+                    del m
+                    seen[key] = (f"{budget} {solver}", got[solver], cells)
                 counts = {v: plan.variants.count(v) for v in dict.fromkeys(plan.variants)}
                 say(f"{str(budget):<16}{f:>9}x{solver:>9}{plan.info['cost']:>9.4f}{cells}"
-                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}")
+                    f"  {' '.join(f'{v}x{c}' for v, c in counts.items())}{_picked(plan)}{same}")
                 if plan.info["cost"] > budget.fraction + 1e-9:
                     failures.append(f"{tag}{budget}: {solver} cost {plan.info['cost']} over budget")
             if "DP+sel" in got and "uniform" in got and got["DP+sel"] < got["uniform"]:
@@ -209,19 +262,20 @@ def joint_rows(net, calib, scoring, x_eval, ref, quick, db, failures, metrics=("
         f"{time.process_time() - t0:.0f} cpu s)")
     facts = facts or ((8, 12) if quick else (4, 8, 12, 16))
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
-    say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; corr: statistics corrected")
-        + "; each row printed as measured)")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'corr':>17}  variants")
+    say("joint DP vs uniform (stitched; agreement / KL vs dense" + ("" if quick else "; BN: BatchNorm statistics "
+        "re-estimated, bias: bias correction instead, each on the calibration crops; "
+        + bn_control(net, calib, x_eval, ref)) + "; each row printed as measured)")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'agree':>8}{'KL':>9}{'BN':>17}{'bias':>17}"
+        f"  variants")
     def score(m):
         agree, kl = damage(ref, logits_of(m, x_eval))
         return agree, f"{100 * agree:>7.1f}%{kl:>9.4f}"
 
     def corrected(m):
         if quick:
-            return f"{'':>17}"
-        correct_mean_std_(m, net, table.layers, scoring[:2])
-        a2, k2 = damage(ref, logits_of(m, x_eval))
-        return f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}"
+            return f"{'':>34}"
+        got = correct_(m, net, table.layers, calib, lambda m: damage(ref, logits_of(m, x_eval)))
+        return "".join(f"{f'{100 * a2:.1f}% / {k2:.4f}':>17}" for a2, k2 in got)
 
     budget_sweep(net, table, calib, solvers, metrics, facts, score, corrected, "agreement", failures)
     say("OBC (paper, ResNet18/34/50 on ImageNet, joint 2:4 + WxAx at 12x BOPs in its own accounting): about 2.5 % "
@@ -274,10 +328,15 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
                         nm_bits=(), joint=JOINT, act_observer="mse", quant_sym=False,
                         model_loss_batches=1 if quick else 2)
     table = build_database(net, space, calib, db).only(JOINT)  # OBC's space: no float layer
-    dense_acc = evaluate(net, test)
+    dense_acc, control = evaluate(net, test), ""
+    if not quick:
+        d = copy.deepcopy(net)
+        reestimate_batchnorm_(d, calib)
+        control = f" ({100 * evaluate(d, test):.2f}% after BN re-estimation on the calibration set)"
     say(f"\n3b. joint search on {name}: {len(table.layers)} layers, {len(test)} test images, {len(calib)} x 64 "
-        f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%")
-    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'corr acc':>10}  variants")
+        f"calibration images (train split); dense test accuracy {100 * dense_acc:.2f}%{control}")
+    say(f"{'budget':<16}{'reduction':>10}{'solver':>9}{'cost':>9}{'test acc':>10}{'BN acc':>10}{'bias acc':>10}"
+        f"  variants   (BN: BatchNorm statistics re-estimated, bias: bias-corrected instead, on the calibration set)")
     solvers = joint_solvers(net, table, scoring, calib, 8 if quick else evals)
     def score(m):
         acc = evaluate(m, test)
@@ -285,9 +344,9 @@ def classifier_joint(name: str, quick: bool, db: str, failures: list[str], metri
 
     def corrected(m):
         if quick:
-            return f"{float('nan'):>9.2f}%"
-        correct_mean_std_(m, net, table.layers, calib[:2])
-        return f"{100 * evaluate(m, test):>9.2f}%"
+            return f"{'':>20}"
+        got = correct_(m, net, table.layers, calib, lambda m: (evaluate(m, test), 0.0))
+        return "".join(f"{100 * a:>9.2f}%" for a, _ in got)
 
     budget_sweep(net, table, calib, solvers, metrics, facts or ((8, 12) if quick else (4, 8, 12, 16)), score,
                  corrected, "test accuracy", failures, tag=f"{name} ")
@@ -315,14 +374,21 @@ def _ops(path: str) -> str:
 
 
 def linear_latency(quick: bool, failures: list[str]) -> None:
-    """W8A8 Linear through torch._int_mm vs fp32: MiniLM (whole encoder) and one SmolLM2-135M MLP."""
+    """W8A8 Linear through torch._int_mm vs fp32: MiniLM (whole encoder) and one SmolLM2-135M MLP.
+
+    --quick skips the MSE weight-grid search (W8A8("RTN")) and the code recovery: convert_static_int8_(rtn=True)
+    rounds the weights to the min-max per-row grid while packing; the timed int8 kernels are the same."""
     from _text import load_minilm, load_smollm, sentence_batches, topic_sentences
 
     tok, bert = load_minilm()
     cal_txt, held = topic_sentences(16 if quick else 64, 64)
     m = copy.deepcopy(bert)
-    bs.compress(m, bs.W8A8("RTN"), sentence_batches(tok, cal_txt, 16))
-    convert_static_int8_(m)
+    if quick:  # the same int8 kernels: static 8-bit input scales, min-max RTN weights rounded by the conversion
+        bs.quantize_(m, bs.ActQuant(bits=8), sentence_batches(tok, cal_txt, 16))
+        convert_static_int8_(m, rtn=True)
+    else:
+        bs.compress(m, bs.W8A8("RTN"), sentence_batches(tok, cal_txt, 16))
+        convert_static_int8_(m)
     hb = sentence_batches(tok, held, 32)
     with torch.inference_mode():
         cos = torch.nn.functional.cosine_similarity(bert(**hb[0]).last_hidden_state,
@@ -362,14 +428,17 @@ def linear_latency(quick: bool, failures: list[str]) -> None:
         failures.append(f"SmolLM2 MLP W8A8 int8 not faster than fp32 at batch 32 ({r32.speedup:.2f}x)")
 
 
-def conv_latency(net, calib, x_eval, quick: bool, failures: list[str]) -> None:
+def conv_latency(net, calib, x_eval, quick: bool, failures: list[str], q=None) -> None:
     """MobileNetV2 W8A8 in onnxruntime: our static QDQ export vs the fp32 export (+ references in the full run:
     the torch-decomposed QDQ of export_onnx(quantized="qdq") and onnxruntime's own quantize_static).
 
     --quick exports fp32 with the TorchScript exporter once per batch size (1.4 instead of ~35 CPU s for the
-    dynamo exporter's graph optimizer; onnxruntime fuses either graph into the same Conv kernels, listed below)."""
-    q = copy.deepcopy(net)
-    bs.compress(q, bs.W8A8("RTN"), calib)
+    dynamo exporter's graph optimizer; onnxruntime fuses either graph into the same Conv kernels, listed below)
+    and times section 1's W8A8 model `q` (GPTQ weights: the same int8 kernels, one compression less)."""
+    weights = "GPTQ (section 1's model)" if q is not None else "RTN"
+    if q is None:
+        q = copy.deepcopy(net)
+        bs.compress(q, bs.W8A8("RTN"), calib)
     dyn = ({0: "batch"},)  # one export serves both batch sizes
     d = tempfile.mkdtemp(prefix="act-quant-ort-")
     files = {"fp32": {b: os.path.join(d, f"fp32-{b}.onnx") for b in (1, 32)} if quick else os.path.join(d, "fp32.onnx"),
@@ -401,7 +470,7 @@ def conv_latency(net, calib, x_eval, quick: bool, failures: list[str]) -> None:
     sess = {(k, b): _ort_session(f, f + ".opt") for k, fs in per_batch.items() for b, f in fs.items()
             if b == 32 or f != fs[32]}
     sess.update({(k, 1): sess[(k, 32)] for k in files if (k, 1) not in sess})
-    say(f"\n4b. MobileNetV2 in onnxruntime 1 thread, CPU ms (median of interleaved runs); W8A8 RTN weights, "
+    say(f"\n4b. MobileNetV2 in onnxruntime 1 thread, CPU ms (median of interleaved runs); W8A8 {weights} weights, "
         f"activation scales calibrated on {sum(len(c) for c in calib)} crops (exports {time.process_time() - t0:.0f} "
         f"cpu s); kernels onnxruntime runs after its graph optimization:")
     for k, fs in per_batch.items():
@@ -523,9 +592,20 @@ def main() -> int:
     ap.add_argument("--metrics", default="bops,bops_obc", help="joint study: BOP accountings (split runs)")
     ap.add_argument("--factors", default="", help="joint study: reductions, comma list (default 8,12 quick; "
                     "4,8,12,16 full)")
+    ap.add_argument("--corrections", default="bn,bias", help="full run: statistics corrections to measure "
+                    "(comma list of bn, bias; a left-out one prints nan)")
+    ap.add_argument("--solvers", default="", help="joint study: only these of uniform,DP,DP+sel (split runs; the "
+                    "DP+sel >= uniform bound is then checked only where both ran)")
     ap.add_argument("--evals", type=int, default=24, help="joint study: DP+sel's stitched evaluations per budget "
                     "(8 in --quick)")
     args = ap.parse_args()
+    corrections = set(filter(None, args.corrections.split(",")))
+    if corrections - CORRECTIONS:
+        ap.error(f"--corrections: unknown {sorted(corrections - CORRECTIONS)}; use bn, bias")
+    CORRECTIONS.intersection_update(corrections)
+    SOLVERS.update(filter(None, args.solvers.split(",")))
+    if SOLVERS - {"uniform", "DP", "DP+sel"}:
+        ap.error(f"--solvers: unknown {sorted(SOLVERS - {'uniform', 'DP', 'DP+sel'})}; use uniform, DP, DP+sel")
     torch.set_num_threads(1)
     t_start, c_start = time.perf_counter(), time.process_time()
     skip = set(filter(None, args.skip.split(",")))
@@ -536,7 +616,7 @@ def main() -> int:
     if args.quick:  # each bound once, on the smallest honest case; the MobileNetV2 W4A4 rows and joint search
         skip.add("joint")  # run in the full form only (the quick form checks their bounds on the digits CNN)
     failures: list[str] = []
-    net, spent, mark = None, {}, [time.process_time()]
+    net, w8a8, spent, mark = None, None, {}, [time.process_time()]
 
     def lap(section: str) -> None:
         spent[section] = spent.get(section, 0.0) + time.process_time() - mark[0]
@@ -559,7 +639,7 @@ def main() -> int:
             w8a8_ablation(net, calib, x_eval, ref)
             lap("W8A8 ablation")
     if "ptq" not in skip:
-        ptq_rows(net, calib, scoring, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
+        w8a8 = ptq_rows(net, calib, x_eval, ref, args.quick, failures, w8a8_only=args.only == "w8a8" or args.quick)
         lap("1-2 MobileNetV2 PTQ")
     if args.quick and "ptq" not in skip and not args.only:
         classifier_w4a4("digits-cnn", failures)
@@ -576,7 +656,7 @@ def main() -> int:
     if "latency" not in skip:
         linear_latency(args.quick, failures)
         lap("4a Linear latency")
-        conv_latency(net, calib, x_eval, args.quick, failures)
+        conv_latency(net, calib, x_eval, args.quick, failures, w8a8)
         lap("4b MobileNetV2 onnxruntime")
     if args.smollm and not args.only:
         smollm_rows(args.quick, failures, args.smollm_rows)

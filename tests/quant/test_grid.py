@@ -60,3 +60,25 @@ def test_depthwise_grid_is_per_output_channel():
     s = rows.abs().amax(1) / 127.5
     ref = torch.fake_quantize_per_channel_affine(rows, s, torch.zeros(32, dtype=torch.int32), 0, -128, 127)
     torch.testing.assert_close((Q - rows).norm(dim=1), (ref - rows).norm(dim=1), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (1000, 9), (300, 300)])  # all 80 factors at once; chunked; one at a time
+@pytest.mark.parametrize("bits,sym", [(2, False), (4, True), (8, False)])
+def test_batched_shrink_search_equals_the_reference_loop(shape, bits, sym):
+    """fit_rows scores shrink factors in batches: the same scale and zero, bit for bit, as GPTQ's reference
+    loop over the 80 factors (first factor of least error wins per row)."""
+    from brainsurgeon.quant.grid import _minmax_params, fit_rows, quantize
+
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) ** 3
+    X[0, 0] = 0.0
+    maxq = 2**bits - 1
+    xmin, xmax = X.amin(1).clamp(max=0), X.amax(1).clamp(min=0)
+    scale, zero = _minmax_params(xmin, xmax, maxq, sym)
+    best = torch.full_like(scale, float("inf"))
+    for i in range(80):
+        s, z = _minmax_params((1 - i / 100) * xmin, (1 - i / 100) * xmax, maxq, sym)
+        err = (quantize(X, s[:, None], z[:, None], maxq) - X).abs().pow(2.4).sum(1)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    s, z = fit_rows(X, bits, sym, mse=True)
+    assert torch.equal(s, scale) and torch.equal(z, zero)

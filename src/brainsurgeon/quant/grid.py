@@ -44,6 +44,9 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return scale * (q - zero)
 
 
+_CHUNK = 1 << 16  # entries of X x shrink factors fit_rows scores at once (256 KiB in float32: cache-sized)
+
+
 def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
@@ -58,22 +61,30 @@ def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool)
 
 def fit_rows(X: torch.Tensor, bits: int, sym: bool, mse: bool,
              grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4):
-    """Scale and zero (each shape rows) of one grid per row of X (rows x n)."""
+    """Scale and zero (each shape rows) of one grid per row of X (rows x n).
+
+    The shrink search scores up to ``_CHUNK / X.numel()`` shrink factors in one batched pass (a depthwise
+    conv's 3x3 rows take all 80 at once instead of 80 passes of tiny ops); per row the first factor of least
+    error wins, as in the reference loop."""
     maxq = 2**bits - 1
     xmin = torch.clamp(X.amin(dim=1), max=0)  # amin/amax: no argmin indices (min(dim=1) is 5x slower)
     xmax = torch.clamp(X.amax(dim=1), min=0)
     scale, zero = _minmax_params(xmin, xmax, maxq, sym)
     if not mse:
         return scale, zero
+    shrink = torch.tensor([1 - i / grid for i in range(int(maxshrink * grid))], dtype=torch.float64)
+    shrink = shrink.to(dtype=X.dtype, device=X.device)[:, None]  # (factors, 1)
     best = torch.full_like(scale, float("inf"))
-    for i in range(int(maxshrink * grid)):
-        p = 1 - i / grid
-        s, z = _minmax_params(p * xmin, p * xmax, maxq, sym)
-        err = (quantize(X, s[:, None], z[:, None], maxq) - X).abs_().pow_(norm).sum(1)
+    step = max(1, _CHUNK // max(1, X.numel()))
+    for j in range(0, len(shrink), step):
+        p = shrink[j:j + step]
+        s, z = _minmax_params(p * xmin, p * xmax, maxq, sym)  # (factors, rows)
+        err = (quantize(X, s[..., None], z[..., None], maxq) - X).abs_().pow_(norm).sum(-1)
+        err, i = err.min(0)  # the first factor of least error in this chunk
         better = err < best
         best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
+        scale = torch.where(better, s.gather(0, i[None])[0], scale)
+        zero = torch.where(better, z.gather(0, i[None])[0], zero)
     return scale, zero
 
 
