@@ -62,7 +62,7 @@ from brainsurgeon.models import pretrained
 from brainsurgeon.models.gan import finetune_pair_, mnist_domains, pretrained_cyclegan, translation_scores
 from brainsurgeon.prune.costs import measure
 from brainsurgeon.quant.measure import time_model
-from brainsurgeon.search.coevolve import coevolve, generator_fitness, l1_at_budget
+from brainsurgeon.search.coevolve import Recovery, coevolve, generator_fitness, l1_at_budget
 from brainsurgeon.search.evolve import Evolve, GeneticSearch
 from brainsurgeon.search.evolve_channels import ChannelSpace
 
@@ -75,36 +75,12 @@ def check(ok: bool, what: str) -> None:
         FAILED.append(what)
 
 
-def finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, steps, cache):
-    """The pair of genomes whose physically pruned generators, after `steps` fine-tuning steps on training images
-    a_ft / b_ft ([0, 1]), have the lowest distillation + cycle L1 (the fine-tuning objective; unsupervised) on the
-    held-out training images val_a / val_b (GAN range). Every arm is fine-tuned before it is measured, so the
-    finalists are compared after a short fine-tune rather than before it."""
-    scored = []
-    for i, (gg, gf) in enumerate(pairs):
-        G, F_ = copy.deepcopy(G0), copy.deepcopy(F0)
-        ChannelSpace(G, example).prune_(gg)
-        ChannelSpace(F_, example).prune_(gf)
-        finetune_pair_(G, F_, G0, F0, a_ft, b_ft, steps, seed=1, cache=cache)
-        G.eval()
-        F_.eval()
-        with torch.no_grad():
-            ga, fb = G(val_a), F_(val_b)
-            loss = ((ga - G0(val_a)).abs().mean() + (fb - F0(val_b)).abs().mean()
-                    + (F_(ga) - val_a).abs().mean() + (G(fb) - val_b).abs().mean())
-        scored.append((float(loss), i))
-    return pairs[min(scored)[1]]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced run; exit 1 if the bound fails")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ft-seed", type=int, default=0,
                     help="seed of the final fine-tuning every arm gets (to show a margin across seeds)")
-    ap.add_argument("--pick-top", type=int, default=1, metavar="K",
-                    help="candidates per generator in the final proxy fine-tune pick: the re-selected best, the next "
-                         "K-1 finalists by held-out fitness, and the seed (all pairs of them; default 1)")
     ap.add_argument("--train", type=int, metavar="STEPS", default=0,
                     help="retrain the CycleGAN for STEPS steps and write the package weights (models/weights/)")
     args = ap.parse_args()
@@ -126,7 +102,8 @@ def main() -> int:
     bn_a, bn_b = [a_train[64:96] * 2 - 1], [b_train[64:96] * 2 - 1]  # adaptive-BN batches (disjoint from fitness)
     n_val = 128 if q else 256  # held-out images on which the GAs' finalists are re-scored (disjoint from both)
     val_a, val_b = a_train[96:96 + n_val] * 2 - 1, b_train[96:96 + n_val] * 2 - 1
-    a_ft, b_ft = a_train[96 + n_val:], b_train[96 + n_val:]  # the finalists' proxy fine-tuning (not val)
+    rec_a = a_train[96 + n_val:96 + n_val + 320] * 2 - 1  # the fitness's 10-step recovery (disjoint from all)
+    rec_b = b_train[96 + n_val:96 + n_val + 320] * 2 - 1
     n_cal = 128 if q else 256
     calib_a, calib_b = [a_train[:n_cal] * 2 - 1], [b_train[:n_cal] * 2 - 1]
     cfg = Evolve(population=8 if q else 16, budget=40 if q else 160, tournament=3, mutation=0.03, elite=2, seed=0)
@@ -147,7 +124,7 @@ def main() -> int:
     fmt = "{:<24} {:>7} {:>7} {:>10} {:>6} {:>6} {:>6} {:>6} {:>10} {:>6} {:>6} {:>6} {:>6} {:>8}"
     print(fmt.format(*head))
     results, widths = {}, {}
-    ft_cache, pick_cache = {}, {}  # every arm's fine-tuning reads the same batches: the teachers run once per step
+    ft_cache = {}  # every arm's fine-tuning reads the same batches: the teachers run once per step
     for target in (1 / 2, 1 / 4, 1 / 8):
         arms = {}
         t = time.process_time()
@@ -157,13 +134,15 @@ def main() -> int:
         l1_f, keep_f = l1_at_budget(space_f, target)
         arms["uniform L1"] = (l1_g, l1_f, 0.0)
         rep_g, rep_f = space_g.budget_repair(target), space_f.budget_repair(target)
+        rc_g = Recovery(space_g, rec_a, steps=10, calib=bn_a)  # shared by both GAs (a cache per genome)
+        rc_f = Recovery(space_f, rec_b, steps=10, calib=bn_b)
         if not q:  # the full run only: the GAs' seed after the repair, and each generator's GA alone
             t = time.process_time()
             arms["L1 budget-filled"] = (rep_g(l1_g), rep_f(l1_f), 0.0)
-            fg = generator_fitness(space_g, D_B, fit_a, target, calib=bn_a, beta=0.0)
-            ff = generator_fitness(space_f, D_A, fit_b, target, calib=bn_b, beta=0.0)
-            vg = generator_fitness(space_g, D_B, val_a, target, calib=bn_a, beta=0.0)  # held-out re-selection
-            vf = generator_fitness(space_f, D_A, val_b, target, calib=bn_b, beta=0.0)
+            fg = generator_fitness(space_g, D_B, fit_a, target, recovery=rc_g, beta=0.0)
+            ff = generator_fitness(space_f, D_A, fit_b, target, recovery=rc_f, beta=0.0)
+            vg = generator_fitness(space_g, D_B, val_a, target, recovery=rc_g, beta=0.0)  # held-out re-selection
+            vf = generator_fitness(space_f, D_A, val_b, target, recovery=rc_f, beta=0.0)
             ga_g = GeneticSearch(cfg, space_g.segments, [l1_g], repair=rep_g)
             ga_g.run(lambda g, fg=fg: fg(g, None))
             ga_f = GeneticSearch(cfg, space_f.segments, [l1_f], repair=rep_f)
@@ -171,8 +150,8 @@ def main() -> int:
             alone_g = ga_g.reselect(lambda g, vg=vg: vg(g, None))
             alone_f = ga_f.reselect(lambda g, vf=vf: vf(g, None))
             arms["evolution alone"] = (alone_g.genome, alone_f.genome, time.process_time() - t)
-        kw_g = dict(partner=space_f, calib=bn_a, partner_calib=bn_b, beta=0.0)
-        kw_f = dict(partner=space_g, calib=bn_b, partner_calib=bn_a, beta=0.0)
+        kw_g = dict(partner=space_f, recovery=rc_g, partner_recovery=rc_f, beta=0.0)
+        kw_f = dict(partner=space_g, recovery=rc_f, partner_recovery=rc_g, beta=0.0)
         fgc = generator_fitness(space_g, D_B, fit_a, target, **kw_g)
         ffc = generator_fitness(space_f, D_A, fit_b, target, **kw_f)
         vgc = generator_fitness(space_g, D_B, val_a, target, **kw_g)
@@ -180,18 +159,8 @@ def main() -> int:
         t = time.process_time()
         co_g, co_f = coevolve(fgc, ffc, space_g.segments, space_f.segments, cfg, seeds_a=[l1_g], seeds_b=[l1_f],
                               repair_a=rep_g, repair_b=rep_f, final_a=vgc, final_b=vfc)
-        seed_g, seed_f = rep_g(l1_g), rep_f(l1_f)
-        cand_g = [co_g.genome, *co_g.runners_up[:args.pick_top - 1], seed_g]
-        cand_f = [co_f.genome, *co_f.runners_up[:args.pick_top - 1], seed_f]
-        pairs, seen = [], set()
-        for pair in ((gg, gf) for gg in cand_g for gf in cand_f):
-            key = (pair[0].numpy().tobytes(), pair[1].numpy().tobytes())
-            if key not in seen:
-                seen.add(key)
-                pairs.append(pair)
-        pick = finetune_pick(pairs, G0, F0, example, a_ft, b_ft, val_a, val_b, ft_steps // 4,
-                             pick_cache)
-        arms["co-evolution"] = (*pick, time.process_time() - t)
+        arms["co-evolution"] = (co_g.genome, co_f.genome, time.process_time() - t)
+        print(f"  ({1 / target:.0f}x: {rc_g.trained} + {rc_f.trained} candidates recovered)", flush=True)
         obs = [] if q else [("OBS-recon pruning", (None, None, 0.0))]
         for label, (gg, gf, secs) in list(arms.items()) + obs:
             G, F_ = copy.deepcopy(G0), copy.deepcopy(F0)
