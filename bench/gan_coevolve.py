@@ -8,11 +8,11 @@ and OBS-reconstruction channel pruning, on MNIST <-> thickened-inverted MNIST wi
 ``--quick`` runs only the two arms the bound compares (co-evolution and uniform L1); evolution alone, L1
 budget-filled and OBS-reconstruction pruning run in the full run only.
 
-Data: the GAs' fitness batches, adaptive-BN batches and held-out re-selection images are disjoint slices of the
-MNIST *training* half each domain is built from (``mnist_domains``); the reported fidelity is on MNIST *test*
-images, which no search, re-selection or fine-tuning step sees. (The default fitness weights alpha=1, gamma=0.1
-were first chosen from a correlation study scored on test images; re-done on held-out training images they
-still rank best of the combinations tried: ``search.coevolve.generator_fitness``.)
+Data: the GAs' fitness batches, adaptive-BN batches, held-out re-selection images and recovery images are
+disjoint slices of the MNIST *training* half each domain is built from (``mnist_domains``); the reported fidelity
+is on MNIST *test* images, which no search, re-selection or fine-tuning step sees. (The default fitness weights
+alpha=1, gamma=0.1 were first chosen from a correlation study scored on test images; re-done on held-out
+training images they still rank best of the combinations tried: ``search.coevolve.generator_fitness``.)
 
 The trained pair (G: A -> B, F: B -> A; ``brainsurgeon.models.gan``) ships as package data (safetensors).
 Arms at each budget (fraction of each generator's MACs kept: 1/2, 1/4, 1/8), all over the same
@@ -26,14 +26,15 @@ dependency-graph channel groups (5 per generator):
 * co-evolution: the two populations in turns, fitness ``-(L_DisA + L_dist + 0.1 L_cyc(partner's best))``
   (``search.coevolve``); the same evaluation budget per generator as evolution alone.
   Both GAs: every candidate repaired to the MAC budget with the top-L1 channels of each group (a search
-  over per-group widths), scored after re-estimating its BatchNorm statistics on 32 images of its own
-  domain (adaptive BN; the partner's on 32 of its domain), fitness on 32 (full: 64) images, seeded with
-  the uniform L1 masks; the finalists are re-scored on 128 (full: 256) held-out images
-  (``GeneticSearch.reselect``) and the best there is kept. Co-evolution's last step: the pairs formed from its
-  re-selected G and F and the budget-repaired seeds (at most 4) are each pruned, fine-tuned ft_steps/4 steps
-  on training images outside every other slice, and the pair with the lowest distillation + cycle L1 on the
-  held-out training images is kept (``finetune_pick``: every arm is measured after fine-tuning, so the
-  finalists are compared after a short one; no test image, no ground truth); its time is in "search s";
+  over per-group widths), seeded with the uniform L1 masks, and scored after a short recovery
+  (``search.coevolve.Recovery``): the candidate physically pruned, distilled 10 Adam steps of 32 images toward
+  the dense generator (the fine-tuning's own lr and loss, on 320 training images of its domain outside
+  every other slice), BatchNorm statistics re-estimated on 32 images (adaptive BN), and the partner's best
+  scored the same way; fitness terms on 32 (full: 64) images. Why: at 1/2 of the MACs the zero-shot fitness
+  (adaptive BN, no training) does not rank the candidates by their result after fine-tuning
+  (``bench/gan_fitness_study.py``), while the recovered one does. The finalists are re-scored on 128
+  (full: 256) held-out images (``GeneticSearch.reselect``; recoveries are cached per genome) and the best
+  there is kept; the search time, recoveries included, is in "search s";
 * OBS-reconstruction channel pruning: ``prune_(ChannelPruning(ratio=1 - kept, reconstruct="obs"))`` at the
   uniform L1 arm's kept fraction (its consumers re-solved by least squares on 256 A / B images; full run only).
 
@@ -88,7 +89,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
-    t0 = time.process_time()
+    t0, w0 = time.process_time(), time.perf_counter()
     if args.train:
         from brainsurgeon.models.gan import _weights_path, save_cyclegan, train_cyclegan
 
@@ -104,11 +105,12 @@ def main() -> int:
     bn_a, bn_b = [a_train[64:96] * 2 - 1], [b_train[64:96] * 2 - 1]  # adaptive-BN batches (disjoint from fitness)
     n_val = 128 if q else 256  # held-out images on which the GAs' finalists are re-scored (disjoint from both)
     val_a, val_b = a_train[96:96 + n_val] * 2 - 1, b_train[96:96 + n_val] * 2 - 1
-    rec_a = a_train[96 + n_val:96 + n_val + 320] * 2 - 1  # the fitness's 10-step recovery (disjoint from all)
+    rec_a = a_train[96 + n_val:96 + n_val + 320] * 2 - 1  # the fitness's recovery (disjoint from all)
     rec_b = b_train[96 + n_val:96 + n_val + 320] * 2 - 1
     n_cal = 128 if q else 256
     calib_a, calib_b = [a_train[:n_cal] * 2 - 1], [b_train[:n_cal] * 2 - 1]
-    cfg = Evolve(population=8 if q else 16, budget=40 if q else 160, tournament=3, mutation=0.03, elite=2, seed=0)
+    cfg = Evolve(population=6 if q else 12, budget=12 if q else 96, tournament=3, mutation=0.03, elite=2, seed=0)
+    rec_steps = 5 if q else 10
     ft_steps = 40 if q else 200
     example = fit_a[:1]
     dense_macs, dense_params = measure(G0, example).total_macs, sum(p.numel() for p in G0.parameters())
@@ -137,8 +139,8 @@ def main() -> int:
         l1_f, keep_f = l1_at_budget(space_f, target)
         arms["uniform L1"] = (l1_g, l1_f, 0.0)
         rep_g, rep_f = space_g.budget_repair(target), space_f.budget_repair(target)
-        rc_g = Recovery(space_g, rec_a, steps=10, calib=bn_a)  # shared by both GAs (a cache per genome)
-        rc_f = Recovery(space_f, rec_b, steps=10, calib=bn_b)
+        rc_g = Recovery(space_g, rec_a, steps=rec_steps, calib=bn_a)  # shared by both GAs (a cache per genome)
+        rc_f = Recovery(space_f, rec_b, steps=rec_steps, calib=bn_b)
         if not q:  # the full run only: the GAs' seed after the repair, and each generator's GA alone
             t = time.process_time()
             arms["L1 budget-filled"] = (rep_g(l1_g), rep_f(l1_f), 0.0)
@@ -192,8 +194,9 @@ def main() -> int:
             if gg is not None:
                 widths[(target, label)] = (space_g.split(gg), space_f.split(gf))
     print(f"  ({n_test} test images; GA population {cfg.population}, {cfg.budget} evaluations per generator "
-          f"(co-evolution: the same per population); fine-tuning {ft_steps} steps of 32 for every arm; "
-          f"{time.process_time() - t0:.0f} CPU s)")
+          f"(co-evolution: the same per population), candidates scored after a {rec_steps}-step recovery; "
+          f"fine-tuning {ft_steps} steps of 32 for every arm; {time.process_time() - t0:.0f} CPU s, "
+          f"{time.perf_counter() - w0:.0f} s wall)")
     print("  channels kept per group (stem, down/residual, block 0, block 1, up), G | F:")
     for (target, label), (wg, wf) in widths.items():
         print(f"    {1 / target:.0f}x {label:<18} {[int(b.sum()) for b in wg]} | {[int(b.sum()) for b in wf]}")
