@@ -32,7 +32,7 @@ dependency-graph channel groups (5 per generator):
   every other slice), BatchNorm statistics re-estimated on 32 images (adaptive BN), and the partner's best
   scored the same way; fitness terms on 32 (full: 64) images. Why: at 1/2 of the MACs the zero-shot fitness
   (adaptive BN, no training) does not rank the candidates by their result after fine-tuning
-  (``bench/gan_fitness_study.py``), while the recovered one does. The finalists are re-scored on 128
+  (``bench/gan_fitness_study.py``), while the recovered one does. The finalists are re-scored on 64
   (full: 256) held-out images (``GeneticSearch.reselect``; recoveries are cached per genome) and the best
   there is kept; the search time, recoveries included, is in "search s";
 * OBS-reconstruction channel pruning: ``prune_(ChannelPruning(ratio=1 - kept, reconstruct="obs"))`` at the
