@@ -2,8 +2,8 @@
 and OBS-reconstruction channel pruning, on MNIST <-> thickened-inverted MNIST with a known ground truth.
 
     python bench/gan_coevolve.py --quick    # 2x/4x/8x fewer generator MACs: co-evolution vs uniform L1 only
-    python bench/gan_coevolve.py            # all five arms; population 16, 160 evaluations, 200 fine-tuning steps,
-                                            # 2,000 test images
+    python bench/gan_coevolve.py            # all five arms; population 12, 96 evaluations, 200 fine-tuning steps,
+                                            # 2,000 test images (--budget 2 / 4 / 8: one part, 4-7 CPU minutes)
 
 ``--quick`` runs only the two arms the bound compares (co-evolution and uniform L1); evolution alone, L1
 budget-filled and OBS-reconstruction pruning run in the full run only.
