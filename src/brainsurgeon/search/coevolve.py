@@ -94,11 +94,10 @@ class Recovery:
     (0.5, 0.999), as ``models.gan.finetune_pair_``) of L1 to the dense generator's outputs on consecutive
     `batch`-sized slices of x (steps * batch images), its BatchNorm statistics then re-estimated on `calib`
     (adaptive BN), in eval mode. Results are cached per genome (`cache` entries), so a fitness re-scoring a
-    survivor against a new partner, or on held-out images, trains nothing again. Why: at 1/2 of the MACs
-    the zero-shot fitness (adaptive BN, no training) does not rank the candidates by their result after the
-    40-step fine-tuning (Spearman -0.12 over 12 pairs near uniform on the MNIST CycleGAN), and the
-    search kept widths near uniform L1 that fine-tune no better; a 10-step recovery ranks them (see the
-    ``gan_coevolve`` bench's notes for the measured correlations).
+    survivor against a new partner, or on held-out images, trains nothing again. Why: on the MNIST CycleGAN
+    (14 budget-repaired pairs, ``bench/gan_fitness_study.py``) the zero-shot fitness (adaptive BN, no
+    training) has Spearman -0.36 at 1/2 of the MACs with the result after the 40-step fine-tuning (its best
+    pair ends worst) and +0.78 at 1/8; after a 5 / 10-step recovery +0.69 / +0.76 and +0.95 / +0.98.
 
     >>> rec = Recovery(space, x_train, steps=10, calib=[x_cal])
     >>> fit = generator_fitness(space, D, x, 0.5, recovery=rec, beta=0.0)
