@@ -7,7 +7,7 @@ import torch
 
 from brainsurgeon.errors import ConfigError
 from brainsurgeon.models.gan import PatchDiscriminator, ResnetGenerator
-from brainsurgeon.search.coevolve import coevolve, generator_fitness, l1_at_budget
+from brainsurgeon.search.coevolve import Recovery, coevolve, generator_fitness, l1_at_budget
 from brainsurgeon.search.evolve import Evolve, GeneticSearch
 from brainsurgeon.search.evolve_channels import ChannelSpace
 
@@ -232,3 +232,52 @@ def test_reselect_rescores_the_finalists_and_seeds_on_held_out_fitness():
                     Evolve(population=6, budget=60, seed=0, init_dense=False), seeds_a=[truth], seeds_b=[truth],
                     final_a=lambda g, _p: float((g == truth).sum()), final_b=lambda g, _p: float((g == truth).sum()))
     assert torch.equal(a.genome, truth) and torch.equal(b.genome, truth)
+
+
+def test_pruned_copy_computes_what_the_mask_computes_and_leaves_the_model():
+    G, _, x = _trained_bn_pair()
+    sg = ChannelSpace(G, x[:1])
+    genome = sg.l1_genome(0.5)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    small = sg.pruned(genome)
+    with torch.no_grad(), sg.masked(genome) as m:
+        want = m(x)
+    assert torch.allclose(small(x), want, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in G.parameters())
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())
+
+
+def test_recovery_distils_the_pruned_copy_caches_it_and_is_deterministic():
+    G, F_, x = _trained_bn_pair()
+    sg, sf = ChannelSpace(G, x[:1]), ChannelSpace(F_, x[:1])
+    xs = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    genome = sg.l1_genome(0.5)
+    rec = Recovery(sg, xs, steps=6, batch=4, lr=1e-2, calib=[x])
+    m = rec(genome)
+    assert not m.training and rec.trained == 1 and rec(genome) is m  # cached: trained once
+    with torch.no_grad():
+        y0 = G(xs)
+        start = sg.pruned(genome)
+        ChannelSpace._estimate(start, [b for b in start.modules() if isinstance(b, torch.nn.BatchNorm2d)], [x])
+        start.eval()
+        assert float((m(xs) - y0).abs().mean()) < float((start(xs) - y0).abs().mean())  # it distilled
+    again = Recovery(sg, xs, steps=6, batch=4, lr=1e-2, calib=[x])(genome)
+    assert torch.equal(again(x), m(x))  # bit-identical on a rerun
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())  # the space's model untouched
+    small = Recovery(sg, xs, steps=1, batch=4, cache=1)
+    small(genome)
+    small(sg.l1_genome(0.25))
+    assert len(small.cache) == 1 and small.trained == 2
+    # the fitness with recovery scores the recovered candidate and the recovered partner
+    D = PatchDiscriminator(4).eval()
+    rf = Recovery(sf, xs, steps=2, batch=4, calib=[x])
+    pg = sf.l1_genome(0.5)
+    fit = generator_fitness(sg, D, x, target=0.5, partner=sf, recovery=rec, partner_recovery=rf, beta=0.0)
+    with torch.no_grad():
+        y0, y = G(x), m(x)
+        want = -(float(((D(y) - D(y0)) ** 2).mean()) + float((y - y0).abs().mean())
+                 + 0.1 * float((rf(pg)(y) - x).abs().mean()))
+    assert abs(fit(genome, pg) - want) < 1e-6 and rec.trained == 1 and rf.trained == 1
+    with pytest.raises(ConfigError, match="steps \\* batch"):
+        Recovery(sg, xs, steps=7, batch=4)

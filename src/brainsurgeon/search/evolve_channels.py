@@ -14,6 +14,7 @@ what removing them computes; the winner is then removed physically by the graph'
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -259,6 +260,15 @@ class ChannelSpace:
             return torch.cat(out)
 
         return repair
+
+    def pruned(self, genome: torch.Tensor) -> nn.Module:
+        """A physically pruned copy of the model (``prune_`` on a deep copy of the space); the model is unchanged.
+
+        >>> small = space.pruned(genome)                    # train it, measure it; space.model stays dense
+        """
+        other = copy.deepcopy(self)
+        other.prune_(genome)
+        return other.model
 
     def prune_(self, genome: torch.Tensor) -> list[str]:
         """Remove the dropped channels physically with the graph's verified surgery; returns one note per group.
