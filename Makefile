@@ -51,7 +51,7 @@ test-slow: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 # run a script without --quick for the full table quoted in the issue notes. mobilenet_bops runs last (its
 # cold run builds a 264-entry database, ~3.5 min); set -e stops at the first failing bound. act_quant is
 # last: its W8A8 MobileNetV2 >= 97 % agreement bound fails (84.4 %; README, act_diag.py), so it exits 1.
-BENCHES := obs_layers graph_coverage graph_attention graph_tracers prune_real speedups roundtrip interop toolbox search_budgets minilm compact mobilenet_bops graph_zoo act_quant
+BENCHES := obs_layers graph_coverage graph_attention graph_tracers prune_real speedups roundtrip interop toolbox search_budgets minilm compact gan_coevolve mobilenet_bops graph_zoo act_quant
 bench: $(STAMP) $(ASSETS) $(BIG_ASSETS)
 	set -e; for b in $(BENCHES); do echo "== bench/$$b.py --quick"; $(BIN)/python bench/$$b.py --quick; done
 
