@@ -93,6 +93,7 @@ def capture(model, batches, names) -> dict[str, list[torch.Tensor]]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+@torch.no_grad()
 def part_stats(s: dict, n_words: int) -> None:
     from _text import sentence_batches
     from brainsurgeon.calib.lengths import short_prefixes
@@ -114,7 +115,7 @@ def part_stats(s: dict, n_words: int) -> None:
           f"{'err G/R: <s>':>12} {'word':>6} {'</s>':>6} {'calib':>6} | {'amax <s> (ch)':>14} "
           f"{'</s> (ch)':>13} {'word':>6} {'calib':>6}")
     for n in names:
-        X, Xw = cal[n], wx[n]
+        X, Xw = cal[n].clone(), wx[n].clone()
         H = X.T @ X / len(X)
         delta = 0.01 * H.diagonal().mean()
         lam, U = torch.linalg.eigh(H)
@@ -125,7 +126,7 @@ def part_stats(s: dict, n_words: int) -> None:
 
         Hi = torch.linalg.inv(H + delta * torch.eye(len(H)))
         lev = lambda x, Hi=Hi: (x @ Hi * x).sum(1).mean() / x.shape[1]  # noqa: E731
-        W = dense.get_submodule(n).weight.float()
+        W = dense.get_submodule(n).weight.detach().float()
         dg, dr = mg[n].weight.float() - W, mr[n].weight.float() - W
 
         def err(x, W=W, dg=dg, dr=dr):
