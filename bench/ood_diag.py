@@ -104,48 +104,47 @@ def part_stats(s: dict, n_words: int) -> None:
     cal = capture(dense, s["calib"] + mix, names)
     words = s["words"][:: max(1, len(s["words"]) // n_words)][:n_words]
     wx = capture(dense, sentence_batches(tok, words, 64, 32), names)
-    ids = wx["_ids"]
-    kinds = {"<s>": ids == tok.bos_token_id, "word": (ids != tok.bos_token_id) & (ids != tok.eos_token_id),
-             "</s>": ids == tok.eos_token_id}
+    marks = (tok.bos_token_id, tok.eos_token_id)
+
+    def kinds(ids):  # content tokens / the <s>, </s> marks
+        m = (ids == marks[0]) | (ids == marks[1])
+        return ~m, m
+
+    (cw, mw), (cc, mc) = kinds(wx["_ids"]), kinds(cal["_ids"])
     gptq, rtn = build(s, bs.GPTQ(**Q)), build(s, bs.RTN(**Q))
     mg, mr = dict(gptq.named_modules()), dict(rtn.named_modules())
-    print(f"calibration tokens {len(cal['_ids'])} (with the length mix), word tokens {len(ids)} "
-          f"({n_words} words: " + ", ".join(f"{k} {int(v.sum())}" for k, v in kinds.items()) + ")")
-    print(f"{'layer':<30} {'rank':>5} | {'low: <s>':>8} {'word':>6} {'</s>':>6} {'calib':>6} | {'lev w/c':>7} | "
-          f"{'err G/R: <s>':>12} {'word':>6} {'</s>':>6} {'calib':>6} | {'amax <s> (ch)':>14} "
-          f"{'</s> (ch)':>13} {'word':>6} {'calib':>6}")
+    print(f"calibration tokens {len(cc)} (with the length mix; {int(mc.sum())} marks), word-input tokens {len(cw)} "
+          f"({n_words} words; {int(mw.sum())} marks). Per-token means; low/lev/err as in the docstring.")
+    print(f"{'layer':<24} {'rank':>4} {'H tr marks':>10} | {'low: w-cont':>11} {'c-cont':>6} {'c-mark':>6} | "
+          f"{'lev: w/c cont':>13} | {'err G/R: w-cont':>15} {'w-mark':>6} {'c-cont':>6} {'c-mark':>6} | "
+          f"{'|x| w-cont':>10} {'c-cont':>6} {'c-mark':>6}")
     for n in names:
         X, Xw = cal[n].clone(), wx[n].clone()
         H = X.T @ X / len(X)
         delta = 0.01 * H.diagonal().mean()
         lam, U = torch.linalg.eigh(H)
         low = U[:, lam < delta]
+        Hi = torch.linalg.inv(H + delta * torch.eye(len(H)))
+        W = dense.get_submodule(n).weight.detach().float()
+        dg, dr = mg[n].weight.detach().float() - W, mr[n].weight.detach().float() - W
 
         def lowfrac(x, low=low):
-            return float(((x @ low) ** 2).sum() / (x ** 2).sum())
+            return float(((x @ low) ** 2).sum(1).div((x ** 2).sum(1)).mean())
 
-        Hi = torch.linalg.inv(H + delta * torch.eye(len(H)))
-        lev = lambda x, Hi=Hi: (x @ Hi * x).sum(1).mean() / x.shape[1]  # noqa: E731
-        W = dense.get_submodule(n).weight.detach().float()
-        dg, dr = mg[n].weight.float() - W, mr[n].weight.float() - W
+        def lev(x, Hi=Hi):
+            return float((x @ Hi * x).sum(1).mean())
 
-        def err(x, W=W, dg=dg, dr=dr):
-            y = (x @ W.T).pow(2).sum()
-            return float((x @ dg.T).pow(2).sum() / y) / float((x @ dr.T).pow(2).sum() / y)
+        def err(x, dg=dg, dr=dr):  # mean over tokens of the GPTQ / RTN ratio of ||dW x||^2
+            return float(((x @ dg.T).pow(2).sum(1) / (x @ dr.T).pow(2).sum(1)).mean())
 
-        def amax(x):
-            a = x.abs().max(0)
-            v, c = a.values.max(0)
-            return float(v), int(a.values.argmax())
+        def norm(x):
+            return float(x.norm(dim=1).mean())
 
-        rank = int((lam > 1e-6 * lam.max()).sum())
-        ab, ae, aw, ac = (amax(Xw[kinds["<s>"]]), amax(Xw[kinds["</s>"]]), amax(Xw[kinds["word"]]), amax(X))
-        print(f"{n.replace('encoder.layer.', 'L'):<30} {rank:>5} | "
-              + " ".join(f"{lowfrac(Xw[k]):>{w}.3f}" for k, w in zip(kinds.values(), (8, 6, 6), strict=True))
-              + f" {lowfrac(X):>6.3f} | {float(lev(Xw[kinds['word']]) / lev(X)):>7.2f} | "
-              + " ".join(f"{err(Xw[k]):>{w}.2f}" for k, w in zip(kinds.values(), (12, 6, 6), strict=True))
-              + f" {err(X):>6.2f} | {ab[0]:>7.1f} ({ab[1]:>4}) {ae[0]:>6.1f} ({ae[1]:>4}) {aw[0]:>6.1f} {ac[0]:>6.1f}",
-              flush=True)
+        print(f"{n.replace('encoder.layer.', 'L').replace('attention.attn.', ''):<24} "
+              f"{int((lam > 1e-6 * lam.max()).sum()):>4} {float((X[mc] ** 2).sum() / (X ** 2).sum()):>10.3f} | "
+              f"{lowfrac(Xw[cw]):>11.3f} {lowfrac(X[cc]):>6.3f} {lowfrac(X[mc]):>6.3f} | "
+              f"{lev(Xw[cw]) / lev(X[cc]):>13.2f} | {err(Xw[cw]):>15.2f} {err(Xw[mw]):>6.2f} {err(X[cc]):>6.2f} "
+              f"{err(X[mc]):>6.2f} | {norm(Xw[cw]):>10.1f} {norm(X[cc]):>6.1f} {norm(X[mc]):>6.1f}", flush=True)
 
 
 def main() -> int:
