@@ -93,6 +93,21 @@ def capture(model, batches, names) -> dict[str, list[torch.Tensor]]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def part_vocab(s: dict, n: int = 256) -> None:
+    """Calibration plus n single-token inputs "<s> t </s>" of whole-word vocabulary entries (seeded sample, the
+    SimLex / WS-353 words left out): does covering token identities (not only short lengths) close the gap?"""
+    import random
+
+    from _text import sentence_batches
+
+    tok, held = s["tok"], set(s["words"])
+    vocab = sorted(t for t in tok.get_vocab() if t.isalpha() and t.islower() and len(t) >= 3 and t not in held)
+    pick = random.Random(0).sample(vocab, n)
+    header()
+    row(s, "GPTQ default", bs.GPTQ(**Q))
+    row({**s, "calib": s["calib"] + sentence_batches(tok, pick, 64, 8)}, f"  + {n} vocabulary singles", bs.GPTQ(**Q))
+
+
 @torch.no_grad()
 def part_stats(s: dict, n_words: int) -> None:
     from _text import sentence_batches
@@ -149,14 +164,14 @@ def part_stats(s: dict, n_words: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("loc", "stats", "reg"), required=True)
+    ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab"), required=True)
     ap.add_argument("--model", choices=("minilm", "mpnet"), default="mpnet")
     ap.add_argument("--n-words", type=int, default=300, help="part stats: words (every k-th of the vocabulary)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = encoder_setup(args.model)
     print(f"{args.model}, 4-bit g128, calibration 16 sentences ({s['ntok']} tokens)", flush=True)
-    {"loc": part_loc, "reg": part_reg}.get(args.part, lambda s: part_stats(s, args.n_words))(s)
+    {"loc": part_loc, "reg": part_reg, "vocab": part_vocab}.get(args.part, lambda s: part_stats(s, args.n_words))(s)
     return 0
 
 
