@@ -140,7 +140,6 @@ def part_vocab(s: dict, n: int = 256) -> None:
     vocab = sorted(t for t in tok.get_vocab() if t.isalpha() and t.islower() and len(t) >= 3 and t not in held)
     pick = random.Random(0).sample(vocab, n)
     header()
-    row(s, "GPTQ default", bs.GPTQ(**Q))
     row({**s, "calib": s["calib"] + sentence_batches(tok, pick, 64, 8)}, f"  + {n} vocabulary singles", bs.GPTQ(**Q))
 
 
@@ -202,12 +201,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab"), required=True)
     ap.add_argument("--model", choices=("minilm", "mpnet"), default="mpnet")
+    ap.add_argument("--n-vocab", type=int, default=256, help="part vocab: vocabulary singles added")
     ap.add_argument("--n-words", type=int, default=300, help="part stats: words (every k-th of the vocabulary)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = encoder_setup(args.model)
     print(f"{args.model}, 4-bit g128, calibration 16 sentences ({s['ntok']} tokens)", flush=True)
-    {"loc": part_loc, "reg": part_reg, "vocab": part_vocab}.get(args.part, lambda s: part_stats(s, args.n_words))(s)
+    {"loc": part_loc, "reg": part_reg, }.get(
+        args.part, lambda s: part_vocab(s, args.n_vocab) if args.part == "vocab" else part_stats(s, args.n_words))(s)
     return 0
 
 
