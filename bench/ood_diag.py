@@ -59,12 +59,12 @@ quantized late).
 vocabulary tokens, each alone as "<s> t </s>", the SimLex / WS-353 words left out; no bootstrap run):
     GPTQ default                         0.9801    0.9023   0.4559   0.4617
       + 256 vocabulary singles           0.9724    0.9690   0.5307   0.7122     (RTN .9634 / .9575 / .5536 / .7473)
-Cause: H is estimated from ~500 tokens of ~230 distinct identities; a probe word's identity (and so its
+Cause: H is estimated from 534 tokens (rank 230 at layer 0's input, the embeddings); a probe word's identity (and so its
 activations in every layer) lies mostly outside H's excited span, and GPTQ's OBS compensation
 dW = -(w_q - w) [H^-1]_{:,q} / [H^-1]_qq is unconstrained there. The length mix fixes the regime's length
 and the marks, not the identities. Principled fix: make H cover the input space a deployed encoder sees,
 not only the calibration text: a data-free vocabulary term (single-token inputs of a seeded vocabulary
-sample, like the length mix, as a CalibOptions field), or equivalently restrict the compensation to H's
+sample, like the length mix, as a CalibOptions field), or (untested) restrict the compensation to H's
 well-excited span (leaving directions calibration never excites at RTN's error) instead of damping.
 """
 
