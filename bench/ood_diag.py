@@ -59,6 +59,10 @@ quantized late).
 vocabulary tokens, each alone as "<s> t </s>", the SimLex / WS-353 words left out; no bootstrap run):
     GPTQ default                         0.9801    0.9023   0.4559   0.4617
       + 256 vocabulary singles           0.9724    0.9690   0.5307   0.7122     (RTN .9634 / .9575 / .5536 / .7473)
+      + 1024 vocabulary singles          0.9687    0.9808   0.5395   0.7248     (--n-vocab 1024)
+The word embeddings then beat RTN's (word cos .98 vs .96) but the rho stay a little below RTN's and ID falls as
+the singles (768 / 3,072 tokens against 462) outweigh the sentences: the weighting of the two regimes in H
+is the open design question (e.g. equal trace per regime).
 Cause: H is estimated from 534 tokens (rank 230 at layer 0's input, the embeddings); a probe word's identity (and so its
 activations in every layer) lies mostly outside H's excited span, and GPTQ's OBS compensation
 dW = -(w_q - w) [H^-1]_{:,q} / [H^-1]_qq is unconstrained there. The length mix fixes the regime's length
