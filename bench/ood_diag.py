@@ -48,11 +48,12 @@ tokens and for the marks; its damped leverage is 11-380x a calibration content
 token's while the norms are alike (mean |x| 8-19 vs 6-20). In layer 0 (the embedding LayerNorm
 output, H rank 230) 64 % of it lies there: the token identities of the probes never occur in 16 sentences, and
 the residual stream carries that identity to every later layer. GPTQ is 3-10x better than RTN on calibration
-content tokens (err G/R 0.1-0.3) and on the word inputs' own <s>/</s> (0.0-0.5), but no better or worse than
+content tokens (err G/R 0.1-0.3) and on the word inputs' own <s>/</s> (mostly 0.0-0.5), but no better or worse than
 RTN on the word token in layers 0-6 (qkv 0.84-1.15, FFN1 1.03-2.45, FFN2 0.98-1.87): its compensation
 lands in the directions calibration never excites. The marks carry massive activations (|x| up to ~100 at a
-few channels, up to 81 % of H's trace in late FFN2), but GPTQ handles them well (err G/R on marks <= 0.5
-everywhere but L11.o). L2.output.dense has err G/R 1.00 on everything: GPTQ's weights equal RTN's there.
+few channels, up to 81 % of H's trace in late FFN2), but GPTQ handles them well (err G/R on the word inputs'
+marks below 1 everywhere: 0.00-0.72, L11.intermediate .87, L11.o .98).
+L2.output.dense has err G/R 1.00 on everything: GPTQ's weights equal RTN's there.
 (3) No regulariser of H restores the words while keeping ID: damping 1.0 recovers WS-353 only to .55 (RTN
 .75), damping 0.1 and shrink 0.6 make it worse, act-order off collapses it (the massive-activation columns
 quantized late).
