@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from brainsurgeon.calib import cache_batches, iter_batches, move_to
+from brainsurgeon.calib.data import eval_mode
 from brainsurgeon.errors import CalibrationError
 
 
@@ -77,3 +78,14 @@ def test_eval_forwards_runs_each_batch_in_eval_and_gives_every_flag_back_even_on
         eval_forwards(model, [torch.randn(2, 4)])  # wrong width: the forward raises
     assert (model.training, model[0].training, model[1].training) == (True, False, True)
     assert eval_forwards(model, [torch.randn(2, 3) for _ in range(5)], max_batches=2) == 2
+
+
+def test_eval_mode_gives_each_submodule_its_flag_back_also_on_error():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm1d(2)))
+    m.train()
+    m[1].eval()
+    before = [s.training for s in m.modules()]
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(m):
+        assert not any(s.training for s in m.modules())
+        raise RuntimeError("boom")
+    assert [s.training for s in m.modules()] == before == [True, True, False, True, True]

@@ -18,6 +18,7 @@ dropped)::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -187,19 +188,31 @@ def eval_forwards(model: nn.Module, calib: Any, max_batches: int = 0, each: Call
 
     >>> eval_forwards(model, calib, each=seen.clear)
     """
-    modes = {m: m.training for m in model.modules()}
     dev, n = model_device(model), 0
-    try:
-        model.eval()
+    with eval_mode(model):
         for args, kwargs in iter_batches(calib, max_batches):
             if each is not None:
                 each()
             model(*move_to(args, dev), **move_to(kwargs, dev))
             n += 1
+    return n
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with `model` in eval mode; on exit, also on error, give every submodule its own
+    train/eval flag back (``model.train()`` would set one flag on all of them).
+
+    >>> with eval_mode(model):
+    ...     model(x)
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return n
 
 
 def relocate_(module: nn.Module, device: torch.device | str, skip: str = "") -> list[tuple[Any, ...]]:

@@ -29,7 +29,17 @@ from torch import nn
 
 from .._log import get_logger
 from ..config import CalibOptions
-from .data import Batch, CachedBatches, cache_batches, first_tensor, is_one_shot, iter_batches, model_device, move_to
+from .data import (
+    Batch,
+    CachedBatches,
+    cache_batches,
+    eval_mode,
+    first_tensor,
+    is_one_shot,
+    iter_batches,
+    model_device,
+    move_to,
+)
 
 __all__ = ["is_causal", "mix_lengths", "short_prefixes", "token_batch"]
 
@@ -132,17 +142,14 @@ def is_causal(model: nn.Module, batch: Batch) -> bool | None:
     other[:, k:2 * k] = s["input_ids"][:, :k]
     if n < 2 or torch.equal(other, s["input_ids"]):
         return None
-    dev, modes = model_device(model), {m: m.training for m in model.modules()}
+    dev = model_device(model)
     try:
-        model.eval()  # dropout would make any model look bidirectional
-        a, b = (first_tensor(model(**shared, **move_to({**s, "input_ids": ids}, dev)))
-                for ids in (s["input_ids"], other))
+        with eval_mode(model):  # dropout would make any model look bidirectional
+            a, b = (first_tensor(model(**shared, **move_to({**s, "input_ids": ids}, dev)))
+                    for ids in (s["input_ids"], other))
     except Exception as e:  # noqa: BLE001 - the probe only decides whether to add data: say why it could not
         log.info("is_causal: the probe forward failed (%s: %s)", type(e).__name__, e)
         return None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     if (a is None or b is None or a.dim() < 2 or tuple(a.shape[:2]) != (1, n) or a.shape != b.shape
             or not a.is_floating_point()):
         return None

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..calib.data import iter_batches, prepare_calibration
+from ..calib.data import eval_mode, iter_batches, prepare_calibration
 from ..config import CalibOptions, Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow
@@ -112,22 +112,18 @@ def following_batchnorm(model: nn.Module, names: list[str], calib: Any) -> dict[
             found[name] = w / (m.running_var + m.eps).sqrt()
 
     modules = dict(model.named_modules())
-    was = {m: m.training for m in model.modules()}
     try:
         for n in names:
             hooks.append(modules[n].register_forward_hook(conv_hook(n)))
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 hooks.append(m.register_forward_pre_hook(bn_hook))
-        model.eval()
         args, kwargs = next(iter(iter_batches(calib, max_batches=1)))
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in was.items():
-            m.training = mode
     return found
 
 

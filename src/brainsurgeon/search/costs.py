@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..calib import num_columns, num_groups, resolve_layers
+from ..calib.data import eval_mode
 from ..calib.forwards import _forward
 from ..calib.hessian import first_input
 from ..config import Pattern
@@ -90,16 +91,12 @@ def profile_layers(model: nn.Module, names: list[str], example_inputs: Any) -> d
         def hook(m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
             shapes.setdefault(name, tuple(first_input(args, kwargs).shape))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _forward(model, move_to(to_args_kwargs(example_inputs), model_device(model)))
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     missing = [n for n in layers if n not in shapes]
     if missing:
         raise CalibrationError(f"layer(s) {missing} were not reached by the example inputs; pass a batch "
