@@ -103,8 +103,11 @@ def short_prefixes(batches: Iterable[Batch], lengths: tuple[int, ...] = (1, 2, 3
     """
     if not lengths or any(k < 1 for k in lengths):
         raise ValueError(f"short_prefixes: lengths must be positive token counts, got {lengths!r}")
-    batches = list(batches)
-    samples, shared = _samples(batches)
+    return _prefixes(*_samples(batches), lengths)
+
+
+def _prefixes(samples: list[dict[str, torch.Tensor]], shared: dict[str, Any], lengths: tuple[int, ...]) -> list[Batch]:
+    """:func:`short_prefixes` of samples already cut to their real positions (:func:`_samples`)."""
     start, end = _marks(samples)
     groups: dict[int, list[dict[str, torch.Tensor]]] = {}
     for j, s in enumerate(samples):
@@ -186,11 +189,11 @@ def mix_lengths(model: nn.Module, calib: Any, options: CalibOptions) -> tuple[An
         return calib, ["calibration length mix: the model is causal (its outputs at a sample's first positions do "
                        "not depend on the tokens after them), so short prefixes would only repeat rows the Hessians "
                        "already have; none added"]
-    extra = short_prefixes(batches, lengths)
+    samples, shared = _samples(batches)
+    extra = _prefixes(samples, shared, lengths)
     rows = sum(b[1]["input_ids"].numel() for b in extra)
-    real = sum(int((kw["attention_mask"] != 0).sum()) if "attention_mask" in kw else kw["input_ids"].numel()
-               for _, kw in batches)
-    start, end = _marks(_samples(batches)[0])
+    real = sum(len(s["input_ids"]) for s in samples)
+    start, end = _marks(samples)
     ends = " and ".join(w for w, on in (("start", start), ("end", end)) if on) or "no"
     return CachedBatches(list(batches) + extra), [
         f"calibration length mix: the model is bidirectional (its outputs at a sample's first positions "
