@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_open
+from ..calib.data import eval_mode
 from ..errors import ConfigError
 from .evolve import Evolve, GeneticSearch, Individual
 from .evolve_channels import ChannelSpace
@@ -110,12 +111,8 @@ class Recovery:
                               f"steps={steps}, batch={batch}, {len(x)} images; pass more images or fewer steps")
         self.space, self.steps, self.lr, self.batch, self.calib = space, steps, lr, batch, calib
         self.x = x[:steps * batch]
-        G = space.model
-        was = G.training
-        G.eval()
-        with torch.no_grad():
-            self.teacher = G(self.x)
-        G.train(was)
+        with eval_mode(space.model), torch.no_grad():
+            self.teacher = space.model(self.x)
         self.size, self.cache = cache, {}
         self.trained = 0  # candidates recovered (cache misses)
 
@@ -187,12 +184,9 @@ def generator_fitness(space: ChannelSpace, D: nn.Module, x: torch.Tensor, target
     """
     G = space.model
     under = beta if under is None else under
-    with torch.no_grad():
-        was = G.training
-        G.eval()
+    with eval_mode(G), torch.no_grad():
         y0 = G(x)  # the dense generator's output
         ref = D(y0)  # ... as the discriminator judges it
-        G.train(was)
 
     partner_stats: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # the partner's best: adapted once
 
