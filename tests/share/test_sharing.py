@@ -203,3 +203,16 @@ def test_sensitivities_match_hand_computation_and_leave_no_trace():
     assert net.training and all(p.grad is None and p.requires_grad for p in net.parameters())
     bits = adaptive_bits(net, {"0": 100.0, "2": 0.001}, avg_bits=4.0)
     assert bits["0"] > bits["2"]
+
+
+def test_fisher_and_centroid_tuning_give_every_submodule_its_own_mode_back():
+    from brainsurgeon.share import finetune_centroids
+
+    net, data = _net(), _data(2)
+    net[0].train()  # mixed flags: model.train() / model.eval() afterwards would lose them
+    flags = [m.training for m in net.modules()]
+    gradient_sensitivity(net, data)
+    assert [m.training for m in net.modules()] == flags
+    cbs = {"3": cluster_weight(net[3].weight, 3)}
+    finetune_centroids(net, cbs, data, steps=2)
+    assert [m.training for m in net.modules()] == flags

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..calib import capture_hessians, iter_batches, move_to, supported, weight_matrix
-from ..calib.data import eval_forwards, model_device
+from ..calib.data import eval_forwards, eval_mode, model_device
 from ..errors import BudgetInfeasibleError, ConfigError
 
 
@@ -151,33 +151,30 @@ def gradient_sensitivity(model: nn.Module, data: Any, loss_fn: Callable[[Any, An
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in names}
     old = {p: (p.grad, p.requires_grad) for p in model.parameters()}  # only the weights get gradients
-    modes = {m: m.training for m in model.modules()}
     dev = model_device(model)
     acc = dict.fromkeys(names, 0.0)
     count = 0
-    try:
-        model.eval()
-        for p in old:
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
-        src = data() if callable(data) and not hasattr(data, "__iter__") else data
-        for i, batch in enumerate(src):
-            if i >= max_batches:
-                break
-            (args, kwargs), = iter_batches([batch])
+    with eval_mode(model):
+        try:
+            for p in old:
+                p.requires_grad_(False)
             for w in weights.values():
-                w.grad = None
-            loss_fn(model(*move_to(args, dev), **move_to(kwargs, dev)), batch).backward()
-            for n, w in weights.items():
-                acc[n] += float(w.grad.pow(2).sum()) if w.grad is not None else 0.0
-            count += 1
-    finally:
-        for p, (grad, rg) in old.items():
-            p.grad = grad
-            p.requires_grad_(rg)
-        for m, mode in modes.items():
-            m.training = mode
+                w.requires_grad_(True)
+            src = data() if callable(data) and not hasattr(data, "__iter__") else data
+            for i, batch in enumerate(src):
+                if i >= max_batches:
+                    break
+                (args, kwargs), = iter_batches([batch])
+                for w in weights.values():
+                    w.grad = None
+                loss_fn(model(*move_to(args, dev), **move_to(kwargs, dev)), batch).backward()
+                for n, w in weights.items():
+                    acc[n] += float(w.grad.pow(2).sum()) if w.grad is not None else 0.0
+                count += 1
+        finally:
+            for p, (grad, rg) in old.items():
+                p.grad = grad
+                p.requires_grad_(rg)
     if count == 0:
         raise ConfigError("gradient_sensitivity: the data is empty")
     return {n: v / count for n, v in acc.items()}

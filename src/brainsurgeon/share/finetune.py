@@ -24,6 +24,7 @@ from torch import nn
 
 from .._log import get_logger, progress
 from ..calib import iter_batches, move_to
+from ..calib.data import eval_mode
 from ..errors import ConfigError
 from .kmeans import Codebook
 
@@ -88,32 +89,29 @@ def finetune_centroids(model: nn.Module, codebooks: dict[str, Codebook], data: A
     """
     loss_fn = loss_fn or _cross_entropy
     device = next(model.parameters()).device
-    modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     losses: list[float] = []
-    try:
-        model.eval()
-        for p in grads:
-            p.requires_grad_(False)
-        with sharing_hooks(model, codebooks) as centroids:
-            opt = torch.optim.Adam(centroids, lr=lr)
-            raw = _cycle(data)
-            for _ in progress(range(steps), desc="centroids", total=steps):
-                batch = next(raw)
-                (args, kwargs), = iter_batches([batch])
-                out = model(*move_to(args, device), **move_to(kwargs, device))
-                loss = loss_fn(out, batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-            for name, c in zip(codebooks, centroids, strict=True):
-                codebooks[name] = Codebook(c.detach().clone(), codebooks[name].labels)
-    finally:
-        for p, g in grads.items():
-            p.requires_grad_(g)
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):
+        try:
+            for p in grads:
+                p.requires_grad_(False)
+            with sharing_hooks(model, codebooks) as centroids:
+                opt = torch.optim.Adam(centroids, lr=lr)
+                raw = _cycle(data)
+                for _ in progress(range(steps), desc="centroids", total=steps):
+                    batch = next(raw)
+                    (args, kwargs), = iter_batches([batch])
+                    out = model(*move_to(args, device), **move_to(kwargs, device))
+                    loss = loss_fn(out, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                for name, c in zip(codebooks, centroids, strict=True):
+                    codebooks[name] = Codebook(c.detach().clone(), codebooks[name].labels)
+        finally:
+            for p, g in grads.items():
+                p.requires_grad_(g)
     if losses:
         log.info("centroid fine-tuning: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
     return losses
