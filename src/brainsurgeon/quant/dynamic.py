@@ -26,7 +26,7 @@ from torch import nn
 
 from ..formats import register_module_format
 from .codes import GridCodes
-from .packed import weight_codes
+from .packed import CachedKernel, weight_codes
 
 BACKENDS = ("auto", "fbgemm", "int_mm")
 
@@ -36,7 +36,7 @@ def _fbgemm_available() -> bool:
 
 
 @register_module_format("dynamic_int8_linear")
-class DynamicInt8Linear(nn.Module):
+class DynamicInt8Linear(CachedKernel):
     """Linear with int8 weights and dynamically quantized int8 activations.
 
     >>> m = DynamicInt8Linear.from_linear(lin)          # lin's weight already on an 8-bit per-row grid
@@ -56,7 +56,6 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, 1, device=device))
         self.register_buffer("zero", torch.full((out_features, 1), 128.0, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._cache: dict[str, Any] = {}
 
     def spec(self) -> dict[str, Any]:
         """JSON-safe constructor arguments (see :mod:`brainsurgeon.formats`)."""
@@ -87,18 +86,6 @@ class DynamicInt8Linear(nn.Module):
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
         return m
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        self._cache.clear()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def nbytes(self) -> int:
-        """Bytes of the stored state (codes + scale + zero + bias)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``scale * (q - zero)``."""

@@ -66,7 +66,28 @@ def weight_codes(linear: nn.Module, bits: int, group_size: int, rtn: bool, sym: 
     return recover_codes(W, bits, group_size, name)
 
 
-class _PackedLinear(nn.Module):
+class CachedKernel(nn.Module):
+    """A quantized layer that caches kernel-side forms of its buffers (transposed or prepacked codes)
+    in ``self._cache``; the cache is dropped whenever the buffers move, change dtype or are loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[str, Any] = {}
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored state (codes, scales, zeros, bias), as saved."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+class _PackedLinear(CachedKernel):
     """Shared shape bookkeeping, forward reshaping, bytes, spec/from_spec of the packed Linears."""
 
     storage_bits = 8
@@ -87,7 +108,6 @@ class _PackedLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, G, device=device))
         self.register_buffer("zero", torch.zeros(out_features, G, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._cache: dict[str, Any] = {}
 
     # -- saveable format
     def spec(self) -> dict[str, Any]:
@@ -124,19 +144,6 @@ class _PackedLinear(nn.Module):
         self.zero.copy_(codes.zero)
         self._store(codes.q.to(self.scale.device))
         self._cache.clear()
-
-    # -- keep the kernel-side cache in step with the buffers
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        self._cache.clear()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def nbytes(self) -> int:
-        """Bytes of the stored state (codes + scales + zeros + bias), as saved."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``scale * (q - zero)``, out_features x in_features."""

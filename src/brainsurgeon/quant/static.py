@@ -37,13 +37,13 @@ from ..errors import ConfigError
 from ..formats import register_module_format
 from .act import ActQuantLinear, act_quant_layers
 from .grid import _minmax_params, fit_grid
-from .packed import weight_codes
+from .packed import CachedKernel, weight_codes
 
 log = get_logger(__name__)
 
 
 @register_module_format("static_int8_linear")
-class StaticInt8Linear(nn.Module):
+class StaticInt8Linear(CachedKernel):
     """W8A8 Linear: int8 codes ``qweight`` (N, K) = codes - 128 with ``w_scale``/``w_zero`` (N, 1), input
     scale/zero ``a_scale``/``a_zero`` (codes zero, 0..255) or per-token dynamic scales, float32 bias.
 
@@ -62,7 +62,6 @@ class StaticInt8Linear(nn.Module):
         self.register_buffer("a_scale", torch.ones(1))
         self.register_buffer("a_zero", torch.full((1,), 128.0))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._cache: dict[str, torch.Tensor] = {}
 
     def spec(self) -> dict[str, Any]:
         """JSON-safe constructor arguments (see :mod:`brainsurgeon.formats`)."""
@@ -108,14 +107,6 @@ class StaticInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel!r}"
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        self._cache.clear()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``w_scale * (q - w_zero)`` (ONNX export, checks)."""
