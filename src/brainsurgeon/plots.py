@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._io import atomic_open
+from ._modes import eval_mode
 from .errors import MissingDataError
 
 if TYPE_CHECKING:
@@ -257,10 +258,8 @@ def measure_layers(model: Any, names: list[str], example_inputs: Any = None) -> 
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: counts.__setitem__(n, counts.get(n, 0)
                                                                                    + _module_macs(mod, out)))
              for n, m in leaves.items()]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
                 first = next((v for v in example_inputs.values() if isinstance(v, torch.Tensor)), None)
@@ -271,7 +270,6 @@ def measure_layers(model: Any, names: list[str], example_inputs: Any = None) -> 
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     batch = int(first.shape[0]) if first is not None and first.dim() else 1
     for n in names:
         if n in mods:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from brainsurgeon._modes import eval_mode
 from brainsurgeon.calib import cache_batches, iter_batches, move_to
-from brainsurgeon.calib.data import eval_mode
 from brainsurgeon.errors import CalibrationError
 
 

@@ -18,12 +18,12 @@ dropped)::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..errors import CalibrationError
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
@@ -196,23 +196,6 @@ def eval_forwards(model: nn.Module, calib: Any, max_batches: int = 0, each: Call
             model(*move_to(args, dev), **move_to(kwargs, dev))
             n += 1
     return n
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with `model` in eval mode; on exit, also on error, give every submodule its own
-    train/eval flag back (``model.train()`` would set one flag on all of them).
-
-    >>> with eval_mode(model):
-    ...     model(x)
-    """
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def relocate_(module: nn.Module, device: torch.device | str, skip: str = "") -> list[tuple[Any, ...]]:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._log import get_logger, progress
+from .._modes import eval_mode
 from ..errors import ConfigError, NumericalError
 from ..quant.fakequant import FAKE_QUANT_TYPES
 from ..quant.qat import convert_qat_, prepare_qat_
@@ -89,19 +90,16 @@ def evaluate_metric(model: nn.Module, val: Val) -> float:
     """
     if callable(val) and not isinstance(val, (Dataset, DataLoader)):
         return float(val(model))
-    was, dev = model.training, _device(model)
+    dev = _device(model)
     loader = DataLoader(val, batch_size=512) if isinstance(val, Dataset) else val
     correct = total = 0
-    try:
-        model.eval()
+    with eval_mode(model):
         for batch in loader:  # type: ignore[union-attr]
             x, y = _split(batch)
             if y is None:
                 raise ConfigError("validation batches need labels (x, y), or pass val=callable(model) -> float")
             correct += int((_logits(model(x.to(dev))).argmax(-1).cpu() == y.cpu()).sum())
             total += y.numel()
-    finally:
-        model.train(was)
     if total == 0:
         raise ConfigError("validation data is empty; pass a data set of (x, y) pairs or val=None")
     return correct / total

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .._log import get_logger
-from ..calib.data import eval_mode, iter_batches, prepare_calibration
+from .._modes import eval_mode
+from ..calib.data import iter_batches, prepare_calibration
 from ..config import CalibOptions, Config, match_configs
 from ..errors import ConfigError, UnsupportedModuleError
 from ..report import CompressionReport, LayerRow

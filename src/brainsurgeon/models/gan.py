@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 
 log = get_logger(__name__)
 
@@ -148,21 +149,14 @@ def translation_scores(G: nn.Module, F_: nn.Module, a: torch.Tensor, classifier:
                        labels: torch.Tensor | None = None) -> dict[str, float]:
     """Exact fidelity on held-out A images a in [0, 1]: L1 of G(a) to style(a), of F(style(a)) to a, and
     (with a classifier and labels) its accuracy on F(style(a)) and on 1 - G(a)."""
-    was = (G.training, F_.training)
-    G.eval()
-    F_.eval()
-    try:
+    with eval_mode(G, F_, *([classifier] if classifier is not None else [])):
         b = style(a)
         gb, fa = from_gan(G(to_gan(a))), from_gan(F_(to_gan(b)))
         out = {"l1_G": float((gb - b).abs().mean()), "l1_F": float((fa - a).abs().mean())}
         if classifier is not None and labels is not None:
-            classifier.eval()
             out["acc_F"] = float((classifier(fa).argmax(1) == labels).float().mean())
             out["acc_G"] = float((classifier(1 - gb).argmax(1) == labels).float().mean())
         return out
-    finally:
-        G.train(was[0])
-        F_.train(was[1])
 
 
 def finetune_pair_(G: nn.Module, F_: nn.Module, G0: nn.Module, F0: nn.Module, a_images: torch.Tensor,

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._log import get_logger, progress
+from .._modes import eval_mode
 from ..distill.augment import shift_flip
 from ..errors import ConfigError
 
@@ -86,17 +87,13 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float
     >>> evaluate(model, test_ds)
     0.9805...
     """
-    was_training = model.training
     device = _device_of(model)
     correct = total = 0
-    try:
-        model.eval()
+    with eval_mode(model):
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             pred = model(x.to(device)).argmax(dim=1)
             correct += int((pred.cpu() == y).sum())
             total += len(y)
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ConfigError("evaluate: the data set is empty; pass a data set of (x, y) pairs")
     return correct / total

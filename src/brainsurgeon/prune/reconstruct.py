@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 from ..calib import layer_columns, move_to
 from ..calib.data import model_device
 from ..calib.hessian import first_input
@@ -199,41 +200,34 @@ def reconstruct_(model: nn.Module, dense: nn.Module, names: list[str], calib: An
     """
     device = model_device(model)
     batches = [move_to((a, k), device) for a, k, _ in raw_batches(calib, max_batches)]
-    was = (model.training, dense.training)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    try:
-        model.eval()
-        dense.eval()
-        with torch.no_grad():
-            order, follower = _plan_order(model, names, *batches[0])
-            bias = {n: model.get_submodule(n).bias is not None or n in follower for n in order}
-            anchor = {n: _matrix(model.get_submodule(n), None, bias[n]) for n in order}  # plain removal
-            means = {}  # dense running means of the BNs that absorb a bias-free consumer's offset
-            for n in order:
-                if model.get_submodule(n).bias is None and n in follower:
-                    rows = kept_rows(n)
-                    rm = dense.get_submodule(follower[n]).running_mean
-                    means[n] = rm if rows is None else rm[rows.to(rm.device)]
-                    anchor[n][:, -1] = means[n] - model.get_submodule(follower[n]).running_mean  # offset so far
-            def solve(n: str, st: ReconStats) -> None:
-                first[n], last[n] = _solve_one(model, dense, n, st, anchor[n], kept_rows(n), damp,
-                                               follower.get(n), means.get(n))
+    with eval_mode(model, dense), torch.no_grad():
+        order, follower = _plan_order(model, names, *batches[0])
+        bias = {n: model.get_submodule(n).bias is not None or n in follower for n in order}
+        anchor = {n: _matrix(model.get_submodule(n), None, bias[n]) for n in order}  # plain removal
+        means = {}  # dense running means of the BNs that absorb a bias-free consumer's offset
+        for n in order:
+            if model.get_submodule(n).bias is None and n in follower:
+                rows = kept_rows(n)
+                rm = dense.get_submodule(follower[n]).running_mean
+                means[n] = rm if rows is None else rm[rows.to(rm.device)]
+                anchor[n][:, -1] = means[n] - model.get_submodule(follower[n]).running_mean  # offset so far
+        def solve(n: str, st: ReconStats) -> None:
+            first[n], last[n] = _solve_one(model, dense, n, st, anchor[n], kept_rows(n), damp,
+                                           follower.get(n), means.get(n))
 
-            cat = _concat(batches)
-            if cat is not None:  # one dense forward, then one pruned forward that re-solves as it goes
-                xd: dict[str, torch.Tensor] = {}
-                with _hooks(dense, order, xd.__setitem__):
-                    dense(*cat[0], **cat[1])
-                with _hooks(model, order, lambda n, x: solve(n, _stats(
-                        dense.get_submodule(n), model.get_submodule(n), xd.pop(n), x, bias[n]))):
-                    model(*cat[0], **cat[1])
-            else:  # batches of different shapes: two forwards per batch per consumer, stopped early
-                for n in order:
-                    solve(n, _sequential_moments(model, dense, n, batches, bias[n]))
-    finally:
-        model.train(was[0])
-        dense.train(was[1])
+        cat = _concat(batches)
+        if cat is not None:  # one dense forward, then one pruned forward that re-solves as it goes
+            xd: dict[str, torch.Tensor] = {}
+            with _hooks(dense, order, xd.__setitem__):
+                dense(*cat[0], **cat[1])
+            with _hooks(model, order, lambda n, x: solve(n, _stats(
+                    dense.get_submodule(n), model.get_submodule(n), xd.pop(n), x, bias[n]))):
+                model(*cat[0], **cat[1])
+        else:  # batches of different shapes: two forwards per batch per consumer, stopped early
+            for n in order:
+                solve(n, _sequential_moments(model, dense, n, batches, bias[n]))
     for n in last:
         log.info("OBS reconstruction %s: rel. output error %.3e -> %.3e", n, first[n], last[n])
     return [(n, first[n], last[n]) for n in last]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._modes import eval_mode
 from ..calib import capture_layers, move_to
 from ..calib.data import model_device, to_args_kwargs
 from ..calib.hessian import first_input
@@ -160,14 +161,10 @@ def collect_stats(model: nn.Module, groups: list[Any], needs: Iterable[str], cal
     stats = Stats(model)
     if not needs:
         return stats
-    was_training = model.training
-    try:
-        model.eval()
+    with eval_mode(model):
         if {"grads", "fisher"} & set(needs):
             _grad_stats(model, groups, calib, max_batches, stats)
         if {"hessians", "apoz"} & set(needs):
             names = sorted({name for g in groups for name, _ in consumers(g, model)})
             _activation_stats(model, names, calib, max_batches, needs, stats)
-    finally:
-        model.train(was_training)
     return stats

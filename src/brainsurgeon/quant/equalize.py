@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 from ..errors import ConfigError
 from ..formats import register_module_format
 from .smooth import output_probe
@@ -210,12 +211,10 @@ def equalize_(model: nn.Module, calib: Any, alpha: float = 0.5, names: Iterable[
     pairs, amax = _observe(model, calib, max_batches)
     allowed = None if names is None else set(names)
     out = output_probe(model, calib)
-    was = model.training
-    model.eval()
-    ref = out()
     done: dict[str, str] = {}
     undone: list[str] = []
-    try:
+    with eval_mode(model):
+        ref = out()
         for cname, (pname, aname) in pairs.items():
             if allowed is not None and cname not in allowed:
                 continue
@@ -250,8 +249,6 @@ def equalize_(model: nn.Module, calib: Any, alpha: float = 0.5, names: Iterable[
                 undone.append(cname)
                 continue
             done[pname] = cname
-    finally:
-        model.train(was)
     if undone:
         log.info("equalize_: %d pair(s) left as they are: the scaled tensor also feeds other consumers: %s",
                  len(undone), undone)

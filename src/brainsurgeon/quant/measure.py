@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..errors import ConfigError
 
 CLOCKS = ("wall", "cpu")
@@ -99,14 +100,9 @@ def time_model(model: nn.Module, inputs: Any, *, threads: int = 1, warmup: int =
 
     >>> time_model(model, torch.randn(1, 3, 224, 224)).median_ms
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return time_call(lambda: _call(model, inputs), threads=threads, warmup=warmup,
-                             min_run_time=min_run_time, clock=clock)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        return time_call(lambda: _call(model, inputs), threads=threads, warmup=warmup,
+                         min_run_time=min_run_time, clock=clock)
 
 
 def _module_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int | None:
@@ -141,15 +137,12 @@ def count_macs(model: nn.Module, inputs: Any) -> int:
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             _call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return total[0]
 
 

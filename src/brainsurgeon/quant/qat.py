@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 from ..config import Config, compile_patterns, register_config
 from ..errors import CalibrationError, ConfigError
 from .fakequant import FAKE_QUANT_TYPES, _FakeQuantMixin, rebuild_layer, to_fake_quant
@@ -239,18 +240,16 @@ def _observe_inputs(model: nn.Module, names: list[str], calib: Iterable[Any], ma
             ranges[name] = [min(lo, float(x.min())), max(hi, float(x.max()))]
         return fn
 
-    was_training = model.training
     try:
         for n in names:
             handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
-        model.eval()
         dev = _device(model)
-        for args, kwargs in iter_batches(calib, max_batches):
-            model(*move_to(args, dev), **move_to(kwargs, dev))
+        with eval_mode(model):
+            for args, kwargs in iter_batches(calib, max_batches):
+                model(*move_to(args, dev), **move_to(kwargs, dev))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     missing = [n for n in names if n not in ranges]
     if missing:
         raise CalibrationError(f"QAT: layer(s) {missing} never received an input from the calibration "

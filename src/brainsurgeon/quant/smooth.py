@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 from ..errors import ConfigError
 
 log = get_logger(__name__)
@@ -123,31 +124,30 @@ def smooth_quant_(model: nn.Module, calib: Any, alpha: float = 0.5, names: Itera
     readers, amax = _observe(model, calib, max_batches)
     allowed = None if names is None else set(names)
     out = output_probe(model, calib)
-    was = model.training
-    model.eval()
-    ref = out()
     done: dict[str, list[str]] = {}
     skipped: list[str] = []
-    for norm_name, lins in readers.items():
-        lins_sorted = sorted(lins)
-        if allowed is not None and not set(lins_sorted) <= allowed:
-            continue
-        norm = model.get_submodule(norm_name)
-        mods = [model.get_submodule(n) for n in lins_sorted]
-        if any(m.weight.shape[1] != norm.weight.shape[0] for m in mods):
-            continue
-        s = smoothing_scales(amax[lins_sorted[0]], [m.weight.detach().float() for m in mods], alpha)
-        saved = [t.detach().clone() for t in (norm.weight, getattr(norm, "bias", None), *[m.weight for m in mods])
-                 if t is not None]
-        _fold(norm, mods, s.to(norm.weight))
-        if float((out() - ref).norm() / ref.norm().clamp_min(1e-30)) > 1e-4:  # the norm's output also feeds
-            live = [t for t in (norm.weight, getattr(norm, "bias", None), *[m.weight for m in mods]) if t is not None]
-            for t, v in zip(live, saved, strict=True):  # something else (a post-norm residual): undo
-                t.copy_(v)
-            skipped.append(norm_name)
-            continue
-        done[norm_name] = lins_sorted
-    model.train(was)
+    with eval_mode(model):
+        ref = out()
+        for norm_name, lins in readers.items():
+            lins_sorted = sorted(lins)
+            if allowed is not None and not set(lins_sorted) <= allowed:
+                continue
+            norm = model.get_submodule(norm_name)
+            mods = [model.get_submodule(n) for n in lins_sorted]
+            if any(m.weight.shape[1] != norm.weight.shape[0] for m in mods):
+                continue
+            s = smoothing_scales(amax[lins_sorted[0]], [m.weight.detach().float() for m in mods], alpha)
+            saved = [t.detach().clone() for t in (norm.weight, getattr(norm, "bias", None), *[m.weight for m in mods])
+                     if t is not None]
+            _fold(norm, mods, s.to(norm.weight))
+            if float((out() - ref).norm() / ref.norm().clamp_min(1e-30)) > 1e-4:  # the norm's output also feeds
+                live = [t for t in (norm.weight, getattr(norm, "bias", None), *[m.weight for m in mods])
+                        if t is not None]
+                for t, v in zip(live, saved, strict=True):  # something else (a post-norm residual): undo
+                    t.copy_(v)
+                skipped.append(norm_name)
+                continue
+            done[norm_name] = lins_sorted
     if skipped:
         log.info("SmoothQuant: %d norm(s) left as they are: their output also feeds non-Linear consumers "
                  "(e.g. a post-norm residual), where folding would change the model: %s", len(skipped), skipped)

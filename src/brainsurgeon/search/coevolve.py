@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_open
-from ..calib.data import eval_mode
+from .._modes import eval_mode
 from ..errors import ConfigError
 from .evolve import Evolve, GeneticSearch, Individual
 from .evolve_channels import ChannelSpace

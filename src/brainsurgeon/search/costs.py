@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._modes import eval_mode
 from ..calib import num_columns, num_groups, resolve_layers
-from ..calib.data import eval_mode
 from ..calib.forwards import _forward
 from ..calib.hessian import first_input
 from ..config import Pattern

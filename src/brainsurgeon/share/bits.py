@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..calib import capture_hessians, iter_batches, move_to, supported, weight_matrix
-from ..calib.data import eval_forwards, eval_mode, model_device
+from ..calib.data import eval_forwards, model_device
 from ..errors import BudgetInfeasibleError, ConfigError
 
 

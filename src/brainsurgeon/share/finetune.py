@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._log import get_logger, progress
+from .._modes import eval_mode
 from ..calib import iter_batches, move_to
-from ..calib.data import eval_mode
 from ..errors import ConfigError
 from .kmeans import Codebook
 
