@@ -42,6 +42,17 @@ _NO_CONFIG = frozenset((bool, int, float, str, type(None), dict, list, set, tupl
 _EMPTY = ()   # the saved content of an empty container (restored by clearing it: nothing to copy)
 
 
+_ATOMS = frozenset((bool, int, float, complex, str, bytes, type(None)))
+
+
+def _deepcopy_fields(obj: Any) -> dict[str, Any]:
+    """``copy.deepcopy(vars(obj))``, equal to it (one memo, so aliasing between fields is kept), without
+    deepcopy's per-value dispatch for the scalars that make up most of a config (deepcopy returns them as
+    they are)."""
+    memo: dict[int, Any] = {}
+    return {k: v if type(v) in _ATOMS else copy.deepcopy(v, memo) for k, v in vars(obj).items()}
+
+
 def _shallow(v: Any) -> Any:
     return type(v)(v.items()) if isinstance(v, dict) else type(v)(v)
 
@@ -74,7 +85,7 @@ class ModelSnapshot:
                     attrs[k] = (v, None)
                 if type(v) not in no_config and callable(getattr(v, "to_dict", None)) and hasattr(v, "__dict__") \
                         and not isinstance(v, nn.Module):
-                    self.configs.setdefault(id(v), (v, copy.deepcopy(vars(v))))
+                    self.configs.setdefault(id(v), (v, _deepcopy_fields(v)))
             self.modules.append((mod, type(mod), attrs))
             for store in (mod._parameters, mod._buffers):
                 for t in store.values():
