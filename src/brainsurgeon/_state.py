@@ -39,6 +39,7 @@ from torch import nn
 _CONTAINERS = (dict, list, set)
 # exact types that never hold a config object (no ``to_dict``): skipped by the config scan of every attribute
 _NO_CONFIG = frozenset((bool, int, float, str, type(None), dict, list, set, tuple, torch.Tensor, nn.Parameter))
+_PLAIN = frozenset((bool, int, float, str, type(None), tuple))   # exact types kept by reference, not configs
 _EMPTY = ()   # the saved content of an empty container (restored by clearing it: nothing to copy)
 
 
@@ -79,6 +80,13 @@ class ModelSnapshot:
         for mod in model.modules():
             attrs = {}
             for k, v in vars(mod).items():
+                tv = type(v)
+                if tv in _PLAIN:   # most attributes (flags, sizes, names): kept as they are, never a config
+                    attrs[k] = (v, None)
+                    continue
+                if tv is OrderedDict or tv is dict:   # _parameters, _modules, hook dicts: contents copied
+                    attrs[k] = (v, _shallow(v) if v else _EMPTY)
+                    continue
                 if isinstance(v, _CONTAINERS):
                     attrs[k] = (v, _shallow(v) if v else _EMPTY)
                 else:
