@@ -39,7 +39,19 @@ from torch import nn
 _CONTAINERS = (dict, list, set)
 # exact types that never hold a config object (no ``to_dict``): skipped by the config scan of every attribute
 _NO_CONFIG = frozenset((bool, int, float, str, type(None), dict, list, set, tuple, torch.Tensor, nn.Parameter))
+_PLAIN = frozenset((bool, int, float, str, type(None), tuple))   # exact types kept by reference, not configs
 _EMPTY = ()   # the saved content of an empty container (restored by clearing it: nothing to copy)
+
+
+_ATOMS = frozenset((bool, int, float, complex, str, bytes, type(None)))
+
+
+def _deepcopy_fields(obj: Any) -> dict[str, Any]:
+    """``copy.deepcopy(vars(obj))``, equal to it (one memo, so aliasing between fields is kept), without
+    deepcopy's per-value dispatch for the scalars that make up most of a config (deepcopy returns them as
+    they are)."""
+    memo: dict[int, Any] = {}
+    return {k: v if type(v) in _ATOMS else copy.deepcopy(v, memo) for k, v in vars(obj).items()}
 
 
 def _shallow(v: Any) -> Any:
@@ -68,13 +80,20 @@ class ModelSnapshot:
         for mod in model.modules():
             attrs = {}
             for k, v in vars(mod).items():
+                tv = type(v)
+                if tv in _PLAIN:   # most attributes (flags, sizes, names): kept as they are, never a config
+                    attrs[k] = (v, None)
+                    continue
+                if tv is OrderedDict or tv is dict:   # _parameters, _modules, hook dicts: contents copied
+                    attrs[k] = (v, _shallow(v) if v else _EMPTY)
+                    continue
                 if isinstance(v, _CONTAINERS):
                     attrs[k] = (v, _shallow(v) if v else _EMPTY)
                 else:
                     attrs[k] = (v, None)
                 if type(v) not in no_config and callable(getattr(v, "to_dict", None)) and hasattr(v, "__dict__") \
                         and not isinstance(v, nn.Module):
-                    self.configs.setdefault(id(v), (v, copy.deepcopy(vars(v))))
+                    self.configs.setdefault(id(v), (v, _deepcopy_fields(v)))
             self.modules.append((mod, type(mod), attrs))
             for store in (mod._parameters, mod._buffers):
                 for t in store.values():

@@ -57,10 +57,11 @@ def _map(fn: Any, obj: Any) -> Any:
 
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_INDEX_SET = frozenset(_INDEX_DTYPES)
 _MAX_VALUES = 1 << 16
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """One tensor value: ``kind`` is 'param', 'buffer', 'input', 'act' (an op output) or 'const'."""
 
@@ -72,7 +73,7 @@ class Node:
     dtype: torch.dtype | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class OpRecord:
     """One ATen op: its name (overload packet, e.g. 'aten.add'), tensor inputs/outputs and all arguments.
 
@@ -151,7 +152,7 @@ class _Recorder(TorchDispatchMode):
             kind = owner[2]
         self.nodes[nid] = Node(nid, tuple(t.shape), kind, owner[:2] if owner else None, dtype=t.dtype)
         self._track(t, nid)
-        if t.dtype in _INDEX_DTYPES and t.numel() <= _MAX_VALUES:
+        if t.dtype in _INDEX_SET and t.numel() <= _MAX_VALUES:
             self.nodes[nid].value = t.detach().cpu().numpy().copy()
         return nid
 
@@ -178,81 +179,97 @@ class _Recorder(TorchDispatchMode):
 
     def new_node(self, t: torch.Tensor) -> int:
         nid = self.next_id[0]
-        self.next_id[0] += 1
-        self.nodes[nid] = Node(nid, tuple(t.shape), "act", dtype=t.dtype)
-        self._track(t, nid)
+        self.next_id[0] = nid + 1
+        self.nodes[nid] = Node(nid, tuple(t.shape), "act", None, None, t.dtype)
+        key = id(t)
+        ids = self.ids
+        if key not in ids:
+            refs = self.refs
+
+            def gone(_ref: weakref.ref, key: int = key) -> None:
+                ids.pop(key, None)
+                refs.pop(key, None)
+
+            refs[key] = weakref.ref(t, gone)
+        ids[key] = nid
         return nid
 
+    def _ref(self, a: Any, inputs: list[int]) -> Any:
+        if isinstance(a, torch.Tensor):
+            nid = self.ids.get(id(a))
+            if nid is None:
+                nid = self.node_of(a)
+            inputs.append(nid)
+            return Ref(nid)
+        return a
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name, argnames, defaults, mutated_pos = _schema_of(func)
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        name, argnames, defaults, mutated_pos, overload, _ = _schema_of(func)
         inputs: list[int] = []
         ids, tensor = self.ids, torch.Tensor
-
-        def ref(a: Any) -> Any:
-            if isinstance(a, tensor):
-                nid = ids.get(id(a))
-                if nid is None:
-                    nid = self.node_of(a)
-                inputs.append(nid)
-                return Ref(nid)
-            return a
-
         n_args = len(args)
         rec_args = []
         for i, a in enumerate(argnames):
             v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
             tv = type(v)
-            if v is None or tv is int or tv is float or tv is bool:   # what ref() gives back unchanged
+            if v is None or tv is int or tv is float or tv is bool:   # what _ref() gives back unchanged
                 rec_args.append(v)
-            elif isinstance(v, tensor):                                # ref(v), inline (one call per op input)
+            elif isinstance(v, tensor):                                # _ref(v), inline (one call per op input)
                 nid = ids.get(id(v))
                 if nid is None:
                     nid = self.node_of(v)
                 inputs.append(nid)
                 rec_args.append(Ref(nid))
             elif isinstance(v, (list, tuple)):
-                rec_args.append(_map(ref, v))
+                rec_args.append(_map(lambda x: self._ref(x, inputs), v))
             else:
                 rec_args.append(v)
-        mutated_objs: dict[int, torch.Tensor] = {}
-        for i in mutated_pos:
-            v = args[i] if i < n_args else kwargs.get(argnames[i])
-            if isinstance(v, tensor):
-                mutated_objs[id(v)] = v
-        mutated_views = [t for k, t in mutated_objs.items()
-                         if k in ids and t._is_view() and id(t._base) in ids] if mutated_objs else []
+        mutated_views = None
+        mutated_objs: dict[int, torch.Tensor] | None = None
+        if mutated_pos:
+            mutated_objs = {}
+            for i in mutated_pos:
+                v = args[i] if i < n_args else (kwargs or {}).get(argnames[i])
+                if isinstance(v, tensor):
+                    mutated_objs[id(v)] = v
+            mutated_views = [t for k, t in mutated_objs.items()
+                             if k in ids and t._is_view() and id(t._base) in ids] if mutated_objs else None
         outputs, mutated = [], []
         flat = [out] if isinstance(out, tensor) else flat_tensors(out)
         for o in flat:
-            if id(o) in mutated_objs or id(o) in ids:
-                mutated.append(ids.get(id(o), -1))
+            k = id(o)
+            if k in ids or (mutated_objs is not None and k in mutated_objs):
+                mutated.append(ids.get(k, -1))
             outputs.append(self.new_node(o))
-        self.ops.append(OpRecord(len(self.ops), name, func._overloadname, rec_args, inputs, outputs, mutated,
+        self.ops.append(OpRecord(len(self.ops), name, overload, rec_args, inputs, outputs, mutated,
                                  self.stack[-1] if self.stack else "", argnames))
         for o in flat:
-            if o.dtype in _INDEX_DTYPES and o.numel() <= _MAX_VALUES:
+            if o.dtype in _INDEX_SET and o.numel() <= _MAX_VALUES:
                 self.nodes[ids[id(o)]].value = o.detach().cpu().numpy().copy()
-        for v_in in mutated_views:
-            self._mutate_base(v_in)
+        if mutated_views:
+            for v_in in mutated_views:
+                self._mutate_base(v_in)
         return out
 
 
-_SCHEMAS: dict[Any, tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...]]] = {}
+_SCHEMAS: dict[int, tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...], str, Any]] = {}
 
 
-def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...]]:
-    """(name 'aten.add', argument names, defaults (None where none), positions written in place) of an
-    op overload; parsed once per overload, since reading ``func._schema`` costs more than most ops."""
-    got = _SCHEMAS.get(func)
+def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...], str, Any]:
+    """(name 'aten.add', argument names, defaults (None where none), positions written in place, overload
+    name, the overload) of an op overload; parsed once per overload, since reading ``func._schema`` costs more
+    than most ops. Keyed by ``id(func)`` (an OpOverload's own ``__hash__`` is Python code); the entry holds
+    the overload, so the id is never reused while it is cached."""
+    got = _SCHEMAS.get(id(func))
     if got is None:
         args = func._schema.arguments
-        got = _SCHEMAS[func] = (
+        got = _SCHEMAS[id(func)] = (
             func.overloadpacket._qualified_op_name.replace("::", "."),
             tuple(a.name for a in args),
             tuple(a.default_value if a.has_default_value() else None for a in args),
-            tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write))
+            tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write),
+            func._overloadname, func)
     return got
 
 

@@ -117,14 +117,15 @@ class _Checker(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         name = _schema_of(func)[0]
         self.current = name
-        if self.matched:
+        ops, j = self.ops, self.j
+        if self.matched and (j >= len(ops) or ops[j].name != name):   # (the common case: the next op matches)
             self._skip_elided(name)
-            if self.j >= len(self.ops) or self.ops[self.j].name != name:
+            if self.j >= len(ops) or ops[self.j].name != name:
                 self.matched = False   # data-dependent control flow or size-dependent decompositions
                 self.diverged = f"op {self.j}: ran {name}, trace has " + \
-                    (self.ops[self.j].name if self.j < len(self.ops) else "no more ops")
+                    (ops[self.j].name if self.j < len(ops) else "no more ops")
         try:
-            out = func(*args, **(kwargs or {}))
+            out = func(*args, **kwargs) if kwargs else func(*args)
         except Exception as e:
             sub = self._substitute(func, self.ops[self.j]) if self.collect and self.matched else None
             if sub is None:
@@ -135,14 +136,21 @@ class _Checker(TorchDispatchMode):
             return sub
         if not self.matched:
             return out
-        op = self.ops[self.j]
-        flat = flat_tensors(out)
-        nodes, removed = self.nodes, self.removed
         j = self.j
-        if len(op.outputs) == len(flat) and all(o.shape == self.expected(nid)
-                                                for nid, o in zip(op.outputs, flat, strict=True)):
-            self.j += 1   # every output exactly as planned (the common case): nothing moved, nothing to report
-            return out
+        op = ops[j]
+        nodes, removed, pruned = self.nodes, self.removed, self.pruned
+        if isinstance(out, torch.Tensor):   # one output: checked inline (every output exactly as planned is
+            nid = op.outputs[0] if len(op.outputs) == 1 else None   # the common case: nothing moved)
+            if nid is not None and out.shape == (nodes[nid].shape if nid not in pruned else self.expected(nid)):
+                self.j = j + 1
+                return out
+            flat = [out]
+        else:
+            flat = flat_tensors(out)
+            if len(op.outputs) == len(flat) and all(o.shape == self.expected(nid)
+                                                    for nid, o in zip(op.outputs, flat, strict=True)):
+                self.j = j + 1
+                return out
         if len(op.outputs) != len(flat) or any(len(nodes[nid].shape) != o.dim()
                                                 for nid, o in zip(op.outputs, flat, strict=False)):
             self.matched = False   # the program diverged: only the final output shapes are checked

@@ -62,6 +62,26 @@ def _formula(name: str) -> tuple[Any, bool] | None:
     return _FORMULAS[name]
 
 
+_FLOPS: dict[Any, int] = {}   # (op name, argument shapes and scalars, output shapes) -> FLOPs (formulas are pure)
+
+
+def _frozen(v: Any) -> Any:
+    """``v`` with every list made a tuple and every scalar typed (``1``, ``1.0`` and ``True`` are distinct), for
+    a cache key (TypeError if something in it is unhashable)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    hash(v)
+    return type(v), v
+
+
+def _key(name: str, args: list[Any], outs: list[Any]) -> Any:
+    """The cache key of a formula call on shapes, or None (an argument that cannot be a key: not cached)."""
+    try:
+        return name, _frozen(args), _frozen(outs)
+    except TypeError:
+        return None
+
+
 def trace_macs(trace: Any, removed: dict[tuple[int, int], int] | None = None) -> dict[str, int]:
     """MACs per innermost module (``""``: the root) from a recorded :class:`~brainsurgeon.graph.trace.Trace`.
 
@@ -92,12 +112,19 @@ def trace_macs(trace: Any, removed: dict[tuple[int, int], int] | None = None) ->
             args = [val(a.node) if isinstance(a, Ref) else [val(b.node) if isinstance(b, Ref) else b for b in a]
                     if isinstance(a, list) else a for a in op.args]
             outs = [val(o) for o in op.outputs]
-            res = outs[0] if len(outs) == 1 else tuple(outs)
-            flops = fn(*args, out_shape=res) if on_shapes else fn(*args, out_val=res)
+            key = _key(op.name, args, outs) if on_shapes else None
+            flops = _FLOPS.get(key) if key is not None else None
+            if flops is None:
+                res = outs[0] if len(outs) == 1 else tuple(outs)
+                flops = int(fn(*args, out_shape=res) if on_shapes else fn(*args, out_val=res))
+                if key is not None:
+                    if len(_FLOPS) > 4096:
+                        _FLOPS.clear()
+                    _FLOPS[key] = flops
         except Exception as e:  # noqa: BLE001  (a formula that does not fit the recorded arguments)
             log.debug("MACs of %s in %s not counted: %s", op.name, op.module or "the root", e)
             continue
-        out[op.module] = out.get(op.module, 0) + int(flops) // 2
+        out[op.module] = out.get(op.module, 0) + flops // 2
     return out
 
 
