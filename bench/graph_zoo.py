@@ -1,13 +1,17 @@
 """Structural pruning beyond torchvision: ``bs.prune_`` vs Torch-Pruning on timm, Hugging Face and
 hand-written models, as a user would call them, same run.
 
-    python bench/graph_zoo.py --quick                    # hand-written + 6 HF + 6 timm; exit 1 if a bound fails
+    python bench/graph_zoo.py --quick                    # hand-written + 6 HF + 6 timm + 2 torchvision; exit 1
+                                                         # if a bound fails
     python bench/graph_zoo.py                            # every model of bench/_zoo_models.py
     python bench/graph_zoo.py --models hf:llama timm:resnet:resnet18 --no-tp
     python bench/graph_zoo.py --set timm --time-cap 1800 --out out/graph_zoo   # results.jsonl (resumable)
+    python bench/graph_zoo.py --set tv --timeout 60      # every torchvision classifier (tv:resnet50, ...)
 
 Every model: random weights (seed 0), one example input (timm: its default size; above 288 px, 224 px
-unless the model's size is fixed; HF: tiny configs, 16 tokens / 32-64 px / 0.1 s of audio).
+unless the model's size is fixed; HF: tiny configs, 16 tokens / 32-64 px / 0.1 s of audio; torchvision: every
+classifier of ``list_models(module=torchvision.models)`` on one 64 px image, ViTs built for 64/112 px, MaxViT at
+224 px, Inception-v3 at 96 px, heads as ``graph_coverage.py`` finds them).
 Ours: ``bs.prune_(model, bs.ChannelPruning(ratio=0.5, ignore=heads), example_inputs=x)`` (L2 group
 magnitude, verified, MACs counted, exactly the public verb). Torch-Pruning 1.6.1: ``MagnitudePruner``
 (L2, ratio 0.5, the same ignored heads, ``output_transform`` = the sum of every output tensor, so that
@@ -69,7 +73,8 @@ sys.path.insert(0, HERE)
 QUICK = ["hand:unet", "hand:chunk_split", "hand:einsum_sdpa", "hand:gat", "hand:lstm_lm_tied", "hand:pointnet",
          "hand:dwsep_conv1d", "hf:bert", "hf:gpt2", "hf:llama", "hf:gemma", "hf:vit", "hf:convnext",
          "timm:resnet:resnet18", "timm:densenet:densenet121", "timm:efficientnet:efficientnet_b0",
-         "timm:dla:dla34", "timm:convnext:convnext_atto", "timm:deit:deit_tiny_patch16_224"]
+         "timm:dla:dla34", "timm:convnext:convnext_atto", "timm:deit:deit_tiny_patch16_224", "tv:resnet18",
+         "tv:mobilenet_v3_small"]
 MIN_DROP = 0.25
 
 
@@ -194,9 +199,9 @@ def _set(name: str) -> str:
 
 
 def summarise(rows: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]) -> list[str]:
-    """One block per set (hand, hf, timm, all): pruned & runs, median/worst CPU s, on all and on both-handled."""
+    """One block per set (hand, hf, timm, tv, all): pruned & runs, median/worst CPU s, on all and on both-handled."""
     out = []
-    for which in ("hand", "hf", "timm", "all"):
+    for which in ("hand", "hf", "timm", "tv", "all"):
         sub = [r for r in rows if which == "all" or _set(r[0]) == which]
         if not sub:
             continue
@@ -238,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the QUICK subset; bounds checked")
-    ap.add_argument("--models", nargs="*", help="explicit names (hand:unet, hf:llama, timm:resnet:resnet18)")
-    ap.add_argument("--set", choices=("hand", "hf", "timm", "all"), default="all")
+    ap.add_argument("--models", nargs="*",
+                    help="explicit names (hand:unet, hf:llama, timm:resnet:resnet18, tv:resnet50)")
+    ap.add_argument("--set", choices=("hand", "hf", "timm", "tv", "all"), default="all")
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per model and tool (default 240; 30 with --quick, where Torch-Pruning hangs on "
