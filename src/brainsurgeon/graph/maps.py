@@ -151,6 +151,8 @@ class _Labels:
         self.parent = np.arange(n, dtype=np.int64)
         self.lab: dict[Key, np.ndarray] = {}
         self.merged = False   # whether any two labels were merged (else every label is its own root)
+        self.ver: dict[Key, int] = {}   # how many times each key's array was written
+        self.same: dict[tuple[Key, Key], tuple[int, int]] = {}   # (a, b) -> versions at which lab[a] == lab[b]
 
     def find(self, x: np.ndarray) -> np.ndarray:
         p = self.parent
@@ -177,6 +179,24 @@ class _Labels:
                 self.merged = True
             p[np.maximum(a, b)] = np.minimum(a, b)
 
+    def copy(self, src: Key, dst: Key, size: int, on: np.ndarray, lon: np.ndarray, ver: int) -> bool:
+        """An identity map from ``src`` to ``dst`` (``size``: both): ``apply(dst, size, on, lon)`` where
+        ``on``/``lon`` are the labelled positions of ``src`` and their labels when its array was at version
+        ``ver``. While ``src`` is
+        unchanged since, a new ``dst`` is a plain copy (no position meets two labels), and a ``dst`` known
+        equal to ``src`` (the way back of such a copy, neither written since) gains nothing, both without
+        the gathers and compares of :meth:`apply`. Returns True if positions were added."""
+        cur = self.lab.get(dst)
+        if self.ver[src] == ver:
+            if cur is None:
+                self.lab[dst] = self.lab[src].copy()
+                self.ver[dst] = 0
+                self.same[(src, dst)] = self.same[(dst, src)] = (ver, 0)
+                return True
+            if self.same.get((src, dst)) == (ver, self.ver[dst]):
+                return False
+        return self.apply(dst, size, on, lon)
+
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
         cur = self.lab.get(key)
@@ -184,6 +204,7 @@ class _Labels:
             cur = np.empty(size, dtype=np.int64)
             cur.fill(-1)
             self.lab[key] = cur
+            self.ver[key] = 0
             cur[pos] = labels
             added = len(pos) > 0
             now = cur[pos]
@@ -195,6 +216,7 @@ class _Labels:
             added = bool(fresh.any())
             if added:
                 cur[pos[fresh]] = labels[fresh]
+                self.ver[key] += 1
             now = cur[pos] if added else old
         diff = now != labels
         if diff.any():
@@ -280,10 +302,13 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
         la = lab.lab[key]
         on = np.nonzero(la >= 0)[0]
         lon = la[on]
+        v0 = lab.ver[key]
         for other, pos, forward in edges.gathers.get(key, ()):
-            if pos is None:
-                tp, tl = on, lon
-            elif forward:
+            if pos is None:   # identity (most links): copied whole, or skipped on the way back
+                if len(on) and lab.copy(key, other, edges.size[other], on, lon, v0) and not (ok := reach(other)):
+                    break
+                continue
+            if forward:
                 tp, tl = pos[on], lon
             else:
                 lb = la[pos]
