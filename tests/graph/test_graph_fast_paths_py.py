@@ -9,10 +9,6 @@ from graph_fixtures import FIXTURES, build
 from brainsurgeon.graph import DependencyGraph, maps
 
 
-def _slow_copy(self, src, dst, size, on, lon, ver):
-    return self.apply(dst, size, on, lon)
-
-
 def _closures(g: DependencyGraph) -> list:
     """Every full-width closure of the graph's parameter dims plus a partial (every other channel) one."""
     out = []
@@ -39,21 +35,30 @@ def test_closure_identity_copy_matches_apply(name, monkeypatch):
     model, x = build(name)
     g = DependencyGraph(model, x)
     fast = (_closures(g), _groups(g))
-    monkeypatch.setattr(maps._Labels, "copy", _slow_copy)
+    monkeypatch.setattr(maps, "_FAST_IDENTITY", False)
     assert (_closures(g), _groups(g)) == fast
 
 
-def test_identity_copy_after_the_source_changed_falls_back():
-    """A source written after its labelled positions were read: the copy applies those positions (as
-    ``apply`` would), not the source's current array."""
-    lab = maps._Labels(4)
-    lab.apply((0, 0), 4, np.array([0, 1]), np.array([0, 1]))
-    on = np.array([0, 1])
-    lon = np.array([0, 1])
-    lab.apply((0, 0), 4, np.array([2]), np.array([2]))   # version 1 now
-    assert lab.copy((0, 0), (1, 0), 4, on, lon, 0)
-    assert lab.lab[(1, 0)].tolist() == [0, 1, -1, -1]
-    assert lab.copy((0, 0), (2, 0), 4, np.array([0, 1, 2]), np.array([0, 1, 2]), 1)
-    assert lab.lab[(2, 0)].tolist() == [0, 1, 2, -1]
-    assert not lab.copy((2, 0), (0, 0), 4, np.array([0, 1, 2]), np.array([0, 1, 2]), 0)   # the way back
-    assert torch.equal(torch.as_tensor(lab.lab[(0, 0)]), torch.tensor([0, 1, 2, -1]))
+def _edges_with_self_gather() -> maps.Edges:
+    """a --id-- b --id-- c, a self-map on b (b[i] ~ b[3 - i]) and a split of c into atoms (2, 2)."""
+    e = maps.Edges()
+    for k in ((0, 0), (1, 0), (2, 0)):
+        e._add(k, 4)
+    e.link((0, 0), (1, 0))
+    e.gather((1, 0), (1, 0), np.array([3, 2, 1, 0]))
+    e.link((1, 0), (2, 0))
+    e.split((2, 0), [(e.atom(2), 2), (e.atom(2), 2)])
+    return e
+
+
+@pytest.mark.parametrize("req", [[0, 1, 2, 3], [0], [1, 2], [3, 0]])
+def test_identity_fast_path_with_a_key_written_while_it_is_processed(req, monkeypatch):
+    """A key that gains positions through its own self-map while it is processed: its identity links
+    carry what it had when it was taken from the worklist, as the per-link reference does."""
+    def run():
+        cl = maps.closure(_edges_with_self_gather(), (0, 0), np.array(req), np.arange(len(req)))
+        return cl.n, [(k, v.tolist()) for k, v in cl.labels.items()], cl.blocked, cl.inexact
+    fast = run()
+    monkeypatch.setattr(maps, "_FAST_IDENTITY", False)
+    assert run() == fast
+    assert torch.equal(torch.as_tensor(dict(fast[1])[(2, 0)]) >= 0, torch.as_tensor(dict(fast[1])[(1, 0)]) >= 0)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Key = tuple[int, int]  # (node id, dim); atoms of reshapes use negative node ids
+_FAST_IDENTITY = True   # closure: identity links copy whole label arrays (False: apply per link, the reference)
 
 
 def unique_ints(a: np.ndarray) -> np.ndarray:
@@ -179,24 +180,6 @@ class _Labels:
                 self.merged = True
             p[np.maximum(a, b)] = np.minimum(a, b)
 
-    def copy(self, src: Key, dst: Key, size: int, on: np.ndarray, lon: np.ndarray, ver: int) -> bool:
-        """An identity map from ``src`` to ``dst`` (``size``: both): ``apply(dst, size, on, lon)`` where
-        ``on``/``lon`` are the labelled positions of ``src`` and their labels when its array was at version
-        ``ver``. While ``src`` is
-        unchanged since, a new ``dst`` is a plain copy (no position meets two labels), and a ``dst`` known
-        equal to ``src`` (the way back of such a copy, neither written since) gains nothing, both without
-        the gathers and compares of :meth:`apply`. Returns True if positions were added."""
-        cur = self.lab.get(dst)
-        if self.ver[src] == ver:
-            if cur is None:
-                self.lab[dst] = self.lab[src].copy()
-                self.ver[dst] = 0
-                self.same[(src, dst)] = self.same[(dst, src)] = (ver, 0)
-                return True
-            if self.same.get((src, dst)) == (ver, self.ver[dst]):
-                return False
-        return self.apply(dst, size, on, lon)
-
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
         cur = self.lab.get(key)
@@ -294,31 +277,54 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
         return True
 
     ok = reach(root)
+    fast = _FAST_IDENTITY and len(root_pos) > 0   # every queued key then has a labelled position
+    lablab, ver, same, size, gathers = lab.lab, lab.ver, lab.same, edges.size, edges.gathers
     while work and ok:
         key = work.popleft()
         queued.discard(key)
         if key in edges.blocked:
             blocked.append((key, edges.blocked[key]))
-        la = lab.lab[key]
-        on = np.nonzero(la >= 0)[0]
-        lon = la[on]
-        v0 = lab.ver[key]
-        for other, pos, forward in edges.gathers.get(key, ()):
+        la = lablab[key]
+        v0 = ver[key]
+        # the labelled positions as of v0; only the identity fast path runs before they are needed, and it never
+        # writes ``la``, so computing them lazily gives what computing them here gives
+        on = lon = None
+        for other, pos, forward in gathers.get(key, ()):
             if pos is None:   # identity (most links): copied whole, or skipped on the way back
-                if len(on) and lab.copy(key, other, edges.size[other], on, lon, v0) and not (ok := reach(other)):
+                if fast and ver[key] == v0:
+                    cur = lablab.get(other)
+                    if cur is None:   # what apply(other, size, on, lon) makes of a new key: a copy of la
+                        lablab[other] = la.copy()
+                        ver[other] = 0
+                        same[(key, other)] = same[(other, key)] = (v0, 0)
+                        if not (ok := reach(other)):
+                            break
+                        continue
+                    if same.get((key, other)) == (v0, ver[other]):   # equal arrays: apply would add nothing
+                        continue
+                if on is None:
+                    on = np.nonzero(la >= 0)[0]
+                    lon = la[on]
+                if len(on) and lab.apply(other, size[other], on, lon) and not (ok := reach(other)):
                     break
                 continue
+            if on is None:
+                on = np.nonzero(la >= 0)[0]
+                lon = la[on]
             if forward:
                 tp, tl = pos[on], lon
             else:
                 lb = la[pos]
                 sel = np.nonzero(lb >= 0)[0]
                 tp, tl = sel, lb[sel]
-            if len(tp) and lab.apply(other, edges.size[other], tp, tl) and not (ok := reach(other)):
+            if len(tp) and lab.apply(other, size[other], tp, tl) and not (ok := reach(other)):
                 break
         for parts in edges.splits.get(key, ()) if ok else ():
+            if on is None:
+                on = np.nonzero(la >= 0)[0]
+                lon = la[on]
             for atom, digit in _choose_atoms(lab, la, parts, edges, prefer_fits):
-                if lab.apply(atom, edges.size[atom], digit[on], lon) and not (ok := reach(atom)):
+                if lab.apply(atom, size[atom], digit[on], lon) and not (ok := reach(atom)):
                     break
             if not ok:
                 break
