@@ -58,7 +58,9 @@ class Edges:
 
     def link(self, a: Key, b: Key) -> None:
         """Identity map between two keys of equal size (no-op on size-1 dims or unequal sizes)."""
-        if a == b or self.size.get(a) != self.size.get(b) or self.size.get(a, 0) <= 1:
+        size = self.size
+        sa = size.get(a)
+        if a == b or sa != size.get(b) or (sa or 0) <= 1:
             return
         self.gathers.setdefault(a, []).append((b, None, True))
         self.gathers.setdefault(b, []).append((a, None, True))

@@ -361,11 +361,15 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
         # attributes are for modules without sliced tensors (a LayerNorm without affine)
         _set_mirrored_attrs(model, {k: v for k, v in (attrs or {}).items()
                                     if k not in modules or find_fixer(mods[k]) is None}, undo)
+        container: dict[str, bool] = {}   # per parent name: whether its fixer is a container's
         for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
             parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):
                 parent = ".".join(parts[:i])
-                if find_fixer(mods[parent]) in _CONTAINER_FIXERS:
+                is_container = container.get(parent)
+                if is_container is None:
+                    is_container = container[parent] = find_fixer(mods[parent]) in _CONTAINER_FIXERS
+                if is_container:
                     rel = ".".join(parts[i:])   # the container sees its children's removals as 'child.tensor'
                     for tname, dims in list(modules[mname].items()):
                         modules.setdefault(parent, {})[f"{rel}.{tname}"] = dims
