@@ -1,12 +1,16 @@
 """Fast paths of the Python steps of a prune (issue 14, speed) give exactly what the slow ones gave: the
-identity-link copy of the closure (groups, partial requests, blocked reasons), ..."""
+identity-link copy of the closure (groups, partial requests, blocked reasons), a slice's rows when its
+labelling is the identity, the HF width scan that skips leaves, the undo snapshot of plain attributes."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from graph_fixtures import FIXTURES, build
 
-from brainsurgeon.graph import DependencyGraph, maps
+from brainsurgeon.graph import DependencyGraph, hf, maps, surgery
+from brainsurgeon.graph.graph import _slice_idxs
 
 
 def _closures(g: DependencyGraph) -> list:
@@ -62,3 +66,39 @@ def test_identity_fast_path_with_a_key_written_while_it_is_processed(req, monkey
     monkeypatch.setattr(maps, "_FAST_IDENTITY", False)
     assert run() == fast
     assert torch.equal(torch.as_tensor(dict(fast[1])[(2, 0)]) >= 0, torch.as_tensor(dict(fast[1])[(1, 0)]) >= 0)
+
+
+def test_slice_idxs_identity_fast_path_matches_the_general_one():
+    rng = np.random.default_rng(0)
+    cases = [np.arange(6), np.array([0, 1, 2]), np.array([2, 0, 1]), np.array([0, -1, 1, -1]),
+             np.array([1, 0, 1, 0]), np.array([0, 0, 1]), rng.permutation(8), np.arange(4)]
+    for lab in cases:
+        n = int(lab.max()) + 1
+        fast, slow = _slice_idxs(lab, n, np.arange(n)), _slice_idxs(lab, n)
+        assert (fast is None) == (slow is None)
+        if fast is not None:
+            assert fast.dtype == slow.dtype and fast.tolist() == slow.tolist()
+    assert _slice_idxs(np.arange(5), 5, np.arange(5)).tolist() == [[0], [1], [2], [3], [4]]
+
+
+def test_layer_widths_skipping_leaves_matches_the_full_scan(monkeypatch):
+    pytest.importorskip("transformers")
+    from graph_fixtures import tiny_bert, tiny_llama_gqa
+    for make in (tiny_bert, tiny_llama_gqa):
+        torch.manual_seed(0)
+        model = make()
+        fast = hf.layer_widths(model)
+        monkeypatch.setattr(hf, "_is_leaf", lambda m: False)
+        assert hf.layer_widths(model) == fast and fast
+        monkeypatch.undo()
+
+
+def test_module_attrs_copies_exactly_what_copy_copy_copies():
+    m = torch.nn.Conv2d(4, 4, 3, padding=(1, 1))
+    m.extra_list = [1, 2]
+    m.extra_dict = {"a": [3]}
+    snap = surgery.module_attrs(m)
+    ref = {k: copy.copy(v) for k, v in vars(m).items()
+           if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))}
+    assert snap == ref and list(snap) == list(ref)
+    assert all((snap[k] is v) == (ref[k] is v) for k, v in vars(m).items() if k in snap)   # copies stay copies

@@ -284,9 +284,13 @@ def register_named_fixer(*qualnames: str, container: bool = False) -> Callable[[
     return deco
 
 
+_IMMUTABLE = frozenset({int, float, bool, str, type(None), tuple, frozenset, bytes, complex})
+
+
 def module_attrs(m: nn.Module) -> dict[str, Any]:
-    """A restorable snapshot of a module's plain attributes."""
-    return {k: copy.copy(v) for k, v in vars(m).items()
+    """A restorable snapshot of a module's plain attributes (``copy.copy`` of each; immutable values, which
+    ``copy.copy`` returns as they are, are taken without the call)."""
+    return {k: v if type(v) in _IMMUTABLE else copy.copy(v) for k, v in vars(m).items()
             if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
 
 
