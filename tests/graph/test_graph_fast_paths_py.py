@@ -10,6 +10,7 @@ import torch
 from graph_fixtures import FIXTURES, build
 
 from brainsurgeon.graph import DependencyGraph, hf, maps, surgery
+from brainsurgeon.graph.commit import _labelled_counts
 from brainsurgeon.graph.graph import _slice_idxs
 
 
@@ -102,3 +103,10 @@ def test_module_attrs_copies_exactly_what_copy_copy_copies():
            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))}
     assert snap == ref and list(snap) == list(ref)
     assert all((snap[k] is v) == (ref[k] is v) for k, v in vars(m).items() if k in snap)   # copies stay copies
+
+
+def test_labelled_counts_match_one_sum_per_array():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        labels = [rng.integers(-1, 3, size=int(rng.integers(0, 6))) for _ in range(int(rng.integers(1, 8)))]
+        assert _labelled_counts(labels) == [int((lab >= 0).sum()) for lab in labels]
