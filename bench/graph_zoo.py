@@ -211,14 +211,14 @@ def summarise(rows: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None
             if not ran:
                 continue
             ok = [r[i]["seconds"] for r in ran if r[i]["ok"]]
-            med = f"median {statistics.median(ok):.2f}s worst {max(ok):.2f}s" if ok else "-"
+            med = f"median {statistics.median(ok):.3f}s worst {max(ok):.3f}s" if ok else "-"
             line.append(f"{tool} {len(ok)}/{len(ran)} ({med})")
         both = [r for r in sub if r[1] and r[2] and r[1]["ok"] and r[2]["ok"]]
         if both:
             a = statistics.median(r[1]["seconds"] for r in both)
             b = statistics.median(r[2]["seconds"] for r in both)
-            line.append(f"both {len(both)}: median ours {a:.2f}s vs tp {b:.2f}s ({a / b:.2f}x), worst ours "
-                        f"{max(r[1]['seconds'] for r in both):.2f}s vs tp {max(r[2]['seconds'] for r in both):.2f}s")
+            line.append(f"both {len(both)}: median ours {a:.3f}s vs tp {b:.3f}s ({a / b:.2f}x), worst ours "
+                        f"{max(r[1]['seconds'] for r in both):.3f}s vs tp {max(r[2]['seconds'] for r in both):.3f}s")
         rt = [r[1].get("roundtrip") for r in sub if r[1] and "roundtrip" in r[1]]
         if rt:
             line.append(f"HF round trips exact {sum(v == 'exact' for v in rt)}/{len(rt)}")
@@ -232,7 +232,7 @@ def fmt(name: str, o: dict[str, Any] | None, t: dict[str, Any] | None) -> str:
             return f"{'-':<40}"
         if not r["ok"]:
             return f"ERR {r.get('error', '')[:36]:<36}"
-        s = f"ok -{100 * r['drop']:3.0f}% {r['seconds']:6.2f}s"
+        s = f"ok -{100 * r['drop']:3.0f}% {r['seconds']:7.3f}s"
         return f"{s:<40}" if "roundtrip" not in r else f"{s} rt:{r['roundtrip'][:20]:<17}"
     return f"{name:<52} {side(o)} | {side(t)}"
 
