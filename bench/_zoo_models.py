@@ -355,9 +355,33 @@ def _hand(name: str) -> Case:
     return Case(cls().eval(), x, heads)
 
 
+# ------------------------------------------------------------------ torchvision classification
+def tv_models() -> list[str]:
+    """Every classification model torchvision lists (``list_models(module=torchvision.models)``)."""
+    import torchvision
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _tv(name: str) -> Case:
+    """A torchvision classifier as ``graph_coverage.py`` builds it (weights=None; ViTs built for their small
+    input), on one 1x3x64x64 image -- ViTs at the size they were built for, MaxViT at 224 px (its fixed
+    window partition), Inception-v3 at 96 px (its 75 px minimum); heads: ``graph_coverage.head_modules``."""
+    import torch
+
+    from graph_coverage import build as tv_build
+    from graph_coverage import head_modules
+    from graph_coverage import inputs as tv_inputs
+
+    torch.manual_seed(0)
+    m = tv_build(name)
+    (x,) = tv_inputs(name)
+    heads = {id(h) for h in head_modules(m, name)}
+    return Case(m, (x[:1],), [n for n, mod in m.named_modules() if id(mod) in heads])
+
+
 # ------------------------------------------------------------------ registry
 def all_names(timm_too: bool = True) -> list[str]:
-    """Every model of the sweep: ``hand:*``, ``hf:*`` and ``timm:<family>:<model>``."""
+    """Every model of the sweep: ``hand:*``, ``hf:*``, ``timm:<family>:<model>`` and ``tv:<model>``."""
     names = [f"hand:{n}" for n in ("unet", "chunk_split", "einsum_sdpa", "gat", "lstm_lm_tied", "pointnet",
                                    "dwsep_conv1d")]
     names += [f"hf:{f}" for f in hf_families()]
@@ -366,7 +390,7 @@ def all_names(timm_too: bool = True) -> list[str]:
             names += [f"timm:{fam}:{m}" for fam, m in sorted(timm_selection().items())]
         except ImportError:
             pass
-    return names
+    return names + [f"tv:{n}" for n in tv_models()]
 
 
 def build(name: str) -> Case:
@@ -377,4 +401,7 @@ def build(name: str) -> Case:
         return _hf(rest)
     if kind == "hand":
         return _hand(rest)
-    raise KeyError(f"unknown zoo model {name!r}; names look like hand:unet, hf:llama, timm:resnet:resnet18")
+    if kind == "tv":
+        return _tv(rest)
+    raise KeyError(f"unknown zoo model {name!r}; names look like hand:unet, hf:llama, timm:resnet:resnet18, "
+                   "tv:resnet50")

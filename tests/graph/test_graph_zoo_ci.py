@@ -16,6 +16,7 @@ HAND = ["hand:unet", "hand:chunk_split", "hand:einsum_sdpa", "hand:gat", "hand:l
         "hand:dwsep_conv1d"]
 HF = ["hf:bert", "hf:gpt2", "hf:llama", "hf:gemma", "hf:resnet"]
 TIMM = ["timm:resnet:test_resnet", "timm:convnext:convnext_atto", "timm:mobilenetv3:mobilenetv3_small_050"]
+TV = ["tv:resnet18", "tv:mobilenet_v3_small"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def _needs(name: str) -> None:
         pytest.importorskip("timm")
 
 
-@pytest.mark.parametrize("name", HAND + HF + TIMM)
+@pytest.mark.parametrize("name", HAND + HF + TIMM + TV)
 def test_zoo_model_prunes_a_quarter_and_runs(zoo, name):
     import torch
     _needs(name)

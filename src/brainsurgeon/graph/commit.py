@@ -198,9 +198,8 @@ class PruneMixin:
             return record
         removed = dict(self._removed)
         for grp in groups:
-            if grp.version >= self._trace_step:
-                for k, lab in grp.labels.items():
-                    c = int((lab >= 0).sum())
+            if grp.version >= self._trace_step and grp.labels:
+                for k, c in zip(grp.labels, _labelled_counts(list(grp.labels.values())), strict=True):
                     if c:
                         removed[k] = removed.get(k, 0) + c
         undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes))
@@ -281,3 +280,15 @@ class PruneMixin:
                     batch["gone"][k] = v
         del self.history[record["history"]:]
         sync_hf_config(self.model)
+
+
+def _labelled_counts(labels: list[np.ndarray]) -> list[int]:
+    """``[int((lab >= 0).sum()) for lab in labels]`` from one comparison and one running sum over all of them.
+
+    >>> _labelled_counts([np.array([0, -1, 1]), np.array([], dtype=np.int64), np.array([-1])])
+    [2, 0, 0]
+    """
+    lens = np.array([len(v) for v in labels], dtype=np.int64)
+    ends = np.cumsum(lens)
+    run = np.concatenate(([0], np.cumsum(np.concatenate(labels) >= 0)))
+    return (run[ends] - run[ends - lens]).tolist()

@@ -432,13 +432,11 @@ class DependencyGraph(PruneMixin):
                 per.setdefault((node.owner[0], node.owner[1], key[1]), lab)
             labels[key] = lab
         slices = []
+        ident = np.arange(cl.n, dtype=np.int64)
         for (mn, tn, d), lab in per.items():
-            on = np.nonzero(lab >= 0)[0]
-            rows = lab[on]
-            counts = np.bincount(rows, minlength=cl.n)
-            if counts.min() == 0 or counts.max() != counts.min():
+            idxs = _slice_idxs(lab, cl.n, ident)
+            if idxs is None:
                 return None
-            idxs = on[np.argsort(rows, kind="stable")].reshape(cl.n, -1)
             m = self._modules.get(mn) or self.model.get_submodule(mn)
             slices.append(Slice(mn, tn, d, torch.from_numpy(idxs.copy()), slice_role(m, tn, d)))
         slices.sort(key=lambda s: ((s.module, s.tensor, s.dim) != root, self._module_index.get(s.module, 0),
@@ -475,6 +473,24 @@ class DependencyGraph(PruneMixin):
             lines.append("sets left out of groups():")
             lines += [f"  {what}: {why}" for what, why in self.left_out]
         return "\n".join(lines)
+
+
+def _slice_idxs(lab: np.ndarray, n: int, ident: np.ndarray | None = None) -> np.ndarray | None:
+    """Row ``r`` of the result: the positions labelled ``r`` (ascending), or None when the rows are ragged.
+    ``ident`` (``arange(n)``): a labelling that is exactly it (position i is row i, most slices) takes no
+    counting or sort.
+
+    >>> _slice_idxs(np.array([1, -1, 0, 1, 0]), 2).tolist()
+    [[2, 4], [0, 3]]
+    """
+    if ident is not None and len(lab) == n and np.array_equal(lab, ident):
+        return ident.reshape(n, 1)
+    on = np.nonzero(lab >= 0)[0]
+    rows = lab[on]
+    counts = np.bincount(rows, minlength=n)
+    if counts.min() == 0 or counts.max() != counts.min():
+        return None
+    return on[np.argsort(rows, kind="stable")].reshape(n, -1)
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:

@@ -86,14 +86,23 @@ def _out_width(m: nn.Module) -> int:
     return int(w.shape[1] if type(m).__name__ == "Conv1D" else w.shape[0])
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    """No submodules and the usual ``nn.Module`` attribute lookup: :func:`_child` finds nothing on it."""
+    return not m._modules and type(m).__getattr__ is nn.Module.__getattr__
+
+
 def layer_widths(model: nn.Module) -> dict[str, Any]:
     """Per-module widths: attention heads/kv heads/head_dim (from the q/k projections), MLP intermediate
     size, and the values of non-persistent rotary tables (``inv_freq``, sliced by within-head pruning)."""
     cfg = getattr(model, "config", None)
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
-        q, k = _child(m, Q_NAMES), _child(m, K_NAMES)
-        head = _attr(m, "head_dim") or _attr(m, "attention_head_size") or _attr(m, "head_size")
+        # a leaf (no submodules, the usual nn.Module attribute lookup) has none of the children asked below:
+        # only its own tensors (rotary tables, fused experts, embedding scale) are read
+        leaf = _is_leaf(m)
+        q = None if leaf else _child(m, Q_NAMES)
+        k = None if leaf else _child(m, K_NAMES)
+        head = None if leaf else (_attr(m, "head_dim") or _attr(m, "attention_head_size") or _attr(m, "head_size"))
         if q is not None and k is not None and isinstance(head, int) and head > 0:
             out[name] = {"num_attention_heads": _out_width(q) // head, "num_key_value_heads": _out_width(k) // head,
                          "head_dim": head}
@@ -108,7 +117,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
         inv = _attr(m, "inv_freq")   # rotary tables are not saved (non-persistent): keep the kept values
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
-        up = _child(m, _UP)
+        up = None if leaf else _child(m, _UP)
         if up is not None and (_child(m, _DOWN) is not None or name.endswith("mlp")):
             width = _out_width(up) // (2 if _child(m, ("gate_up_proj",)) is up else 1)   # Phi3: gate and up fused
             out.setdefault(name, {})["intermediate_size"] = width

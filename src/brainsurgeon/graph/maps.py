@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Key = tuple[int, int]  # (node id, dim); atoms of reshapes use negative node ids
+_FAST_IDENTITY = True   # closure: identity links copy whole label arrays (False: apply per link, the reference)
 
 
 def unique_ints(a: np.ndarray) -> np.ndarray:
@@ -57,7 +58,9 @@ class Edges:
 
     def link(self, a: Key, b: Key) -> None:
         """Identity map between two keys of equal size (no-op on size-1 dims or unequal sizes)."""
-        if a == b or self.size.get(a) != self.size.get(b) or self.size.get(a, 0) <= 1:
+        size = self.size
+        sa = size.get(a)
+        if a == b or sa != size.get(b) or (sa or 0) <= 1:
             return
         self.gathers.setdefault(a, []).append((b, None, True))
         self.gathers.setdefault(b, []).append((a, None, True))
@@ -151,6 +154,8 @@ class _Labels:
         self.parent = np.arange(n, dtype=np.int64)
         self.lab: dict[Key, np.ndarray] = {}
         self.merged = False   # whether any two labels were merged (else every label is its own root)
+        self.ver: dict[Key, int] = {}   # how many times each key's array was written
+        self.same: dict[tuple[Key, Key], tuple[int, int]] = {}   # (a, b) -> versions at which lab[a] == lab[b]
 
     def find(self, x: np.ndarray) -> np.ndarray:
         p = self.parent
@@ -184,6 +189,7 @@ class _Labels:
             cur = np.empty(size, dtype=np.int64)
             cur.fill(-1)
             self.lab[key] = cur
+            self.ver[key] = 0
             cur[pos] = labels
             added = len(pos) > 0
             now = cur[pos]
@@ -195,6 +201,7 @@ class _Labels:
             added = bool(fresh.any())
             if added:
                 cur[pos[fresh]] = labels[fresh]
+                self.ver[key] += 1
             now = cur[pos] if added else old
         diff = now != labels
         if diff.any():
@@ -272,28 +279,54 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
         return True
 
     ok = reach(root)
+    fast = _FAST_IDENTITY and len(root_pos) > 0   # every queued key then has a labelled position
+    lablab, ver, same, size, gathers = lab.lab, lab.ver, lab.same, edges.size, edges.gathers
     while work and ok:
         key = work.popleft()
         queued.discard(key)
         if key in edges.blocked:
             blocked.append((key, edges.blocked[key]))
-        la = lab.lab[key]
-        on = np.nonzero(la >= 0)[0]
-        lon = la[on]
-        for other, pos, forward in edges.gathers.get(key, ()):
-            if pos is None:
-                tp, tl = on, lon
-            elif forward:
+        la = lablab[key]
+        v0 = ver[key]
+        # the labelled positions as of v0; only the identity fast path runs before they are needed, and it never
+        # writes ``la``, so computing them lazily gives what computing them here gives
+        on = lon = None
+        for other, pos, forward in gathers.get(key, ()):
+            if pos is None:   # identity (most links): copied whole, or skipped on the way back
+                if fast and ver[key] == v0:
+                    cur = lablab.get(other)
+                    if cur is None:   # what apply(other, size, on, lon) makes of a new key: a copy of la
+                        lablab[other] = la.copy()
+                        ver[other] = 0
+                        same[(key, other)] = same[(other, key)] = (v0, 0)
+                        if not (ok := reach(other)):
+                            break
+                        continue
+                    if same.get((key, other)) == (v0, ver[other]):   # equal arrays: apply would add nothing
+                        continue
+                if on is None:
+                    on = np.nonzero(la >= 0)[0]
+                    lon = la[on]
+                if len(on) and lab.apply(other, size[other], on, lon) and not (ok := reach(other)):
+                    break
+                continue
+            if on is None:
+                on = np.nonzero(la >= 0)[0]
+                lon = la[on]
+            if forward:
                 tp, tl = pos[on], lon
             else:
                 lb = la[pos]
                 sel = np.nonzero(lb >= 0)[0]
                 tp, tl = sel, lb[sel]
-            if len(tp) and lab.apply(other, edges.size[other], tp, tl) and not (ok := reach(other)):
+            if len(tp) and lab.apply(other, size[other], tp, tl) and not (ok := reach(other)):
                 break
         for parts in edges.splits.get(key, ()) if ok else ():
+            if on is None:
+                on = np.nonzero(la >= 0)[0]
+                lon = la[on]
             for atom, digit in _choose_atoms(lab, la, parts, edges, prefer_fits):
-                if lab.apply(atom, edges.size[atom], digit[on], lon) and not (ok := reach(atom)):
+                if lab.apply(atom, size[atom], digit[on], lon) and not (ok := reach(atom)):
                     break
             if not ok:
                 break

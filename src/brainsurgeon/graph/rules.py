@@ -95,11 +95,21 @@ class Ctx:
         shape = self.nodes[nid].shape
         d = dim + len(shape) if dim < 0 else dim
         k = (nid, d)
-        self.edges._add(k, shape[d])
+        self.edges.size.setdefault(k, shape[d])   # Edges._add
         return k
 
     def link(self, a: Ref | int, da: int, b: Ref | int, db: int) -> None:
-        self.edges.link(self.key(a, da), self.key(b, db))
+        # ``edges.link(key(a, da), key(b, db))`` with the two keys made inline (most rules' only call)
+        nodes, size = self.nodes, self.edges.size
+        na = a.node if isinstance(a, Ref) else a
+        sa = nodes[na].shape
+        ka = (na, da + len(sa) if da < 0 else da)
+        size.setdefault(ka, sa[ka[1]])
+        nb = b.node if isinstance(b, Ref) else b
+        sb = nodes[nb].shape
+        kb = (nb, db + len(sb) if db < 0 else db)
+        size.setdefault(kb, sb[kb[1]])
+        self.edges.link(ka, kb)
 
     def gather(self, a: Ref | int, da: int, b: Ref | int, db: int, pos: np.ndarray) -> None:
         self.edges.gather(self.key(a, da), self.key(b, db), pos)

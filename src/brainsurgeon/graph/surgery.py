@@ -284,9 +284,13 @@ def register_named_fixer(*qualnames: str, container: bool = False) -> Callable[[
     return deco
 
 
+_IMMUTABLE = frozenset({int, float, bool, str, type(None), tuple, frozenset, bytes, complex})
+
+
 def module_attrs(m: nn.Module) -> dict[str, Any]:
-    """A restorable snapshot of a module's plain attributes."""
-    return {k: copy.copy(v) for k, v in vars(m).items()
+    """A restorable snapshot of a module's plain attributes (``copy.copy`` of each; immutable values, which
+    ``copy.copy`` returns as they are, are taken without the call)."""
+    return {k: v if type(v) in _IMMUTABLE else copy.copy(v) for k, v in vars(m).items()
             if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
 
 
@@ -361,11 +365,15 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
         # attributes are for modules without sliced tensors (a LayerNorm without affine)
         _set_mirrored_attrs(model, {k: v for k, v in (attrs or {}).items()
                                     if k not in modules or find_fixer(mods[k]) is None}, undo)
+        container: dict[str, bool] = {}   # per parent name: whether its fixer is a container's
         for mname in list(modules):   # containers whose attributes mirror their children (HF attention, ViT)
             parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):
                 parent = ".".join(parts[:i])
-                if find_fixer(mods[parent]) in _CONTAINER_FIXERS:
+                is_container = container.get(parent)
+                if is_container is None:
+                    is_container = container[parent] = find_fixer(mods[parent]) in _CONTAINER_FIXERS
+                if is_container:
                     rel = ".".join(parts[i:])   # the container sees its children's removals as 'child.tensor'
                     for tname, dims in list(modules[mname].items()):
                         modules.setdefault(parent, {})[f"{rel}.{tname}"] = dims
