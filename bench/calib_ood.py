@@ -84,6 +84,7 @@ held-out loss measures in-distribution generalisation and says nothing about one
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import gzip
 import json
@@ -118,7 +119,8 @@ JARGON = pathlib.Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
 
 DEFAULT = "GPTQ default"  # the row the bound checks: the library's defaults (shrink="auto", short_prefixes on)
-ASIS = {"short_prefixes": ()}  # the calibration data as given (no length mix): the ablation rows
+ASIS = {"short_prefixes": (), "vocab_inputs": 0}  # the calibration data as given (no mix): the ablation rows
+NOVOCAB = {"vocab_inputs": 0}  # the length mix alone (prefixes' share of H's trace from regime_shares)
 
 
 def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.Config, str, dict]]:
@@ -126,8 +128,9 @@ def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.
     from. Encoders: the length mix is the library's (CalibOptions.short_prefixes); the causal SmolLM2 gets no
     prefixes from it (a no-op there), so its row re-cuts the calibration windows into mixed lengths instead."""
     g = lambda **kw: bs.GPTQ(**{**base, **kw})  # noqa: E731
-    mix = ([("  short prefixes", g(shrink=0.0), "calib", {}),
-            ("  shrink 0.3 + short prefixes", g(shrink=0.3), "calib", {})] if encoder else
+    mix = ([("  short prefixes", g(shrink=0.0), "calib", NOVOCAB),
+            ("  shrink 0.3 + short prefixes", g(shrink=0.3), "calib", NOVOCAB),
+            ("  vocabulary + prefixes", g(shrink=0.0), "calib", {})] if encoder else
            [("  mixed lengths", g(shrink=0.0), "mixed", ASIS),
             ("  shrink 0.3 + mixed lengths", g(shrink=0.3), "mixed", ASIS),
             ("  auto + mixed lengths", g(), "mixed", ASIS)])
@@ -145,8 +148,9 @@ def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.
             *mix,
             ("  held-out (shrink='heldout')", g(shrink="heldout"), "calib", ASIS),
             ("  held-out + short prefixes" if encoder else "  held-out + mixed lengths", g(shrink="heldout"),
-             "calib" if encoder else "mixed", {} if encoder else ASIS),
+             "calib" if encoder else "mixed", NOVOCAB if encoder else ASIS),
             ("GPTQ auto, no length mix", g(), "calib", ASIS),
+            *([("GPTQ auto, no vocabulary", g(), "calib", NOVOCAB)] if encoder else []),
             (DEFAULT, g(), "calib", {})]
 
 
@@ -246,9 +250,29 @@ def run(s: dict, evaluate, cfg, kind: str, opts: dict) -> dict:
     rep = bs.quantize_(m, cfg, None if data_free else s[kind], ignore=s["ignore"],
                        options=bs.CalibOptions(blocks=s["blocks"], **opts))
     cpu = time.process_time() - c0
-    mix = [n for n in rep.notes if n.startswith("calibration length mix")]
+    mix = [n for n in rep.notes if n.startswith(("calibration length mix", "calibration vocabulary",
+                                                  "calibration regimes"))]
     lam = [n.split(", estimated")[0] for n in rep.notes if n.startswith("shrink='auto'")]
-    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": mix[0] if mix else "", "shrink_note": lam[0] if lam else ""}
+    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else ""}
+
+
+def vocab_overlap(s: dict, opts: dict) -> str:
+    """Which evaluation words are among the vocabulary singles the library adds with these options (the same
+    call the driver makes: calib.mix_calibration), so nobody has to take the independence on trust."""
+    from brainsurgeon.calib import mix_calibration
+
+    options = bs.CalibOptions(blocks=s["blocks"], **opts)
+    data, labels, _ = mix_calibration(s["model"], s["calib"], options)
+    if not labels:
+        return "vocabulary singles: none added"
+    ids = [int(t) for b, r in zip(data, labels, strict=True) if r == 2 for t in b[1]["input_ids"][:, 1]]
+    toks = set(s["tok"].convert_ids_to_tokens(ids))
+    words = set(s["words"])
+    hit = sorted(words & toks)
+    per = {k: sum(a in toks or b in toks for a, b, _ in p) for k, p in s["pairs"].items()}
+    return (f"vocabulary singles: {len(ids)} ids (seed {options.vocab_seed}); {len(hit)} of the {len(words)} "
+            f"evaluation words are among them ({', '.join(hit[:12])}{', ...' if len(hit) > 12 else ''}); pairs "
+            f"with a word among them: " + ", ".join(f"{k} {v}/{len(s['pairs'][k])}" for k, v in per.items()))
 
 
 def main() -> int:
@@ -259,9 +283,12 @@ def main() -> int:
     ap.add_argument("--n-calib", type=int, default=16, help="encoders: calibration sentences (the bound: 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
+                    help="CalibOptions field for every row that does not set it, e.g. regime_shares=(0.6,0.2,0.2)")
     ap.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                     help="encoders: bootstrap resamples of the word pairs for intervals (0: none)")
     args = ap.parse_args()
+    extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.calib)}
     torch.set_num_threads(args.threads)
     encoder = args.model != "smollm"
     if encoder:
@@ -284,7 +311,7 @@ def main() -> int:
         if args.only and label != "RTN" and not re.search(args.only, label):
             continue
         rows.append({"label": label, "config": cfg.describe(), "shrink": getattr(cfg, "shrink", None),
-                     **run(s, evaluate, cfg, kind, opts)})
+                     **run(s, evaluate, cfg, kind, {**extra, **opts})})
         print("  " + label + ": " + ", ".join(f"{k} {rows[-1][k]:.4g}" for k in keys), file=sys.stderr, flush=True)
     line = f"{'variant':<30} " + " ".join(f"{h:>10}" for h in head) + f" {'CPU s':>7}"
     print(line + "\n" + "-" * len(line))
@@ -292,6 +319,8 @@ def main() -> int:
         print(f"{r['label']:<30} " + " ".join(f"{r[k]:>10.4f}" for k in keys) + f" {r['cpu_s']:>7.1f}")
     notes = sorted({r["mix_note"] for r in rows if r.get("mix_note")})
     print("\n".join(f"note (report): {n}" for n in notes))
+    if encoder:
+        print(vocab_overlap(s, extra))
     print("\n".join(f"{r['label']}: {r['shrink_note']}" for r in rows if r.get("shrink_note")))
     if encoder and args.bootstrap:
         print(f"\nbootstrap over word pairs ({args.bootstrap} resamples, 95 % intervals; the same resamples for "
