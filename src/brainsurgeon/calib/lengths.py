@@ -9,14 +9,16 @@ all-MiniLM-L6-v2 word similarity below round-to-nearest). A causal decoder is di
 sees only positions <= t, so a prefix's activations ARE the first positions of the full sample's and
 prefixes would only add copies of rows H already has; nothing is added there.
 
-:func:`mix_lengths` (the driver's entry point, ``CalibOptions.short_prefixes``) tests which of the two
-the model is on one calibration sample (:func:`is_causal`: do a prefix's outputs equal the full
+:func:`mix_calibration` (the driver's entry point, ``CalibOptions.short_prefixes``) tests which of the
+two the model is on one calibration sample (:func:`is_causal`: do a prefix's outputs equal the full
 sample's first positions?) and, for a bidirectional model, appends :func:`short_prefixes` of the
-calibration samples. Only tokenizer batches take part (dicts with 2-D integer ``input_ids``); other
-data (images, float features) is returned as it is, without a note.
+calibration samples and ``CalibOptions.vocab_inputs`` single-token inputs of its vocabulary
+(:mod:`~brainsurgeon.calib.vocab`), and labels each batch with its regime for the trace shares
+(:mod:`~brainsurgeon.calib.regimes`). Only tokenizer batches take part (dicts with 2-D integer
+``input_ids``); other data (images, float features) is returned as it is, without a note.
 
     >>> extra = short_prefixes(batches, (1, 2, 3, 4))     # sample j: its first 1, 2, 3, 4, 1, ... tokens
-    >>> calib, notes = mix_lengths(bert, batches, CalibOptions())
+    >>> calib, labels, notes = mix_calibration(bert, batches, CalibOptions())
 """
 
 from __future__ import annotations
