@@ -41,6 +41,38 @@ before its first run; mpnet was used to choose neither the length mix nor the vo
 also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
 every row) of each rho and of its difference to RTN.
 
+Measured with the vocabulary term (1 thread, 2 shared cores, 2026-12-07; its size and shares chosen on MiniLM
+only, then all-mpnet-base-v2 run once). all-MiniLM-L6-v2, ``--model minilm``, exit 1 (SimLex .0010 below RTN):
+    variant                          ID cos   word cos   SimLex   WS-353   CPU s
+    dense                            1.0000   1.0000     0.4462   0.7289
+    RTN                              0.9540   0.9493     0.4501   0.7126     4.8
+    GPTQ shrink=0 (old default)      0.9674   0.8950     0.4043   0.6584     7.0
+      short prefixes (1/3 of trace)  0.9641   0.9511     0.4268   0.7235     7.3
+      shrink 0.3 + short prefixes    0.9772   0.9667     0.4530   0.7428     7.7
+      vocabulary + prefixes          0.9767   0.9807     0.4456   0.7460     9.2
+    GPTQ auto, no length mix         0.9762   0.9421     0.4347   0.7115     7.2
+    GPTQ auto, no vocabulary         0.9766   0.9683     0.4474   0.7347     7.4
+    GPTQ default                     0.9800   0.9808     0.4491   0.7368     8.9
+(the other rows as in the 2026-12-06 table below, to the digit). Bootstrap, default minus RTN: SimLex -0.0010
+[-0.0132, +0.0109] (P(<= RTN) .54; dense minus RTN -0.0039 [-0.0151, +0.0074]), WS-353 +0.0242 [+0.0055,
++0.0444]. The sweep that chose the default (``--only "GPTQ default" --calib ...``, ID / word cos / SimLex /
+WS-353): regime_shares (0.4, 0.2, 0.4) .9801 / .9822 / .4445 / .7327; (0.6, 0.2, 0.2) .9795 / .9799 / .4422 /
+.7366; vocab_inputs=4096 .9805 / .9812 / .4444 / .7382; vocab_seed=1 .9801 / .9811 / .4474 / .7307; seed 2
+.9800 / .9810 / .4438 / .7441 (seed-to-seed spread of SimLex .004, of WS-353 .013: the SimLex gap to RTN is
+inside it). The 1,024 singles (seed 0) hold 37 of the 1,341 evaluation words (52 / 999 SimLex pairs, 21 / 353
+WS-353 pairs have a word among them).
+all-mpnet-base-v2, ``--model mpnet --only "GPTQ (default|auto, no vocabulary)"``, exit 1 (the bound fixed
+2026-12-06; this setting never run on mpnet before):
+    variant                          ID cos   word cos   SimLex   WS-353   CPU s
+    dense                            1.0000   1.0000     0.5362   0.7436
+    RTN                              0.9634   0.9575     0.5536   0.7473    42.3
+    GPTQ auto, no vocabulary         0.9800   0.8886     0.4516   0.5145    70.0
+    GPTQ default                     0.9808   0.9734     0.5315   0.7126    82.8     <- below RTN on both rho
+Bootstrap, default minus RTN: SimLex -0.0221 [-0.0366, -0.0088], WS-353 -0.0347 [-0.0610, -0.0108] (dense minus
+RTN: SimLex -0.0174 [-0.0276, -0.0072], WS-353 -0.0037 [-0.0194, +0.0115]). The vocabulary term lifts the word
+embeddings past RTN's (word cos .973 vs .958) and SimLex to within .005 of dense, but WS-353 stays .031 below
+dense and .035 below RTN. The singles hold 47 of the 1,341 evaluation words (57 / 999, 25 / 353 pairs).
+
 Measured (1 thread, 2 shared cores, 2026-12-06; padding positions stay out of H; the length mix is the
 library's). all-MiniLM-L6-v2 (dense SimLex .446 / WS-353 .729), ``--model minilm``, exit 0:
     variant                          ID cos   word cos   SimLex   WS-353
