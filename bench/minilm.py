@@ -16,6 +16,16 @@ the gensim wheel). Full run: exit 1 if GPTQ 4-bit scores below RTN 4-bit on SimL
 solve s = sum of per-layer solver seconds (report); wall s = the whole verb call, calibration
 forwards included. Magnitude and RTN ignore the data, so they run on one calibration batch.
 
+4-bit rows with the vocabulary term (``--threads 1 --only "RTN|GPTQ"``, 2026-12-07; the library default adds
+1,024 single-token vocabulary inputs and gives samples / prefixes / vocabulary 50 / 25 / 25 % of every H's
+trace), exit 1:
+    4-bit  RTN 4-bit                                  0.9466     0.937   0.452   0.729    CPU 13 s
+    4-bit  GPTQ 4-bit                                 0.9722     0.959   0.439   0.707    CPU 13 s
+    4-bit  GPTQ 4-bit, --calib vocab_inputs=0         0.9787     0.933   0.444   0.646    CPU 11 s
+    4-bit  GPTQ 4-bit, --calib regime_shares=(0.4,0.2,0.4)  0.9749  0.960  0.447   0.693
+The vocabulary term lifts word cos past RTN's (.959 vs .937) and WS-353 from .646 to .707, but GPTQ stays below
+RTN on SimLex (-.013) and WS-353 (-.022) in this setting (per-row grids, 128 sentences).
+
 ExactOBS/OBQ trace every row of FFN2 (384 x 1536) to the end; with ``--exact-ffn2 off`` (default)
 the FFN2 layers get SparseGPT(+re-solve) (GPTQ for OBQ) through ``overrides`` and the table says so.
 
