@@ -197,3 +197,18 @@ def test_options_validate_the_vocabulary_and_shares():
         with pytest.raises(ConfigError, match=next(iter(bad))):
             CalibOptions(**bad)
     assert CalibOptions(regime_shares=[1, 0, 0]).regime_shares == (1, 0, 0)
+
+
+def test_mixed_forwards_give_capture_hessians_the_drivers_hessians():
+    from brainsurgeon.calib import capture_hessians, mixed_forwards
+
+    bert = _bert().train()
+    calib = [_tokenized([9, 3, 6]), _tokenized([2, 7, 10], seed=1)]
+    opts = CalibOptions(mode="dense", vocab_inputs=20)
+    with capture_hessians(bert, NAMES) as hs:
+        notes = mixed_forwards(bert, calib, opts)
+    assert all(m.training for m in bert.modules())  # flags given back
+    seen: dict = {}
+    assert run_layerwise(bert, NAMES, calib, lambda n, m, H: seen.__setitem__(n, H.clone()), opts) == notes
+    for n in NAMES:
+        torch.testing.assert_close(hs[n].H.float(), seen[n], rtol=1e-5, atol=1e-6)

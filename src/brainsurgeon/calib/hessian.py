@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import CalibrationError, ConfigError, UnsupportedModuleError
 from .padding import _current_mask
-from .regimes import current_regime
+from .regimes import current_regime, is_paused
 from .shrinkage import (  # noqa: F401 - auto_shrinkage, shrinkage_intensity re-exported
     HELDOUT_RATIO,
     SPREAD_COLUMNS,
@@ -199,7 +199,9 @@ class HessianAccumulator:
         return f"HessianAccumulator({self.name!r}, cols={self.cols}, groups={self.groups}, n={self.n})"
 
     def add_input(self, x: torch.Tensor) -> None:
-        """Add a raw layer input (what the module's forward receives)."""
+        """Add a raw layer input (what the module's forward receives); nothing while ``regimes.paused()``."""
+        if is_paused():
+            return
         mask = None if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else _current_mask(x)
         if mask is not None:  # padded tokens: only the real ones, sample-major (n_real, cols)
             mask = mask.to(x.device)

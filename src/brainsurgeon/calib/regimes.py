@@ -27,12 +27,28 @@ from contextvars import ContextVar
 
 from .padding import _INDEX
 
-__all__ = ["REGIMES", "current_regime", "regime_shares"]
+__all__ = ["REGIMES", "current_regime", "paused", "regime_shares"]
 
 REGIMES = ("calibration samples", "short prefixes", "vocabulary singles")  # regime index -> name
 
 # while the driver runs with shares: (regime of batch i, share of regime r)
 _REGIME: ContextVar[tuple[Sequence[int], tuple[float, ...]] | None] = ContextVar("calib_regimes", default=None)
+_PAUSED: ContextVar[bool] = ContextVar("calib_hessians_paused", default=False)
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """While active, accumulators ignore their inputs (a probe forward inside a caller's capture_hessians)."""
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
+
+
+def is_paused() -> bool:
+    """Whether :func:`paused` is active."""
+    return _PAUSED.get()
 
 
 @contextmanager
