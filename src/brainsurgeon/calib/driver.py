@@ -26,7 +26,8 @@ Hessians of layers whose input is (B, T, ...) with that (B, T) (:func:`~brainsur
 
 The modules, one way: ``forwards`` (forward primitives) <- ``order`` (execution order) <- ``passes``
 (dense / sequential passes) <- ``replay`` (chains) and ``blocks`` (block mode) <- ``driver`` (this
-entry point).
+entry point); ``vocab`` and ``regimes`` <- ``lengths`` (the mix) <- ``driver`` and ``mixed`` (the same feed
+for callers holding ``capture_hessians``).
 
     >>> def solve(name, module, H):
     ...     set_weight_matrix_(module, my_solver(weight_matrix(module), H))

@@ -11,6 +11,9 @@ sample/position) for Linear, HF Conv1D, Conv1d and Conv2d layers, in the column 
     ...         model(x)
     >>> hs["fc1"].H.shape          # (in_features, in_features)
 
+Inside ``calib.regimes.regime_shares`` (the driver's length and vocabulary mix), each kind of input is
+accumulated apart and holds a fixed share of H's trace (:mod:`~brainsurgeon.calib.regimes`).
+
 Grouped convolutions (``groups = g > 1``) have one Hessian per group: columns are
 (g, n, cols_per_group) and H is (g, cols_per_group, cols_per_group); group ``j`` owns the
 weight-matrix rows ``[j * out/g, (j + 1) * out/g)``.
