@@ -498,6 +498,12 @@ class CalibOptions(Config):
     prefix of every calibration sample, with these many content tokens in turn (start/end tokens kept),
     so the Hessians also see the short-input regime (single words, queries) that sentences never show
     (``calib.lengths``; a note says what was added); () = the calibration data as given.
+    vocab_inputs: for such a model, also add this many single-token inputs ``[start] t [end]`` of tokens
+    drawn (seed ``vocab_seed``, special tokens left out) from the model's input embedding rows, so the
+    Hessians see token identities the calibration text never shows (``calib.vocab``; no data); 0 = none.
+    regime_shares: the share of every Hessian's trace given to (calibration samples, short prefixes,
+    vocabulary singles), renormalised over those present (``calib.regimes``), so neither kind drowns the
+    other; () = every token row counts alike.
     """
 
     mode: str = "sequential"
@@ -514,6 +520,9 @@ class CalibOptions(Config):
     # child maps them); past it the chain's layers use forwards from the model input (noted), 0 = never replay
     replay_cache_mb: float = 1024.0
     short_prefixes: tuple[int, ...] = (1, 2, 3, 4)  # content tokens of the prefixes added for encoders; () = off
+    vocab_inputs: int = 1024  # single-token vocabulary inputs added for encoders; 0 = off
+    vocab_seed: int = 0
+    regime_shares: tuple[float, ...] = (0.5, 0.25, 0.25)  # trace shares: samples, prefixes, vocabulary; () = by rows
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",
@@ -530,6 +539,13 @@ class CalibOptions(Config):
         _check(all(k >= 1 for k in self.short_prefixes), "CalibOptions",
                f"short_prefixes must be token counts >= 1 (e.g. (1, 2, 3, 4)) or () for none, "
                f"got {self.short_prefixes!r}")
+        _check(self.vocab_inputs >= 0, "CalibOptions",
+               f"vocab_inputs must be a count of single-token inputs >= 0 (0 = none), got {self.vocab_inputs!r}")
+        _check(self.regime_shares == () or (len(self.regime_shares) == 3 and all(
+            math.isfinite(x) and x >= 0 for x in self.regime_shares) and self.regime_shares[0] > 0), "CalibOptions",
+               f"regime_shares must be 3 finite shares >= 0 of H's trace for (calibration samples, short prefixes, "
+               f"vocabulary singles), the first > 0, e.g. (0.5, 0.25, 0.25), or () to count every token alike, "
+               f"got {self.regime_shares!r}")
 
 
 # ----------------------------------------------------------------------------- recipes
