@@ -214,18 +214,203 @@ def part_stats(s: dict, n_words: int) -> None:
               f"{err(X[mc]):>6.2f} | {norm(Xw[cw]):>10.1f} {norm(X[cc]):>6.1f} {norm(X[mc]):>6.1f}", flush=True)
 
 
+SOLVER_VARIANTS = ("default", "damp median 1.0", "eigfloor mean", "decouple massive", "order off static",
+                   "order ascending", "mse off", "rtn")
+
+
+def _transform(kind: str):
+    """H -> H' (float64 copies) for the solver-side variants of part solver."""
+    def median_damp(H):
+        return H + 1.0 * H.diagonal().median() * torch.eye(len(H), dtype=H.dtype)
+
+    def eigfloor(H):
+        lam, U = torch.linalg.eigh(H)
+        return (U * lam.clamp(min=float(H.diagonal().mean()))) @ U.T
+
+    def decouple(H, k=50.0):  # channels with H_ii > k median: no coupling (their error is not spread, nor theirs)
+        big = H.diagonal() > k * H.diagonal().median()
+        H = H.clone()
+        d = H.diagonal().clone()
+        H[big, :] = 0.0
+        H[:, big] = 0.0
+        H.diagonal().copy_(d)
+        return H
+
+    return {"damp median 1.0": median_damp, "eigfloor mean": eigfloor, "decouple massive": decouple}.get(kind)
+
+
+def part_solver(s: dict, pick: str | None) -> None:
+    """Solver-side variants of the default GPTQ, each through the public quantize_ (the registered GPTQ solver
+    wrapped for the run): H transforms, and column order / group-grid timing. `common`: the fraction of the
+    word-embedding error that is one shared shift, ||mean_w e_w||^2 / mean_w ||e_w||^2 (e_w = unit embedding
+    minus the dense one)."""
+    import re
+
+    from _text import embed
+    from brainsurgeon.obs import engine, fast
+
+    orig = engine._SOLVERS[bs.GPTQ]
+    orig_gptq = fast.gptq
+    print(f"{'variant':<34} {'ID cos':>8} {'word cos':>9} {'SimLex':>8} {'WS-353':>8} {'common':>7} {'CPU s':>7}")
+    for kind in SOLVER_VARIANTS:
+        if pick and not re.search(pick, kind):
+            continue
+        tf = _transform(kind)
+
+        def solve(W, H, cfg, perm, name, tf=tf):
+            return orig(W, tf(H) if tf else H, cfg, perm, name)
+
+        def gptq_v(prep, cfg, H_key=None, grid=None, kind=kind):
+            cols = prep.W.shape[1]
+            if kind == "order off static":
+                return orig_gptq(prep, cfg, H_key, grid, perm=torch.arange(cols))
+            if kind == "order ascending":
+                return orig_gptq(prep, cfg, H_key, grid, perm=torch.argsort(prep.H.diagonal()))
+            return orig_gptq(prep, cfg, H_key, grid)
+
+        engine._SOLVERS[bs.GPTQ], fast.gptq = solve, gptq_v
+        try:
+            c0 = time.process_time()
+            m = build(s, bs.RTN(**Q) if kind == "rtn" else bs.GPTQ(**Q, mse=kind != "mse off"))
+            r = encoder_eval(s, m)
+            e = embed(m, s["tok"], s["words"]) - s["dense_words"]
+            common = float(e.mean(0).pow(2).sum() / e.pow(2).sum(1).mean())
+        finally:
+            engine._SOLVERS[bs.GPTQ], fast.gptq = orig, orig_gptq
+        print(f"{kind:<34} {r['id']:>8.4f} {r['word_cos']:>9.4f} {r['simlex']:>8.4f} {r['ws353']:>8.4f} "
+              f"{common:>7.3f} {time.process_time() - c0:>7.1f}", flush=True)
+
+
+def part_local(s: dict, layers: str, pick: str | None) -> None:
+    """Layer-local: the solver variants on the dense inputs of a few layers (H from the calibration tokens with
+    the length mix, no shrinkage), err = ||dW x||^2 / ||dW_RTN x||^2 per token kind (as part stats)."""
+    import re
+
+    from _text import sentence_batches
+    from brainsurgeon.calib.lengths import short_prefixes
+    from brainsurgeon.obs import fast
+    from brainsurgeon.obs.engine import compress_weight
+
+    tok, dense = s["tok"], s["model"]
+    names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(layers, n)]
+    mix = [kw for _, kw in short_prefixes([((), b) for b in s["calib"]])]
+    cal = capture(dense, s["calib"] + mix, names)
+    words = s["words"][:: max(1, len(s["words"]) // 300)][:300]
+    wx = capture(dense, sentence_batches(tok, words, 64, 32), names)
+    marks = (tok.bos_token_id, tok.eos_token_id)
+    mw = (wx["_ids"] == marks[0]) | (wx["_ids"] == marks[1])
+    mc = (cal["_ids"] == marks[0]) | (cal["_ids"] == marks[1])
+    orig_gptq, orig_walk = fast.gptq, fast.blocked_walk
+    print(f"{'layer':<24} {'variant':<20} {'err G/R: w-cont':>15} {'w-mark':>6} {'c-cont':>6} {'c-mark':>6} "
+          f"{'H loss/RTN':>10} {'|E|^2/RTN':>9}")
+    for n in names:
+        X, Xw = cal[n], wx[n]
+        H = 2 * X.T @ X / len(X)
+        W = dense.get_submodule(n).weight.detach().float()
+        dr = compress_weight(W, None, bs.RTN(**Q)).weight - W
+
+        def err(x, d, dr=dr):
+            return float(((x @ d.T).pow(2).sum(1) / (x @ dr.T).pow(2).sum(1)).mean())
+
+        for kind in SOLVER_VARIANTS:
+            if (pick and not re.search(pick, kind)) or kind == "rtn":
+                continue
+            tf = _transform(kind)
+
+            def gptq_v(prep, cfg, H_key=None, grid=None, kind=kind):
+                cols = prep.W.shape[1]
+                if kind == "order off static":
+                    return orig_gptq(prep, cfg, H_key, grid, perm=torch.arange(cols))
+                if kind == "order ascending":
+                    return orig_gptq(prep, cfg, H_key, grid, perm=torch.argsort(prep.H.diagonal()))
+                return orig_gptq(prep, cfg, H_key, grid)
+
+            res = []
+
+            def walk(W_, U_, B_, target, res=res):
+                def t(i1, j, W1, out):
+                    q = target(i1, j, W1, out)
+                    res.append(float((W1[j] - q).pow(2).sum()))
+                    return q
+                return orig_walk(W_, U_, B_, t)
+
+            fast.gptq, fast.blocked_walk = gptq_v, walk
+            try:
+                Hv = tf(H.double()).float() if tf else H
+                dg = compress_weight(W, Hv, bs.GPTQ(**Q, shrink=0.0, mse=kind != "mse off")).weight - W
+            finally:
+                fast.gptq, fast.blocked_walk = orig_gptq, orig_walk
+            hl = float(((dg @ H) * dg).sum() / ((dr @ H) * dr).sum())
+            print(f"{n.replace('encoder.layer.', 'L').replace('attention.attn.', ''):<24} {kind:<20} "
+                  f"{err(Xw[~mw], dg):>15.2f} {err(Xw[mw], dg):>6.2f} {err(X[~mc], dg):>6.2f} {err(X[mc], dg):>6.2f} "
+                  f"{hl:>10.3f} {sum(res) / float(dr.pow(2).sum()):>9.2f}", flush=True)
+
+
+def part_spectrum(s: dict, layers: str) -> None:
+    """Where GPTQ puts its error. With the walk's unit upper-triangular Un (rows of chol(H^-1) over their
+    diagonal), W_q - W = -E Un (E: the rounding residuals, ~ RTN's in size), so a token x gets the error of RTN
+    times the amplification a(x) = ||Un x||^2 / ||x||^2 (E with iid entries). det Un = 1, so by Hadamard's
+    inequality the product of a(u_i) over ANY orthonormal basis u_i is >= 1: error feedback only moves error
+    between input directions (noise shaping); every in-distribution gain is paid in other directions."""
+    import re
+
+    from _text import sentence_batches
+    from brainsurgeon.calib.lengths import short_prefixes
+    from brainsurgeon.obs.hessian import inverse_factor, prepare, shrink_
+
+    tok, dense = s["tok"], s["model"]
+    names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(layers, n)]
+    mix = [kw for _, kw in short_prefixes([((), b) for b in s["calib"]])]
+    cal = capture(dense, s["calib"] + mix, names)
+    words = s["words"][:: max(1, len(s["words"]) // 300)][:300]
+    wx = capture(dense, sentence_batches(tok, words, 64, 32), names)
+    marks = (tok.bos_token_id, tok.eos_token_id)
+    mw = (wx["_ids"] == marks[0]) | (wx["_ids"] == marks[1])
+    mc = (cal["_ids"] == marks[0]) | (cal["_ids"] == marks[1])
+    print("a: amplification ||Un x||^2/||x||^2; geo: geometric mean of a over H's eigenvectors (>= 1 always);\n"
+          "exc / low: geometric mean over eigenvectors with eigenvalue >= / < the damping; tokens: mean a.")
+    print(f"{'layer':<24} {'damping':<14} {'dims exc/low':>12} {'geo':>6} {'exc':>7} {'low':>7} | "
+          f"{'a w-cont':>8} {'c-cont':>7} {'c-mark':>7}")
+    for n in names:
+        X, Xw = cal[n].double(), wx[n].double()
+        H = X.T @ X / len(X)
+        lam, V = torch.linalg.eigh(H)
+        W = dense.get_submodule(n).weight.detach().double()
+        for label, damp, lam_s, order in (("default", 0.01, 0.0, True), ("damp 1.0", 1.0, 0.0, True),
+                                          ("shrink 0.6", 0.01, 0.6, True), ("act-order off", 0.01, 0.0, False)):
+            prep = prepare(W, shrink_(H.clone(), lam_s), damp, torch.float64, factor=False)
+            perm = torch.argsort(H.diagonal(), descending=True) if order else torch.arange(len(H))
+            U = inverse_factor(prep, perm)
+            Un = U / U.diagonal()[:, None]
+
+            def amp(x, Un=Un, perm=perm):  # rows of x, original coordinates
+                return (x[:, perm] @ Un.T).pow(2).sum(1) / x.pow(2).sum(1)
+
+            a = amp(V.T).log10()
+            exc = lam >= prep.lam
+            print(f"{n.replace('encoder.layer.', 'L').replace('attention.attn.', ''):<24} {label:<14} "
+                  f"{int(exc.sum()):>5}/{int((~exc).sum()):<6} {10 ** float(a.mean()):>6.2f} "
+                  f"{10 ** float(a[exc].mean()):>7.3f} {10 ** float(a[~exc].mean()):>7.2f} | "
+                  f"{float(amp(Xw[~mw]).mean()):>8.2f} {float(amp(X[~mc]).mean()):>7.3f} "
+                  f"{float(amp(X[mc]).mean()):>7.3f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab"), required=True)
+    ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab", "solver", "local", "spectrum"), required=True)
     ap.add_argument("--model", choices=("minilm", "mpnet"), default="mpnet")
     ap.add_argument("--n-vocab", type=int, default=256, help="part vocab: vocabulary singles added")
+    ap.add_argument("--variants", metavar="REGEX", help="part solver: only the variants matching")
+    ap.add_argument("--layers", default=r"encoder\.layer\.1\..*", help="part local: Linears (full-match regex)")
     ap.add_argument("--n-words", type=int, default=300, help="part stats: words (every k-th of the vocabulary)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = encoder_setup(args.model)
     print(f"{args.model}, 4-bit g128, calibration 16 sentences ({s['ntok']} tokens)", flush=True)
     parts = {"loc": part_loc, "reg": part_reg, "vocab": lambda s: part_vocab(s, args.n_vocab),
-             "stats": lambda s: part_stats(s, args.n_words)}
+             "stats": lambda s: part_stats(s, args.n_words), "solver": lambda s: part_solver(s, args.variants),
+             "local": lambda s: part_local(s, args.layers, args.variants),
+             "spectrum": lambda s: part_spectrum(s, args.layers)}
     parts[args.part](s)
     return 0
 

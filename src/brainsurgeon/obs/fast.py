@@ -107,7 +107,7 @@ def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor,
 
 
 def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
-         grid: Grid | None = None) -> tuple[torch.Tensor, dict]:
+         grid: Grid | None = None, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """GPTQ with optional act-order (columns by descending H_ii) and group size.
 
     Groups are contiguous in the original column order. Without act-order a group's grid is
@@ -115,10 +115,14 @@ def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
     static, fitted up front, so every group keeps one grid whatever the order. H_key: the caller's
     Hessian, under which the factorisation is reused by the next layer with the same H. grid: the
     up-front grid ``fit_grid(prep.W, ...)`` when the caller already has it (it depends on W only).
+    perm: a column order of the caller's (groups then static, as with act-order) instead of cfg's.
     """
     W, H = prep.W, prep.H
     cols = W.shape[1]
-    perm = torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+    static = cfg.act_order or perm is not None
+    if perm is None:
+        perm = (torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order
+                else torch.arange(cols, device=W.device))
     U = _factor(prep, perm, H_key) if H_key is not None else inverse_factor(prep, perm)
     maxq = 2**cfg.bits - 1
     g = cfg.group_size if 0 < cfg.group_size < cols else 0
@@ -128,7 +132,7 @@ def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
     LO, HI = -Z, maxq - Z
     s_rows, lo_rows, hi_rows = S.unbind(0), LO.unbind(0), HI.unbind(0)
     group = (perm // g).tolist() if g else [0] * cols  # group of the column the walk fixes c-th
-    lazy_groups = g and not cfg.act_order
+    lazy_groups = g and not static
     frozen = (W == 0)[:, perm].t()  # zeros of an already pruned layer stay zero
     frozen_rows = frozen.contiguous().unbind(0) if bool(frozen.any()) else None
 
