@@ -214,8 +214,8 @@ def part_stats(s: dict, n_words: int) -> None:
               f"{err(X[mc]):>6.2f} | {norm(Xw[cw]):>10.1f} {norm(X[cc]):>6.1f} {norm(X[mc]):>6.1f}", flush=True)
 
 
-SOLVER_VARIANTS = ("default", "damp median 1.0", "eigfloor mean", "decouple massive", "order off static",
-                   "order ascending", "mse off", "rtn")
+SOLVER_VARIANTS = ("default", "damp median 1.0", "eigfloor mean", "decouple massive", "decouple massive 20",
+                   "decouple massive 200", "order off static", "order ascending", "mse off", "rtn")
 
 
 def _transform(kind: str):
@@ -236,7 +236,10 @@ def _transform(kind: str):
         H.diagonal().copy_(d)
         return H
 
-    return {"damp median 1.0": median_damp, "eigfloor mean": eigfloor, "decouple massive": decouple}.get(kind)
+    if kind.startswith("decouple massive"):
+        k = float(kind.split()[-1]) if kind[-1].isdigit() else 50.0
+        return lambda H: decouple(H, k)
+    return {"damp median 1.0": median_damp, "eigfloor mean": eigfloor}.get(kind)
 
 
 def part_solver(s: dict, pick: str | None) -> None:

@@ -18,7 +18,7 @@ from ..config import GPTQ, SparseGPT
 from ..quant.grid import Grid, fit_grid, fit_rows
 from .baselines import grid_levels
 from .engine import register_solver
-from .hessian import Prepared, inverse_factor, prepare, shrink_
+from .hessian import Prepared, decouple_, inverse_factor, prepare, shrink_
 from .refine import refine_on_grid
 from .resolve import resolve_masked
 
@@ -36,12 +36,12 @@ _FACTOR: dict[str, tuple] = {}  # one entry: the last (H, damp, order) -> (dampe
 def _factor(prep: Prepared, perm: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """:func:`inverse_factor`, reused while the same H object comes back (q/k/v share one H)."""
     hit = _FACTOR.get("f")
-    if (hit is not None and hit[0]() is H and hit[1] == (prep.damp, prep.shrink, prep.H.dtype, H._version)
-            and torch.equal(hit[2], perm)):
+    key = (prep.damp, prep.shrink, prep.decoupled, prep.H.dtype, H._version)
+    if hit is not None and hit[0]() is H and hit[1] == key and torch.equal(hit[2], perm):
         prep.H, prep.lam, prep.retries = hit[3], hit[5], hit[6]
         return hit[4]
     U = inverse_factor(prep, perm)
-    _FACTOR["f"] = (weakref.ref(H, lambda _: _FACTOR.clear()), (prep.damp, prep.shrink, prep.H.dtype, H._version), perm,
+    _FACTOR["f"] = (weakref.ref(H, lambda _: _FACTOR.clear()), key, perm,
                     prep.H, U, prep.lam, prep.retries)
     return U
 
@@ -173,5 +173,7 @@ def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor,
     if not isinstance(cfg.shrink, str) and cfg.shrink:  # "auto"/"heldout": applied to H by the calibration driver
         shrink_(prep.H, cfg.shrink)
         prep.shrink = cfg.shrink
+    if cfg.decouple:
+        prep.decoupled = int(decouple_(prep.H, cfg.decouple).sum())
     W_hat, extra = gptq(prep, cfg, H)
     return W_hat, {**prep.info(), "levels": extra["levels"]}
