@@ -108,6 +108,7 @@ dense inputs is NOT what carries the loss (puzzle: damping 1.0 is no cure).
       eigenvalues floored at mean diag   0.9797    0.8440   0.3381   0.3907   (H' = V max(L, mean diag H) V^T)
       decouple massive, k = 50           0.9771    0.9673   0.5534   0.7575   (GPTQ(decouple=50))
       decouple massive, k = 200          0.9797    0.9717   0.5472   0.7520   (calib_ood.py, default set to 200)
+      decouple 50 + 256 vocab singles    0.9740    0.9695   0.5449   0.7515   (--part vocab, default set to 50)
     MiniLM (--model minilm)
     RTN                                  0.9540    0.9493   0.4501   0.7126
     GPTQ default                         0.9771    0.9677   0.4542   0.7365
