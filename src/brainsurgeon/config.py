@@ -402,10 +402,16 @@ class GPTQ(_QuantConfig):
     # "heldout": where H is singular (fewer calibration rows than columns) the intensity with the least
     # held-out loss over two folds of the samples (obs.heldout), elsewhere "auto"
     shrink: float | str = "auto"
+    # > 0: input columns with H_jj > decouple * median(diag H) (massive activations) are decoupled: their
+    # off-diagonal entries of H are zeroed, so they are rounded to nearest and no error is spread onto or
+    # from them (obs.hessian.decouple_); 0 = plain GPTQ
+    decouple: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self)
+        _check(self.decouple == 0.0 or self.decouple >= 1.0, "GPTQ",
+               f"decouple (threshold over the median of diag(H)) must be 0 (off) or >= 1, got {self.decouple!r}")
         _check(self.shrink in ("auto", "heldout") or (isinstance(self.shrink, (int, float))
                                                      and not isinstance(self.shrink, bool)
                                                      and 0.0 <= self.shrink <= 1.0), "GPTQ",
