@@ -388,6 +388,9 @@ class OBQ(_QuantConfig):
                f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
 
+DECOUPLE_AUTO = 50.0  # GPTQ(decouple="auto") on encoders: fixed before its first run (bench/ood_diag.py)
+
+
 @register_config
 @dataclass(frozen=True)
 class GPTQ(_QuantConfig):
@@ -404,14 +407,18 @@ class GPTQ(_QuantConfig):
     shrink: float | str = "auto"
     # > 0: input columns with H_jj > decouple * median(diag H) (massive activations) are decoupled: their
     # off-diagonal entries of H are zeroed, so they are rounded to nearest and no error is spread onto or
-    # from them (obs.hessian.decouple_); 0 = plain GPTQ
-    decouple: float = 0.0
+    # from them (obs.hessian.decouple_); 0 = plain GPTQ; "auto": DECOUPLE_AUTO where the calibration driver
+    # found the model bidirectional and mixed its calibration (encoders: calib.lengths), 0 elsewhere (causal
+    # decoders, CNNs: SmolLM2's massive channels need the compensation, bench/ood_diag.py)
+    decouple: float | str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self)
-        _check(self.decouple == 0.0 or self.decouple >= 1.0, "GPTQ",
-               f"decouple (threshold over the median of diag(H)) must be 0 (off) or >= 1, got {self.decouple!r}")
+        number = isinstance(self.decouple, (int, float)) and not isinstance(self.decouple, bool)
+        _check(self.decouple == "auto" or (number and (self.decouple == 0.0 or self.decouple >= 1.0)), "GPTQ",
+               f"decouple (threshold over the median of diag(H)) must be 'auto', 0 (off) or >= 1, "
+               f"got {self.decouple!r}")
         _check(self.shrink in ("auto", "heldout") or (isinstance(self.shrink, (int, float))
                                                      and not isinstance(self.shrink, bool)
                                                      and 0.0 <= self.shrink <= 1.0), "GPTQ",

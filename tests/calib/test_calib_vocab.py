@@ -70,8 +70,9 @@ def test_mix_labels_each_batch_with_its_regime():
     _, labels, notes = mix_calibration(bert, calib, CalibOptions(short_prefixes=(), vocab_inputs=8,
                                                                  regime_shares=(0.6, 0.3, 0.1)))
     assert labels == [0, 0, 2] and any("86% calibration samples, 14% vocabulary singles" in n for n in notes)
-    _, labels, _ = mix_calibration(bert, calib, CalibOptions(regime_shares=()))
-    assert labels is None  # every row alike: no regimes
+    _, labels, notes = mix_calibration(bert, calib, CalibOptions(regime_shares=()))
+    assert labels == [0, 0, 1, 1, 1, 2]  # still labelled (calibration_mixed), but no shares: every row alike
+    assert not any("calibration regimes" in n for n in notes)
 
 
 def _reference(bert, parts, shares):

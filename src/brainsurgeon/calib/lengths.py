@@ -190,7 +190,7 @@ def mix_calibration(model: nn.Module, calib: Any, options: CalibOptions) -> tupl
     batches only, ``short_prefixes(options.short_prefixes)`` of its samples and ``options.vocab_inputs``
     single-token inputs of its vocabulary (:func:`~brainsurgeon.calib.vocab.vocab_singles`) appended; else
     `calib` as it is. Returns (data, labels, notes): labels[i] is batch i's regime (0 samples, 1 prefixes,
-    2 vocabulary; ``calib.regimes``) when anything was added and ``options.regime_shares`` is set, else None;
+    2 vocabulary; ``calib.regimes``) when anything was added, else None;
     a note whenever token batches are seen (what was added, or why nothing). The result holds the first
     ``options.max_batches`` batches and then the additions (read it with no limit).
 
@@ -248,9 +248,8 @@ def mix_calibration(model: nn.Module, calib: Any, options: CalibOptions) -> tupl
     extra = prefixes + singles
     if not extra:
         return calib, None, notes
-    labels = None
+    labels = [0] * len(batches) + [1] * len(prefixes) + [2] * len(singles)
     if options.regime_shares:
-        labels = [0] * len(batches) + [1] * len(prefixes) + [2] * len(singles)
         present = sorted(set(labels))
         total = sum(options.regime_shares[r] for r in present)
         notes.append("calibration regimes: each Hessian's trace split " + ", ".join(

@@ -27,7 +27,7 @@ from contextvars import ContextVar
 
 from .padding import _INDEX
 
-__all__ = ["REGIMES", "current_regime", "paused", "regime_shares"]
+__all__ = ["REGIMES", "calibration_mixed", "current_regime", "paused", "regime_shares"]
 
 REGIMES = ("calibration samples", "short prefixes", "vocabulary singles")  # regime index -> name
 
@@ -64,9 +64,17 @@ def regime_shares(labels: Sequence[int], shares: tuple[float, ...]) -> Iterator[
 
 
 def current_regime() -> tuple[int, float] | None:
-    """(regime, share) of the batch being forwarded, or None outside :func:`regime_shares` / a batch."""
+    """(regime, share) of the batch being forwarded, or None outside :func:`regime_shares` / a batch, and
+    with no shares (every row counts alike)."""
     state, i = _REGIME.get(), _INDEX.get()
-    if state is None or not 0 <= i < len(state[0]):
+    if state is None or not state[1] or not 0 <= i < len(state[0]):
         return None
     r = int(state[0][i])
     return r, float(state[1][r])
+
+
+def calibration_mixed() -> bool:
+    """Whether the running driver's calibration holds regimes beside the caller's samples (prefixes or
+    vocabulary singles: the model was found bidirectional, :func:`~brainsurgeon.calib.lengths.mix_calibration`)."""
+    state = _REGIME.get()
+    return state is not None and any(r > 0 for r in state[0])

@@ -173,7 +173,7 @@ def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor,
     if not isinstance(cfg.shrink, str) and cfg.shrink:  # "auto"/"heldout": applied to H by the calibration driver
         shrink_(prep.H, cfg.shrink)
         prep.shrink = cfg.shrink
-    if cfg.decouple:
+    if not isinstance(cfg.decouple, str) and cfg.decouple:  # "auto": resolved by the calibration driver's caller
         prep.decoupled = int(decouple_(prep.H, cfg.decouple).sum())
     W_hat, extra = gptq(prep, cfg, H)
     return W_hat, {**prep.info(), "levels": extra["levels"]}
