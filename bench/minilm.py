@@ -16,6 +16,16 @@ the gensim wheel). Full run: exit 1 if GPTQ 4-bit scores below RTN 4-bit on SimL
 solve s = sum of per-layer solver seconds (report); wall s = the whole verb call, calibration
 forwards included. Magnitude and RTN ignore the data, so they run on one calibration batch.
 
+4-bit rows with the vocabulary term (``--threads 1 --only "RTN|GPTQ"``, 2026-12-07; the library default adds
+1,024 single-token vocabulary inputs and gives samples / prefixes / vocabulary 50 / 25 / 25 % of every H's
+trace), exit 1:
+    4-bit  RTN 4-bit                                  0.9466     0.937   0.452   0.729    CPU 13 s
+    4-bit  GPTQ 4-bit                                 0.9722     0.959   0.439   0.707    CPU 13 s
+    4-bit  GPTQ 4-bit, --calib vocab_inputs=0         0.9787     0.933   0.444   0.646    CPU 11 s
+    4-bit  GPTQ 4-bit, --calib regime_shares=(0.4,0.2,0.4)  0.9749  0.960  0.447   0.693
+The vocabulary term lifts word cos past RTN's (.959 vs .937) and WS-353 from .646 to .707, but GPTQ stays below
+RTN on SimLex (-.013) and WS-353 (-.022) in this setting (per-row grids, 128 sentences).
+
 ExactOBS/OBQ trace every row of FFN2 (384 x 1536) to the end; with ``--exact-ffn2 off`` (default)
 the FFN2 layers get SparseGPT(+re-solve) (GPTQ for OBQ) through ``overrides`` and the table says so.
 
@@ -40,6 +50,7 @@ that makes bench/calib_ood.py's 16-sentence g128 setting pass does not make this
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -124,14 +135,15 @@ def layer_summary(model, ignore) -> str:
     return f"{len(plan)} Linear layers: " + ", ".join(kinds)
 
 
-def run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs) -> dict:
+def run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs, extra=None) -> dict:
     m = copy.deepcopy(model)
     verb = bs.sparsify_ if cfg.verb == "sparsify" else bs.quantize_
     data_free = isinstance(cfg, (bs.Magnitude, bs.RTN))
-    opts = bs.CalibOptions(blocks=BLOCKS, max_batches=1 if data_free else 0)
+    opts = bs.CalibOptions(**{"blocks": BLOCKS, "max_batches": 1 if data_free else 0, **(extra or {})})
+    c0 = time.process_time()
     t0 = time.perf_counter()
     rep = verb(m, cfg, calib, ignore=ignore, overrides=over, options=opts)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     t = rep.totals()
     label = cfg.describe().replace(" unstructured", "")
     if over:
@@ -140,7 +152,7 @@ def run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs) -> dict:
     levels = max(r.levels for r in rep.rows)
     return {"task": task, "method": label, "solver": type(cfg).__name__, "resolve": getattr(cfg, "resolve", False),
             **evaluate(m, tok, held, dense, pairs), "solve_s": t["seconds"],
-            "wall_s": wall, "sparsity": t["sparsity"], "bits": t["avg_bits"] if levels else 32.0,
+            "wall_s": wall, "cpu_s": cpu, "sparsity": t["sparsity"], "bits": t["avg_bits"] if levels else 32.0,
             "levels": levels, "damp_retries": t["damp_retries"]}
 
 
@@ -164,7 +176,10 @@ def main() -> int:
     ap.add_argument("--only", metavar="REGEX", help="run only the rows whose 'task method' matches, e.g. ExactOBS")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
+                    help="CalibOptions field for every row, e.g. vocab_inputs=0 (the library default otherwise)")
     args = ap.parse_args()
+    extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.calib)}
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
@@ -196,8 +211,9 @@ def main() -> int:
     for task, cfg, over in methods(args.quick, args.exact_ffn2 == "on"):
         if args.only and not re.search(args.only, f"{task} {cfg.describe()}"):
             continue
-        rows.append(run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs))
-        print(f"  done {rows[-1]['method']}: cosine {rows[-1]['cosine']:.4f}, wall {rows[-1]['wall_s']:.0f} s",
+        rows.append(run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs, extra))
+        print(f"  done {rows[-1]['method']}: cosine {rows[-1]['cosine']:.4f}, wall {rows[-1]['wall_s']:.0f} s, "
+              f"CPU {rows[-1]['cpu_s']:.0f} s",
               file=sys.stderr, flush=True)
 
     keys = ("word_cos", "simlex", "ws353")

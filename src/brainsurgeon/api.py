@@ -32,7 +32,9 @@ from .calib import (
     run_layerwise,
     supported,
 )
+from .calib.regimes import calibration_mixed
 from .config import (
+    DECOUPLE_AUTO,
     CalibOptions,
     Config,
     Recipe,
@@ -64,9 +66,17 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
               report: CompressionReport, snapshot: ModelSnapshot | None = None) -> list[str]:
     """One weight step; each layer's new weight goes in through `snapshot` (copy-on-write) when given."""
     plan = plan_layers(model, step, report.notes, options=options)
+    decoupled: list[str] = []
+
+    def resolved(name: str) -> Config:
+        """The layer's config with GPTQ's decouple="auto" decided: on where the calibration was mixed (encoders)."""
+        cfg = plan[name]
+        if getattr(cfg, "decouple", None) != "auto":
+            return cfg
+        return dataclasses.replace(cfg, decouple=DECOUPLE_AUTO if calibration_mixed() else 0.0)
 
     def solve(name: str, module: nn.Module, H: torch.Tensor | None) -> None:
-        cfg = plan[name]
+        cfg = resolved(name)
         W = _layer_weight(module)
         g = num_groups(module)
         Hs = [None] * g if H is None else (H if H.dim() == 3 else H.unsqueeze(0))
@@ -85,6 +95,8 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
             nonzeros=sum(p.info["nonzeros"] for p in parts), bits=bits, loss=loss, rel_loss=rel,
             seconds=sum(p.seconds for p in parts), damp_retries=sum(p.info["damp_retries"] for p in parts),
             dead_inputs=sum(p.info["dead_inputs"] for p in parts), levels=levels))
+        if any(p.info.get("decoupled") for p in parts):
+            decoupled.append(f"{name} ({sum(p.info['decoupled'] for p in parts)})")
         for w in dict.fromkeys(p.info.get("warning", "") for p in parts):
             if w:
                 report.notes.append(w)
@@ -105,7 +117,7 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         if plan[name].shrink != "heldout":  # "auto": Schaefer-Strimmer's estimate
             return lam_spread
         W = _layer_weight(module)
-        lam, _ = select_shrinkage(W.reshape(W.shape[0], -1), folds, gptq_solver(plan[name], name),
+        lam, _ = select_shrinkage(W.reshape(W.shape[0], -1), folds, gptq_solver(resolved(name), name),
                                   (*SHRINK_GRID, lam_spread))
         heldout.append(name)
         return lam
@@ -120,6 +132,12 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                                 f"final per-layer pass after the blocks; pass ignore=[...] to keep them dense")
             final = dataclasses.replace(options, blocks="", offload=False)
             report.notes.extend(n for n in run_layerwise(model, outside, calib, solve, final) if n not in report.notes)
+    if decoupled:
+        report.notes.append(f"GPTQ decouple: the massive-activation input columns (H_jj > k median(diag H)) of "
+                            f"{len(decoupled)} layer(s) rounded to nearest with no error spread from them "
+                            f"({', '.join(decoupled[:4])}{', ...' if len(decoupled) > 4 else ''}; columns in "
+                            f"brackets); decouple='auto' does this on encoders (bidirectional, calibration mixed), "
+                            f"GPTQ(decouple=0) turns it off")
     if shrunk:
         lam = [x for _, x in shrunk]
         report.notes.append(f"shrink='auto'/'heldout': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "

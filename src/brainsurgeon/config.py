@@ -388,6 +388,9 @@ class OBQ(_QuantConfig):
                f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
 
+DECOUPLE_AUTO = 50.0  # GPTQ(decouple="auto") on encoders: fixed before its first run (bench/ood_diag.py)
+
+
 @register_config
 @dataclass(frozen=True)
 class GPTQ(_QuantConfig):
@@ -402,10 +405,20 @@ class GPTQ(_QuantConfig):
     # "heldout": where H is singular (fewer calibration rows than columns) the intensity with the least
     # held-out loss over two folds of the samples (obs.heldout), elsewhere "auto"
     shrink: float | str = "auto"
+    # > 0: input columns with H_jj > decouple * median(diag H) (massive activations) are decoupled: their
+    # off-diagonal entries of H are zeroed, so they are rounded to nearest and no error is spread onto or
+    # from them (obs.hessian.decouple_); 0 = plain GPTQ; "auto": DECOUPLE_AUTO where the calibration driver
+    # found the model bidirectional and mixed its calibration (encoders: calib.lengths), 0 elsewhere (causal
+    # decoders, CNNs: SmolLM2's massive channels need the compensation, bench/ood_diag.py)
+    decouple: float | str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self)
+        number = isinstance(self.decouple, (int, float)) and not isinstance(self.decouple, bool)
+        _check(self.decouple == "auto" or (number and (self.decouple == 0.0 or self.decouple >= 1.0)), "GPTQ",
+               f"decouple (threshold over the median of diag(H)) must be 'auto', 0 (off) or >= 1, "
+               f"got {self.decouple!r}")
         _check(self.shrink in ("auto", "heldout") or (isinstance(self.shrink, (int, float))
                                                      and not isinstance(self.shrink, bool)
                                                      and 0.0 <= self.shrink <= 1.0), "GPTQ",
@@ -498,6 +511,12 @@ class CalibOptions(Config):
     prefix of every calibration sample, with these many content tokens in turn (start/end tokens kept),
     so the Hessians also see the short-input regime (single words, queries) that sentences never show
     (``calib.lengths``; a note says what was added); () = the calibration data as given.
+    vocab_inputs: for such a model, also add this many single-token inputs ``[start] t [end]`` of tokens
+    drawn (seed ``vocab_seed``, special tokens left out) from the model's input embedding rows, so the
+    Hessians see token identities the calibration text never shows (``calib.vocab``; no data); 0 = none.
+    regime_shares: the share of every Hessian's trace given to (calibration samples, short prefixes,
+    vocabulary singles), renormalised over those present (``calib.regimes``), so neither kind drowns the
+    other; () = every token row counts alike.
     """
 
     mode: str = "sequential"
@@ -514,6 +533,9 @@ class CalibOptions(Config):
     # child maps them); past it the chain's layers use forwards from the model input (noted), 0 = never replay
     replay_cache_mb: float = 1024.0
     short_prefixes: tuple[int, ...] = (1, 2, 3, 4)  # content tokens of the prefixes added for encoders; () = off
+    vocab_inputs: int = 1024  # single-token vocabulary inputs added for encoders; 0 = off
+    vocab_seed: int = 0
+    regime_shares: tuple[float, ...] = (0.5, 0.25, 0.25)  # trace shares: samples, prefixes, vocabulary; () = by rows
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",
@@ -530,6 +552,13 @@ class CalibOptions(Config):
         _check(all(k >= 1 for k in self.short_prefixes), "CalibOptions",
                f"short_prefixes must be token counts >= 1 (e.g. (1, 2, 3, 4)) or () for none, "
                f"got {self.short_prefixes!r}")
+        _check(self.vocab_inputs >= 0, "CalibOptions",
+               f"vocab_inputs must be a count of single-token inputs >= 0 (0 = none), got {self.vocab_inputs!r}")
+        _check(self.regime_shares == () or (len(self.regime_shares) == 3 and all(
+            math.isfinite(x) and x >= 0 for x in self.regime_shares) and self.regime_shares[0] > 0), "CalibOptions",
+               f"regime_shares must be 3 finite shares >= 0 of H's trace for (calibration samples, short prefixes, "
+               f"vocabulary singles), the first > 0, e.g. (0.5, 0.25, 0.25), or () to count every token alike, "
+               f"got {self.regime_shares!r}")
 
 
 # ----------------------------------------------------------------------------- recipes

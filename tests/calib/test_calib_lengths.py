@@ -108,7 +108,8 @@ def test_encoder_hessians_get_the_prefix_rows_and_no_padding():
         h.remove()
     want = {n: (lambda X: 2 * X.T @ X / len(X))(torch.cat(r)) for n, r in rows.items()}
     assert len(torch.cat(rows[names[0]])) == (9 + 3 + 6 + 2 + 7 + 10 + 6 * 2) + (3 + 4 + 5 + 3 + 4)
-    for options in (CalibOptions(mode="dense"), CalibOptions(blocks="encoder.layer")):
+    plain = {"vocab_inputs": 0, "regime_shares": ()}  # every row alike (the shares: test_calib_vocab.py)
+    for options in (CalibOptions(mode="dense", **plain), CalibOptions(blocks="encoder.layer", **plain)):
         seen: dict = {}
         notes = run_layerwise(bert, names, calib, lambda n, m, H, seen=seen: seen.__setitem__(n, H.clone()), options)
         assert [n for n in notes if "added 5 short prefixes" in n and "start and end token kept" in n] != []
@@ -119,7 +120,7 @@ def test_encoder_hessians_get_the_prefix_rows_and_no_padding():
 def test_max_batches_limits_the_samples_that_get_prefixes():
     bert = _bert()
     calib = [_tokenized([9, 3, 6]), _tokenized([2, 7, 10], seed=1)]
-    mixed, notes = mix_lengths(bert, iter(calib), CalibOptions(max_batches=1))
+    mixed, notes = mix_lengths(bert, iter(calib), CalibOptions(max_batches=1, vocab_inputs=0))
     assert [tuple(kw["input_ids"].shape) for _, kw in mixed] == [(3, 11), (1, 3), (1, 4), (1, 5)]
     assert "added 3 short prefixes" in notes[0]
 
@@ -132,7 +133,7 @@ def test_causal_models_and_other_data_are_left_as_they_are():
     assert same is calib and len(notes) == 1 and "the model is causal" in notes[0]
     x = [torch.randn(4, 8)]
     assert mix_lengths(torch.nn.Linear(8, 2), x, CalibOptions()) == (x, [])  # not token data: no note
-    assert mix_lengths(_bert(), calib, CalibOptions(short_prefixes=())) == (calib, [])  # off
+    assert mix_lengths(_bert(), calib, CalibOptions(short_prefixes=(), vocab_inputs=0)) == (calib, [])  # off
 
 
 def test_quantize_is_unchanged_on_a_causal_decoder():
@@ -140,10 +141,10 @@ def test_quantize_is_unchanged_on_a_causal_decoder():
     calib = [{"input_ids": torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1)),
               "use_cache": False}]
     runs = []
-    for prefixes in ((1, 2, 3, 4), ()):
+    for prefixes, vocab in (((1, 2, 3, 4), 1024), ((), 0)):
         llm = _llama()
         rep = bs.quantize_(llm, bs.GPTQ(bits=4, group_size=16), calib,
-                           options=CalibOptions(blocks="model.layers", short_prefixes=prefixes))
+                           options=CalibOptions(blocks="model.layers", short_prefixes=prefixes, vocab_inputs=vocab))
         runs.append(({k: v.clone() for k, v in llm.state_dict().items()}, rep.notes))
     (a, notes_on), (b, notes_off) = runs
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

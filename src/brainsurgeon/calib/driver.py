@@ -14,16 +14,20 @@ The caller passes ``solve(name, module, H)``, which compresses the module's weig
   of layers, each seeing the block's earlier groups compressed). ``offload=True`` keeps only the
   current block on the compute device (the inputs' device).
 
-Lengths: for a bidirectional model calibrated on tokenizer batches, short prefixes of the samples are
-added first (``CalibOptions.short_prefixes``, :func:`~brainsurgeon.calib.lengths.mix_lengths`; causal
-models get none: a prefix's activations are already the first positions of its sample's).
+Lengths and vocabulary: for a bidirectional model calibrated on tokenizer batches, short prefixes of the
+samples (``CalibOptions.short_prefixes``) and single-token inputs of seeded vocabulary tokens
+(``CalibOptions.vocab_inputs``, :mod:`~brainsurgeon.calib.vocab`) are added first
+(:func:`~brainsurgeon.calib.lengths.mix_calibration`; causal models get none: a prefix's activations are
+already the first positions of its sample's). Each kind gets a fixed share of every Hessian's trace
+(``CalibOptions.regime_shares``, :mod:`~brainsurgeon.calib.regimes`).
 
 Padding: a batch with a 2-D ``attention_mask`` keyword contributes only its real tokens' rows to the
 Hessians of layers whose input is (B, T, ...) with that (B, T) (:func:`~brainsurgeon.calib.padding.token_masks`).
 
 The modules, one way: ``forwards`` (forward primitives) <- ``order`` (execution order) <- ``passes``
 (dense / sequential passes) <- ``replay`` (chains) and ``blocks`` (block mode) <- ``driver`` (this
-entry point).
+entry point); ``vocab`` and ``regimes`` <- ``lengths`` (the mix) <- ``driver`` and ``mixed`` (the same feed
+for callers holding ``capture_hessians``).
 
     >>> def solve(name, module, H):
     ...     set_weight_matrix_(module, my_solver(weight_matrix(module), H))
@@ -44,10 +48,11 @@ from .blocks import _run_blocks
 from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device, move_to
 from .forwards import Solve
 from .hessian import check_hessian_memory, resolve_layers
-from .lengths import mix_lengths
+from .lengths import mix_calibration
 from .order import execution_order
 from .padding import record_mask, token_masks
 from .passes import _solve_dense
+from .regimes import regime_shares
 from .replay import _solve_replay
 
 __all__ = ["execution_order", "run_layerwise"]
@@ -63,8 +68,8 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     grouped convs. Runs under ``torch.no_grad()`` in eval mode; hooks and train/eval modes are
     restored on exit, also on error. See the module docstring for the modes. Hessian memory is
     estimated first (:func:`~brainsurgeon.calib.hessian.check_hessian_memory`); returns its notes,
-    the length mix's (``options.short_prefixes``) and those of sequential replays that fell back to
-    forwards from the model input (``options.replay_cache_mb``).
+    the length and vocabulary mix's (``options.short_prefixes``, ``vocab_inputs``, ``regime_shares``) and
+    those of sequential replays that fell back to forwards from the model input (``options.replay_cache_mb``).
 
     >>> run_layerwise(model, ["fc1", "fc2"], loader, solve, CalibOptions(mode="dense"))
     >>> run_layerwise(llm, names, loader, solve, CalibOptions(blocks="model.layers", offload=True))
@@ -77,7 +82,7 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     notes = list(notes)
     for note in notes:
         log.warning(note)
-    mixed, mix_notes = mix_lengths(model, calib, options)
+    mixed, labels, mix_notes = mix_calibration(model, calib, options)
     limit = 0 if mixed is not calib else options.max_batches  # the mix holds the first max_batches already
     calib, notes = mixed, notes + mix_notes
     for note in mix_notes:
@@ -96,7 +101,7 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad(), token_masks() as masks:
+        with torch.no_grad(), token_masks() as masks, regime_shares(labels or [], options.regime_shares):
             if options.blocks:
                 _run_blocks(model, layers, batches, solve, options, dtype)
             elif options.mode == "dense":

@@ -11,6 +11,9 @@ sample/position) for Linear, HF Conv1D, Conv1d and Conv2d layers, in the column 
     ...         model(x)
     >>> hs["fc1"].H.shape          # (in_features, in_features)
 
+Inside ``calib.regimes.regime_shares`` (the driver's length and vocabulary mix), each kind of input is
+accumulated apart and holds a fixed share of H's trace (:mod:`~brainsurgeon.calib.regimes`).
+
 Grouped convolutions (``groups = g > 1``) have one Hessian per group: columns are
 (g, n, cols_per_group) and H is (g, cols_per_group, cols_per_group); group ``j`` owns the
 weight-matrix rows ``[j * out/g, (j + 1) * out/g)``.
@@ -28,6 +31,7 @@ from torch import nn
 
 from ..errors import CalibrationError, ConfigError, UnsupportedModuleError
 from .padding import _current_mask
+from .regimes import current_regime, is_paused
 from .shrinkage import (  # noqa: F401 - auto_shrinkage, shrinkage_intensity re-exported
     HELDOUT_RATIO,
     SPREAD_COLUMNS,
@@ -172,9 +176,18 @@ class HessianAccumulator:
         self.name, self.module = name, module
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.cols, self.groups = num_columns(module), num_groups(module)
-        self.n = 0
+        self.n = 0  # rows seen, all regimes
         self.batches = 0
         self._H: torch.Tensor | None = None
+        self._rows = 0  # rows in self._H: the running regime's (every row without regime shares)
+        # regime shares (calib.regimes): the running regime and its share; the finished regimes' sum of
+        # s_r H_r / tr H_r; [sum n_r tr H_r, sum n_r, sum s_r] over them; the regimes seen; regime 0's intensity
+        self._regime: int | None = None
+        self._share = 0.0
+        self._folded: torch.Tensor | None = None
+        self._fold_stats = [0.0, 0, 0.0]
+        self._seen: set[int] = set()
+        self._lam: float | None = None
         ctx = current()
         # auto shrinkage: [samples, sum of their squared off-diagonal H_b entries], else None
         self._spread: list[float] | None = [0, 0.0] if ctx and self.groups == 1 and ctx.wants(name) else None
@@ -189,19 +202,24 @@ class HessianAccumulator:
         return f"HessianAccumulator({self.name!r}, cols={self.cols}, groups={self.groups}, n={self.n})"
 
     def add_input(self, x: torch.Tensor) -> None:
-        """Add a raw layer input (what the module's forward receives)."""
+        """Add a raw layer input (what the module's forward receives); nothing while ``regimes.paused()``."""
+        if is_paused():
+            return
         mask = None if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else _current_mask(x)
         if mask is not None:  # padded tokens: only the real ones, sample-major (n_real, cols)
             mask = mask.to(x.device)
             x = x.detach()[mask]
         cols = layer_columns(self.module, x.detach(), self.name)
-        if self._spread is not None and cols.shape[0]:
+        regime = current_regime()
+        if regime is not None and regime[0] != self._regime:
+            self._switch(*regime)
+        if self._spread is not None and cols.shape[0] and (regime is None or regime[0] == 0):
             if mask is None:
                 self._add_spread(x, cols)
             else:
                 self._add_spread_ragged(cols.split(mask.sum(1).tolist()))
         self.add(cols)
-        if self._held is not None and self.n >= HELDOUT_RATIO * self.cols:
+        if self._held is not None and self._rows >= HELDOUT_RATIO * self.cols:
             self._held = None  # H is (generically) full rank: Schaefer-Strimmer's estimate suffices
 
     def _add_spread(self, x: torch.Tensor, cols: torch.Tensor) -> None:
@@ -271,13 +289,14 @@ class HessianAccumulator:
         if self._H is None:
             shape = (self.cols, self.cols) if self.groups == 1 else (self.groups, self.cols, self.cols)
             self._H = torch.zeros(shape, dtype=self.dtype, device=device)
-        n = self.n + b
+        n = self._rows + b
         # H <- n_old/n * H + 2/n * X^T X in one GEMM, no scaled copy of X
         if self.groups == 1:
-            self._H.addmm_(X.t(), X, beta=self.n / n, alpha=2.0 / n)
+            self._H.addmm_(X.t(), X, beta=self._rows / n, alpha=2.0 / n)
         else:
-            self._H.baddbmm_(X.transpose(1, 2), X, beta=self.n / n, alpha=2.0 / n)
-        self.n = n
+            self._H.baddbmm_(X.transpose(1, 2), X, beta=self._rows / n, alpha=2.0 / n)
+        self._rows = n
+        self.n += b
         if not bool(torch.isfinite(self._H.diagonal(dim1=-2, dim2=-1)).all()):  # diag = sums of squares
             self._raise_non_finite(x_cols)
 
@@ -291,34 +310,79 @@ class HessianAccumulator:
                                f"batch {self.batches - 1} (inputs up to {float(x_cols.abs().max()):.3g}); use "
                                f"CalibOptions(hessian_dtype='float64') or pass ignore=[{self.name!r}]")
 
+    def _switch(self, regime: int, share: float) -> None:
+        """Start regime `regime`'s rows (calib.regimes): fold the running regime's H into the weighted sum."""
+        if regime in self._seen or (self._regime is None and self._H is not None):
+            raise CalibrationError(f"layer {self.name!r}: calibration regime {regime} came after rows of another "
+                                   f"regime or without one; regime shares need the batches regime by regime "
+                                   f"(calib.regimes.regime_shares)")
+        if self._regime is not None:
+            self._fold()
+        self._regime, self._share = regime, share
+        self._seen.add(regime)
+
+    def _fold(self) -> None:
+        """Add ``s_r H_r / tr H_r`` of the running regime to the finished regimes' sum (regime 0: first its
+        shrinkage intensity, from its own samples as without shares)."""
+        H, self._H = self._H, None
+        if H is None:
+            return
+        if self._spread is not None and self._regime == 0:
+            self._lam = self._intensity(H)
+            self._spread = self._held = None
+        tr = float(H.diagonal(dim1=-2, dim2=-1).sum())
+        if tr > 0 and self._share > 0:
+            part = H.mul_(self._share / tr)
+            self._folded = part if self._folded is None else self._folded.add_(part)
+            stats = self._fold_stats
+            stats[0], stats[1], stats[2] = stats[0] + self._rows * tr, stats[1] + self._rows, stats[2] + self._share
+        elif self._folded is None:
+            self._folded = H.zero_()  # no trace (all-zero inputs): no share, but H keeps its shape
+        self._rows = 0
+
+    def _intensity(self, H: torch.Tensor) -> float:
+        """The shrinkage intensity of H from the samples' spread (auto_shrinkage): Schaefer-Strimmer's, or
+        the held-out selector's choice while H is singular."""
+        m, sum_sq = self._spread
+        held = self._held
+        s, pick = self._scale.to(H), self._pick.to(H.device)
+        lam = shrinkage_intensity(H[pick[:, None], pick] * s[:, None] * s, int(m), sum_sq)
+        ctx = current()
+        nB = sum(len(x) for x in held) if held else 0
+        if ctx is not None and ctx.select is not None and m >= 2 and 0 < nB < self._rows:
+            folds = fold_hessians(H, self._rows, torch.cat(held).to(H.device))
+            lam = float(ctx.select(self.name, self.module, folds, lam))
+        return lam
+
     @property
     def H(self) -> torch.Tensor:
         """The Hessian (cols, cols) or (g, cols, cols); raises if the layer was never reached."""
+        if self._regime is not None:  # regime shares: the weighted sum, once
+            self._fold()
+            ntr, n, share = self._fold_stats
+            self._H, self._folded, self._regime = self._folded, None, None
+            if share > 0:
+                self._H.mul_(ntr / n / share)
         if self._H is None:
             raise CalibrationError(f"layer {self.name!r} was never reached by the calibration data; check "
                                    f"that calib feeds the model's forward (and this layer's branch), "
                                    f"or pass ignore=[{self.name!r}]")
-        if self._spread is not None:  # auto shrinkage, once
-            m, sum_sq = self._spread
-            held, self._spread, self._held = self._held, None, None
-            s, pick = self._scale.to(self._H), self._pick.to(self._H.device)
-            lam = shrinkage_intensity(self._H[pick[:, None], pick] * s[:, None] * s, int(m), sum_sq)
-            ctx = current()
-            nB = sum(len(x) for x in held) if held else 0
-            if ctx is not None and ctx.select is not None and m >= 2 and 0 < nB < self.n:
-                folds = fold_hessians(self._H, self.n, torch.cat(held).to(self._H.device))
-                held = None
-                lam = float(ctx.select(self.name, self.module, folds, lam))
-            self.shrinkage = lam
+        if self._spread is not None and self._scale is not None:  # auto shrinkage, once
+            self._lam = self._intensity(self._H)
+            self._spread = self._held = None
+        if self._lam is not None:
+            self.shrinkage, self._lam = self._lam, None
             d = self._H.diagonal().clone()
             self._H.mul_(1.0 - self.shrinkage).diagonal().copy_(d)  # (1 - l) H + l diag(H)
+            ctx = current()
             if ctx is not None:
                 ctx.applied.append((self.name, self.shrinkage))
         return self._H
 
     def reset(self) -> None:
         """Forget everything seen so far (frees H)."""
-        self._H, self.n, self.batches = None, 0, 0
+        self._H, self.n, self.batches, self._rows = None, 0, 0, 0
+        self._regime, self._folded, self._fold_stats, self._seen, self._lam = None, None, [0.0, 0, 0.0], set(), None
         if self._spread is not None:
             self._spread, self._scale = [0, 0.0], None
             ctx = current()

@@ -9,14 +9,16 @@ all-MiniLM-L6-v2 word similarity below round-to-nearest). A causal decoder is di
 sees only positions <= t, so a prefix's activations ARE the first positions of the full sample's and
 prefixes would only add copies of rows H already has; nothing is added there.
 
-:func:`mix_lengths` (the driver's entry point, ``CalibOptions.short_prefixes``) tests which of the two
-the model is on one calibration sample (:func:`is_causal`: do a prefix's outputs equal the full
+:func:`mix_calibration` (the driver's entry point, ``CalibOptions.short_prefixes``) tests which of the
+two the model is on one calibration sample (:func:`is_causal`: do a prefix's outputs equal the full
 sample's first positions?) and, for a bidirectional model, appends :func:`short_prefixes` of the
-calibration samples. Only tokenizer batches take part (dicts with 2-D integer ``input_ids``); other
-data (images, float features) is returned as it is, without a note.
+calibration samples and ``CalibOptions.vocab_inputs`` single-token inputs of its vocabulary
+(:mod:`~brainsurgeon.calib.vocab`), and labels each batch with its regime for the trace shares
+(:mod:`~brainsurgeon.calib.regimes`). Only tokenizer batches take part (dicts with 2-D integer
+``input_ids``); other data (images, float features) is returned as it is, without a note.
 
     >>> extra = short_prefixes(batches, (1, 2, 3, 4))     # sample j: its first 1, 2, 3, 4, 1, ... tokens
-    >>> calib, notes = mix_lengths(bert, batches, CalibOptions())
+    >>> calib, labels, notes = mix_calibration(bert, batches, CalibOptions())
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from .data import (
     model_device,
     move_to,
 )
+from .regimes import REGIMES
+from .vocab import special_ids, vocab_ids, vocab_singles, vocab_size
 
-__all__ = ["is_causal", "mix_lengths", "short_prefixes", "token_batch"]
+__all__ = ["is_causal", "mix_calibration", "mix_lengths", "short_prefixes", "token_batch"]
 
 log = get_logger(__name__)
 
@@ -161,44 +165,94 @@ def is_causal(model: nn.Module, batch: Batch) -> bool | None:
 
 
 def mix_lengths(model: nn.Module, calib: Any, options: CalibOptions) -> tuple[Any, list[str]]:
-    """The calibration data with ``short_prefixes(options.short_prefixes)`` of its samples appended when the
-    model is bidirectional (:func:`is_causal` is False) and every batch is a token batch; else `calib` as it
-    is. Returns (data, notes): a note whenever token batches are seen (what was added, or why nothing).
-    The result holds the first ``options.max_batches`` batches and then the prefixes (read it with no limit).
+    """:func:`mix_calibration` without the regime labels: (data, notes).
 
-    >>> calib, notes = mix_lengths(bert, batches, CalibOptions())            # + one prefix per sample
-    >>> mix_lengths(bert, batches, CalibOptions(short_prefixes=()))[1]       # off: no change, no note
+    >>> calib, notes = mix_lengths(bert, batches, CalibOptions())            # + prefixes + vocabulary singles
+    >>> mix_lengths(bert, batches, CalibOptions(short_prefixes=(), vocab_inputs=0))[1]   # off: no change
     []
     """
-    lengths = options.short_prefixes
-    if lengths and is_one_shot(calib):
+    data, _, notes = mix_calibration(model, calib, options)
+    return data, notes
+
+
+def _pad_ids(batches: Iterable[Batch]) -> set[int]:
+    """The token ids at padding positions (attention_mask == 0) of token batches."""
+    out: set[int] = set()
+    for _, kw in batches:
+        mask = kw.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            out.update(int(x) for x in kw["input_ids"][mask == 0].unique())
+    return out
+
+
+def mix_calibration(model: nn.Module, calib: Any, options: CalibOptions) -> tuple[Any, list[int] | None, list[str]]:
+    """The calibration data with, for a bidirectional model (:func:`is_causal` is False) calibrated on token
+    batches only, ``short_prefixes(options.short_prefixes)`` of its samples and ``options.vocab_inputs``
+    single-token inputs of its vocabulary (:func:`~brainsurgeon.calib.vocab.vocab_singles`) appended; else
+    `calib` as it is. Returns (data, labels, notes): labels[i] is batch i's regime (0 samples, 1 prefixes,
+    2 vocabulary; ``calib.regimes``) when anything was added, else None;
+    a note whenever token batches are seen (what was added, or why nothing). The result holds the first
+    ``options.max_batches`` batches and then the additions (read it with no limit).
+
+    >>> calib, labels, notes = mix_calibration(bert, batches, CalibOptions())   # labels [0, 0, 1, 1, 2, 2, 2, 2]
+    """
+    lengths, n_vocab = options.short_prefixes, options.vocab_inputs
+    if (lengths or n_vocab) and is_one_shot(calib):
         calib = cache_batches(calib, options.max_batches)  # peeking at the first batch must not consume it
-    if not lengths or not token_batch(next(iter(iter_batches(calib, 1)))):
-        return calib, []
+    if not (lengths or n_vocab) or not token_batch(next(iter(iter_batches(calib, 1)))):
+        return calib, None, []
     batches = cache_batches(calib, options.max_batches)
-    off = "CalibOptions(short_prefixes=()) turns this off"
+    what = "short prefixes or vocabulary singles"
+    off = "CalibOptions(short_prefixes=(), vocab_inputs=0) turns this off"
     if not all(token_batch(b) for b in batches):
-        return calib, ["calibration length mix: not every calibration batch is a tokenizer dict like the first "
-                       "(2-D integer input_ids, per-token tensors only); no short prefixes added"]
+        return calib, None, [f"calibration length mix: not every calibration batch is a tokenizer dict like the "
+                             f"first (2-D integer input_ids, per-token tensors only); no {what} added"]
     causal = is_causal(model, batches[0])
     if causal is None:
-        return calib, ["calibration length mix: could not tell whether the model is causal (the probe on the "
-                       "first sample's first tokens gave no (1, T, ...) output to compare, or failed); no short "
-                       "prefixes added"]
+        return calib, None, [f"calibration length mix: could not tell whether the model is causal (the probe on "
+                             f"the first sample's first tokens gave no (1, T, ...) output to compare, or failed); "
+                             f"no {what} added"]
     if causal:
-        return calib, ["calibration length mix: the model is causal (its outputs at a sample's first positions do "
-                       "not depend on the tokens after them), so short prefixes would only repeat rows the Hessians "
-                       "already have; none added"]
+        return calib, None, [f"calibration length mix: the model is causal (its outputs at a sample's first "
+                             f"positions do not depend on the tokens after them), so short prefixes would only "
+                             f"repeat rows the Hessians already have; no {what} added"]
     samples, shared = _samples(batches)
-    extra = _prefixes(samples, shared, lengths)
-    rows = sum(b[1]["input_ids"].numel() for b in extra)
-    real = sum(len(s["input_ids"]) for s in samples)
     start, end = _marks(samples)
-    ends = " and ".join(w for w, on in (("start", start), ("end", end)) if on) or "no"
-    return CachedBatches(list(batches) + extra), [
-        f"calibration length mix: the model is bidirectional (its outputs at a sample's first positions "
-        f"change with the tokens after them), so short inputs put its layers in a regime the calibration "
-        f"samples never show; added "
-        f"{sum(len(b[1]['input_ids']) for b in extra)} short prefixes of the calibration samples "
-        f"({'/'.join(map(str, lengths))} content tokens, {ends} token kept; {rows} tokens beside the samples' "
-        f"{real}) in {len(extra)} unpadded batch(es); {off}"]
+    prefixes = _prefixes(samples, shared, lengths) if lengths else []
+    first = samples[0]["input_ids"] if samples else torch.zeros(0, dtype=torch.long)
+    exclude = _pad_ids(batches) | ({int(first[0])} if start else set()) | ({int(first[-1])} if end else set())
+    ids = vocab_ids(model, n_vocab, options.vocab_seed, exclude)
+    singles = vocab_singles(samples, shared, ids, (start, end))
+    real = sum(len(s["input_ids"]) for s in samples)
+    notes = []
+    if prefixes:
+        rows = sum(b[1]["input_ids"].numel() for b in prefixes)
+        ends = " and ".join(w for w, on in (("start", start), ("end", end)) if on) or "no"
+        notes.append(f"calibration length mix: the model is bidirectional (its outputs at a sample's first "
+                     f"positions change with the tokens after them), so short inputs put its layers in a regime "
+                     f"the calibration samples never show; added "
+                     f"{sum(len(b[1]['input_ids']) for b in prefixes)} short prefixes of the calibration samples "
+                     f"({'/'.join(map(str, lengths))} content tokens, {ends} token kept; {rows} tokens beside the "
+                     f"samples' {real}) in {len(prefixes)} unpadded batch(es); {off}")
+    if n_vocab:
+        V = vocab_size(model)
+        notes.append(
+            f"calibration vocabulary: added {len(ids)} single-token inputs of the model's vocabulary (seed "
+            f"{options.vocab_seed}, drawn from its {V} input-embedding rows less {len(special_ids(model, exclude))} "
+            f"special/start/end/padding ids), each between the samples' start/end tokens, so the Hessians see "
+            f"token identities the calibration samples never show ({sum(b[1]['input_ids'].numel() for b in singles)} "
+            f"tokens); CalibOptions(vocab_inputs=0) turns this off" if singles else
+            "calibration vocabulary: no single-token inputs added: "
+            + ("the model has no input embedding (get_input_embeddings()) to draw from" if V is None else
+               "the first calibration sample is too short to give a single input its start/end tokens"))
+    extra = prefixes + singles
+    if not extra:
+        return calib, None, notes
+    labels = [0] * len(batches) + [1] * len(prefixes) + [2] * len(singles)
+    if options.regime_shares:
+        present = sorted(set(labels))
+        total = sum(options.regime_shares[r] for r in present)
+        notes.append("calibration regimes: each Hessian's trace split " + ", ".join(
+            f"{options.regime_shares[r] / total:.0%} {REGIMES[r]}" for r in present)
+            + " (CalibOptions.regime_shares; () counts every token alike)")
+    return CachedBatches(list(batches) + extra), labels, notes

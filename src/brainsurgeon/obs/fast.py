@@ -18,7 +18,7 @@ from ..config import GPTQ, SparseGPT
 from ..quant.grid import Grid, fit_grid, fit_rows
 from .baselines import grid_levels
 from .engine import register_solver
-from .hessian import Prepared, inverse_factor, prepare, shrink_
+from .hessian import Prepared, decouple_, inverse_factor, prepare, shrink_
 from .refine import refine_on_grid
 from .resolve import resolve_masked
 
@@ -36,12 +36,12 @@ _FACTOR: dict[str, tuple] = {}  # one entry: the last (H, damp, order) -> (dampe
 def _factor(prep: Prepared, perm: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """:func:`inverse_factor`, reused while the same H object comes back (q/k/v share one H)."""
     hit = _FACTOR.get("f")
-    if (hit is not None and hit[0]() is H and hit[1] == (prep.damp, prep.shrink, prep.H.dtype, H._version)
-            and torch.equal(hit[2], perm)):
+    key = (prep.damp, prep.shrink, prep.decoupled, prep.H.dtype, H._version)
+    if hit is not None and hit[0]() is H and hit[1] == key and torch.equal(hit[2], perm):
         prep.H, prep.lam, prep.retries = hit[3], hit[5], hit[6]
         return hit[4]
     U = inverse_factor(prep, perm)
-    _FACTOR["f"] = (weakref.ref(H, lambda _: _FACTOR.clear()), (prep.damp, prep.shrink, prep.H.dtype, H._version), perm,
+    _FACTOR["f"] = (weakref.ref(H, lambda _: _FACTOR.clear()), key, perm,
                     prep.H, U, prep.lam, prep.retries)
     return U
 
@@ -107,7 +107,7 @@ def sparsegpt(prep: Prepared, cfg: SparseGPT, perm: torch.Tensor,
 
 
 def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
-         grid: Grid | None = None) -> tuple[torch.Tensor, dict]:
+         grid: Grid | None = None, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """GPTQ with optional act-order (columns by descending H_ii) and group size.
 
     Groups are contiguous in the original column order. Without act-order a group's grid is
@@ -115,10 +115,14 @@ def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
     static, fitted up front, so every group keeps one grid whatever the order. H_key: the caller's
     Hessian, under which the factorisation is reused by the next layer with the same H. grid: the
     up-front grid ``fit_grid(prep.W, ...)`` when the caller already has it (it depends on W only).
+    perm: a column order of the caller's (groups then static, as with act-order) instead of cfg's.
     """
     W, H = prep.W, prep.H
     cols = W.shape[1]
-    perm = torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+    static = cfg.act_order or perm is not None
+    if perm is None:
+        perm = (torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order
+                else torch.arange(cols, device=W.device))
     U = _factor(prep, perm, H_key) if H_key is not None else inverse_factor(prep, perm)
     maxq = 2**cfg.bits - 1
     g = cfg.group_size if 0 < cfg.group_size < cols else 0
@@ -128,7 +132,7 @@ def gptq(prep: Prepared, cfg: GPTQ, H_key: torch.Tensor | None = None,
     LO, HI = -Z, maxq - Z
     s_rows, lo_rows, hi_rows = S.unbind(0), LO.unbind(0), HI.unbind(0)
     group = (perm // g).tolist() if g else [0] * cols  # group of the column the walk fixes c-th
-    lazy_groups = g and not cfg.act_order
+    lazy_groups = g and not static
     frozen = (W == 0)[:, perm].t()  # zeros of an already pruned layer stay zero
     frozen_rows = frozen.contiguous().unbind(0) if bool(frozen.any()) else None
 
@@ -169,5 +173,7 @@ def _solve_gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, perm: torch.Tensor,
     if not isinstance(cfg.shrink, str) and cfg.shrink:  # "auto"/"heldout": applied to H by the calibration driver
         shrink_(prep.H, cfg.shrink)
         prep.shrink = cfg.shrink
+    if not isinstance(cfg.decouple, str) and cfg.decouple:  # "auto": resolved by the calibration driver's caller
+        prep.decoupled = int(decouple_(prep.H, cfg.decouple).sum())
     W_hat, extra = gptq(prep, cfg, H)
     return W_hat, {**prep.info(), "levels": extra["levels"]}

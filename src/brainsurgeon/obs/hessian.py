@@ -36,6 +36,7 @@ class Prepared:
     damp: float = 0.0  # the relative dampening asked for
     name: str = ""
     shrink: float = 0.0  # shrinkage toward diag(H) applied to H (see shrink_)
+    decoupled: int = 0  # columns decoupled from the rest of H (see decouple_)
 
     @property
     def Hinv(self) -> torch.Tensor:
@@ -45,7 +46,8 @@ class Prepared:
 
     def info(self) -> dict:
         """Facts for the report: dampening retries, dead inputs, absolute dampening."""
-        return {"damp_retries": self.retries, "dead_inputs": int(self.dead.sum()), "damp": self.lam}
+        return {"damp_retries": self.retries, "dead_inputs": int(self.dead.sum()), "damp": self.lam,
+                "decoupled": self.decoupled}
 
 
 def shrink_(H: torch.Tensor, lam: float) -> torch.Tensor:
@@ -60,6 +62,25 @@ def shrink_(H: torch.Tensor, lam: float) -> torch.Tensor:
     H.mul_(1.0 - lam)
     H.diagonal().copy_(d)
     return H
+
+
+def decouple_(H: torch.Tensor, k: float) -> torch.Tensor:
+    """Zero, in place, the off-diagonal entries of H's rows and columns j with H_jj > k median(diag H);
+    returns their mask.
+
+    Such columns carry massive activations (a few channels, large on a few tokens: Sun et al., "Massive
+    Activations in Large Language Models", 2024). GPTQ would spread their rounding error along the
+    directions of the few tokens that excite them, onto every other column, where tokens unlike the
+    calibration ones pick it up; decoupled, they are rounded to nearest and neither spread nor receive error.
+    """
+    d = H.diagonal()
+    big = d > k * d.median()
+    if bool(big.any()):
+        keep = d[big].clone()
+        H[big, :] = 0.0
+        H[:, big] = 0.0
+        H[big, big] = keep
+    return big
 
 
 def damped_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torch.Tensor, float, int]:
