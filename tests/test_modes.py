@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from brainsurgeon._modes import eval_mode
+from brainsurgeon.calib import reestimate_batchnorm_
 from brainsurgeon.distill.loop import evaluate_metric
 from brainsurgeon.models.train import evaluate
 from brainsurgeon.quant.equalize import equalize_
@@ -37,6 +38,7 @@ CALLS = {
     "evaluate_metric": lambda m: evaluate_metric(m, DS),
     "smooth_quant_": lambda m: smooth_quant_(m, [X]),
     "equalize_": lambda m: equalize_(m, [X]),
+    "reestimate_batchnorm_": lambda m: reestimate_batchnorm_(m, [X]),  # trains the BNs inside
 }
 
 

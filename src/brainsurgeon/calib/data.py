@@ -355,7 +355,6 @@ def _probe(model: nn.Module, batch: Batch, verb: str, stop_after: list[nn.Module
 
     dev = model_device(model)
     args, kwargs = move_to(batch, dev)
-    modes = {m: m.training for m in model.modules()}
     handles = []
 
     def stop(*_: Any) -> None:
@@ -364,8 +363,7 @@ def _probe(model: nn.Module, batch: Batch, verb: str, stop_after: list[nn.Module
     try:
         for m in stop_after or []:
             handles.append(m.register_forward_hook(stop))
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
     except _StopProbe:
         pass
@@ -380,5 +378,3 @@ def _probe(model: nn.Module, batch: Batch, verb: str, stop_after: list[nn.Module
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 from ..config import CalibOptions
 from .blocks import _run_blocks
 from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device, move_to
@@ -98,17 +99,12 @@ def run_layerwise(model: nn.Module, names: list[str], calib: Any, solve: Solve,
             record_mask(masks, i, b[1])  # batch i's padding mask (token_masks, below)
             yield move_to(b, dev)
 
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), token_masks() as masks, regime_shares(labels or [], options.regime_shares):
-            if options.blocks:
-                _run_blocks(model, layers, batches, solve, options, dtype)
-            elif options.mode == "dense":
-                _solve_dense(model, layers, batches, solve, dtype)
-            else:
-                notes += _solve_replay(model, layers, batches, solve, dtype, options.replay_cache_mb * 2**20)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with (eval_mode(model), torch.no_grad(), token_masks() as masks,
+          regime_shares(labels or [], options.regime_shares)):
+        if options.blocks:
+            _run_blocks(model, layers, batches, solve, options, dtype)
+        elif options.mode == "dense":
+            _solve_dense(model, layers, batches, solve, dtype)
+        else:
+            notes += _solve_replay(model, layers, batches, solve, dtype, options.replay_cache_mb * 2**20)
     return notes

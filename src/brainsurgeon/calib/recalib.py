@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._log import get_logger, progress
+from .._modes import eval_mode
 from ..errors import CalibrationError
 from .data import Batch, cache_batches, is_one_shot, iter_batches, model_device, move_to
 from .forwards import _forward, _StopForward
@@ -43,16 +44,15 @@ def reestimate_batchnorm_(model: nn.Module, calib: Any, max_batches: int = 0) ->
         log.debug("no BatchNorm layer with running statistics; nothing to re-estimate")
         return 0
     saved = [(m, m.momentum, {k: b.clone() for k, b in m._buffers.items() if b is not None}) for m in bns]
-    modes = {m: m.training for m in model.modules()}
     dev = model_device(model)
     done = False
     try:
-        model.eval()
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-            m.train()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():  # every flag back on exit, the BNs' train() below included
+            for m in bns:
+                m.train()
             for args, kwargs in progress(iter_batches(calib, max_batches), desc="batchnorm"):
                 model(*move_to(args, dev), **move_to(kwargs, dev))
         done = True
@@ -62,8 +62,6 @@ def reestimate_batchnorm_(model: nn.Module, calib: Any, max_batches: int = 0) ->
             if not done:
                 for k, b in bufs.items():
                     m._buffers[k].copy_(b)
-        for m, mode in modes.items():
-            m.training = mode
     log.info("re-estimated %d BatchNorm layer(s)", len(bns))
     return len(bns)
 
@@ -166,32 +164,25 @@ def correct_mean_std_(model: nn.Module, dense_model: nn.Module, names: list[str]
     if is_one_shot(calib):
         calib = cache_batches(calib, max_batches)
     dev, dense_dev = model_device(model), model_device(dense_model)
-    modes = {m: m.training for net in (model, dense_model) for m in net.modules()}
     shifts: dict[str, float] = {}
-    try:
-        model.eval()
-        dense_model.eval()
-        with torch.no_grad():
-            dense_batches = (move_to(b, dense_dev) for b in iter_batches(calib, max_batches))
-            dense_stats = _output_stats(dense_model, dense_layers, dense_batches, stop=False)
+    with eval_mode(model, dense_model), torch.no_grad():
+        dense_batches = (move_to(b, dense_dev) for b in iter_batches(calib, max_batches))
+        dense_stats = _output_stats(dense_model, dense_layers, dense_batches, stop=False)
 
-            def batches() -> Iterable[Batch]:
-                return (move_to(b, dev) for b in iter_batches(calib, max_batches))
+        def batches() -> Iterable[Batch]:
+            return (move_to(b, dev) for b in iter_batches(calib, max_batches))
 
-            groups, repeated = execution_order(model, layers, batches)
-            for name in progress([n for g in groups for n in g], desc="mean/std correction"):
-                stats = _output_stats(model, {name: layers[name]}, batches(), stop=name not in repeated)
-                mean_c, std_c = stats[name].mean_std(name)
-                mean_d, std_d = (t.to(mean_c.device) for t in dense_stats[name].mean_std(name))
-                if mean_c.shape != mean_d.shape:
-                    raise CalibrationError(f"layer {name!r} has {mean_c.numel()} output channels in the "
-                                           f"compressed model but {mean_d.numel()} in the dense one; "
-                                           f"mean/std correction needs the same layer shapes")
-                shifts[name] = float((mean_d - mean_c).abs().mean())
-                _correct_layer_(layers[name], mean_c, std_c, mean_d, std_d, std)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+        groups, repeated = execution_order(model, layers, batches)
+        for name in progress([n for g in groups for n in g], desc="mean/std correction"):
+            stats = _output_stats(model, {name: layers[name]}, batches(), stop=name not in repeated)
+            mean_c, std_c = stats[name].mean_std(name)
+            mean_d, std_d = (t.to(mean_c.device) for t in dense_stats[name].mean_std(name))
+            if mean_c.shape != mean_d.shape:
+                raise CalibrationError(f"layer {name!r} has {mean_c.numel()} output channels in the "
+                                       f"compressed model but {mean_d.numel()} in the dense one; "
+                                       f"mean/std correction needs the same layer shapes")
+            shifts[name] = float((mean_d - mean_c).abs().mean())
+            _correct_layer_(layers[name], mean_c, std_c, mean_d, std_d, std)
     log.info("mean/std correction of %d layer(s)", len(shifts))
     return shifts
 
@@ -218,7 +209,6 @@ def correct_bias_(model: nn.Module, dense_model: nn.Module, names: list[str], ca
         return {}
     dev = model_device(model)
     stats = {n: _ChannelStats(m) for n, m in layers.items()}  # of layer_c(x) - layer_d(x)
-    modes = {m: m.training for net in (model, dense_model) for m in net.modules()}
     handles = []
 
     def make_hooks(name: str) -> tuple[Any, Any]:
@@ -234,12 +224,10 @@ def correct_bias_(model: nn.Module, dense_model: nn.Module, names: list[str], ca
         return pre, post
 
     try:
-        model.eval()
-        dense_model.eval()
         for n, m in layers.items():
             pre, post = make_hooks(n)
             handles += [m.register_forward_pre_hook(pre, prepend=True), m.register_forward_hook(post)]
-        with torch.no_grad():
+        with eval_mode(model, dense_model), torch.no_grad():
             for batch in iter_batches(calib, max_batches):
                 _forward(model, move_to(batch, dev))
             shifts: dict[str, float] = {}
@@ -252,7 +240,5 @@ def correct_bias_(model: nn.Module, dense_model: nn.Module, names: list[str], ca
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     log.info("bias correction of %d layer(s)", len(shifts))
     return shifts

@@ -33,6 +33,7 @@ from torch import nn
 
 from .._io import atomic_open
 from .._log import get_logger, progress
+from .._modes import eval_mode
 from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
 from ..calib.data import CachedBatches, model_device
 from ..calib.forwards import _forward
@@ -214,16 +215,10 @@ def _grouped_channels(module: nn.Module) -> int:
 
 
 def _hessians(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), capture_hessians(model, names) as accs:
-            for b in batches:
-                _forward(model, b)
+    with eval_mode(model), torch.no_grad(), capture_hessians(model, names) as accs:
+        for b in batches:
+            _forward(model, b)
         return {n: accs[n].H for n in names}
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _act_quantized(model: nn.Module, space: SearchSpace, bits: list[int], layers: list[str],
