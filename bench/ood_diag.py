@@ -358,15 +358,13 @@ def part_solver(s: dict, pick: str | None) -> None:
               f"{common:>7.3f} {time.process_time() - c0:>7.1f}", flush=True)
 
 
-def part_local(s: dict, layers: str, pick: str | None) -> None:
-    """Layer-local: the solver variants on the dense inputs of a few layers (H from the calibration tokens with
-    the length mix, no shrinkage), err = ||dW x||^2 / ||dW_RTN x||^2 per token kind (as part stats)."""
+def _layer_inputs(s: dict, layers: str) -> tuple[list[str], dict, dict, torch.Tensor, torch.Tensor]:
+    """The dense inputs of the Linears matching `layers`: on the calibration tokens with the length mix (cal)
+    and on 300 probe words (wx), each with a mask of its start/end marks (mw, mc)."""
     import re
 
     from _text import sentence_batches
     from brainsurgeon.calib.lengths import short_prefixes
-    from brainsurgeon.obs import fast
-    from brainsurgeon.obs.engine import compress_weight
 
     tok, dense = s["tok"], s["model"]
     names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(layers, n)]
@@ -374,9 +372,21 @@ def part_local(s: dict, layers: str, pick: str | None) -> None:
     cal = capture(dense, s["calib"] + mix, names)
     words = s["words"][:: max(1, len(s["words"]) // 300)][:300]
     wx = capture(dense, sentence_batches(tok, words, 64, 32), names)
-    marks = (tok.bos_token_id, tok.eos_token_id)
-    mw = (wx["_ids"] == marks[0]) | (wx["_ids"] == marks[1])
-    mc = (cal["_ids"] == marks[0]) | (cal["_ids"] == marks[1])
+    marks = torch.tensor(sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.cls_token_id, tok.sep_token_id)
+                                 if t is not None}))  # <s>/</s> (MPNet) or [CLS]/[SEP] (BERT, MiniLM)
+    return names, cal, wx, torch.isin(wx["_ids"], marks), torch.isin(cal["_ids"], marks)
+
+
+def part_local(s: dict, layers: str, pick: str | None) -> None:
+    """Layer-local: the solver variants on the dense inputs of a few layers (H from the calibration tokens with
+    the length mix, no shrinkage), err = ||dW x||^2 / ||dW_RTN x||^2 per token kind (as part stats)."""
+    import re
+
+    from brainsurgeon.obs import fast
+    from brainsurgeon.obs.engine import compress_weight
+
+    names, cal, wx, mw, mc = _layer_inputs(s, layers)
+    dense = s["model"]
     orig_gptq, orig_walk = fast.gptq, fast.blocked_walk
     print(f"{'layer':<24} {'variant':<20} {'err G/R: w-cont':>15} {'w-mark':>6} {'c-cont':>6} {'c-mark':>6} "
           f"{'H loss/RTN':>10} {'|E|^2/RTN':>9} {'>50 med':>7} {'tr share':>8}")
@@ -431,21 +441,11 @@ def part_spectrum(s: dict, layers: str) -> None:
     times the amplification a(x) = ||Un x||^2 / ||x||^2 (E with iid entries). det Un = 1, so by Hadamard's
     inequality the product of a(u_i) over ANY orthonormal basis u_i is >= 1: error feedback only moves error
     between input directions (noise shaping); every in-distribution gain is paid in other directions."""
-    import re
 
-    from _text import sentence_batches
-    from brainsurgeon.calib.lengths import short_prefixes
     from brainsurgeon.obs.hessian import inverse_factor, prepare, shrink_
 
-    tok, dense = s["tok"], s["model"]
-    names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(layers, n)]
-    mix = [kw for _, kw in short_prefixes([((), b) for b in s["calib"]])]
-    cal = capture(dense, s["calib"] + mix, names)
-    words = s["words"][:: max(1, len(s["words"]) // 300)][:300]
-    wx = capture(dense, sentence_batches(tok, words, 64, 32), names)
-    marks = (tok.bos_token_id, tok.eos_token_id)
-    mw = (wx["_ids"] == marks[0]) | (wx["_ids"] == marks[1])
-    mc = (cal["_ids"] == marks[0]) | (cal["_ids"] == marks[1])
+    names, cal, wx, mw, mc = _layer_inputs(s, layers)
+    dense = s["model"]
     print("a: amplification ||Un x||^2/||x||^2; geo: geometric mean of a over H's eigenvectors (>= 1 always);\n"
           "exc / low: geometric mean over eigenvectors with eigenvalue >= / < the damping; tokens: mean a.")
     print(f"{'layer':<24} {'damping':<14} {'dims exc/low':>12} {'geo':>6} {'exc':>7} {'low':>7} | "

@@ -28,14 +28,14 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _tokenized(lengths, seed=0):
+def _tokenized(lengths, seed=0, token_type=0):
     """A tokenizer's right-padded batch: [CLS] content [SEP] [PAD]..., token types, mask."""
     g = torch.Generator().manual_seed(seed)
     T = max(lengths) + 2
     ids = torch.zeros(len(lengths), T, dtype=torch.long)
     for i, n in enumerate(lengths):
         ids[i, :n + 2] = torch.cat([torch.tensor([CLS]), torch.randint(1, 40, (n,), generator=g), torch.tensor([SEP])])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.full_like(ids, token_type)}
 
 
 def test_one_prefix_per_sample_with_its_end_tokens_unpadded():

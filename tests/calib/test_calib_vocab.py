@@ -3,6 +3,8 @@
 
 import pytest
 import torch
+from test_calib_lengths import _bert
+from test_calib_lengths import _tokenized as _padded
 
 import brainsurgeon as bs
 from brainsurgeon.calib import HessianAccumulator, run_layerwise
@@ -18,22 +20,8 @@ CLS, SEP, V = 48, 49, 50
 NAMES = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
 
 
-def _bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=32, max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
-
-
 def _tokenized(lengths, seed=0):
-    """A tokenizer's right-padded batch: [CLS] content [SEP] [PAD]..., token types, mask."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths) + 2
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n + 2] = torch.cat([torch.tensor([CLS]), torch.randint(1, 40, (n,), generator=g), torch.tensor([SEP])])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.ones_like(ids)}
+    return _padded(lengths, seed, token_type=1)  # token types 1: the singles must copy a real sample's
 
 
 def test_vocab_ids_are_seeded_distinct_and_skip_special_tokens():
