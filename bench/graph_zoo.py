@@ -90,6 +90,17 @@ process): trace -2 to -6 %, eval check -5 to -10 %, snapshot -10 to -20 %. Sweep
 1.22x -> 1.21x, hand 3 1.39x -> 1.54x (single runs; the ~20 % per-model noise hides a few-percent change);
 ``--quick --timeout 45``: 19/19, all 1.19x, exit 0. An empty dispatch mode alone doubles bert's 1.0 ms forward:
 that part of the trace and check is PyTorch's own overhead.
+
+HF train/eval switches and the rebuild check, issue14i branch (2026-12-07, 2-core machine shared by helpers, 1
+thread, CPU s): HF models without hub kernels get their flags written directly (0.08 vs 0.23 ms per train+eval pair on
+hf:bert), the rebuild check reads state-dict shapes from the modules' dicts (resnet 1.88 vs 2.03 ms, bert 1.73 vs 1.79;
+the model built from the config, 1.5-2.2 ms, is left: nothing cheaper gives the same mismatches on every model).
+Identical mismatches, notes, configs, flags and state_dicts on the 28 HF zoo models. ``--set hf --timeout 45``:
+hf 28: ours 28/28 (median 0.036s worst 0.132s) | tp 10/28 | both 10: median ours 0.025s vs tp 0.021s (1.19x) | HF
+round trips exact 28/28 (per model: resnet 2.50x, deberta_v2 2.12x, convnext 1.30x, albert 1.29x, bert 1.19x, bart
+1.13x, electra 1.10x, roberta 1.09x, distilbert 0.96x, vit 0.92x). deberta_v2's gap is mostly a second prune pass:
+both attention groups fail verification (``aten.view`` derives the head size from a module attribute) and are rolled
+back, so it is pruned 61 % vs TP's 71 % in twice the passes.
 """
 
 from __future__ import annotations

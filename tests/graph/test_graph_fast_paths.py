@@ -172,3 +172,36 @@ def test_recorder_keeps_every_argument_scalars_lists_and_tensors():
     assert ops["aten.constant_pad_nd"].args[1:] == [[1, 2], 0]
     assert ops["aten.mul"].args[1] == 0.5 and ops["aten.sum"].args[1:] == [[1], True, None]
     assert all(isinstance(a, Ref) == (i in (0,)) for i, a in enumerate(ops["aten.mul"].args))
+
+
+def test_set_training_on_hf_models_matches_train_and_asks_kernel_models():
+    """An HF model without hub kernels gets its flags written directly (its train() override does only what
+    nn.Module.train does then); one with kernels on is asked, so its kernel mode follows."""
+    import pytest
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    ref, net = tf.BertForSequenceClassification(cfg), tf.BertForSequenceClassification(cfg)
+    for flag in (False, True, False):
+        ref.train(flag)
+        set_training(net, flag)
+        assert _flags(net) == _flags(ref) == [flag] * len(_flags(ref))
+    asked: list[bool] = []
+    net._use_kernels = True
+    net.train = lambda mode=True: asked.append(mode)   # stands in for the kernel-mode switch
+    set_training(net, True)
+    assert asked == [True]
+
+
+def test_rebuild_shapes_are_the_state_dicts():
+    """hf._shapes lists state_dict()'s keys in order with their shapes (shared modules under both names,
+    non-persistent buffers left out), and gives up (None) where a module customises its state dict."""
+    net = Net()
+    net.register_buffer("scratch", torch.zeros(2), persistent=False)
+    net.seq.register_buffer("kept", torch.zeros(3))
+    shapes, size = hf._shapes(net)
+    sd = net.state_dict()
+    assert list(shapes) == list(sd) and all(shapes[k] == tuple(v.shape) for k, v in sd.items())
+    assert size == sum(v.numel() * v.element_size() for v in sd.values())
+    net.r.fc.register_state_dict_post_hook(lambda *a: None)
+    assert hf._shapes(net) is None

@@ -278,10 +278,12 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     cfg = getattr(model, "config", None)
     if cfg is None or not type(model).__module__.startswith("transformers."):
         return []
-    have = model.state_dict()
+    walked = _shapes(model)
+    have, size = walked if walked is not None else \
+        ({}, sum(v.numel() * v.element_size() for v in model.state_dict().values()))
     # shapes only, weight initialisation skipped; a small model is built on the CPU (uninitialised memory),
     # ~1.5x faster than on the meta device, whose device mode intercepts every torch call of the build
-    small = sum(v.numel() * v.element_size() for v in have.values()) <= _CPU_BUILD_BYTES
+    small = size <= _CPU_BUILD_BYTES
     try:
         clean = copy.deepcopy(cfg)
         if hasattr(clean, "brainsurgeon_layer_widths"):
@@ -290,8 +292,36 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
             fresh = type(model)(clean)
     except Exception:  # noqa: BLE001  (a config this class cannot build from: nothing HF's loader can do either)
         return ["<config does not rebuild the model>"]
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return [k for k, v in have.items() if k in want and want[k] != tuple(v.shape)]
+    built = _shapes(fresh)
+    if walked is None or built is None:   # a module customises its state dict: ask the state dicts themselves
+        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        return [k for k, v in model.state_dict().items() if k in want and want[k] != tuple(v.shape)]
+    want = built[0]
+    return [k for k, v in have.items() if k in want and want[k] != v]
+
+
+def _shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], int] | None:
+    """``{key: shape}`` of ``model.state_dict()`` (the same keys in the same order: every non-None parameter
+    and persistent buffer, a module shared under two names under both) and its tensors' bytes, read from the
+    modules' own dicts instead of detaching every tensor. None where a module customises its state dict
+    (state-dict hooks, its own ``state_dict``/``_save_to_state_dict``/``get_extra_state``): ask it then."""
+    out: dict[str, tuple[int, ...]] = {}
+    size = [0]
+
+    def walk(m: nn.Module, prefix: str) -> bool:
+        cls = type(m)
+        if m._state_dict_hooks or m._state_dict_pre_hooks or cls.state_dict is not nn.Module.state_dict \
+                or cls._save_to_state_dict is not nn.Module._save_to_state_dict \
+                or getattr(cls, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state:
+            return False
+        skip = m._non_persistent_buffers_set
+        for k, t in (*m._parameters.items(), *((k, b) for k, b in m._buffers.items() if k not in skip)):
+            if t is not None:
+                out[prefix + k] = tuple(t.shape)
+                size[0] += t.numel() * t.element_size()
+        return all(walk(c, prefix + k + ".") for k, c in m._modules.items() if c is not None)
+
+    return (out, size[0]) if walk(model, "") else None
 
 
 _CPU_BUILD_BYTES = 64 << 20   # rebuild_mismatches: models up to this size (weights + buffers) are built on the CPU

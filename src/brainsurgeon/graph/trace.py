@@ -338,10 +338,20 @@ def set_flag(m: nn.Module, flag: bool) -> None:
         m.training = flag
 
 
+def _hf_train(fn: Any) -> bool:
+    """Whether ``fn`` is transformers' ``PreTrainedModel.train``: ``nn.Module.train`` plus a kernel-mode
+    switch that only runs on a model whose hub kernels are on (``model.use_kernels``)."""
+    return getattr(fn, "__qualname__", "") == "PreTrainedModel.train" and \
+        getattr(fn, "__module__", "") == "transformers.modeling_utils"
+
+
 def set_training(m: nn.Module, flag: bool) -> None:
     """``m.train(flag)``: a module that overrides ``train`` is asked (it may reset caches, timm LeViT); the
-    flag of every other one is written directly, without ``nn.Module.__setattr__``'s lookups."""
-    if type(m).train is not nn.Module.train or not _plain_flag(type(m)):
+    flag of every other one is written directly, without ``nn.Module.__setattr__``'s lookups. An HF model
+    without hub kernels counts as not overriding it (its override then does only what ``nn.Module.train`` does)."""
+    train = type(m).train
+    if (train is not nn.Module.train and not (_hf_train(train) and not getattr(m, "_use_kernels", False))) \
+            or not _plain_flag(type(m)):
         m.train(flag)
         return
     m.__dict__["training"] = flag
