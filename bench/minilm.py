@@ -16,7 +16,26 @@ the gensim wheel). Full run: exit 1 if GPTQ 4-bit scores below RTN 4-bit on SimL
 solve s = sum of per-layer solver seconds (report); wall s = the whole verb call, calibration
 forwards included. Magnitude and RTN ignore the data, so they run on one calibration batch.
 
-4-bit rows with the vocabulary term (``--threads 1 --only "RTN|GPTQ"``, 2026-12-07; the library default adds
+Measured with today's defaults (``python bench/minilm.py --threads 1``, 2 shared cores, 2026-12-07, commit
+1c000bf: the length mix, 1,024 vocabulary singles at 50 / 25 / 25 % of every H's trace, and GPTQ's
+``decouple="auto"``, which on this encoder rounds the massive-activation columns to nearest), exit 1:
+    task   method                                    cos-dns  word cos  SimLex   WS353   solve s
+    dense  dense (fp32)                               1.0000     1.000   0.446   0.729         -
+    50%    Magnitude 50%                              0.7139     0.788   0.506   0.726       0.7
+    50%    SparseGPT 50%                              0.9313     0.928   0.458   0.722       1.9
+    50%    SparseGPT 50% +re-solve                    0.9501     0.938   0.439   0.724     130.8
+    50%    ExactOBS 50% (FFN2: SparseGPT+re-solve)    0.9607     0.949   0.448   0.718     218.6
+    2:4    Magnitude 2:4                              0.5981     0.748   0.447   0.696       0.3
+    2:4    SparseGPT 2:4                              0.8854     0.884   0.456   0.718       3.2
+    2:4    ExactOBS 2:4 (FFN2: SparseGPT+re-solve)    0.9179     0.902   0.436   0.703     194.1
+    4-bit  RTN 4-bit                                  0.9466     0.937   0.452   0.729       9.9
+    4-bit  GPTQ 4-bit                                 0.9706     0.952   0.454   0.728       7.2
+    4-bit  OBQ 4-bit (FFN2: GPTQ)                     0.9729     0.958   0.446   0.733     116.3
+CHECK FAILED: GPTQ 4-bit below RTN 4-bit on ['ws353'] (.728 vs .729; dense .729). Against the 2026-12-06 table
+below every data-driven row is closer to dense in distribution and on single words (word cos: SparseGPT .894 ->
+.928, GPTQ .914 -> .952, OBQ .889 -> .958), and GPTQ's words went from .428 / .649 to .454 / .728.
+
+4-bit rows with the vocabulary term, before decouple="auto" (``--threads 1 --only "RTN|GPTQ"``; the library default adds
 1,024 single-token vocabulary inputs and gives samples / prefixes / vocabulary 50 / 25 / 25 % of every H's
 trace), exit 1:
     4-bit  RTN 4-bit                                  0.9466     0.937   0.452   0.729    CPU 13 s
