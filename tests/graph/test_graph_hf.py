@@ -71,3 +71,26 @@ def test_non_uniform_widths_round_trip_through_our_from_pretrained(tmp_path, nam
     key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
     torch.testing.assert_close(getattr(out, key), getattr(ref, key), rtol=0, atol=0)
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in m.parameters())
+
+
+def test_deberta_v2_heads_follow_its_query_proj_names():
+    """DeBERTa-v2 names its projections query_proj/key_proj/value_proj and reshapes with the module's
+    num_attention_heads / attention_head_size: they follow the pruned widths and no group fails verification."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    import brainsurgeon as bs
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, max_position_embeddings=32, num_labels=3)  # absolute positions
+    m = DebertaV2ForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        shape = m(**x).logits.shape
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("classifier",)), example_inputs=x)
+    assert not any("failed verification" in n for n in rep.notes)
+    att = m.deberta.encoder.layer[0].attention.self
+    assert att.query_proj.out_features == att.num_attention_heads * att.attention_head_size == att.all_head_size
+    assert att.query_proj.out_features < 32  # the attention groups were pruned, not left out
+    with torch.no_grad():
+        assert m(**x).logits.shape == shape

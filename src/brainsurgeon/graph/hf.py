@@ -21,9 +21,9 @@ from torch import nn
 
 # child names of the query/key/value projections in transformers attention modules (one list for the graph's
 # HF config sync, the HF attention fixer and head pruning)
-Q_NAMES = ("q_proj", "query", "q", "q_lin")
-K_NAMES = ("k_proj", "key", "k", "k_lin")
-V_NAMES = ("v_proj", "value", "v", "v_lin")
+Q_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj")
+K_NAMES = ("k_proj", "key", "k", "k_lin", "key_proj")
+V_NAMES = ("v_proj", "value", "v", "v_lin", "value_proj")
 _UP = ("up_proj", "fc1", "c_fc", "w1", "gate_proj", "lin1", "wi", "wi_0", "dense_h_to_4h", "gate_up_proj")
 _FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")
 _DOWN = ("down_proj", "fc2", "c_proj", "w2", "lin2", "wo", "dense_4h_to_h")
