@@ -101,6 +101,15 @@ round trips exact 28/28 (per model: resnet 2.50x, deberta_v2 2.12x, convnext 1.3
 1.13x, electra 1.10x, roberta 1.09x, distilbert 0.96x, vit 0.92x). deberta_v2's gap is mostly a second prune pass:
 both attention groups fail verification (``aten.view`` derives the head size from a module attribute) and are rolled
 back, so it is pruned 61 % vs TP's 71 % in twice the passes.
+
+DeBERTa-v2 head fix (lead, 5600e55, 2026-12-07; its query_proj/key_proj/value_proj joined the HF attention fixer's
+names, so num_attention_heads / attention_head_size follow the pruned widths and both attention groups verify):
+hf:deberta_v2 pruned 61 % -> 71 % (TP 71 %) in one pass. ``--set hf --timeout 45``, paired, right after:
+    hf 28 models: | ours 28/28 (median 0.039s worst 0.183s) | tp 10/28 (median 0.023s worst 0.084s) | both 10: median
+    ours 0.025s vs tp 0.023s (1.10x), worst ours 0.086s vs tp 0.084s | HF round trips exact 28/28
+(per model: resnet 0.025 / 0.009 s, deberta_v2 0.026 / 0.016, convnext 0.030 / 0.023, albert 0.029 / 0.021, bert
+0.025 / 0.021, bart 0.086 / 0.084, roberta 0.025 / 0.023, distilbert 0.024 / 0.023, vit 0.022 / 0.023, electra
+0.022 / 0.025). The 1x target still fails on HF.
 """
 
 from __future__ import annotations
