@@ -337,13 +337,7 @@ def part_solver(s: dict, pick: str | None) -> None:
         def solve(W, H, cfg, perm, name, tf=tf):
             return orig(W, tf(H) if tf else H, cfg, perm, name)
 
-        def gptq_v(prep, cfg, H_key=None, grid=None, kind=kind):
-            cols = prep.W.shape[1]
-            if kind == "order off static":
-                return orig_gptq(prep, cfg, H_key, grid, perm=torch.arange(cols))
-            if kind == "order ascending":
-                return orig_gptq(prep, cfg, H_key, grid, perm=torch.argsort(prep.H.diagonal()))
-            return orig_gptq(prep, cfg, H_key, grid)
+        gptq_v = _ordered(orig_gptq, kind)
 
         engine._SOLVERS[bs.GPTQ], fast.gptq = solve, gptq_v
         try:
@@ -356,6 +350,18 @@ def part_solver(s: dict, pick: str | None) -> None:
             engine._SOLVERS[bs.GPTQ], fast.gptq = orig, orig_gptq
         print(f"{kind:<34} {r['id']:>8.4f} {r['word_cos']:>9.4f} {r['simlex']:>8.4f} {r['ws353']:>8.4f} "
               f"{common:>7.3f} {time.process_time() - c0:>7.1f}", flush=True)
+
+
+def _ordered(gptq, kind: str):
+    """fast.gptq with the column order of a solver variant: "order off static" (natural order, static groups),
+    "order ascending" (smallest H_jj first), else act-order as configured."""
+    def run(prep, cfg, H_key=None, grid=None):
+        if kind == "order off static":
+            return gptq(prep, cfg, H_key, grid, perm=torch.arange(prep.W.shape[1]))
+        if kind == "order ascending":
+            return gptq(prep, cfg, H_key, grid, perm=torch.argsort(prep.H.diagonal()))
+        return gptq(prep, cfg, H_key, grid)
+    return run
 
 
 def _layer_inputs(s: dict, layers: str) -> tuple[list[str], dict, dict, torch.Tensor, torch.Tensor]:
@@ -405,13 +411,7 @@ def part_local(s: dict, layers: str, pick: str | None) -> None:
                 continue
             tf = _transform(kind)
 
-            def gptq_v(prep, cfg, H_key=None, grid=None, kind=kind):
-                cols = prep.W.shape[1]
-                if kind == "order off static":
-                    return orig_gptq(prep, cfg, H_key, grid, perm=torch.arange(cols))
-                if kind == "order ascending":
-                    return orig_gptq(prep, cfg, H_key, grid, perm=torch.argsort(prep.H.diagonal()))
-                return orig_gptq(prep, cfg, H_key, grid)
+            gptq_v = _ordered(orig_gptq, kind)
 
             res = []
 
