@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hf import embedding
 from ._log import get_logger
 from ._state import ModelSnapshot
 from .calib import num_groups, set_weight_matrix_, supported, weight_matrix
@@ -114,14 +115,9 @@ def output_layer(model: nn.Module) -> str:
     'classifier.1'
     """
     names = {id(m): n for n, m in model.named_modules() if n and supported(m)}
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        try:
-            out = get()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module):
-            return names.get(id(out), "")
+    out = embedding(model, "output")
+    if out is not None:
+        return names.get(id(out), "")
     last = [n for n, m in model.named_modules() if n and supported(m)][-1:]
     if last and isinstance(model.get_submodule(last[0]), nn.Linear) and "pooler" not in last[0]:
         return last[0]

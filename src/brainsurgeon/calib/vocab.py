@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._hf import embedding
 from .data import Batch
 
 __all__ = ["special_ids", "vocab_ids", "vocab_singles", "vocab_size"]
@@ -42,11 +43,7 @@ def vocab_size(model: nn.Module) -> int | None:
     >>> vocab_size(bert)
     30522
     """
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
+    emb = embedding(model, "input")
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 

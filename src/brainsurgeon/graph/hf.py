@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._hf import embedding
+
 # child names of the query/key/value projections in transformers attention modules (one list for the graph's
 # HF config sync, the HF attention fixer and head pruning)
 Q_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj")
@@ -129,10 +131,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
             out.setdefault(name, {})["embed_scale"] = float(scale)
         if name.endswith("intermediate") and hasattr(m, "dense"):
             out.setdefault(name, {})["intermediate_size"] = _out_width(m.dense)
-    try:   # vision/audio models (ConvNext, CLIP, MobileViT, Wav2Vec2) raise NotImplementedError here
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    except (NotImplementedError, AttributeError):
-        emb = None
+    emb = embedding(model, "input")   # None on vision/audio models (ConvNext, CLIP, MobileViT, Wav2Vec2)
     if cfg is not None and isinstance(emb, nn.Embedding):
         out[""] = {"hidden_size": int(emb.weight.shape[1])}
     elif cfg is not None and isinstance(getattr(cfg, "hidden_size", None), int):   # ViT-like: the norms' width
