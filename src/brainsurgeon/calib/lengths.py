@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from .._log import get_logger
+from .._modes import eval_mode
 from ..config import CalibOptions
 from .data import (
     Batch,
     CachedBatches,
     cache_batches,
-    eval_mode,
     first_tensor,
     is_one_shot,
     iter_batches,

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..config import CalibOptions
-from .data import eval_mode, iter_batches, model_device, move_to
+from .data import iter_batches, model_device, move_to
 from .forwards import _forward
 from .lengths import mix_calibration
 from .padding import batch_index, record_mask, token_masks
@@ -37,8 +38,8 @@ def mixed_forwards(model: nn.Module, calib: Any, options: CalibOptions | None = 
         data, labels, notes = mix_calibration(model, calib, options)
     limit = 0 if data is not calib else options.max_batches  # the mix holds the first max_batches already
     dev = model_device(model)
-    with eval_mode(model), torch.no_grad(), token_masks() as masks, \
-            regime_shares(labels or [], options.regime_shares):
+    with (eval_mode(model), torch.no_grad(), token_masks() as masks,
+          regime_shares(labels or [], options.regime_shares)):
         for i, batch in enumerate(iter_batches(data, limit)):
             record_mask(masks, i, batch[1])
             with batch_index(i):
