@@ -46,3 +46,11 @@ def test_apoz_leaves_padding_tokens_out():
     _apoz_stats(bert, [name], alone, 0, stats["alone"])
     torch.testing.assert_close(stats["padded"].apoz[name], stats["alone"].apoz[name], rtol=0, atol=1e-7)
     assert 0 < float(stats["padded"].apoz[name].mean()) < 1
+
+
+def test_hessians_and_apoz_from_a_one_shot_iterator():
+    model, group = ConvBNConv(), conv1_group()
+    want = collect_stats(model, [group], ("hessians", "apoz"), calib_batches())
+    got = collect_stats(model, [group], ("hessians", "apoz"), iter(calib_batches()))
+    assert torch.equal(got.hessians["conv2"], want.hessians["conv2"])
+    assert torch.equal(got.apoz["conv2"], want.apoz["conv2"])

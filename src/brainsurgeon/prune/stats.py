@@ -29,7 +29,7 @@ from torch import nn
 from .._log import get_logger
 from .._modes import eval_mode
 from ..calib import capture_layers, move_to
-from ..calib.data import eval_forwards, model_device, to_args_kwargs
+from ..calib.data import cache_batches, eval_forwards, is_one_shot, model_device, to_args_kwargs
 from ..calib.hessian import first_input
 from ..calib.mixed import mixed_forwards
 from ..calib.padding import real_rows
@@ -187,6 +187,8 @@ def collect_stats(model: nn.Module, groups: list[Any], needs: Iterable[str], cal
             if calib is None:
                 raise CalibrationError(_EMPTY + " (got calib=None)")
             names = sorted({name for g in groups for name, _ in consumers(g, model)})
+            if {"hessians", "apoz"} <= set(needs) and is_one_shot(calib):
+                calib = cache_batches(calib, max_batches)  # two passes read it
         if "hessians" in needs:
             options = options or CalibOptions()
             if max_batches:
