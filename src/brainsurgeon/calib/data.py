@@ -25,6 +25,7 @@ from torch import nn
 
 from .._modes import eval_mode
 from ..errors import CalibrationError
+from .padding import batch_index, record_mask, token_masks
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -183,17 +184,24 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 
 def eval_forwards(model: nn.Module, calib: Any, max_batches: int = 0, each: Callable[[], Any] | None = None) -> int:
-    """Run `model` in eval mode on every calibration batch (for the hooks a caller installed), then give every
-    submodule its train/eval flag back; `each()` runs before each batch. Returns the number of batches.
+    """Run `model` in eval mode, without gradients, on every calibration batch (for the hooks a caller
+    installed), then give every submodule its train/eval flag back; `each()` runs before each batch.
+    Returns the number of batches.
+
+    Each batch's 2-D ``attention_mask`` is recorded as the driver records it (:mod:`~brainsurgeon.calib.padding`):
+    Hessian accumulators keep only the real tokens' rows, and observers of (B, T, C) inputs drop the padding
+    rows with :func:`~brainsurgeon.calib.padding.real_rows`, so padding reaches no statistic.
 
     >>> eval_forwards(model, calib, each=seen.clear)
     """
     dev, n = model_device(model), 0
-    with eval_mode(model):
-        for args, kwargs in iter_batches(calib, max_batches):
+    with eval_mode(model), torch.no_grad(), token_masks() as masks:
+        for i, (args, kwargs) in enumerate(iter_batches(calib, max_batches)):
             if each is not None:
                 each()
-            model(*move_to(args, dev), **move_to(kwargs, dev))
+            record_mask(masks, i, kwargs)
+            with batch_index(i):
+                model(*move_to(args, dev), **move_to(kwargs, dev))
             n += 1
     return n
 

@@ -3,30 +3,51 @@
 :func:`~brainsurgeon.calib.driver.run_layerwise` adds the length mix and the vocabulary singles to an
 encoder's calibration (:func:`~brainsurgeon.calib.lengths.mix_calibration`), keeps padding rows out of H
 (``calib.padding``) and gives each kind of input its share of H's trace (``calib.regimes``). Code that
-captures Hessians itself (sensitivities, search databases, pruning statistics) gets the same Hessians by
-running its forwards with :func:`mixed_forwards` instead of a plain loop:
+captures Hessians itself (``share.hessian_sensitivity``, the search database, ``prune.collect_stats``)
+gets the same Hessians by running its forwards with :func:`mixed_forwards` instead of a plain loop:
 
     >>> with capture_hessians(model, names) as hs:
     ...     notes = mixed_forwards(model, calib, CalibOptions())
     >>> hs["encoder.layer.0.attention.self.query"].H      # = run_layerwise(mode="dense")'s H
+
+On a CNN, on float features and on a causal decoder the mix adds nothing (``mix_calibration`` returns the
+data as it is), so the Hessians equal a plain loop's bit for bit when no batch is padded. Activation
+statistics (observer ranges, SmoothQuant / equalization maxima) read the data as given, less its padding
+(:func:`~brainsurgeon.calib.data.eval_forwards`): the mix is a weighting of H's trace, which a range has not.
+
+What a cache of such Hessians must key on, beside the data, is :func:`feed_key`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import torch
 from torch import nn
 
-from .._modes import eval_mode
 from ..config import CalibOptions
-from .data import iter_batches, model_device, move_to
-from .forwards import _forward
+from .data import eval_forwards
 from .lengths import mix_calibration
-from .padding import batch_index, record_mask, token_masks
 from .regimes import paused, regime_shares
 
-__all__ = ["mixed_forwards"]
+__all__ = ["FEED_VERSION", "HESSIAN_OPTIONS", "feed_key", "mixed_forwards"]
+
+# 1: a plain loop over the batches (every row, padding included); 2: padding rows left out of H and of the
+# activation statistics (eval_forwards), the length and vocabulary mix for bidirectional models, regime shares
+# of H's trace. Raise it when the feed changes what it gives.
+FEED_VERSION = 2
+# the CalibOptions fields mixed_forwards reads (each changes H on some model)
+HESSIAN_OPTIONS = ("max_batches", "short_prefixes", "vocab_inputs", "vocab_seed", "regime_shares")
+
+
+def feed_key(options: CalibOptions) -> str:
+    """What decides :func:`mixed_forwards`' Hessians beside the data and the model: the feed's version and the
+    CalibOptions fields it reads, as a canonical string (for cache keys, e.g. the search database's).
+
+    >>> feed_key(CalibOptions(vocab_inputs=0))
+    '{"feed": 2, "max_batches": 0, "regime_shares": [0.5, 0.25, 0.25], "short_prefixes": [1, 2, 3, 4], ...}'
+    """
+    return json.dumps({"feed": FEED_VERSION, **{f: getattr(options, f) for f in HESSIAN_OPTIONS}}, sort_keys=True)
 
 
 def mixed_forwards(model: nn.Module, calib: Any, options: CalibOptions | None = None) -> list[str]:
@@ -37,11 +58,6 @@ def mixed_forwards(model: nn.Module, calib: Any, options: CalibOptions | None = 
     with paused():  # the mix's causality probe must not reach the caller's Hessians
         data, labels, notes = mix_calibration(model, calib, options)
     limit = 0 if data is not calib else options.max_batches  # the mix holds the first max_batches already
-    dev = model_device(model)
-    with (eval_mode(model), torch.no_grad(), token_masks() as masks,
-          regime_shares(labels or [], options.regime_shares)):
-        for i, batch in enumerate(iter_batches(data, limit)):
-            record_mask(masks, i, batch[1])
-            with batch_index(i):
-                _forward(model, move_to(batch, dev))
+    with regime_shares(labels or [], options.regime_shares):
+        eval_forwards(model, data, limit)
     return notes

@@ -62,6 +62,20 @@ def record_mask(masks: list[torch.Tensor | None], i: int, kwargs: dict[str, Any]
     masks[i] = (m != 0) if isinstance(m, torch.Tensor) and m.dim() == 2 else None
 
 
+def real_rows(x: torch.Tensor) -> torch.Tensor:
+    """A token-major layer input without its padding rows: (n_real, ...) when `x` is (B, T, ...) with the
+    (B, T) of the current batch's mask (:func:`token_masks`, :func:`batch_index`), else `x` as it is.
+
+    For observers of (B, T, C) inputs (activation ranges, smoothing statistics); a conv's (N, C, L) input
+    is not token-major: callers pass only Linear inputs.
+
+    >>> with token_masks() as masks, batch_index(0):
+    ...     record_mask(masks, 0, {"attention_mask": am}); real_rows(hidden).shape    # (am.sum(), C)
+    """
+    m = _current_mask(x)
+    return x if m is None else x[m.to(x.device)]
+
+
 def _current_mask(x: torch.Tensor) -> torch.Tensor | None:
     masks, i = _MASKS.get(), _INDEX.get()
     m = masks[i] if masks is not None and 0 <= i < len(masks) else None

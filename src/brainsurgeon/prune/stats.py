@@ -3,8 +3,10 @@
 * ``grads`` / ``fisher``: mean gradient and mean squared gradient (empirical Fisher) of every
   parameter named by a group, under cross-entropy with the batch's labels when it carries
   integer labels, else with the model's own argmax predictions (self-labels);
-* ``hessians``: the layer-input Hessian ``H = 2 X X^T / n`` of every consumer layer;
-* ``apoz``: the fraction of zero inputs per input channel of every consumer layer.
+* ``hessians``: the layer-input Hessian ``H = 2 X X^T / n`` of every consumer layer, from the compression
+  driver's feed (``calib.mixed``: padding tokens left out, an encoder's length and vocabulary mix), so
+  OBS importance ranks channels by the H the OBS solvers use;
+* ``apoz``: the fraction of zero inputs per input channel of every consumer layer (padding tokens left out).
 
 The model is left as it was: eval mode during collection, then its train/eval mode, grads
 and ``requires_grad`` flags restored, hooks removed (also on error).
@@ -16,6 +18,7 @@ and ``requires_grad`` flags restored, hooks removed (also on error).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,12 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._log import get_logger
 from .._modes import eval_mode
 from ..calib import capture_layers, move_to
-from ..calib.data import model_device, to_args_kwargs
+from ..calib.data import cache_batches, eval_forwards, is_one_shot, model_device, to_args_kwargs
 from ..calib.hessian import first_input
+from ..calib.mixed import mixed_forwards
+from ..calib.padding import real_rows
+from ..config import CalibOptions
 from ..errors import CalibrationError
 from .importance import Stats, _key, consumers, is_param
+
+log = get_logger(__name__)
 
 _EMPTY = ("calibration data is empty; the chosen importance criterion or reconstruction needs it: pass "
           "calib= a DataLoader, a list of tensors or (input, label) pairs")
@@ -118,44 +127,54 @@ def _grad_stats(model: nn.Module, groups: list[Any], calib: Any, max_batches: in
     stats.fisher = {k: v / n for k, v in sq.items()}
 
 
-def _activation_stats(model: nn.Module, names: list[str], calib: Any, max_batches: int,
-                      needs: tuple[str, ...], stats: Stats) -> None:
-    layers = {n: model.get_submodule(n) for n in names}
+def _hessian_stats(model: nn.Module, names: list[str], calib: Any, options: CalibOptions, stats: Stats) -> None:
+    """The consumers' H as the compression driver builds it (``calib.mixed``: padding left out, an encoder's
+    length and vocabulary mix); the mix's notes logged at info."""
+    with capture_layers({n: model.get_submodule(n) for n in names}) as accs:
+        for note in mixed_forwards(model, calib, options):
+            log.info("pruning statistics: %s", note)
+    stats.hessians = {n: a.H for n, a in accs.items()}
+
+
+def _apoz_stats(model: nn.Module, names: list[str], calib: Any, max_batches: int, stats: Stats) -> None:
+    """Fraction of zero inputs per input channel, over the calibration data as given less its padding tokens."""
     zeros: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
 
     def make_hook(name: str, mod: nn.Module) -> Any:
+        conv = isinstance(mod, nn.modules.conv._ConvNd)
+
         def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = first_input(args, kwargs).detach()
-            ch = x.movedim(1, -1) if isinstance(mod, nn.modules.conv._ConvNd) else x  # channels last
+            ch = x.movedim(1, -1) if conv else real_rows(x)  # channels last; a Linear's padding rows out
             z = (ch == 0).reshape(-1, ch.shape[-1]).float()  # (positions, C)
             zeros[name] = zeros.get(name, 0) + z.sum(0)
             counts[name] = counts.get(name, 0) + z.shape[0]
         return hook
 
-    device = model_device(model)
-    with capture_layers(layers if "hessians" in needs else {}) as accs:
-        try:
-            if "apoz" in needs:
-                for name, mod in layers.items():
-                    handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
-            with torch.no_grad():
-                for args, kwargs, _ in raw_batches(calib, max_batches):
-                    args, kwargs = move_to((args, kwargs), device)
-                    model(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        stats.hessians = {n: a.H for n, a in accs.items()}
+    try:
+        for name in names:
+            mod = model.get_submodule(name)
+            handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
+        eval_forwards(model, calib, max_batches)
+    finally:
+        for h in handles:
+            h.remove()
     stats.apoz = {n: zeros[n] / counts[n] for n in zeros}
 
 
 def collect_stats(model: nn.Module, groups: list[Any], needs: Iterable[str], calib: Any,
-                  max_batches: int = 0) -> Stats:
+                  max_batches: int = 0, *, options: CalibOptions | None = None) -> Stats:
     """Collect the statistics `needs` (subset of grads, fisher, hessians, apoz) for `groups`.
 
+    Hessians are fed as the compression driver feeds them (:func:`~brainsurgeon.calib.mixed.mixed_forwards`
+    with `options`, default ``CalibOptions()``, its ``max_batches`` replaced by `max_batches` when non-zero):
+    padding tokens left out, an encoder's calibration mixed with short prefixes and vocabulary singles.
+    APoZ counts the calibration data as given, less its padding tokens.
+
     >>> stats = collect_stats(model, graph.groups(), ("grads",), loader, max_batches=8)
+    >>> collect_stats(bert, groups, ("hessians",), batches, options=CalibOptions(vocab_inputs=0)).hessians
     """
     needs = tuple(needs)
     stats = Stats(model)
@@ -165,6 +184,16 @@ def collect_stats(model: nn.Module, groups: list[Any], needs: Iterable[str], cal
         if {"grads", "fisher"} & set(needs):
             _grad_stats(model, groups, calib, max_batches, stats)
         if {"hessians", "apoz"} & set(needs):
+            if calib is None:
+                raise CalibrationError(_EMPTY + " (got calib=None)")
             names = sorted({name for g in groups for name, _ in consumers(g, model)})
-            _activation_stats(model, names, calib, max_batches, needs, stats)
+            if {"hessians", "apoz"} <= set(needs) and is_one_shot(calib):
+                calib = cache_batches(calib, max_batches)  # two passes read it
+        if "hessians" in needs:
+            options = options or CalibOptions()
+            if max_batches:
+                options = dataclasses.replace(options, max_batches=max_batches)
+            _hessian_stats(model, names, calib, options, stats)
+        if "apoz" in needs:
+            _apoz_stats(model, names, calib, max_batches, stats)
     return stats

@@ -159,8 +159,11 @@ class ActQuantizer(nn.Module):
         return t.view(view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.update(as_rows(x, self.cfg.granularity, self.channel_dim))
+        if self.observer is not None:  # a Linear's (B, T, C) input: its padding tokens' rows left out
+            from ..calib.padding import real_rows
+
+            seen = real_rows(x) if self.channel_dim == -1 else x
+            self.observer.update(as_rows(seen, self.cfg.granularity, self.channel_dim))
             return x
         if self.cfg.dynamic:  # per token: scale/zero of each row now
             lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0).detach()
@@ -264,7 +267,9 @@ def act_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
 def calibrate_act_quant_(model: nn.Module, names: Iterable[str], calib: Any, max_batches: int = 0) -> int:
     """Observe the inputs of the named ActQuant layers on `calib` and fix their scales; returns batches seen.
 
-    Observation runs with every quantizer passing its input unchanged (float activations).
+    Observation runs with every quantizer passing its input unchanged (float activations), over the data
+    as given less its padding tokens (``calib.data.eval_forwards`` records each batch's ``attention_mask``;
+    a padding token's activations are no input the model is used on, and would widen the ranges).
     """
     from ..calib.data import eval_forwards
 

@@ -85,8 +85,9 @@ def _is_depthwise(c: nn.Module) -> bool:
 def _observe(model: nn.Module, calib: Any, max_batches: int
              ) -> tuple[dict[str, tuple[str, str]], dict[str, torch.Tensor]]:
     """{consumer: (producer, activation or '')} read off one forward's tensors, and each consumer's
-    per-input-channel max |x| over the calibration batches."""
+    per-input-channel max |x| over the calibration batches (a Linear's padding tokens left out)."""
     from ..calib.data import eval_forwards
+    from ..calib.padding import real_rows
 
     mods = {n: m for n, m in model.named_modules() if n}
     made: dict[int, tuple[str, str]] = {}  # id(tensor) -> (producer, activation)
@@ -116,6 +117,7 @@ def _observe(model: nn.Module, calib: Any, max_batches: int
             if src is not None:
                 pairs[name] = src
             dim = 1 if x.dim() > 2 and not isinstance(m, nn.Linear) else -1
+            x = real_rows(x) if isinstance(m, nn.Linear) else x  # a Linear's padding tokens left out
             cur = x.detach().abs().movedim(dim, 0).reshape(x.shape[dim], -1).amax(dim=1).float()
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
         return fn

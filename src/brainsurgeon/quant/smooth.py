@@ -47,8 +47,10 @@ def smoothing_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
 
 @torch.no_grad()
 def _observe(model: nn.Module, calib: Any, max_batches: int) -> tuple[dict[str, set[str]], dict[str, torch.Tensor]]:
-    """Which Linear layers read a norm's output tensor as-is, and each Linear input's per-channel max |x|."""
+    """Which Linear layers read a norm's output tensor as-is, and each Linear input's per-channel max |x| over
+    the real tokens (padding tokens left out, ``calib.padding.real_rows``)."""
     from ..calib.data import eval_forwards
+    from ..calib.padding import real_rows
 
     norms = {n: m for n, m in model.named_modules() if n and is_norm(m)}
     linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear)}
@@ -68,7 +70,7 @@ def _observe(model: nn.Module, calib: Any, max_batches: int) -> tuple[dict[str, 
             src = last_out.get(id(x))
             if src is not None:
                 readers.setdefault(src, set()).add(name)
-            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            cur = real_rows(x.detach()).abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # padding rows out
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
         return fn
 

@@ -146,7 +146,7 @@ def plan_entries(table: SearchTable, plan: Plan) -> list[Entry]:
 def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, calib: Any,
            eval_fn: Callable[[nn.Module], float] | None = None, solver: str = "dp", *,
            db: str | None = None, executor: str | Executor = "inline", amc: AMC | None = None,
-           spdy: SPDY | None = None) -> Plan:
+           spdy: SPDY | None = None, options: CalibOptions | None = None) -> Plan:
     """Build (or resume) the per-layer database, then solve for a plan under `budget`.
 
     space: a SearchSpace or a YAML path; budget: a Budget or ``"flops=0.25"`` / ``"bops=8x"``;
@@ -154,7 +154,8 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
     default: output distortion on calib, KL for SPDY); solver: dp | spdy | uniform |
     global-magnitude | amc (= amc-resource) | amc-accuracy; spdy: SPDY's settings;
     db: database folder (default: a fresh temporary one, not resumable);
-    executor: inline | process | ray | a concurrent.futures.Executor. The model is not modified.
+    executor: inline | process | ray | a concurrent.futures.Executor; options: how the database's Hessians
+    are fed (``build_database``; default ``CalibOptions()``). The model is not modified.
 
     >>> plan = search(model, SearchSpace(levels=8), "flops=0.25", calib, db="db/")
     >>> plan.info["cost"] <= 0.25
@@ -171,7 +172,7 @@ def search(model: nn.Module, space: SearchSpace | str, budget: Budget | str, cal
 
     calib = cache_batches(calib)  # read once: the database, the cost checks and AMC reuse the batches
     root = db or tempfile.mkdtemp(prefix="brainsurgeon-db-")
-    table = build_database(model, space, calib, root, executor)
+    table = build_database(model, space, calib, root, executor, options=options)
     measure = channel_cost_fn(model, table, calib, budget) if structural else None
     if solver == "dp":
         plan = within_measured_budget(table, budget, measure) if measure else dp_plan(table, budget)

@@ -33,10 +33,10 @@ from torch import nn
 
 from .._io import atomic_open
 from .._log import get_logger, progress
-from .._modes import eval_mode
 from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
 from ..calib.data import CachedBatches, model_device
-from ..calib.forwards import _forward
+from ..calib.mixed import FEED_VERSION, feed_key, mixed_forwards
+from ..config import CalibOptions
 from ..errors import CalibrationError, ConfigError, FormatError
 from .channels import channel_costs, pruned_copy
 from .config import SearchSpace
@@ -102,10 +102,15 @@ def model_hash(model: nn.Module) -> str:
     return tensor_hash(list(sd.values()), type(model).__name__ + "|" + ",".join(sd))
 
 
-def calib_hash(batches: list[Any]) -> str:
-    """Hash of every tensor of the (args, kwargs) calibration batches."""
+def calib_hash(batches: list[Any], options: CalibOptions | None = None) -> str:
+    """Hash of every tensor of the (args, kwargs) calibration batches and of what else decides the Hessians
+    built from them: the calibration feed's version and the CalibOptions it reads (``calib.mixed.feed_key``).
+
+    >>> calib_hash(batches) != calib_hash(batches, CalibOptions(vocab_inputs=0))
+    True
+    """
     ts = [t for args, kw in batches for t in [*args, *kw.values()] if isinstance(t, torch.Tensor)]
-    return tensor_hash(ts, "calib")
+    return tensor_hash(ts, "calib|" + feed_key(options or CalibOptions()))
 
 
 def entry_key(mhash: str, layer: str, variant: Variant, chash: str) -> str:
@@ -214,15 +219,17 @@ def _grouped_channels(module: nn.Module) -> int:
     return int(W.shape[1]) if W.dim() > 1 else 1
 
 
-def _hessians(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
-    with eval_mode(model), torch.no_grad(), capture_hessians(model, names) as accs:
-        for b in batches:
-            _forward(model, b)
+def _hessians(model: nn.Module, names: list[str], batches: list[Any], options: CalibOptions) -> dict[str, torch.Tensor]:
+    """The dense model's Hessians of `names`, fed as the driver feeds them (``calib.mixed``); notes logged."""
+    with capture_hessians(model, names) as accs:
+        for note in mixed_forwards(model, CachedBatches(batches), options):
+            log.info("search database: %s", note)
         return {n: accs[n].H for n in names}
 
 
 def _act_quantized(model: nn.Module, space: SearchSpace, bits: list[int], layers: list[str],
-                   batches: list[Any]) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, nn.Module]]]:
+                   batches: list[Any], options: CalibOptions
+                   ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, nn.Module]]]:
     """Per activation bit width: the Hessians of the layers' quantized inputs (every supported layer's
     input quantized, static per tensor, calibrated on `batches`) and each layer's input quantizer."""
     from ..config import ActQuant
@@ -233,23 +240,29 @@ def _act_quantized(model: nn.Module, space: SearchSpace, bits: list[int], layers
         qm = copy.deepcopy(model)
         names = [n for n, m in qm.named_modules() if n and supported(m)]
         insert_act_quant_(qm, {n: ActQuant(bits=a, observer=space.act_observer) for n in names}, batches)
-        out[a] = (_hessians(qm, layers, batches), {n: qm.get_submodule(n).input_quantizer for n in layers})
+        out[a] = (_hessians(qm, layers, batches, options), {n: qm.get_submodule(n).input_quantizer for n in layers})
     return out
 
 
 def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str | os.PathLike[str],
-                   executor: str | Executor = "inline", workers: int = 2) -> SearchTable:
+                   executor: str | Executor = "inline", workers: int = 2, *,
+                   options: CalibOptions | None = None) -> SearchTable:
     """Compute (or resume) every variant of every searched layer; return this model's table.
 
-    Hessians come from the dense model (OBC style), one pass over `calib`. Entries already in
-    the manifest for the same (model, layer, configs, level, calibration) are reused, not solved
-    again. The model is not modified (losses are measured on a private copy).
+    Hessians come from the dense model (OBC style), one pass over `calib` fed as the compression
+    driver feeds it (``calib.mixed``: padding left out; an encoder's length and vocabulary mix as
+    `options` say, default ``CalibOptions()``; the first ``options.max_batches`` batches). Entries
+    already in the manifest for the same (model, layer, configs, level, calibration data and feed)
+    are reused, not solved again; entries built under other calibration data or options (or by an
+    older feed) are not matched and are recomputed (logged). The model is not modified (losses are
+    measured on a private copy).
 
     >>> table = build_database(model, SearchSpace(levels=6), calib, "db/", executor="process")
     >>> table.computed        # 0 on a second call: everything is read back
     0
     """
-    batches = cache_batches(calib)
+    options = options or CalibOptions()
+    batches = cache_batches(calib, options.max_batches)
     if not batches:
         raise CalibrationError("build_database: calibration data is empty")
     dev = model_device(model)
@@ -259,8 +272,12 @@ def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str |
     args, kwargs = batches[0]  # costs are per sample: the first sample of the first batch
     one = (args[0][:1],) if args else {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     profiles = profile_layers(model, all_names, one)
-    mhash, chash = model_hash(model), calib_hash(batches)
+    mhash, chash = model_hash(model), calib_hash(batches, options)
     db = Database(root)
+    other = sum(e.model_hash == mhash and e.calib_hash != chash and e.layer in names for e in db.entries.values())
+    if other:
+        log.info("search database %s: %d stored entries of this model were built from other calibration data or "
+                 "CalibOptions (or an older calibration feed than v%d) and are not reused", root, other, FEED_VERSION)
     modules = dict(model.named_modules())
     todo: list[tuple[str, Variant, str]] = []
     variants: dict[str, list[tuple[Variant, str]]] = {}
@@ -273,18 +290,21 @@ def build_database(model: nn.Module, space: SearchSpace, calib: Any, root: str |
     log.info("search database %s: %d of %d entries to compute", root, len(todo),
              sum(len(v) for v in variants.values()))
     if todo:
-        _compute(model, space, list(iter_batches(batches)), db, todo, profiles, mhash, chash, executor, workers, one)
+        _compute(model, space, list(iter_batches(batches)), db, todo, profiles, (mhash, chash), executor, workers,
+                 one, options)
     table = SearchTable(db, names, {n: [db.entries[k] for _, k in variants[n]] for n in names}, profiles,
                         skipped, space.act_bits, computed=len(todo))
     return table
 
 
 def _compute(model: nn.Module, space: SearchSpace, batches: list[Any], db: Database,
-             todo: list[tuple[str, Variant, str]], profiles: dict[str, LayerProfile], mhash: str, chash: str,
-             executor: str | Executor, workers: int, example: Any) -> None:
+             todo: list[tuple[str, Variant, str]], profiles: dict[str, LayerProfile], hashes: tuple[str, str],
+             executor: str | Executor, workers: int, example: Any, options: CalibOptions) -> None:
+    mhash, chash = hashes
     layers = sorted({n for n, v, _ in todo if v.pattern != "channels"}, key=list(profiles).index)
-    Hs = _hessians(model, layers, batches) if layers else {}
-    act = _act_quantized(model, space, sorted({v.act_bits for _, v, _ in todo if v.act_bits < 32}), layers, batches)
+    Hs = _hessians(model, layers, batches, options) if layers else {}
+    act = _act_quantized(model, space, sorted({v.act_bits for _, v, _ in todo if v.act_bits < 32}), layers, batches,
+                         options)
     modules = dict(model.named_modules())
     distortion = (OutputDamage(model, CachedBatches(batches[: space.model_loss_batches]), "mse")
                   if space.model_loss else None)

@@ -21,6 +21,7 @@ space entry (or ``share_``'s overrides) consumes::
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,10 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._log import get_logger
 from .._modes import eval_mode
 from ..calib import capture_hessians, iter_batches, move_to, supported, weight_matrix
-from ..calib.data import eval_forwards, model_device
+from ..calib.data import model_device
+from ..calib.mixed import mixed_forwards
+from ..config import CalibOptions
 from ..errors import BudgetInfeasibleError, ConfigError
+
+log = get_logger(__name__)
 
 
 def allocate_bits(costs: dict[str, dict[int, float]], params: dict[str, int], avg_bits: float) -> dict[str, int]:
@@ -110,19 +116,30 @@ def _layers(model: nn.Module, names: list[str] | None) -> list[str]:
 
 
 def hessian_sensitivity(model: nn.Module, calib: Any, names: list[str] | None = None,
-                        max_batches: int = 0, relative: bool = False) -> dict[str, float]:
+                        max_batches: int = 0, relative: bool = False, *,
+                        options: CalibOptions | None = None) -> dict[str, float]:
     """``rows * tr(H)`` per layer from one dense calibration pass (H = 2 X X^T / n, brainsurgeon.calib).
 
+    H is the compression driver's (``run_layerwise(mode="dense")``): padding tokens left out, and an
+    encoder's calibration mixed with short prefixes and vocabulary singles as `options` say
+    (:func:`~brainsurgeon.calib.mixed.mixed_forwards`, default ``CalibOptions()``; the mix's notes are logged
+    at info).
+    max_batches: if non-zero, replaces ``options.max_batches``.
     relative: divide by the layer's output energy ``tr(W H W^T)``, so the predicted cost is the
     *relative* output error — the quantity that survives a following BatchNorm/LayerNorm, which
     rescales each layer's output.
 
     >>> hessian_sensitivity(model, calib_loader)
     {'conv1': 41.2, ...}
+    >>> hessian_sensitivity(bert, batches, options=CalibOptions(vocab_inputs=0))   # prefixes, no singles
     """
     names = _layers(model, names)
-    with torch.no_grad(), capture_hessians(model, names) as hs:
-        eval_forwards(model, calib, max_batches)
+    options = options or CalibOptions()
+    if max_batches:
+        options = dataclasses.replace(options, max_batches=max_batches)
+    with capture_hessians(model, names) as hs:
+        for note in mixed_forwards(model, calib, options):
+            log.info("hessian_sensitivity: %s", note)
     modules = dict(model.named_modules())
     out = {}
     for n in names:
