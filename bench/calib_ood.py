@@ -235,10 +235,11 @@ def mixed_lengths(batches: list[dict], key: str = "input_ids") -> list[dict]:
 # ----------------------------------------------------------------------------- MiniLM
 
 
-def encoder_setup(name: str, n_calib: int = 16) -> dict:
-    """all-MiniLM-L6-v2 or all-mpnet-base-v2 with the same calibration and evaluation data."""
+def encoder_setup(name: str, n_calib: int = 16, n_held: int = 128) -> dict:
+    """all-MiniLM-L6-v2 or all-mpnet-base-v2 with the same calibration and evaluation data (bench/minilm.py's
+    setting: ``n_calib=128, n_held=256``)."""
     tok, model = load_minilm() if name == "minilm" else load_mpnet()
-    calib_s, held_s = topic_sentences(n_calib, 128)
+    calib_s, held_s = topic_sentences(n_calib, n_held)
     pairs = {"simlex": word_pairs("simlex999.txt"), "ws353": word_pairs("wordsim353.tsv")}
     words = pair_words(*pairs.values())
     calib = sentence_batches(tok, calib_s, 16, 128)

@@ -187,12 +187,18 @@ def header() -> None:
     print(f"{'variant':<34} {'ID cos':>8} {'word cos':>9} {'SimLex':>8} {'WS-353':>8} {'CPU s':>7}")
 
 
+MINILM_FAMILIES = {"qkv": r".*attention\.self\.(query|key|value)", "attn.o": r".*attention\.output\.dense",
+                   "ffn1": r".*intermediate\.dense", "ffn2": r"encoder\.layer\.\d+\.output\.dense"}
+MINILM_HALVES = {"layers 0-2": r"encoder\.layer\.[0-2]\..*", "layers 3-5": r"encoder\.layer\.[3-5]\..*"}
+
+
 def part_loc(s: dict) -> None:
     """GPTQ (default) only where `pat` matches; RTN on the other encoder Linears (an override)."""
     header()
     row(s, "RTN everywhere", bs.RTN(**Q))
     row(s, "GPTQ everywhere (default)", bs.GPTQ(**Q))
-    for name, pat in {**FAMILIES, **HALVES}.items():
+    mini = "self.query" in "".join(n for n, _ in s["model"].named_modules())
+    for name, pat in ({**MINILM_FAMILIES, **MINILM_HALVES} if mini else {**FAMILIES, **HALVES}).items():
         row(s, f"GPTQ on {name} only", bs.GPTQ(**Q), {rf"(?!{pat}$).*": bs.RTN(**Q)})
 
 
@@ -474,22 +480,89 @@ def part_spectrum(s: dict, layers: str) -> None:
                   f"{float(amp(X[mc]).mean()):>7.3f}", flush=True)
 
 
+def heldout_singles(s: dict, n: int = 1024, seed: int = 1) -> list[dict]:
+    """n single-token inputs "[start] t [end]" of vocabulary ids drawn with `seed`, none of them among the
+    library's own singles (``CalibOptions().vocab_seed``'s 1,024): inputs no calibration H has seen."""
+    from brainsurgeon.calib.vocab import vocab_ids
+
+    tok, model = s["tok"], s["model"]
+    first = s["calib"][0]["input_ids"][0]
+    marks = [int(first[0]), int(first[first.ne(tok.pad_token_id).sum() - 1])]
+    seen = set(vocab_ids(model, 1024, 0, marks + [tok.pad_token_id]))
+    ids = [i for i in vocab_ids(model, n + len(seen), seed, marks + [tok.pad_token_id]) if i not in seen][:n]
+    out = []
+    for i in range(0, len(ids), 256):
+        x = torch.tensor([[marks[0], t, marks[1]] for t in ids[i:i + 256]])
+        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "token_type_ids": torch.zeros_like(x)})
+    return out
+
+
+def part_guard(s: dict) -> None:
+    """Layer-local, on dense inputs of every encoder Linear: err G/R = sum_x ||dW_GPTQ x||^2 / sum_x ||dW_RTN x||^2
+    (the end-to-end default GPTQ and RTN models' weights) on held-out vocabulary singles (disjoint from the
+    library's), on the probe words, on the held-out sentences and on the calibration sentences; 'rows>' the
+    fraction of rows where GPTQ's error on the held-out singles exceeds RTN's, and the same three ratios after a
+    row guard that takes RTN's row there ('guard'): does the held-out sample predict the probe words, and what
+    does the guard cost in distribution?"""
+    from _text import sentence_batches
+
+    tok, dense = s["tok"], s["model"]
+    names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    gptq, rtn = build(s, bs.GPTQ(**Q)), build(s, bs.RTN(**Q))
+    mg, mr = dict(gptq.named_modules()), dict(rtn.named_modules())
+    xs = {"singles": capture(dense, heldout_singles(s), names),
+          "words": capture(dense, sentence_batches(tok, s["words"], 64, 32), names),
+          "held": capture(dense, s["held"], names), "calib": capture(dense, s["calib"], names)}
+    print(f"{'layer':<24} {'err G/R: singles':>16} {'words':>6} {'held':>6} {'calib':>6} | {'rows>':>6} | "
+          f"{'guard: words':>12} {'held':>6} {'calib':>6}")
+    tot = {k: [0.0, 0.0, 0.0] for k in ("words", "held", "calib")}
+    for n in names:
+        W = dense.get_submodule(n).weight.detach().float()
+        dg, dr = mg[n].weight.detach().float() - W, mr[n].weight.detach().float() - W
+
+        def per_row(x, d):  # (rows,) sum over tokens of (d x)^2
+            return (x @ d.T).pow(2).sum(0)
+
+        worse = per_row(xs["singles"][n], dg) > per_row(xs["singles"][n], dr)
+        dgg = torch.where(worse[:, None], dr, dg)
+        r = {k: float(per_row(x[n], dg).sum() / per_row(x[n], dr).sum()) for k, x in xs.items()}
+        gr = {k: float(per_row(xs[k][n], dgg).sum() / per_row(xs[k][n], dr).sum()) for k in tot}
+        for k in tot:
+            tot[k][0] += r[k]
+            tot[k][1] += gr[k]
+            tot[k][2] += 1
+        print(f"{n.replace('encoder.layer.', 'L').replace('attention.', ''):<24} {r['singles']:>16.3f} "
+              f"{r['words']:>6.3f} {r['held']:>6.3f} {r['calib']:>6.3f} | {float(worse.float().mean()):>6.3f} | "
+              f"{gr['words']:>12.3f} {gr['held']:>6.3f} {gr['calib']:>6.3f}", flush=True)
+    print("mean over layers: " + ", ".join(f"{k} {v[0] / v[2]:.3f} -> guard {v[1] / v[2]:.3f}" for k, v in tot.items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab", "solver", "local", "spectrum"), required=True)
+    ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab", "solver", "local", "spectrum", "guard"),
+                    required=True)
     ap.add_argument("--model", choices=("minilm", "mpnet"), default="mpnet")
+    ap.add_argument("--setting", choices=("ood", "minilm128"), default="ood",
+                    help="ood: calib_ood.py's (16 sentences, 4-bit g128); minilm128: bench/minilm.py's (MiniLM, "
+                         "128 sentences, 256 held out, 4-bit per-row grids)")
     ap.add_argument("--n-vocab", type=int, default=256, help="part vocab: vocabulary singles added")
     ap.add_argument("--variants", metavar="REGEX", help="part solver: only the variants matching")
     ap.add_argument("--layers", default=r"encoder\.layer\.1\..*", help="part local: Linears (full-match regex)")
     ap.add_argument("--n-words", type=int, default=300, help="part stats: words (every k-th of the vocabulary)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    s = encoder_setup(args.model)
-    print(f"{args.model}, 4-bit g128, calibration 16 sentences ({s['ntok']} tokens)", flush=True)
+    global Q
+    if args.setting == "minilm128":
+        args.model, Q = "minilm", {"bits": 4}
+        s = encoder_setup("minilm", 128, 256)
+    else:
+        s = encoder_setup(args.model)
+    print(f"{args.model}, 4-bit {Q.get('group_size', 'per-row')}, calibration {len(s['calib']) * 16} sentences "
+          f"({s['ntok']} tokens)", flush=True)
     parts = {"loc": part_loc, "reg": part_reg, "vocab": lambda s: part_vocab(s, args.n_vocab),
              "stats": lambda s: part_stats(s, args.n_words), "solver": lambda s: part_solver(s, args.variants),
              "local": lambda s: part_local(s, args.layers, args.variants),
-             "spectrum": lambda s: part_spectrum(s, args.layers)}
+             "spectrum": lambda s: part_spectrum(s, args.layers), "guard": part_guard}
     parts[args.part](s)
     return 0
 
