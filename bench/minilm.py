@@ -132,6 +132,7 @@ def evaluate(model, tok, held, dense: dict, pairs: dict) -> dict:
         dense.setdefault("words", w)  # the first call (the dense model) sets the reference
         emb = dict(zip(words, w, strict=True))
         out.update({key: similarity_rho(emb, p) for key, p in pairs.items()})
+        out["_pair_cos"] = {key: [float(emb[a] @ emb[b]) for a, b, _ in p] for key, p in pairs.items()}
     return out
 
 
@@ -197,6 +198,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
                     help="CalibOptions field for every row, e.g. vocab_inputs=0 (the library default otherwise)")
+    ap.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                    help="paired bootstrap resamples of the word pairs for the 4-bit rows minus RTN (0: none)")
     args = ap.parse_args()
     extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.calib)}
     torch.set_num_threads(args.threads)
@@ -241,10 +244,19 @@ def main() -> int:
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         print(fmt(r, keys))
+    rtn = [r for r in rows if r["task"] == "4-bit" and r["solver"] == "RTN"]
+    if args.bootstrap and rtn:  # paired over word pairs: the same resamples for every row (calib_ood.bootstrap)
+        from calib_ood import bootstrap
+
+        q = [{**r, "label": r["method"]} for r in rows if r["task"] in ("dense", "4-bit")]
+        print(f"\nbootstrap over word pairs ({args.bootstrap} resamples, 95 % intervals, paired: the same resamples "
+              f"for every row):")
+        print("\n".join(bootstrap({"pairs": pairs}, q, base=rtn[0]["method"], reps=args.bootstrap)))
     print(f"total run time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"quick": args.quick, "exact_ffn2": args.exact_ffn2, "rows": rows}, f, indent=2)
+            keep = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+            json.dump({"quick": args.quick, "exact_ffn2": args.exact_ffn2, "rows": keep}, f, indent=2)
 
     cos = {r["solver"]: r["cosine"] for r in rows if r["task"] == "50%" and not r["resolve"]}
     bad = [m for m in ("SparseGPT", "ExactOBS") if m in cos and "Magnitude" in cos and cos[m] <= cos["Magnitude"]]

@@ -156,6 +156,19 @@ layer-local error GPTQ makes on word inputs (it makes less than RTN everywhere) 
 end to end (word cos .952 vs RTN .937), while RTN's WS-353 equals dense's and RTN's SimLex is above dense's
 (.452 vs .446; on mpnet RTN is above dense on both, .5536 / .7473 vs .5362 / .7436). A quantizer that only got
 closer to dense would end at dense's rho, below RTN's on three of these four point estimates.
+--part loc in this setting (GPTQ default on one family / half, RTN elsewhere; ID cos / word cos / SimLex / WS-353):
+    RTN everywhere                       0.9466    0.9367   0.4521   0.7288
+    GPTQ everywhere (default)            0.9706    0.9523   0.4544   0.7277
+    GPTQ on qkv only                     0.9509    0.9396   0.4546   0.7269
+    GPTQ on attn.o only                  0.9481    0.9373   0.4493   0.7281
+    GPTQ on ffn1 only                    0.9538    0.9422   0.4478   0.7394
+    GPTQ on ffn2 only                    0.9542    0.9420   0.4595   0.7333
+    GPTQ on layers 0-2 only              0.9549    0.9408   0.4583   0.7219
+    GPTQ on layers 3-5 only              0.9626    0.9480   0.4491   0.7343
+No family or half carries the WS-353 gap: one family alone moves WS-353 by -.002 to +.011 and SimLex by -.004 to
++.007 around RTN, the effects do not add (the four families alone sum to +.013 on WS-353, together -.001), and the
+halves split the other way on the two sets (layers 0-2: SimLex +.006, WS-353 -.007; layers 3-5: -.003, +.006).
+Every model here has word cos above RTN's; the rho move like noise of ~.01 around dense's.
 Candidates, written before any end-to-end run (--part cands, each row one public quantize_; choose on MiniLM's two
 settings only, then mpnet once with the choice):
   C1 row guard: keep GPTQ's row only where its error on held-out single-token inputs (a vocabulary sample
