@@ -182,6 +182,19 @@ settings only, then mpnet once with the choice):
   C3 damping 0.1 (from 0.01): a larger ridge keeps the compensation inside well-excited directions.
      Section 3 says damping alone does not restore mpnet's words; with the vocabulary term and decouple it
      may act differently. Prediction: small change.
+--part cands (2026-12-07, 1 thread, loaded 2-core machine; ID cos / word cos / SimLex / WS-353):
+    minilm128 (bench/minilm.py's)     RTN .9466 / .9367 / .4521 / .7288    GPTQ default .9706 / .9523 / .4544 / .7277
+      C1 row guard (sim, 3,248 of 20,736 rows RTN)   .9677 / .9535 / .4620 / .7343   passes
+      C2 decouple k=20                               .9697 / .9523 / .4531 / .7211   fails WS-353
+      C3 damp 0.1                                    .9694 / .9527 / .4661 / .7287   fails WS-353 by .0001
+    ood (calib_ood.py's MiniLM)       RTN .9540 / .9493 / .4501 / .7126    GPTQ default .9676 / .9604 / .4506 / .7298
+      C1 row guard (sim, 3,433 of 20,736 rows RTN)   .9675 / .9615 / .4498 / .7299   fails SimLex by .0003
+      C2 decouple k=20                               .9669 / .9610 / .4501 / .7267   passes (SimLex tie)
+      C3 damp 0.1                                    .9670 / .9608 / .4536 / .7260   passes
+No candidate passes both MiniLM settings; each misses one by .0001-.0066 (C1 by .0003). The simulated C1 swaps rows
+after the fact on inputs of the all-GPTQ model; the library's guard (GPTQ(guard="auto"), obs/guard.py) decides each
+layer at its solve on held-out singles forwarded through the layers compressed before it, so it is measured again,
+on MiniLM only, and is made the default only if it passes both MiniLM settings; then mpnet once.
 Not tried: act-order off (collapses, section 3); shrink="heldout" (H is full rank at 4,018 tokens, so it is
 "auto"); more vocabulary or other shares (swept in calib_ood.py: seed-to-seed spread of SimLex .004, of WS-353
 .013, larger than the gaps).
