@@ -316,7 +316,9 @@ def run(s: dict, evaluate, cfg, kind: str, opts: dict) -> dict:
     mix = [n for n in rep.notes if n.startswith(("calibration length mix", "calibration vocabulary",
                                                   "calibration regimes"))]
     lam = [n.split(", estimated")[0] for n in rep.notes if n.startswith("shrink='auto'")]
-    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else ""}
+    guard = [n.split(" (")[0].split("), ")[-1] for n in rep.notes if n.startswith("GPTQ guard:")]
+    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else "",
+            "guard_note": f"guard (obs.guard): {guard[0]}" if guard else ""}
 
 
 def vocab_overlap(s: dict, opts: dict) -> str:
@@ -385,6 +387,7 @@ def main() -> int:
     if encoder:
         print(vocab_overlap(s, extra))
     print("\n".join(f"{r['label']}: {r['shrink_note']}" for r in rows if r.get("shrink_note")))
+    print("\n".join(f"{r['label']}: {r['guard_note']}" for r in rows if r.get("guard_note")))
     if encoder and args.bootstrap:
         print(f"\nbootstrap over word pairs ({args.bootstrap} resamples, 95 % intervals; the same resamples for "
               f"every row):")

@@ -525,6 +525,9 @@ class CalibOptions(Config):
     regime_shares: the share of every Hessian's trace given to (calibration samples, short prefixes,
     vocabulary singles), renormalised over those present (``calib.regimes``), so neither kind drowns the
     other; () = every token row counts alike.
+    heldout_singles: this many more single-token inputs of vocabulary ids disjoint from those, forwarded
+    last with a share of 0 (in no Hessian: ``calib.heldout``) for GPTQ's guard; ``quantize_`` sets it to
+    ``GUARD_SINGLES`` when a GPTQ layer has ``guard="auto"``; needs regime_shares; 0 = none.
     """
 
     mode: str = "sequential"
