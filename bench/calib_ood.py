@@ -316,7 +316,8 @@ def run(s: dict, evaluate, cfg, kind: str, opts: dict) -> dict:
     mix = [n for n in rep.notes if n.startswith(("calibration length mix", "calibration vocabulary",
                                                   "calibration regimes"))]
     lam = [n.split(", estimated")[0] for n in rep.notes if n.startswith("shrink='auto'")]
-    guard = [n.split(" (")[0].split("), ")[-1] for n in rep.notes if n.startswith("GPTQ guard:")]
+    guard = [re.search(r"\d+ of \d+ rows in \d+ of \d+ layer\(s\)", n).group(0) for n in rep.notes
+             if n.startswith("GPTQ guard:")]
     return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else "",
             "guard_note": f"guard (obs.guard): {guard[0]}" if guard else ""}
 

@@ -49,8 +49,12 @@ def paused() -> Iterator[None]:
 
 
 def is_paused() -> bool:
-    """Whether :func:`paused` is active."""
-    return _PAUSED.get()
+    """Whether accumulators ignore the batch being forwarded: :func:`paused` is active, or the batch is of the
+    held-out regime (:data:`HELDOUT`: in no H; ``calib.heldout`` captures its inputs)."""
+    if _PAUSED.get():
+        return True
+    state, i = _REGIME.get(), _INDEX.get()
+    return state is not None and 0 <= i < len(state[0]) and int(state[0][i]) == HELDOUT
 
 
 @contextmanager
