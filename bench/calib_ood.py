@@ -213,7 +213,8 @@ def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.
             ("GPTQ auto, no length mix", g(), "calib", ASIS),
             *([("GPTQ auto, no vocabulary", g(), "calib", NOVOCAB),
                ("GPTQ default, decouple=0", g(decouple=0.0), "calib", {})] if encoder else []),
-            (DEFAULT, g(), "calib", {})]
+            (DEFAULT, g(), "calib", {}),
+            *([("GPTQ default + guard", g(guard="auto"), "calib", {})] if encoder else [])]
 
 
 def mixed_lengths(batches: list[dict], key: str = "input_ids") -> list[dict]:

@@ -117,7 +117,7 @@ def methods(quick: bool, exact_ffn2: bool) -> list[tuple[str, bs.config.Config, 
         ("50%", bs.ExactOBS(sparsity=0.5), ffn2.get("50%", {})),
         ("2:4", bs.Magnitude(pattern="2:4"), {}), ("2:4", bs.SparseGPT(pattern="2:4"), {}),
         ("2:4", bs.ExactOBS(pattern="2:4"), ffn2.get("2:4", {})),
-        ("4-bit", bs.RTN(bits=4), {}), ("4-bit", bs.GPTQ(bits=4), {}),
+        ("4-bit", bs.RTN(bits=4), {}), ("4-bit", bs.GPTQ(bits=4), {}), ("4-bit", bs.GPTQ(bits=4, guard="auto"), {}),
         ("4-bit", bs.OBQ(bits=4), ffn2.get("4-bit", {}))]
 
 
@@ -165,12 +165,14 @@ def run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs, extra=No
     rep = verb(m, cfg, calib, ignore=ignore, overrides=over, options=opts)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     t = rep.totals()
-    label = cfg.describe().replace(" unstructured", "")
+    label = cfg.describe().replace(" unstructured", "") + (" guard='auto'" if getattr(cfg, "guard", False) else "")
     if over:
         label += " (FFN2: " + ", ".join(c.describe().split(" ")[0] + ("+re-solve" if getattr(c, "resolve", 0)
                                                                       else "") for c in over.values()) + ")"
     levels = max(r.levels for r in rep.rows)
-    return {"task": task, "method": label, "solver": type(cfg).__name__, "resolve": getattr(cfg, "resolve", False),
+    return {"task": task, "method": label, "solver": type(cfg).__name__ + ("+guard" if getattr(cfg, "guard", False)
+                                                                          else ""),
+            "resolve": getattr(cfg, "resolve", False),
             **evaluate(m, tok, held, dense, pairs), "solve_s": t["seconds"],
             "wall_s": wall, "cpu_s": cpu, "sparsity": t["sparsity"], "bits": t["avg_bits"] if levels else 32.0,
             "levels": levels, "damp_retries": t["damp_retries"]}
@@ -231,7 +233,8 @@ def main() -> int:
     dense = {"held": embed_batches(model, held)}
     rows = [{"task": "dense", "method": "dense (fp32)", **evaluate(model, tok, held, dense, pairs)}]
     for task, cfg, over in methods(args.quick, args.exact_ffn2 == "on"):
-        if args.only and not re.search(args.only, f"{task} {cfg.describe()}"):
+        if args.only and not re.search(args.only, f"{task} {cfg.describe()}" + (" guard" if getattr(cfg, "guard", 0)
+                                                                                  else "")):
             continue
         rows.append(run(model, tok, task, cfg, over, calib, ignore, held, dense, pairs, extra))
         print(f"  done {rows[-1]['method']}: cosine {rows[-1]['cosine']:.4f}, wall {rows[-1]['wall_s']:.0f} s, "

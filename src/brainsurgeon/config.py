@@ -414,8 +414,9 @@ class GPTQ(_QuantConfig):
     decouple: float | str = "auto"
     # "auto": where the calibration was mixed (encoders), every row whose error on held-out single-token inputs
     # (GUARD_SINGLES vocabulary ids disjoint from the Hessians', kept out of every H) exceeds round-to-nearest's
-    # on the same grid takes the round-to-nearest row (obs.guard); False = off
-    guard: bool | str = "auto"
+    # on the same grid takes the round-to-nearest row (obs.guard); False = off (the default: chosen on MiniLM,
+    # it failed its held-out check on all-mpnet-base-v2, SimLex / WS-353 further below RTN; bench/ood_diag.py (8))
+    guard: bool | str = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
