@@ -642,10 +642,29 @@ def part_cands(s: dict, pick: str | None) -> None:
               f"{time.process_time() - c0:>7.1f}", flush=True)
 
 
+def part_aniso(s: dict) -> None:
+    """Why RTN can score above dense: the anisotropy of the word embeddings (mean cosine of the probe words to
+    each other, ||mean e||^2 of the unit embeddings) and the rho after removing the common direction (centering
+    the unit word embeddings, then re-normalising: Mu & Viswanath, "All-but-the-Top", ICLR 2018), for dense,
+    RTN and the default GPTQ. A diagnostic of the metric, not a change to it."""
+    from _text import embed, similarity_rho
+
+    models = {"dense": s["model"], "RTN": build(s, bs.RTN(**Q)), "GPTQ default": build(s, bs.GPTQ(**Q))}
+    print(f"{'model':<14} {'|mean e|^2':>10} {'SimLex':>8} {'WS-353':>8} | centred: {'SimLex':>8} {'WS-353':>8}")
+    for label, m in models.items():
+        w = embed(m, s["tok"], s["words"])
+        mean = w.mean(0)
+        c = torch.nn.functional.normalize(w - mean, dim=1)
+        raw, cen = dict(zip(s["words"], w, strict=True)), dict(zip(s["words"], c, strict=True))
+        r = [similarity_rho(e, s["pairs"][k]) for e in (raw, cen) for k in ("simlex", "ws353")]
+        print(f"{label:<14} {float(mean.pow(2).sum()):>10.4f} {r[0]:>8.4f} {r[1]:>8.4f} | centred: {r[2]:>8.4f} "
+              f"{r[3]:>8.4f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("loc", "stats", "reg", "vocab", "solver", "local", "spectrum", "guard",
-                                       "cands"),
+                                       "cands", "aniso"),
                     required=True)
     ap.add_argument("--model", choices=("minilm", "mpnet"), default="mpnet")
     ap.add_argument("--setting", choices=("ood", "minilm128"), default="ood",
@@ -669,7 +688,7 @@ def main() -> int:
              "stats": lambda s: part_stats(s, args.n_words), "solver": lambda s: part_solver(s, args.variants),
              "local": lambda s: part_local(s, args.layers, args.variants),
              "spectrum": lambda s: part_spectrum(s, args.layers), "guard": part_guard,
-             "cands": lambda s: part_cands(s, args.variants)}
+             "cands": lambda s: part_cands(s, args.variants), "aniso": part_aniso}
     parts[args.part](s)
     return 0
 
