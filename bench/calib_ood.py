@@ -41,6 +41,31 @@ before its first run; mpnet was used to choose neither the length mix nor the vo
 also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
 every row) of each rho and of its difference to RTN.
 
+The opt-in GPTQ(guard="auto") (obs/guard.py; 2026-12-07, helper 15m, 1 thread, 2 shared cores; chosen on MiniLM,
+then mpnet once; bench/ood_diag.py (8)): rows whose output error on 1,024 held-out vocabulary singles (ids disjoint
+from the Hessians', forwarded but kept out of every H) exceeds RTN's on the same grid take RTN's row.
+``--model minilm --only "GPTQ"`` (exit 0) and ``--model mpnet --only "GPTQ default($| \+ guard)"`` (exit 1):
+    all-MiniLM-L6-v2                 ID cos   word cos   SimLex   WS-353   CPU s
+    dense                            1.0000   1.0000     0.4462   0.7289
+    RTN                              0.9540   0.9493     0.4501   0.7126     5.3
+    GPTQ shrink=0 (old default)      0.9674   0.8950     0.4043   0.6584     7.1
+    GPTQ auto, no length mix         0.9762   0.9421     0.4347   0.7115     7.1
+    GPTQ auto, no vocabulary         0.9680   0.9591     0.4439   0.7254     7.2
+    GPTQ default, decouple=0         0.9800   0.9808     0.4491   0.7368     8.5
+    GPTQ default                     0.9676   0.9604     0.4506   0.7298     8.5
+    GPTQ default + guard             0.9655   0.9613     0.4558   0.7329    17.6   (3,182 of 20,736 rows RTN)
+  minus RTN: default SimLex +.0006 [-.0084, +.0094], WS-353 +.0173 [+.0034, +.0315]; + guard +.0057 [-.0024,
+  +.0133], +.0204 [+.0079, +.0329]
+    all-mpnet-base-v2
+    dense                            1.0000   1.0000     0.5362   0.7436
+    RTN                              0.9634   0.9575     0.5536   0.7473    39.5
+    GPTQ default                     0.9760   0.9697     0.5526   0.7452    74.3   <- .0010 / .0020 below RTN
+    GPTQ default + guard             0.9744   0.9693     0.5486   0.7398   147.3   <- .0050 / .0075 below (20,710 of 82,944)
+  minus RTN: default SimLex -.0010 [-.0083, +.0066] (P(<= RTN) .59), WS-353 -.0020 [-.0150, +.0118] (.60); + guard
+  -.0049 [-.0109, +.0014] (.93), -.0074 [-.0175, +.0028] (.91); dense -.0174 [-.0276, -.0072], -.0037 [-.0194, +.0115].
+The guard passed both MiniLM settings and failed the held-out model, further below RTN than without it: it stays
+opt-in (default False). Its cost is the RTN grid fitted a second time per layer and the held-out forwards.
+
 Measured with the default GPTQ(decouple="auto") (1 thread, 2 shared cores, 2026-12-07): on an encoder whose
 calibration the library mixed, the input columns with H_jj > 50 median(diag H) (the <s>/</s> massive activations)
 are rounded to nearest and spread no error (k = 50 fixed before its first run, bench/ood_diag.py; causal decoders
