@@ -60,7 +60,8 @@ from the Hessians', forwarded but kept out of every H) exceeds RTN's on the same
     dense                            1.0000   1.0000     0.5362   0.7436
     RTN                              0.9634   0.9575     0.5536   0.7473    39.5
     GPTQ default                     0.9760   0.9697     0.5526   0.7452    74.3   <- .0010 / .0020 below RTN
-    GPTQ default + guard             0.9744   0.9693     0.5486   0.7398   147.3   <- .0050 / .0075 below (20,710 of 82,944)
+    GPTQ default + guard             0.9744   0.9693     0.5486   0.7398   147.3   <- .0050 / .0075 below RTN
+                                     (20,710 of 82,944 rows RTN)
   minus RTN: default SimLex -.0010 [-.0083, +.0066] (P(<= RTN) .59), WS-353 -.0020 [-.0150, +.0118] (.60); + guard
   -.0049 [-.0109, +.0014] (.93), -.0074 [-.0175, +.0028] (.91); dense -.0174 [-.0276, -.0072], -.0037 [-.0194, +.0115].
 The guard passed both MiniLM settings and failed the held-out model, further below RTN than without it: it stays
