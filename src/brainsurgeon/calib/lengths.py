@@ -256,7 +256,8 @@ def mix_calibration(model: nn.Module, calib: Any, options: CalibOptions) -> tupl
             f"{options.regime_shares[r] / total:.0%} {REGIMES[r]}" for r in present)
             + " (CalibOptions.regime_shares; () counts every token alike)")
         # held-out singles (GPTQ's guard): forwarded last, share 0, so in no H (calib.heldout captures them)
-        held = vocab_singles(samples, shared, heldout_ids(model, options.heldout_singles, options.vocab_seed,
-                                                          exclude, ids), (start, end))
+        n_held = options.heldout_singles
+        held = vocab_singles(samples, shared, heldout_ids(model, n_held, options.vocab_seed, exclude, ids),
+                             (start, end)) if n_held else []
         extra, labels = extra + held, labels + [HELDOUT] * len(held)
     return CachedBatches(list(batches) + extra), labels, notes
