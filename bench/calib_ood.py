@@ -41,6 +41,32 @@ before its first run; mpnet was used to choose neither the length mix nor the vo
 also print 95 % bootstrap intervals over word pairs (``--bootstrap N``, the same resamples for
 every row) of each rho and of its difference to RTN.
 
+The opt-in GPTQ(guard="auto") (obs/guard.py; 2026-12-07, helper 15m, 1 thread, 2 shared cores; chosen on MiniLM,
+then mpnet once; bench/ood_diag.py (8)): rows whose output error on 1,024 held-out vocabulary singles (ids disjoint
+from the Hessians', forwarded but kept out of every H) exceeds RTN's on the same grid take RTN's row.
+``--model minilm --only "GPTQ"`` (exit 0) and ``--model mpnet --only "GPTQ default($| \+ guard)"`` (exit 1):
+    all-MiniLM-L6-v2                 ID cos   word cos   SimLex   WS-353   CPU s
+    dense                            1.0000   1.0000     0.4462   0.7289
+    RTN                              0.9540   0.9493     0.4501   0.7126     5.3
+    GPTQ shrink=0 (old default)      0.9674   0.8950     0.4043   0.6584     7.1
+    GPTQ auto, no length mix         0.9762   0.9421     0.4347   0.7115     7.1
+    GPTQ auto, no vocabulary         0.9680   0.9591     0.4439   0.7254     7.2
+    GPTQ default, decouple=0         0.9800   0.9808     0.4491   0.7368     8.5
+    GPTQ default                     0.9676   0.9604     0.4506   0.7298     8.5
+    GPTQ default + guard             0.9655   0.9613     0.4558   0.7329    17.6   (3,182 of 20,736 rows RTN)
+  minus RTN: default SimLex +.0006 [-.0084, +.0094], WS-353 +.0173 [+.0034, +.0315]; + guard +.0057 [-.0024,
+  +.0133], +.0204 [+.0079, +.0329]
+    all-mpnet-base-v2
+    dense                            1.0000   1.0000     0.5362   0.7436
+    RTN                              0.9634   0.9575     0.5536   0.7473    39.5
+    GPTQ default                     0.9760   0.9697     0.5526   0.7452    74.3   <- .0010 / .0020 below RTN
+    GPTQ default + guard             0.9744   0.9693     0.5486   0.7398   147.3   <- .0050 / .0075 below RTN
+                                     (20,710 of 82,944 rows RTN)
+  minus RTN: default SimLex -.0010 [-.0083, +.0066] (P(<= RTN) .59), WS-353 -.0020 [-.0150, +.0118] (.60); + guard
+  -.0049 [-.0109, +.0014] (.93), -.0074 [-.0175, +.0028] (.91); dense -.0174 [-.0276, -.0072], -.0037 [-.0194, +.0115].
+The guard passed both MiniLM settings and failed the held-out model, further below RTN than without it: it stays
+opt-in (default False). Its cost is the RTN grid fitted a second time per layer and the held-out forwards.
+
 Measured with the default GPTQ(decouple="auto") (1 thread, 2 shared cores, 2026-12-07): on an encoder whose
 calibration the library mixed, the input columns with H_jj > 50 median(diag H) (the <s>/</s> massive activations)
 are rounded to nearest and spread no error (k = 50 fixed before its first run, bench/ood_diag.py; causal decoders
@@ -213,7 +239,8 @@ def variants(base: dict, rtn: dict, encoder: bool) -> list[tuple[str, bs.config.
             ("GPTQ auto, no length mix", g(), "calib", ASIS),
             *([("GPTQ auto, no vocabulary", g(), "calib", NOVOCAB),
                ("GPTQ default, decouple=0", g(decouple=0.0), "calib", {})] if encoder else []),
-            (DEFAULT, g(), "calib", {})]
+            (DEFAULT, g(), "calib", {}),
+            *([("GPTQ default + guard", g(guard="auto"), "calib", {})] if encoder else [])]
 
 
 def mixed_lengths(batches: list[dict], key: str = "input_ids") -> list[dict]:
@@ -235,10 +262,11 @@ def mixed_lengths(batches: list[dict], key: str = "input_ids") -> list[dict]:
 # ----------------------------------------------------------------------------- MiniLM
 
 
-def encoder_setup(name: str, n_calib: int = 16) -> dict:
-    """all-MiniLM-L6-v2 or all-mpnet-base-v2 with the same calibration and evaluation data."""
+def encoder_setup(name: str, n_calib: int = 16, n_held: int = 128) -> dict:
+    """all-MiniLM-L6-v2 or all-mpnet-base-v2 with the same calibration and evaluation data (bench/minilm.py's
+    setting: ``n_calib=128, n_held=256``)."""
     tok, model = load_minilm() if name == "minilm" else load_mpnet()
-    calib_s, held_s = topic_sentences(n_calib, 128)
+    calib_s, held_s = topic_sentences(n_calib, n_held)
     pairs = {"simlex": word_pairs("simlex999.txt"), "ws353": word_pairs("wordsim353.tsv")}
     words = pair_words(*pairs.values())
     calib = sentence_batches(tok, calib_s, 16, 128)
@@ -315,7 +343,10 @@ def run(s: dict, evaluate, cfg, kind: str, opts: dict) -> dict:
     mix = [n for n in rep.notes if n.startswith(("calibration length mix", "calibration vocabulary",
                                                   "calibration regimes"))]
     lam = [n.split(", estimated")[0] for n in rep.notes if n.startswith("shrink='auto'")]
-    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else ""}
+    guard = [re.search(r"\d+ of \d+ rows in \d+ of \d+ layer\(s\)", n).group(0) for n in rep.notes
+             if n.startswith("GPTQ guard:")]
+    return {**evaluate(s, m), "cpu_s": cpu, "mix_note": "\n".join(mix), "shrink_note": lam[0] if lam else "",
+            "guard_note": f"guard (obs.guard): {guard[0]}" if guard else ""}
 
 
 def vocab_overlap(s: dict, opts: dict) -> str:
@@ -384,6 +415,7 @@ def main() -> int:
     if encoder:
         print(vocab_overlap(s, extra))
     print("\n".join(f"{r['label']}: {r['shrink_note']}" for r in rows if r.get("shrink_note")))
+    print("\n".join(f"{r['label']}: {r['guard_note']}" for r in rows if r.get("guard_note")))
     if encoder and args.bootstrap:
         print(f"\nbootstrap over word pairs ({args.bootstrap} resamples, 95 % intervals; the same resamples for "
               f"every row):")

@@ -32,9 +32,13 @@ from .calib import (
     run_layerwise,
     supported,
 )
+from .calib.heldout import capture_heldout
 from .calib.regimes import calibration_mixed
 from .config import (
     DECOUPLE_AUTO,
+    GPTQ,
+    GUARD_SINGLES,
+    RTN,
     CalibOptions,
     Config,
     Recipe,
@@ -46,7 +50,9 @@ from .config import (
 )
 from .errors import ConfigError
 from .obs import compress_weight, is_data_free
+from .obs.guard import guard_rows
 from .obs.heldout import SHRINK_GRID, gptq_solver, select_shrinkage
+from .obs.hessian import layer_loss
 from .planning import _layer_weight, _set_layer_weight, check_step, plan_layers  # noqa: F401 - re-exported
 from .report import CompressionReport, LayerRow
 
@@ -67,6 +73,11 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
     """One weight step; each layer's new weight goes in through `snapshot` (copy-on-write) when given."""
     plan = plan_layers(model, step, report.notes, options=options)
     decoupled: list[str] = []
+    guarded = [n for n, c in plan.items() if isinstance(c, GPTQ) and c.guard == "auto"]
+    if guarded and calib is not None and options.regime_shares and not options.heldout_singles:
+        options = dataclasses.replace(options, heldout_singles=GUARD_SINGLES)  # forwarded, in no H
+    held: dict[str, Any] = {}  # "inputs": calib.heldout.HeldoutInputs while the driver runs
+    swapped: list[tuple[str, int, int]] = []
 
     def resolved(name: str) -> Config:
         """The layer's config with GPTQ's decouple="auto" decided: on where the calibration was mixed (encoders)."""
@@ -82,12 +93,20 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         Hs = [None] * g if H is None else (H if H.dim() == 3 else H.unsqueeze(0))
         parts = [compress_weight(Wg, Hs[i], cfg, name) for i, Wg in enumerate(W.chunk(g, dim=0))]
         W_hat = parts[0].weight if g == 1 else torch.cat([p.weight for p in parts])
-        _set_layer_weight(module, W_hat, snapshot)
         loss = sum(p.loss for p in parts)
         rel = sum(p.info["rel_loss"] for p in parts) / g
+        known = [p.info.get("levels") for p in parts]  # solvers that hold the codes count in linear time
+        X = held["inputs"].take(name) if "inputs" in held and name in guarded else None
+        if X is not None and g == 1 and W.dim() == 2 and calibration_mixed():  # GPTQ guard="auto" (obs.guard)
+            rtn = RTN(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, mse=cfg.mse)
+            W_hat, worse = guard_rows(W, W_hat, compress_weight(W, None, rtn, name).weight, X)
+            swapped.append((name, int(worse.sum()), len(worse)))
+            if bool(worse.any()):
+                loss, rel = layer_loss(W, W_hat, Hs[0])
+                known = [None]
+        _set_layer_weight(module, W_hat, snapshot)
         bits = float(getattr(cfg, "bits", torch.finfo(W.dtype).bits))
         W2 = W_hat.reshape(W_hat.shape[0], -1)
-        known = [p.info.get("levels") for p in parts]  # solvers that hold the codes count in linear time
         levels = (max(known) if all(k is not None for k in known) else _levels(W2, getattr(cfg, "group_size", 0))
                   ) if hasattr(cfg, "bits") else 0
         report.add_row(LayerRow(
@@ -123,8 +142,10 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
         return lam
 
     any_heldout = any(getattr(c, "shrink", None) == "heldout" for c in plan.values())  # else no fold buffers
-    with auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "heldout"),
-                        select if any_heldout else None) as shrunk:
+    modules = dict(model.named_modules())
+    with (auto_shrinkage(lambda name: getattr(plan.get(name), "shrink", None) in ("auto", "heldout"),
+                         select if any_heldout else None) as shrunk,
+          capture_heldout({n: modules[n] for n in guarded}) as held["inputs"]):
         report.notes.extend(run_layerwise(model, inside, calib, solve, options) or [])
         if outside:  # after the blocks, on the compressed blocks' outputs (GPTQ's sequential order)
             report.notes.append(f"{len(outside)} layer(s) outside the blocks {options.blocks!r} "
@@ -138,6 +159,15 @@ def _run_step(model: nn.Module, step: Step, calib: Any, options: CalibOptions,
                             f"({', '.join(decoupled[:4])}{', ...' if len(decoupled) > 4 else ''}; columns in "
                             f"brackets); decouple='auto' does this on encoders (bidirectional, calibration mixed), "
                             f"GPTQ(decouple=0) turns it off")
+    if swapped:
+        hit = [f"{n} ({k}/{r})" for n, k, r in swapped if k]
+        report.notes.append(f"GPTQ guard: on {options.heldout_singles} held-out single-token inputs (vocabulary ids "
+                            f"disjoint from the Hessians' singles, kept out of every H), "
+                            f"{sum(k for _, k, _ in swapped)} of {sum(r for _, _, r in swapped)} rows in {len(hit)} "
+                            f"of {len(swapped)} layer(s) had "
+                            f"more output error than round-to-nearest on the same grid and took its row"
+                            + (f" ({', '.join(hit[:4])}{', ...' if len(hit) > 4 else ''})" if hit else "")
+                            + "; GPTQ(guard=False) turns it off")
     if shrunk:
         lam = [x for _, x in shrunk]
         report.notes.append(f"shrink='auto'/'heldout': {len(lam)} Hessian(s) shrunk toward their diagonal, intensity "

@@ -389,6 +389,7 @@ class OBQ(_QuantConfig):
 
 
 DECOUPLE_AUTO = 50.0  # GPTQ(decouple="auto") on encoders: fixed before its first run (bench/ood_diag.py)
+GUARD_SINGLES = 1024  # held-out vocabulary singles for GPTQ(guard="auto") (CalibOptions.heldout_singles)
 
 
 @register_config
@@ -411,10 +412,18 @@ class GPTQ(_QuantConfig):
     # found the model bidirectional and mixed its calibration (encoders: calib.lengths), 0 elsewhere (causal
     # decoders, CNNs: SmolLM2's massive channels need the compensation, bench/ood_diag.py)
     decouple: float | str = "auto"
+    # "auto": where the calibration was mixed (encoders), every row whose error on held-out single-token inputs
+    # (GUARD_SINGLES vocabulary ids disjoint from the Hessians', kept out of every H) exceeds round-to-nearest's
+    # on the same grid takes the round-to-nearest row (obs.guard); False = off (the default: chosen on MiniLM,
+    # it failed its held-out check on all-mpnet-base-v2, SimLex / WS-353 further below RTN; bench/ood_diag.py (8))
+    guard: bool | str = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self)
+        _check(self.guard == "auto" or self.guard is False, "GPTQ",
+               f"guard (round-to-nearest rows where GPTQ's held-out error is larger) must be 'auto' or False, "
+               f"got {self.guard!r}")
         number = isinstance(self.decouple, (int, float)) and not isinstance(self.decouple, bool)
         _check(self.decouple == "auto" or (number and (self.decouple == 0.0 or self.decouple >= 1.0)), "GPTQ",
                f"decouple (threshold over the median of diag(H)) must be 'auto', 0 (off) or >= 1, "
@@ -517,6 +526,9 @@ class CalibOptions(Config):
     regime_shares: the share of every Hessian's trace given to (calibration samples, short prefixes,
     vocabulary singles), renormalised over those present (``calib.regimes``), so neither kind drowns the
     other; () = every token row counts alike.
+    heldout_singles: this many more single-token inputs of vocabulary ids disjoint from those, forwarded
+    last with a share of 0 (in no Hessian: ``calib.heldout``) for GPTQ's guard; ``quantize_`` sets it to
+    ``GUARD_SINGLES`` when a GPTQ layer has ``guard="auto"``; needs regime_shares; 0 = none.
     """
 
     mode: str = "sequential"
@@ -536,6 +548,9 @@ class CalibOptions(Config):
     vocab_inputs: int = 1024  # single-token vocabulary inputs added for encoders; 0 = off
     vocab_seed: int = 0
     regime_shares: tuple[float, ...] = (0.5, 0.25, 0.25)  # trace shares: samples, prefixes, vocabulary; () = by rows
+    # held-out single-token inputs forwarded with the mix but kept out of every H (regime 3, calib.heldout), for
+    # GPTQ(guard="auto"), which sets it (GUARD_SINGLES); needs regime_shares; 0 = none
+    heldout_singles: int = 0
 
     def __post_init__(self) -> None:
         _check(self.mode in ("sequential", "dense"), "CalibOptions",
@@ -552,6 +567,8 @@ class CalibOptions(Config):
         _check(all(k >= 1 for k in self.short_prefixes), "CalibOptions",
                f"short_prefixes must be token counts >= 1 (e.g. (1, 2, 3, 4)) or () for none, "
                f"got {self.short_prefixes!r}")
+        _check(self.heldout_singles >= 0, "CalibOptions",
+               f"heldout_singles must be a count of single-token inputs >= 0 (0 = none), got {self.heldout_singles!r}")
         _check(self.vocab_inputs >= 0, "CalibOptions",
                f"vocab_inputs must be a count of single-token inputs >= 0 (0 = none), got {self.vocab_inputs!r}")
         _check(self.regime_shares == () or (len(self.regime_shares) == 3 and all(

@@ -42,8 +42,8 @@ from .data import (
     model_device,
     move_to,
 )
-from .regimes import REGIMES
-from .vocab import special_ids, vocab_ids, vocab_singles, vocab_size
+from .regimes import HELDOUT, REGIMES
+from .vocab import heldout_ids, special_ids, vocab_ids, vocab_singles, vocab_size
 
 __all__ = ["is_causal", "mix_calibration", "mix_lengths", "short_prefixes", "token_batch"]
 
@@ -255,4 +255,9 @@ def mix_calibration(model: nn.Module, calib: Any, options: CalibOptions) -> tupl
         notes.append("calibration regimes: each Hessian's trace split " + ", ".join(
             f"{options.regime_shares[r] / total:.0%} {REGIMES[r]}" for r in present)
             + " (CalibOptions.regime_shares; () counts every token alike)")
+        # held-out singles (GPTQ's guard): forwarded last, share 0, so in no H (calib.heldout captures them)
+        n_held = options.heldout_singles
+        held = vocab_singles(samples, shared, heldout_ids(model, n_held, options.vocab_seed, exclude, ids),
+                             (start, end)) if n_held else []
+        extra, labels = extra + held, labels + [HELDOUT] * len(held)
     return CachedBatches(list(batches) + extra), labels, notes

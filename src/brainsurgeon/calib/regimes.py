@@ -27,9 +27,11 @@ from contextvars import ContextVar
 
 from .padding import _INDEX
 
-__all__ = ["REGIMES", "calibration_mixed", "current_regime", "paused", "regime_shares"]
+__all__ = ["HELDOUT", "REGIMES", "calibration_mixed", "current_batch", "current_regime", "paused", "regime_shares"]
 
-REGIMES = ("calibration samples", "short prefixes", "vocabulary singles")  # regime index -> name
+REGIMES = ("calibration samples", "short prefixes", "vocabulary singles",
+           "held-out vocabulary singles")  # regime index -> name
+HELDOUT = 3  # the held-out regime: forwarded, never in H (share 0; calib.heldout captures its inputs)
 
 # while the driver runs with shares: (regime of batch i, share of regime r)
 _REGIME: ContextVar[tuple[Sequence[int], tuple[float, ...]] | None] = ContextVar("calib_regimes", default=None)
@@ -47,8 +49,12 @@ def paused() -> Iterator[None]:
 
 
 def is_paused() -> bool:
-    """Whether :func:`paused` is active."""
-    return _PAUSED.get()
+    """Whether accumulators ignore the batch being forwarded: :func:`paused` is active, or the batch is of the
+    held-out regime (:data:`HELDOUT`: in no H; ``calib.heldout`` captures its inputs)."""
+    if _PAUSED.get():
+        return True
+    state, i = _REGIME.get(), _INDEX.get()
+    return state is not None and 0 <= i < len(state[0]) and int(state[0][i]) == HELDOUT
 
 
 @contextmanager
@@ -65,16 +71,22 @@ def regime_shares(labels: Sequence[int], shares: tuple[float, ...]) -> Iterator[
 
 def current_regime() -> tuple[int, float] | None:
     """(regime, share) of the batch being forwarded, or None outside :func:`regime_shares` / a batch, and
-    with no shares (every row counts alike)."""
+    with no shares (every row counts alike). A regime past the given shares (:data:`HELDOUT`) has share 0:
+    its rows are kept out of H."""
     state, i = _REGIME.get(), _INDEX.get()
     if state is None or not state[1] or not 0 <= i < len(state[0]):
         return None
     r = int(state[0][i])
-    return r, float(state[1][r])
+    return r, float(state[1][r]) if r < len(state[1]) else 0.0
+
+
+def current_batch() -> int:
+    """The index of the calibration batch being forwarded (``padding.batch_index``), -1 outside one."""
+    return _INDEX.get()
 
 
 def calibration_mixed() -> bool:
     """Whether the running driver's calibration holds regimes beside the caller's samples (prefixes or
     vocabulary singles: the model was found bidirectional, :func:`~brainsurgeon.calib.lengths.mix_calibration`)."""
     state = _REGIME.get()
-    return state is not None and any(r > 0 for r in state[0])
+    return state is not None and any(0 < r < HELDOUT for r in state[0])

@@ -30,7 +30,7 @@ from torch import nn
 from .._hf import embedding
 from .data import Batch
 
-__all__ = ["special_ids", "vocab_ids", "vocab_singles", "vocab_size"]
+__all__ = ["heldout_ids", "special_ids", "vocab_ids", "vocab_singles", "vocab_size"]
 
 SINGLES_PER_BATCH = 256  # the singles go in unpadded batches of this many
 SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "mask_token_id",
@@ -81,6 +81,16 @@ def vocab_ids(model: nn.Module, n: int, seed: int = 0, exclude: Iterable[int] = 
     pool = keep.nonzero().flatten()
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
     return pool[order].tolist()
+
+
+def heldout_ids(model: nn.Module, n: int, seed: int, exclude: Iterable[int], seen: Iterable[int]) -> list[int]:
+    """`n` token ids drawn like :func:`vocab_ids` (with ``seed + 1``) and none of them in `seen` (the ids whose
+    singles went into the Hessians): held-out inputs for GPTQ's guard (``CalibOptions.heldout_singles``).
+
+    >>> held = heldout_ids(bert, 1024, 0, [101, 102], vocab_ids(bert, 1024, 0, [101, 102]))
+    """
+    seen = set(seen)
+    return [i for i in vocab_ids(model, n + len(seen), seed + 1, exclude) if i not in seen][:n]
 
 
 def vocab_singles(samples: list[dict[str, torch.Tensor]], shared: dict[str, Any], ids: list[int],
