@@ -47,8 +47,11 @@ def _removed(t, n: int) -> dict:
 
 def test_schema_lookup_by_id_keeps_the_overload_alive_and_matches_the_schema():
     op = torch.ops.aten.add.Tensor
-    name, argnames, defaults, mutated, overload, held = _schema_of(op)
+    name, argnames, defaults, mutated, overload, held, call = _schema_of(op)
     assert (name, argnames, overload) == ("aten.add", ("self", "other", "alpha"), "Tensor") and held is op
+    assert call is op._op   # the overload's C++ entry (what OpOverload.__call__ calls), one Python frame less
+    x = torch.randn(3)
+    assert torch.equal(call(x, x, alpha=2), op(x, x, alpha=2))
     assert defaults == (None, None, 1) and mutated == ()
     assert _schema_of(torch.ops.aten.add_.Tensor)[3] == (0,)   # written in place: self
     assert _schema_of(op) is _schema_of(op)                    # parsed once
