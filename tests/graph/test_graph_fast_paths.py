@@ -193,15 +193,28 @@ def test_set_training_on_hf_models_matches_train_and_asks_kernel_models():
     assert asked == [True]
 
 
-def test_rebuild_shapes_are_the_state_dicts():
-    """hf._shapes lists state_dict()'s keys in order with their shapes (shared modules under both names,
-    non-persistent buffers left out), and gives up (None) where a module customises its state dict."""
-    net = Net()
-    net.register_buffer("scratch", torch.zeros(2), persistent=False)
-    net.seq.register_buffer("kept", torch.zeros(3))
-    shapes, size = hf._shapes(net)
+def test_rebuild_comparison_is_the_state_dicts():
+    """hf._state_bytes is the bytes of state_dict()'s tensors (shared modules under both names, non-persistent
+    buffers left out); hf._differing lists the keys both state dicts have with other shapes, in state-dict order
+    (keys only one has passed over); both give up (None / False) where a module customises its state dict."""
+    def nets():
+        net = Net()
+        net.register_buffer("scratch", torch.zeros(2), persistent=False)
+        net.seq.register_buffer("kept", torch.zeros(3))
+        return net
+    net, other = nets(), nets()
     sd = net.state_dict()
-    assert list(shapes) == list(sd) and all(shapes[k] == tuple(v.shape) for k, v in sd.items())
-    assert size == sum(v.numel() * v.element_size() for v in sd.values())
+    assert hf._state_bytes(net) == sum(v.numel() * v.element_size() for v in sd.values())
+    other.seq[0].weight = nn.Parameter(torch.zeros(4, 3))
+    other.a.bias = nn.Parameter(torch.zeros(5))              # shared: a.bias and b.bias
+    other.register_buffer("scratch", torch.zeros(7))          # persistent in other only: not a key of net
+    other.seq.kept = torch.zeros(1)
+    del other.r.fc                                            # keys only net has
+    bad: list[str] = []
+    assert hf._differing(net, other, "", bad)
+    want, have = other.state_dict(), net.state_dict()
+    assert bad == [k for k, v in have.items() if k in want and want[k].shape != v.shape] == \
+        ["a.bias", "b.bias", "seq.kept", "seq.0.weight"]
     net.r.fc.register_state_dict_post_hook(lambda *a: None)
-    assert hf._shapes(net) is None
+    assert hf._state_bytes(net) is None and not hf._differing(net, other, "", [])
+    assert not hf._differing(other, net, "", [])   # the customised module is only in the second model
