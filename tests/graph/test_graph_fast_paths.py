@@ -1,6 +1,8 @@
 """Fast paths of a prune (issue 14, speed) give what the slow ones gave: the per-class fixer lookup, the
 train/eval flag walk, the module walk, the snapshot of empty containers and the HF child lookup."""
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -218,3 +220,28 @@ def test_rebuild_comparison_is_the_state_dicts():
     net.r.fc.register_state_dict_post_hook(lambda *a: None)
     assert hf._state_bytes(net) is None and not hf._differing(net, other, "", [])
     assert not hf._differing(other, net, "", [])   # the customised module is only in the second model
+
+
+def test_apply_plan_shares_one_removal_set_between_tensors():
+    """Tensors with the same size and removed indices (one hidden-size group) are sliced from one shared,
+    read-only set: every tensor keeps the right rows, every fixer sees the removed indices, undo restores all;
+    an index out of range still fails, naming the tensor."""
+    from brainsurgeon.errors import SurgeryError
+    from brainsurgeon.graph.surgery import apply_plan, undo_plan
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    owners = {id(p): [(n.rpartition(".")[0], n.rpartition(".")[2])] for n, p in net.named_parameters()}
+    gone = np.array([1, 4])
+    plan = {("0", "weight", 0): gone, ("0", "bias", 0): gone.copy(), ("1", "weight", 0): gone.copy(),
+            ("1", "bias", 0): gone.copy(), ("2", "weight", 1): gone.copy()}
+    undo = apply_plan(net, plan, owners)
+    keep = [0, 2, 3, 5]
+    assert torch.equal(net[0].weight, before["0.weight"][keep]) and torch.equal(net[1].bias, before["1.bias"][keep])
+    assert torch.equal(net[2].weight, before["2.weight"][:, keep])
+    assert (net[0].out_features, net[1].normalized_shape, net[2].in_features) == (4, (4,), 4)
+    undo_plan(undo)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net[2].in_features == 6
+    with pytest.raises(SurgeryError, match="out of range for dim 0 of size 6"):
+        apply_plan(net, {("0", "weight", 0): np.array([1]), ("1", "weight", 0): np.array([6])}, owners)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -339,20 +339,30 @@ def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, s
         t = getattr(mods[mname], tname)
         by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, []).append(np.asarray(idx, dtype=np.int64))
     modules: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    # (size, removed indices, device) -> (removed sorted and distinct, kept positions): most tensors of a plan
+    # share their dim's size and indices with others (every tensor of a hidden-size group), so each distinct
+    # set is checked and converted once
+    sets: dict[tuple[int, bytes, torch.device], tuple[np.ndarray, torch.Tensor]] = {}
     try:
         for tid, (t, dims) in by_tensor.items():
-            undo["data"][tid] = (t, t.data)
             new = t.data
+            undo["data"][tid] = (t, new)
             for dim, parts in dims.items():
                 n = new.shape[dim]
-                idx = np.concatenate(parts)
-                if len(idx) and (idx.min() < 0 or idx.max() >= n):
-                    raise SurgeryError(f"indices {idx.min()}..{idx.max()} out of range for dim {dim} of size {n} "
-                                       f"({owners.get(tid, [('?', '?')])[0]})")
-                keep = np.ones(n, dtype=bool)
-                keep[idx] = False
-                dims[dim] = np.nonzero(~keep)[0]          # sorted, distinct: what the fixers expect
-                new = new.index_select(dim, torch.as_tensor(np.nonzero(keep)[0], device=new.device))
+                idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                key = (n, idx.tobytes(), new.device)
+                got = sets.get(key)
+                if got is None:
+                    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+                        raise SurgeryError(f"indices {idx.min()}..{idx.max()} out of range for dim {dim} of size {n} "
+                                           f"({owners.get(tid, [('?', '?')])[0]})")
+                    keep = np.ones(n, dtype=bool)
+                    keep[idx] = False
+                    gone = np.nonzero(~keep)[0]          # sorted, distinct: what the fixers expect
+                    gone.flags.writeable = False         # shared by the tensors with this set: read-only
+                    got = sets[key] = (gone, torch.as_tensor(np.nonzero(keep)[0], device=new.device))
+                dims[dim] = got[0]
+                new = new.index_select(dim, got[1])
             t.data = new.contiguous()
             if getattr(t, "grad", None) is not None:
                 t.grad = None
