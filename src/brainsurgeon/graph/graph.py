@@ -28,6 +28,7 @@ from ..errors import BrainsurgeonError, CalibrationError, ConfigError, Unsupport
 from . import rules_nn, rules_timm, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
+from .hf import _attr
 from .maps import Closure, Edges, Key, closure, unique_ints
 from .rules import Ctx, apply_module_rules, find_rule, refs
 from .trace import Ref, Trace, flat_tensors, in_mode, run_model
@@ -67,8 +68,9 @@ def _is_conv1d(m: nn.Module) -> bool:
 
 def _is_experts(m: nn.Module) -> bool:
     """A transformers MoE experts module: ``gate_up_proj`` [experts, 2 x intermediate, hidden] (+ ``down_proj``)."""
-    w = getattr(m, "gate_up_proj", None)
-    return isinstance(w, nn.Parameter) and w.dim() == 3 and isinstance(getattr(m, "down_proj", None), nn.Parameter)
+    w = _attr(m, "gate_up_proj")   # getattr(m, name, None) without nn.Module's raise-and-catch for a missing name
+    return w is not None and isinstance(w, nn.Parameter) and w.dim() == 3 and \
+        isinstance(_attr(m, "down_proj"), nn.Parameter)
 
 
 def slice_role(m: nn.Module, tensor: str, dim: int) -> str:
@@ -148,7 +150,8 @@ class DependencyGraph(PruneMixin):
 
     def _names(self, mods: Iterable[nn.Module | str]) -> tuple[str, ...]:
         mods = list(mods)
-        names = {id(mod): n for n, mod in self.model.named_modules()} if mods else {}
+        names = {id(mod): n for n, mod in self.model.named_modules()} if any(not isinstance(m, str) for m in mods) \
+            else {}   # names given as strings are checked with get_submodule: no walk
         return tuple(self._name(m, names) for m in mods)
 
     def _build(self) -> None:
@@ -384,11 +387,12 @@ class DependencyGraph(PruneMixin):
                 if grp is None:
                     self.left_out.append((f"{name}.{tensor} dim {d}", "ragged coupling"))
                     continue
-                if any(k in covered and covered[k][pos].any() for k, pos in self._positions(grp)):
+                positions = self._positions(grp)
+                if any(k in covered and covered[k][pos].any() for k, pos in positions):
                     self.left_out.append((f"{name}.{tensor} dim {d}", "overlaps an earlier group (alternative "
                                                                        "coupling, e.g. within conv groups)"))
                     continue
-                for k, pos in self._positions(grp):
+                for k, pos in positions:
                     if k not in covered:
                         covered[k] = np.zeros(self.nodes[self._param_nodes[k[:2]][0]].shape[k[2]], dtype=bool)
                     covered[k][pos] = True
