@@ -135,6 +135,10 @@ def test_mac_cache_gives_the_formulas_counts():
     assert costs.trace_macs(t, removed)["0"] == cold["0"] // 2   # shapes less the removed entries
     assert costs._key("aten.mm", [1], []) != costs._key("aten.mm", [1.0], []) != costs._key("aten.mm", [True], [])
     assert costs._key("aten.mm", [{"a": 1}], []) is None   # unhashable: counted, not cached
+    keys = [costs._key("aten.mm", a, []) for a in ([(2, 3)], [2, 3], [[2, 3, 4]], [(2, True)], [(2, 1)], [("i", 2)],
+                                                   [2.0, 3], [(2, 3), None])]
+    assert len(set(keys)) == len(keys)   # shapes, scalars, lists and mixed sequences never share a key
+    assert costs._key("aten.mm", [(2, 3)], []) == costs._key("aten.mm", [[2, 3]], [])   # list or tuple: one key
 
 
 def test_config_snapshot_equals_deepcopy_and_keeps_aliasing():
