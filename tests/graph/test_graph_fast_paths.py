@@ -245,3 +245,25 @@ def test_apply_plan_shares_one_removal_set_between_tensors():
     with pytest.raises(SurgeryError, match="out of range for dim 0 of size 6"):
         apply_plan(net, {("0", "weight", 0): np.array([1]), ("1", "weight", 0): np.array([6])}, owners)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_distinct_walk_is_named_modules():
+    """graph._distinct gives model.named_modules() (first name of each module, same order) from the walk without
+    duplicate removal, also when shared modules sit inside shared modules; a class with its own named_modules
+    is asked directly."""
+    from brainsurgeon.graph.graph import _distinct
+
+    inner = nn.Linear(2, 2)
+    block = nn.Sequential(inner, nn.ReLU(), inner)
+    net = nn.Sequential(nn.Sequential(block, nn.Linear(2, 2)), block, nn.ModuleDict({"x": inner, "y": Net()}))
+    for m in (net, Net(), block, nn.Linear(1, 1)):
+        named = list(m.named_modules(remove_duplicate=False))
+        assert [(n, id(x)) for n, x in _distinct(m, named)] == [(n, id(x)) for n, x in m.named_modules()]
+
+    class Custom(nn.Sequential):
+        def named_modules(self, *a, **k):
+            yield "only", self
+
+    c = nn.Sequential(Custom(nn.Linear(1, 1)))
+    assert [n for n, _ in _distinct(c, list(c.named_modules(remove_duplicate=False)))] == \
+        [n for n, _ in c.named_modules()]

@@ -174,8 +174,10 @@ class DependencyGraph(PruneMixin):
         self.train_error: str | None = None
         used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
         named = list(self.model.named_modules(remove_duplicate=False))
-        distinct = list(self.model.named_modules())
+        distinct = _distinct(self.model, named)
         self._modules = dict(named)
+        self._distinct = distinct                        # model.named_modules() at build time
+        self._canon = {id(m): n for n, m in distinct}    # one name per module object
         params = {(mn, pn) for mn, m in distinct for pn, p in m._parameters.items() if p is not None}
         want_train = self.train_trace is True or (self.train_trace == "auto" and bool(params - used))
         if want_train:
@@ -250,7 +252,7 @@ class DependencyGraph(PruneMixin):
 
     def _module_rules(self, ctx: Ctx) -> None:
         """Couplings that live in module code, not in ops: MHA ties embed_dim to the q/k/v widths."""
-        for mn, m in self.model.named_modules():
+        for mn, m in self._distinct:
             if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
                 ids = self._param_nodes.get((mn, "in_proj_weight"))
                 if ids:
@@ -366,7 +368,7 @@ class DependencyGraph(PruneMixin):
         covered: dict[tuple[str, str, int], np.ndarray] = {}   # positions already in a group
         out: list[Group] = []
         self.left_out: list[tuple[str, str]] = []
-        for name, m in self.model.named_modules():
+        for name, m in self._distinct:   # model.named_modules() as built (a structure change rebuilds the graph)
             if not (isinstance(m, root_types) or (root_types is DEFAULT_ROOTS and (_is_conv1d(m) or _is_experts(m)))):
                 continue
             for which in ("out", "in"):
@@ -477,6 +479,27 @@ class DependencyGraph(PruneMixin):
             lines.append("sets left out of groups():")
             lines += [f"  {what}: {why}" for what, why in self.left_out]
         return "\n".join(lines)
+
+
+def _distinct(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())`` from ``named`` = ``model.named_modules(remove_duplicate=False)`` (the same
+    depth-first walk without the subtrees of modules already seen: each module at its first name, in the same
+    order), without a second walk; a model with a class that overrides ``named_modules`` is asked directly.
+
+    >>> shared = nn.Linear(2, 2); m = nn.Sequential(shared, shared)
+    >>> [n for n, _ in _distinct(m, list(m.named_modules(remove_duplicate=False)))]
+    ['', '0']
+    """
+    base = nn.Module.named_modules
+    if any(type(m).named_modules is not base for _, m in named):
+        return list(model.named_modules())
+    seen: set[int] = set()
+    out = []
+    for n, m in named:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((n, m))
+    return out
 
 
 def _slice_idxs(lab: np.ndarray, n: int, ident: np.ndarray | None = None) -> np.ndarray | None:

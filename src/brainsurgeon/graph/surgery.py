@@ -325,16 +325,22 @@ def _set_mirrored_attrs(model: nn.Module, attrs: AttrPlan, undo: dict[str, Any])
 
 
 def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, str]]],
-               attrs: AttrPlan | None = None) -> dict[str, Any]:
+               attrs: AttrPlan | None = None,
+               modules: tuple[dict[str, nn.Module], dict[int, str]] | None = None) -> dict[str, Any]:
     """Slice every tensor in ``plan`` and run the fixers; returns the undo record for :func:`undo`.
 
     ``owners`` maps ``id(tensor)`` to every (module, attribute) holding it (tied weights); ``attrs``
-    (from ``Edges.attr_updates``) updates attributes of parameter-less modules (LayerNorm without affine).
+    (from ``Edges.attr_updates``) updates attributes of parameter-less modules (LayerNorm without affine);
+    ``modules``: ``(dict(model.named_modules(remove_duplicate=False)), {id(module): its name in
+    model.named_modules()})`` when the caller holds them (the dependency graph), else walked here.
     """
     undo: dict[str, Any] = {"data": {}, "attrs": {}}
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, list[np.ndarray]]]] = {}
-    mods = dict(model.named_modules(remove_duplicate=False))
-    canon = {id(m): n for n, m in model.named_modules()}   # one name per module object
+    if modules is not None:
+        mods, canon = modules
+    else:
+        mods = dict(model.named_modules(remove_duplicate=False))
+        canon = {id(m): n for n, m in model.named_modules()}   # one name per module object
     for (mname, tname, dim), idx in plan.items():
         t = getattr(mods[mname], tname)
         by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, []).append(np.asarray(idx, dtype=np.int64))
