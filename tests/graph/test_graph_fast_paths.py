@@ -267,3 +267,23 @@ def test_distinct_walk_is_named_modules():
     c = nn.Sequential(Custom(nn.Linear(1, 1)))
     assert [n for n, _ in _distinct(c, list(c.named_modules(remove_duplicate=False)))] == \
         [n for n, _ in c.named_modules()]
+
+
+def test_undo_gives_hf_modules_back_the_models_config_object():
+    """A prune that is undone leaves every HF module that held the model's config holding that same object
+    (module_attrs keeps config objects by reference; a copy put back would stop following config updates)."""
+    tf = pytest.importorskip("transformers")
+    from brainsurgeon.graph import DependencyGraph
+
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    net = tf.BertModel(cfg).eval()
+    holders = [n for n, x in net.named_modules() if getattr(x, "config", None) is net.config]
+    assert "encoder.layer.0.attention.self" in holders
+    g = DependencyGraph(net, {"input_ids": torch.randint(0, 64, (1, 8))})
+    grp = g.group("encoder.layer.0.attention.self.query", "out", list(range(8)))   # one whole head
+    record = g._prune([grp])
+    assert net.encoder.layer[0].attention.self.num_attention_heads == 1
+    g._rollback(record)
+    assert net.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert all(getattr(net.get_submodule(n), "config") is net.config for n in holders)

@@ -96,8 +96,15 @@ def _is_leaf(m: nn.Module) -> bool:
 def layer_widths(model: nn.Module) -> dict[str, Any]:
     """Per-module widths: attention heads/kv heads/head_dim (from the q/k projections), MLP intermediate
     size, and the values of non-persistent rotary tables (``inv_freq``, sliced by within-head pruning)."""
+    return _widths(model)[0]
+
+
+def _widths(model: nn.Module) -> tuple[dict[str, Any], bool]:
+    """:func:`layer_widths`, and whether the model has rotary tables (a module with an ``inv_freq`` tensor; they
+    are sized from ``config.head_dim`` when it is set), from the same walk."""
     cfg = getattr(model, "config", None)
     out: dict[str, Any] = {}
+    rope = False
     for name, m in model.named_modules():
         # a leaf (no submodules, the usual nn.Module attribute lookup) has none of the children asked below:
         # only its own tensors (rotary tables, fused experts, embedding scale) are read
@@ -117,6 +124,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
                     isinstance(getattr(m, "head_size", None), int):
                 out[name]["num_attention_heads"] = _out_width(fused) // (3 * head)   # GPT-NeoX: [heads, 3, head]
         inv = _attr(m, "inv_freq")   # rotary tables are not saved (non-persistent): keep the kept values
+        rope = rope or isinstance(inv, torch.Tensor)
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
         up = None if leaf else _child(m, _UP)
@@ -139,7 +147,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
                  and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1}
         if len(norms) == 1:
             out[""] = {"hidden_size": norms.pop()}
-    return out
+    return out, rope
 
 
 def _valid(cfg: Any) -> bool:
@@ -157,7 +165,7 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict") or not type(model).__module__.startswith("transformers."):
         return {}
-    widths = layer_widths(model)
+    widths, rope = _widths(model)
     changed: dict[str, Any] = {}
     old: dict[str, Any] = {}
     per_layer: dict[str, dict[str, Any]] = {}
@@ -177,7 +185,7 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
                     changed[alias] = v0
             continue
         if f == "head_dim" and uniform and getattr(cfg, f, None) != v0 and \
-                (getattr(cfg, f, None) is not None or _rope(model)):
+                (getattr(cfg, f, None) is not None or rope):
             try:   # explicit: rotary tables and attention read config.head_dim first
                 prev = getattr(cfg, f, None)
                 setattr(cfg, f, v0)
@@ -244,11 +252,6 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
 def _ffn_fields(cfg: Any) -> list[str]:
     keys = cfg.to_dict()
     return [f for f in FFN_FIELDS if f in keys]
-
-
-def _rope(model: nn.Module) -> bool:
-    """Whether the model has rotary tables (they are sized from ``config.head_dim`` when it is set)."""
-    return any(isinstance(_attr(m, "inv_freq"), torch.Tensor) for m in model.modules())
 
 
 def _no_init_weights() -> Any:

@@ -289,9 +289,16 @@ _IMMUTABLE = frozenset({int, float, bool, str, type(None), tuple, frozenset, byt
 
 def module_attrs(m: nn.Module) -> dict[str, Any]:
     """A restorable snapshot of a module's plain attributes (``copy.copy`` of each; immutable values, which
-    ``copy.copy`` returns as they are, are taken without the call)."""
-    return {k: v if type(v) in _IMMUTABLE else copy.copy(v) for k, v in vars(m).items()
+    ``copy.copy`` returns as they are, are taken without the call). A config object the module shares with
+    the model (an HF ``self.config``: fields and ``to_dict``) is kept by reference: fixers set the module's own
+    attributes, and an undo must put back the same config object the model holds, not a copy of it."""
+    return {k: v if type(v) in _IMMUTABLE or _is_config(v) else copy.copy(v) for k, v in vars(m).items()
             if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
+
+
+def _is_config(v: Any) -> bool:
+    """A config object (HF ``PretrainedConfig`` and the like): it has fields and ``to_dict``."""
+    return hasattr(v, "__dict__") and callable(getattr(v, "to_dict", None)) and not isinstance(v, type)
 
 
 AttrPlan = dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]
