@@ -286,4 +286,4 @@ def test_undo_gives_hf_modules_back_the_models_config_object():
     assert net.encoder.layer[0].attention.self.num_attention_heads == 1
     g._rollback(record)
     assert net.encoder.layer[0].attention.self.num_attention_heads == 2
-    assert all(getattr(net.get_submodule(n), "config") is net.config for n in holders)
+    assert all(net.get_submodule(n).config is net.config for n in holders)
