@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .hf import Q_NAMES
+from .hf import Q_NAMES, _attr
 
 Fixer = Callable[[nn.Module, dict[str, dict[int, np.ndarray]]], None]
 _FIXERS: dict[type, Fixer] = {}
@@ -211,10 +211,11 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
     """transformers attention modules: heads from the query projection; head_dim kept when whole heads go,
     reduced when the same number of dims went from every head (``scaling`` is kept: outputs stay exact)."""
     _hf_moe(m)
-    qname = next((n for n in Q_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
+    # _attr: getattr(m, name, None) without nn.Module's raise-and-catch for the names a module lacks (this
+    # fixer runs on every touched transformers module and each of its transformers ancestors)
+    qname = next((n for n in Q_NAMES if isinstance(_attr(m, n), nn.Module)), None)
     q = getattr(m, qname) if qname else None
-    if q is None and isinstance(getattr(m, "c_attn", None), nn.Module) and isinstance(getattr(m, "split_size", None),
-                                                                                      int):
+    if q is None and isinstance(_attr(m, "c_attn"), nn.Module) and isinstance(_attr(m, "split_size"), int):
         _gpt2_attention(m)
         return
     if q is None or not hasattr(q, "weight"):
@@ -243,7 +244,7 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
 def _hf_moe(m: nn.Module) -> None:
     """MoE router (``weight`` [experts, hidden], reshapes with ``hidden_dim``) and experts stored as one tensor
     (``gate_up_proj`` [E, 2 x intermediate, hidden])."""
-    w, experts = getattr(m, "weight", None), getattr(m, "gate_up_proj", None)
+    w, experts = _attr(m, "weight"), _attr(m, "gate_up_proj")
     if isinstance(experts, torch.Tensor) and experts.dim() == 3:
         if isinstance(getattr(m, "hidden_dim", None), int):
             m.hidden_dim = int(experts.shape[2])
