@@ -1,6 +1,8 @@
 """Fast paths of a prune (issue 14, speed) give what the slow ones gave: the per-class fixer lookup, the
 train/eval flag walk, the module walk, the snapshot of empty containers and the HF child lookup."""
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -193,15 +195,95 @@ def test_set_training_on_hf_models_matches_train_and_asks_kernel_models():
     assert asked == [True]
 
 
-def test_rebuild_shapes_are_the_state_dicts():
-    """hf._shapes lists state_dict()'s keys in order with their shapes (shared modules under both names,
-    non-persistent buffers left out), and gives up (None) where a module customises its state dict."""
-    net = Net()
-    net.register_buffer("scratch", torch.zeros(2), persistent=False)
-    net.seq.register_buffer("kept", torch.zeros(3))
-    shapes, size = hf._shapes(net)
+def test_rebuild_comparison_is_the_state_dicts():
+    """hf._state_bytes is the bytes of state_dict()'s tensors (shared modules under both names, non-persistent
+    buffers left out); hf._differing lists the keys both state dicts have with other shapes, in state-dict order
+    (keys only one has passed over); both give up (None / False) where a module customises its state dict."""
+    def nets():
+        net = Net()
+        net.register_buffer("scratch", torch.zeros(2), persistent=False)
+        net.seq.register_buffer("kept", torch.zeros(3))
+        return net
+    net, other = nets(), nets()
     sd = net.state_dict()
-    assert list(shapes) == list(sd) and all(shapes[k] == tuple(v.shape) for k, v in sd.items())
-    assert size == sum(v.numel() * v.element_size() for v in sd.values())
+    assert hf._state_bytes(net) == sum(v.numel() * v.element_size() for v in sd.values())
+    other.seq[0].weight = nn.Parameter(torch.zeros(4, 3))
+    other.a.bias = nn.Parameter(torch.zeros(5))              # shared: a.bias and b.bias
+    other.register_buffer("scratch", torch.zeros(7))          # persistent in other only: not a key of net
+    other.seq.kept = torch.zeros(1)
+    del other.r.fc                                            # keys only net has
+    bad: list[str] = []
+    assert hf._differing(net, other, "", bad)
+    want, have = other.state_dict(), net.state_dict()
+    assert bad == [k for k, v in have.items() if k in want and want[k].shape != v.shape] == \
+        ["a.bias", "b.bias", "seq.kept", "seq.0.weight"]
     net.r.fc.register_state_dict_post_hook(lambda *a: None)
-    assert hf._shapes(net) is None
+    assert hf._state_bytes(net) is None and not hf._differing(net, other, "", [])
+    assert not hf._differing(other, net, "", [])   # the customised module is only in the second model
+
+
+def test_apply_plan_shares_one_removal_set_between_tensors():
+    """Tensors with the same size and removed indices (one hidden-size group) are sliced from one shared,
+    read-only set: every tensor keeps the right rows, every fixer sees the removed indices, undo restores all;
+    an index out of range still fails, naming the tensor."""
+    from brainsurgeon.errors import SurgeryError
+    from brainsurgeon.graph.surgery import apply_plan, undo_plan
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    owners = {id(p): [(n.rpartition(".")[0], n.rpartition(".")[2])] for n, p in net.named_parameters()}
+    gone = np.array([1, 4])
+    plan = {("0", "weight", 0): gone, ("0", "bias", 0): gone.copy(), ("1", "weight", 0): gone.copy(),
+            ("1", "bias", 0): gone.copy(), ("2", "weight", 1): gone.copy()}
+    undo = apply_plan(net, plan, owners)
+    keep = [0, 2, 3, 5]
+    assert torch.equal(net[0].weight, before["0.weight"][keep]) and torch.equal(net[1].bias, before["1.bias"][keep])
+    assert torch.equal(net[2].weight, before["2.weight"][:, keep])
+    assert (net[0].out_features, net[1].normalized_shape, net[2].in_features) == (4, (4,), 4)
+    undo_plan(undo)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net[2].in_features == 6
+    with pytest.raises(SurgeryError, match="out of range for dim 0 of size 6"):
+        apply_plan(net, {("0", "weight", 0): np.array([1]), ("1", "weight", 0): np.array([6])}, owners)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_distinct_walk_is_named_modules():
+    """graph._distinct gives model.named_modules() (first name of each module, same order) from the walk without
+    duplicate removal, also when shared modules sit inside shared modules; a class with its own named_modules
+    is asked directly."""
+    from brainsurgeon.graph.graph import _distinct
+
+    inner = nn.Linear(2, 2)
+    block = nn.Sequential(inner, nn.ReLU(), inner)
+    net = nn.Sequential(nn.Sequential(block, nn.Linear(2, 2)), block, nn.ModuleDict({"x": inner, "y": Net()}))
+    for m in (net, Net(), block, nn.Linear(1, 1)):
+        named = list(m.named_modules(remove_duplicate=False))
+        assert [(n, id(x)) for n, x in _distinct(m, named)] == [(n, id(x)) for n, x in m.named_modules()]
+
+    class Custom(nn.Sequential):
+        def named_modules(self, *a, **k):
+            yield "only", self
+
+    c = nn.Sequential(Custom(nn.Linear(1, 1)))
+    assert [n for n, _ in _distinct(c, list(c.named_modules(remove_duplicate=False)))] == \
+        [n for n, _ in c.named_modules()]
+
+
+def test_undo_gives_hf_modules_back_the_models_config_object():
+    """A prune that is undone leaves every HF module that held the model's config holding that same object
+    (module_attrs keeps config objects by reference; a copy put back would stop following config updates)."""
+    tf = pytest.importorskip("transformers")
+    from brainsurgeon.graph import DependencyGraph
+
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    net = tf.BertModel(cfg).eval()
+    holders = [n for n, x in net.named_modules() if getattr(x, "config", None) is net.config]
+    assert "encoder.layer.0.attention.self" in holders
+    g = DependencyGraph(net, {"input_ids": torch.randint(0, 64, (1, 8))})
+    grp = g.group("encoder.layer.0.attention.self.query", "out", list(range(8)))   # one whole head
+    record = g._prune([grp])
+    assert net.encoder.layer[0].attention.self.num_attention_heads == 1
+    g._rollback(record)
+    assert net.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert all(net.get_submodule(n).config is net.config for n in holders)

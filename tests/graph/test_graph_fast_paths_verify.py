@@ -47,8 +47,11 @@ def _removed(t, n: int) -> dict:
 
 def test_schema_lookup_by_id_keeps_the_overload_alive_and_matches_the_schema():
     op = torch.ops.aten.add.Tensor
-    name, argnames, defaults, mutated, overload, held = _schema_of(op)
+    name, argnames, defaults, mutated, overload, held, call = _schema_of(op)
     assert (name, argnames, overload) == ("aten.add", ("self", "other", "alpha"), "Tensor") and held is op
+    assert call is op._op   # the overload's C++ entry (what OpOverload.__call__ calls), one Python frame less
+    x = torch.randn(3)
+    assert torch.equal(call(x, x, alpha=2), op(x, x, alpha=2))
     assert defaults == (None, None, 1) and mutated == ()
     assert _schema_of(torch.ops.aten.add_.Tensor)[3] == (0,)   # written in place: self
     assert _schema_of(op) is _schema_of(op)                    # parsed once
@@ -132,6 +135,10 @@ def test_mac_cache_gives_the_formulas_counts():
     assert costs.trace_macs(t, removed)["0"] == cold["0"] // 2   # shapes less the removed entries
     assert costs._key("aten.mm", [1], []) != costs._key("aten.mm", [1.0], []) != costs._key("aten.mm", [True], [])
     assert costs._key("aten.mm", [{"a": 1}], []) is None   # unhashable: counted, not cached
+    keys = [costs._key("aten.mm", a, []) for a in ([(2, 3)], [2, 3], [[2, 3, 4]], [(2, True)], [(2, 1)], [("i", 2)],
+                                                   [2.0, 3], [(2, 3), None])]
+    assert len(set(keys)) == len(keys)   # shapes, scalars, lists and mixed sequences never share a key
+    assert costs._key("aten.mm", [(2, 3)], []) == costs._key("aten.mm", [[2, 3]], [])   # list or tuple: one key
 
 
 def test_config_snapshot_equals_deepcopy_and_keeps_aliasing():

@@ -39,6 +39,8 @@ class PruneMixin:
     nodes: dict[int, Any]
     edges: Any
     owners: dict[int, list[tuple[str, str]]]
+    _modules: dict[str, Any]
+    _canon: dict[int, str]
     history: list[dict[str, Any]]
     _removed: dict[Key, int]
     _touched: dict[tuple[str, str, int], int]
@@ -202,7 +204,8 @@ class PruneMixin:
                 for k, c in zip(grp.labels, _labelled_counts(list(grp.labels.values())), strict=True):
                     if c:
                         removed[k] = removed.get(k, 0) + c
-        undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes))
+        undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes),
+                          modules=(self._modules, self._canon))
         exact = False
         if self.verify:
             try:

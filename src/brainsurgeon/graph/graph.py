@@ -28,6 +28,7 @@ from ..errors import BrainsurgeonError, CalibrationError, ConfigError, Unsupport
 from . import rules_nn, rules_timm, rules_views  # noqa: F401  (register the op rules)
 from .commit import PruneMixin
 from .group import Group, Slice
+from .hf import _attr
 from .maps import Closure, Edges, Key, closure, unique_ints
 from .rules import Ctx, apply_module_rules, find_rule, refs
 from .trace import Ref, Trace, flat_tensors, in_mode, run_model
@@ -67,8 +68,9 @@ def _is_conv1d(m: nn.Module) -> bool:
 
 def _is_experts(m: nn.Module) -> bool:
     """A transformers MoE experts module: ``gate_up_proj`` [experts, 2 x intermediate, hidden] (+ ``down_proj``)."""
-    w = getattr(m, "gate_up_proj", None)
-    return isinstance(w, nn.Parameter) and w.dim() == 3 and isinstance(getattr(m, "down_proj", None), nn.Parameter)
+    w = _attr(m, "gate_up_proj")   # getattr(m, name, None) without nn.Module's raise-and-catch for a missing name
+    return w is not None and isinstance(w, nn.Parameter) and w.dim() == 3 and \
+        isinstance(_attr(m, "down_proj"), nn.Parameter)
 
 
 def slice_role(m: nn.Module, tensor: str, dim: int) -> str:
@@ -148,7 +150,8 @@ class DependencyGraph(PruneMixin):
 
     def _names(self, mods: Iterable[nn.Module | str]) -> tuple[str, ...]:
         mods = list(mods)
-        names = {id(mod): n for n, mod in self.model.named_modules()} if mods else {}
+        names = {id(mod): n for n, mod in self.model.named_modules()} if any(not isinstance(m, str) for m in mods) \
+            else {}   # names given as strings are checked with get_submodule: no walk
         return tuple(self._name(m, names) for m in mods)
 
     def _build(self) -> None:
@@ -171,8 +174,10 @@ class DependencyGraph(PruneMixin):
         self.train_error: str | None = None
         used = {n.owner for n in self.traces[0].nodes.values() if n.owner}
         named = list(self.model.named_modules(remove_duplicate=False))
-        distinct = list(self.model.named_modules())
+        distinct = _distinct(self.model, named)
         self._modules = dict(named)
+        self._distinct = distinct                        # model.named_modules() at build time
+        self._canon = {id(m): n for n, m in distinct}    # one name per module object
         params = {(mn, pn) for mn, m in distinct for pn, p in m._parameters.items() if p is not None}
         want_train = self.train_trace is True or (self.train_trace == "auto" and bool(params - used))
         if want_train:
@@ -247,7 +252,7 @@ class DependencyGraph(PruneMixin):
 
     def _module_rules(self, ctx: Ctx) -> None:
         """Couplings that live in module code, not in ops: MHA ties embed_dim to the q/k/v widths."""
-        for mn, m in self.model.named_modules():
+        for mn, m in self._distinct:
             if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
                 ids = self._param_nodes.get((mn, "in_proj_weight"))
                 if ids:
@@ -363,7 +368,7 @@ class DependencyGraph(PruneMixin):
         covered: dict[tuple[str, str, int], np.ndarray] = {}   # positions already in a group
         out: list[Group] = []
         self.left_out: list[tuple[str, str]] = []
-        for name, m in self.model.named_modules():
+        for name, m in self._distinct:   # model.named_modules() as built (a structure change rebuilds the graph)
             if not (isinstance(m, root_types) or (root_types is DEFAULT_ROOTS and (_is_conv1d(m) or _is_experts(m)))):
                 continue
             for which in ("out", "in"):
@@ -384,11 +389,12 @@ class DependencyGraph(PruneMixin):
                 if grp is None:
                     self.left_out.append((f"{name}.{tensor} dim {d}", "ragged coupling"))
                     continue
-                if any(k in covered and covered[k][pos].any() for k, pos in self._positions(grp)):
+                positions = self._positions(grp)
+                if any(k in covered and covered[k][pos].any() for k, pos in positions):
                     self.left_out.append((f"{name}.{tensor} dim {d}", "overlaps an earlier group (alternative "
                                                                        "coupling, e.g. within conv groups)"))
                     continue
-                for k, pos in self._positions(grp):
+                for k, pos in positions:
                     if k not in covered:
                         covered[k] = np.zeros(self.nodes[self._param_nodes[k[:2]][0]].shape[k[2]], dtype=bool)
                     covered[k][pos] = True
@@ -473,6 +479,27 @@ class DependencyGraph(PruneMixin):
             lines.append("sets left out of groups():")
             lines += [f"  {what}: {why}" for what, why in self.left_out]
         return "\n".join(lines)
+
+
+def _distinct(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())`` from ``named`` = ``model.named_modules(remove_duplicate=False)`` (the same
+    depth-first walk without the subtrees of modules already seen: each module at its first name, in the same
+    order), without a second walk; a model with a class that overrides ``named_modules`` is asked directly.
+
+    >>> shared = nn.Linear(2, 2); m = nn.Sequential(shared, shared)
+    >>> [n for n, _ in _distinct(m, list(m.named_modules(remove_duplicate=False)))]
+    ['', '0']
+    """
+    base = nn.Module.named_modules
+    if any(type(m).named_modules is not base for _, m in named):
+        return list(model.named_modules())
+    seen: set[int] = set()
+    out = []
+    for n, m in named:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((n, m))
+    return out
 
 
 def _slice_idxs(lab: np.ndarray, n: int, ident: np.ndarray | None = None) -> np.ndarray | None:

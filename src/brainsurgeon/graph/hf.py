@@ -96,8 +96,15 @@ def _is_leaf(m: nn.Module) -> bool:
 def layer_widths(model: nn.Module) -> dict[str, Any]:
     """Per-module widths: attention heads/kv heads/head_dim (from the q/k projections), MLP intermediate
     size, and the values of non-persistent rotary tables (``inv_freq``, sliced by within-head pruning)."""
+    return _widths(model)[0]
+
+
+def _widths(model: nn.Module) -> tuple[dict[str, Any], bool]:
+    """:func:`layer_widths`, and whether the model has rotary tables (a module with an ``inv_freq`` tensor; they
+    are sized from ``config.head_dim`` when it is set), from the same walk."""
     cfg = getattr(model, "config", None)
     out: dict[str, Any] = {}
+    rope = False
     for name, m in model.named_modules():
         # a leaf (no submodules, the usual nn.Module attribute lookup) has none of the children asked below:
         # only its own tensors (rotary tables, fused experts, embedding scale) are read
@@ -117,6 +124,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
                     isinstance(getattr(m, "head_size", None), int):
                 out[name]["num_attention_heads"] = _out_width(fused) // (3 * head)   # GPT-NeoX: [heads, 3, head]
         inv = _attr(m, "inv_freq")   # rotary tables are not saved (non-persistent): keep the kept values
+        rope = rope or isinstance(inv, torch.Tensor)
         if isinstance(inv, torch.Tensor) and "inv_freq" in getattr(m, "_non_persistent_buffers_set", ()):
             out.setdefault(name, {})["inv_freq"] = [float(v) for v in inv.detach().cpu().double().tolist()]
         up = None if leaf else _child(m, _UP)
@@ -139,7 +147,7 @@ def layer_widths(model: nn.Module) -> dict[str, Any]:
                  and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1}
         if len(norms) == 1:
             out[""] = {"hidden_size": norms.pop()}
-    return out
+    return out, rope
 
 
 def _valid(cfg: Any) -> bool:
@@ -157,7 +165,7 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict") or not type(model).__module__.startswith("transformers."):
         return {}
-    widths = layer_widths(model)
+    widths, rope = _widths(model)
     changed: dict[str, Any] = {}
     old: dict[str, Any] = {}
     per_layer: dict[str, dict[str, Any]] = {}
@@ -177,7 +185,7 @@ def sync_hf_config(model: nn.Module) -> dict[str, Any]:
                     changed[alias] = v0
             continue
         if f == "head_dim" and uniform and getattr(cfg, f, None) != v0 and \
-                (getattr(cfg, f, None) is not None or _rope(model)):
+                (getattr(cfg, f, None) is not None or rope):
             try:   # explicit: rotary tables and attention read config.head_dim first
                 prev = getattr(cfg, f, None)
                 setattr(cfg, f, v0)
@@ -246,11 +254,6 @@ def _ffn_fields(cfg: Any) -> list[str]:
     return [f for f in FFN_FIELDS if f in keys]
 
 
-def _rope(model: nn.Module) -> bool:
-    """Whether the model has rotary tables (they are sized from ``config.head_dim`` when it is set)."""
-    return any(isinstance(_attr(m, "inv_freq"), torch.Tensor) for m in model.modules())
-
-
 def _no_init_weights() -> Any:
     """transformers' context that skips weight initialisation (where this version has one)."""
     import contextlib
@@ -277,9 +280,9 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     cfg = getattr(model, "config", None)
     if cfg is None or not type(model).__module__.startswith("transformers."):
         return []
-    walked = _shapes(model)
-    have, size = walked if walked is not None else \
-        ({}, sum(v.numel() * v.element_size() for v in model.state_dict().values()))
+    size = _state_bytes(model)
+    if size is None:
+        size = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     # shapes only, weight initialisation skipped; a small model is built on the CPU (uninitialised memory),
     # ~1.5x faster than on the meta device, whose device mode intercepts every torch call of the build
     small = size <= _CPU_BUILD_BYTES
@@ -291,36 +294,81 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
             fresh = type(model)(clean)
     except Exception:  # noqa: BLE001  (a config this class cannot build from: nothing HF's loader can do either)
         return ["<config does not rebuild the model>"]
-    built = _shapes(fresh)
-    if walked is None or built is None:   # a module customises its state dict: ask the state dicts themselves
-        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-        return [k for k, v in model.state_dict().items() if k in want and want[k] != tuple(v.shape)]
-    want = built[0]
-    return [k for k, v in have.items() if k in want and want[k] != v]
+    bad: list[str] = []
+    if _differing(model, fresh, "", bad):
+        return bad
+    # a module customises its state dict: ask the state dicts themselves
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return [k for k, v in model.state_dict().items() if k in want and want[k] != tuple(v.shape)]
 
 
-def _shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], int] | None:
-    """``{key: shape}`` of ``model.state_dict()`` (the same keys in the same order: every non-None parameter
-    and persistent buffer, a module shared under two names under both) and its tensors' bytes, read from the
-    modules' own dicts instead of detaching every tensor. None where a module customises its state dict
-    (state-dict hooks, its own ``state_dict``/``_save_to_state_dict``/``get_extra_state``): ask it then."""
-    out: dict[str, tuple[int, ...]] = {}
-    size = [0]
+_PLAIN_SD: dict[type, bool] = {}   # class -> its state dict is nn.Module's own (no override of the hooks below)
 
-    def walk(m: nn.Module, prefix: str) -> bool:
-        cls = type(m)
-        if m._state_dict_hooks or m._state_dict_pre_hooks or cls.state_dict is not nn.Module.state_dict \
-                or cls._save_to_state_dict is not nn.Module._save_to_state_dict \
-                or getattr(cls, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state:
-            return False
-        skip = m._non_persistent_buffers_set
-        for k, t in (*m._parameters.items(), *((k, b) for k, b in m._buffers.items() if k not in skip)):
-            if t is not None:
-                out[prefix + k] = tuple(t.shape)
-                size[0] += t.numel() * t.element_size()
-        return all(walk(c, prefix + k + ".") for k, c in m._modules.items() if c is not None)
 
-    return (out, size[0]) if walk(model, "") else None
+def _plain_state_dict(m: nn.Module) -> bool:
+    """Whether ``m.state_dict()`` lists exactly its non-None parameters and persistent buffers (then its
+    children's): no state-dict hooks, no own ``state_dict``/``_save_to_state_dict``/``get_extra_state``."""
+    if m._state_dict_hooks or m._state_dict_pre_hooks:
+        return False
+    cls = type(m)
+    plain = _PLAIN_SD.get(cls)
+    if plain is None:
+        plain = _PLAIN_SD[cls] = cls.state_dict is nn.Module.state_dict \
+            and cls._save_to_state_dict is nn.Module._save_to_state_dict \
+            and getattr(cls, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state
+    return plain
+
+
+def _state_bytes(model: nn.Module) -> int | None:
+    """The bytes of ``model.state_dict()``'s tensors (a module shared under two names counted under both),
+    read from the modules' own dicts; None where a module customises its state dict."""
+    if not _plain_state_dict(model):
+        return None
+    skip = model._non_persistent_buffers_set
+    n = sum(t.numel() * t.element_size() for t in model._parameters.values() if t is not None) + \
+        sum(t.numel() * t.element_size() for k, t in model._buffers.items() if t is not None and k not in skip)
+    for c in model._modules.values():
+        if c is not None:
+            sub = _state_bytes(c)
+            if sub is None:
+                return None
+            n += sub
+    return n
+
+
+def _differing(a: nn.Module, b: nn.Module, prefix: str, bad: list[str]) -> bool:
+    """Append to ``bad`` the state-dict keys of ``a`` that ``b`` has too, with another shape, in ``a``'s
+    state-dict order (keys only one of them has are passed over, as a comparison of the two state dicts
+    would); both walked in step, no key built for a matching tensor. False where a module of either
+    customises its state dict (``bad`` is then incomplete: ask the state dicts)."""
+    if not (_plain_state_dict(a) and _plain_state_dict(b)):
+        return False
+    skip_a, skip_b = a._non_persistent_buffers_set, b._non_persistent_buffers_set
+    bp, bb = b._parameters, b._buffers
+    for k, t in a._parameters.items():
+        if t is not None:
+            u = bp.get(k)
+            if u is None and k not in bp:   # a buffer of the same name in b is the same state-dict key
+                u = bb.get(k) if k not in skip_b else None
+            if u is not None and u.shape != t.shape:
+                bad.append(prefix + k)
+    for k, t in a._buffers.items():
+        if t is not None and k not in skip_a:
+            u = bb.get(k) if k not in skip_b else None
+            if u is None and k not in bb:
+                u = bp.get(k)
+            if u is not None and u.shape != t.shape:
+                bad.append(prefix + k)
+    am, bm = a._modules, b._modules
+    for k, c in am.items():
+        if c is not None:
+            d = bm.get(k)
+            if d is not None:
+                if not _differing(c, d, prefix + k + ".", bad):
+                    return False
+            elif _state_bytes(c) is None:   # keys b does not have; still, a customised state dict is asked
+                return False
+    return all(_state_bytes(d) is not None for k, d in bm.items() if d is not None and am.get(k) is None)
 
 
 _CPU_BUILD_BYTES = 64 << 20   # rebuild_mismatches: models up to this size (weights + buffers) are built on the CPU

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .hf import Q_NAMES
+from .hf import Q_NAMES, _attr
 
 Fixer = Callable[[nn.Module, dict[str, dict[int, np.ndarray]]], None]
 _FIXERS: dict[type, Fixer] = {}
@@ -211,10 +211,11 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
     """transformers attention modules: heads from the query projection; head_dim kept when whole heads go,
     reduced when the same number of dims went from every head (``scaling`` is kept: outputs stay exact)."""
     _hf_moe(m)
-    qname = next((n for n in Q_NAMES if isinstance(getattr(m, n, None), nn.Module)), None)
+    # _attr: getattr(m, name, None) without nn.Module's raise-and-catch for the names a module lacks (this
+    # fixer runs on every touched transformers module and each of its transformers ancestors)
+    qname = next((n for n in Q_NAMES if isinstance(_attr(m, n), nn.Module)), None)
     q = getattr(m, qname) if qname else None
-    if q is None and isinstance(getattr(m, "c_attn", None), nn.Module) and isinstance(getattr(m, "split_size", None),
-                                                                                      int):
+    if q is None and isinstance(_attr(m, "c_attn"), nn.Module) and isinstance(_attr(m, "split_size"), int):
         _gpt2_attention(m)
         return
     if q is None or not hasattr(q, "weight"):
@@ -243,7 +244,7 @@ def _hf_attention(m: nn.Module, removed: dict[str, dict[int, np.ndarray]]) -> No
 def _hf_moe(m: nn.Module) -> None:
     """MoE router (``weight`` [experts, hidden], reshapes with ``hidden_dim``) and experts stored as one tensor
     (``gate_up_proj`` [E, 2 x intermediate, hidden])."""
-    w, experts = getattr(m, "weight", None), getattr(m, "gate_up_proj", None)
+    w, experts = _attr(m, "weight"), _attr(m, "gate_up_proj")
     if isinstance(experts, torch.Tensor) and experts.dim() == 3:
         if isinstance(getattr(m, "hidden_dim", None), int):
             m.hidden_dim = int(experts.shape[2])
@@ -289,9 +290,16 @@ _IMMUTABLE = frozenset({int, float, bool, str, type(None), tuple, frozenset, byt
 
 def module_attrs(m: nn.Module) -> dict[str, Any]:
     """A restorable snapshot of a module's plain attributes (``copy.copy`` of each; immutable values, which
-    ``copy.copy`` returns as they are, are taken without the call)."""
-    return {k: v if type(v) in _IMMUTABLE else copy.copy(v) for k, v in vars(m).items()
+    ``copy.copy`` returns as they are, are taken without the call). A config object the module shares with
+    the model (an HF ``self.config``: fields and ``to_dict``) is kept by reference: fixers set the module's own
+    attributes, and an undo must put back the same config object the model holds, not a copy of it."""
+    return {k: v if type(v) in _IMMUTABLE or _is_config(v) else copy.copy(v) for k, v in vars(m).items()
             if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
+
+
+def _is_config(v: Any) -> bool:
+    """A config object (HF ``PretrainedConfig`` and the like): it has fields and ``to_dict``."""
+    return hasattr(v, "__dict__") and callable(getattr(v, "to_dict", None)) and not isinstance(v, type)
 
 
 AttrPlan = dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]
@@ -325,34 +333,50 @@ def _set_mirrored_attrs(model: nn.Module, attrs: AttrPlan, undo: dict[str, Any])
 
 
 def apply_plan(model: nn.Module, plan: Plan, owners: dict[int, list[tuple[str, str]]],
-               attrs: AttrPlan | None = None) -> dict[str, Any]:
+               attrs: AttrPlan | None = None,
+               modules: tuple[dict[str, nn.Module], dict[int, str]] | None = None) -> dict[str, Any]:
     """Slice every tensor in ``plan`` and run the fixers; returns the undo record for :func:`undo`.
 
     ``owners`` maps ``id(tensor)`` to every (module, attribute) holding it (tied weights); ``attrs``
-    (from ``Edges.attr_updates``) updates attributes of parameter-less modules (LayerNorm without affine).
+    (from ``Edges.attr_updates``) updates attributes of parameter-less modules (LayerNorm without affine);
+    ``modules``: ``(dict(model.named_modules(remove_duplicate=False)), {id(module): its name in
+    model.named_modules()})`` when the caller holds them (the dependency graph), else walked here.
     """
     undo: dict[str, Any] = {"data": {}, "attrs": {}}
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, list[np.ndarray]]]] = {}
-    mods = dict(model.named_modules(remove_duplicate=False))
-    canon = {id(m): n for n, m in model.named_modules()}   # one name per module object
+    if modules is not None:
+        mods, canon = modules
+    else:
+        mods = dict(model.named_modules(remove_duplicate=False))
+        canon = {id(m): n for n, m in model.named_modules()}   # one name per module object
     for (mname, tname, dim), idx in plan.items():
         t = getattr(mods[mname], tname)
         by_tensor.setdefault(id(t), (t, {}))[1].setdefault(dim, []).append(np.asarray(idx, dtype=np.int64))
     modules: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    # (size, removed indices, device) -> (removed sorted and distinct, kept positions): most tensors of a plan
+    # share their dim's size and indices with others (every tensor of a hidden-size group), so each distinct
+    # set is checked and converted once
+    sets: dict[tuple[int, bytes, torch.device], tuple[np.ndarray, torch.Tensor]] = {}
     try:
         for tid, (t, dims) in by_tensor.items():
-            undo["data"][tid] = (t, t.data)
             new = t.data
+            undo["data"][tid] = (t, new)
             for dim, parts in dims.items():
                 n = new.shape[dim]
-                idx = np.concatenate(parts)
-                if len(idx) and (idx.min() < 0 or idx.max() >= n):
-                    raise SurgeryError(f"indices {idx.min()}..{idx.max()} out of range for dim {dim} of size {n} "
-                                       f"({owners.get(tid, [('?', '?')])[0]})")
-                keep = np.ones(n, dtype=bool)
-                keep[idx] = False
-                dims[dim] = np.nonzero(~keep)[0]          # sorted, distinct: what the fixers expect
-                new = new.index_select(dim, torch.as_tensor(np.nonzero(keep)[0], device=new.device))
+                idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                key = (n, idx.tobytes(), new.device)
+                got = sets.get(key)
+                if got is None:
+                    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+                        raise SurgeryError(f"indices {idx.min()}..{idx.max()} out of range for dim {dim} of size {n} "
+                                           f"({owners.get(tid, [('?', '?')])[0]})")
+                    keep = np.ones(n, dtype=bool)
+                    keep[idx] = False
+                    gone = np.nonzero(~keep)[0]          # sorted, distinct: what the fixers expect
+                    gone.flags.writeable = False         # shared by the tensors with this set: read-only
+                    got = sets[key] = (gone, torch.as_tensor(np.nonzero(keep)[0], device=new.device))
+                dims[dim] = got[0]
+                new = new.index_select(dim, got[1])
             t.data = new.contiguous()
             if getattr(t, "grad", None) is not None:
                 t.grad = None

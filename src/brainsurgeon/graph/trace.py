@@ -204,27 +204,27 @@ class _Recorder(TorchDispatchMode):
         return a
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **kwargs) if kwargs else func(*args)
-        name, argnames, defaults, mutated_pos, overload, _ = _schema_of(func)
+        name, argnames, defaults, mutated_pos, overload, _, call = _SCHEMAS.get(id(func)) or _schema_of(func)
+        out = call(*args, **kwargs) if kwargs else call(*args)
         inputs: list[int] = []
         ids, tensor = self.ids, torch.Tensor
         n_args = len(args)
-        rec_args = []
-        for i, a in enumerate(argnames):
-            v = args[i] if i < n_args else kwargs.get(a, defaults[i]) if kwargs else defaults[i]
+        # every schema argument by position: the call's own, then keywords or defaults (never tensors)
+        rec_args = list(args) if n_args == len(argnames) else \
+            [*args, *(kwargs.get(a, defaults[i]) for i, a in enumerate(argnames[n_args:], n_args))] if kwargs \
+            else [*args, *defaults[n_args:]]
+        for i, v in enumerate(rec_args if kwargs else args):
             tv = type(v)
-            if v is None or tv is int or tv is float or tv is bool:   # what _ref() gives back unchanged
-                rec_args.append(v)
-            elif isinstance(v, tensor):                                # _ref(v), inline (one call per op input)
+            if tv in _SCALARS:   # None, int, float, bool: recorded as they are
+                continue
+            if isinstance(v, tensor):                                # _ref(v), inline (one call per op input)
                 nid = ids.get(id(v))
                 if nid is None:
                     nid = self.node_of(v)
                 inputs.append(nid)
-                rec_args.append(Ref(nid))
+                rec_args[i] = Ref(nid)
             elif isinstance(v, (list, tuple)):
-                rec_args.append(_map(lambda x: self._ref(x, inputs), v))
-            else:
-                rec_args.append(v)
+                rec_args[i] = _map(lambda x: self._ref(x, inputs), v)
         mutated_views = None
         mutated_objs: dict[int, torch.Tensor] | None = None
         if mutated_pos:
@@ -237,30 +237,37 @@ class _Recorder(TorchDispatchMode):
                              if k in ids and t._is_view() and id(t._base) in ids] if mutated_objs else None
         outputs, mutated = [], []
         flat = [out] if isinstance(out, tensor) else flat_tensors(out)
+        index_outs = None
         for o in flat:
             k = id(o)
             if k in ids or (mutated_objs is not None and k in mutated_objs):
                 mutated.append(ids.get(k, -1))
             outputs.append(self.new_node(o))
+            if o.dtype in _INDEX_SET:
+                index_outs = [o] if index_outs is None else [*index_outs, o]
         self.ops.append(OpRecord(len(self.ops), name, overload, rec_args, inputs, outputs, mutated,
                                  self.stack[-1] if self.stack else "", argnames))
-        for o in flat:
-            if o.dtype in _INDEX_SET and o.numel() <= _MAX_VALUES:
-                self.nodes[ids[id(o)]].value = o.detach().cpu().numpy().copy()
+        if index_outs is not None:
+            for o in index_outs:
+                if o.numel() <= _MAX_VALUES:
+                    self.nodes[ids[id(o)]].value = o.detach().cpu().numpy().copy()
         if mutated_views:
             for v_in in mutated_views:
                 self._mutate_base(v_in)
         return out
 
 
-_SCHEMAS: dict[int, tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...], str, Any]] = {}
+_SCHEMAS: dict[int, tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...], str, Any, Any]] = {}
+_SCALARS = frozenset((type(None), int, float, bool))
 
 
-def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...], str, Any]:
+def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[int, ...], str, Any, Any]:
     """(name 'aten.add', argument names, defaults (None where none), positions written in place, overload
-    name, the overload) of an op overload; parsed once per overload, since reading ``func._schema`` costs more
-    than most ops. Keyed by ``id(func)`` (an OpOverload's own ``__hash__`` is Python code); the entry holds
-    the overload, so the id is never reused while it is cached."""
+    name, the overload, what to call it through) of an op overload; parsed once per overload, since reading
+    ``func._schema`` costs more than most ops. Keyed by ``id(func)`` (an OpOverload's own ``__hash__`` is
+    Python code); the entry holds the overload, so the id is never reused while it is cached. The callable is
+    the overload's C++ entry point (``OpOverload.__call__`` does only that, for an overload without a Python
+    dispatcher), saving a Python frame per op."""
     got = _SCHEMAS.get(id(func))
     if got is None:
         args = func._schema.arguments
@@ -269,7 +276,8 @@ def _schema_of(func: Any) -> tuple[str, tuple[str, ...], tuple[Any, ...], tuple[
             tuple(a.name for a in args),
             tuple(a.default_value if a.has_default_value() else None for a in args),
             tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write),
-            func._overloadname, func)
+            func._overloadname, func,
+            func._op if getattr(func, "_pyobj_dispatcher", None) is None and hasattr(func, "_op") else func)
     return got
 
 

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SurgeryError
 from .maps import Key
-from .trace import Node, OpRecord, Trace, _schema_of, flat_tensors, in_mode, run_model
+from .trace import _SCHEMAS, Node, OpRecord, Trace, _schema_of, flat_tensors, in_mode, run_model
 
 
 class VerifyError(SurgeryError):
@@ -115,8 +115,8 @@ class _Checker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if self.paused:
             return func(*args, **(kwargs or {}))
-        name = _schema_of(func)[0]
-        self.current = name
+        sch = _SCHEMAS.get(id(func)) or _schema_of(func)
+        name = self.current = sch[0]
         ops, j = self.ops, self.j
         if self.matched and (j >= len(ops) or ops[j].name != name):   # (the common case: the next op matches)
             self._skip_elided(name)
@@ -125,7 +125,7 @@ class _Checker(TorchDispatchMode):
                 self.diverged = f"op {self.j}: ran {name}, trace has " + \
                     (ops[self.j].name if self.j < len(ops) else "no more ops")
         try:
-            out = func(*args, **kwargs) if kwargs else func(*args)
+            out = sch[6](*args, **kwargs) if kwargs else sch[6](*args)   # the overload's entry (trace._schema_of)
         except Exception as e:
             sub = self._substitute(func, self.ops[self.j]) if self.collect and self.matched else None
             if sub is None:

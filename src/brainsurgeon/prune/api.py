@@ -96,10 +96,17 @@ def _prunable(graph: Any, model: nn.Module, cfg: ChannelPruning) -> list[Any]:
             raise ConfigError(f"ChannelPruning.ignore: pattern {p.pattern!r} matches no module of "
                               f"{type(model).__name__}; names are as in model.named_modules(), e.g. "
                               f"{sorted(n for n in names if n)[:5]}")
-    ignored = [n for n in names if n and any(p.fullmatch(n) for p in pats)]
+    hit: dict[str, bool] = {}   # module name -> matched by a pattern (each name matched once)
+
+    def ignored_name(n: str) -> bool:
+        v = hit.get(n)
+        if v is None:
+            v = hit[n] = any(p.fullmatch(n) for p in pats)
+        return v
+
+    ignored = [n for n in names if n and ignored_name(n)]
     groups = graph.groups(ignore=tuple(ignored))
-    return [g for g in groups
-            if g.n > 1 and not any(s.role == "out" and any(p.fullmatch(s.module) for p in pats) for s in g.slices)]
+    return [g for g in groups if g.n > 1 and not any(s.role == "out" and ignored_name(s.module) for s in g.slices)]
 
 
 def _plan(groups: list[Any], scores: list[torch.Tensor], cfg: ChannelPruning, ratio: float,

@@ -50,10 +50,15 @@ _SHAPE_CODE = shape_wrapper(lambda: 0).__code__   # formulas registered on shape
 _FORMULAS: dict[str, tuple[Any, bool] | None] = {}   # op name -> (formula, takes shapes), or None: no formula
 
 
+_PACKETS: list[Any] = [-1, {}]   # [size of flop_registry when built, {overload packet: formula}]
+
+
 def _formula(name: str) -> tuple[Any, bool] | None:
     """``torch.utils.flop_counter``'s formula for an op name ('aten.mm'), unwrapped to take shapes when it can."""
     if name not in _FORMULAS:
-        packets = {getattr(k, "_overloadpacket", k): v for k, v in flop_registry.items()}
+        if _PACKETS[0] != len(flop_registry):   # the registry by packet, rebuilt only when it grew
+            _PACKETS[:] = [len(flop_registry), {getattr(k, "_overloadpacket", k): v for k, v in flop_registry.items()}]
+        packets = _PACKETS[1]
         packet = getattr(torch.ops.aten, name.rpartition(".")[2], None) if name.startswith("aten.") else None
         fn = packets.get(packet) if packet is not None else None
         raw = getattr(fn, "__wrapped__", None)
@@ -66,12 +71,16 @@ _FLOPS: dict[Any, int] = {}   # (op name, argument shapes and scalars, output sh
 
 
 def _frozen(v: Any) -> Any:
-    """``v`` with every list made a tuple and every scalar typed (``1``, ``1.0`` and ``True`` are distinct), for
-    a cache key (TypeError if something in it is unhashable)."""
-    if isinstance(v, (list, tuple)):
-        return tuple(_frozen(x) for x in v)
+    """``v`` as a cache key: lists and tuples alike as tuples, every scalar typed (``1``, ``1.0`` and ``True`` are
+    distinct); a sequence of plain ints (a shape, the most common argument) is one tuple tagged ``"i"``, other
+    sequences are tagged ``"s"`` (so no two arguments share a key). TypeError if something is unhashable."""
+    tv = type(v)
+    if tv is tuple or tv is list or isinstance(v, (list, tuple)):
+        if all(type(x) is int for x in v):
+            return ("i", *v)
+        return ("s", *(_frozen(x) for x in v))
     hash(v)
-    return type(v), v
+    return tv, v
 
 
 def _key(name: str, args: list[Any], outs: list[Any]) -> Any:
