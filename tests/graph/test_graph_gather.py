@@ -156,3 +156,72 @@ def test_deberta_v2_relative_attention_prunes_whole_heads(tmp_path, share_att_ke
         again = type(m).from_pretrained(tmp_path, attn_implementation="eager")
     with torch.no_grad():
         assert torch.equal(again.eval()(**x).logits, ref)
+
+
+class MaskedFill(nn.Module):
+    """SpecAugment-style ``h[mask] = embed``: a boolean mask over (batch, time) writes a learned vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+        self.embed = nn.Parameter(torch.randn(6))
+        self.register_buffer("mask", torch.tensor([[True, False, True]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:        # x: (1, 3, 4)
+        h = self.a(x).clone()
+        h[self.mask] = self.embed
+        return self.b(h)
+
+
+class IndexedWrite(nn.Module):
+    """``h[:, [0, 2]] = 0`` writes fixed channels: that dim cannot shrink (the positions would move)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(3, 6, 1)
+        self.b = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).clone()
+        h[:, torch.tensor([0, 2])] = 0.0
+        return self.b(h)
+
+
+def test_boolean_mask_write_keeps_the_written_vector_coupled():
+    torch.manual_seed(0)
+    m = MaskedFill().eval()
+    x = torch.randn(1, 3, 4)
+    ref = copy.deepcopy(m)
+    g = DependencyGraph(m, (x,))
+    grp = g.group(m.a, "out", [1, 4])
+    assert {(s.name, s.dim): s.idxs.reshape(-1).tolist() for s in grp.slices} == {
+        ("a.weight", 0): [1, 4], ("a.bias", 0): [1, 4], ("embed", 0): [1, 4], ("b.weight", 1): [1, 4]}
+    with torch.no_grad():
+        for s in grp.slices:
+            getattr(ref.get_submodule(s.module), s.tensor).index_fill_(s.dim, s.idxs.reshape(-1), 0.0)
+        y0 = ref(x)
+    grp.prune()
+    assert m.embed.shape == (4,) and m.b.in_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y0, rtol=0, atol=1e-6)
+
+
+def test_integer_indexed_write_blocks_that_dim():
+    m = IndexedWrite().eval()
+    g = DependencyGraph(m, (torch.randn(1, 3, 5),))
+    with pytest.raises(UnsupportedOpError, match=r"aten.index_put_? \(indexed dims\)"):
+        g.group(m.a, "out", [1])
+
+
+def test_weight_norm_refusal_says_how_to_get_past_it():
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2)
+    m = nn.Sequential(nn.Conv1d(2, 4, 1), conv, nn.Conv1d(4, 2, 1)).eval()
+    g = DependencyGraph(m, (torch.randn(1, 2, 6),))
+    assert not g.unsupported
+    with pytest.raises(UnsupportedOpError, match="remove_parametrizations or remove_weight_norm"):
+        g.group(m[0], "out", [1])
+    nn.utils.parametrize.remove_parametrizations(conv, "weight")
+    g = DependencyGraph(m, (torch.randn(1, 2, 6),))
+    g.group(m[0], "out", [1]).prune()                       # the plain conv prunes
+    assert m[1].in_channels == 3 and m(torch.randn(1, 2, 6)).shape == (1, 2, 6)

@@ -13,6 +13,7 @@ relative attention (``c2p[b*h, i, j] = scores[b*h, i, pos[b*h, i, j]]``)::
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .rules import Ctx, _dim, refs, register_rule
 from .trace import OpRecord, Ref
@@ -58,27 +59,57 @@ def _trailing(g: Ctx, x: Ref, y: Ref | int, used: list[int], why: str) -> bool:
     return True
 
 
+def _covered(g: Ctx, indices: list) -> list[tuple[int, Ref | None]]:
+    """``(dim of x, index)`` for every dim an index list covers: ``None`` entries skip a dim, a boolean mask of
+    rank k covers k dims (``x[mask]`` with ``mask`` of shape ``x.shape[:2]``), an integer index one."""
+    out: list[tuple[int, Ref | None]] = []
+    d = 0
+    for t in indices:
+        if t is None:
+            d += 1
+            continue
+        k = len(g.shape(t)) if g.nodes[t.node].dtype == torch.bool else 1
+        out += [(d + j, t) for j in range(k)]
+        d += k
+    return out
+
+
 @register_rule("aten.index_put", "aten.index_put_", "aten._index_put_impl_", "aten._unsafe_index_put")
 def _index_put(op: OpRecord, g: Ctx) -> None:
-    """self[indices] = values: the output is self; values' trailing dims are self's dims after the indexed ones."""
+    """self[indices] = values: the output is self; values' trailing dims are self's dims after the indexed ones
+    (right-aligned, broadcast). A boolean mask is elementwise over the dims it covers: ``x[mask] = v`` with a
+    broadcast ``v`` couples the mask's dims to ``x``'s (wav2vec2's ``h[mask_time] = masked_spec_embed``);
+    integer indices, or values with one row per selected element, block the indexed dims."""
     x, indices, vals, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
-    used = [i for i, t in enumerate(indices) if t is not None]
+    cov = _covered(g, indices)
+    used = [d for d, _ in cov]
     g.same(x, out)
     why = f"{op.name} (indexed dims)"
-    for t in refs(indices):
-        g.block(t, None, why)
-    if not isinstance(vals, Ref):
-        return
-    sx, sv = g.shape(x), g.shape(vals)
+    sx = g.shape(x)
+    sv = g.shape(vals) if isinstance(vals, Ref) else ()
     rest = len(sx) - len(used)
-    if used == list(range(len(used))) and 0 < rest <= len(sv) and tuple(sv[len(sv) - rest:]) == tuple(sx[len(used):]):
-        for j in range(1, rest + 1):
+    prefix = used == list(range(len(used)))
+    if (any(n > 1 for n in sv) and not prefix) or any(   # values that do not broadcast to x's trailing dims
+            b != a and b != 1 for a, b in zip(sx[len(used):][::-1], sv[::-1], strict=False)):
+        for t in refs(indices) + refs([x, vals]):
+            g.block(t, None, why)
+        return
+    if prefix:
+        for j in range(1, min(rest, len(sv)) + 1):
             g.link(x, -j, vals, -j)
-        g.block(x, used, why)
+    per_element = prefix and len(sv) > rest and any(n > 1 for n in sv[:len(sv) - rest])   # a row per element
+    if per_element:
         g.block(vals, list(range(len(sv) - rest)), why)
-    elif sv:   # a broadcast scalar-like value: nothing couples
-        g.block(x, None, why)
-        g.block(vals, None, why)
+    masks = {}
+    for d, t in cov:
+        if per_element or g.nodes[t.node].dtype != torch.bool:
+            g.block(x, [d], why)
+            g.block(t, None, why)
+        else:
+            masks.setdefault(t, []).append(d)
+    for t, dims in masks.items():   # a broadcast value through a boolean mask: elementwise over its dims
+        for j, d in enumerate(dims):
+            g.link(t, j, x, d)
 
 
 @register_rule("aten.index", "aten._unsafe_index")
@@ -89,10 +120,11 @@ def _index(op: OpRecord, g: Ctx) -> None:
     sx, so = g.shape(x), g.shape(out)
     used = [i for i, t in enumerate(indices) if t is not None]
     v = g.value(indices[used[0]]) if len(used) == 1 else None
+    covered = [d for d, _ in _covered(g, indices)]
     if v is not None and v.dtype == bool:
         v = np.nonzero(v.reshape(-1))[0] if v.ndim == 1 else None
     if v is None or v.ndim != 1 or len(so) != len(sx):
-        if _trailing(g, x, out, used, f"{op.name} (advanced indexing)"):
+        if _trailing(g, x, out, covered, f"{op.name} (advanced indexing)"):
             for t in refs(indices):
                 g.block(t, None, f"{op.name} (advanced indexing)")
             return
@@ -105,8 +137,6 @@ def _index(op: OpRecord, g: Ctx) -> None:
         if i != d:
             g.link(x, i, out, i)
     g.gather(out, d, x, d, v.astype(np.int64) % sx[d])
-
-
 
 
 def _indexed_dim(op: OpRecord, g: Ctx, x: Ref) -> tuple[int, str]:

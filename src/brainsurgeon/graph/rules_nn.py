@@ -218,6 +218,17 @@ def _group_norm(op: OpRecord, g: Ctx) -> None:
         g.inexact(x, 1, f"{op.name} (one group)")
 
 
+@register_rule("aten._weight_norm_interface", "aten._weight_norm")
+def _weight_norm(op: OpRecord, g: Ctx) -> None:
+    """``w = g * v / ||v||`` (``nn.utils.parametrizations.weight_norm``, wav2vec2's positional conv): the dims
+    couple, but surgery cannot yet resize a parametrized module (its ``groups``/channels stay), so every dim
+    blocks with a note that says how to get past it."""
+    why = (f"{op.name} (weight norm: a module it parametrizes cannot be resized; remove it before pruning with "
+           "torch.nn.utils.parametrize.remove_parametrizations or remove_weight_norm, and apply it again after)")
+    for t in refs(op.args) + list(op.outputs):
+        g.block(t, None, why)
+
+
 @register_rule("aten.embedding")
 def _embedding(op: OpRecord, g: Ctx) -> None:
     """embedding(w[V, D], idx[...]) -> out[..., D]: D coupled; vocabulary rows are indexed (blocked)."""
