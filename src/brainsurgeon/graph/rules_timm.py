@@ -136,3 +136,56 @@ def _fused_qkv_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) 
     m.num_heads, m.head_dim = _heads_after(r[r < width], m.num_heads, m.head_dim, type(m).__name__)
     if isinstance(getattr(m, "attn_dim", None), int):
         m.attn_dim = m.num_heads * m.head_dim
+
+
+# Attention blocks that size their heads from the input width: ``reshape(B, N, 3, num_heads, C // num_heads)``
+# or ``reshape(B, N, 3, num_heads, -1)`` ... ``reshape(B, N, C)``, ``C`` read from the block's input. Projection
+# children (fused parts: qkv -> 3, qk -> 2). Their heads and the residual width go together (as PVT-v2's).
+_INPUT_WIDTH_ATTENTION = {
+    "timm.models.beit.Attention": ("qkv",),
+    "timm.models.eva.EvaAttention": ("qkv", "q_proj", "k_proj", "v_proj"),
+    "timm.models.cait.TalkingHeadAttn": ("qkv",),
+    "timm.models.cait.ClassAttn": ("q", "k", "v"),
+    "timm.models.nest.Attention": ("qkv",),
+    "timm.models.convit.MHSA": ("qkv",),
+    "timm.models.convit.GPSA": ("qk", "v"),
+    "timm.models.crossvit.CrossAttention": ("wq", "wk", "wv"),
+    "timm.models.xcit.XCA": ("qkv",),
+    "timm.models.vision_transformer_relpos.RelPosAttention": ("qkv",),
+}
+_PARTS = {"qkv": 3, "qk": 2}
+
+
+@register_module_rule(*_INPUT_WIDTH_ATTENTION)
+def _input_width_attention(name: str, m: object, node: Any, g: Ctx) -> None:
+    """Every projection row ``j`` is input channel ``j % C`` (``C // num_heads`` per head, merged back to ``C``)."""
+    cls = type(m)
+    for child in _INPUT_WIDTH_ATTENTION.get(f"{cls.__module__}.{cls.__qualname__}", ()):
+        _tie_rows_to_inputs(node(f"{name}.{child}", "weight"), g)
+
+
+@register_named_fixer(*_INPUT_WIDTH_ATTENTION, container=True)
+def _input_width_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """``num_heads`` (whole heads) or ``head_dim`` (the same dims of every head) follow the query rows removed."""
+    cls = type(m)
+    for child in _INPUT_WIDTH_ATTENTION[f"{cls.__module__}.{cls.__qualname__}"]:
+        proj = getattr(m, child, None)
+        if isinstance(proj, nn.Linear):
+            break
+    else:
+        return
+    r = removed.get(f"{child}.weight", {}).get(0, _EMPTY)
+    width = (int(proj.weight.shape[0]) + len(r)) // _PARTS.get(child, 1)   # query width before the removal
+    heads, head_dim = _heads_after(r[r < width], m.num_heads, width // m.num_heads, type(m).__name__)
+    m.num_heads = heads
+    if isinstance(getattr(m, "head_dim", None), int):
+        m.head_dim = head_dim
+
+
+@register_named_fixer("timm.layers.pos_embed_rel.RelPosMlp", container=True)
+def _rel_pos_mlp_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """The MLP's outputs are the heads: ``view(-1, num_heads)`` and ``bias_shape`` follow them."""
+    heads = int(m.mlp.fc2.weight.shape[0])
+    if isinstance(m.bias_shape, tuple) and m.bias_shape and m.bias_shape[-1] == m.num_heads:
+        m.bias_shape = (*m.bias_shape[:-1], heads)
+    m.num_heads = heads
