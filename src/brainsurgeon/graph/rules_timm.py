@@ -139,8 +139,9 @@ def _fused_qkv_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) 
 
 
 # Attention blocks that size their heads from the input width: ``reshape(B, N, 3, num_heads, C // num_heads)``
-# or ``reshape(B, N, 3, num_heads, -1)`` ... ``reshape(B, N, C)``, ``C`` read from the block's input. Projection
-# children (fused parts: qkv -> 3, qk -> 2). Their heads and the residual width go together (as PVT-v2's).
+# or ``reshape(B, N, 3, num_heads, -1)`` ... ``reshape(B, N, C)``, ``C`` read from the block's input: the
+# projection children listed are tied to the input (their heads and the residual width go together, as
+# PVT-v2's). The first Linear child's rows (``k`` fused parts: ``[k*C, C]``) give ``num_heads``/``head_dim``.
 _INPUT_WIDTH_ATTENTION = {
     "timm.models.beit.Attention": ("qkv",),
     "timm.models.eva.EvaAttention": ("qkv", "q_proj", "k_proj", "v_proj"),
@@ -152,40 +153,77 @@ _INPUT_WIDTH_ATTENTION = {
     "timm.models.crossvit.CrossAttention": ("wq", "wk", "wv"),
     "timm.models.xcit.XCA": ("qkv",),
     "timm.models.vision_transformer_relpos.RelPosAttention": ("qkv",),
+    "timm.models.davit.WindowAttention": ("qkv",),
+    "timm.models.davit.ChannelAttention": ("qkv",),
+    "timm.models.edgenext.CrossCovarianceAttn": ("qkv",),
+    "timm.models.gcvit.WindowAttentionGlobal": ("qkv",),
+    "timm.models.metaformer.Attention": ("qkv",),
+    "timm.models.nextvit.EfficientAttention": ("q", "k", "v"),
+    "timm.models.twins.LocallyGroupedAttn": ("qkv",),
+    "timm.models.twins.GlobalSubSampleAttn": ("q", "kv", "sr"),
+    "timm.models.volo.Attention": ("qkv",),
+    "timm.layers.attention_pool.AttentionPoolLatent": ("kv",),
 }
-_PARTS = {"qkv": 3, "qk": 2}
+# the same attributes, merged back to ``num_heads * head_dim`` (attributes, not the input width): no tie
+_HEADS_ONLY = {"timm.models.volo.ClassAttention": ("q",)}
+
+
+def _qualname(m: object) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 @register_module_rule(*_INPUT_WIDTH_ATTENTION)
 def _input_width_attention(name: str, m: object, node: Any, g: Ctx) -> None:
     """Every projection row ``j`` is input channel ``j % C`` (``C // num_heads`` per head, merged back to ``C``)."""
-    cls = type(m)
-    for child in _INPUT_WIDTH_ATTENTION.get(f"{cls.__module__}.{cls.__qualname__}", ()):
+    for child in _INPUT_WIDTH_ATTENTION.get(_qualname(m), ()):
         _tie_rows_to_inputs(node(f"{name}.{child}", "weight"), g)
 
 
-@register_named_fixer(*_INPUT_WIDTH_ATTENTION, container=True)
-def _input_width_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
-    """``num_heads`` (whole heads) or ``head_dim`` (the same dims of every head) follow the query rows removed."""
-    cls = type(m)
-    for child in _INPUT_WIDTH_ATTENTION[f"{cls.__module__}.{cls.__qualname__}"]:
-        proj = getattr(m, child, None)
-        if isinstance(proj, nn.Linear):
-            break
-    else:
+@register_named_fixer(*_INPUT_WIDTH_ATTENTION, *_HEADS_ONLY, container=True)
+def _heads_attention_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """``num_heads`` (whole heads) or ``head_dim`` (the same dims of every head) follow the rows removed from
+    the first projection's first part; ``attn_dim``/``attention_dim`` follow both."""
+    children = _INPUT_WIDTH_ATTENTION.get(_qualname(m)) or _HEADS_ONLY[_qualname(m)]
+    child = next((c for c in children if isinstance(getattr(m, c, None), nn.Linear)), None)
+    if child is None:
         return
+    w = getattr(m, child).weight
     r = removed.get(f"{child}.weight", {}).get(0, _EMPTY)
-    width = (int(proj.weight.shape[0]) + len(r)) // _PARTS.get(child, 1)   # query width before the removal
-    heads, head_dim = _heads_after(r[r < width], m.num_heads, width // m.num_heads, type(m).__name__)
-    m.num_heads = heads
+    parts = max(1, int(w.shape[0]) // int(w.shape[1])) if child not in _HEADS_ONLY.get(_qualname(m), ()) else 1
+    width = (int(w.shape[0]) + len(r)) // parts   # one part's width before the removal
+    m.num_heads, head_dim = _heads_after(r[r < width], m.num_heads, width // m.num_heads, type(m).__name__)
     if isinstance(getattr(m, "head_dim", None), int):
         m.head_dim = head_dim
+    for attr in ("attn_dim", "attention_dim"):
+        if isinstance(getattr(m, attr, None), int):
+            setattr(m, attr, m.num_heads * head_dim)
 
 
-@register_named_fixer("timm.layers.pos_embed_rel.RelPosMlp", container=True)
-def _rel_pos_mlp_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
-    """The MLP's outputs are the heads: ``view(-1, num_heads)`` and ``bias_shape`` follow them."""
-    heads = int(m.mlp.fc2.weight.shape[0])
-    if isinstance(m.bias_shape, tuple) and m.bias_shape and m.bias_shape[-1] == m.num_heads:
+@register_named_fixer("timm.layers.pos_embed_rel.RelPosMlp", "timm.layers.pos_embed_rel.RelPosBias", container=True)
+def _rel_pos_heads_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """A relative-position bias per head (an MLP's outputs or a table's columns): ``bias_shape`` (and the MLP's
+    ``view(-1, num_heads)``) follow the heads kept."""
+    heads = int(m.mlp.fc2.weight.shape[0]) if hasattr(m, "mlp") else int(m.relative_position_bias_table.shape[1])
+    old = getattr(m, "num_heads", None) or m.bias_shape[-1]
+    if isinstance(m.bias_shape, tuple) and m.bias_shape and m.bias_shape[-1] == old:
         m.bias_shape = (*m.bias_shape[:-1], heads)
-    m.num_heads = heads
+    if hasattr(m, "num_heads"):
+        m.num_heads = heads
+
+
+@register_named_fixer("timm.layers.attention.AttentionRope", container=True)
+def _attention_rope_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """Fused ``qkv`` (``num_kv_heads == num_heads``) or ``q_proj``/``k_proj`` (GQA): heads or head dims follow."""
+    if isinstance(getattr(m, "qkv", None), nn.Linear):
+        r = removed.get("qkv.weight", {}).get(0, _EMPTY)
+        width = (int(m.qkv.weight.shape[0]) + len(r)) // 3
+        heads, hd = _heads_after(r[r < width], m.num_heads, m.head_dim, type(m).__name__)
+        kv_heads = heads
+    else:
+        rq = removed.get("q_proj.weight", {}).get(0, _EMPTY)
+        rk = removed.get("k_proj.weight", {}).get(0, _EMPTY)
+        heads, hd = _heads_after(rq, m.num_heads, m.head_dim, type(m).__name__)
+        kv_heads, _ = _heads_after(rk, m.num_kv_heads, m.head_dim, type(m).__name__)
+    m.num_heads, m.num_kv_heads, m.head_dim = heads, kv_heads, hd
+    m.num_kv_groups = heads // kv_heads
+    m.attn_dim, m.kv_dim = hd * heads, hd * kv_heads
