@@ -12,7 +12,9 @@ from brainsurgeon.graph import DependencyGraph
 
 timm_models = pytest.importorskip("timm.models")
 from timm.layers.attention import AttentionRope  # noqa: E402
-from timm.models import beit, cait, convit, davit, twins, xcit  # noqa: E402
+from timm.models import beit, cait, convit, davit, metaformer, twins, xcit  # noqa: E402
+from timm.models import swin_transformer_v2 as swin2  # noqa: E402
+from timm.models import swin_transformer_v2_cr as swin2_cr  # noqa: E402
 
 BUILD = {
     "cait": lambda: cait.Cait(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, depth_token_only=1,
@@ -26,6 +28,10 @@ BUILD = {
     "davit": lambda: davit.DaVit(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 4), window_size=2, num_classes=5),
     "convit": lambda: convit.ConVit(img_size=32, patch_size=8, embed_dim=32, depth=2, local_up_to_layer=1,
                                     num_heads=4, num_classes=5),   # gated positional attention (GPSA) + MHSA
+    "swinv2": lambda: swin2.SwinTransformerV2(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
+                                              num_heads=(2, 4), num_classes=5),   # per-head logit scale, cpb MLP
+    "swinv2_cr": lambda: swin2_cr.SwinTransformerV2Cr(img_size=(32, 32), patch_size=4, window_size=4, embed_dim=16,
+                                                      depths=(1, 1), num_heads=(2, 4), num_classes=5),
 }
 MIN_DROP = {"davit": 0.35}   # its stage-0 channel attention has 2 heads of 8 (the rest prune about 70 %)
 
@@ -84,3 +90,13 @@ def test_attention_rope_heads_follow_grouped_query_projections():
     assert a.kv_dim == a.num_kv_heads * a.head_dim == a.k_proj.weight.shape[0]
     with torch.no_grad():
         assert m(x).shape == (1, 5, 3)
+
+
+def test_metaformer_scale_shape_follows_its_channels():
+    torch.manual_seed(0)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), metaformer.Scale(8, use_nchw=True), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    g = DependencyGraph(m, (x,))
+    g.group(m[0], "out", [1, 5]).prune()
+    assert m[1].shape == (6, 1, 1) and m[1].scale.shape == (6,) and m(x).shape == (1, 2, 4, 4)

@@ -163,6 +163,8 @@ _INPUT_WIDTH_ATTENTION = {
     "timm.models.twins.GlobalSubSampleAttn": ("q", "kv", "sr"),
     "timm.models.volo.Attention": ("qkv",),
     "timm.layers.attention_pool.AttentionPoolLatent": ("kv",),
+    "timm.models.swin_transformer_v2.WindowAttention": ("qkv",),
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": ("qkv",),
 }
 # the same attributes, merged back to ``num_heads * head_dim`` (attributes, not the input width): no tie
 _HEADS_ONLY = {"timm.models.volo.ClassAttention": ("q",)}
@@ -227,3 +229,9 @@ def _attention_rope_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> No
     m.num_heads, m.num_kv_heads, m.head_dim = heads, kv_heads, hd
     m.num_kv_groups = heads // kv_heads
     m.attn_dim, m.kv_dim = hd * heads, hd * kv_heads
+
+
+@register_named_fixer("timm.models.metaformer.Scale")
+def _metaformer_scale_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """``x * self.scale.view(self.shape)``: the channel count in ``shape`` follows the kept scales."""
+    m.shape = (int(m.scale.shape[0]), *tuple(m.shape)[1:])
