@@ -100,3 +100,23 @@ def test_metaformer_scale_shape_follows_its_channels():
     g = DependencyGraph(m, (x,))
     g.group(m[0], "out", [1, 5]).prune()
     assert m[1].shape == (6, 1, 1) and m[1].scale.shape == (6,) and m(x).shape == (1, 2, 4, 4)
+
+
+def test_split_sizes_held_in_attributes_follow_the_pieces():
+    """``torch.split(x, self.split_indexes)`` (InceptionNeXt), ``[self.dim_conv3, self.dim_untouched]`` (FasterNet)."""
+    from timm.models.fasternet import Partial_conv3
+    from timm.models.inception_next import InceptionDWConv2d
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    for mixer, attrs in ((InceptionDWConv2d(16), ("split_indexes",)),
+                         (Partial_conv3(16, 4, "split_cat"), ("dim_conv3", "dim_untouched"))):
+        m = nn.Sequential(nn.Conv2d(3, 16, 1), mixer, nn.Conv2d(16, 2, 1)).eval()
+        x = torch.randn(1, 3, 8, 8)
+        before = {a: getattr(mixer, a) for a in attrs}
+        rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("2",)), example_inputs=(x,))
+        assert not [n for n in rep.notes if "failed verification" in n]
+        assert m[0].out_channels < 16 and m(x).shape == (1, 2, 8, 8)
+        after = {a: getattr(mixer, a) for a in attrs}
+        widths = [sum(v) if isinstance(v, tuple) else v for v in after.values()]
+        assert after != before and sum(widths) == m[0].out_channels
