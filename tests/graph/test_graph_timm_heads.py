@@ -120,3 +120,20 @@ def test_split_sizes_held_in_attributes_follow_the_pieces():
         after = {a: getattr(mixer, a) for a in attrs}
         widths = [sum(v) if isinstance(v, tuple) else v for v in after.values()]
         assert after != before and sum(widths) == m[0].out_channels
+
+
+def test_selective_kernel_split_follows_its_input_width():
+    from timm.layers.selective_kernel import SelectiveKernel
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    sk = SelectiveKernel(16, 16, split_input=True)
+    m = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), sk, nn.Conv2d(16, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)   # train-mode BatchNorm of the pooled attention needs 2
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("3",)), example_inputs=(x,))
+    assert not [n for n in rep.notes if "failed verification" in n]
+    assert sk.in_channels == m[0].out_channels < 16 and sk.out_channels == m[3].in_channels < 16
+    for mode in (m.eval, m.train):
+        mode()
+        with torch.no_grad():
+            assert m(x).shape == (2, 2, 8, 8)

@@ -235,3 +235,13 @@ def _attention_rope_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> No
 def _metaformer_scale_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
     """``x * self.scale.view(self.shape)``: the channel count in ``shape`` follows the kept scales."""
     m.shape = (int(m.scale.shape[0]), *tuple(m.shape)[1:])
+
+
+@register_named_fixer("timm.layers.selective_kernel.SelectiveKernel", container=True)
+def _selective_kernel_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """``torch.split(x, self.in_channels // self.num_paths)`` feeds one path each: ``in_channels`` follows the
+    paths' kept inputs (every piece loses the same positions: equal split pieces are coupled)."""
+    convs = [next(c for c in p.modules() if isinstance(c, nn.Conv2d)) for p in m.paths]
+    per_path = [int(c.weight.shape[1]) * c.groups for c in convs]
+    m.in_channels = sum(per_path) if m.split_input else per_path[0]
+    m.out_channels = int(convs[0].weight.shape[0])
