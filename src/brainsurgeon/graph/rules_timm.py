@@ -1,18 +1,22 @@
 """timm blocks whose sizes live in module code: attention heads sized from the input width, EvoNorm groups.
 
-PVT-v2's ``Attention`` and CoaT's ``FactorAttnConvRelPosEnc`` reshape their projections with
-``(num_heads, C // num_heads)`` or ``self.head_dim`` and merge the heads back to ``C`` — ``C`` read from
-the block's input. The trace only sees the resulting integers, so the q/k/v widths look free while the
-code needs them equal to the input width. The rules tie q/k/v row ``j`` to input channel ``j`` (as for
-``nn.MultiheadAttention``): heads (or the same dims of every head) then go together with residual
-channels, and the fixers below set ``num_heads``/``head_dim``/``channel_splits`` from what was removed.
+PVT-v2's ``Attention``, CoaT's ``FactorAttnConvRelPosEnc`` and the blocks of ``_INPUT_WIDTH_ATTENTION`` (BEiT,
+EVA, CaiT, NesT, ConViT, CrossViT, XCiT, DaViT, EdgeNeXt, GC ViT, MetaFormer, Next-ViT, Twins, VOLO, Swin V2, ...)
+reshape their projections with ``(num_heads, C // num_heads)`` or ``self.head_dim`` and merge the heads
+back to ``C`` — ``C`` read from the block's input. The trace only sees the resulting integers, so the
+q/k/v widths look free while the code needs them equal to the input width. The rules tie q/k/v row ``j``
+to input channel ``j`` (as for ``nn.MultiheadAttention``): heads (or the same dims of every head) then go
+together with residual channels, and the fixers below set ``num_heads``/``head_dim``/``channel_splits``
+from what was removed.
 
     x[B, N, C] -q-> [B, N, C] -view-> [B, N, H, C/H]      q row j == input channel j  (tie)
     x[B, N, C] -sr conv-> [B, C, h, w] -view-> [B, C, h*w]  sr out j == sr in j       (tie)
 
 Fixers only (the ops already carry the ties; the attributes must follow or verification fails and
 the group is bisected away): ViT/SAM ``Attention`` (``num_heads``/``head_dim``/``attn_dim``), LeViT
-attention (per-head ``[key_dim, key_dim, val_dim]`` split), EvoNorm-S (``groups`` of ``group_std``).
+attention (per-head ``[key_dim, key_dim, val_dim]`` split), EvoNorm-S (``groups`` of ``group_std``), VOLO class
+attention and ``AttentionRope`` (GQA), relative-position bias tables/MLPs (``bias_shape``), MetaFormer ``Scale``
+(``shape``), SelectiveKernel (``in_channels`` of its split).
 
 Keyed by class name: importing timm is not a graph dependency.
 """
