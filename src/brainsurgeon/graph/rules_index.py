@@ -84,7 +84,7 @@ def _index_put(op: OpRecord, g: Ctx) -> None:
     cov = _covered(g, indices)
     used = [d for d, _ in cov]
     g.same(x, out)
-    why = f"{op.name} (indexed dims)"
+    why = f"{op.name} (indexed dims: positions written at an index tensor's values cannot shrink; prune the other dims)"
     sx = g.shape(x)
     sv = g.shape(vals) if isinstance(vals, Ref) else ()
     rest = len(sx) - len(used)
@@ -124,13 +124,14 @@ def _index(op: OpRecord, g: Ctx) -> None:
     if v is not None and v.dtype == bool:
         v = np.nonzero(v.reshape(-1))[0] if v.ndim == 1 else None
     if v is None or v.ndim != 1 or len(so) != len(sx):
-        if _trailing(g, x, out, covered, f"{op.name} (advanced indexing)"):
+        why = f"{op.name} (advanced indexing: positions read at an index tensor's values cannot shrink)"
+        if _trailing(g, x, out, covered, why):
             for t in refs(indices):
-                g.block(t, None, f"{op.name} (advanced indexing)")
+                g.block(t, None, why)
             return
         for t in refs([x]) + refs(indices):
-            g.block(t, None, f"{op.name} (advanced indexing)")
-        g.block(out, None, f"{op.name} (advanced indexing)")
+            g.block(t, None, why)
+        g.block(out, None, why)
         return
     d = used[0]
     for i in range(len(sx)):

@@ -343,7 +343,7 @@ def _softmax(op: OpRecord, g: Ctx) -> None:
     d = _dim(op.args[1], len(g.shape(x)))
     for o in op.outputs:
         g.same(x, o)
-    g.block(x, [d], f"{op.name}(dim={d})")
+    g.block(x, [d], f"{op.name}(dim={d}) (normalizes over this dim: removing a position changes every output)")
 
 
 @register_rule("aten.sort", "aten.topk", "aten.argsort", "aten.msort")

@@ -163,7 +163,7 @@ def _select(op: OpRecord, g: Ctx) -> None:
     x, out = op.args[0], op.outputs[0]
     sx = g.shape(x)
     d = _dim(op.args[1], len(sx))
-    g.block(x, [d], f"{op.name}(dim={d}) (fixed index)")
+    g.block(x, [d], f"{op.name}(dim={d}) (reads one fixed position x[..., i, ...], which would move if the dim shrank)")
     for i in range(len(sx)):
         if i != d:
             g.link(x, i, out, i if i < d else i - 1)
@@ -203,7 +203,7 @@ def _unbind(op: OpRecord, g: Ctx) -> None:
     x = op.args[0]
     sx = g.shape(x)
     d = _dim(op.get("dim", 0), len(sx))
-    g.block(x, [d], f"{op.name}(dim={d})")
+    g.block(x, [d], f"{op.name}(dim={d}) (one output tensor per position: the code fixes this size)")
     for out in op.outputs:
         for i in range(len(sx)):
             if i != d:
