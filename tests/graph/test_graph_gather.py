@@ -215,14 +215,36 @@ def test_integer_indexed_write_blocks_that_dim():
         g.group(m.a, "out", [1])
 
 
-def test_weight_norm_refusal_says_how_to_get_past_it():
-    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2)
+def test_parametrized_weight_norm_conv_prunes_whole_groups():
+    """wav2vec2's positional conv: grouped, weight-normed over the kernel dim (``parametrizations.weight_norm``)."""
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1, groups=4), dim=2)
+    m = nn.Sequential(nn.Conv1d(2, 8, 1), conv, nn.Conv1d(8, 2, 1)).eval()
+    x = torch.randn(1, 2, 6)
+    ref = copy.deepcopy(m)
+    g = DependencyGraph(m, (x,))
+    assert not g.unsupported
+    grp = g.group(m[0], "out", [2, 3])                      # conv group 1 of the weight-normed conv, whole
+    with torch.no_grad():
+        for s in grp.slices:
+            getattr(ref.get_submodule(s.module), s.tensor).index_fill_(s.dim, s.idxs.reshape(-1), 0.0)
+        y0 = ref(x)
+    grp.prune()
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (3, 6, 6)
+    assert conv.parametrizations.weight.original1.shape == (6, 2, 3) and conv.weight.shape == (6, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+def test_hook_weight_norm_refusal_says_how_to_get_past_it():
+    conv = nn.utils.weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2)
     m = nn.Sequential(nn.Conv1d(2, 4, 1), conv, nn.Conv1d(4, 2, 1)).eval()
     g = DependencyGraph(m, (torch.randn(1, 2, 6),))
     assert not g.unsupported
-    with pytest.raises(UnsupportedOpError, match="remove_parametrizations or remove_weight_norm"):
+    with pytest.raises(UnsupportedOpError, match="parametrizations.weight_norm, or remove_weight_norm"):
         g.group(m[0], "out", [1])
-    nn.utils.parametrize.remove_parametrizations(conv, "weight")
+    nn.utils.remove_weight_norm(conv)
     g = DependencyGraph(m, (torch.randn(1, 2, 6),))
     g.group(m[0], "out", [1]).prune()                       # the plain conv prunes
     assert m[1].in_channels == 3 and m(torch.randn(1, 2, 6)).shape == (1, 2, 6)
