@@ -248,3 +248,35 @@ def test_hook_weight_norm_refusal_says_how_to_get_past_it():
     g = DependencyGraph(m, (torch.randn(1, 2, 6),))
     g.group(m[0], "out", [1]).prune()                       # the plain conv prunes
     assert m[1].in_channels == 3 and m(torch.randn(1, 2, 6)).shape == (1, 2, 6)
+
+
+def test_wav2vec2_hidden_width_prunes_through_its_weight_normed_positional_conv(tmp_path):
+    """The hidden width was refused (weight norm without a rule, and ``h[mask_time] = masked_spec_embed``)."""
+    transformers = pytest.importorskip("transformers")
+    import brainsurgeon as bs
+    from brainsurgeon.export import from_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                      conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=3,
+                                      classifier_proj_size=16)
+    cfg._attn_implementation = "eager"
+    m = transformers.Wav2Vec2ForSequenceClassification(cfg).eval()
+    x = {"input_values": torch.randn(1, 1600, generator=torch.Generator().manual_seed(0))}
+    n0 = sum(p.numel() for p in m.parameters())
+    rep = bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("classifier",)), example_inputs=x)
+    assert not any("failed verification" in n for n in rep.notes)
+    assert sum(p.numel() for p in m.parameters()) < 0.4 * n0
+    pos = m.wav2vec2.encoder.pos_conv_embed.conv
+    assert pos.groups == 2 and pos.in_channels == pos.out_channels == m.wav2vec2.masked_spec_embed.shape[0] == 32
+    with torch.no_grad():
+        ref = m(**x).logits
+    if getattr(m.config, "brainsurgeon_layer_widths", None):
+        save_pretrained(m, str(tmp_path / "m"))
+        again = from_pretrained(str(tmp_path / "m"))
+    else:
+        m.save_pretrained(tmp_path)
+        again = type(m).from_pretrained(tmp_path, attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(again.eval()(**x).logits, ref)
