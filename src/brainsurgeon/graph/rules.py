@@ -197,6 +197,12 @@ def _no_effect(op: OpRecord, g: Ctx) -> None:
     """Checks with no tensor result."""
 
 
+@register_rule("aten._local_scalar_dense", "aten.item")
+def _item(op: OpRecord, g: Ctx) -> None:
+    """``t.item()``: reads the value of a one-element tensor (every dim size 1: nothing to couple); a larger
+    tensor raises in torch before it is recorded."""
+
+
 @register_rule("aten.arange", "aten.linspace", "aten.logspace", "aten.eye")
 def _position_dependent_factory(op: OpRecord, g: Ctx) -> None:
     for out in op.outputs:

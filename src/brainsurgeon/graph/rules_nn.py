@@ -7,9 +7,12 @@ leaves the product unchanged. Spatial dims of convolutions and pooling are block
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .rules import Ctx, _dim, refs, register_module_rule, register_rule
+from .surgery import _FIXERS, register_named_fixer
 from .trace import OpRecord, Ref
 
 
@@ -218,6 +221,51 @@ def _group_norm(op: OpRecord, g: Ctx) -> None:
         g.inexact(x, 1, f"{op.name} (one group)")
 
 
+@register_rule("aten._weight_norm_interface", "aten._weight_norm")
+def _weight_norm(op: OpRecord, g: Ctx) -> None:
+    """``w = g * v / ||v||`` (norm over every dim but ``dim``; wav2vec2's positional conv): ``w`` is ``v`` dim for
+    dim, ``g`` and the norms share ``v``'s ``dim``, the norm's dims are inexact. Only for
+    ``nn.utils.parametrizations.weight_norm`` (surgery resizes the parametrized module, :func:`_parametrized_fix`);
+    the hook-based ``nn.utils.weight_norm`` keeps a stale ``weight`` attribute, so its dims block with a note."""
+    v, gain = op.args[0], op.args[1]
+    owner = g.nodes[v.node].owner if isinstance(v, Ref) else None
+    if owner is None or ".parametrizations." not in f".{owner[0]}.":
+        why = (f"{op.name} (hook-based weight norm: its module cannot be resized; use "
+               "torch.nn.utils.parametrizations.weight_norm, or remove_weight_norm before pruning)")
+        for t in refs(op.args) + list(op.outputs):
+            g.block(t, None, why)
+        return
+    sv = g.shape(v)
+    d = _dim(op.get("dim", 0), len(sv))
+    for out in op.outputs:
+        g.broadcast(v, out)
+    g.broadcast(gain, v)
+    for i in range(len(sv)):
+        if i != d:
+            g.inexact(v, i, f"{op.name} (the weight norm is taken over this dim)")
+
+
+_PARAMETRIZED = [f"torch.nn.utils.parametrize.Parametrized{c}" for c in
+                 ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")]
+
+
+@register_named_fixer(*_PARAMETRIZED, container=True)
+def _parametrized_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None:
+    """A module under ``torch.nn.utils.parametrize`` (weight norm): the removals of an ``original`` shaped like the
+    tensor it parametrizes are that tensor's, for the fixer of the module's own class (conv ``groups``, widths)."""
+    inner: dict[str, dict[int, np.ndarray]] = {}
+    for key, dims in removed.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "parametrizations":
+            if tuple(getattr(m.parametrizations[parts[1]], parts[2]).shape) == tuple(getattr(m, parts[1]).shape):
+                inner.setdefault(parts[1], {}).update(dims)
+        elif len(parts) == 1:
+            inner.setdefault(key, {}).update(dims)
+    fixer = next((f for cls in type(m).__mro__[1:] if (f := _FIXERS.get(cls)) is not None), None)
+    if fixer is not None:
+        fixer(m, inner)
+
+
 @register_rule("aten.embedding")
 def _embedding(op: OpRecord, g: Ctx) -> None:
     """embedding(w[V, D], idx[...]) -> out[..., D]: D coupled; vocabulary rows are indexed (blocked)."""
@@ -332,7 +380,7 @@ def _softmax(op: OpRecord, g: Ctx) -> None:
     d = _dim(op.args[1], len(g.shape(x)))
     for o in op.outputs:
         g.same(x, o)
-    g.block(x, [d], f"{op.name}(dim={d})")
+    g.block(x, [d], f"{op.name}(dim={d}) (normalizes over this dim: removing a position changes every output)")
 
 
 @register_rule("aten.sort", "aten.topk", "aten.argsort", "aten.msort")

@@ -1,4 +1,5 @@
-"""Dependency rules for shape ops: view/reshape (shared atoms), permute, slices, cat/split, repeat, index.
+"""Dependency rules for shape ops: view/reshape (shared atoms), permute, slices, cat/split, repeat (indexing
+ops: ``rules_index.py``, registered with these).
 
     x[B, T, D] --view--> [B, T, H, hd]: D and (H, hd) are both mixed-radix numbers over atoms (H, hd),
     so a request on D is carried to whole heads (atom H) and back to every tensor that shares it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import rules_index  # noqa: F401  (gather/index/scatter rules register with the shape ops)
 from .rules import Ctx, _dim, refs, register_rule
 from .trace import OpRecord, Ref
 
@@ -161,7 +163,7 @@ def _select(op: OpRecord, g: Ctx) -> None:
     x, out = op.args[0], op.outputs[0]
     sx = g.shape(x)
     d = _dim(op.args[1], len(sx))
-    g.block(x, [d], f"{op.name}(dim={d}) (fixed index)")
+    g.block(x, [d], f"{op.name}(dim={d}) (reads one fixed position x[..., i, ...], which would move if the dim shrank)")
     for i in range(len(sx)):
         if i != d:
             g.link(x, i, out, i if i < d else i - 1)
@@ -201,7 +203,7 @@ def _unbind(op: OpRecord, g: Ctx) -> None:
     x = op.args[0]
     sx = g.shape(x)
     d = _dim(op.get("dim", 0), len(sx))
-    g.block(x, [d], f"{op.name}(dim={d})")
+    g.block(x, [d], f"{op.name}(dim={d}) (one output tensor per position: the code fixes this size)")
     for out in op.outputs:
         for i in range(len(sx)):
             if i != d:
@@ -265,86 +267,6 @@ def _repeat_interleave(op: OpRecord, g: Ctx) -> None:
         if i != d:
             g.link(x, i, out, i)
     g.gather(out, d, x, d, np.arange(g.shape(out)[d]) // reps)
-
-
-@register_rule("aten.index_select")
-def _index_select(op: OpRecord, g: Ctx) -> None:
-    x, idx, out = op.args[0], op.args[2], op.outputs[0]
-    sx = g.shape(x)
-    d = _dim(op.args[1], len(sx))
-    for i in range(len(sx)):
-        if i != d:
-            g.link(x, i, out, i)
-    v = g.value(idx)
-    if v is None:
-        g.block(x, [d], f"{op.name} (index values unknown)")
-        g.block(out, [d], f"{op.name} (index values unknown)")
-    else:
-        g.gather(out, d, x, d, v.reshape(-1))
-
-
-def _trailing(g: Ctx, x: Ref, y: Ref | int, used: list[int], why: str) -> bool:
-    """Indices on the leading dims only (``x[rows]``, MoE token routing): the dims after them pass through
-    unchanged (linked right-aligned), the indexed ones block. False when the shapes do not fit that."""
-    sx, sy = g.shape(x), g.shape(y)
-    k = len(used)
-    rest = len(sx) - k
-    if used != list(range(k)) or rest <= 0 or len(sy) < rest or tuple(sy[len(sy) - rest:]) != tuple(sx[k:]):
-        return False
-    for j in range(1, rest + 1):
-        g.link(x, -j, y, -j)
-    g.block(x, list(range(k)), why)
-    g.block(y, list(range(len(sy) - rest)), why)
-    return True
-
-
-@register_rule("aten.index_put", "aten.index_put_", "aten._index_put_impl_", "aten._unsafe_index_put")
-def _index_put(op: OpRecord, g: Ctx) -> None:
-    """self[indices] = values: the output is self; values' trailing dims are self's dims after the indexed ones."""
-    x, indices, vals, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
-    used = [i for i, t in enumerate(indices) if t is not None]
-    g.same(x, out)
-    why = f"{op.name} (indexed dims)"
-    for t in refs(indices):
-        g.block(t, None, why)
-    if not isinstance(vals, Ref):
-        return
-    sx, sv = g.shape(x), g.shape(vals)
-    rest = len(sx) - len(used)
-    if used == list(range(len(used))) and 0 < rest <= len(sv) and tuple(sv[len(sv) - rest:]) == tuple(sx[len(used):]):
-        for j in range(1, rest + 1):
-            g.link(x, -j, vals, -j)
-        g.block(x, used, why)
-        g.block(vals, list(range(len(sv) - rest)), why)
-    elif sv:   # a broadcast scalar-like value: nothing couples
-        g.block(x, None, why)
-        g.block(vals, None, why)
-
-
-@register_rule("aten.index", "aten._unsafe_index")
-def _index(op: OpRecord, g: Ctx) -> None:
-    """x[..., idx, ...] with one 1-D integer index: a gather along that dim; anything else blocks."""
-    x, out = op.args[0], op.outputs[0]
-    indices = op.args[1]
-    sx, so = g.shape(x), g.shape(out)
-    used = [i for i, t in enumerate(indices) if t is not None]
-    v = g.value(indices[used[0]]) if len(used) == 1 else None
-    if v is not None and v.dtype == bool:
-        v = np.nonzero(v.reshape(-1))[0] if v.ndim == 1 else None
-    if v is None or v.ndim != 1 or len(so) != len(sx):
-        if _trailing(g, x, out, used, f"{op.name} (advanced indexing)"):
-            for t in refs(indices):
-                g.block(t, None, f"{op.name} (advanced indexing)")
-            return
-        for t in refs([x]) + refs(indices):
-            g.block(t, None, f"{op.name} (advanced indexing)")
-        g.block(out, None, f"{op.name} (advanced indexing)")
-        return
-    d = used[0]
-    for i in range(len(sx)):
-        if i != d:
-            g.link(x, i, out, i)
-    g.gather(out, d, x, d, v.astype(np.int64) % sx[d])
 
 
 @register_rule("aten.flip")

@@ -19,6 +19,7 @@ from torch import nn
 from .rules import Ctx
 
 VIEWS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.view_copy", "aten._reshape_copy"}
+SPLITS = {"aten.split_with_sizes", "aten.split_with_sizes_copy", "aten.unsafe_split_with_sizes"}
 LIBRARIES = ("torch.", "torchvision.", "transformers.", "timm.")
 
 
@@ -38,6 +39,9 @@ def record_view_attrs(model: nn.Module, traces: list[Any], g: Ctx) -> dict[tuple
     seen: set[tuple[str, str, int, int]] = set()
     for t in traces:
         for op in t.ops:
+            if op.name in SPLITS and op.outputs and isinstance(mods.get(op.module), nn.Module):
+                _record_split_attrs(op, mods[op.module], g, seen)
+                continue
             if op.name not in VIEWS or not op.outputs:
                 continue
             m = mods.get(op.module)
@@ -60,3 +64,30 @@ def record_view_attrs(model: nn.Module, traces: list[Any], g: Ctx) -> dict[tuple
                 elif len(names) > 1:
                     ambiguous[(op.module, s)] = names
     return ambiguous
+
+
+def _record_split_attrs(op: Any, m: nn.Module, g: Ctx, seen: set) -> None:
+    """``torch.split(x, self.split_indexes)`` or ``torch.split(x, [self.dim_conv3, self.dim_untouched])`` (timm
+    InceptionNeXt, FasterNet; library modules too, as no fixer knows these): one tuple attribute equal to the sizes
+    mirrors every piece, else each int attribute equal to exactly one piece's size (and to no other attribute)
+    mirrors that piece. Surgery sets what the pieces keep; anything else is left to verification."""
+    sizes = op.get("split_sizes")
+    if not isinstance(sizes, (list, tuple)) or not all(type(s) is int for s in sizes):
+        return
+    d = op.get("dim", 0)
+    d = d + len(g.shape(op.args[0])) if d < 0 else d
+    keys = tuple(g.key(o, d) for o in op.outputs)
+    tuples = [k for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, (tuple, list))
+              and list(v) == list(sizes)]
+    if len(tuples) == 1:
+        if (op.module, tuples[0], op.outputs[0], d) not in seen:
+            seen.add((op.module, tuples[0], op.outputs[0], d))
+            g.edges.module_attr(op.module, tuples[0], keys)
+        return
+    ints = _int_attrs(m)
+    for i, s in enumerate(sizes):
+        names = [k for k, v in ints.items() if v == s]
+        tag = (op.module, names[0], op.outputs[i], d) if len(names) == 1 else None
+        if s > 1 and tag and list(sizes).count(s) == 1 and tag not in seen:
+            seen.add(tag)
+            g.edges.module_attr(op.module, names[0], (keys[i],))
