@@ -54,3 +54,14 @@ def test_hessians_and_apoz_from_a_one_shot_iterator():
     got = collect_stats(model, [group], ("hessians", "apoz"), iter(calib_batches()))
     assert torch.equal(got.hessians["conv2"], want.hessians["conv2"])
     assert torch.equal(got.apoz["conv2"], want.apoz["conv2"])
+
+
+def test_prune_reports_what_the_feed_added_to_an_encoders_hessians():
+    import brainsurgeon as bs
+
+    bert, batch = _bert(), _tokenized([9, 3, 6])
+    want = collect_stats(bert, [], ("hessians",), [batch]).notes
+    rep = bs.prune_(bert, bs.ChannelPruning(ratio=0.25, importance="obs", ignore=(r"pooler\..*",)),
+                    example_inputs=batch, calib=[batch])
+    added = [n for n in rep.notes if n.startswith("pruning statistics: ")]
+    assert added == want and any("vocabulary" in n for n in added)

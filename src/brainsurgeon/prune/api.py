@@ -148,6 +148,7 @@ def _prune_head_dims(model: nn.Module, cfg: ChannelPruning, example_inputs: Any,
         return
     stats = collect_stats(model, [g for s in sets for g in s], importance_needs(cfg.importance), calib,
                           cfg.calib_batches)
+    report.notes += [n for n in stats.notes if n not in report.notes]
     chosen = []
     for groups in sets:
         scores = [score(cfg.importance, g, stats, cfg) for g in groups]
@@ -210,6 +211,7 @@ def prune_(model: nn.Module, cfg: ChannelPruning, example_inputs: Any, calib: An
                 report.notes.append("modules never reached by example_inputs (their widths' groups are left "
                                     f"unpruned, see DependencyGraph.report()): {', '.join(sorted(graph.untraced))}")
             stats = collect_stats(model, groups, importance_needs(cfg.importance), calib, cfg.calib_batches)
+            report.notes += [n for n in stats.notes if n not in report.notes]   # once, not per step
             scored = [(g, score(cfg.importance, g, stats, cfg)) for g in groups]
             for g, s in scored:
                 if s is None:

@@ -35,7 +35,8 @@ class Stats:
 
     grads/fisher: ``"module.tensor"`` -> mean gradient / mean squared gradient over batches;
     hessians: consumer module name -> layer-input Hessian ``H = 2 X X^T / n`` (cols, cols);
-    apoz: consumer module name -> fraction of zero inputs per input channel (C,).
+    apoz: consumer module name -> fraction of zero inputs per input channel (C,);
+    notes: what the calibration feed added or left out (``calib.mixed``), for the caller's report.
     """
 
     model: nn.Module
@@ -43,6 +44,7 @@ class Stats:
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     apoz: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,12 @@ def _grad_stats(model: nn.Module, groups: list[Any], calib: Any, max_batches: in
 
 def _hessian_stats(model: nn.Module, names: list[str], calib: Any, options: CalibOptions, stats: Stats) -> None:
     """The consumers' H as the compression driver builds it (``calib.mixed``: padding left out, an encoder's
-    length and vocabulary mix); the mix's notes logged at info."""
+    length and vocabulary mix); the mix's notes go to ``stats.notes`` and the log."""
     with capture_layers({n: model.get_submodule(n) for n in names}) as accs:
-        for note in mixed_forwards(model, calib, options):
-            log.info("pruning statistics: %s", note)
+        notes = mixed_forwards(model, calib, options)
+    for note in notes:
+        log.info("pruning statistics: %s", note)
+    stats.notes += [f"pruning statistics: {note}" for note in notes]
     stats.hessians = {n: a.H for n, a in accs.items()}
 
 
