@@ -74,3 +74,17 @@ def test_groupnorm_with_affine_is_fixed_once():
     DependencyGraph(m, (x,)).group(m[0], "out", list(range(8))).prune()   # groups 0 and 1, whole
     assert (m[1].num_groups, m[1].num_channels) == (2, 8)
     assert m(x).shape == (2, 4, 4, 4)
+
+
+def test_a_second_commit_of_one_trace_scales_attributes_from_what_the_first_left():
+    # a failed group bisected into halves commits twice without a re-trace: the second half's update must go
+    # from the first half's sizes (6 channels -> 4), not from the traced 8 again
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8, affine=False), nn.ReLU(),
+                      nn.Conv2d(8, 5, 1)).eval()
+    g = DependencyGraph(m, torch.randn(2, 3, 8, 8))
+    (key,) = {k for _, attr, keys in g.edges.attrs if attr == "num_channels" for k in keys}
+    first = g.edges.attr_updates({key: 2}, g.nodes)
+    second = g.edges.attr_updates({key: 4}, g.nodes, before={key: 2})
+    assert first == {"1": {"num_channels": ((8,), (6,))}}
+    assert second == {"1": {"num_channels": ((6,), (4,))}}
+    assert g.edges.attr_updates({key: 2}, g.nodes, before={key: 2}) == {}   # nothing new: nothing to set

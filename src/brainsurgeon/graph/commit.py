@@ -204,7 +204,8 @@ class PruneMixin:
                 for k, c in zip(grp.labels, _labelled_counts(list(grp.labels.values())), strict=True):
                     if c:
                         removed[k] = removed.get(k, 0) + c
-        undo = apply_plan(self.model, plan, self.owners, attrs=self.edges.attr_updates(removed, self.nodes),
+        attrs = self.edges.attr_updates(removed, self.nodes, self._removed)   # this commit's change only
+        undo = apply_plan(self.model, plan, self.owners, attrs=attrs,
                           modules=(self._modules, self._canon))
         exact = False
         if self.verify:

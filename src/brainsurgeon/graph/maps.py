@@ -125,20 +125,24 @@ class Edges:
         ``normalized_shape``, a GroupNorm's ``num_channels``): surgery updates it when those dims shrink."""
         self.attrs.append((module, attr, keys))
 
-    def attr_updates(self, removed: dict[Key, int], nodes: dict) -> dict[str, dict[str, tuple[tuple[int, ...],
-                                                                                          tuple[int, ...]]]]:
-        """``{module: {attr: (old sizes, new sizes)}}`` for every recorded attribute whose dims lose
-        ``removed[key]`` positions (``nodes`` give the traced sizes); see ``surgery.apply_plan(attrs=...)``.
+    def attr_updates(self, removed: dict[Key, int], nodes: dict, before: dict[Key, int] | None = None
+                     ) -> dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+        """``{module: {attr: (old sizes, new sizes)}}`` for every recorded attribute whose dims go from
+        ``before[key]`` to ``removed[key]`` positions removed since the trace (``nodes`` give the traced
+        sizes); see ``surgery.apply_plan(attrs=...)``. Old sizes are the current ones, so a later commit of
+        the same trace scales an attribute from what the earlier one left, not from the traced size again.
 
         >>> e.attr_updates({(7, 1): 3}, g.nodes)
         {'0': {'normalized_shape': ((16,), (13,))}}
         """
+        before = before or {}
         out: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         for module, attr, keys in self.attrs:
-            if not any(removed.get(k, 0) for k in keys):
+            if all(removed.get(k, 0) == before.get(k, 0) for k in keys):
                 continue
-            old = tuple(nodes[k[0]].shape[k[1]] for k in keys)
-            new = tuple(o - removed.get(k, 0) for o, k in zip(old, keys, strict=True))
+            traced = [nodes[k[0]].shape[k[1]] for k in keys]
+            old = tuple(t - before.get(k, 0) for t, k in zip(traced, keys, strict=True))
+            new = tuple(t - removed.get(k, 0) for t, k in zip(traced, keys, strict=True))
             out.setdefault(module, {}).setdefault(attr, (old, new))
         return out
 
