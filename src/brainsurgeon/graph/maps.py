@@ -175,8 +175,10 @@ class _Labels:
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge the sets of ``a[i]`` and ``b[i]`` for every ``i``, all pairs at once: each round links
-        every pair's larger root under its smaller one (a root written twice keeps one write; the next
-        round re-checks), so parents only ever point to smaller ids and the loop ends."""
+        every pair's larger root under the smallest root it is paired with (``minimum.at``: one root paired
+        with many, e.g. a head's label with each of its 16 channels, links in one round, not one per round;
+        the next round re-checks), so parents only ever point to smaller ids, the loop ends, and each set's
+        root is its smallest id (what ``find`` returns does not depend on the order of the links)."""
         p = self.parent
         while len(a):
             ra, rb = self.find(a), self.find(b)
@@ -184,7 +186,7 @@ class _Labels:
             a, b = ra[ne], rb[ne]
             if len(a):
                 self.merged = True
-            p[np.maximum(a, b)] = np.minimum(a, b)
+                np.minimum.at(p, np.maximum(a, b), np.minimum(a, b))
 
     def apply(self, key: Key, size: int, pos: np.ndarray, labels: np.ndarray) -> bool:
         """Label ``pos`` of ``key`` with ``labels``; merge labels that meet. Returns True if positions were added."""
@@ -352,12 +354,7 @@ def closure(edges: Edges, root: Key, root_pos: np.ndarray, root_rows: np.ndarray
             order.append(v)
     remap = np.full(max(n0, 1), -1, dtype=np.int64)
     remap[np.array(order, dtype=np.int64)] = np.arange(len(order))
-    out: dict[Key, np.ndarray] = {}
-    for k, arr in lab.lab.items():
-        if k[0] < 0:
-            continue
-        res = np.full_like(arr, -1)
-        on = arr >= 0
-        res[on] = remap[lab.find(arr[on])]
-        out[k] = res
-    return Closure(out, len(order), blocked, inexact)
+    # label id -> canonical row through its root, plus a last entry -1 that the unlabelled (-1) positions index:
+    # one gather per key instead of a find per key
+    table = np.append(remap[roots], -1) if n0 else np.full(1, -1, dtype=np.int64)
+    return Closure({k: table[arr] for k, arr in lab.lab.items() if k[0] >= 0}, len(order), blocked, inexact)

@@ -153,11 +153,14 @@ def channel_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     >>> channel_norms(torch.ones(4, 3, 2), 1, 2)
     tensor([8., 8., 8.])
     """
-    d = t.shape[dim]
-    x = t.detach().float().reshape(-1, d, math.prod(t.shape[dim + 1:]))  # (A, D, B)
-    if x.shape[0] == 1:
-        return torch.linalg.vector_norm(x[0], p, dim=1).pow(p)
-    step = max(1, (1 << 16) // (d * x.shape[2] or 1))
+    d, b = t.shape[dim], math.prod(t.shape[dim + 1:])
+    x = t.detach().float()
+    if math.prod(t.shape[:dim]) == 1 and d * b:   # A = 1: the (D, B) slab itself (no (1, D, B) view to index)
+        return torch.linalg.vector_norm(x.reshape(d, b), p, dim=1).pow(p)
+    x = x.reshape(-1, d, b)  # (A, D, B)
+    step = max(1, (1 << 16) // (d * b or 1))
+    if step >= x.shape[0]:   # one chunk: its sum is what adding it to zeros gives (the sums are >= 0, never -0.0)
+        return (x.square() if p == 2 else x.abs().pow(p)).sum((0, 2))
     out = torch.zeros(d, device=x.device)
     for i in range(0, x.shape[0], step):
         part = x[i:i + step]
@@ -173,7 +176,10 @@ def slice_norms(model: nn.Module, s: Any, p: float, t: torch.Tensor | None = Non
     True
     """
     per = channel_norms(slice_tensor(model, s) if t is None else t, s.dim, p)  # (D,); t: the tensor, looked up
-    return per[s.idxs.to(per.device)].sum(1)  # (n, k) -> (n,)
+    idx = s.idxs.to(per.device)   # (n, k)
+    if idx.shape[1] == 1:   # one index per channel: the gather is the sum (a one-term sum of x >= 0 is x)
+        return per.index_select(0, idx.reshape(-1))
+    return per.index_select(0, idx.reshape(-1)).reshape(idx.shape).sum(1)  # (n * k,) -> (n, k) -> (n,)
 
 
 def _param_slices(group: Any, model: nn.Module) -> list[Any]:
