@@ -69,6 +69,8 @@ def build(name: str) -> Any:
         kw["weights_backbone"] = None
     if fam == "detection" and not name.startswith("ssd"):
         kw.update(min_size=128, max_size=128)   # the R-CNN transform would upscale the input to 800 px
+    if "rcnn" in name:   # every image keeps detections_per_img boxes: the mask/keypoint heads' MACs (run per
+        kw["box_score_thresh"] = 0.0   # box) are then the same before and after pruning, not score-dependent
     if fam == "quantization":
         kw["quantize"] = False
     if name.startswith("vit_"):
@@ -101,9 +103,10 @@ def inputs(name: str) -> Any:
         return (torch.rand(1, 3, _vit_size(name), _vit_size(name), generator=g),)
     if name.startswith("maxvit"):
         return (torch.rand(1, 3, 224, 224, generator=g),)
-    if name in ("inception_v3", "quantized_inception_v3"):
-        return (torch.rand(2, 3, 96, 96, generator=g),)
-    return (torch.rand(2 if fam in ("classification", "quantization") else 1, 3, 64, 64, generator=g),)
+    if name in ("inception_v3", "quantized_inception_v3"):   # the train-mode aux head needs 299 px (a 17 x 17 map)
+        return (torch.rand(2, 3, 299, 299, generator=g),)
+    # two images: a train-mode BatchNorm over one value per channel (DeepLab's pooled ASPP branch) refuses one
+    return (torch.rand(2 if fam in ("classification", "quantization", "segmentation") else 1, 3, 64, 64, generator=g),)
 
 
 def train_inputs(name: str) -> Any:

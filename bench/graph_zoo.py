@@ -110,6 +110,20 @@ hf:deberta_v2 pruned 61 % -> 71 % (TP 71 %) in one pass. ``--set hf --timeout 45
 (per model: resnet 0.025 / 0.009 s, deberta_v2 0.026 / 0.016, convnext 0.030 / 0.023, albert 0.029 / 0.021, bert
 0.025 / 0.021, bart 0.086 / 0.084, roberta 0.025 / 0.023, distilbert 0.024 / 0.023, vit 0.022 / 0.023, electra
 0.022 / 0.025). The 1x target still fails on HF.
+
+Stop 24 (merged 14j/14k/14l, 2026-12-07, 2-core machine, 1 thread, CPU s, tools alternating per model; 14j: C++ op
+entry in trace/verify, rebuild check by tree walk, shared kept positions in apply_plan, cheaper groups and MAC keys;
+14l: closure labels by one gather per key, norms without extra views; 14k: indexing-op rules, 22 timm attention classes
+sized from the input width, weight-norm parametrizations):
+    tv    80: ours 80/80 | tp 63/80 | both 63: median ours 0.295s vs tp 0.537s (0.55x), worst 2.63 vs 23.04 s
+    timm  34 both-handled (``--models`` of the stop-22 sweep's 34): 0.220s vs 0.250s (0.88x), worst 1.66 vs 8.74 s;
+          ``--set timm --no-tp``: 95/95, median 0.367 s, worst 5.36 s; under 50 % pruned: 25 -> 6 models
+    hf    28: ours 28/28 | tp 10/28 | both 10: median ours 0.017s vs tp 0.018s (0.95x) | round trips exact 28/28
+          (quiet machine; per model ours / tp ms: albert 18/18, bart 62/73, bert 17/19, convnext 22/18, deberta_v2
+          18/14, distilbert 16/18, electra 17/18, resnet 15/7, roberta 17/19, vit 17/19). The same sweep with a timm
+          sweep and the test suite sharing the cores: 1.11x; ``--models`` of the 10, twice: 0.97x, 0.92x.
+    hand   7: ours 7/7 | tp 3/7 | both 3: 0.007s vs 0.006s (1.13x)
+``--quick --timeout 45``: 21/21, round trips 6/6, both 13: 1.09x (bound 1.5x), exit 0.
 """
 
 from __future__ import annotations
