@@ -233,3 +233,22 @@ def build(name: str) -> tuple[nn.Module, Any]:
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.5, 0.5)
     return model.eval(), inputs()
+
+
+def zero_slices_(model: nn.Module, grp: Any) -> None:
+    """Zero, in place, every tensor position of ``grp``'s slices in ``model`` (the zero-then-prune reference:
+    a model whose pruned channels are zero must give the pruned model's output)."""
+    with torch.no_grad():
+        for s in grp.slices:
+            getattr(model.get_submodule(s.module), s.tensor).index_fill_(s.dim, s.idxs.reshape(-1), 0.0)
+
+
+def reload_hf(model: nn.Module, path: Any) -> nn.Module:
+    """``model`` saved and loaded back in eval mode: ``brainsurgeon.export`` where per-layer widths differ (the
+    config cannot express them), else the family's own ``save_pretrained`` / ``from_pretrained``."""
+    from brainsurgeon.export import from_pretrained, save_pretrained
+    if getattr(model.config, "brainsurgeon_layer_widths", None):
+        save_pretrained(model, str(path / "m"))
+        return from_pretrained(str(path / "m")).eval()
+    model.save_pretrained(path)
+    return type(model).from_pretrained(path, attn_implementation="eager").eval()

@@ -12,6 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from graph_fixtures import reload_hf  # noqa: E402
+
 import brainsurgeon as bs  # noqa: E402
 
 DEC = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -49,22 +51,14 @@ def _build(fam):
 
 @pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_pruned_family_reloads_with_identical_logits(tmp_path, fam):
-    from brainsurgeon.export import from_pretrained, save_pretrained
-
     m, x = _build(fam)
     n0 = sum(p.numel() for p in m.parameters())
     bs.prune_(m, bs.ChannelPruning(ratio=0.5, ignore=("lm_head",)), example_inputs=x)
     assert sum(p.numel() for p in m.parameters()) < 0.75 * n0
     with torch.no_grad():
         ref = m(**x).logits
-    if getattr(m.config, "brainsurgeon_layer_widths", None):
-        save_pretrained(m, str(tmp_path / "m"))
-        again = from_pretrained(str(tmp_path / "m"))
-    else:
-        m.save_pretrained(tmp_path)
-        again = type(m).from_pretrained(tmp_path, attn_implementation="eager").eval()
     with torch.no_grad():
-        assert torch.equal(again(**x).logits, ref)
+        assert torch.equal(reload_hf(m, tmp_path)(**x).logits, ref)
 
 
 def test_config_fields_the_families_derive_are_explicit():
