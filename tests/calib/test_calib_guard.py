@@ -4,6 +4,7 @@ kept out of every H, and each guarded row is no worse than round-to-nearest on t
 import pytest
 import torch
 from test_calib_lengths import SEP, _llama, _tokenized
+from test_calib_lengths import _bert as _lengths_bert
 
 import brainsurgeon as bs
 from brainsurgeon.calib.lengths import mix_calibration
@@ -16,11 +17,7 @@ OPTS = {"vocab_inputs": 64, "blocks": "encoder.layer"}
 
 
 def _bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=1500, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=32, max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
+    return _lengths_bert(vocab_size=1500)   # room for 64 vocabulary singles plus GUARD_SINGLES held-out ones
 
 
 def _calib():

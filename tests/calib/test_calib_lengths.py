@@ -12,10 +12,10 @@ from brainsurgeon.errors import ConfigError
 CLS, SEP = 48, 49
 
 
-def _bert():
+def _bert(vocab_size: int = 50):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+    cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=32, max_position_embeddings=32)
     return transformers.BertModel(cfg).eval()
 
