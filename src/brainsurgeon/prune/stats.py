@@ -189,6 +189,8 @@ def collect_stats(model: nn.Module, groups: list[Any], needs: Iterable[str], cal
             if calib is None:
                 raise CalibrationError(_EMPTY + " (got calib=None)")
             names = sorted({name for g in groups for name, _ in consumers(g, model)})
+            if not names:   # no group has a consumer layer: nothing to collect, no forward to run
+                return stats
             if {"hessians", "apoz"} <= set(needs) and is_one_shot(calib):
                 calib = cache_batches(calib, max_batches)  # two passes read it
         if "hessians" in needs:
