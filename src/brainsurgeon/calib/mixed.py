@@ -20,17 +20,20 @@ What a cache of such Hessians must key on, beside the data, is :func:`feed_key`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import CalibOptions
 from .data import eval_forwards
+from .hessian import capture_layers
 from .lengths import mix_calibration
 from .regimes import paused, regime_shares
 
-__all__ = ["FEED_VERSION", "HESSIAN_OPTIONS", "feed_key", "mixed_forwards"]
+__all__ = ["FEED_VERSION", "HESSIAN_OPTIONS", "feed_key", "mixed_forwards", "mixed_hessians"]
 
 # 1: a plain loop over the batches (every row, padding included); 2: padding rows left out of H and of the
 # activation statistics (eval_forwards), the length and vocabulary mix for bidirectional models, regime shares
@@ -61,3 +64,18 @@ def mixed_forwards(model: nn.Module, calib: Any, options: CalibOptions | None = 
     with regime_shares(labels or [], options.regime_shares):
         eval_forwards(model, data, limit)
     return notes
+
+
+def mixed_hessians(model: nn.Module, layers: dict[str, nn.Module], calib: Any, options: CalibOptions | None = None,
+                   max_batches: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``({name: H}, the mix's notes)`` of `layers` (``{name: module}``) over `calib` fed by
+    :func:`mixed_forwards`; a non-zero `max_batches` replaces ``options.max_batches``.
+
+    >>> Hs, notes = mixed_hessians(bert, {"encoder.layer.0.output.dense": mod}, batches)
+    """
+    options = options or CalibOptions()
+    if max_batches:
+        options = dataclasses.replace(options, max_batches=max_batches)
+    with capture_layers(layers) as accs:
+        notes = mixed_forwards(model, calib, options)
+    return {n: a.H for n, a in accs.items()}, notes

@@ -18,7 +18,6 @@ and ``requires_grad`` flags restored, hooks removed (also on error).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -28,10 +27,10 @@ from torch import nn
 
 from .._log import get_logger
 from .._modes import eval_mode
-from ..calib import capture_layers, move_to
+from ..calib import move_to
 from ..calib.data import cache_batches, eval_forwards, is_one_shot, model_device, to_args_kwargs
 from ..calib.hessian import first_input
-from ..calib.mixed import mixed_forwards
+from ..calib.mixed import mixed_hessians
 from ..calib.padding import real_rows
 from ..config import CalibOptions
 from ..errors import CalibrationError
@@ -127,15 +126,15 @@ def _grad_stats(model: nn.Module, groups: list[Any], calib: Any, max_batches: in
     stats.fisher = {k: v / n for k, v in sq.items()}
 
 
-def _hessian_stats(model: nn.Module, names: list[str], calib: Any, options: CalibOptions, stats: Stats) -> None:
+def _hessian_stats(model: nn.Module, names: list[str], calib: Any, options: CalibOptions | None, stats: Stats,
+                   max_batches: int = 0) -> None:
     """The consumers' H as the compression driver builds it (``calib.mixed``: padding left out, an encoder's
     length and vocabulary mix); the mix's notes go to ``stats.notes`` and the log."""
-    with capture_layers({n: model.get_submodule(n) for n in names}) as accs:
-        notes = mixed_forwards(model, calib, options)
+    stats.hessians, notes = mixed_hessians(model, {n: model.get_submodule(n) for n in names}, calib, options,
+                                           max_batches)
     for note in notes:
         log.info("pruning statistics: %s", note)
     stats.notes += [f"pruning statistics: {note}" for note in notes]
-    stats.hessians = {n: a.H for n, a in accs.items()}
 
 
 def _apoz_stats(model: nn.Module, names: list[str], calib: Any, max_batches: int, stats: Stats) -> None:
@@ -194,10 +193,7 @@ def collect_stats(model: nn.Module, groups: list[Any], needs: Iterable[str], cal
             if {"hessians", "apoz"} <= set(needs) and is_one_shot(calib):
                 calib = cache_batches(calib, max_batches)  # two passes read it
         if "hessians" in needs:
-            options = options or CalibOptions()
-            if max_batches:
-                options = dataclasses.replace(options, max_batches=max_batches)
-            _hessian_stats(model, names, calib, options, stats)
+            _hessian_stats(model, names, calib, options, stats, max_batches)
         if "apoz" in needs:
             _apoz_stats(model, names, calib, max_batches, stats)
     return stats

@@ -33,9 +33,10 @@ from torch import nn
 
 from .._io import atomic_open
 from .._log import get_logger, progress
-from ..calib import cache_batches, capture_hessians, iter_batches, move_to, supported
+from ..calib import cache_batches, iter_batches, move_to, supported
 from ..calib.data import CachedBatches, model_device
-from ..calib.mixed import FEED_VERSION, feed_key, mixed_forwards
+from ..calib.hessian import resolve_layers
+from ..calib.mixed import FEED_VERSION, feed_key, mixed_hessians
 from ..config import CalibOptions
 from ..errors import CalibrationError, ConfigError, FormatError
 from .channels import channel_costs, pruned_copy
@@ -221,10 +222,10 @@ def _grouped_channels(module: nn.Module) -> int:
 
 def _hessians(model: nn.Module, names: list[str], batches: list[Any], options: CalibOptions) -> dict[str, torch.Tensor]:
     """The dense model's Hessians of `names`, fed as the driver feeds them (``calib.mixed``); notes logged."""
-    with capture_hessians(model, names) as accs:
-        for note in mixed_forwards(model, CachedBatches(batches), options):
-            log.info("search database: %s", note)
-        return {n: accs[n].H for n in names}
+    Hs, notes = mixed_hessians(model, resolve_layers(model, names), CachedBatches(batches), options)
+    for note in notes:
+        log.info("search database: %s", note)
+    return Hs
 
 
 def _act_quantized(model: nn.Module, space: SearchSpace, bits: list[int], layers: list[str],

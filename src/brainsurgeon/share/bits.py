@@ -21,7 +21,6 @@ space entry (or ``share_``'s overrides) consumes::
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,9 +30,10 @@ from torch import nn
 
 from .._log import get_logger
 from .._modes import eval_mode
-from ..calib import capture_hessians, iter_batches, move_to, supported, weight_matrix
+from ..calib import iter_batches, move_to, supported, weight_matrix
 from ..calib.data import model_device
-from ..calib.mixed import mixed_forwards
+from ..calib.hessian import resolve_layers
+from ..calib.mixed import mixed_hessians
 from ..config import CalibOptions
 from ..errors import BudgetInfeasibleError, ConfigError
 
@@ -134,16 +134,13 @@ def hessian_sensitivity(model: nn.Module, calib: Any, names: list[str] | None = 
     >>> hessian_sensitivity(bert, batches, options=CalibOptions(vocab_inputs=0))   # prefixes, no singles
     """
     names = _layers(model, names)
-    options = options or CalibOptions()
-    if max_batches:
-        options = dataclasses.replace(options, max_batches=max_batches)
-    with capture_hessians(model, names) as hs:
-        for note in mixed_forwards(model, calib, options):
-            log.info("hessian_sensitivity: %s", note)
+    hs, notes = mixed_hessians(model, resolve_layers(model, names), calib, options, max_batches)
+    for note in notes:
+        log.info("hessian_sensitivity: %s", note)
     modules = dict(model.named_modules())
     out = {}
     for n in names:
-        H = hs[n].H
+        H = hs[n]
         rows = modules[n].weight.shape[0] // (H.shape[0] if H.dim() == 3 else 1)
         out[n] = float(rows * H.diagonal(dim1=-2, dim2=-1).sum())
         if relative:
