@@ -32,7 +32,8 @@ from .vocab import vocab_ids
 __all__ = [
     "CachedBatches", "HessianAccumulator", "auto_shrinkage", "cache_batches", "capture_hessians", "capture_layers",
     "correct_bias_", "correct_mean_std_", "execution_order", "is_causal", "iter_batches", "layer_columns",
-    "mix_calibration", "mix_lengths", "mixed_forwards", "mixed_hessians", "move_to", "num_columns", "num_groups", "prepare_calibration",
+    "mix_calibration", "mix_lengths", "mixed_forwards", "mixed_hessians", "move_to", "num_columns", "num_groups",
+    "prepare_calibration",
     "reestimate_batchnorm_", "regime_shares", "resolve_layers", "run_layerwise", "set_weight_matrix_",
     "short_prefixes", "supported", "vocab_ids", "weight_matrix",
 ]
