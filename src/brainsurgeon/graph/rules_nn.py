@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .rules import Ctx, _dim, refs, register_module_rule, register_rule
-from .surgery import _FIXERS, register_named_fixer
+from .surgery import class_fixer, register_named_fixer
 from .trace import OpRecord, Ref
 
 
@@ -261,7 +261,7 @@ def _parametrized_fix(m: Any, removed: dict[str, dict[int, np.ndarray]]) -> None
                 inner.setdefault(parts[1], {}).update(dims)
         elif len(parts) == 1:
             inner.setdefault(key, {}).update(dims)
-    fixer = next((f for cls in type(m).__mro__[1:] if (f := _FIXERS.get(cls)) is not None), None)
+    fixer = class_fixer(type(m).__mro__[1])   # the wrapped class's (Conv1d, Linear, ...): parametrize subclasses it
     if fixer is not None:
         fixer(m, inner)
 

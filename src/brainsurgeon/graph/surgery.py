@@ -47,7 +47,11 @@ def find_fixer(module: nn.Module) -> Fixer | None:
 
     Looked up once per class (apply_plan asks it for every touched module and each of its parents); the
     cache is keyed by the registries' sizes and cleared by the ``register_*`` decorators."""
-    cls0 = type(module)
+    return class_fixer(type(module))
+
+
+def class_fixer(cls0: type) -> Fixer | None:
+    """:func:`find_fixer` for a class (e.g. the class a ``torch.nn.utils.parametrize`` subclass wraps)."""
     key = (cls0, len(_FIXERS), len(_BY_NAME))
     if key in _FOUND:
         return _FOUND[key]
